@@ -1,0 +1,7 @@
+"""raydc: deep clustering of images (DeepCluster, DEC) on Ray Data, Ray Train and faiss."""
+from raydc._blas import configure_openblas as _configure_openblas
+
+# Before anything can import faiss: its OpenBLAS reads OPENBLAS_CORETYPE once, at load time.
+_configure_openblas()
+
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+"""The run configuration: one typed tree for every method.
+
+Field checks that need only the config live in `validate()` and run at load time; checks that need the data
+(k larger than the number of images, a batch larger than a worker's shard) run in `check_against_data`
+before any work starts. Every error names its dotted field.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from raydc.config_loader import apply_overrides, dump_yaml, from_dict, read_yaml
+from raydc.errors import ConfigError
+
+SOURCES = ("mnist", "fashionmnist", "cifar10", "usps", "stl10", "folder", "npz")
+
+
+@dataclass
+class DataConfig:
+    """Where the image shards are, and how to make them when they are missing."""
+
+    shards: str = ""                       # shard directory (Parquet + manifest.json)
+    source: str | None = None              # prepare from this source when `shards` has no manifest
+    root: str | None = None                # data root for `source`; default $RAYDC_DATA_ROOT
+    split: Literal["train", "test", "all"] = "all"
+    classes: list[int] | None = None       # keep only these labels (dataset construction, e.g. fmnist3)
+    limit: int | None = None               # keep only the first `limit` images after the class filter
+    rows_per_shard: int = 10_000
+    download: bool = False                 # opt in to torchvision downloads
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ConfigError("data.shards", "is required (a directory for the Parquet shards)")
+        if self.source is not None and self.source not in SOURCES:
+            raise ConfigError("data.source", f"got {self.source!r}, expected one of {', '.join(SOURCES)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("data.limit", f"must be >= 1, got {self.limit}")
+        if self.rows_per_shard < 1:
+            raise ConfigError("data.rows_per_shard", f"must be >= 1, got {self.rows_per_shard}")
+
+    def resolved_root(self) -> str | None:
+        return self.root or os.environ.get("RAYDC_DATA_ROOT")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["smallconvnet", "alexnet", "vgg16", "autoencoder"] = "smallconvnet"
+    sobel: bool = True
+    input_size: int = 28                   # images are resized to this before the network
+    width: int = 1                         # channel multiplier of smallconvnet
+    feature_dim: int = 256                 # penultimate (clustered) layer of smallconvnet
+    ae_dims: list[int] = field(default_factory=lambda: [500, 500, 2000, 10])  # DEC encoder after the input
+
+    def validate(self) -> None:
+        if self.input_size < 8:
+            raise ConfigError("model.input_size", f"must be >= 8, got {self.input_size}")
+        if self.arch in ("alexnet", "vgg16") and self.input_size < 64:
+            raise ConfigError("model.input_size", f"{self.arch} needs >= 64 px inputs, got {self.input_size}")
+        if self.feature_dim < 2:
+            raise ConfigError("model.feature_dim", f"must be >= 2, got {self.feature_dim}")
+        if not self.ae_dims or any(d < 1 for d in self.ae_dims):
+            raise ConfigError("model.ae_dims", f"must be a non-empty list of positive sizes, got {self.ae_dims}")
+
+
+@dataclass
+class ClusterConfig:
+    """Features -> PCA (whitening) -> L2 -> k-means."""
+
+    k: int = 10
+    pca_dim: int = 256                     # 0 disables PCA
+    whiten: bool = True
+    l2_normalize: bool = True
+    niter: int = 20
+    n_init: int = 1                        # k-means restarts, best objective kept (DEC uses several)
+    mode: Literal["auto", "single", "distributed"] = "auto"
+    single_max_bytes: int = 4 << 30        # auto: one actor while N*d*4 stays below this
+    num_shards: int = 2                    # shard actors for the sharded PCA / distributed k-means
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ConfigError("cluster.k", f"must be >= 2, got {self.k}")
+        if self.pca_dim < 0:
+            raise ConfigError("cluster.pca_dim", f"must be >= 0 (0 disables PCA), got {self.pca_dim}")
+        if self.niter < 1:
+            raise ConfigError("cluster.niter", f"must be >= 1, got {self.niter}")
+        if self.n_init < 1:
+            raise ConfigError("cluster.n_init", f"must be >= 1, got {self.n_init}")
+        if self.num_shards < 1:
+            raise ConfigError("cluster.num_shards", f"must be >= 1, got {self.num_shards}")
+
+
+@dataclass
+class FeatureConfig:
+    """The actor pool that computes features between epochs."""
+
+    concurrency: int = 1                   # actors in the pool
+    num_cpus: float = 0.5                  # per actor; fractional so reads are never starved
+    num_gpus: float = 0.0                  # per actor; 'auto' placement is decided by use_gpu below
+    batch_size: int = 512
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+
+    def validate(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError("features.concurrency", f"must be >= 1, got {self.concurrency}")
+        if self.num_cpus <= 0:
+            raise ConfigError("features.num_cpus", f"must be > 0, got {self.num_cpus}")
+        if self.batch_size < 1:
+            raise ConfigError("features.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256                  # per worker
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    head_lr: float | None = None           # None: same as lr (the reference uses one lr, head momentum 0)
+    reassign: float = 1.0                  # an epoch draws reassign * N images
+    uniform_sampling: bool = True
+    crop_scale_min: float = 0.08           # RandomResizedCrop scale lower bound
+    crop: bool = True
+    hflip: bool = True
+    num_workers: int = 1                   # Ray Train workers (DDP)
+    cpus_per_worker: float = 1.0
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    torch_threads: int = 0                 # 0: leave torch's default
+    seed: int = 31
+    max_failures: int = 0                  # Ray Train retries after a worker dies
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("train.epochs", f"must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("train.momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError("train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.reassign <= 0:
+            raise ConfigError("train.reassign", f"must be > 0, got {self.reassign}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ConfigError("train.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
+        if self.num_workers < 1:
+            raise ConfigError("train.num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class DECConfig:
+    """Deep Embedded Clustering (Xie et al. 2016); defaults follow the paper and its reference code."""
+
+    corruption: float = 0.2                # dropout on each layer's input during pretraining
+    pretrain_epochs: int = 50              # greedy layer-wise, per layer
+    finetune_epochs: int = 100             # end-to-end autoencoder
+    pretrain_lr: float = 0.1
+    pretrain_momentum: float = 0.9
+    pretrain_optimizer: Literal["sgd", "adam"] = "sgd"
+    pretrain_batch_size: int = 256
+    lr_step_epochs: int = 0                # divide the pretraining lr by 10 every this many epochs (0: never)
+    alpha: float = 1.0                     # Student-t degrees of freedom
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 256
+    update_interval: int = 160             # iterations between target recomputations
+    tol: float = 0.001                     # stop when fewer than this fraction of labels change
+    max_iterations: int = 20_000
+
+    def validate(self) -> None:
+        if not 0 <= self.corruption < 1:
+            raise ConfigError("dec.corruption", f"must be in [0, 1), got {self.corruption}")
+        if self.alpha <= 0:
+            raise ConfigError("dec.alpha", f"must be > 0, got {self.alpha}")
+        if self.update_interval < 1:
+            raise ConfigError("dec.update_interval", f"must be >= 1, got {self.update_interval}")
+        if not 0 <= self.tol < 1:
+            raise ConfigError("dec.tol", f"must be in [0, 1), got {self.tol}")
+        for name in ("pretrain_epochs", "finetune_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"dec.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None             # None: connect to a running cluster if any, else start a local one
+    num_cpus: int | None = None            # only for a local Ray started by raydc
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    montage_per_cluster: int = 16
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    method: Literal["deepcluster", "dec"] = "deepcluster"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dec: DECConfig = field(default_factory=DECConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.cluster.pca_dim and self.cluster.pca_dim > self.model.feature_dim and self.method == "deepcluster" \
+                and self.model.arch == "smallconvnet":
+            raise ConfigError("cluster.pca_dim",
+                              f"{self.cluster.pca_dim} is larger than the feature dimension {self.model.feature_dim}")
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides)
+    return from_dict(Config, data)
