@@ -76,6 +76,7 @@ class ClusterConfig:
     mode: Literal["auto", "single", "distributed"] = "auto"
     single_max_bytes: int = 4 << 30        # auto: one actor while N*d*4 stays below this
     num_shards: int = 2                    # shard actors for the sharded PCA / distributed k-means
+    num_gpus: float = 0.0                  # per shard actor (faiss uses the GPUs Ray gives it)
     use_gpu: Literal["auto", "never", "always"] = "auto"
 
     def validate(self) -> None:
@@ -212,6 +213,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
+        for section in (self.data, self.model, self.cluster, self.features, self.train, self.dec):
+            section.validate()  # sections left at their defaults were not checked while loading
         if self.cluster.pca_dim and self.cluster.pca_dim > self.model.feature_dim and self.method == "deepcluster" \
                 and self.model.arch == "smallconvnet":
             raise ConfigError("cluster.pca_dim",

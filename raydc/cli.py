@@ -1,0 +1,99 @@
+"""`raydc` command line: argument parsing only; the work lives in raydc.data and raydc.engine.
+
+User errors (bad config field, missing data, existing run directory) print one line and exit with code 2,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raydc.errors import UserError
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see jobs/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set cluster.k=100 (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in run.dir from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete run.dir and start again")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raydc.data.cli import add_prepare_arguments
+
+    parser = argparse.ArgumentParser(prog="raydc", description="Deep clustering of images on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    add_prepare_arguments(sub.add_parser("prepare", help="write Parquet image shards from a dataset"))
+
+    p = sub.add_parser("train", help="train and cluster (DeepCluster or DEC, per the config's `method`)")
+    _add_run_arguments(p)
+
+    p = sub.add_parser("assign", help="assign new images to a trained run's clusters")
+    p.add_argument("--run", required=True, help="a finished run directory")
+    p.add_argument("--data", required=True, help="shard directory of the images to assign")
+    p.add_argument("--out", help="output Parquet (default: RUN/assign-<shards name>.parquet)")
+
+    p = sub.add_parser("report", help="redraw a run's report (montage, curves) from its files")
+    p.add_argument("--run", required=True)
+
+    p = sub.add_parser("evaluate", help="print ACC/NMI/ARI of a run's assignments against the shards' labels")
+    p.add_argument("--run", required=True)
+    p.add_argument("--nmi", default="arithmetic", choices=["arithmetic", "geometric", "min", "max"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"raydc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raydc: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "prepare":
+        from raydc.data.cli import run_prepare
+
+        return run_prepare(args)
+    if args.command == "train":
+        from raydc.config import load_config
+        from raydc.engine.trainer import run_training
+
+        cfg = load_config(args.config, args.overrides)
+        run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+        return 0
+    if args.command == "assign":
+        from raydc.engine.assign import assign_images
+
+        path = assign_images(args.run, args.data, args.out)
+        print(f"assignments written to {path}")
+        return 0
+    if args.command == "report":
+        from raydc.config import load_config
+        from raydc.data.manifest import load_manifest
+        from raydc.runreport import write_run_report
+        from pathlib import Path
+
+        cfg = load_config(str(Path(args.run) / "config.yaml"))
+        paths = write_run_report(args.run, cfg.data.shards, load_manifest(cfg.data.shards))
+        print("\n".join(str(p) for p in paths))
+        return 0
+    if args.command == "evaluate":
+        from raydc.engine.evaluate import evaluate_run
+
+        for k, v in evaluate_run(args.run, args.nmi).items():
+            print(f"{k}: {v}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Batched image transforms whose randomness comes from per-image uniforms, not from a global RNG.
+
+Why: rows reach training workers through a streaming split whose row-to-worker mapping changes between
+passes. If augmentation drew from a worker's RNG, a resumed run (or another worker count) would see other
+crops. Here the caller hashes (seed, epoch, image id) into uniforms, so each image gets the same crop
+wherever and whenever it is streamed, and a resumed run reproduces an uninterrupted one. Doing the crop as
+one `affine_grid`/`grid_sample` over the batch also avoids a Python loop per image.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN, STD = 0.5, 0.25  # after scaling to [0, 1]; BN right after the first conv makes the exact values moot
+
+
+def to_float(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW, normalised."""
+    t = torch.as_tensor(images_u8)
+    t = t.permute(0, 3, 1, 2).float().div_(255.0)
+    return t.sub_(MEAN).div_(STD)
+
+
+def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The deterministic eval transform: resize the shorter side to `size`, centre-crop size x size."""
+    h, w = x.shape[-2:]
+    if h == size and w == size:
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def random_resized_crop(x: torch.Tensor, uniforms: np.ndarray, size: int, scale_min: float = 0.08,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                        crop: bool = True) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip, one affine resampling per batch.
+
+    `uniforms` is (N, 5) in [0, 1): area scale, log aspect ratio, x offset, y offset, flip. A crop of area
+    fraction s and aspect r covers w = sqrt(s r), h = sqrt(s / r) of the image (clamped to 1, as
+    torchvision falls back to a smaller crop when the box does not fit)."""
+    n = x.shape[0]
+    u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64)[:, :5], dtype=torch.float32)
+    if crop:
+        s = scale_min + (1.0 - scale_min) * u[:, 0]
+        log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+        r = torch.exp(log_r)
+        w = torch.sqrt(s * r).clamp(max=1.0)
+        h = torch.sqrt(s / r).clamp(max=1.0)
+        cx = (2 * u[:, 2] - 1) * (1 - w)   # centre in normalised coords so the box stays inside
+        cy = (2 * u[:, 3] - 1) * (1 - h)
+    else:
+        w = h = torch.ones(n)
+        cx = cy = torch.zeros(n)
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,88 @@
+"""The feature actor pool: a Ray Data `map_batches` stage whose actors hold the current network.
+
+Each actor fetches the weights once from the object store (the ref is passed to its constructor; Ray Data
+does not resolve refs in `fn_constructor_kwargs`, so the actor `ray.get`s it), then maps batches of encoded
+images to `(id, feature[, label])` rows with the deterministic eval transform. The output blocks stay in the
+object store, spread over the nodes that computed them; nothing is collected on the driver.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class ExtractorSpec:
+    """What the pool runs: `build()` makes the module, `state` are its weights, `call` names the method
+    that maps a float NCHW batch to features (DeepCluster: `embed`; DEC: the encoder)."""
+
+    build: Callable[[], Any]
+    state: dict
+    call: str = "embed"
+    input_size: int = 28
+    channels: int | None = None
+    flatten: bool = False
+
+
+class FeatureExtractor:
+    """Ray Data callable class; one instance per pool actor."""
+
+    def __init__(self, spec_ref, manifest, threads: int = 0):
+        import ray
+        import torch
+
+        spec: ExtractorSpec = ray.get(spec_ref[0]) if isinstance(spec_ref, list) else spec_ref
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = spec.build()
+        self.model.load_state_dict(spec.state)
+        self.model.to(self.device).eval()
+        self.fn = getattr(self.model, spec.call)
+        self.spec = spec
+        self.manifest = manifest
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from raydc.core.augment import resize_center, to_float
+        from raydc.data.decode import decode_batch
+
+        d = decode_batch(batch, self.manifest, size=None if self.manifest.image_shape else self.spec.input_size,
+                         channels=self.spec.channels)
+        x = resize_center(to_float(d["image"]), self.spec.input_size)
+        if self.spec.flatten:
+            x = torch.flatten(x, 1)
+        with torch.inference_mode():
+            feats = self.fn(x.to(self.device)).float().cpu().numpy()
+        out = {"id": d["id"].astype(np.int64), "feature": feats}
+        if "label" in d:
+            out["label"] = d["label"].astype(np.int64)
+        return out
+
+
+def extract_features(shard_dir: str, manifest, spec: ExtractorSpec, *, concurrency: int, num_cpus: float,
+                     num_gpus: float, batch_size: int, read_cpus: float = 0.25) -> list:
+    """Run the pool over every image; returns the object refs of the output blocks (numpy dicts)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from raydc.engine.datasets import read_shards
+
+    spec_ref = ray.put(spec)
+    threads = max(1, (os.cpu_count() or 1) // max(1, concurrency)) if num_gpus == 0 else 0
+    ds = read_shards(shard_dir, read_cpus=read_cpus)
+    feats = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"spec_ref": [spec_ref], "manifest": manifest, "threads": threads},
+        compute=ActorPoolStrategy(size=concurrency),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        zero_copy_batch=True,
+    )
+    return list(feats.to_numpy_refs())

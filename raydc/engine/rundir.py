@@ -1,0 +1,152 @@
+"""The run directory: the one place a run's state lives, so that any interruption resumes from it.
+
+Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/round-NNNN.pt`,
+`assignments.parquet` (`id, cluster, distance`), `report/` (PNGs). Every write goes to a temporary file in the
+same directory and is renamed into place, so a kill at any instant leaves either the old or the new file,
+never half of one. A checkpoint is the commit point of a round: metrics rows past the last checkpoint are
+dropped on resume, because the resumed run will write them again.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raydc.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+
+    # ---- creation -------------------------------------------------------------------------------
+    def create(self, config_yaml: str, *, resume: bool, overwrite: bool) -> bool:
+        """Make the directory ready. Returns True when there is a checkpoint to resume from."""
+        exists = self.path.exists() and any(self.path.iterdir())
+        if exists and not (resume or overwrite):
+            raise UserError(f"run directory {self.path} already exists: pass --resume to continue it, "
+                            f"--overwrite to start again, or choose another run.dir")
+        if exists and overwrite and not resume:
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if resume and self.latest_checkpoint() is not None:
+            return True
+        atomic_write_text(self.path / "config.yaml", config_yaml)
+        return False
+
+    # ---- metrics --------------------------------------------------------------------------------
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+        return rows
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        atomic_write_text(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+
+    def append_metrics(self, row: dict) -> None:
+        rows = [r for r in self.read_metrics() if r.get("round") != row.get("round")]
+        rows.append(row)
+        self.write_metrics(rows)
+
+    def truncate_metrics(self, upto_round: int) -> None:
+        """Keep rows of rounds < upto_round: the resumed run writes the rest again."""
+        self.write_metrics([r for r in self.read_metrics() if r.get("round", -1) < upto_round])
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_path(self, round_idx: int) -> Path:
+        return self.path / CHECKPOINT_DIR / f"round-{round_idx:04d}.pt"
+
+    def save_checkpoint(self, round_idx: int, state: dict, keep: int = 2) -> Path:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path = self.checkpoint_path(round_idx)
+        atomic_write_bytes(path, buf.getvalue())
+        for old in self.checkpoints()[:-max(1, keep)]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def checkpoints(self) -> list[Path]:
+        d = self.path / CHECKPOINT_DIR
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.glob("round-*.pt"))
+
+    def latest_checkpoint(self) -> Path | None:
+        cps = self.checkpoints()
+        return cps[-1] if cps else None
+
+    def load_checkpoint(self, path: Path | None = None) -> dict | None:
+        import torch
+
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # ---- assignments ----------------------------------------------------------------------------
+    def write_assignments(self, ids: np.ndarray, clusters: np.ndarray, distances: np.ndarray,
+                          name: str = "assignments.parquet") -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"id": pa.array(ids, pa.int64()), "cluster": pa.array(clusters, pa.int64()),
+                          "distance": pa.array(distances, pa.float32())})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        path = self.path / name
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return path
+
+    def read_assignments(self, name: str = "assignments.parquet") -> dict[str, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(self.path / name)
+        return {c: t.column(c).to_numpy() for c in t.column_names}
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

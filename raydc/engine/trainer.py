@@ -1,0 +1,126 @@
+"""The driver: check the config against the data, prepare the run directory, run one TorchTrainer.fit(),
+then draw the report. Everything here runs before any worker starts, so a bad field fails in seconds."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from raydc.config import Config
+from raydc.config_loader import read_yaml, from_dict, apply_overrides
+from raydc.errors import ConfigError, UserError
+from raydc.engine.rundir import RunDir
+
+
+def ensure_shards(cfg: Config, log=print):
+    """Load the manifest, preparing the shards first when the config names a source and they are missing."""
+    from raydc.data.manifest import load_manifest
+    from raydc.data.prepare import prepare_from_config
+
+    if not (Path(cfg.data.shards) / "manifest.json").exists():
+        if cfg.data.source is None:
+            raise UserError(f"no shards at {cfg.data.shards}: run `raydc prepare --source ... --out "
+                            f"{cfg.data.shards}` or set data.source so raydc prepares them")
+        log(f"preparing {cfg.data.source} shards into {cfg.data.shards}")
+        prepare_from_config(cfg.data)
+    return load_manifest(cfg.data.shards)
+
+
+def check_against_data(cfg: Config, manifest) -> None:
+    """The checks that need the data, run before any work starts; each names its field."""
+    n = manifest.count
+    c = cfg.cluster
+    if c.k > n:
+        raise ConfigError("cluster.k", f"{c.k} clusters but only {n} images")
+    per_worker = n // cfg.train.num_workers
+    if cfg.method == "deepcluster":
+        if cfg.train.batch_size > per_worker:
+            raise ConfigError("train.batch_size", f"{cfg.train.batch_size} is larger than a worker's shard "
+                                                  f"({per_worker} images over {cfg.train.num_workers} workers)")
+        feat = {"alexnet": 4096, "vgg16": 4096}.get(cfg.model.arch, cfg.model.feature_dim)
+        if c.pca_dim > feat:
+            raise ConfigError("cluster.pca_dim", f"{c.pca_dim} is larger than the feature dimension {feat}")
+    if cfg.method == "dec":
+        if cfg.dec.batch_size > per_worker:
+            raise ConfigError("dec.batch_size", f"{cfg.dec.batch_size} is larger than a worker's shard "
+                                                f"({per_worker} images)")
+        if cfg.dec.pretrain_batch_size > per_worker:
+            raise ConfigError("dec.pretrain_batch_size", f"{cfg.dec.pretrain_batch_size} is larger than a "
+                                                         f"worker's shard ({per_worker} images)")
+        if c.pca_dim > cfg.model.ae_dims[-1]:
+            raise ConfigError("cluster.pca_dim", f"{c.pca_dim} is larger than the embedding dimension "
+                                                 f"{cfg.model.ae_dims[-1]} (DEC clusters the embedding: use 0)")
+
+
+def resolve_config(cfg: Config, *, resume: bool) -> Config:
+    """On --resume the run's saved config wins (the same run must continue); a differing one is an error."""
+    if not resume:
+        return cfg
+    saved = Path(cfg.run.dir) / "config.yaml"
+    if not saved.exists():
+        return cfg
+    return from_dict(Config, read_yaml(saved))
+
+
+def gpus_available() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print) -> RunDir:
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydc.engine.datasets import read_shards
+    from raydc.engine.loop import train_loop_per_worker
+    from raydc.engine.runtime import init_ray
+    from raydc.runreport import write_run_report
+
+    cfg = resolve_config(cfg, resume=resume)
+    manifest = ensure_shards(cfg, log)
+    check_against_data(cfg, manifest)
+    run = RunDir(cfg.run.dir)
+    resuming = run.create(cfg.to_yaml(), resume=resume, overwrite=overwrite)
+    log(f"run directory {run.path}" + (" (resuming)" if resuming else ""))
+
+    t0 = time.perf_counter()
+    init_ray(cfg.ray)
+    t_ray = time.perf_counter() - t0
+    gpus = gpus_available()
+    use_gpu = cfg.train.use_gpu == "always" or (cfg.train.use_gpu == "auto" and gpus > 0)
+    if cfg.train.use_gpu == "always" and gpus == 0:
+        raise ConfigError("train.use_gpu", "is 'always' but the Ray cluster has no GPUs")
+    if gpus and cfg.features.use_gpu != "never" and cfg.features.num_gpus == 0:
+        cfg.features.num_gpus = 1.0 if cfg.features.use_gpu == "always" or gpus > cfg.train.num_workers else 0.0
+    log(f"Ray ready in {t_ray:.1f}s: {gpus} GPUs; training on {cfg.train.num_workers} worker(s), "
+        f"{'GPU' if use_gpu else 'CPU'}; {manifest.count} images")
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": _config_dict(cfg), "run_dir": str(run.path)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        datasets={"train": read_shards(cfg.data.shards)},
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(name="train", storage_path=str(run.path / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    t1 = time.perf_counter()
+    trainer.fit()
+    log(f"training finished in {time.perf_counter() - t1:.1f}s")
+    paths = write_run_report(run.path, cfg.data.shards, manifest, per_cluster=cfg.run.montage_per_cluster)
+    log("report: " + ", ".join(str(p) for p in paths))
+    return run
+
+
+def _config_dict(cfg: Config) -> dict:
+    from raydc.config_loader import to_dict
+
+    return to_dict(cfg)
+
+
+def load_run_config(path: str | None, overrides: list[str]) -> Config:
+    data = read_yaml(path) if path else {}
+    return from_dict(Config, apply_overrides(data, overrides))

@@ -1,0 +1,39 @@
+"""Shared fixtures. Ray starts once per test session: `ray.init` costs ~7 s on this machine."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path | None:
+    """The dataset root for tests: $RAYDC_DATA_ROOT, else ../shared/data beside the checkout (CI's layout)."""
+    env = os.environ.get("RAYDC_DATA_ROOT")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for c in candidates:
+        if (c / "MNIST" / "raw").is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    root = data_root()
+    if root is None:
+        pytest.skip("MNIST not found: set RAYDC_DATA_ROOT to a folder holding MNIST/raw (torchvision layout)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, object_store_memory=1 << 30)
+    yield ray
+    ray.shutdown()
