@@ -8,6 +8,16 @@ import torch
 from raydc.core.dec import (ClusteringLayer, cluster_mass, kl_loss, label_change_fraction, should_stop,
                             soft_assignment, target_distribution)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one thread is faster, and avoids OpenMP spin-waits when other jobs load the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Two points on a line, two centres, alpha = 1 so the kernel is 1 / (1 + d^2):
 #   z1 = (0, 0): d^2 = (0, 1) -> kernel (1, 1/2)   -> q1 = (2/3, 1/3)
 #   z2 = (2, 0): d^2 = (4, 1) -> kernel (1/5, 1/2) -> q2 = (2/7, 5/7)
@@ -143,3 +153,19 @@ def test_label_change_fraction_and_stopping_rule():
     assert not should_stop(label_change_fraction(None, new), tol=0.001)
     with pytest.raises(ValueError, match="shape"):
         label_change_fraction(prev, new[:10])
+
+
+def test_core_modules_do_not_import_ray():
+    # Static, so it holds whatever else the test session has imported; raydc/core must run without Ray.
+    import ast
+    from pathlib import Path
+
+    import raydc.core.autoencoder
+    import raydc.core.dec
+
+    for mod in (raydc.core.dec, raydc.core.autoencoder):
+        tree = ast.parse(Path(mod.__file__).read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "ray" or n.startswith("ray.") for n in names), (mod.__name__, names)
