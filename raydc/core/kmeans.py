@@ -1,0 +1,329 @@
+"""k-means: faiss on one process, and the primitives of the same Lloyd iteration over shards.
+
+`kmeans` is DeepCluster's `run_kmeans`: `faiss.Clustering` with subsampling disabled, a flat L2 index
+(multi-GPU when present), then a final `index.search` against the last centroids. `lloyd` runs the same
+iteration from `assign` / `partial_sums` / `update_centroids`, the pieces the Ray engine spreads over shard
+actors: the driver only ever holds k x d centroids and sums.
+
+The two agree from the same initial centroids: faiss's iteration_stats[i].obj is the sum of squared distances
+of the assignment made with the centroids at the *start* of iteration i, which is what `lloyd` records, and
+both stop before `niter` once the objective repeats exactly (a fixed point; faiss >= 1.15 behaviour).
+They differ only in rounding (faiss sums in float32, we sum in float64) and in the random choice made when a
+cluster empties (faiss's RNG is re-seeded with 1234 at every split; ours is a numpy Generator).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from raydc.core.faiss_backend import describe_faiss, import_faiss, want_gpu
+from raydc.core.pca import check_finite
+
+log = logging.getLogger(__name__)
+
+# faiss/Clustering.cpp: "a bit above machine epsilon for float16".
+SPLIT_EPS = 1.0 / 1024.0
+# faiss derives the initial permutation of restart r from seed + 1 + r * 15486557; we reuse the stride.
+_REDO_STRIDE = 15486557
+# Rows converted to float64 at a time in partial_sums.
+_CHUNK_BYTES = 32 << 20
+
+OnIteration = Callable[[int, float], None]
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray   # (k, d) float32
+    labels: np.ndarray      # (N,) int64, nearest final centroid
+    distances: np.ndarray   # (N,) float32, squared L2 to that centroid
+    objective: list[float] = field(default_factory=list)  # per iteration, before that iteration's update
+    n_split: int = 0        # empty clusters split during training, total
+    backend: str = ""
+    seconds: float = 0.0
+
+    @property
+    def final_objective(self) -> float:
+        """Sum of squared distances of the final assignment (one step past `objective[-1]`)."""
+        return float(self.distances.sum(dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _as_points(x: np.ndarray, name: str = "x") -> np.ndarray:
+    """float32 C-contiguous (N, d), the only layout faiss takes without a hidden copy; NaN/Inf rejected."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, d), got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check_finite(x, name)
+    return x
+
+
+def _check_k(k: int, n: int) -> None:
+    if k < 2:
+        raise ValueError(f"k must be >= 2, got k={k}")
+    if n < k:
+        raise ValueError(f"k-means needs at least k points: k={k} clusters but N={n} points")
+
+
+def _as_centroids(c: np.ndarray, k: int, d: int) -> np.ndarray:
+    c = _as_points(c, "init_centroids")
+    if c.shape != (k, d):
+        raise ValueError(f"init_centroids must have shape (k, d) = ({k}, {d}), got {c.shape}")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# faiss k-means
+
+
+def _flat_index(d: int, ngpu: int):
+    faiss = import_faiss()
+    index = faiss.IndexFlatL2(d)
+    if ngpu > 0:
+        # Exact float32 distances (DeepCluster: useFloat16=False, the cloner's default).
+        index = faiss.index_cpu_to_all_gpus(index, ngpu=ngpu)
+    return index
+
+
+def _one_run(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None, ngpu: int,
+             verbose: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float], int]:
+    faiss = import_faiss()
+    n, d = x.shape
+    clus = faiss.Clustering(d, k)
+    clus.niter = niter
+    clus.seed = seed
+    clus.nredo = 1
+    clus.verbose = verbose
+    # DeepCluster trains on every point; faiss's default would sample 256 * k of them.
+    clus.max_points_per_centroid = 10**9
+    clus.min_points_per_centroid = 1     # N >= k is checked; no "please provide more points" warning
+    if hasattr(clus, "check_input_data_for_NaNs"):
+        clus.check_input_data_for_NaNs = False  # `_as_points` checked already, with the row named
+    if init is not None:
+        # A non-empty `centroids` vector is used as the starting point (Clustering.cpp: n_input_centroids).
+        faiss.copy_array_to_vector(init.ravel(), clus.centroids)
+    index = _flat_index(d, ngpu)
+    clus.train(x, index)
+    stats = clus.iteration_stats
+    objective = [float(stats.at(i).obj) for i in range(stats.size())]
+    n_split = sum(int(stats.at(i).nsplit) for i in range(stats.size()))
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32, copy=False)
+    # The index holds the final centroids after train(): this is DeepCluster's final `index.search(x, 1)`.
+    dist, lab = index.search(x, 1)
+    return centroids, lab[:, 0].astype(np.int64), dist[:, 0].copy(), objective, n_split
+
+
+def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centroids: np.ndarray | None = None,
+           n_init: int = 1, use_gpu: str = "auto", verbose: bool = False,
+           on_iteration: OnIteration | None = None) -> KMeansResult:
+    """faiss k-means on all points of x (never subsampled), final assignment to the final centroids.
+
+    Restarts (`n_init`) are run one by one rather than through faiss's `nredo`, for two reasons: faiss
+    compares restarts by the objective *before* the last update and keeps a stats list that mixes all
+    restarts; we keep the restart whose final assignment has the lowest sum of squared distances, with its
+    own stats. Restart r uses seed + r * 15486557 (mod 2^31 - 1), so its initial centroids are those of
+    faiss's redo r; the modulo also keeps the seed non-negative, since recent faiss (1.15.1 here) seeds a
+    negative one from the clock.
+    faiss has no per-iteration callback: `on_iteration(i, obj)` is called after training, once per recorded
+    iteration of the kept restart. `verbose` turns on faiss's own progress lines.
+    """
+    t0 = time.perf_counter()
+    x = _as_points(x)
+    n, d = x.shape
+    _check_k(k, n)
+    if niter < 0:
+        raise ValueError(f"niter must be >= 0, got {niter}")
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    init = None if init_centroids is None else _as_centroids(init_centroids, k, d)
+    if init is not None and n_init > 1:
+        raise ValueError(f"n_init={n_init} with init_centroids would repeat the same run: "
+                         "faiss starts every restart from the given centroids")
+    ngpu = want_gpu(use_gpu)
+
+    best: tuple | None = None
+    best_obj = np.inf
+    for r in range(n_init):
+        run_seed = (seed + r * _REDO_STRIDE) % (2**31 - 1)
+        res = _one_run(x, k, niter, run_seed, init, ngpu, verbose)
+        obj = float(res[2].sum(dtype=np.float64))
+        if n_init > 1:
+            log.info("k-means restart %d/%d (seed %d): final objective %.6g", r + 1, n_init, run_seed, obj)
+        if obj < best_obj or best is None:
+            best, best_obj = res, obj
+    assert best is not None
+    centroids, labels, distances, objective, n_split = best
+    if on_iteration is not None:
+        for i, obj in enumerate(objective):
+            on_iteration(i, obj)
+    return KMeansResult(centroids=centroids, labels=labels, distances=distances, objective=objective,
+                        n_split=n_split, backend=describe_faiss(ngpu), seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# primitives of a distributed Lloyd
+
+
+def sample_init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k distinct rows of x (distinct indices: duplicate rows in x can still give equal centroids)."""
+    x = np.asarray(x)
+    _check_k(k, x.shape[0])
+    idx = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=k, replace=False))
+    return np.ascontiguousarray(x[idx], dtype=np.float32)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest centroid (labels int64) and squared L2 distance (float32) with a faiss flat index.
+
+    This is the same search faiss runs inside Clustering.train, so a shard's distances are the ones faiss
+    would compute for those rows.
+    """
+    x = _as_points(x)
+    c = _as_points(centroids, "centroids")
+    if c.shape[1] != x.shape[1]:
+        raise ValueError(f"centroids have dimension {c.shape[1]}, points {x.shape[1]}")
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    index = _flat_index(x.shape[1], want_gpu(use_gpu))
+    index.add(c)
+    dist, lab = index.search(x, 1)
+    return lab[:, 0].astype(np.int64), dist[:, 0].copy()
+
+
+def partial_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (k, d) float64 and counts (k,) int64 of a shard: what the driver reduces.
+
+    A (k x rows) 0/1 sparse matrix times each float64 chunk of x: O(N d), no N x d float64 copy, and exact
+    float64 accumulation (faiss accumulates in float32).
+    """
+    x = np.asarray(x)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, d) and labels (N,), got {x.shape} and {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got range [{labels.min()}, {labels.max()}]")
+    n, d = x.shape
+    sums = np.zeros((k, d), dtype=np.float64)
+    step = max(1, _CHUNK_BYTES // max(1, 8 * d))
+    for i in range(0, n, step):
+        lab = labels[i:i + step]
+        onehot = sp.csr_matrix((np.ones(lab.size), (lab, np.arange(lab.size))), shape=(k, lab.size))
+        sums += onehot @ np.asarray(x[i:i + step], dtype=np.float64)
+    counts = np.bincount(labels.astype(np.int64, copy=False), minlength=k).astype(np.int64)
+    return sums, counts
+
+
+def _pick_cluster_to_split(h: np.ndarray, n: int, k: int, rng: np.random.Generator) -> int:
+    """faiss's choice: scan cj = 0, 1, ... cyclically, stop at the first with uniform < (h_cj - 1) / (n - k).
+
+    This favours low indices slightly over a choice exactly proportional to h_cj - 1; we keep it for parity
+    with faiss. The scan is drawn in blocks of uniforms; the result has the same law as faiss's loop.
+    """
+    p = (h - 1.0) / float(n - k) if n > k else np.where(h > 1.0, np.inf, -np.inf)
+    block = min(k, 8192)
+    while True:
+        for start in range(0, k, block):
+            pb = p[start:start + block]
+            hits = np.flatnonzero(rng.random(pb.size) < pb)
+            if hits.size:
+                return start + int(hits[0])
+
+
+def update_centroids(sums: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
+                     ) -> tuple[np.ndarray, int]:
+    """New centroids (k, d) float32 from reduced sums/counts, splitting empty clusters as faiss does.
+
+    For each empty cluster ci (in index order), a cluster cj is chosen (see `_pick_cluster_to_split`), ci
+    becomes a copy of cj, and both are pushed apart: even dimensions ci *= 1+EPS, cj *= 1-EPS, odd ones the
+    reverse, EPS = 1/1024. cj's count is then shared in halves (as floats, like faiss's `hassign`), which
+    lowers its chance of being split again. Returns the centroids and the number of splits.
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts)
+    k, d = sums.shape
+    if counts.shape != (k,):
+        raise ValueError(f"counts must have shape ({k},), got {counts.shape}")
+    n = int(counts.sum())
+    if n < k:
+        raise ValueError(f"cannot have k={k} non-empty clusters with N={n} points")
+    h = counts.astype(np.float64)
+    centroids = np.zeros((k, d), dtype=np.float32)
+    nonempty = h > 0
+    centroids[nonempty] = (sums[nonempty] / h[nonempty, None]).astype(np.float32)
+    empty = np.flatnonzero(~nonempty)
+    if empty.size == 0:
+        return centroids, 0
+    up = np.where(np.arange(d) % 2 == 0, 1 + SPLIT_EPS, 1 - SPLIT_EPS).astype(np.float32)
+    down = np.where(np.arange(d) % 2 == 0, 1 - SPLIT_EPS, 1 + SPLIT_EPS).astype(np.float32)
+    for ci in empty:
+        cj = _pick_cluster_to_split(h, n, k, rng)
+        centroids[ci] = centroids[cj] * up
+        centroids[cj] = centroids[cj] * down
+        h[ci] = h[cj] / 2
+        h[cj] -= h[ci]
+    return centroids, int(empty.size)
+
+
+def lloyd(shards: Sequence[np.ndarray], k: int, *, niter: int = 20, init_centroids: np.ndarray | None,
+          seed: int = 0, on_iteration: OnIteration | None = None) -> KMeansResult:
+    """The distributed Lloyd iteration, run in-process: the reference the Ray engine must reproduce.
+
+    Per iteration: every shard assigns its rows to the current centroids; the objective is the sum of all
+    distances (float64); per-shard (sums, counts) are added; `update_centroids` makes the next centroids.
+    When the objective equals the previous iteration's exactly, the assignment has not changed and neither
+    will the centroids: the loop stops there, as faiss >= 1.15 does (its `early_stop_threshold` = 0), so
+    `objective` can be shorter than `niter` in both.
+    A final assignment against the last centroids gives labels and distances (concatenated in shard order).
+    `init_centroids=None` samples k rows of the concatenated shards with `seed`; `seed` also drives the
+    empty-cluster splits.
+    """
+    t0 = time.perf_counter()
+    shards = [_as_points(s, f"shard {i}") for i, s in enumerate(shards)]
+    if not shards:
+        raise ValueError("lloyd needs at least one shard")
+    d = shards[0].shape[1]
+    for i, s in enumerate(shards):
+        if s.shape[1] != d:
+            raise ValueError(f"shard {i} has dimension {s.shape[1]}, shard 0 has {d}")
+    n = sum(s.shape[0] for s in shards)
+    _check_k(k, n)
+    if niter < 0:
+        raise ValueError(f"niter must be >= 0, got {niter}")
+    if init_centroids is None:
+        centroids = sample_init_centroids(np.concatenate(shards), k, seed)
+    else:
+        centroids = _as_centroids(init_centroids, k, d)
+    rng = np.random.default_rng(seed)
+    objective: list[float] = []
+    n_split = 0
+    for it in range(niter):
+        sums = np.zeros((k, d), dtype=np.float64)
+        counts = np.zeros(k, dtype=np.int64)
+        obj = 0.0
+        for s in shards:
+            lab, dist = assign(s, centroids, use_gpu="never")
+            obj += float(dist.sum(dtype=np.float64))
+            ps, pc = partial_sums(s, lab, k)
+            sums += ps
+            counts += pc
+        objective.append(obj)
+        if on_iteration is not None:
+            on_iteration(it, obj)
+        if it > 0 and obj == objective[-2]:
+            break  # a fixed point: faiss >= 1.15 stops here too (early_stop_threshold = 0)
+        centroids, ns = update_centroids(sums, counts, rng)
+        n_split += ns
+    parts = [assign(s, centroids, use_gpu="never") for s in shards]
+    labels = np.concatenate([p[0] for p in parts])
+    distances = np.concatenate([p[1] for p in parts])
+    return KMeansResult(centroids=centroids, labels=labels, distances=distances, objective=objective,
+                        n_split=n_split, backend=f"lloyd over {len(shards)} shards, {describe_faiss(0)}",
+                        seconds=time.perf_counter() - t0)
