@@ -1,0 +1,109 @@
+"""The `raydc prepare` subcommand: arguments and the run function; `raydc/cli.py` wires it in.
+
+Errors are raised as `UserError`/`DataError` for the top-level CLI to print without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from raydc.data.manifest import Manifest, verify_shards
+from raydc.data.prepare import prepare
+from raydc.data.sources import SOURCE_NAMES
+from raydc.errors import UserError
+
+
+def _classes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer labels like 0,1,2; got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one label, like 0,1,2")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, choices=SOURCE_NAMES,
+                        help="torchvision dataset name, 'folder' (an image folder) or 'npz' (images/labels arrays)")
+    parser.add_argument("--root", default=None,
+                        help="data root for torchvision datasets (default $RAYDC_DATA_ROOT), the image folder for "
+                             "'folder', or the .npz file for 'npz'")
+    parser.add_argument("--out", required=True, help="shard directory to create (Parquet shards + manifest.json)")
+    parser.add_argument("--split", default="all", choices=("train", "test", "all", "unlabeled"),
+                        help="torchvision split; 'all' is train then test ('unlabeled': stl10 only)")
+    parser.add_argument("--classes", type=_classes, default=None, metavar="0,1,2",
+                        help="keep only these labels")
+    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                        help="keep only the first N images (after --classes)")
+    parser.add_argument("--rows-per-shard", type=_positive_int, default=10_000, metavar="N")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest already in --out")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first unreadable image instead of skipping and listing it")
+    parser.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
+    parser.add_argument("--no-folder-labels", dest="labels_from_folders", action="store_false",
+                        help="'folder': do not derive labels from the top-level sub-folder names")
+    parser.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 after writing")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    manifest = prepare(args.source, args.out, root=args.root, split=args.split, classes=args.classes,
+                       limit=args.limit, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite,
+                       strict=args.strict, download=args.download, labels_from_folders=args.labels_from_folders,
+                       progress=args.progress)
+    seconds = time.perf_counter() - t0
+    if getattr(args, "verify", False):
+        verify_shards(manifest, args.out)
+    print(summary_line(manifest, seconds, args.out))
+    if manifest.label_counts:
+        print(label_line(manifest))
+    for skipped in manifest.skipped[:10]:
+        print(f"  skipped {skipped.path}: {skipped.reason}")
+    if len(manifest.skipped) > 10:
+        print(f"  ... and {len(manifest.skipped) - 10} more (listed in manifest.json)")
+    return 0
+
+
+def summary_line(manifest: Manifest, seconds: float, out: str) -> str:
+    rate = manifest.count / seconds if seconds > 0 else float("inf")
+    return (f"prepared {manifest.count:,} images into {len(manifest.shards)} shard(s) in {out}: "
+            f"{len(manifest.skipped)} skipped, {seconds:.1f} s, {rate:,.0f} images/s")
+
+
+def label_line(manifest: Manifest) -> str:
+    names = manifest.class_names or []
+    parts = []
+    for label, n in sorted((manifest.label_counts or {}).items()):
+        name = names[label] if 0 <= label < len(names) else None
+        parts.append(f"{label}{f' ({name})' if name and name != str(label) else ''}: {n:,}")
+    return "labels: " + ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m raydc.data.cli ...`) with the same error handling as `raydc prepare`."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="raydc prepare", description="Convert images to raydc Parquet shards")
+    add_prepare_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_prepare(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

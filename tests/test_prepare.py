@@ -1,0 +1,346 @@
+"""Sources -> Parquet shards + manifest: formats, filters, crash safety and the errors users see."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raydc.data import prepare as prepare_mod
+from raydc.data.cli import add_prepare_arguments, run_prepare
+from raydc.data.manifest import MANIFEST_NAME, load_manifest, verify_shards
+from raydc.data.prepare import prepare, prepare_from_config
+from raydc.data.sources import SOURCE_NAMES, Item, Source
+from raydc.errors import DataError, UserError
+
+MNIST_TEST_COUNTS = {0: 980, 1: 1135, 2: 1032, 3: 1010, 4: 982, 5: 892, 6: 958, 7: 1028, 8: 974, 9: 1009}
+
+
+def read_table(shard_dir: Path):
+    m = load_manifest(shard_dir)
+    return pq.ParquetDataset(m.shard_paths(shard_dir)).read().sort_by("id")
+
+
+# --- torchvision ------------------------------------------------------------------------------------------
+
+def test_mnist_test_split(mnist_root, tmp_path):
+    import torchvision
+
+    out = tmp_path / "mnist"
+    m = prepare("mnist", out, root=mnist_root, split="test", rows_per_shard=4000, progress=False)
+    assert m.count == 10_000 and m.name == "mnist" and m.encoding == "raw"
+    assert m.image_shape == [28, 28, 1] and m.mode == "L" and m.has_labels
+    assert m.label_counts == MNIST_TEST_COUNTS
+    assert len(m.class_names) == 10 and m.split == "test" and m.skipped == []
+    assert [(s.rows, s.id_min, s.id_max) for s in m.shards] == [(4000, 0, 3999), (4000, 4000, 7999),
+                                                                  (2000, 8000, 9999)]
+    assert load_manifest(out) == m
+    verify_shards(m, out)
+
+    meta = pq.read_schema(out / m.shards[0].file).metadata
+    assert meta[b"raydc.encoding"] == b"raw" and json.loads(meta[b"raydc.shape"]) == [28, 28, 1]
+    assert meta[b"raydc.mode"] == b"L"
+
+    t = read_table(out)
+    ids = t["id"].to_numpy()
+    assert np.array_equal(ids, np.arange(10_000))
+    ref = torchvision.datasets.MNIST(str(mnist_root), train=False, download=False)
+    assert np.array_equal(t["label"].to_numpy(), ref.targets.numpy())
+    for i in (0, 4321, 9999):
+        assert t["image"][i].as_py() == ref.data[i].numpy().tobytes()
+
+
+def test_missing_root_names_the_fixes(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYDC_DATA_ROOT", raising=False)
+    with pytest.raises(DataError) as e:
+        prepare("mnist", tmp_path / "out", progress=False)
+    assert "RAYDC_DATA_ROOT" in str(e.value) and "--root" in str(e.value) and "--download" in str(e.value)
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="RAYDC_DATA_ROOT") as e:
+        prepare("fashionmnist", tmp_path / "out", root=missing, progress=False)
+    assert str(missing) in str(e.value) and "--root" in str(e.value)
+    # The root exists but holds no MNIST: say exactly where we looked.
+    with pytest.raises(DataError) as e:
+        prepare("mnist", tmp_path / "out", root=tmp_path, progress=False)
+    assert str(tmp_path / "MNIST" / "raw") in str(e.value) and "--root" in str(e.value)
+    assert not (tmp_path / "out").exists(), "a bad root must fail before the output directory is touched"
+
+
+def test_data_root_from_environment(mnist_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYDC_DATA_ROOT", str(mnist_root))
+    m = prepare("mnist", tmp_path / "m", split="train", limit=50, progress=False)
+    assert m.count == 50 and m.source == str(Path(mnist_root).resolve())
+
+
+# --- folders ----------------------------------------------------------------------------------------------
+
+def _image_bytes(rng: np.random.Generator, fmt: str, mode: str, size: tuple[int, int]) -> bytes:
+    w, h = size
+    shape = (h, w) if mode == "L" else (h, w, 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def make_folder(root: Path, n: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
+    """n valid images of mixed sizes/formats in nested class folders, 2 corrupt ones, and a stray text file.
+    Returns (valid relative paths, corrupt relative paths)."""
+    rng = np.random.default_rng(seed)
+    kinds = [("PNG", "L", ".png"), ("PNG", "RGB", ".PNG"), ("JPEG", "RGB", ".jpg"), ("JPEG", "L", ".jpeg"),
+             ("BMP", "RGB", ".bmp"), ("GIF", "L", ".gif")]
+    valid = []
+    for i in range(n):
+        cls = "cat" if i % 2 == 0 else "dog"
+        sub = ["", "a", "a/deep", "b"][i % 4]
+        fmt, mode, ext = kinds[i % len(kinds)]
+        rel = "/".join(p for p in (cls, sub, f"img{i:03d}{ext}") if p)
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_image_bytes(rng, fmt, mode, (int(rng.integers(12, 40)), int(rng.integers(12, 40)))))
+        valid.append(rel)
+    good_png = _image_bytes(rng, "PNG", "RGB", (32, 32))
+    (root / "dog" / "broken.png").write_bytes(good_png[: len(good_png) // 2])
+    (root / "cat" / "a" / "noise.jpg").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return sorted(valid), sorted(["dog/broken.png", "cat/a/noise.jpg"])
+
+
+def test_folder_source(tmp_path):
+    valid, corrupt = make_folder(tmp_path / "imgs")
+    out = tmp_path / "shards"
+    m = prepare("folder", out, root=tmp_path / "imgs", rows_per_shard=25, progress=False)
+    assert m.count == 60 and m.encoding == "encoded" and m.image_shape is None and m.mode == "RGB"
+    assert sorted(s.path for s in m.skipped) == corrupt
+    assert all(s.reason for s in m.skipped)
+    assert m.class_names == ["cat", "dog"] and m.label_counts == {0: 30, 1: 30}
+    assert [s.rows for s in m.shards] == [25, 25, 10]
+    verify_shards(m, out)
+    t = read_table(out)
+    assert np.array_equal(t["id"].to_numpy(), np.arange(60))
+    # Sorted relative-path order, original bytes (no re-encoding), labels from the top-level folder.
+    for i, rel in enumerate(valid):
+        assert t["image"][i].as_py() == (tmp_path / "imgs" / rel).read_bytes()
+        assert t["label"][i].as_py() == (0 if rel.startswith("cat/") else 1)
+    meta = pq.read_schema(out / m.shards[0].file).metadata
+    assert meta[b"raydc.encoding"] == b"encoded" and json.loads(meta[b"raydc.shape"]) is None
+
+
+def test_folder_strict_names_the_corrupt_file(tmp_path):
+    make_folder(tmp_path / "imgs", n=8)
+    with pytest.raises(DataError, match="--strict") as e:
+        prepare("folder", tmp_path / "shards", root=tmp_path / "imgs", strict=True, progress=False)
+    assert "noise.jpg" in str(e.value) or "broken.png" in str(e.value)
+    assert not (tmp_path / "shards" / MANIFEST_NAME).exists()
+
+
+def test_folder_unlabeled_and_uniform(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        (tmp_path / "flat" / f"{i}.png").write_bytes(_image_bytes(rng, "PNG", "L", (20, 10)))
+    m = prepare("folder", tmp_path / "s", root=tmp_path / "flat", progress=False)
+    assert m.count == 5 and not m.has_labels and m.label_counts is None and m.class_names is None
+    assert m.image_shape == [10, 20, 1] and m.mode == "L"
+    assert "label" not in pq.read_schema(tmp_path / "s" / m.shards[0].file).names
+    with pytest.raises(DataError, match="no labels"):
+        prepare("folder", tmp_path / "s2", root=tmp_path / "flat", classes=[0], progress=False)
+
+
+def test_folder_same_size_mixed_modes_decodes_to_one_shape(tmp_path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "imgs").mkdir()
+    for i, mode in enumerate(["L", "RGB", "L"]):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(_image_bytes(rng, "PNG", mode, (9, 7)))
+    m = prepare("folder", tmp_path / "s", root=tmp_path / "imgs", progress=False)
+    assert m.image_shape == [7, 9, 3] and m.mode == "RGB"
+
+
+def test_folder_labels_with_loose_files_is_an_error(tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "a" / "x.png").write_bytes(_image_bytes(rng, "PNG", "L", (8, 8)))
+    (tmp_path / "imgs" / "loose.png").write_bytes(_image_bytes(rng, "PNG", "L", (8, 8)))
+    with pytest.raises(DataError, match="loose.png"):
+        prepare("folder", tmp_path / "s", root=tmp_path / "imgs", progress=False)
+    m = prepare("folder", tmp_path / "s", root=tmp_path / "imgs", labels_from_folders=False, progress=False)
+    assert m.count == 2 and not m.has_labels
+
+
+# --- npz and filters --------------------------------------------------------------------------------------
+
+def make_npz(path: Path, n: int = 500, shape: tuple[int, ...] = (12, 10), compressed: bool = False,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 5, n)
+    (np.savez_compressed if compressed else np.savez)(path, images=images, labels=labels)
+    return images, labels
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_source_with_filters(tmp_path, compressed):
+    images, labels = make_npz(tmp_path / "d.npz", compressed=compressed)
+    m = prepare("npz", tmp_path / "s", root=tmp_path / "d.npz", classes=[3, 1], limit=70, rows_per_shard=32,
+                progress=False)
+    keep = np.flatnonzero(np.isin(labels, [1, 3]))[:70]
+    assert m.count == 70 and m.classes == [1, 3] and m.limit == 70
+    assert m.image_shape == [12, 10, 1] and m.mode == "L"
+    assert m.label_counts == {1: int((labels[keep] == 1).sum()), 3: int((labels[keep] == 3).sum())}
+    t = read_table(tmp_path / "s")
+    assert np.array_equal(t["id"].to_numpy(), np.arange(70))
+    assert np.array_equal(t["label"].to_numpy(), labels[keep])
+    got = np.frombuffer(b"".join(t["image"].to_pylist()), np.uint8).reshape(70, 12, 10)
+    assert np.array_equal(got, images[keep])
+
+
+def test_npz_float_rgb_without_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.random((40, 6, 5, 3), dtype=np.float32)
+    np.savez(tmp_path / "f.npz", images=images)
+    m = prepare("npz", tmp_path / "s", root=tmp_path / "f.npz", progress=False)
+    assert m.count == 40 and not m.has_labels and m.image_shape == [6, 5, 3] and m.mode == "RGB"
+    t = read_table(tmp_path / "s")
+    got = np.frombuffer(b"".join(t["image"].to_pylist()), np.uint8).reshape(40, 6, 5, 3)
+    assert np.array_equal(got, np.rint(images * 255).astype(np.uint8))
+    np.savez(tmp_path / "bad.npz", images=images * 3)
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        prepare("npz", tmp_path / "s2", root=tmp_path / "bad.npz", progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare("npz", tmp_path / "s3", root=tmp_path / "missing.npz", progress=False)
+
+
+# --- streaming, crash safety, overwrite -------------------------------------------------------------------
+
+class CountingSource(Source):
+    """Yields n fixed-shape images; records how many shards were on disk when each item was pulled."""
+
+    def __init__(self, out: Path, n: int, fail_at: int | None = None):
+        self.name, self.location, self.encoding = "counting", "memory", "raw"
+        self.has_labels, self.class_names, self.skipped = True, ["even", "odd"], []
+        self.out, self.n, self.fail_at = out, n, fail_at
+        self.shards_seen: list[int] = []
+
+    def items(self, classes: Sequence[int] | None = None) -> Iterator[Item]:
+        for i in range(self.n):
+            if i == self.fail_at:
+                raise RuntimeError("source failed mid-way")
+            self.shards_seen.append(len(list(self.out.glob("shard-*.parquet"))))
+            yield Item(np.full((4, 4, 1), i % 256, np.uint8), i % 2, (4, 4, 1))
+
+
+def test_prepare_streams_one_shard_at_a_time(tmp_path, monkeypatch):
+    buffered = []
+    original_add = prepare_mod.ShardWriter.add
+
+    def add(self, item):
+        original_add(self, item)
+        buffered.append(len(self._images))
+
+    monkeypatch.setattr(prepare_mod.ShardWriter, "add", add)
+    src = CountingSource(tmp_path / "s", 1050)
+    m = prepare(src, tmp_path / "s", rows_per_shard=100, progress=False)
+    assert m.count == 1050 and len(m.shards) == 11
+    assert max(buffered) <= 100
+    # Item i is pulled only after every earlier full shard is on disk: the source is consumed lazily.
+    assert src.shards_seen == [i // 100 for i in range(1050)]
+
+
+def test_interrupted_prepare_leaves_no_manifest(tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="mid-way"):
+        prepare(CountingSource(out, 500, fail_at=250), out, rows_per_shard=100, progress=False)
+    assert not (out / MANIFEST_NAME).exists()
+    assert list(out.glob("shard-*")) == [], "a failed prepare removes the shards it wrote"
+    with pytest.raises(DataError, match="raydc prepare"):
+        load_manifest(out)
+    m = prepare(CountingSource(out, 500), out, rows_per_shard=100, progress=False)  # no --overwrite needed
+    assert m.count == 500
+
+
+def test_killed_prepare_leftovers_need_overwrite(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "shard-00000.parquet.tmp").write_bytes(b"half a shard")
+    with pytest.raises(DataError, match="interrupted") as e:
+        prepare(CountingSource(out, 10), out, progress=False)
+    assert "--overwrite" in str(e.value)
+    prepare(CountingSource(out, 10), out, overwrite=True, progress=False)
+    assert not (out / "shard-00000.parquet.tmp").exists()
+
+
+def test_existing_dataset_refused_without_overwrite(tmp_path):
+    out = tmp_path / "s"
+    prepare(CountingSource(out, 300), out, rows_per_shard=100, progress=False)
+    (out / "README.txt").write_text("user file")
+    with pytest.raises(DataError, match="--overwrite"):
+        prepare(CountingSource(out, 50), out, progress=False)
+    assert load_manifest(out).count == 300
+    m = prepare(CountingSource(out, 50), out, rows_per_shard=100, overwrite=True, progress=False)
+    assert m.count == 50 and sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.parquet"]
+    assert (out / "README.txt").exists(), "overwrite removes only raydc's own files"
+
+
+def test_verify_detects_damaged_shard(tmp_path):
+    out = tmp_path / "s"
+    m = prepare(CountingSource(out, 200), out, rows_per_shard=100, progress=False)
+    path = out / m.shards[1].file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="shard-00001.parquet"):
+        verify_shards(m, out)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(UserError, match="rows_per_shard"):
+        prepare(CountingSource(tmp_path, 5), tmp_path / "s", rows_per_shard=0, progress=False)
+    with pytest.raises(UserError, match="limit"):
+        prepare(CountingSource(tmp_path, 5), tmp_path / "s", limit=0, progress=False)
+    with pytest.raises(DataError, match="unknown source"):
+        prepare("imagenet21k", tmp_path / "s", progress=False)
+    with pytest.raises(DataError, match="no images"):
+        prepare(CountingSource(tmp_path / "e", 0), tmp_path / "e", progress=False)
+
+
+def test_source_names_match_config():
+    from raydc.config import SOURCES
+
+    assert tuple(SOURCE_NAMES) == tuple(SOURCES)
+
+
+# --- config and CLI ---------------------------------------------------------------------------------------
+
+def test_prepare_from_config(tmp_path):
+    from raydc.config import DataConfig
+
+    make_npz(tmp_path / "d.npz", n=120)
+    cfg = DataConfig(shards=str(tmp_path / "s"), source="npz", root=str(tmp_path / "d.npz"), limit=100,
+                     rows_per_shard=40)
+    m = prepare_from_config(cfg, progress=False)
+    assert m.count == 100 and [s.rows for s in m.shards] == [40, 40, 20]
+    with pytest.raises(UserError, match="data.source"):
+        prepare_from_config(DataConfig(shards=str(tmp_path / "x")))
+
+
+def test_cli_run_prepare(tmp_path, capsys):
+    make_npz(tmp_path / "d.npz", n=90)
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    args = parser.parse_args(["--source", "npz", "--root", str(tmp_path / "d.npz"), "--out", str(tmp_path / "s"),
+                              "--classes", "0,2", "--rows-per-shard", "10", "--verify", "--no-progress"])
+    assert run_prepare(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    m = load_manifest(tmp_path / "s")
+    assert out[0].startswith(f"prepared {m.count:,} images into {len(m.shards)} shard(s)")
+    assert "images/s" in out[0] and "0 skipped" in out[0]
+    assert out[1].startswith("labels: 0: ") and "2: " in out[1]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--source", "npz", "--out", "x", "--classes", "a,b"])
+    capsys.readouterr()
