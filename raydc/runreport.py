@@ -19,7 +19,7 @@ def images_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = N
 
     from raydc.data.decode import decode_batch
 
-    files = [str(Path(shard_dir) / s["file"]) for s in manifest.shards]
+    files = manifest.shard_paths(shard_dir)
     table = pads.dataset(files, format="parquet").to_table(
         columns=["id", "image"], filter=pads.field("id").isin(list(map(int, ids))))
     if table.num_rows == 0:
@@ -72,7 +72,7 @@ def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_clust
 def _labels_for(shard_dir: str, manifest, ids: np.ndarray) -> np.ndarray:
     import pyarrow.dataset as pads
 
-    files = [str(Path(shard_dir) / s["file"]) for s in manifest.shards]
+    files = manifest.shard_paths(shard_dir)
     t = pads.dataset(files, format="parquet").to_table(columns=["id", "label"])
     lookup = np.full(int(t.column("id").to_numpy().max()) + 1, -1, np.int64)
     lookup[t.column("id").to_numpy()] = t.column("label").to_numpy()

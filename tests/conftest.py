@@ -32,8 +32,11 @@ def mnist_root() -> Path:
 def ray_local():
     import ray
 
+    # 2 cores + 2 logical CPUs for Train workers, as raydc.engine.runtime.local_cpus gives a 2-core machine
+    # running two workers: Ray Data's actor pool hangs with only 1 CPU free beside the workers.
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()

@@ -19,6 +19,8 @@ MEAN, STD = 0.5, 0.25  # after scaling to [0, 1]; BN right after the first conv 
 
 def to_float(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW, normalised."""
+    if isinstance(images_u8, np.ndarray) and not images_u8.flags.writeable:
+        images_u8 = images_u8.copy()  # Arrow-backed batches are read-only; torch wants to own writable memory
     t = torch.as_tensor(images_u8)
     t = t.permute(0, 3, 1, 2).float().div_(255.0)
     return t.sub_(MEAN).div_(STD)

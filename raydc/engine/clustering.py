@@ -67,8 +67,8 @@ class FeatureShard:
         self.clear()
         return out
 
-    def absorb(self, parts: list) -> int:
-        parts = [(self.ids, self.x, self.labels)] + list(parts)
+    def absorb(self, part_refs: list) -> int:
+        parts = [(self.ids, self.x, self.labels)] + ray.get(list(part_refs))
         parts = [p for p in parts if p[1] is not None and len(p[0])]
         self.ids = np.concatenate([p[0] for p in parts])
         self.x = np.ascontiguousarray(np.concatenate([p[1] for p in parts]))
@@ -80,8 +80,9 @@ class FeatureShard:
 
     def kmeans(self, k: int, niter: int, seed: int, n_init: int, use_gpu: str,
                init_centroids: np.ndarray | None = None) -> km.KMeansResult:
+        # faiss prints one line per iteration (time, objective, splits): the k-means progress in the job log.
         return km.kmeans(self.x, k, niter=niter, seed=seed, n_init=n_init, use_gpu=use_gpu,
-                         init_centroids=init_centroids)
+                         init_centroids=init_centroids, verbose=True)
 
     def partial(self, centroids: np.ndarray, use_gpu: str) -> tuple[np.ndarray, np.ndarray, float]:
         labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
@@ -187,6 +188,8 @@ class ClusteringService:
             sums = np.sum([p[0] for p in parts], axis=0)
             counts = np.sum([p[1] for p in parts], axis=0)
             objective.append(float(sum(p[2] for p in parts)))
+            if it > 0 and objective[-1] == objective[-2]:
+                break  # a fixed point: faiss >= 1.15 stops here too (early_stop_threshold = 0)
             centroids, split = km.update_centroids(sums, counts, rng)
             n_split += split
             self.log(f"  k-means iter {it + 1}/{niter}: objective {objective[-1]:.6g}"
@@ -223,7 +226,61 @@ class ClusteringService:
     def release(self) -> None:
         ray.get([s.clear.remote() for s in self.shards])
 
+    def extract(self, spec, shard_dir: str, manifest, features_cfg) -> dict:
+        """Run the feature pool over every image and spread its output blocks over the shards."""
+        from raydc.engine.features import extract_features
+
+        f = features_cfg
+        refs = extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
+                                num_gpus=f.num_gpus, batch_size=f.batch_size)
+        return self.load(refs)
+
     def shutdown(self) -> None:
         for s in self.shards:
             ray.kill(s)
         self.shards = []
+
+
+@ray.remote(num_cpus=0)
+class ClusterCoordinator:
+    """The clustering service as an actor of its own, outside the training workers' placement group.
+
+    Why not run it in rank 0 directly: Ray Data sizes its budget to the placement group of the process that
+    starts it, and a Train worker's bundle is all used by the worker itself, so a feature pass started from
+    rank 0 waits forever for a CPU ("Cluster resources are not enough..."). Created with the default
+    scheduling strategy, this actor and everything it starts escape that placement group."""
+
+    def __init__(self, num_shards: int, num_gpus: float, use_gpu: str):
+        from raydc.engine.runtime import configure_data_context
+
+        configure_data_context()
+        self.service = ClusteringService(num_shards, num_gpus, use_gpu)
+
+    def call(self, name: str, *args, **kwargs):
+        return getattr(self.service, name)(*args, **kwargs)
+
+
+class CoordinatorProxy:
+    """Lets rank 0 call the coordinator as if it were a local ClusteringService."""
+
+    def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto"):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.handle = ClusterCoordinator.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote(
+            num_shards, num_gpus, use_gpu)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            return ray.get(self.handle.call.remote(name, *args, **kwargs))
+
+        return call
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.handle.call.remote("shutdown"))
+        finally:
+            ray.kill(self.handle)

@@ -94,12 +94,7 @@ class RankZeroContext:
         self.cfg, self.manifest, self.service, self.log = cfg, manifest, service, log
 
     def extract(self, spec) -> dict:
-        from raydc.engine.features import extract_features
-
-        f = self.cfg.features
-        refs = extract_features(self.cfg.data.shards, self.manifest, spec, concurrency=f.concurrency,
-                                num_cpus=f.num_cpus, num_gpus=f.num_gpus, batch_size=f.batch_size)
-        return self.service.load(refs)
+        return self.service.extract(spec, self.cfg.data.shards, self.manifest, self.cfg.features)
 
 
 def _log(msg: str) -> None:
@@ -119,7 +114,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from ray.train.collective import broadcast_from_rank_zero
 
     from raydc.data.manifest import load_manifest
-    from raydc.engine.clustering import ClusteringService
+    from raydc.engine.clustering import CoordinatorProxy
 
     cfg: Config = from_dict(Config, loop_cfg["config"])
     run = RunDir(loop_cfg["run_dir"])
@@ -148,7 +143,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, _log)
     service = rctx = None
     if rank == 0:
-        service = ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu, log=_log)
+        service = CoordinatorProxy(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu)
         rctx = RankZeroContext(cfg, manifest, service, _log)
         if start:
             run.truncate_metrics(upto_round=start)

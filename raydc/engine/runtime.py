@@ -11,7 +11,19 @@ import os
 from raydc.config import RayConfig
 
 
-def init_ray(cfg: RayConfig, *, quiet: bool = True) -> None:
+def local_cpus(cfg: RayConfig, train_cpus: float) -> int:
+    """Logical CPUs for an embedded local Ray: the machine's cores *plus* what the Train workers reserve.
+
+    Training and the feature pass alternate, they never run at once, yet Ray reserves the workers' CPUs
+    for the whole fit. With the real count alone, a 2-core laptop has 1 CPU left beside one Train worker,
+    and Ray Data's actor pool then never starts (measured here: it needs more than 1 free CPU, and hangs
+    silently otherwise). Counting the workers' share twice is the over-commit that never materialises."""
+    if cfg.num_cpus:
+        return cfg.num_cpus
+    return int((os.cpu_count() or 1) + max(0.0, train_cpus) + 0.999)
+
+
+def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool = True) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -21,7 +33,7 @@ def init_ray(cfg: RayConfig, *, quiet: bool = True) -> None:
             kwargs.pop("include_dashboard")
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
+            ray.init(address="local", num_cpus=local_cpus(cfg, train_cpus), **kwargs)
     configure_data_context()
 
 

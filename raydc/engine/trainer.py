@@ -78,6 +78,9 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     from raydc.runreport import write_run_report
 
     cfg = resolve_config(cfg, resume=resume)
+    # Workers run in their own directories: hand them absolute paths (on a cluster: shared storage).
+    cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
+    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
     manifest = ensure_shards(cfg, log)
     check_against_data(cfg, manifest)
     run = RunDir(cfg.run.dir)
@@ -85,7 +88,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     log(f"run directory {run.path}" + (" (resuming)" if resuming else ""))
 
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, train_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
     t_ray = time.perf_counter() - t0
     gpus = gpus_available()
     use_gpu = cfg.train.use_gpu == "always" or (cfg.train.use_gpu == "auto" and gpus > 0)
@@ -108,11 +111,31 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     t1 = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        cause = _user_cause(e)
+        if cause is not None:
+            raise UserError(str(cause)) from None
+        raise
     log(f"training finished in {time.perf_counter() - t1:.1f}s")
     paths = write_run_report(run.path, cfg.data.shards, manifest, per_cluster=cfg.run.montage_per_cluster)
     log("report: " + ", ".join(str(p) for p in paths))
     return run
+
+
+def _user_cause(e: BaseException) -> BaseException | None:
+    """A worker's UserError or NumericalError comes back wrapped in Ray's WorkerGroupError: unwrap it so
+    the CLI prints one clear line rather than three stack traces."""
+    from raydc.errors import NumericalError
+
+    for failure in getattr(e, "worker_failures", {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, (UserError, NumericalError)):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
 
 
 def _config_dict(cfg: Config) -> dict:
