@@ -214,6 +214,13 @@ class ClusteringService:
         rows = np.concatenate(out)
         return rows[rng.permutation(len(rows))]
 
+    def assign_to(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Nearest-centroid assignment of every held row to given centroids: (ids, clusters, distances)."""
+        c_ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        parts = ray.get([s.assign.remote(c_ref, self.use_gpu) for s in self.shards])
+        parts = [p for p in parts if len(p[0])]
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
     def gather_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         parts = ray.get([s.features.remote() for s in self.shards])
         parts = [p for p in parts if p[1] is not None and len(p[0])]

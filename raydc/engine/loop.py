@@ -152,6 +152,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     r = start
     while not method.is_done(state, r):
         t_round = time.perf_counter()
+        # Dropout and any other torch randomness: a function of (seed, round, rank), so a resumed run replays it.
+        torch.manual_seed(int(np.random.default_rng([cfg.train.seed, r, rank, 17]).integers(1 << 62)))
         if rank == 0:
             targets, row = method.make_targets(rctx, WorkerContext.unwrap(model), state, r)
             ref = ray.put(targets)

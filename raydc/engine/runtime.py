@@ -28,9 +28,9 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool = True) -> 
 
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
-        kwargs = dict(log_to_driver=True, configure_logging=not quiet, include_dashboard=False)
+        # The dashboard brings the state API that Ray Train's placement-group cleaner and Tune's early stopping use.
+        kwargs = dict(log_to_driver=True, configure_logging=not quiet)
         if address:
-            kwargs.pop("include_dashboard")
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", num_cpus=local_cpus(cfg, train_cpus), **kwargs)

@@ -52,6 +52,10 @@ class Method:
     def is_done(self, state: dict, round_idx: int) -> bool:
         raise NotImplementedError
 
+    def extractor(self, model: nn.Module):
+        """The ExtractorSpec whose features the final centroids live in (used by `raydc assign`)."""
+        raise NotImplementedError
+
     def epoch_of(self, state: dict, round_idx: int) -> int:
         """The `epoch` number written to metrics.jsonl for this round."""
         return round_idx

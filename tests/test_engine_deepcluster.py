@@ -1,0 +1,139 @@
+"""DeepCluster through the real engine: one Ray Train fit, feature pool, shard actors, run directory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raydc.config import load_config
+from raydc.errors import ConfigError, UserError
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, mnist_root):
+    from raydc.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "mnist600"
+    prepare("mnist", out, root=str(mnist_root), split="test", limit=600, rows_per_shard=200, progress=False)
+    return out
+
+
+def tiny_config(shards: Path, run_dir: Path, *extra: str):
+    return load_config(None, [
+        f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=5", "cluster.pca_dim=16",
+        "train.epochs=2", "train.batch_size=64", "train.crop_scale_min=0.5", "train.hflip=false",
+        "features.batch_size=200", "run.montage_per_cluster=4", *extra])
+
+
+def test_tiny_run_writes_the_run_directory(ray_local, tiny_shards, tmp_path):
+    from raydc.engine.trainer import run_training
+
+    run = run_training(tiny_config(tiny_shards, tmp_path / "run"))
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1].get("final") is True
+    for r in rows[:2]:
+        for key in ("loss", "kmeans_objective", "time_features", "time_pca", "time_kmeans", "time_train",
+                    "acc", "nmi", "ari", "size_histogram"):
+            assert key in r, key
+        assert np.isfinite(r["loss"]) and r["train_images"] > 0
+        assert sum(r["size_histogram"]) == 600
+    assert "nmi_prev" in rows[1] and "nmi_prev" not in rows[0]
+    a = run.read_assignments()
+    assert sorted(a["id"].tolist()) == list(range(600))
+    assert a["cluster"].min() >= 0 and a["cluster"].max() < 5
+    for png in ("curves.png", "phases.png", "sizes.png", "montage.png"):
+        assert (run.report_dir / png).stat().st_size > 1000, png
+    assert (run.path / "config.yaml").exists() and run.checkpoints()
+    assert (run.path / "clustering.pt").exists()
+
+
+def test_existing_run_dir_is_refused(ray_local, tiny_shards, tmp_path):
+    from raydc.engine.trainer import run_training
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="--resume.*--overwrite"):
+        run_training(tiny_config(tiny_shards, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("override,field", [("cluster.k=601", "cluster.k"),
+                                            ("train.batch_size=700", "train.batch_size"),
+                                            ("model.feature_dim=8", "cluster.pca_dim")])
+def test_bad_fields_fail_before_any_work(tiny_shards, tmp_path, override, field):
+    from raydc.engine.trainer import run_training
+
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        run_training(tiny_config(tiny_shards, tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()
+    assert time.perf_counter() - t < 30
+
+
+def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "raydc.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_shards, tmp_path):
+    """Kill the whole process group (driver, raylet, workers) in the middle of epoch 1, resume, and compare
+    with an uninterrupted run of the same seed: same assignments, same per-epoch metrics."""
+    from raydc.engine.rundir import RunDir
+    from raydc.engine.trainer import run_training
+
+    extra = ["train.epochs=3"]
+    ref = run_training(tiny_config(tiny_shards, tmp_path / "ref", *extra))
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+    sets = [f"--set={s}" for s in [f"data.shards={tiny_shards}", f"run.dir={killed}", "cluster.k=5",
+                                   "cluster.pca_dim=16", "train.batch_size=64", "train.crop_scale_min=0.5",
+                                   "train.hflip=false", "features.batch_size=200", "run.montage_per_cluster=4",
+                                   *extra]]
+    proc = _cli(["train", *sets], env)
+    run = RunDir(killed)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not run.checkpoint_path(0).exists():
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        assert run.checkpoint_path(0).exists(), "the first epoch never finished"
+        time.sleep(4)  # into epoch 1: features/k-means or training
+        assert not run.checkpoint_path(2).exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "assignments.parquet").exists()
+
+    resumed = run_training(tiny_config(tiny_shards, killed, *extra), resume=True)
+    a, b = ref.read_assignments(), resumed.read_assignments()
+    order_a, order_b = np.argsort(a["id"]), np.argsort(b["id"])
+    np.testing.assert_array_equal(a["cluster"][order_a], b["cluster"][order_b])
+    rows_a, rows_b = ref.read_metrics(), resumed.read_metrics()
+    assert [r["epoch"] for r in rows_b] == [r["epoch"] for r in rows_a]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("loss", "kmeans_objective", "acc", "nmi", "ari", "nmi_prev"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["epoch"], key)
+
+
+def test_cli_user_error_exits_2_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", "--set", f"data.shards={tmp_path}/none",
+                        "--set", "train.lrr=1"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "train.lrr" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", "--set", f"data.shards={tmp_path}/none",
+                        "--set", f"run.dir={tmp_path}/r"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "raydc prepare" in p.stderr and "Traceback" not in p.stderr
