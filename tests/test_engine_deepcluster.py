@@ -36,9 +36,11 @@ def tiny_config(shards: Path, run_dir: Path, *extra: str):
 
 
 def test_tiny_run_writes_the_run_directory(ray_local, tiny_shards, tmp_path):
+    """Two DDP workers (gloo): covers the streaming split, the synchronised stop and the broadcast."""
     from raydc.engine.trainer import run_training
 
-    run = run_training(tiny_config(tiny_shards, tmp_path / "run"))
+    run = run_training(tiny_config(tiny_shards, tmp_path / "run", "train.num_workers=2",
+                                   "train.cpus_per_worker=0.5", "train.batch_size=32"))
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[-1].get("final") is True
