@@ -59,6 +59,21 @@ def test_tiny_run_writes_the_run_directory(ray_local, tiny_shards, tmp_path):
     assert (run.path / "config.yaml").exists() and run.checkpoints()
     assert (run.path / "clustering.pt").exists()
 
+    # `raydc assign` on the training images reproduces the run's final assignment (same model, same centroids).
+    from raydc.engine.assign import assign_images
+    from raydc.engine.evaluate import evaluate_run
+
+    path = assign_images(str(run.path), str(tiny_shards), str(tmp_path / "assigned.parquet"))
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    mine = dict(zip(t.column("id").to_pylist(), t.column("cluster").to_pylist()))
+    theirs = dict(zip(a["id"].tolist(), a["cluster"].tolist()))
+    agree = np.mean([mine[i] == theirs[i] for i in theirs])
+    assert agree > 0.99, agree
+    scores = evaluate_run(str(run.path))
+    assert scores["acc"] == pytest.approx(rows[-1]["acc"]) and scores["images"] == 600
+
 
 def test_existing_run_dir_is_refused(ray_local, tiny_shards, tmp_path):
     from raydc.engine.trainer import run_training

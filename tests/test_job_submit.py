@@ -35,11 +35,16 @@ def test_ray_job_submit_runs_deepcluster(tmp_path, mnist_root):
                PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
+    # Every port the head opens is its own: another Ray on this machine (a user's run, a parallel test
+    # session) holds the defaults, and the job agent then fails to bind and jobs are never accepted.
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     temp = Path("/tmp") / f"raydc-jobtest-{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats", *own_ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -56,7 +61,7 @@ def test_ray_job_submit_runs_deepcluster(tmp_path, mnist_root):
                "python", "jobs/deepcluster.py", "--set", f"data.shards={shards}", "--set", f"run.dir={run_dir}",
                "--set", "cluster.k=4", "--set", "cluster.pca_dim=8", "--set", "train.epochs=1",
                "--set", "train.batch_size=64", "--set", "features.batch_size=200"]
-        for _ in range(30):  # the dashboard answers before its job agent is up: "No available agent"
+        for _ in range(40):  # the dashboard answers before its job agent is up: "No available agent"
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in job.stdout + job.stderr:
                 break
