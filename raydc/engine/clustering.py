@@ -85,11 +85,16 @@ class FeatureShard:
                          init_centroids=init_centroids, verbose=True)
 
     def partial(self, centroids: np.ndarray, use_gpu: str) -> tuple[np.ndarray, np.ndarray, float]:
+        if not len(self.ids):  # more shards than feature blocks: an empty shard contributes nothing
+            k, d = centroids.shape
+            return np.zeros((k, d)), np.zeros(k, np.int64), 0.0
         labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
         sums, counts = km.partial_sums(self.x, labels, len(centroids))
         return sums, counts, float(dist.sum(dtype=np.float64))
 
     def assign(self, centroids: np.ndarray, use_gpu: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        if not len(self.ids):
+            return self.ids, np.zeros(0, np.int64), np.zeros(0, np.float32), self.labels
         labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
         return self.ids, labels, dist, self.labels
 
@@ -197,7 +202,8 @@ class ClusteringService:
         c_ref = ray.put(centroids)
         parts = ray.get([s.assign.remote(c_ref, self.use_gpu) for s in self.shards])
         ids = np.concatenate([p[0] for p in parts])
-        true = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
+        labelled = [p[3] for p in parts if p[3] is not None]
+        true = np.concatenate(labelled) if labelled and len(labelled) == sum(len(p[0]) > 0 for p in parts) else None
         return ClusterOutcome(ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
                               centroids, objective, n_split, f"distributed Lloyd over {len(self.shards)} actors",
                               "distributed", true, timings={"kmeans": time.perf_counter() - t0})
