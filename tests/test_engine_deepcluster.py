@@ -104,8 +104,10 @@ def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_shards, tmp_path):
-    """Kill the whole process group (driver, raylet, workers) in the middle of epoch 1, resume, and compare
-    with an uninterrupted run of the same seed: same assignments, same per-epoch metrics."""
+    """SIGKILL a `raydc train` in the middle of epoch 1, resume, and compare with an uninterrupted run of the
+    same seed: same assignments, same per-epoch metrics. The killed run joins this session's Ray cluster
+    (as a job on a shared cluster would), so the kill takes its driver and, with it, the job's Train workers,
+    feature pool and shard actors; the resumed run starts from the last checkpoint in the run directory."""
     from raydc.engine.rundir import RunDir
     from raydc.engine.trainer import run_training
 
@@ -113,7 +115,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_sha
     ref = run_training(tiny_config(tiny_shards, tmp_path / "ref", *extra))
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO),
+               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     sets = [f"--set={s}" for s in [f"data.shards={tiny_shards}", f"run.dir={killed}", "cluster.k=5",
                                    "cluster.pca_dim=16", "train.batch_size=64", "train.crop_scale_min=0.5",
                                    "train.hflip=false", "features.batch_size=200", "run.montage_per_cluster=4",
@@ -131,6 +134,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_sha
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    time.sleep(3)  # Ray reaps the dead driver's workers
     assert not (killed / "assignments.parquet").exists()
 
     resumed = run_training(tiny_config(tiny_shards, killed, *extra), resume=True)

@@ -125,6 +125,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     torch.set_num_threads(_torch_threads(cfg))
     device = ray.train.torch.get_device()
 
+    torch.manual_seed(cfg.train.seed)  # the initial weights: the same run seed gives the same network
+    np.random.seed(cfg.train.seed % (1 << 32))
     model = method.build_model()
     ckpt = run.load_checkpoint()
     if ckpt is not None:
