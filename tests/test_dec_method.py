@@ -235,6 +235,7 @@ def tiny_run(tmp_path_factory, ray_local):
     np.savez(d / "src.npz", images=images, labels=labels)
     prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=150, progress=False)
     cfg = tiny_config(str(d / "shards"), str(d / "run"))
+    cfg.model.ae_dims = [16, 4]  # two greedy rounds, not three: each round through Ray costs seconds
     run = run_training(cfg, log=lambda *a: None)
     return cfg, run
 
@@ -244,11 +245,11 @@ def test_end_to_end_run_directory(tiny_run):
     cfg, run = tiny_run
     rows = run.read_metrics()
     phases = [r.get("phase") for r in rows]
-    assert phases == ["pretrain", "pretrain", "pretrain", "finetune", "dec", "final"]
-    assert [r["layer"] for r in rows[:3]] == [0, 1, 2]
+    assert phases == ["pretrain", "pretrain", "finetune", "dec", "final"]
+    assert [r["layer"] for r in rows[:2]] == [0, 1]
     for r in rows[:-1]:
         assert np.isfinite(r["loss"]) and any(k.startswith("time_") for k in r) and "epoch" in r
-    init = rows[4]
+    init = rows[3]
     assert {"ae_kmeans_acc", "ae_kmeans_nmi", "ae_kmeans_ari", "time_kmeans", "time_features",
             "time_train"} <= set(init)
     final = rows[-1]
@@ -273,7 +274,7 @@ def test_resume_from_an_earlier_checkpoint_gives_the_same_result(tiny_run, tmp_p
     copy = RunDir(shutil.copytree(run.path, tmp_path / "run"))
     # Drop the last checkpoint (the DEC round): the resumed run redoes k-means, the round and the final update.
     copy.latest_checkpoint().unlink()
-    assert copy.latest_checkpoint().name == "round-0003.pt"
+    assert copy.latest_checkpoint().name == "round-0002.pt"
     cfg.run.dir = str(copy.path)
     run_training(cfg, resume=True, log=lambda *a: None)
     a, b = run.read_assignments(), copy.read_assignments()
