@@ -1,0 +1,140 @@
+"""Feature extraction: raydc's Ray Data actor pool (`extract_features`, concurrency 1 and 2) against a plain
+`torch.no_grad()` loop over the same decoded images, the same network and weights, the same batch size.
+
+Each `extract_features` call is what one DeepCluster epoch pays: it builds a fresh actor pool (process start,
+imports, weights from the object store), reads and decodes the Parquet shards, runs the network and leaves
+the feature blocks in the object store. Ray's own start-up is excluded (done once per suite, reported
+separately). The pool's fixed cost per call is estimated from a call on a tiny shard set (full mode), so the
+steady-state rate can be told apart from the start-up.
+
+The plain loop gets the images already decoded to uint8 (decoding raw MNIST shards is one `np.frombuffer` per
+batch, negligible here), runs the same `to_float` -> `resize_center` -> `embed` per batch and copies the
+features to numpy, with torch's default threads.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+
+from benchmarks.common import Context, decoded_images, interleaved, ratio, summarize
+
+NAME = "features"
+NEEDS_RAY = True
+
+CONFIGS = {
+    # quick: a smoke test of every path (one call per pool: each call builds a pool, ~5-15 s here).
+    "quick": {"split": "test", "limit": 1024, "batch_size": 512, "concurrency": [1, 2], "repeats": 1,
+              "calibrate": False},
+    "full": {"split": "train", "limit": 20_000, "batch_size": 512, "concurrency": [1, 2], "repeats": 3,
+             "calibrate": True},
+}
+TINY = 64  # images in the calibration shard set
+
+
+def _spec():
+    import torch
+
+    from raydc.core.models import build_convnet
+    from raydc.engine.features import ExtractorSpec
+
+    torch.manual_seed(0)
+    build = functools.partial(build_convnet, "smallconvnet", 1, True)
+    net = build()
+    return ExtractorSpec(build=build, state={k: v.detach().clone() for k, v in net.state_dict().items()},
+                         call="embed", input_size=28, channels=1)
+
+
+def plain_loop(spec, images: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
+    from raydc.core.augment import resize_center, to_float
+
+    model = spec.build()
+    model.load_state_dict(spec.state)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = resize_center(to_float(images[i:i + batch_size]), spec.input_size)
+            out.append(model.embed(x).float().numpy())
+    return np.concatenate(out)
+
+
+def run(ctx: Context) -> dict:
+    import ray
+
+    from raydc.engine.features import extract_features
+
+    cfg = CONFIGS[ctx.mode]
+    ctx.ensure_ray()
+    shard_dir, manifest = ctx.mnist_shards(cfg["split"], cfg["limit"])
+    n = manifest.count
+    ids, images = decoded_images(shard_dir, manifest)
+    spec = _spec()
+    bs = cfg["batch_size"]
+    blocks_seen: dict[str, int] = {}
+
+    def pool(conc: int, sdir=shard_dir, man=manifest, key: str | None = None):
+        def call():
+            refs = extract_features(str(sdir), man, spec, concurrency=conc, num_cpus=0.5, num_gpus=0.0,
+                                    batch_size=bs)
+            if key is not None:
+                blocks_seen[key] = len(refs)
+            return refs
+        return call
+
+    fns = {f"ray_pool_c{c}": pool(c, key=f"c{c}") for c in cfg["concurrency"]}
+    fns["plain_loop"] = lambda: plain_loop(spec, images, bs)
+    ctx.log(f"  {n} MNIST images ({len(manifest.shards)} shard file(s)), batch {bs}, {cfg['repeats']} repeats")
+    times, last = interleaved(fns, repeats=cfg["repeats"], warmup=0,
+                              log=ctx.log if ctx.verbose else None)
+    # The plain loop had no warm-up above (the pools cannot have one: every call builds a new pool); give it
+    # its fair warmed-up numbers too.
+    warm, _ = interleaved({"plain_loop": fns["plain_loop"]}, repeats=max(3, cfg["repeats"]), warmup=1)
+
+    # Sanity: the pool computed the same features as the plain loop.
+    blocks = ray.get(last[f"ray_pool_c{cfg['concurrency'][0]}"])
+    got_ids = np.concatenate([b["id"] for b in blocks])
+    got = np.concatenate([b["feature"] for b in blocks])[np.argsort(got_ids)]
+    ref = last["plain_loop"][np.argsort(ids)]
+    max_abs_diff = float(np.max(np.abs(got - ref)))
+    del blocks, last
+
+    calib = {}
+    if cfg["calibrate"]:
+        tiny_dir, tiny_man = ctx.mnist_shards(cfg["split"], TINY)
+        calib_times, _ = interleaved({f"ray_pool_c{c}": pool(c, tiny_dir, tiny_man) for c in cfg["concurrency"]},
+                                     repeats=cfg["repeats"], warmup=0)
+        for c in cfg["concurrency"]:
+            t_tiny = calib_times[f"ray_pool_c{c}"]["median"]
+            t_full = times[f"ray_pool_c{c}"]["median"]
+            calib[f"ray_pool_c{c}"] = {"tiny_images": TINY, "tiny_seconds": calib_times[f"ray_pool_c{c}"],
+                                       "fixed_cost_s": t_tiny,
+                                       "steady_images_per_s": (n - TINY) / max(t_full - t_tiny, 1e-9)}
+
+    plain_best = warm["plain_loop"]
+    rows = {}
+    for name, t in times.items():
+        tt = plain_best if name == "plain_loop" else t
+        rows[name] = {"seconds": tt, "images_per_s": n / tt["median"],
+                      "images_per_s_iqr": [n / tt["q3"], n / tt["q1"]]}
+    for name in rows:
+        rows[name]["ratio_vs_plain"] = rows[name]["images_per_s"] / rows["plain_loop"]["images_per_s"]
+    if calib:
+        for name, c in calib.items():
+            c["steady_ratio_vs_plain"] = c["steady_images_per_s"] / rows["plain_loop"]["images_per_s"]
+    ctx.log("  " + ", ".join(f"{k} {v['images_per_s']:.0f} img/s ({v['ratio_vs_plain']:.2f}x plain)"
+                             for k, v in rows.items()))
+    return {
+        "config": {**cfg, "images": n, "shard_files": len(manifest.shards), "model": "smallconvnet, Sobel, 1 channel",
+                   "pool": "extract_features(num_cpus=0.5 per actor, read_cpus=0.25; torch threads per actor = "
+                           "cores // concurrency)", "plain": "torch.no_grad() loop, torch default threads, "
+                           "images pre-decoded"},
+        "results": rows,
+        "plain_loop_cold_seconds": times["plain_loop"],
+        "calibration": calib,
+        "output_blocks": blocks_seen,
+        "max_abs_feature_diff_pool_vs_plain": max_abs_diff,
+    }

@@ -1,0 +1,218 @@
+"""k-means: raydc (faiss in-process, one Ray actor, distributed Lloyd over 2 Ray actors, in-process Lloyd over
+2 shards) against scikit-learn's Lloyd and faiss called directly, from the same initial centroids, plus the
+fp32 GEMM ceiling the assignment step is bounded by.
+
+Every implementation runs to final labels: `niter` iterations (assignment + update) and one last assignment
+against the final centroids (DeepCluster's `index.search(x, 1)`; scikit-learn's closing E-step). Seconds per
+iteration = total seconds / iterations actually run (faiss >= 1.15, raydc's Lloyd and scikit-learn with
+tol=0 all stop early at an exact fixed point; the data are a Gaussian mixture with overlapping components so
+that none does within `niter`, and the counts are recorded).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks.common import Context, interleaved, ratio, summarize
+
+NAME = "kmeans"
+NEEDS_RAY = True
+
+CONFIGS = {
+    "quick": {"n": 10_000, "d": 32, "ks": [10, 100], "niter": 5, "repeats": 3, "gemm_repeats": 5},
+    "full": {"n": 100_000, "d": 256, "ks": [10, 100, 1000], "niter": 20, "repeats": 3, "gemm_repeats": 5},
+}
+
+IMPLS = {
+    "raydc_faiss": "raydc.core.kmeans.kmeans (faiss, in-process)",
+    "raydc_actor": "ClusteringService(1 actor), mode=single (faiss in a Ray actor)",
+    "raydc_distributed": "ClusteringService(2 actors), mode=distributed (Lloyd over Ray)",
+    "raydc_lloyd": "raydc.core.kmeans.lloyd over 2 shards (in-process reference, no Ray)",
+    "faiss": "faiss.Kmeans direct (max_points_per_centroid raised)",
+    "faiss_1thread": "faiss.Kmeans direct, 1 OpenMP thread",
+    "sklearn": "sklearn KMeans(algorithm='lloyd', n_init=1, tol=0)",
+}
+
+
+def gaussian_mixture(n: int, d: int, components: int, seed: int, spread: float = 0.5) -> np.ndarray:
+    """Overlapping isotropic Gaussians (centre spread `spread` per axis, unit noise): Lloyd keeps moving
+    boundary points for many iterations, so no implementation stops early."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((components, d), dtype=np.float32) * np.float32(spread)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x += centres[rng.integers(components, size=n)]
+    return x
+
+
+def gemm_ceiling(n: int, d: int, ks: list[int], repeats: int) -> dict:
+    """fp32 torch.mm FLOP/s for (n x d) @ (d x k), and for a square 2048^3 product (the box's peak)."""
+    import torch
+
+    out = {"threads": torch.get_num_threads(), "shapes": {}}
+    g = torch.Generator().manual_seed(0)
+    shapes = [(f"{n}x{d}x{k}", n, d, k) for k in ks] + [("2048x2048x2048", 2048, 2048, 2048)]
+    for label, m, kk, nn in shapes:
+        a = torch.randn(m, kk, generator=g)
+        b = torch.randn(kk, nn, generator=g)
+        c = torch.empty(m, nn)
+        torch.mm(a, b, out=c)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            samples.append(time.perf_counter() - t0)
+        s = summarize(samples)
+        flops = 2.0 * m * kk * nn
+        out["shapes"][label] = {"m": m, "k": kk, "n": nn, "seconds": s, "gflops": flops / s["median"] / 1e9}
+    return out
+
+
+def _faiss_direct(x: np.ndarray, k: int, niter: int, init: np.ndarray, threads: int | None = None):
+    from raydc.core.faiss_backend import import_faiss
+
+    faiss = import_faiss()
+    prev = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    try:
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=1234, max_points_per_centroid=10**9,
+                          min_points_per_centroid=1, verbose=False)
+        km.train(x, init_centroids=init)
+        dist, _ = km.index.search(x, 1)
+    finally:
+        faiss.omp_set_num_threads(prev)
+    return {"iterations": int(len(km.obj)), "objective": float(dist.sum(dtype=np.float64))}
+
+
+def _sklearn(x: np.ndarray, k: int, niter: int, init: np.ndarray):
+    import warnings
+
+    from sklearn.cluster import KMeans
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Explicit initial center position passed: performing only one init"
+        m = KMeans(n_clusters=k, init=init, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd",
+                   random_state=0).fit(x)
+    return {"iterations": int(m.n_iter_), "objective": float(m.inertia_)}
+
+
+def _load_service(svc, x: np.ndarray, blocks: int = 8) -> float:
+    """Put x into the object store as dict blocks {"id", "feature"} and load them into the shard actors
+    (round robin, as the feature pool's output is), then `project(None, False)`; returns the seconds."""
+    import ray
+
+    bounds = np.linspace(0, len(x), blocks + 1).astype(int)
+    refs = [ray.put({"id": np.arange(a, b, dtype=np.int64), "feature": x[a:b]}) for a, b in zip(bounds, bounds[1:])]
+    t0 = time.perf_counter()
+    svc.load(refs)
+    svc.project(None, False)
+    return time.perf_counter() - t0
+
+
+def run(ctx: Context) -> dict:
+    from raydc.core import kmeans as km
+
+    cfg = CONFIGS[ctx.mode]
+    n, d, niter = cfg["n"], cfg["d"], cfg["niter"]
+    ctx.ensure_ray()
+    from raydc.engine.clustering import ClusteringService
+
+    # Shard actors are created once and reloaded for each k (a Ray actor is a process start).
+    svc1 = ClusteringService(1, log=lambda *_: None)
+    svc2 = ClusteringService(2, log=lambda *_: None)
+    results: dict = {}
+    gemm = gemm_ceiling(n, d, cfg["ks"], cfg["gemm_repeats"])
+    ctx.log(f"  GEMM ceiling: " + ", ".join(f"{k} {v['gflops']:.1f} GF/s" for k, v in gemm["shapes"].items()))
+    for k in cfg["ks"]:
+        components = max(4 * k, 64)
+        x = gaussian_mixture(n, d, components, seed=k)
+        init = km.sample_init_centroids(x, k, seed=0)
+        half = n // 2
+        shards = [x[:half], x[half:]]
+        load2_s = _load_service(svc2, x)
+        load1_s = _load_service(svc1, x)
+
+        def mk(nit: int) -> dict:
+            def raydc_faiss():
+                r = km.kmeans(x, k, niter=nit, init_centroids=init, use_gpu="never")
+                return {"iterations": len(r.objective), "objective": r.final_objective}
+
+            def raydc_actor():
+                o = svc1.kmeans(k, niter=nit, seed=0, mode="single", init_centroids=init)
+                return {"iterations": len(o.objective), "objective": float(o.distances.sum(dtype=np.float64))}
+
+            def raydc_distributed():
+                o = svc2.kmeans(k, niter=nit, seed=0, mode="distributed", init_centroids=init)
+                return {"iterations": len(o.objective), "objective": float(o.distances.sum(dtype=np.float64))}
+
+            def raydc_lloyd():
+                r = km.lloyd(shards, k, niter=nit, init_centroids=init)
+                return {"iterations": len(r.objective), "objective": r.final_objective}
+
+            return {
+                "raydc_faiss": raydc_faiss,
+                "raydc_actor": raydc_actor,
+                "raydc_distributed": raydc_distributed,
+                "raydc_lloyd": raydc_lloyd,
+                "faiss": lambda: _faiss_direct(x, k, nit, init),
+                "faiss_1thread": lambda: _faiss_direct(x, k, nit, init, threads=1),
+                "sklearn": lambda: _sklearn(x, k, nit, init),
+            }
+
+        ctx.log(f"  k={k}: N={n}, d={d}, {niter} iterations, {cfg['repeats']} repeats (interleaved)")
+        times, last = interleaved(mk(niter), repeats=cfg["repeats"], warmup=1, warmup_fns=mk(2))
+
+        # The assignment step alone (faiss flat search, as in every iteration of raydc's k-means).
+        assign_s = summarize([_timed_assign(km, x, init) for _ in range(cfg["gemm_repeats"])])
+        flops_iter = 2.0 * n * d * k
+        ceiling = gemm["shapes"][f"{n}x{d}x{k}"]["gflops"]
+        peak = gemm["shapes"]["2048x2048x2048"]["gflops"]
+        per = {}
+        ref_obj = last["faiss"]["objective"]
+        for name, t in times.items():
+            iters = max(1, last[name]["iterations"])
+            s_iter = t["median"] / iters
+            per[name] = {
+                "label": IMPLS[name],
+                "seconds": t,
+                "iterations": last[name]["iterations"],
+                "s_per_iter": s_iter,
+                "s_per_iter_iqr": t["iqr"] / iters,
+                "gflops_effective": flops_iter / s_iter / 1e9,
+                "objective": last[name]["objective"],
+                "objective_rel_diff_vs_faiss": (last[name]["objective"] - ref_obj) / ref_obj,
+            }
+        for name in per:
+            per[name]["speedup_vs_sklearn"] = ratio(per["sklearn"]["s_per_iter"], per[name]["s_per_iter"])
+            per[name]["speedup_vs_faiss"] = ratio(per["faiss"]["s_per_iter"], per[name]["s_per_iter"])
+            per[name]["fraction_of_gemm_ceiling"] = per[name]["gflops_effective"] / ceiling
+        assign_gflops = flops_iter / assign_s["median"] / 1e9
+        results[str(k)] = {
+            "k": k, "n": n, "d": d, "niter": niter, "mixture_components": components,
+            "impls": per,
+            "assignment": {"seconds": assign_s, "gflops": assign_gflops,
+                           "fraction_of_gemm_ceiling": assign_gflops / ceiling,
+                           "fraction_of_peak": assign_gflops / peak},
+            "gemm_ceiling_gflops": ceiling,
+            "ray_load_seconds": {"2_actors": load2_s, "1_actor": load1_s},
+        }
+        ctx.log("    " + ", ".join(f"{nm} {p['s_per_iter'] * 1e3:.1f} ms/it" for nm, p in per.items())
+                + f"; assign {assign_gflops:.1f} GF/s = {assign_gflops / ceiling:.0%} of GEMM")
+        svc1.release()
+        svc2.release()
+    svc1.shutdown()
+    svc2.shutdown()
+
+    return {"config": {**cfg, "init": "k distinct data rows (raydc.core.kmeans.sample_init_centroids, seed 0), "
+                                      "shared by every implementation",
+                       "data": "Gaussian mixture, max(4k, 64) components, centre spread 0.5/axis, unit noise",
+                       "s_per_iter": "median total seconds (niter iterations + final assignment) / iterations run",
+                       "speedup": "t_reference / t_impl (> 1: faster than the reference)"},
+            "implementations": IMPLS, "gemm": gemm, "results": results}
+
+
+def _timed_assign(km, x, c) -> float:
+    t0 = time.perf_counter()
+    km.assign(x, c, use_gpu="never")
+    return time.perf_counter() - t0

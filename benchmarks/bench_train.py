@@ -1,0 +1,220 @@
+"""Training throughput: DeepCluster's training epoch through Ray Train + Ray Data (1 and 2 workers) against a
+plain PyTorch loop with a `DataLoader` over the same decoded uint8 images.
+
+How the Ray side is run (a minimal TorchTrainer loop, not `run_training`): one `TorchTrainer.fit()` per worker
+count whose loop builds the model, optimizers and `WorkerContext` exactly as `raydc.engine.loop` does and then
+calls `DeepCluster.train_round` -- the production per-epoch training code: streaming split of the Parquet
+shards, decode, Poisson uniform-over-clusters resampling, bounded shuffle, `to_model_input` augmentation,
+a fresh top layer, SGD, DDP with `find_unused_parameters`, the per-step all-reduce that keeps workers in step.
+Pseudo-labels are fixed random labels over k=10 clusters (clustering is not what is measured here; see the
+`epoch` benchmark for a whole DeepCluster epoch). The first pass is a warm-up; the median over the next ones
+is reported. The fit's own start-up (workers, process group, dataset planning) is measured separately.
+
+Plain loop: `DataLoader(TensorDataset(ids, uint8 images), batch_size=256, shuffle=True, drop_last=True)`,
+the same `to_model_input` augmentation (same `Augment` settings), same model and optimizers (body SGD with
+momentum, head SGD), cross-entropy; torch's default threads (= what one Ray Train worker gets here).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import Context, decoded_images, summarize
+
+NAME = "train"
+NEEDS_RAY = True
+
+CONFIGS = {
+    # quick: a smoke test (1 warm-up + 1 timed pass; small batches so 2 workers both get steps).
+    "quick": {"split": "test", "limit": 512, "workers": [1, 2], "passes": 2, "batch_size": 64},
+    "full": {"split": "train", "limit": 2560, "workers": [1, 2], "passes": 4, "batch_size": 256},
+}
+K = 10
+
+
+def _config(shard_dir: Path, workers: int, batch_size: int):
+    from raydc.config import load_config
+
+    return load_config(None, [
+        f"data.shards={shard_dir}", "cluster.k=10", f"train.num_workers={workers}",
+        f"train.batch_size={batch_size}", "train.crop_scale_min=0.5", "train.hflip=false", "train.use_gpu=never",
+    ])
+
+
+def _labels(n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.random.default_rng(0).integers(K, size=n).astype(np.int64)
+    return labels, np.bincount(labels, minlength=K)
+
+
+def _train_loop(conf: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raydc.config import Config
+    from raydc.config_loader import from_dict
+    from raydc.data.manifest import load_manifest
+    from raydc.engine.loop import WorkerContext, _torch_threads
+    from raydc.methods import build_method
+    from raydc.methods.base import Targets
+
+    t_enter = time.time()
+    cfg = from_dict(Config, conf["config"])
+    manifest = load_manifest(cfg.data.shards)
+    method = build_method(cfg, manifest)
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    torch.set_num_threads(_torch_threads(cfg))
+    device = ray.train.torch.get_device()
+    model = method.build_model()
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizers = method.optimizers(WorkerContext.unwrap(model), {})
+    shard = ray.train.get_dataset_shard("train")
+    wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, lambda m: None)
+    labels, sizes = _labels(manifest.count)
+    targets = Targets(refs={"labels": ray.put(labels), "sizes": ray.put(sizes)}, values={"n": manifest.count})
+    passes = []
+    t_ready = time.time()
+    for r in range(conf["passes"]):
+        t0 = time.perf_counter()
+        row = method.train_round(wctx, model, targets, {}, r)
+        row["wall_s"] = time.perf_counter() - t0
+        passes.append(row)
+    if rank == 0:
+        out = {"t_enter": t_enter, "t_ready": t_ready, "t_done": time.time(), "world": world,
+               "torch_threads": torch.get_num_threads(), "passes": passes}
+        Path(conf["out"]).write_text(json.dumps(out))
+
+
+def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_size: int) -> dict:
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydc.config_loader import to_dict
+    from raydc.engine.datasets import read_shards
+
+    cfg = _config(shard_dir, workers, batch_size)
+    out = ctx.work / f"train-w{workers}.json"
+    out.unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": to_dict(cfg), "passes": passes, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        datasets={"train": read_shards(shard_dir)},
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(name=f"bench-train-w{workers}", storage_path=str(ctx.work / "ray_train")),
+    )
+    t_call = time.time()
+    trainer.fit()
+    t_ret = time.time()
+    res = json.loads(out.read_text())
+    timed = res["passes"][1:] or res["passes"]
+    ips = [p["images_per_s_train"] for p in timed]
+    return {
+        "workers": workers,
+        "torch_threads_per_worker": res["torch_threads"],
+        "images_per_s": summarize(ips),
+        "seconds_per_pass": summarize([p["time_train"] for p in timed]),
+        "images_per_pass": [p["train_images"] for p in res["passes"]],
+        "warmup_pass": res["passes"][0],
+        "fit_seconds": t_ret - t_call,
+        "fit_startup_s": res["t_enter"] - t_call,         # TorchTrainer.fit() until the loop runs
+        "loop_setup_s": res["t_ready"] - res["t_enter"],  # model, DDP, dataset shard
+        "fit_teardown_s": t_ret - res["t_done"],
+    }
+
+
+def plain_pass(method, model, images: np.ndarray, labels: np.ndarray, batch_size: int, epoch: int, seed: int,
+               body_opt) -> tuple[float, int]:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from raydc.engine.stream import Augment, to_model_input
+
+    t = method.cfg.train
+    aug = Augment(method.cfg.model.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min)
+    ds = TensorDataset(torch.arange(len(images)), torch.from_numpy(images))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed + epoch))
+    g = torch.Generator().manual_seed(seed + epoch)
+    with torch.no_grad():
+        model.top_layer.weight.copy_(torch.randn(model.top_layer.weight.shape, generator=g) * 0.01)
+        model.top_layer.bias.zero_()
+    head_opt = torch.optim.SGD(model.top_layer.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    model.train()
+    n = 0
+    t0 = time.perf_counter()
+    for ids, imgs in loader:
+        ids_np = ids.numpy()
+        x = to_model_input(ids_np, np.zeros(len(ids_np), np.int64), imgs.numpy(), seed=seed, epoch=epoch,
+                           augment=aug, size=method.cfg.model.input_size)
+        y = torch.from_numpy(labels[ids_np])
+        loss = F.cross_entropy(model(x), y)
+        body_opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        body_opt.step()
+        head_opt.step()
+        n += len(ids_np)
+    return time.perf_counter() - t0, n
+
+
+def run(ctx: Context) -> dict:
+    import torch
+
+    from raydc.methods import build_method
+
+    cfg_b = CONFIGS[ctx.mode]
+    ctx.ensure_ray()
+    shard_dir, manifest = ctx.mnist_shards(cfg_b["split"], cfg_b["limit"])
+    _, images = decoded_images(shard_dir, manifest)
+    labels, _ = _labels(manifest.count)
+    cfg = _config(shard_dir, 1, cfg_b["batch_size"])
+    method = build_method(cfg, manifest)
+    model = method.build_model()
+    body_opt = method.optimizers(model, {})["body"]
+    bs = cfg_b["batch_size"]
+
+    plain: list[tuple[float, int]] = []
+    epoch = 0
+
+    def plain_once():
+        nonlocal epoch
+        plain.append(plain_pass(method, model, images, labels, bs, epoch, cfg.train.seed, body_opt))
+        epoch += 1
+
+    ctx.log(f"  {manifest.count} MNIST images, batch {bs}/worker, {cfg_b['passes']} passes per fit (1 warm-up)")
+    plain_once()          # warm-up
+    plain.clear()
+    ray_rows = {}
+    # Plain passes are spread between the fits so that a change in the machine's load hits both sides.
+    n_plain = max(2, cfg_b["passes"] - 1)
+    plain_once()
+    for w in cfg_b["workers"]:
+        ray_rows[f"ray_train_w{w}"] = ray_train(ctx, shard_dir, w, cfg_b["passes"], bs)
+        ctx.log(f"  ray_train_w{w}: {ray_rows[f'ray_train_w{w}']['images_per_s']['median']:.0f} img/s "
+                f"(fit start-up {ray_rows[f'ray_train_w{w}']['fit_startup_s']:.1f}s)")
+        plain_once()
+    while len(plain) < n_plain:
+        plain_once()
+    plain_ips = summarize([n / s for s, n in plain])
+    ctx.log(f"  plain_loop: {plain_ips['median']:.0f} img/s")
+    for row in ray_rows.values():
+        row["ratio_vs_plain"] = row["images_per_s"]["median"] / plain_ips["median"]
+    return {
+        "config": {**cfg_b, "images": manifest.count, "k": K, "torch_threads_plain": torch.get_num_threads(),
+                   "ray_side": "minimal TorchTrainer loop calling raydc.methods.deepcluster.DeepCluster.train_round "
+                               "(the production per-epoch training code) with fixed random pseudo-labels",
+                   "plain_side": "DataLoader(TensorDataset) + raydc.engine.stream.to_model_input, same model and "
+                                 "optimizers"},
+        "results": {**ray_rows, "plain_loop": {"images_per_s": plain_ips, "seconds_per_pass": summarize(
+            [s for s, _ in plain]), "images_per_pass": plain[0][1], "ratio_vs_plain": 1.0}},
+    }

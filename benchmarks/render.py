@@ -1,0 +1,417 @@
+"""Turn `results/*.json` into `RESULTS.md` (headline ratios first, then one section per benchmark) and PNG plots
+(matplotlib, Agg backend) beside the JSON files.
+
+`python -m benchmarks.render [--out DIR]` redraws from the files alone. With the default results directory
+the Markdown goes to `benchmarks/RESULTS.md`; with any other `--out DIR`, to `DIR/RESULTS.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import BENCH_DIR, RESULTS_DIR
+
+NAMES = ["kmeans", "features", "train", "epoch", "pca", "quality"]
+
+
+def _load(out: Path) -> dict[str, dict]:
+    docs = {}
+    for name in NAMES + ["suite"]:
+        p = out / f"{name}.json"
+        if p.exists():
+            docs[name] = json.loads(p.read_text())
+    return docs
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return x
+    ax = abs(x)
+    if ax != 0 and (ax >= 1e5 or ax < 1e-3):
+        return f"{x:.{digits - 1}e}"
+    if ax >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _x(r) -> str:
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kmeans(doc: dict, path: Path) -> None:
+    import numpy as np
+
+    plt = _plt()
+    ks = list(doc["results"])
+    impls = list(doc["implementations"])
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    w = 0.8 / len(impls)
+    for i, name in enumerate(impls):
+        vals = [doc["results"][k]["impls"][name]["s_per_iter"] * 1e3 for k in ks]
+        ax.bar(np.arange(len(ks)) + i * w, vals, w, label=name)
+    ax.set_xticks(np.arange(len(ks)) + w * (len(impls) - 1) / 2, [f"k={k}" for k in ks])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per iteration (median, log)")
+    r0 = doc["results"][ks[0]]
+    ax.set_title(f"k-means, N={r0['n']:,}, d={r0['d']} (lower is better)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(rows: dict[str, float], title: str, path: Path, ylabel: str = "images/s (median)") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = list(rows)
+    bars = ax.bar(names, [rows[n] for n in names], color=["#4c72b0" if n != "plain_loop" else "#999999" for n in names])
+    for b, n in zip(bars, names):
+        ax.annotate(f"{rows[n]:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_epoch(doc: dict, path: Path) -> None:
+    plt = _plt()
+    epochs = doc["phases"]["epochs"]
+    parts = ["time_features", "time_pca", "time_kmeans", "time_train", "other"]
+    colors = ["#55a868", "#8172b2", "#c44e52", "#4c72b0", "#cccccc"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bottom = [0.0] * len(epochs)
+    labels = [f"epoch {e['epoch']}" for e in epochs]
+    for p, c in zip(parts, colors):
+        vals = [e["seconds"][p] for e in epochs]
+        ax.bar(labels, vals, bottom=bottom, color=c, label=p.replace("time_", ""))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("seconds")
+    cfg = doc["config"]
+    ax.set_title(f"DeepCluster epoch on {cfg['images']:,} MNIST images (k={cfg['k']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
+    plt = _plt()
+    series = {n: [r for r in c if r.get("nmi") is not None] for n, c in curves.items()}
+    series = {n: c for n, c in series.items() if c}
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for n, rows in series.items():
+        xs = [r.get("epoch") if r.get("epoch") is not None else i for i, r in enumerate(rows)]
+        axes[0].plot(xs, [r["nmi"] for r in rows], marker="o", ms=3, label=n)
+        axes[1].plot(xs, [r.get("acc") for r in rows], marker="o", ms=3, label=n)
+    axes[0].set_title("NMI vs labels (arithmetic)")
+    axes[1].set_title("ACC (Hungarian)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sections
+
+
+def _headlines(d: dict) -> list[str]:
+    out = []
+    if "kmeans" in d:
+        res = d["kmeans"]["results"]
+        kmax = max(res, key=int)
+        r = res[kmax]
+        p = r["impls"]
+        out.append(
+            f"**k-means** (N={r['n']:,}, d={r['d']}, k={kmax}, {r['niter']} it.): raydc single-process faiss "
+            f"{_f(p['raydc_faiss']['s_per_iter'] * 1e3)} ms/it = **{_x(p['raydc_faiss']['speedup_vs_sklearn'])} "
+            f"sklearn's speed**, {_x(p['raydc_faiss']['speedup_vs_faiss'])} direct faiss; distributed Lloyd over 2 "
+            f"Ray actors {_x(p['raydc_distributed']['speedup_vs_sklearn'])} sklearn, "
+            f"{_x(p['raydc_distributed']['speedup_vs_faiss'])} faiss. The assignment step reaches "
+            f"**{_pct(r['assignment']['fraction_of_gemm_ceiling'])} of the fp32 GEMM ceiling** measured in the same run "
+            f"({_f(r['assignment']['gflops'])} of {_f(r['gemm_ceiling_gflops'])} GFLOP/s); a whole raydc iteration "
+            f"reaches {_pct(p['raydc_faiss']['fraction_of_gemm_ceiling'])}.")
+        small = []
+        for k in sorted(res, key=int):
+            q = res[k]["impls"]
+            small.append(f"k={k}: {_x(q['raydc_faiss']['speedup_vs_sklearn'])} / "
+                         f"{_x(q['raydc_distributed']['speedup_vs_sklearn'])}")
+        out.append("k-means vs sklearn per k (raydc faiss / raydc distributed): " + "; ".join(small) + ".")
+    if "features" in d:
+        rr = d["features"]["results"]
+        cal = d["features"].get("calibration") or {}
+        s = (f"**Feature extraction** ({d['features']['config']['images']:,} MNIST images): actor pool "
+             f"concurrency 1 = **{_x(rr['ray_pool_c1']['ratio_vs_plain'])}** the plain `no_grad` loop, "
+             f"concurrency 2 = **{_x(rr['ray_pool_c2']['ratio_vs_plain'])}**")
+        if cal:
+            s += (f" (per call fixed cost {_f(cal['ray_pool_c1']['fixed_cost_s'])} s; steady state "
+                  f"{_x(cal['ray_pool_c1'].get('steady_ratio_vs_plain'))} / {_x(cal['ray_pool_c2'].get('steady_ratio_vs_plain'))})")
+        out.append(s + ".")
+    if "train" in d:
+        rr = d["train"]["results"]
+        out.append(f"**Training** (DeepCluster's `train_round`, {d['train']['config']['images']:,} images/pass): Ray Train + "
+                   f"Ray Data with 1 worker = **{_x(rr['ray_train_w1']['ratio_vs_plain'])}** a plain DataLoader loop, "
+                   f"2 workers = **{_x(rr['ray_train_w2']['ratio_vs_plain'])}** (fit start-up "
+                   f"{_f(rr['ray_train_w1']['fit_startup_s'])} s / {_f(rr['ray_train_w2']['fit_startup_s'])} s, "
+                   f"not included).")
+    if "epoch" in d:
+        ms = d["epoch"]["phases"]["median_share"]
+        out.append(f"**DeepCluster epoch** ({d['epoch']['config']['images']:,} MNIST images): k-means = "
+                   f"**{_pct(ms['time_kmeans'])}** of an epoch, PCA {_pct(ms['time_pca'])}, features "
+                   f"{_pct(ms['time_features'])}; the whole clustering step (features + PCA + k-means) = "
+                   f"**{_pct(ms['clustering_step'])}** (the paper: about one third), training {_pct(ms['time_train'])}.")
+    if "pca" in d:
+        p = d["pca"]
+        a = p["agreement_vs_raydc"]
+        out.append(f"**PCA** (N={p['config']['n']:,}, d={p['config']['d']} → {p['config']['out']}): raydc sharded fit "
+                   f"= {_x(p['fit_speedup_vs_sklearn']['raydc_sharded'])} sklearn's speed, "
+                   f"{_x(p['fit_speedup_vs_faiss']['raydc_sharded'])} faiss.PCAMatrix; subspace max angle vs faiss "
+                   f"{_f(a['faiss_PCAMatrix']['max_principal_angle_deg'])}°, vs sklearn "
+                   f"{_f(a['sklearn_PCA']['max_principal_angle_deg'])}°.")
+    if "quality" in d:
+        runs = d["quality"]["runs"]
+        have = [f"{n}: ACC {_f(r['last_row'].get('acc'))}, NMI {_f(r['last_row'].get('nmi'))} ({r['status']})"
+                for n, r in runs.items() if "last_row" in r]
+        out.append("**Quality**: " + ("; ".join(have) if have else "no run directories found under runs/") + ".")
+    return out
+
+
+def _machine(d: dict) -> str:
+    doc = next(iter(d.values()))
+    m = doc.get("machine", {})
+    v = m.get("versions", {})
+    loads = {n: doc_["load_average"] for n, doc_ in d.items() if "load_average" in doc_}
+    lo = [x["before"][0] for x in loads.values() if x.get("before")] + [x["after"][0] for x in loads.values()
+                                                                         if x.get("after")]
+    suite = d.get("suite", {})
+    s = (f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, {m.get('memory_gib')} GiB, "
+         f"GPU: {'yes' if m.get('gpu') else 'no'}; torch {v.get('torch')}, ray {v.get('ray')}, faiss {v.get('faiss')} "
+         f"({m.get('faiss_backend')}), numpy {v.get('numpy')}, scikit-learn {v.get('sklearn')}, "
+         f"OPENBLAS_CORETYPE={m.get('OPENBLAS_CORETYPE')}, torch threads {m.get('torch_threads')}.")
+    if lo:
+        s += (f" 1-minute load average during the runs: {min(lo):.1f}–{max(lo):.1f} on {m.get('cpus_usable')} cores "
+              f"(other developers' jobs share this machine).")
+    if suite.get("ray_startup_s") is not None:
+        s += f" Ray start-up (once per suite, excluded from every number below): {suite['ray_startup_s']:.1f} s."
+    return s
+
+
+def _sec_kmeans(doc: dict, img: str) -> str:
+    c = doc["config"]
+    parts = [f"## k-means\n\nN={c['n']:,}, d={c['d']}, {c['niter']} iterations, {c['repeats']} repeats after a warm-up, "
+             f"interleaved. Data: {c['data']}. Init: {c['init']}. s/it = {c['s_per_iter']}. Speed-up = "
+             f"{c['speedup']}.\n"]
+    g = doc["gemm"]
+    parts.append("fp32 GEMM ceiling (`torch.mm`, {} threads): ".format(g["threads"]) + ", ".join(
+        f"{k}: {_f(v['gflops'])} GFLOP/s" for k, v in g["shapes"].items()) + ".\n")
+    for k, r in doc["results"].items():
+        rows = []
+        for name, p in r["impls"].items():
+            rows.append([f"`{name}`", p["iterations"], _f(p["s_per_iter"] * 1e3), _f(p["s_per_iter_iqr"] * 1e3),
+                         _x(p["speedup_vs_sklearn"]), _x(p["speedup_vs_faiss"]), _f(p["gflops_effective"]),
+                         _pct(p["fraction_of_gemm_ceiling"]), f"{p['objective_rel_diff_vs_faiss']:+.1e}"])
+        a = r["assignment"]
+        parts.append(f"### k = {k}\n\n" + _table(
+            ["implementation", "iters", "ms/it", "IQR ms/it", "vs sklearn", "vs faiss", "GFLOP/s", "of GEMM ceiling",
+             "objective vs faiss"], rows)
+            + f"\n\nAssignment step alone (`raydc.core.kmeans.assign`, faiss flat search): {_f(a['seconds']['median'] * 1e3)} ms"
+              f" = {_f(a['gflops'])} GFLOP/s = **{_pct(a['fraction_of_gemm_ceiling'])}** of the GEMM ceiling for this shape "
+              f"({_f(r['gemm_ceiling_gflops'])} GFLOP/s), {_pct(a['fraction_of_peak'])} of the square-GEMM peak. "
+              f"Loading the points into the shard actors (not timed above): {_f(r['ray_load_seconds']['2_actors'])} s.\n")
+    parts.append("Implementations: " + "; ".join(f"`{k}` = {v}" for k, v in doc["implementations"].items()) + ".\n")
+    parts.append(f"![k-means]({img})\n")
+    return "\n".join(parts)
+
+
+def _sec_features(doc: dict, img: str) -> str:
+    c = doc["config"]
+    rows = [[f"`{n}`", _f(r["images_per_s"]), f"{_f(r['images_per_s_iqr'][0])}–{_f(r['images_per_s_iqr'][1])}",
+             _f(r["seconds"]["median"]), _x(r["ratio_vs_plain"])] for n, r in doc["results"].items()]
+    s = (f"## Feature extraction\n\n{c['images']:,} MNIST images in {c['shard_files']} shard file(s), batch {c['batch_size']}, "
+         f"{c['repeats']} repeats. Pool: {c['pool']}. Plain: {c['plain']}.\n\n"
+         + _table(["path", "images/s", "IQR images/s", "s per pass", "vs plain"], rows) + "\n")
+    cal = doc.get("calibration") or {}
+    if cal:
+        s += "\nFixed cost per `extract_features` call (a run over 64 images) and steady-state rate:\n\n" + _table(
+            ["pool", "fixed s", "steady images/s", "steady vs plain"],
+            [[f"`{n}`", _f(v["fixed_cost_s"]), _f(v["steady_images_per_s"]), _x(v.get("steady_ratio_vs_plain"))]
+             for n, v in cal.items()]) + "\n"
+    s += (f"\nOutput blocks per call: {doc.get('output_blocks')}. Max |feature difference| pool vs plain: "
+          f"{_f(doc.get('max_abs_feature_diff_pool_vs_plain'))}.\n\n![features]({img})\n")
+    return s
+
+
+def _sec_train(doc: dict, img: str) -> str:
+    c = doc["config"]
+    rows = []
+    for n, r in doc["results"].items():
+        ips = r["images_per_s"]
+        rows.append([f"`{n}`", _f(ips["median"]), f"{_f(ips['q1'])}–{_f(ips['q3'])}", _f(r["seconds_per_pass"]["median"]),
+                     _x(r["ratio_vs_plain"]), _f(r.get("fit_startup_s")), _f(r.get("loop_setup_s"))])
+    return (f"## Training\n\n{c['images']:,} MNIST images per pass, batch {c['batch_size']} per worker, "
+            f"{c['passes']} passes per fit (first = warm-up, not counted). Ray side: {c['ray_side']}. Plain side: "
+            f"{c['plain_side']}.\n\n"
+            + _table(["path", "images/s", "IQR", "s per pass", "vs plain", "fit start-up s", "loop setup s"], rows)
+            + f"\n\n![train]({img})\n")
+
+
+def _sec_epoch(doc: dict, img: str) -> str:
+    c = doc["config"]
+    rows = []
+    for e in doc["phases"]["epochs"]:
+        s, sh = e["seconds"], e["share"]
+        rows.append([e["epoch"], _f(e["time_round"])] + [f"{_f(s[p])} ({_pct(sh[p])})" for p in
+                                                          ("time_features", "time_pca", "time_kmeans", "time_train", "other")]
+                    + [_pct(sh["clustering_step"]), _f(e.get("images_per_s_train")), _f(e.get("images_per_s_features"))])
+    ms = doc["phases"]["median_share"]
+    fin = doc.get("final_clustering", {})
+    return (f"## DeepCluster epoch breakdown\n\n`{c['method']}` with {c['base_config']} on {c['images']:,} MNIST images, "
+            f"{c['epochs']} epochs, batch {c['batch_size']}, k={c['k']}; phases from the run's metrics.jsonl.\n\n"
+            + _table(["epoch", "s", "features", "PCA", "k-means", "train", "other", "clustering step", "train img/s",
+                      "features img/s"], rows)
+            + f"\n\nMedian shares: k-means {_pct(ms['time_kmeans'])}, PCA + k-means {_pct(ms['pca_plus_kmeans'])}, "
+              f"features + PCA + k-means {_pct(ms['clustering_step'])}, training {_pct(ms['time_train'])}. Whole run "
+              f"{_f(doc['run_wall_s'])} s, of which {_f(doc['fixed_s'])} s outside the epochs (Ray Train start-up, "
+              f"closing clustering {_f(fin.get('time_round'))} s, report). Final clustering: ACC {_f(fin.get('acc'))}, "
+              f"NMI {_f(fin.get('nmi'))}.\n\n![epoch]({img})\n")
+
+
+def _sec_pca(doc: dict) -> str:
+    c = doc["config"]
+    fit, app = doc["fit_seconds"], doc["apply_seconds"]
+    rows = [[f"`{n}`", _f(fit[n]["median"]), _f(fit[n]["iqr"]), _f(app[n]["median"]) if n in app else "—",
+             _x(doc["fit_speedup_vs_sklearn"][n]), _x(doc["fit_speedup_vs_faiss"][n]),
+             _f(doc["eigenvalue_max_rel_error_lead"].get(n))] for n in fit]
+    agr = [[f"`{n}`", _f(a["max_principal_angle_deg"]), _f(a["mean_cos_principal_angles"], 6),
+            _f(a["mean_abs_cos_matched_lead"], 6), _f(a["mean_abs_cos_matched_all"], 6), _f(a["whitened_scale"], 5),
+            _f(a["whitened_rel_residual_lead"]), _f(a["whitened_rel_residual_all"])]
+           for n, a in doc["agreement_vs_raydc"].items()]
+    return (f"## PCA (whitening)\n\nN={c['n']:,}, d={c['d']} → {c['out']}, {c['shards']} shards, {c['repeats']} repeats. "
+            f"Data: {c['data']}. sklearn solver: {c['sklearn_svd_solver']}; faiss trains on "
+            f"min(N, 1000·d) = {c['faiss_rows_used']:,} rows.\n\n"
+            + _table(["method", "fit s", "IQR", "project all rows s", "fit vs sklearn", "fit vs faiss",
+                      f"max rel. eigenvalue error (lead {c['lead_axes']})"], rows)
+            + "\n\nAgreement with raydc's sharded PCA (angles in degrees; whitened outputs compared after one global "
+              "scale and a sign per axis):\n\n"
+            + _table(["vs raydc", "max principal angle", "mean cos (principal angles)", f"mean abs cos matched (lead {c['lead_axes']})",
+                      "mean abs cos matched (all)", "scale", f"rel. residual (lead {c['lead_axes']})", "rel. residual (all)"], agr)
+            + "\n\nfaiss's whitened output is smaller by sqrt(N) (it whitens with the eigenvalues of the unnormalised "
+              "scatter matrix); sklearn's by sqrt(N/(N-1)) (sample covariance). Both vanish in the L2 normalisation "
+              "DeepCluster applies next.\n")
+
+
+def _sec_quality(doc: dict, img: str | None) -> str:
+    rows = []
+    for n, r in doc["runs"].items():
+        lr = r.get("last_row", {})
+        rc = r.get("recomputed") or {}
+        ae = r.get("ae_kmeans") or {}
+        rows.append([f"`runs/{n}`", r["method"], r["data"], r["status"], lr.get("epoch", "—"), _f(lr.get("acc")),
+                     _f(lr.get("nmi")), _f(rc.get("nmi_geometric")), _f(lr.get("ari")),
+                     ", ".join(f"{k[10:]} {_f(v)}" for k, v in ae.items() if isinstance(v, (int, float))) or "—"])
+    pub = [[p["method"], p["data"], _f(p.get("acc")), _f(p.get("nmi")) + (f" (untrained {p['nmi_init']})" if p.get("nmi_init") else ""),
+            p["nmi_norm"], p["source"], f"`runs/{p['compare_with']}`" if p.get("compare_with") else "—"]
+           for p in doc["published"]]
+    s = ("## Clustering quality\n\nraydc's NMI is " + doc["nmi_normalisation"]["raydc"] + "; the 2016-2018 papers used "
+         + doc["nmi_normalisation"]["papers_2016_2018"] + ". Where a run finished, NMI is recomputed from "
+         "assignments.parquet with both. Runs not found are listed as missing (launch them with "
+         "`python -m benchmarks.run --full --only quality --run-quality`).\n\n"
+         + _table(["run", "method", "data", "status", "epoch", "ACC", "NMI (arith.)", "NMI (geom.)", "ARI", "DEC: AE+k-means"], rows)
+         + "\n\nPublished numbers (DESIGN.md):\n\n"
+         + _table(["method", "data", "ACC", "NMI", "NMI norm.", "source", "compare with"], pub) + "\n")
+    if img:
+        s += f"\n![curves]({img})\n"
+    return s
+
+
+def render(out: Path | str = RESULTS_DIR) -> Path:
+    out = Path(out).resolve()
+    d = _load(out)
+    md_path = BENCH_DIR / "RESULTS.md" if out == RESULTS_DIR.resolve() else out / "RESULTS.md"
+    rel = (lambda name: f"results/{name}") if md_path.parent != out else (lambda name: name)
+    d_b = {k: v for k, v in d.items() if k != "suite"}
+    mode = {v.get("mode") for v in d_b.values()}
+    lines = ["# raydc benchmark results", ""]
+    if not d_b:
+        lines.append("No results yet: run `make bench-quick` or `make bench`.")
+        md_path.write_text("\n".join(lines) + "\n")
+        return md_path
+    created = max(v.get("created", "") for v in d_b.values())
+    lines += [f"Mode: {', '.join(sorted(m for m in mode if m))}; last result written {created}. "
+              "Generated by `python -m benchmarks.render` from `results/*.json` (raw timings, spreads and configs "
+              "are there). Numbers are medians; ratios compare implementations measured in the same run, "
+              "interleaved, which is what survives the noise of a shared 2-core machine.", "",
+              _machine({**d_b, **({"suite": d['suite']} if 'suite' in d else {})}), "", "## Headline ratios", ""]
+    lines += [f"- {h}" for h in _headlines(d_b)]
+    lines.append("")
+    if "kmeans" in d:
+        plot_kmeans(d["kmeans"], out / "kmeans.png")
+        lines.append(_sec_kmeans(d["kmeans"], rel("kmeans.png")))
+    if "features" in d:
+        plot_throughput({n: r["images_per_s"] for n, r in d["features"]["results"].items()},
+                        "Feature extraction (higher is better)", out / "features.png")
+        lines.append(_sec_features(d["features"], rel("features.png")))
+    if "train" in d:
+        plot_throughput({n: r["images_per_s"]["median"] for n, r in d["train"]["results"].items()},
+                        "Training throughput (higher is better)", out / "train.png")
+        lines.append(_sec_train(d["train"], rel("train.png")))
+    if "epoch" in d:
+        plot_epoch(d["epoch"], out / "epoch.png")
+        lines.append(_sec_epoch(d["epoch"], rel("epoch.png")))
+    if "pca" in d:
+        lines.append(_sec_pca(d["pca"]))
+    if "quality" in d:
+        curves = {f"runs/{n}": r["curve"] for n, r in d["quality"]["runs"].items() if r.get("curve")}
+        if "epoch" in d:
+            curves[f"epoch benchmark ({d['epoch']['config']['images']:,} images)"] = d["epoch"].get("curves", [])
+        img = rel("quality_curves.png") if plot_curves(curves, out / "quality_curves.png") else None
+        lines.append(_sec_quality(d["quality"], img))
+    lines.append("What these numbers mean, where raydc loses and what would fix it: see `benchmarks/README.md`.")
+    md_path.write_text("\n".join(lines).rstrip() + "\n")
+    return md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.render")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    print(render(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
