@@ -117,6 +117,15 @@ def read_run(run_dir: Path) -> dict:
         if first_ae:
             info["ae_kmeans"] = {k: v for k, v in first_ae.items() if k.startswith("ae_kmeans_")}
     info["rows"] = len(rows)
+    # Wall time: the rounds' own seconds (fit start-up and resumes excluded), and per phase across the run.
+    info["wall_s_rounds"] = sum(float(r.get("time_round") or 0.0) for r in rows)
+    phases: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("time_") and k != "time_round" and isinstance(v, (int, float)):
+                key = f"{r.get('phase', 'epoch')}:{k[5:]}" if r.get("phase") else k[5:]
+                phases[key] = phases.get(key, 0.0) + float(v)
+    info["phase_seconds"] = phases
     info["curve"] = [{k: r.get(k) for k in ("epoch", "round", "final", "acc", "nmi", "ari", "nmi_prev", "loss")}
                      for r in rows]
     try:

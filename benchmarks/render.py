@@ -342,15 +342,17 @@ def _sec_quality(doc: dict, img: str | None) -> str:
         ae = r.get("ae_kmeans") or {}
         rows.append([f"`runs/{n}`", r["method"], r["data"], r["status"], lr.get("epoch", "—"), _f(lr.get("acc")),
                      _f(lr.get("nmi")), _f(rc.get("nmi_geometric")), _f(lr.get("ari")),
+                     _f((r.get("wall_s_rounds") or 0) / 60.0) if r.get("wall_s_rounds") else "—",
                      ", ".join(f"{k[10:]} {_f(v)}" for k, v in ae.items() if isinstance(v, (int, float))) or "—"])
     pub = [[p["method"], p["data"], _f(p.get("acc")), _f(p.get("nmi")) + (f" (untrained {p['nmi_init']})" if p.get("nmi_init") else ""),
             p["nmi_norm"], p["source"], f"`runs/{p['compare_with']}`" if p.get("compare_with") else "—"]
            for p in doc["published"]]
     s = ("## Clustering quality\n\nraydc's NMI is " + doc["nmi_normalisation"]["raydc"] + "; the 2016-2018 papers used "
          + doc["nmi_normalisation"]["papers_2016_2018"] + ". Where a run finished, NMI is recomputed from "
-         "assignments.parquet with both. Runs not found are listed as missing (launch them with "
+         "assignments.parquet with both. Wall time is the sum of the rounds' own seconds (Ray start-up and the "
+         "gaps between a stop and a resume excluded). Runs not found are listed as missing (launch them with "
          "`python -m benchmarks.run --full --only quality --run-quality`).\n\n"
-         + _table(["run", "method", "data", "status", "epoch", "ACC", "NMI (arith.)", "NMI (geom.)", "ARI", "DEC: AE+k-means"], rows)
+         + _table(["run", "method", "data", "status", "epoch", "ACC", "NMI (arith.)", "NMI (geom.)", "ARI", "wall (min)", "DEC: AE+k-means"], rows)
          + "\n\nPublished numbers (DESIGN.md):\n\n"
          + _table(["method", "data", "ACC", "NMI", "NMI norm.", "source", "compare with"], pub) + "\n")
     if img:

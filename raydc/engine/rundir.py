@@ -50,10 +50,9 @@ class RunDir:
         if exists and overwrite and not resume:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        if resume and self.latest_checkpoint() is not None:
-            return True
+        # On resume too: the saved config is the resolved one, which may carry a changed budget.
         atomic_write_text(self.path / "config.yaml", config_yaml)
-        return False
+        return bool(resume and self.latest_checkpoint() is not None)
 
     # ---- metrics --------------------------------------------------------------------------------
     @property

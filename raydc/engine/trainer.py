@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from raydc.config import Config
-from raydc.config_loader import read_yaml, from_dict, apply_overrides
+from raydc.config_loader import apply_overrides, from_dict, read_yaml, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.engine.rundir import RunDir
 
@@ -51,14 +51,53 @@ def check_against_data(cfg: Config, manifest) -> None:
                                                  f"{cfg.model.ae_dims[-1]} (DEC clusters the embedding: use 0)")
 
 
-def resolve_config(cfg: Config, *, resume: bool) -> Config:
-    """On --resume the run's saved config wins (the same run must continue); a differing one is an error."""
+# Fields a resumed run may take from the new config: budgets (how long to go on) and where/how to run, none of
+# which changes what the finished rounds computed. Anything else would make the resumed run a different run.
+RESUMABLE_FIELDS = (
+    "train.epochs", "dec.max_iterations", "dec.tol",
+    "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
+    "run.progress", "run.keep_checkpoints", "run.montage_per_cluster", "train.max_failures",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _abs(p: str) -> str:
+    return str(Path(p).expanduser().resolve())
+
+
+def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
+    """On --resume the run's saved config wins: the same run must continue. The given config may change only
+    RESUMABLE_FIELDS (extend or shorten a budget, move to another cluster); any other difference is an error
+    naming the field, rather than a silently ignored --set."""
     if not resume:
         return cfg
-    saved = Path(cfg.run.dir) / "config.yaml"
-    if not saved.exists():
+    saved_path = Path(cfg.run.dir) / "config.yaml"
+    if not saved_path.exists():
         return cfg
-    return from_dict(Config, read_yaml(saved))
+    saved = from_dict(Config, read_yaml(saved_path))
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    for key in ("data.shards", "run.dir"):
+        a[key], b[key] = _abs(a[key]), _abs(b[key])
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        if key not in RESUMABLE_FIELDS:
+            raise ConfigError(key, f"is {b.get(key)!r} but the run being resumed has {a.get(key)!r} "
+                                   f"({saved_path}); only {', '.join(RESUMABLE_FIELDS)} may change on --resume")
+        log(f"resume: {key} {a.get(key)!r} -> {b.get(key)!r}")
+        section, field = key.split(".", 1)
+        setattr(getattr(saved, section), field, getattr(getattr(cfg, section), field))
+    return saved
 
 
 def gpus_available() -> int:
@@ -77,7 +116,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     from raydc.engine.runtime import init_ray
     from raydc.runreport import write_run_report
 
-    cfg = resolve_config(cfg, resume=resume)
+    cfg = resolve_config(cfg, resume=resume, log=log)
     # Workers run in their own directories: hand them absolute paths (on a cluster: shared storage).
     cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())

@@ -1,0 +1,53 @@
+"""--resume keeps the run's saved config; only budget/placement fields may change, anything else is named."""
+from __future__ import annotations
+
+import pytest
+
+from raydc.config import load_config
+from raydc.engine.rundir import RunDir
+from raydc.engine.trainer import resolve_config
+from raydc.errors import ConfigError
+
+
+def _cfg(run_dir, *extra):
+    return load_config(None, [f"run.dir={run_dir}", "data.shards=shards/x", "cluster.k=5", *extra])
+
+
+def _saved(tmp_path, *extra):
+    cfg = _cfg(tmp_path / "run", *extra)
+    RunDir(cfg.run.dir).create(cfg.to_yaml(), resume=False, overwrite=False)
+    return cfg
+
+
+def test_same_config_resumes_unchanged(tmp_path):
+    _saved(tmp_path)
+    out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=lambda *_: None)
+    assert out.cluster.k == 5
+
+
+def test_budget_may_change_and_is_logged(tmp_path):
+    _saved(tmp_path, "train.epochs=3")
+    said = []
+    out = resolve_config(_cfg(tmp_path / "run", "train.epochs=7", "dec.max_iterations=100"), resume=True,
+                         log=said.append)
+    assert out.train.epochs == 7 and out.dec.max_iterations == 100
+    assert any("train.epochs" in s and "3" in s and "7" in s for s in said), said
+
+
+def test_other_change_is_an_error_naming_the_field(tmp_path):
+    _saved(tmp_path)
+    with pytest.raises(ConfigError, match=r"cluster\.k.*7.*5"):
+        resolve_config(_cfg(tmp_path / "run", "cluster.k=7"), resume=True, log=lambda *_: None)
+
+
+def test_without_saved_config_the_given_one_is_used(tmp_path):
+    out = resolve_config(_cfg(tmp_path / "fresh", "cluster.k=9"), resume=True, log=lambda *_: None)
+    assert out.cluster.k == 9
+
+
+def test_resume_rewrites_the_saved_config(tmp_path):
+    cfg = _saved(tmp_path, "train.epochs=3")
+    new = resolve_config(_cfg(tmp_path / "run", "train.epochs=8"), resume=True, log=lambda *_: None)
+    RunDir(cfg.run.dir).create(new.to_yaml(), resume=True, overwrite=False)
+    again = resolve_config(_cfg(tmp_path / "run", "train.epochs=8"), resume=True, log=lambda *_: None)
+    assert again.train.epochs == 8
