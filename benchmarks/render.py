@@ -174,9 +174,12 @@ def _headlines(d: dict) -> list[str]:
     if "features" in d:
         rr = d["features"]["results"]
         cal = d["features"].get("calibration") or {}
-        s = (f"**Feature extraction** ({d['features']['config']['images']:,} MNIST images): actor pool "
-             f"concurrency 1 = **{_x(rr['ray_pool_c1']['ratio_vs_plain'])}** the plain `no_grad` loop, "
-             f"concurrency 2 = **{_x(rr['ray_pool_c2']['ratio_vs_plain'])}**")
+        s = f"**Feature extraction** ({d['features']['config']['images']:,} MNIST images, vs a plain `no_grad` loop): "
+        if "persistent_c1" in rr:
+            s += (f"persistent pool (default on CPU) concurrency 1 = **{_x(rr['persistent_c1']['ratio_vs_plain'])}**, "
+                  f"concurrency 2 = **{_x(rr['persistent_c2']['ratio_vs_plain'])}**; ")
+        s += (f"Ray Data pool (a new pool each pass) concurrency 1 = **{_x(rr['ray_pool_c1']['ratio_vs_plain'])}**, "
+              f"concurrency 2 = **{_x(rr['ray_pool_c2']['ratio_vs_plain'])}**")
         if cal:
             s += (f" (per call fixed cost {_f(cal['ray_pool_c1']['fixed_cost_s'])} s; steady state "
                   f"{_x(cal['ray_pool_c1'].get('steady_ratio_vs_plain'))} / {_x(cal['ray_pool_c2'].get('steady_ratio_vs_plain'))})")
@@ -270,8 +273,13 @@ def _sec_features(doc: dict, img: str) -> str:
             ["pool", "fixed s", "steady images/s", "steady vs plain"],
             [[f"`{n}`", _f(v["fixed_cost_s"]), _f(v["steady_images_per_s"]), _x(v.get("steady_ratio_vs_plain"))]
              for n, v in cal.items()]) + "\n"
-    s += (f"\nOutput blocks per call: {doc.get('output_blocks')}. Max |feature difference| pool vs plain: "
-          f"{_f(doc.get('max_abs_feature_diff_pool_vs_plain'))}.\n\n![features]({img})\n")
+    fp = doc.get("persistent_first_pass_s") or {}
+    if fp:
+        s += ("\nPersistent pool, first pass (actor start-up included, paid once per run): "
+              + ", ".join(f"`{k}` {_f(v)} s" for k, v in fp.items()) + ".\n")
+    s += (f"\nOutput blocks per call: {doc.get('output_blocks')}. Max |feature difference| vs plain: Ray Data pool "
+          f"{_f(doc.get('max_abs_feature_diff_pool_vs_plain'))}, persistent pool "
+          f"{_f(doc.get('max_abs_feature_diff_persistent_vs_plain'))}.\n\n![features]({img})\n")
     return s
 
 

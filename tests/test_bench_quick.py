@@ -101,7 +101,8 @@ def test_kmeans_result(quick_results):
 
 def test_features_train_epoch_results(quick_results):
     feats = _strict_load(quick_results / "features.json")
-    assert {"ray_pool_c1", "ray_pool_c2", "plain_loop"} <= set(feats["results"])
+    assert {"ray_pool_c1", "ray_pool_c2", "persistent_c1", "persistent_c2", "plain_loop"} <= set(feats["results"])
+    assert feats["max_abs_feature_diff_persistent_vs_plain"] < 1e-2
     for name, r in feats["results"].items():
         _positive(r["images_per_s"], f"features {name}")
         _positive(r["ratio_vs_plain"], f"features {name} ratio")

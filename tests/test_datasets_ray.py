@@ -152,3 +152,47 @@ def test_corrupt_or_missing_shard_is_named(tmp_path):
 def test_no_manifest_says_how_to_prepare(tmp_path):
     with pytest.raises(DataError, match="raydc prepare"):
         read_shards(tmp_path)
+
+
+def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local, small_shards):
+    """Both feature pools give every image's features once, equal to each other; the persistent one gives the
+    same block layout on every pass (what makes a resumed run cluster the same rows) and reuses its actors."""
+    import functools
+
+    import ray
+    import torch
+
+    from raydc.core.models import small_convnet
+    from raydc.data.manifest import load_manifest
+    from raydc.engine.feature_pool import PersistentFeaturePool, plan_pieces
+    from raydc.engine.features import ExtractorSpec, extract_features
+
+    shard_dir, images, _ = small_shards
+    manifest = load_manifest(shard_dir)
+    torch.manual_seed(0)
+    build = functools.partial(small_convnet, 1, sobel=True)
+    spec = ExtractorSpec(build=build, state=build().state_dict(), input_size=28)
+
+    def gather(refs):
+        blocks = ray.get(refs)
+        ids = np.concatenate([b["id"] for b in blocks])
+        return ids, np.concatenate([b["feature"] for b in blocks])
+
+    ids_rd, f_rd = gather(extract_features(str(shard_dir), manifest, spec, concurrency=1, num_cpus=0.5,
+                                           num_gpus=0.0, batch_size=128))
+    paths = manifest.shard_paths(shard_dir)
+    assert len(plan_pieces(paths, 8)) >= 8
+    pool = PersistentFeaturePool(manifest, concurrency=2)
+    try:
+        ids_p, f_p = gather(pool.extract(paths, spec, batch_size=128))
+        actors = [w._actor_id for w in pool.workers]
+        ids_p2, f_p2 = gather(pool.extract(paths, spec, batch_size=128))
+        assert [w._actor_id for w in pool.workers] == actors
+    finally:
+        pool.shutdown()
+    assert sorted(ids_p.tolist()) == list(range(len(images)))
+    np.testing.assert_array_equal(ids_p, ids_p2)
+    np.testing.assert_array_equal(f_p, f_p2)
+    o_rd, o_p = np.argsort(ids_rd), np.argsort(ids_p)
+    np.testing.assert_array_equal(ids_rd[o_rd], ids_p[o_p])
+    np.testing.assert_allclose(f_rd[o_rd], f_p[o_p], rtol=1e-4, atol=1e-5)

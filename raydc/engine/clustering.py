@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -137,6 +138,7 @@ class ClusteringService:
         self.dim = 0
         self.sizes: list[int] = []
         self.single = False
+        self.pool = None  # the persistent feature pool, started on the first extract
 
     def load(self, block_refs: list) -> dict:
         """Distribute feature blocks round-robin; fail early on NaN/Inf."""
@@ -244,14 +246,30 @@ class ClusteringService:
         from raydc.engine.features import extract_features
 
         f = features_cfg
-        refs = extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
-                                num_gpus=f.num_gpus, batch_size=f.batch_size)
+        pool = f.pool if f.pool != "auto" else ("ray_data" if f.num_gpus > 0 else "persistent")
+        if pool == "ray_data":
+            refs = extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
+                                    num_gpus=f.num_gpus, batch_size=f.batch_size)
+        else:
+            from raydc.engine.datasets import check_shard_footers
+            from raydc.engine.feature_pool import PersistentFeaturePool
+
+            if self.pool is None or self.pool.concurrency != f.concurrency:
+                if self.pool is not None:
+                    self.pool.shutdown()
+                self.pool = PersistentFeaturePool(manifest, f.concurrency)
+            check_shard_footers(manifest, shard_dir)
+            paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
+            refs = self.pool.extract(paths, spec, f.batch_size)
         return self.load(refs)
 
     def shutdown(self) -> None:
         for s in self.shards:
             ray.kill(s)
         self.shards = []
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
 
 @ray.remote(num_cpus=0)

@@ -46,22 +46,30 @@ class FeatureExtractor:
         self.manifest = manifest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        return features_of(self.fn, self.spec, self.manifest, batch, device=self.device)
 
-        from raydc.core.augment import resize_center, to_float
-        from raydc.data.decode import decode_batch
 
-        d = decode_batch(batch, self.manifest, size=None if self.manifest.image_shape else self.spec.input_size,
-                         channels=self.spec.channels)
-        x = resize_center(to_float(d["image"]), self.spec.input_size)
-        if self.spec.flatten:
-            x = torch.flatten(x, 1)
-        with torch.inference_mode():
-            feats = self.fn(x.to(self.device)).float().cpu().numpy()
-        out = {"id": d["id"].astype(np.int64), "feature": feats}
-        if "label" in d:
-            out["label"] = d["label"].astype(np.int64)
-        return out
+def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray], device=None) -> dict[str, np.ndarray]:
+    """Encoded images -> `(id, feature[, label])`: decode, the deterministic eval transform, the network.
+    `fn` is the model's feature method (or the model, whose `spec.call` is then used)."""
+    import torch
+
+    from raydc.core.augment import resize_center, to_float
+    from raydc.data.decode import decode_batch
+
+    if isinstance(fn, torch.nn.Module):
+        fn = getattr(fn, spec.call)
+    d = decode_batch(batch, manifest, size=None if manifest.image_shape else spec.input_size,
+                     channels=spec.channels)
+    x = resize_center(to_float(d["image"]), spec.input_size)
+    if spec.flatten:
+        x = torch.flatten(x, 1)
+    with torch.inference_mode():
+        feats = fn(x.to(device) if device is not None else x).float().cpu().numpy()
+    out = {"id": d["id"].astype(np.int64), "feature": feats}
+    if "label" in d:
+        out["label"] = d["label"].astype(np.int64)
+    return out
 
 
 def extract_features(shard_dir: str, manifest, spec: ExtractorSpec, *, concurrency: int, num_cpus: float,
