@@ -51,3 +51,12 @@ def test_resume_rewrites_the_saved_config(tmp_path):
     RunDir(cfg.run.dir).create(new.to_yaml(), resume=True, overwrite=False)
     again = resolve_config(_cfg(tmp_path / "run", "train.epochs=8"), resume=True, log=lambda *_: None)
     assert again.train.epochs == 8
+
+
+def test_a_moved_run_directory_resumes_where_it_is(tmp_path):
+    import shutil
+
+    _saved(tmp_path)
+    shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    out = resolve_config(_cfg(tmp_path / "moved"), resume=True, log=lambda *_: None)
+    assert out.run.dir == str(tmp_path / "moved")

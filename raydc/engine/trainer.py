@@ -86,8 +86,9 @@ def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
         return cfg
     saved = from_dict(Config, read_yaml(saved_path))
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
-    for key in ("data.shards", "run.dir"):
-        a[key], b[key] = _abs(a[key]), _abs(b[key])
+    a["data.shards"], b["data.shards"] = _abs(a["data.shards"]), _abs(b["data.shards"])
+    a["run.dir"] = b["run.dir"]  # a run directory may have been moved or copied: it is where it is now
+    saved.run.dir = cfg.run.dir
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
             continue
