@@ -22,8 +22,7 @@ EXPECTED = ["quality", "pca", "kmeans", "features", "train", "epoch"]
 
 # The suite takes under 3 minutes on an idle 2-core machine; other jobs on a shared one can stretch it many
 # times over, and this test checks the results' form, not the speed: hence the generous limits.
-# `slow` until the quick suite is verified under 3 minutes on a quiet machine (issue 5 is still open).
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]
 
 
 def _strict_load(path: Path) -> dict:
