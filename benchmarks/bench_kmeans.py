@@ -105,6 +105,9 @@ def _runner_cls():
 
         def __init__(self):
             import raydc  # noqa: F401  (OPENBLAS_CORETYPE before any BLAS loads)
+            from raydc.core.faiss_backend import use_all_cores
+
+            use_all_cores()  # Ray set OMP_NUM_THREADS=1 in this 0-CPU actor: give every library every core
 
         def run(self, name: str, x: np.ndarray, k: int, nit: int, init: np.ndarray) -> tuple[float, dict]:
             t0 = time.perf_counter()

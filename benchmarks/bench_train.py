@@ -30,7 +30,7 @@ NEEDS_RAY = True
 CONFIGS = {
     # quick: a smoke test (1 warm-up + 1 timed pass; small batches so 2 workers both get steps).
     "quick": {"split": "test", "limit": 512, "workers": [1, 2], "passes": 2, "batch_size": 64},
-    "full": {"split": "train", "limit": 2560, "workers": [1, 2], "passes": 4, "batch_size": 256},
+    "full": {"split": "train", "limit": 20_000, "workers": [1, 2], "passes": 4, "batch_size": 256},
 }
 K = 10
 

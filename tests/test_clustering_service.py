@@ -96,3 +96,28 @@ def test_nan_features_are_reported(service):
     x, y = blobs(n=100)
     x[3, 2] = np.nan
     assert load(service, x, y)["finite"] is False
+
+
+def test_shard_actors_use_every_core(ray_local):
+    """Ray gives a 0-CPU actor OMP_NUM_THREADS=1: a shard actor must not run faiss on one core. Alone (single-
+    actor k-means) it uses every core; in distributed steps the node's shards split the cores between them."""
+    import os
+
+    import ray
+
+    from raydc.engine.clustering import ClusteringService
+
+    s = ClusteringService(num_shards=2, log=lambda m: None)
+    try:
+        cores = os.cpu_count()
+        got = ray.get([a.threads.remote() for a in s.shards])
+        assert all(g == {"faiss": cores, "torch": cores, "cores": cores, "busy_peers": 2} for g in got), got
+        x, y = blobs(n=2000, d=8, k=4)
+        load(s, x, y)
+        s.project(None, False)
+        s.kmeans(4, niter=3, seed=0, mode="distributed")
+        assert ray.get(s.shards[0].threads.remote())["faiss"] == max(1, cores // 2)
+        s.kmeans(4, niter=3, seed=0, mode="single")
+        assert ray.get(s.shards[0].threads.remote())["faiss"] == cores
+    finally:
+        s.shutdown()

@@ -25,11 +25,32 @@ class FeatureShard:
     """Holds one slice of the features (and the ids and, when present, evaluation labels) between phases."""
 
     def __init__(self, threads: int = 0):
-        if threads > 0:
-            import torch
+        from raydc.core.faiss_backend import use_all_cores
 
-            torch.set_num_threads(threads)
+        self.cores = use_all_cores(threads or None)  # Ray gave this 0-CPU actor OMP_NUM_THREADS=1
+        self.busy_peers = 1  # shard actors of this node that work at the same time (distributed steps)
         self.clear()
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def set_peers(self, n: int) -> None:
+        self.busy_peers = max(1, int(n))
+
+    def _threads(self, alone: bool) -> None:
+        """All cores when this actor works alone (single-actor k-means), its share when every shard of the
+        node works at once (distributed Lloyd steps, projection), so they never oversubscribe the cores."""
+        from raydc.core.faiss_backend import use_all_cores
+
+        use_all_cores(self.cores if alone else max(1, self.cores // self.busy_peers))
+
+    def threads(self) -> dict:
+        from raydc.core.faiss_backend import import_faiss
+
+        import torch
+
+        return {"faiss": import_faiss().omp_get_max_threads(), "torch": torch.get_num_threads(),
+                "cores": self.cores, "busy_peers": self.busy_peers}
 
     def clear(self) -> None:
         self.blocks: list = []
@@ -82,6 +103,7 @@ class FeatureShard:
     def kmeans(self, k: int, niter: int, seed: int, n_init: int, use_gpu: str,
                init_centroids: np.ndarray | None = None) -> km.KMeansResult:
         # faiss prints one line per iteration (time, objective, splits): the k-means progress in the job log.
+        self._threads(alone=True)
         return km.kmeans(self.x, k, niter=niter, seed=seed, n_init=n_init, use_gpu=use_gpu,
                          init_centroids=init_centroids, verbose=True)
 
@@ -89,6 +111,7 @@ class FeatureShard:
         if not len(self.ids):  # more shards than feature blocks: an empty shard contributes nothing
             k, d = centroids.shape
             return np.zeros((k, d)), np.zeros(k, np.int64), 0.0
+        self._threads(alone=False)
         labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
         sums, counts = km.partial_sums(self.x, labels, len(centroids))
         return sums, counts, float(dist.sum(dtype=np.float64))
@@ -96,6 +119,7 @@ class FeatureShard:
     def assign(self, centroids: np.ndarray, use_gpu: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         if not len(self.ids):
             return self.ids, np.zeros(0, np.int64), np.zeros(0, np.float32), self.labels
+        self._threads(alone=False)
         labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
         return self.ids, labels, dist, self.labels
 
@@ -132,6 +156,8 @@ class ClusteringService:
 
     def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto", log=print):
         self.shards = [FeatureShard.options(num_gpus=num_gpus).remote() for _ in range(num_shards)]
+        nodes = ray.get([s.node.remote() for s in self.shards])
+        ray.get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
         self.use_gpu = use_gpu
         self.log = log
         self.n = 0
