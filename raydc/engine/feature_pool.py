@@ -79,6 +79,7 @@ class FeatureWorker:
             self.model = spec.build()
             self.model.load_state_dict(spec.state)
         self.model.eval()
+        self.fn = getattr(self.model, spec.call)
         self.spec = spec
         return True
 
@@ -97,7 +98,7 @@ class FeatureWorker:
         for off in range(0, table.num_rows, batch_size):
             part = table.slice(off, batch_size)
             batch = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
-            outs.append(features_of(self.model, self.spec, self.manifest, batch))
+            outs.append(features_of(self.fn, self.spec, self.manifest, batch))
         if not outs:
             return {"id": np.zeros(0, np.int64), "feature": np.zeros((0, 0), np.float32)}
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

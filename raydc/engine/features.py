@@ -50,15 +50,13 @@ class FeatureExtractor:
 
 
 def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray], device=None) -> dict[str, np.ndarray]:
-    """Encoded images -> `(id, feature[, label])`: decode, the deterministic eval transform, the network.
-    `fn` is the model's feature method (or the model, whose `spec.call` is then used)."""
+    """Encoded images -> `(id, feature[, label])`: decode, the deterministic eval transform, the network's
+    feature method `fn` (`getattr(model, spec.call)`). Shared by both pools, so they compute the same thing."""
     import torch
 
     from raydc.core.augment import resize_center, to_float
     from raydc.data.decode import decode_batch
 
-    if isinstance(fn, torch.nn.Module):
-        fn = getattr(fn, spec.call)
     d = decode_batch(batch, manifest, size=None if manifest.image_shape else spec.input_size,
                      channels=spec.channels)
     x = resize_center(to_float(d["image"]), spec.input_size)
