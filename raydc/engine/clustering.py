@@ -283,8 +283,8 @@ class ClusteringService:
             if self.pool is None or self.pool.concurrency != f.concurrency:
                 if self.pool is not None:
                     self.pool.shutdown()
+                check_shard_footers(manifest, shard_dir)  # a clear error before the pool plans its pieces
                 self.pool = PersistentFeaturePool(manifest, f.concurrency)
-            check_shard_footers(manifest, shard_dir)
             paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
             refs = self.pool.extract(paths, spec, f.batch_size)
         return self.load(refs)

@@ -113,12 +113,16 @@ class PersistentFeaturePool:
         threads = max(1, (os.cpu_count() or 1) // max(1, concurrency))
         self.workers = [FeatureWorker.options(scheduling_strategy="SPREAD").remote(manifest, threads)
                         for _ in range(concurrency)]
+        self._pieces: dict[tuple[str, ...], list[Piece]] = {}  # the shards do not change during a run
 
     def extract(self, paths: list[str], spec: ExtractorSpec, batch_size: int, in_flight: int = 2) -> list:
         """Every image's features, as object refs of numpy blocks in piece order (they stay in the store)."""
         spec_ref = ray.put(spec)
         ray.get([w.set_spec.remote([spec_ref]) for w in self.workers])
-        pieces = plan_pieces(paths, min_pieces=4 * len(self.workers))
+        key = tuple(paths)
+        if key not in self._pieces:  # every shard footer read once per run, not once per pass
+            self._pieces[key] = plan_pieces(paths, min_pieces=4 * len(self.workers))
+        pieces = self._pieces[key]
         out: list = [None] * len(pieces)
         busy: dict = {}  # ref -> worker index
         load = [0] * len(self.workers)
