@@ -28,6 +28,7 @@ class FeatureShard:
         from raydc.core.faiss_backend import use_all_cores
 
         self.cores = use_all_cores(threads or None)  # Ray gave this 0-CPU actor OMP_NUM_THREADS=1
+        self.threads_now = self.cores
         self.busy_peers = 1  # shard actors of this node that work at the same time (distributed steps)
         self.clear()
 
@@ -39,10 +40,13 @@ class FeatureShard:
 
     def _threads(self, alone: bool) -> None:
         """All cores when this actor works alone (single-actor k-means), its share when every shard of the
-        node works at once (distributed Lloyd steps, projection), so they never oversubscribe the cores."""
+        node works at once (distributed Lloyd steps, assignment), so they never oversubscribe the cores.
+        Called every Lloyd iteration: the thread pools are only touched when the count changes."""
         from raydc.core.faiss_backend import use_all_cores
 
-        use_all_cores(self.cores if alone else max(1, self.cores // self.busy_peers))
+        want = self.cores if alone else max(1, self.cores // self.busy_peers)
+        if want != self.threads_now:
+            self.threads_now = use_all_cores(want)
 
     def threads(self) -> dict:
         from raydc.core.faiss_backend import import_faiss
