@@ -344,6 +344,26 @@ class DEC(Method):
                 opt.state.clear()
         return wctx.optimizers[name]
 
+    def _sgd_pass(self, wctx, opt, batches, round_idx: int, loss_of, numerical_error) -> tuple[float, int, int]:
+        """One pass of SGD steps over `batches`, shared by the autoencoder and the DEC stage: `loss_of(x, ids)`
+        is the stage's loss, `numerical_error()` the error to raise on a non-finite one. Returns this worker's
+        (loss summed over images, images, steps)."""
+        loss_sum, n_seen, steps = 0.0, 0, 0
+        for ids, rep, imgs in batches:
+            x = to_model_input(ids, rep, imgs, seed=self.cfg.train.seed, epoch=round_idx, augment=None,
+                               size=self.cfg.model.input_size).to(wctx.device)
+            loss = loss_of(x, ids)
+            if not torch.isfinite(loss):
+                raise numerical_error()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(ids)
+            n_seen += len(ids)
+            steps += 1
+            wctx.progress(steps, n_seen, loss_sum / max(n_seen, 1))
+        return loss_sum, n_seen, steps
+
     def _train_autoencoder(self, wctx, model: nn.Module, chunk: dict, state: dict, round_idx: int) -> dict:
         d = self.cfg.dec
         pretrain = chunk["phase"] == PRETRAIN
@@ -357,20 +377,10 @@ class DEC(Method):
             lr = d.pretrain_lr * (0.1 ** (epoch_in_stage // d.lr_step_epochs) if d.lr_step_epochs else 1.0)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum, n_seen, steps = 0.0, 0, 0
-            for ids, rep, imgs in wctx.batches(_pass_id(round_idx, e), batch_size=d.pretrain_batch_size):
-                x = to_model_input(ids, rep, imgs, seed=self.cfg.train.seed, epoch=round_idx, augment=None,
-                                   size=self.cfg.model.input_size).to(wctx.device)
-                loss = model(x, task=task, layer=chunk["layer"])
-                if not torch.isfinite(loss):
-                    raise NumericalError(self.epoch_of(state, round_idx), chunk["phase"], "the reconstruction loss")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(ids)
-                n_seen += len(ids)
-                steps += 1
-                wctx.progress(steps, n_seen, loss_sum / max(n_seen, 1))
+            batches = wctx.batches(_pass_id(round_idx, e), batch_size=d.pretrain_batch_size)
+            loss_sum, n_seen, _ = self._sgd_pass(
+                wctx, opt, batches, round_idx, lambda x, ids: model(x, task=task, layer=chunk["layer"]),
+                lambda: NumericalError(self.epoch_of(state, round_idx), chunk["phase"], "the reconstruction loss"))
             totals = wctx.all_reduce_sum([loss_sum, n_seen])
             losses.append(totals[0] / max(totals[1], 1))
             n_images += int(totals[1])
@@ -394,22 +404,12 @@ class DEC(Method):
 
         opt = self._use_optimizer(wctx, "dec")
         model.train()
-        loss_sum, n_seen, steps = 0.0, 0, 0
         t0 = time.perf_counter()
-        for ids, rep, imgs in wctx.batches(_pass_id(round_idx, 0), repeats=repeats, batch_size=d.batch_size):
-            x = to_model_input(ids, rep, imgs, seed=self.cfg.train.seed, epoch=round_idx, augment=None,
-                               size=self.cfg.model.input_size).to(wctx.device)
-            p = torch.from_numpy(p_by_id[ids]).to(wctx.device)
-            loss = kl_loss(model(x), p)
-            if not torch.isfinite(loss):
-                raise NumericalError(self.epoch_of(state, round_idx), DEC_PHASE, "the KL loss")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(ids)
-            n_seen += len(ids)
-            steps += 1
-            wctx.progress(steps, n_seen, loss_sum / max(n_seen, 1))
+        batches = wctx.batches(_pass_id(round_idx, 0), repeats=repeats, batch_size=d.batch_size)
+        loss_sum, n_seen, steps = self._sgd_pass(
+            wctx, opt, batches, round_idx,
+            lambda x, ids: kl_loss(model(x), torch.from_numpy(p_by_id[ids]).to(wctx.device)),
+            lambda: NumericalError(self.epoch_of(state, round_idx), DEC_PHASE, "the KL loss"))
         seconds = time.perf_counter() - t0
         state["dec_iter"] += steps  # equal on every rank: all workers stop at the same step
         totals = wctx.all_reduce_sum([loss_sum, n_seen])
