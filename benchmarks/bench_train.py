@@ -52,25 +52,14 @@ def _labels(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _train_loop(conf: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray
-    import ray.train
     import ray.train.torch
     import torch
 
-    from raydc.config import Config
-    from raydc.config_loader import from_dict
-    from raydc.data.manifest import load_manifest
-    from raydc.engine.loop import WorkerContext, _torch_threads
-    from raydc.methods import build_method
+    from raydc.engine.loop import WorkerContext, worker_setup
     from raydc.methods.base import Targets
 
     t_enter = time.time()
-    cfg = from_dict(Config, conf["config"])
-    manifest = load_manifest(cfg.data.shards)
-    method = build_method(cfg, manifest)
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    torch.set_num_threads(_torch_threads(cfg))
-    device = ray.train.torch.get_device()
+    cfg, manifest, method, rank, world, device = worker_setup(conf["config"])
     model = method.build_model()
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizers = method.optimizers(WorkerContext.unwrap(model), {})

@@ -107,23 +107,33 @@ def _torch_threads(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.train.num_workers)
 
 
+def worker_setup(config: dict[str, Any]):
+    """What every training worker does first (the benchmarks' training loop too, so it measures the same):
+    the typed config, the shards' manifest, the method, this worker's rank and world size, its torch threads
+    and device. Returns (cfg, manifest, method, rank, world, device)."""
+    import ray.train
+    import ray.train.torch
+
+    from raydc.data.manifest import load_manifest
+
+    cfg: Config = from_dict(Config, config)
+    manifest = load_manifest(cfg.data.shards)
+    method = build_method(cfg, manifest)
+    tctx = ray.train.get_context()
+    torch.set_num_threads(_torch_threads(cfg))
+    return cfg, manifest, method, tctx.get_world_rank(), tctx.get_world_size(), ray.train.torch.get_device()
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
     from ray.train.collective import broadcast_from_rank_zero
 
-    from raydc.data.manifest import load_manifest
     from raydc.engine.clustering import CoordinatorProxy
 
-    cfg: Config = from_dict(Config, loop_cfg["config"])
+    cfg, manifest, method, rank, world, device = worker_setup(loop_cfg["config"])
     run = RunDir(loop_cfg["run_dir"])
-    manifest = load_manifest(cfg.data.shards)
-    method = build_method(cfg, manifest)
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    torch.set_num_threads(_torch_threads(cfg))
-    device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.train.seed)  # the initial weights: the same run seed gives the same network
     np.random.seed(cfg.train.seed % (1 << 32))
