@@ -1,11 +1,14 @@
 """The run configuration: one typed tree for every method.
 
-Field checks that need only the config live in `validate()` and run at load time; checks that need the data
-(k larger than the number of images, a batch larger than a worker's shard) run in `check_against_data`
+The engine's sections are defined here; each method defines its own section (`Method.section`/`options`, e.g.
+`dec:`) in its own file, and `Config` is assembled from both. Field checks that need only the config live in
+the sections' `validate()` and the method's `validate_config` and run at load time; checks that need the data
+(k larger than the number of images, a batch larger than a worker's shard) are the method's `check_data`, run
 before any work starts. Every error names its dotted field.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,12 +43,12 @@ class DataConfig:
             raise ConfigError("data.rows_per_shard", f"must be >= 1, got {self.rows_per_shard}")
 
     def resolved_root(self) -> str | None:
-        return self.root or os.environ.get("RAYDC_DATA_ROOT")
+        return self.root or os.environ.get("RAYDC_DATA_ROOT") or None  # an empty variable is no root
 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["smallconvnet", "alexnet", "vgg16", "autoencoder"] = "smallconvnet"
+    arch: str = "smallconvnet"             # which ones a method trains: its `archs` (checked by the method)
     sobel: bool = True
     input_size: int = 28                   # images are resized to this before the network
     width: int = 1                         # channel multiplier of smallconvnet
@@ -156,40 +159,6 @@ class TrainConfig:
 
 
 @dataclass
-class DECConfig:
-    """Deep Embedded Clustering (Xie et al. 2016); defaults follow the paper and its reference code."""
-
-    corruption: float = 0.2                # dropout on each layer's input during pretraining
-    pretrain_epochs: int = 50              # greedy layer-wise, per layer
-    finetune_epochs: int = 100             # end-to-end autoencoder
-    pretrain_lr: float = 0.1
-    pretrain_momentum: float = 0.9
-    pretrain_optimizer: Literal["sgd", "adam"] = "sgd"
-    pretrain_batch_size: int = 256
-    lr_step_epochs: int = 0                # divide the pretraining lr by 10 every this many epochs (0: never)
-    alpha: float = 1.0                     # Student-t degrees of freedom
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 256
-    update_interval: int = 160             # iterations between target recomputations
-    tol: float = 0.001                     # stop when fewer than this fraction of labels change
-    max_iterations: int = 20_000
-
-    def validate(self) -> None:
-        if not 0 <= self.corruption < 1:
-            raise ConfigError("dec.corruption", f"must be in [0, 1), got {self.corruption}")
-        if self.alpha <= 0:
-            raise ConfigError("dec.alpha", f"must be > 0, got {self.alpha}")
-        if self.update_interval < 1:
-            raise ConfigError("dec.update_interval", f"must be >= 1, got {self.update_interval}")
-        if not 0 <= self.tol < 1:
-            raise ConfigError("dec.tol", f"must be in [0, 1), got {self.tol}")
-        for name in ("pretrain_epochs", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"dec.{name}", f"must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
 class RayConfig:
     address: str | None = None             # None: connect to a running cluster if any, else start a local one
     num_cpus: int | None = None            # only for a local Ray started by raydc
@@ -203,28 +172,45 @@ class RunConfig:
     progress: bool = True
 
 
-@dataclass
-class Config:
-    method: Literal["deepcluster", "dec"] = "deepcluster"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    features: FeatureConfig = field(default_factory=FeatureConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dec: DECConfig = field(default_factory=DECConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
+class _ConfigBase:
     def validate(self) -> None:
-        for section in (self.data, self.model, self.cluster, self.features, self.train, self.dec):
-            section.validate()  # sections left at their defaults were not checked while loading
-        if self.cluster.pca_dim and self.cluster.pca_dim > self.model.feature_dim and self.method == "deepcluster" \
-                and self.model.arch == "smallconvnet":
-            raise ConfigError("cluster.pca_dim",
-                              f"{self.cluster.pca_dim} is larger than the feature dimension {self.model.feature_dim}")
+        from raydc.methods import method_class
+
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()  # sections left at their defaults were not checked while loading
+        method_class(self.method).validate_config(self)
 
     def to_yaml(self) -> str:
         return dump_yaml(self)
+
+
+def _make_config_class() -> type:
+    """The engine's sections, then one section per method that owns one (`Method.section`, in the order the
+    methods are found), then ray and run: adding a method adds its section here without editing this file."""
+    from raydc.methods import methods
+
+    found = methods()
+    fields = [
+        ("method", Literal[tuple(found)], field(default="deepcluster")),  # type: ignore[valid-type]
+        ("data", DataConfig, field(default_factory=DataConfig)),
+        ("model", ModelConfig, field(default_factory=ModelConfig)),
+        ("cluster", ClusterConfig, field(default_factory=ClusterConfig)),
+        ("features", FeatureConfig, field(default_factory=FeatureConfig)),
+        ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ]
+    for cls in found.values():
+        if cls.section:
+            fields.append((cls.section, cls.options, field(default_factory=cls.options)))
+    fields += [("ray", RayConfig, field(default_factory=RayConfig)),
+               ("run", RunConfig, field(default_factory=RunConfig))]
+    cls = dataclasses.make_dataclass("Config", fields, bases=(_ConfigBase,))
+    cls.__module__ = __name__  # so instances pickle by reference to raydc.config.Config
+    return cls
+
+
+Config = _make_config_class()
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

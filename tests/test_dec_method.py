@@ -13,13 +13,12 @@ import torch
 
 from raydc.config import Config
 from raydc.config_loader import from_dict
-from raydc.core import kmeans as km
 from raydc.core.augment import to_float
 from raydc.core.dec import soft_assignment, target_distribution
-from raydc.engine.clustering import ClusterOutcome
-from raydc.engine.stream import shuffled_batches
+from raydc.core.dec import shard_mass, shard_targets
 from raydc.errors import ConfigError
-from raydc.methods.dec import DEC, ROUND_EPOCHS, shard_mass, shard_targets
+from raydc.methods.dec import DEC, ROUND_EPOCHS, AutoencoderChunk
+from tests.inprocess import run_method_in_process
 
 K, SIDE, PER_CLUSTER = 4, 8, 100
 
@@ -60,97 +59,11 @@ def tiny_config(shards: str, run_dir: str, **dec) -> Config:
 
 
 def manifest_for(channels: int = 1):
-    return SimpleNamespace(image_shape=[SIDE, SIDE, channels], mode="L")
+    return SimpleNamespace(image_shape=[SIDE, SIDE, channels], mode="L", count=K * PER_CLUSTER)
 
 
-# ---- in-process stand-ins for the engine's contexts ----------------------------------------------------
-class FakeService:
-    """The clustering service's interface over in-memory arrays, in two shards (so the reduction is real)."""
-
-    def __init__(self, ids, images, labels):
-        self.ids, self.images, self.labels = ids, images, labels
-        self.shards: list = []
-
-    def extract(self, spec) -> dict:
-        model = spec.build()
-        model.load_state_dict(spec.state)
-        model.eval()
-        with torch.inference_mode():
-            feats = getattr(model, spec.call)(to_float(self.images)).numpy()
-        half = len(self.ids) // 2
-        self.shards = [(self.ids[s], feats[s], self.labels[s]) for s in (slice(0, half), slice(half, None))]
-        return {"n": len(self.ids), "dim": feats.shape[1], "finite": bool(np.isfinite(feats).all())}
-
-    def project(self, proj, l2) -> bool:
-        assert proj is None and not l2
-        return True
-
-    def kmeans(self, k, *, niter, seed, n_init, mode):
-        assert mode == "single"
-        x = np.concatenate([s[1] for s in self.shards])
-        res = km.kmeans(x, k, niter=niter, seed=seed, n_init=n_init, use_gpu="never")
-        ids = np.concatenate([s[0] for s in self.shards])
-        true = np.concatenate([s[2] for s in self.shards])
-        return ClusterOutcome(ids, res.labels, res.distances, res.centroids, list(res.objective), res.n_split,
-                              res.backend, "single", true)
-
-    def apply(self, fn, *args) -> list:
-        return [fn(i, x, lab, *args) for i, x, lab in self.shards]
-
-    def release(self) -> None:
-        pass
-
-
-class FakeWorker:
-    rank, world, device = 0, 1, torch.device("cpu")
-
-    def __init__(self, cfg, ids, images, optimizers):
-        self.cfg, self.ids, self.images, self.optimizers = cfg, ids, images, optimizers
-
-    unwrap = staticmethod(lambda m: m)
-
-    def batches(self, round_idx, *, repeats=None, batch_size=None, shuffle=True):
-        rows = iter([{"id": self.ids, "image": self.images}])
-        yield from shuffled_batches(rows, batch_size=batch_size, seed=self.cfg.train.seed, epoch=round_idx,
-                                    repeats=repeats, shuffle=shuffle)
-
-    def progress(self, *a, **kw):
-        pass
-
-    def all_reduce_sum(self, values):
-        return [float(v) for v in values]
-
-
-def run_in_process(cfg: Config, data, monkeypatch) -> tuple[DEC, dict, list[dict], ClusterOutcome]:
-    """The engine loop's control flow (loop.py) without Ray: rank 0 plans, the worker trains, then finalize.
-    The object store is a list (refs are indices)."""
-    import raydc.methods.dec as dec_module
-
-    store: list = []
-    monkeypatch.setattr(dec_module, "ray", SimpleNamespace(put=lambda v: store.append(v) or len(store) - 1,
-                                                           get=lambda ref: store[ref]))
-    images, labels = data
-    ids = np.arange(len(labels), dtype=np.int64)
-    images = images[..., None]
-    method = DEC(cfg, manifest_for())
-    model = method.build_model()
-    state = method.init_state()
-    wctx = FakeWorker(cfg, ids, images, method.optimizers(model, state))
-    service = FakeService(ids, images, labels)
-    ctx = SimpleNamespace(service=service, extract=service.extract)
-    rows, r = [], 0
-    while not method.is_done(state, r):
-        targets, row = method.make_targets(ctx, model, state, r)
-        if targets.stop:
-            break
-        state.update(targets.state)
-        row.update(method.train_round(wctx, model, targets, state, r))
-        row.update({"round": r, "epoch": method.epoch_of(state, r)})
-        rows.append(row)
-        r += 1
-    out, final = method.finalize(ctx, model, state, r)
-    final.update({"round": r, "epoch": method.epoch_of(state, r)})
-    return method, state, rows + [final], out
+def run_in_process(cfg: Config, data):
+    return run_method_in_process(DEC, cfg, data, manifest_for())
 
 
 # ---- unit tests -----------------------------------------------------------------------------------------
@@ -166,10 +79,20 @@ def test_model_undoes_the_engine_normalisation_once():
 
 
 def test_pca_must_be_off():
-    cfg = tiny_config("unused", "unused")
-    cfg.cluster.pca_dim = 2
     with pytest.raises(ConfigError, match="cluster.pca_dim"):
-        DEC(cfg, manifest_for())
+        from_dict(Config, {"method": "dec", "data": {"shards": "x"}, "cluster": {"pca_dim": 2}})
+
+
+def autoencoder_plan(method: DEC, state) -> list[tuple]:
+    """Plan rounds until the autoencoder stages are over: (phase, layer, start, epochs, epoch_of) each."""
+    out = []
+    while any(total > (state.stage_epoch if i == state.stage else 0)
+              for i, (_, _, total) in enumerate(method.stages()) if i >= state.stage):
+        plan, _ = method.plan(None, None, state, 0)  # the k-means round would need a service: stop before it
+        c = plan.targets
+        assert isinstance(c, AutoencoderChunk)
+        out.append((c.phase, c.layer, c.start, c.epochs, method.epoch_of(state, 0)))
+    return out
 
 
 def test_schedule_chunks_each_stage_and_counts_epochs():
@@ -177,16 +100,25 @@ def test_schedule_chunks_each_stage_and_counts_epochs():
     cfg.model.ae_dims = [16, 4]
     method = DEC(cfg, manifest_for())
     state = method.init_state()
-    plan, epochs = [], []
-    while state["stage"] < len(method.stages()):
-        targets, row = method.make_targets(None, None, state, 0)
-        c = targets.values["chunk"]
-        plan.append((c["phase"], c["layer"], c["start"], c["epochs"]))
-        epochs.append(method.epoch_of(state, 0))
-    assert plan == [("pretrain", 0, 0, ROUND_EPOCHS), ("pretrain", 0, 5, 2), ("pretrain", 1, 0, 5),
-                    ("pretrain", 1, 5, 2), ("finetune", -1, 0, 3)]
-    assert epochs == [5, 7, 12, 14, 17]
-    assert not state["initialised"]
+    assert autoencoder_plan(method, state) == [
+        ("pretrain", 0, 0, ROUND_EPOCHS, 5), ("pretrain", 0, 5, 2, 7), ("pretrain", 1, 0, 5, 12),
+        ("pretrain", 1, 5, 2, 14), ("finetune", -1, 0, 3, 17)]
+    assert not state.initialised
+
+
+def test_a_shortened_stage_ends_at_its_new_budget():
+    """`dec.finetune_epochs` may change on --resume: a stage already past its new budget is skipped, one short
+    of it gets only the epochs left, and empty stages never plan a round."""
+    cfg = tiny_config("unused", "unused", pretrain_epochs=0, finetune_epochs=12)
+    cfg.model.ae_dims = [16, 4]
+    method = DEC(cfg, manifest_for())
+    state = method.init_state()
+    first, _ = method.plan(None, None, state, 0)
+    assert (first.targets.phase, first.targets.start, first.targets.epochs) == ("finetune", 0, 5)
+    method.opts.finetune_epochs = 7  # as a resumed run with a shorter budget would see it
+    assert autoencoder_plan(method, state) == [("finetune", -1, 5, 2, 7)]
+    method.opts.finetune_epochs = 4  # already past it: nothing left to plan
+    assert autoencoder_plan(method, state) == []
 
 
 def test_sharded_target_equals_single_process():
@@ -202,12 +134,12 @@ def test_sharded_target_equals_single_process():
     assert shard_mass(ids[:0], None, None, centres, 1.0, K).shape == (K,)
 
 
-def test_huge_tol_stops_at_the_second_update(monkeypatch):
+def test_huge_tol_stops_at_the_second_update():
     cfg = tiny_config("unused", "unused", tol=0.99)
-    method, state, rows, out = run_in_process(cfg, blobs(), monkeypatch)
+    method, state, rows, out = run_in_process(cfg, blobs())
     dec_rows = [r for r in rows if r.get("phase") == "dec"]
     assert len(dec_rows) == 1 and dec_rows[0]["dec_update"] == 1  # k-means init + one interval of training
-    assert state["n_updates"] == 2 and state["stop_reason"].startswith("converged")
+    assert state.n_updates == 2 and state.stop_reason.startswith("converged")
     final = rows[-1]
     assert final["phase"] == "final" and final["dec_iterations"] == dec_rows[0]["dec_steps"] > 0
     assert {"ae_kmeans_acc", "ae_kmeans_nmi", "ae_kmeans_ari", "acc", "nmi", "ari"} <= set(final)
@@ -215,11 +147,14 @@ def test_huge_tol_stops_at_the_second_update(monkeypatch):
     assert sorted(out.ids.tolist()) == list(range(K * PER_CLUSTER))
 
 
-def test_zero_tol_runs_to_max_iterations(monkeypatch):
+def test_zero_tol_runs_to_exactly_max_iterations():
     cfg = tiny_config("unused", "unused", tol=0.0, max_iterations=10, pretrain_epochs=0, finetune_epochs=1)
-    method, state, rows, out = run_in_process(cfg, blobs(), monkeypatch)
-    assert state["stop_reason"].startswith("max_iterations")
-    assert state["dec_iter"] >= 10 and state["n_updates"] >= 3
+    method, state, rows, out = run_in_process(cfg, blobs())
+    assert state.stop_reason.startswith("max_iterations")
+    # rounds of update_interval (4) steps in expectation, the last one cut to what is left: exactly 10, not more
+    steps = [r["dec_steps"] for r in rows if "dec_steps" in r]
+    assert state.dec_iter == 10 and sum(steps) == 10 and len(steps) >= 2
+    assert state.n_updates >= 3
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert rows[-1]["acc"] > 0.9  # well-separated blobs
 

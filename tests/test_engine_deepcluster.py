@@ -86,15 +86,26 @@ def test_existing_run_dir_is_refused(ray_local, tiny_shards, tmp_path):
 
 @pytest.mark.parametrize("override,field", [("cluster.k=601", "cluster.k"),
                                             ("train.batch_size=700", "train.batch_size"),
-                                            ("model.feature_dim=8", "cluster.pca_dim")])
-def test_bad_fields_fail_before_any_work(tiny_shards, tmp_path, override, field):
+                                            ("method=dec", "dec.batch_size"),
+                                            ("method=dac", "dac.batch_size")])
+def test_fields_checked_against_the_data_fail_before_any_work(tiny_shards, tmp_path, override, field):
+    """These configs load (each field is valid on its own) and fail only against the 600 images, in the
+    method's `check_data`, before a run directory or Ray exists."""
     from raydc.engine.trainer import run_training
 
+    extra = {"method=dec": ["cluster.pca_dim=0", "dec.batch_size=601"],
+             "method=dac": ["model.arch=dac_mnist", "cluster.pca_dim=0", "dac.batch_size=601"]}.get(override, [])
+    cfg = tiny_config(tiny_shards, tmp_path / "run", override, *extra)
     t = time.perf_counter()
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        run_training(tiny_config(tiny_shards, tmp_path / "run", override))
+        run_training(cfg)
     assert not (tmp_path / "run").exists()
     assert time.perf_counter() - t < 30
+
+
+def test_pca_wider_than_the_features_fails_at_load(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster\.pca_dim.*feature dimension 8"):
+        tiny_config(tiny_shards, tmp_path / "run", "model.feature_dim=8")
 
 
 def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:

@@ -28,10 +28,24 @@ def test_same_config_resumes_unchanged(tmp_path):
 def test_budget_may_change_and_is_logged(tmp_path):
     _saved(tmp_path, "train.epochs=3")
     said = []
-    out = resolve_config(_cfg(tmp_path / "run", "train.epochs=7", "dec.max_iterations=100"), resume=True,
-                         log=said.append)
-    assert out.train.epochs == 7 and out.dec.max_iterations == 100
+    out = resolve_config(_cfg(tmp_path / "run", "train.epochs=7"), resume=True, log=said.append)
+    assert out.train.epochs == 7
     assert any("train.epochs" in s and "3" in s and "7" in s for s in said), said
+
+
+def test_a_method_adds_its_own_budgets(tmp_path):
+    """DEC's budgets (`DEC.resumable_fields`) may change on a DEC run, shortening the autoencoder stage too;
+    on a DeepCluster run they are not among the fields that may change."""
+    dec = ["method=dec", "cluster.pca_dim=0"]
+    _saved(tmp_path, *dec)
+    out = resolve_config(_cfg(tmp_path / "run", *dec, "dec.max_iterations=100", "dec.finetune_epochs=7"),
+                         resume=True, log=lambda *_: None)
+    assert out.dec.max_iterations == 100 and out.dec.finetune_epochs == 7
+    with pytest.raises(ConfigError, match=r"dec\.lr"):
+        resolve_config(_cfg(tmp_path / "run", *dec, "dec.lr=0.5"), resume=True, log=lambda *_: None)
+    _saved(tmp_path / "dc")
+    with pytest.raises(ConfigError, match=r"dec\.max_iterations"):
+        resolve_config(_cfg(tmp_path / "dc" / "run", "dec.max_iterations=100"), resume=True, log=lambda *_: None)
 
 
 def test_other_change_is_an_error_naming_the_field(tmp_path):

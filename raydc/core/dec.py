@@ -150,3 +150,78 @@ class ClusteringLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_clusters={self.centers.shape[0]}, embedding_dim={self.centers.shape[1]}, alpha={self.alpha}"
+
+
+class DECNet(nn.Module):
+    """The stacked autoencoder and the DEC centres in one module: one state_dict checkpoints both, and the
+    feature pool can call `embed` (z) or `soft_assign` (q) on it by name.
+
+    Inputs are the engine's normalised NCHW floats, (x/255 - MEAN)/STD; DEC's autoencoder works on pixels in
+    [0, 1], flattened. `pixels` undoes the normalisation, and every path into the autoencoder goes through it.
+    """
+
+    def __init__(self, input_dim: int, dims: list[int], corruption: float, k: int, alpha: float, seed: int):
+        from raydc.core.autoencoder import StackedAutoencoder
+
+        super().__init__()
+        self.ae = StackedAutoencoder(input_dim, dims, corruption, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the centres' placeholder init; k-means overwrites them anyway
+            self.cluster = ClusteringLayer(k, dims[-1], alpha)
+
+    @staticmethod
+    def pixels(x: Tensor) -> Tensor:
+        from raydc.core.augment import MEAN, STD
+
+        return (x * STD + MEAN).flatten(1)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.ae.encode(self.pixels(x))
+
+    def soft_assign(self, x: Tensor) -> Tensor:
+        return self.cluster(self.embed(x))
+
+    def forward(self, x: Tensor, task: str = "soft_assign", layer: int = 0) -> Tensor:
+        """One entry point for every phase: DDP synchronises gradients only through `forward`."""
+        if task == "soft_assign":
+            return self.soft_assign(x)
+        if task == "layerwise":
+            return self.ae.layerwise_loss(self.pixels(x), layer)
+        if task == "finetune":
+            return self.ae.finetune_loss(self.pixels(x))
+        raise ValueError(f"unknown task {task!r}")
+
+    def dec_parameters(self) -> list[nn.Parameter]:
+        """What DEC's KL stage trains: the encoder and the centres (the decoder is dropped, as in the paper)."""
+        return [*self.ae.encoder_layers.parameters(), *self.cluster.parameters()]
+
+
+def build_dec_net(spec: dict) -> DECNet:
+    """Module-level so a `functools.partial` of it pickles by reference into the feature pool's actors."""
+    return DECNet(**spec)
+
+
+# ---- per-shard functions, run where the shard's rows live (arrays in, small results out) ------------------
+def _shard_q(x: np.ndarray | None, centres: np.ndarray | None, alpha: float) -> np.ndarray | None:
+    """This shard's q: x already is q when `centres` is None, else x is z and q is computed here."""
+    if x is None or len(x) == 0:
+        return None
+    if centres is None:
+        return np.asarray(x, np.float32)
+    with torch.no_grad():
+        return soft_assignment(torch.tensor(x, dtype=torch.float32), torch.tensor(centres), alpha).numpy()
+
+
+def shard_mass(ids, x, labels, centres, alpha, k):
+    """The partial f_j = sum_i q_ij of this shard, in float64 so the sum over shards does not depend on order."""
+    q = _shard_q(x, centres, alpha)
+    return np.zeros(k, np.float64) if q is None else q.astype(np.float64).sum(axis=0)
+
+
+def shard_targets(ids, x, labels, centres, alpha, mass):
+    """This shard's rows of P (with the global mass), hard labels argmax q, and max q, by id."""
+    q = _shard_q(x, centres, alpha)
+    if q is None:
+        return None
+    p = target_distribution(q.astype(np.float64), cluster_mass=mass).astype(np.float32)
+    return ids, p, q.argmax(axis=1).astype(np.int64), q.max(axis=1).astype(np.float32), labels

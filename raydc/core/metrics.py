@@ -200,3 +200,10 @@ def size_histogram(labels: np.ndarray, k: int) -> np.ndarray:
     if labels.size and labels.max() >= k:
         raise ValueError(f"label {int(labels.max())} is out of range for k={k}")
     return np.bincount(labels[labels >= 0], minlength=k).astype(np.int64)
+
+
+def size_stats(labels: np.ndarray, k: int) -> dict:
+    """Cluster-size diagnostics for a metrics row: empty clusters, smallest and largest, the histogram."""
+    sizes = size_histogram(labels, k)
+    return {"n_empty": int((sizes == 0).sum()), "size_min": int(sizes.min()), "size_max": int(sizes.max()),
+            "size_histogram": sizes.tolist()}

@@ -9,8 +9,7 @@ clusters exactly as the in-process reference (`raydc.core.kmeans.lloyd`) does, s
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +103,18 @@ class FeatureShard:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         return self.x[positions]
 
+    def size(self) -> int:
+        """Rows held now: projected ones, or raw feature blocks not projected yet."""
+        if self.x is not None:
+            return int(len(self.ids))
+        return int(sum(len(b["id"]) for b in self.blocks))
+
+    def sample(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.x is not None:
+            return self.ids[positions], np.asarray(self.x[positions], np.float32)
+        feats = np.concatenate([np.asarray(b["feature"], np.float32) for b in self.blocks])
+        return self.ids[positions], feats[positions]
+
     def kmeans(self, k: int, niter: int, seed: int, n_init: int, use_gpu: str,
                init_centroids: np.ndarray | None = None) -> km.KMeansResult:
         # faiss prints one line per iteration (time, objective, splits): the k-means progress in the job log.
@@ -152,7 +163,6 @@ class ClusterOutcome:
     mode: str
     true_labels: np.ndarray | None = None
     projection: PCAProjection | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class ClusteringService:
@@ -201,7 +211,6 @@ class ClusteringService:
                init_centroids: np.ndarray | None = None) -> ClusterOutcome:
         if k > self.n:
             raise ValueError(f"cluster.k = {k} is larger than the number of images ({self.n})")
-        t0 = time.perf_counter()
         if mode == "single" or len(self.shards) == 1:
             if len(self.shards) > 1 and not self.single:
                 ray.get(self.shards[0].absorb.remote([s.take.remote() for s in self.shards[1:]]))
@@ -210,10 +219,10 @@ class ClusteringService:
                 k, niter, seed, n_init, self.use_gpu, init_centroids))
             ids, true = ray.get(self.shards[0].meta.remote())
             return ClusterOutcome(ids, res.labels, res.distances, res.centroids, list(res.objective), res.n_split,
-                                  res.backend, "single", true, timings={"kmeans": time.perf_counter() - t0})
-        return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids, t0=t0)
+                                  res.backend, "single", true)
+        return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids)
 
-    def _distributed(self, k: int, *, niter: int, seed: int, init_centroids, t0: float) -> ClusterOutcome:
+    def _distributed(self, k: int, *, niter: int, seed: int, init_centroids) -> ClusterOutcome:
         rng = np.random.default_rng(seed)
         if init_centroids is None:
             init_centroids = self.sample_rows(k, rng)
@@ -238,7 +247,7 @@ class ClusteringService:
         true = np.concatenate(labelled) if labelled and len(labelled) == sum(len(p[0]) > 0 for p in parts) else None
         return ClusterOutcome(ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
                               centroids, objective, n_split, f"distributed Lloyd over {len(self.shards)} actors",
-                              "distributed", true, timings={"kmeans": time.perf_counter() - t0})
+                              "distributed", true)
 
     def sample_rows(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """k distinct rows drawn uniformly over all shards (the same rule as faiss' random init)."""
@@ -258,6 +267,20 @@ class ClusteringService:
         parts = ray.get([s.assign.remote(c_ref, self.use_gpu) for s in self.shards])
         parts = [p for p in parts if len(p[0])]
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+    def sample_features(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, features) of at most n rows drawn uniformly, without replacement, from what the shards hold now
+        (after `load`, `project` or single-actor k-means alike): a bounded sample, whatever N is."""
+        sizes = ray.get([s.size.remote() for s in self.shards])
+        total = int(sum(sizes))
+        if total == 0:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+        bounds = np.cumsum([0] + sizes)
+        refs = [s.sample.remote(picks[(picks >= lo) & (picks < hi)] - lo)
+                for s, lo, hi in zip(self.shards, bounds[:-1], bounds[1:]) if ((picks >= lo) & (picks < hi)).any()]
+        parts = ray.get(refs)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def gather_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         parts = ray.get([s.features.remote() for s in self.shards])

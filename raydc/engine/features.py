@@ -17,14 +17,14 @@ import numpy as np
 @dataclass
 class ExtractorSpec:
     """What the pool runs: `build()` makes the module, `state` are its weights, `call` names the method
-    that maps a float NCHW batch to features (DeepCluster: `embed`; DEC: the encoder)."""
+    that maps a float NCHW batch to features (DeepCluster: `embed`; DEC: `embed` or `soft_assign`; DAC: its
+    label features, `forward`)."""
 
     build: Callable[[], Any]
     state: dict
     call: str = "embed"
     input_size: int = 28
     channels: int | None = None
-    flatten: bool = False
 
 
 class FeatureExtractor:
@@ -60,8 +60,6 @@ def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray],
     d = decode_batch(batch, manifest, size=None if manifest.image_shape else spec.input_size,
                      channels=spec.channels)
     x = resize_center(to_float(d["image"]), spec.input_size)
-    if spec.flatten:
-        x = torch.flatten(x, 1)
     with torch.inference_mode():
         feats = fn(x.to(device) if device is not None else x).float().cpu().numpy()
     out = {"id": d["id"].astype(np.int64), "feature": feats}

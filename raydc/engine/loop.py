@@ -5,11 +5,15 @@ rounds rank 0 drives the feature pool and the shard actors, and hands the result
 (`broadcast_from_rank_zero` carries only the ref). Checkpoints are written by rank 0 into the run directory
 after the round's metrics row, so the checkpoint is the commit point: whatever is past it is redone on resume,
 whether the resume comes from `--resume` or from Ray Train restarting workers after a failure.
+
+The control flow itself (`run_rounds`, `finish`) takes the broadcast and the end-of-round action as arguments,
+so the same code runs under Ray Train here and in-process in the method tests.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -18,9 +22,24 @@ import torch.nn as nn
 
 from raydc.config import Config
 from raydc.config_loader import from_dict
-from raydc.engine.rundir import RunDir
+from raydc.core.seeding import derive_seed
+from raydc.engine.rundir import RunDir, from_plain, to_plain
 from raydc.engine.stream import decoded_rows, shuffled_batches
+from raydc.errors import NumericalError
 from raydc.methods import build_method
+from raydc.methods.base import FinalClustering, Method, RoundPlan, shared_view
+
+LABEL_FREE_SAMPLE = 5000  # rows of the final features scored without labels (silhouette is O(n^2))
+
+
+@dataclass
+class PassStats:
+    """One SGD pass, summed over every worker."""
+
+    loss: float      # mean loss per image
+    images: int
+    steps: int       # this worker's steps: the same on every worker
+    seconds: float   # this worker's wall time
 
 
 class WorkerContext:
@@ -33,16 +52,19 @@ class WorkerContext:
         self.optimizers = optimizers
         self.in_channels = in_channels
         self.log = log
-        self._last_progress = 0.0
+        self._last_progress = time.perf_counter()
         self._round = 0
+        self._t0 = time.perf_counter()
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-    def batches(self, round_idx: int, *, repeats=None, batch_size: int | None = None, shuffle: bool = True):
+    def batches(self, round_idx: int, *, repeats=None, batch_size: int | None = None, shuffle: bool = True,
+                max_steps: int | None = None):
         """Fixed-size batches of (ids, copy index, uint8 images); all workers stop at the same step (DDP
-        needs equal step counts; streaming splits give equal rows but resampling does not)."""
+        needs equal step counts; streaming splits give equal rows but resampling does not), at the latest
+        after `max_steps`."""
         self._round = round_idx
         self._t0 = time.perf_counter()
         fixed = self.manifest.image_shape is not None
@@ -50,15 +72,43 @@ class WorkerContext:
                             size=None if fixed else self.cfg.model.input_size, channels=self.in_channels)
         gen = shuffled_batches(rows, batch_size=batch_size or self.cfg.train.batch_size, seed=self.cfg.train.seed,
                                epoch=round_idx, repeats=repeats, shuffle=shuffle)
+        steps = 0
         for item in gen:
-            if not self._all_have(True):
+            if (max_steps is not None and steps >= max_steps) or not self._all_have(True):
                 break
+            steps += 1
             yield item
         else:
             self._all_have(False)
             return
+        if max_steps is not None and steps >= max_steps:
+            self._all_have(False)  # the others are waiting in theirs: every rank stops at this same step
         for _ in gen:  # drain: the streaming split expects every split to finish its pass
             pass
+
+    def sgd_pass(self, batches, optimizers: list, loss_of: Callable[..., torch.Tensor], *, epoch: int,
+                 phase: str, what: str) -> PassStats:
+        """The engine's one SGD loop: for each batch, `loss_of(ids, copy_index, uint8_images)` (the method's
+        loss, on its own inputs), then zero_grad, backward and step over `optimizers`. A non-finite loss stops
+        the run with a NumericalError naming `what` at (epoch, phase), keeping the last good checkpoint."""
+        loss_sum, n_seen, steps = 0.0, 0, 0
+        t0 = time.perf_counter()
+        for ids, rep, imgs in batches:
+            loss = loss_of(ids, rep, imgs)
+            if not torch.isfinite(loss):
+                raise NumericalError(epoch, phase, what)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            loss_sum += loss.detach().item() * len(ids)
+            n_seen += len(ids)
+            steps += 1
+            self.progress(steps, n_seen, loss_sum / max(n_seen, 1))
+        seconds = time.perf_counter() - t0
+        total_loss, total_images = self.all_reduce_sum([loss_sum, n_seen])
+        return PassStats(total_loss / max(total_images, 1), int(total_images), steps, seconds)
 
     def _all_have(self, have: bool) -> bool:
         if self.world == 1:
@@ -78,9 +128,23 @@ class WorkerContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every worker's `t` concatenated along dim 0 in rank order, with gradients flowing back to each
+        worker's own part (the backward sums every worker's gradient for it), for losses over the global
+        batch. Every worker must pass the same shape."""
+        if self.world == 1:
+            return t
+        import warnings
+
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():  # its replacement in _functional_collectives has no autograd on gloo
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(t), dim=0)
+
     def progress(self, steps: int, images: int, loss: float, every_s: float = 15.0) -> None:
         now = time.perf_counter()
-        if self.rank == 0 and now - self._last_progress >= every_s:
+        if self.rank == 0 and self.cfg.run.progress and now - self._last_progress >= every_s:
             self._last_progress = now
             rate = images / max(now - self._t0, 1e-9)
             self.log(f"  round {self._round} step {steps}: {images} images, {rate:.0f} img/s/worker, "
@@ -88,13 +152,91 @@ class WorkerContext:
 
 
 class RankZeroContext:
-    """What a method's `make_targets`/`finalize` may use on rank 0: the feature pool and the shard actors."""
+    """What a method's `plan`/`finalize`/`assign` may use on rank 0: the feature pool over `shard_dir` and the
+    shard actors (`service`), started on first use: a method that never asks pays nothing for them."""
 
-    def __init__(self, cfg: Config, manifest, service, log):
-        self.cfg, self.manifest, self.service, self.log = cfg, manifest, service, log
+    def __init__(self, cfg: Config, manifest, shard_dir: str, make_service: Callable[[], Any], log):
+        self.cfg, self.manifest, self.shard_dir, self.log = cfg, manifest, shard_dir, log
+        self._make_service = make_service
+        self._service = None
+
+    @property
+    def service(self):
+        if self._service is None:
+            self._service = self._make_service()
+        return self._service
 
     def extract(self, spec) -> dict:
-        return self.service.extract(spec, self.cfg.data.shards, self.manifest, self.cfg.features)
+        return self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features)
+
+    def release(self) -> None:
+        if self._service is not None:
+            self._service.release()
+
+    def label_free_scores(self, final: FinalClustering) -> dict:
+        """Silhouette and Calinski-Harabasz of the final clustering on a fixed sample (drawn from the run seed)
+        of the features the shards still hold; {} when they hold none."""
+        from raydc.core.selection import label_free_scores
+
+        if self._service is None:
+            return {}
+        ids, x = self.service.sample_features(LABEL_FREE_SAMPLE, derive_seed(self.cfg.train.seed, 23))
+        if len(ids) == 0:
+            return {}
+        order = np.argsort(final.ids)
+        labels = final.labels[order[np.searchsorted(final.ids, ids, sorter=order)]]
+        return {**label_free_scores(x, labels), "label_free_sample": int(len(ids))}
+
+    def shutdown(self) -> None:
+        if self._service is not None:
+            self._service.shutdown()
+            self._service = None
+
+
+def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx: WorkerContext,
+               rctx: RankZeroContext | None, broadcast: Callable[[Any], Any],
+               end_round: Callable[[int, dict, Any], None], log: Callable[[str], None] = print) -> tuple[int, Any]:
+    """Rounds from `start` until the method is done. Returns (the round after the last, the state).
+
+    `broadcast` takes rank 0's plan (None elsewhere) and returns it on every rank; `end_round(r, row, state)`
+    runs on every rank after training (rank 0 writes the metrics row and the checkpoint; the row is empty on
+    the other ranks)."""
+    seed, rank = method.cfg.train.seed, wctx.rank
+    r = start
+    while not method.is_done(state, r):
+        t_round = time.perf_counter()
+        # Dropout and any other torch randomness: a function of (seed, round, rank), so a resumed run replays it.
+        torch.manual_seed(derive_seed(seed, r, rank, 17, bits=62))
+        if rank == 0:
+            plan, row = method.plan(rctx, wctx.unwrap(model), state, r)
+            plan.state = shared_view(state)
+        else:
+            plan, row = None, {}
+        plan: RoundPlan = broadcast(plan)
+        if rank != 0:
+            state = plan.state
+        if plan.stop is not None:
+            if rank == 0:
+                log(f"round {r}: {plan.stop}")
+            break
+        row.update(method.train_round(wctx, model, plan, state, r))
+        if rank == 0:
+            row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round})
+        end_round(r, row, state)
+        r += 1
+    return r, state
+
+
+def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int
+           ) -> tuple[FinalClustering, dict]:
+    """Rank 0, after the last round: the method's final clustering, scored without labels, and its row."""
+    t_final = time.perf_counter()
+    final, row = method.finalize(rctx, model, state, r)
+    row.update(rctx.label_free_scores(final))
+    rctx.release()
+    row.update({"round": r, "epoch": method.epoch_of(state, r), "final": True,
+                "time_round": time.perf_counter() - t_final})
+    return final, row
 
 
 def _log(msg: str) -> None:
@@ -124,13 +266,17 @@ def worker_setup(config: dict[str, Any]):
     return cfg, manifest, method, tctx.get_world_rank(), tctx.get_world_size(), ray.train.torch.get_device()
 
 
+def make_coordinator(cfg: Config):
+    from raydc.engine.clustering import CoordinatorProxy
+
+    return CoordinatorProxy(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu)
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
     from ray.train.collective import broadcast_from_rank_zero
-
-    from raydc.engine.clustering import CoordinatorProxy
 
     cfg, manifest, method, rank, world, device = worker_setup(loop_cfg["config"])
     run = RunDir(loop_cfg["run_dir"])
@@ -141,9 +287,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     ckpt = run.load_checkpoint()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        state, start = ckpt["state"], ckpt["round"] + 1
+        state, start = from_plain(type(method.init_state()), ckpt["state"]), ckpt["round"] + 1
     else:
         state, start = method.init_state(), 0
+    if rank != 0:
+        state = shared_view(state)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizers = method.optimizers(WorkerContext.unwrap(model), state)
     if ckpt is not None:
@@ -153,68 +301,55 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, _log)
-    service = rctx = None
+    rctx = None
     if rank == 0:
-        service = CoordinatorProxy(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu)
-        rctx = RankZeroContext(cfg, manifest, service, _log)
+        rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log)
         if start:
             run.truncate_metrics(upto_round=start)
             _log(f"resuming from {run.latest_checkpoint().name}: round {start}")
 
-    r = start
-    while not method.is_done(state, r):
-        t_round = time.perf_counter()
-        # Dropout and any other torch randomness: a function of (seed, round, rank), so a resumed run replays it.
-        torch.manual_seed(int(np.random.default_rng([cfg.train.seed, r, rank, 17]).integers(1 << 62)))
+    def broadcast(plan):
+        ref = broadcast_from_rank_zero([ray.put(plan) if rank == 0 else None])[0]
+        return ray.get(ref)
+
+    def end_round(r: int, row: dict, state) -> None:
         if rank == 0:
-            targets, row = method.make_targets(rctx, WorkerContext.unwrap(model), state, r)
-            ref = ray.put(targets)
-        else:
-            row, ref = {}, None
-        ref = broadcast_from_rank_zero([ref])[0]
-        targets = ray.get(ref)
-        if targets.stop:
-            if rank == 0:
-                _log(f"round {r}: {targets.values.get('stop_reason', 'converged')}")
-                state.update(targets.state)
-            break
-        state.update(targets.state)
-        row.update(method.train_round(wctx, model, targets, state, r))
-        if rank == 0:
-            row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round})
             run.append_metrics(row)
             run.save_checkpoint(r, {
-                "round": r, "model": WorkerContext.unwrap(model).state_dict(), "state": state,
+                "round": r, "model": WorkerContext.unwrap(model).state_dict(), "state": to_plain(state),
                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()}, "config": loop_cfg["config"],
             }, keep=cfg.run.keep_checkpoints)
-            _log(_summary_line(row))
+            _log(summary_line(row))
         ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))} if rank == 0 else {})
-        r += 1
 
+    r, state = run_rounds(method, model, state, start, wctx=wctx, rctx=rctx, broadcast=broadcast,
+                          end_round=end_round, log=_log)
     if rank == 0:
-        t_final = time.perf_counter()
-        out, row = method.finalize(rctx, WorkerContext.unwrap(model), state, r)
-        run.write_assignments(out.ids, out.labels, out.distances)
-        torch.save({"projection": out.projection, "centroids": out.centroids, "round": r,
-                    "model": WorkerContext.unwrap(model).state_dict(), "config": loop_cfg["config"]},
-                   run.path / ".clustering.pt.tmp")
-        os.replace(run.path / ".clustering.pt.tmp", run.path / "clustering.pt")
-        row.update({"round": r, "epoch": method.epoch_of(state, r), "final": True,
-                    "time_round": time.perf_counter() - t_final})
-        run.append_metrics(row)
-        _log(_summary_line(row))
-        service.shutdown()
+        try:
+            final, row = finish(method, rctx, WorkerContext.unwrap(model), state, r)
+            run.write_assignments(final.ids, final.labels, final.distances)
+            run.save_clustering({"round": r, "model": WorkerContext.unwrap(model).state_dict(),
+                                 "artifacts": final.artifacts, "config": loop_cfg["config"]})
+            run.append_metrics(row)
+            _log(summary_line(row))
+        finally:
+            rctx.shutdown()
     ray.train.report({"done": 1})
 
 
-def _summary_line(row: dict) -> str:
-    parts = [f"epoch {row.get('epoch')}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("kmeans_objective", "obj {:.5g}"), ("nmi_prev", "NMI(t-1,t) {:.3f}"),
+def summary_line(row: dict) -> str:
+    """The one line a round prints: what it achieved, then where its time went."""
+    parts = ["final" if row.get("final") else f"epoch {row.get('epoch')}"]
+    for key, fmt in (("phase", "{}"), ("loss", "loss {:.4f}"), ("kmeans_objective", "obj {:.5g}"),
+                     ("upper", "u {:.3f}"), ("lower", "l {:.3f}"), ("selected_pairs", "pairs {:.1%}"),
+                     ("delta_label", "changed {:.2%}"), ("nmi_prev", "NMI(t-1,t) {:.3f}"),
                      ("acc", "ACC {:.3f}"), ("nmi", "NMI {:.3f}"), ("ari", "ARI {:.3f}"),
-                     ("n_empty", "empty {}"), ("images_per_s_train", "{:.0f} img/s train")):
-        if key in row and row[key] is not None:
+                     ("n_empty", "empty {}"), ("silhouette", "silhouette {:.3f}"),
+                     ("images_per_s_train", "{:.0f} img/s train")):
+        if row.get(key) is not None and not (key == "phase" and row[key] == "final"):
             parts.append(fmt.format(row[key]))
-    phases = [f"{k[5:]} {row[k]:.1f}s" for k in ("time_features", "time_pca", "time_kmeans", "time_train") if k in row]
+    phases = [f"{k[5:]} {v:.1f}s" for k, v in row.items() if k.startswith("time_") and k != "time_round"
+              and isinstance(v, (int, float))]
     if phases:
         parts.append("[" + ", ".join(phases) + "]")
     return " | ".join(parts)

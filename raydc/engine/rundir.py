@@ -1,16 +1,24 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
 Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/round-NNNN.pt`,
-`assignments.parquet` (`id, cluster, distance`), `report/` (PNGs). Every write goes to a temporary file in the
-same directory and is renamed into place, so a kill at any instant leaves either the old or the new file,
+`clustering.pt` (the final model and what `raydc assign` needs), `assignments.parquet` (`id, cluster,
+distance`), `report/` (PNGs).
+
+A run directory is something people share, so loading one must not run code: checkpoints and clustering.pt
+hold only tensors and plain Python values (numpy arrays are stored as tensors, dataclasses as dicts) and are
+read with `torch.load(weights_only=True)`, whose unpickler refuses everything else.
+
+Every write goes to a temporary file in the same directory and is renamed into place, so a kill at any instant leaves either the old or the new file,
 never half of one. A checkpoint is the commit point of a round: metrics rows past the last checkpoint are
 dropped on resume, because the resumed run will write them again.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,8 @@ import numpy as np
 from raydc.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+CLUSTERING_FILE = "clustering.pt"
+FORMAT = 2  # 1: pickled numpy arrays and dataclasses (before safe loading); 2: tensors and plain values only
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -86,12 +96,8 @@ class RunDir:
         return self.path / CHECKPOINT_DIR / f"round-{round_idx:04d}.pt"
 
     def save_checkpoint(self, round_idx: int, state: dict, keep: int = 2) -> Path:
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
         path = self.checkpoint_path(round_idx)
-        atomic_write_bytes(path, buf.getvalue())
+        save_safe(path, state)
         for old in self.checkpoints()[:-max(1, keep)]:
             old.unlink(missing_ok=True)
         return path
@@ -107,12 +113,23 @@ class RunDir:
         return cps[-1] if cps else None
 
     def load_checkpoint(self, path: Path | None = None) -> dict | None:
-        import torch
-
         path = path or self.latest_checkpoint()
         if path is None:
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_safe(path)
+
+    @property
+    def clustering_path(self) -> Path:
+        return self.path / CLUSTERING_FILE
+
+    def save_clustering(self, contents: dict) -> Path:
+        save_safe(self.clustering_path, contents)
+        return self.clustering_path
+
+    def load_clustering(self) -> dict:
+        if not self.clustering_path.exists():
+            raise UserError(f"{self.path} has no {CLUSTERING_FILE}: it is not a finished run (resume it first)")
+        return load_safe(self.clustering_path)
 
     # ---- assignments ----------------------------------------------------------------------------
     def write_assignments(self, ids: np.ndarray, clusters: np.ndarray, distances: np.ndarray,
@@ -137,6 +154,70 @@ class RunDir:
     @property
     def report_dir(self) -> Path:
         return self.path / "report"
+
+
+def save_safe(path: Path, contents: dict) -> None:
+    """torch.save of tensors and plain values only (see the module docstring), atomically."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({**contents, "format": FORMAT}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_safe(path: Path) -> dict:
+    """torch.load with weights_only=True: a file holding anything but tensors and plain values (code, or a
+    checkpoint of an older raydc with pickled numpy arrays) is refused with a UserError, never executed."""
+    import torch
+
+    try:
+        out = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} holds pickled Python objects, which raydc does not load because unpickling can "
+                        f"run code (a file written by raydc before run-file format {FORMAT}, or not by raydc at "
+                        f"all); start the run again with --overwrite, or load it yourself only if you trust "
+                        f"its source. ({first})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path} is not a readable raydc run file ({type(e).__name__}: {e})") from None
+    if not isinstance(out, dict) or out.get("format") != FORMAT:
+        raise UserError(f"{path} is not a raydc run file of format {FORMAT}")
+    return out
+
+
+def to_plain(obj: Any) -> Any:
+    """A method state (a dataclass of plain values and numpy arrays) as what `load_safe` accepts: dicts,
+    lists, plain values and tensors."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def from_plain(cls: type, data: dict) -> Any:
+    """The inverse of `to_plain` for a state dataclass `cls`: tensors become numpy arrays again."""
+    def back(v: Any) -> Any:
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            return v.numpy()
+        if isinstance(v, dict):
+            return {k: back(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [back(x) for x in v]
+        return v
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: back(v) for k, v in data.items() if k in names})
 
 
 def _jsonable(x: Any) -> Any:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from raydc.config import Config
-from raydc.config_loader import apply_overrides, from_dict, read_yaml, to_dict
+from raydc.config_loader import from_dict, read_yaml, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.engine.rundir import RunDir
 
@@ -26,38 +26,26 @@ def ensure_shards(cfg: Config, log=print):
 
 
 def check_against_data(cfg: Config, manifest) -> None:
-    """The checks that need the data, run before any work starts; each names its field."""
-    n = manifest.count
-    c = cfg.cluster
-    if c.k > n:
-        raise ConfigError("cluster.k", f"{c.k} clusters but only {n} images")
-    per_worker = n // cfg.train.num_workers
-    if cfg.method == "deepcluster":
-        if cfg.train.batch_size > per_worker:
-            raise ConfigError("train.batch_size", f"{cfg.train.batch_size} is larger than a worker's shard "
-                                                  f"({per_worker} images over {cfg.train.num_workers} workers)")
-        feat = {"alexnet": 4096, "vgg16": 4096}.get(cfg.model.arch, cfg.model.feature_dim)
-        if c.pca_dim > feat:
-            raise ConfigError("cluster.pca_dim", f"{c.pca_dim} is larger than the feature dimension {feat}")
-    if cfg.method == "dec":
-        if cfg.dec.batch_size > per_worker:
-            raise ConfigError("dec.batch_size", f"{cfg.dec.batch_size} is larger than a worker's shard "
-                                                f"({per_worker} images)")
-        if cfg.dec.pretrain_batch_size > per_worker:
-            raise ConfigError("dec.pretrain_batch_size", f"{cfg.dec.pretrain_batch_size} is larger than a "
-                                                         f"worker's shard ({per_worker} images)")
-        if c.pca_dim > cfg.model.ae_dims[-1]:
-            raise ConfigError("cluster.pca_dim", f"{c.pca_dim} is larger than the embedding dimension "
-                                                 f"{cfg.model.ae_dims[-1]} (DEC clusters the embedding: use 0)")
+    """The checks that need the data, run before any work starts; each names its field. They are the method's:
+    only it knows which batch sizes and feature dimensions it uses."""
+    from raydc.methods import build_method
+
+    build_method(cfg, manifest).check_data()
 
 
 # Fields a resumed run may take from the new config: budgets (how long to go on) and where/how to run, none of
 # which changes what the finished rounds computed. Anything else would make the resumed run a different run.
+# Each method adds its own budget fields (`Method.resumable_fields`, e.g. dec.max_iterations).
 RESUMABLE_FIELDS = (
-    "train.epochs", "dec.max_iterations", "dec.tol",
-    "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
+    "train.epochs", "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
     "run.progress", "run.keep_checkpoints", "run.montage_per_cluster", "train.max_failures",
 )
+
+
+def resumable_fields(method_name: str) -> tuple[str, ...]:
+    from raydc.methods import method_class
+
+    return RESUMABLE_FIELDS + method_class(method_name).resumable_fields
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -89,12 +77,13 @@ def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
     a["data.shards"], b["data.shards"] = _abs(a["data.shards"]), _abs(b["data.shards"])
     a["run.dir"] = b["run.dir"]  # a run directory may have been moved or copied: it is where it is now
     saved.run.dir = cfg.run.dir
+    allowed = resumable_fields(saved.method)
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
             continue
-        if key not in RESUMABLE_FIELDS:
+        if key not in allowed:
             raise ConfigError(key, f"is {b.get(key)!r} but the run being resumed has {a.get(key)!r} "
-                                   f"({saved_path}); only {', '.join(RESUMABLE_FIELDS)} may change on --resume")
+                                   f"({saved_path}); only {', '.join(allowed)} may change on --resume")
         log(f"resume: {key} {a.get(key)!r} -> {b.get(key)!r}")
         section, field = key.split(".", 1)
         setattr(getattr(saved, section), field, getattr(getattr(cfg, section), field))
@@ -107,12 +96,15 @@ def gpus_available() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print) -> RunDir:
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print,
+                 callbacks: list | None = None) -> RunDir:
+    """One run, start to report. `callbacks` go to the TorchTrainer's RunConfig (Ray Tune's report callback
+    when a sweep drives the run)."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raydc.engine.datasets import read_shards
+    from raydc.engine.datasets import check_shard_footers, read_shards
     from raydc.engine.loop import train_loop_per_worker
     from raydc.engine.runtime import init_ray
     from raydc.runreport import write_run_report
@@ -123,6 +115,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
     manifest = ensure_shards(cfg, log)
     check_against_data(cfg, manifest)
+    check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before a run dir or Ray exists
     run = RunDir(cfg.run.dir)
     resuming = run.create(cfg.to_yaml(), resume=resume, overwrite=overwrite)
     log(f"run directory {run.path}" + (" (resuming)" if resuming else ""))
@@ -142,12 +135,12 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     resources = {"CPU": cfg.train.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": _config_dict(cfg), "run_dir": str(run.path)},
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run.path)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         datasets={"train": read_shards(cfg.data.shards)},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(name="train", storage_path=str(run.path / "ray"),
+        run_config=RunConfig(name="train", storage_path=str(run.path / "ray"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     t1 = time.perf_counter()
@@ -176,14 +169,3 @@ def _user_cause(e: BaseException) -> BaseException | None:
                 return seen
             seen = getattr(seen, "cause", None) or seen.__cause__
     return None
-
-
-def _config_dict(cfg: Config) -> dict:
-    from raydc.config_loader import to_dict
-
-    return to_dict(cfg)
-
-
-def load_run_config(path: str | None, overrides: list[str]) -> Config:
-    data = read_yaml(path) if path else {}
-    return from_dict(Config, apply_overrides(data, overrides))

@@ -1,77 +1,174 @@
 """What a clustering method is to the engine: a strategy the engine's one training loop drives.
 
 The engine owns Ray: datasets, the Train workers, the feature pool, the shard actors, checkpoints, the run
-directory. A method owns the science: which network, what the pool extracts, how features become targets
-(pseudo-labels, a target distribution), the loss, and when to stop. The loop, per round:
+directory. A method owns the science and everything specific to it: its config section and the checks of it,
+its checks against the data, the fields a resumed run may change, which network, what the feature pool
+extracts, how features become targets (pseudo-labels, a target distribution, a threshold schedule), the loss,
+when to stop, what the final clustering keeps and how new images are assigned. The loop, per round:
 
-    rank 0:  targets, metrics = method.make_targets(ctx, model, state, round)   # uses the clustering service
-    all:     targets = broadcast(targets)                                        # by object ref
-    all:     metrics += method.train_round(wctx, model, targets, state, round)
-    rank 0:  checkpoint(model, optimizers, state), metrics row
+    rank 0:  plan, row = method.plan(ctx, model, state, round)       # may use ctx.extract / ctx.service
+    all:     plan = broadcast(plan)                                   # the engine puts it in the object store
+    all:     row += method.train_round(wctx, model, plan, state, round)
+    rank 0:  metrics row, checkpoint(model, optimizers, state)
+    after the last round, rank 0: final, row = method.finalize(ctx, model, state, round)
 
-`state` is a small dict the method keeps across rounds (phase, counters, the last assignment); it is
-checkpointed with the model, so a resumed run continues exactly where it stopped. A fourth method should be
-one new file implementing this class.
+Methods never touch Ray themselves: per-image arrays ride inside their targets dataclass (the engine puts the
+whole plan in the object store once; Ray hands numpy arrays to every worker zero-copy), and training goes
+through `wctx.sgd_pass`, the engine's one SGD loop, fed with the method's loss.
+
+`state` is a small dataclass the method keeps across rounds (phase, counters); it is checkpointed with the model
+as plain types and tensors, so a resumed run continues exactly where it stopped. Fields made with `rank0_field`
+(per-image arrays such as the last assignment) live on rank 0 only: the other ranks get the state without them.
+A new method is one new file in this package defining a `Method` subclass and `METHOD = ThatClass`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+import numpy as np
 
-from raydc.config import Config
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from raydc.config import Config
 
 
 @dataclass
-class Targets:
-    """What rank 0 hands every worker for one round. Big arrays travel as object refs inside `refs`."""
+class RoundPlan:
+    """What rank 0 decided for one round, as every worker receives it."""
 
-    refs: dict[str, Any] = field(default_factory=dict)
-    values: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)   # the method state after make_targets, for all ranks
-    stop: bool = False                                     # no training this round: the method has converged
+    targets: Any = None         # the method's own dataclass for this round's training
+    state: Any = None           # the method state after planning, without rank-0 fields (the engine sets it)
+    stop: str | None = None     # set: no training this round, the method is done (the reason is logged)
+
+
+@dataclass
+class FinalClustering:
+    """The clustering a run ends with, and what `raydc assign` needs to put new images into it."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    distances: np.ndarray                       # to the cluster (nearest-centroid distance, 1 - max q, ...)
+    true_labels: np.ndarray | None = None       # evaluation only
+    artifacts: dict[str, Any] = field(default_factory=dict)  # tensors and plain values: saved in clustering.pt
+
+
+def rank0_field(default: Any = None) -> Any:
+    """A state field kept on rank 0 only (per-image arrays): checkpointed, never broadcast."""
+    return field(default=default, metadata={"rank0": True})
+
+
+def shared_view(state: Any) -> Any:
+    """The state as the other ranks get it: a copy with every rank-0 field left at None."""
+    if state is None:
+        return None
+    rank0 = {f.name: None for f in dataclasses.fields(state) if f.metadata.get("rank0")}
+    return dataclasses.replace(state, **rank0)
+
+
+def by_id(ids: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
+    """A global array indexed by image id (ids are stable, not necessarily 0..N-1)."""
+    out = np.full((int(ids.max()) + 1, *values.shape[1:]), fill, values.dtype)
+    out[ids] = values
+    return out
+
+
+def shard_argmax(ids, x, labels):
+    """Run on a shard actor: each held row's largest column and its value (DEC's q, DAC's label features)."""
+    if x is None or len(ids) == 0:
+        return None
+    x = np.asarray(x)
+    return ids, x.argmax(axis=1).astype(np.int64), x.max(axis=1).astype(np.float32), labels
+
+
+def gather_argmax(service) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, argmax, max, evaluation labels or None) over every shard, for methods whose cluster is the largest
+    entry of what the feature pool extracted."""
+    parts = [p for p in service.apply(shard_argmax) if p is not None]
+    ids, pred, top = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    true = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
+    return ids, pred, top, true
 
 
 class Method:
-    name = "base"
+    section: str | None = None            # the config section this method owns (`cfg.<section>`)
+    options: type | None = None           # that section's dataclass
+    resumable_fields: tuple[str, ...] = ()  # fields of its own that a resumed run may change (budgets)
+    archs: tuple[str, ...] = ("smallconvnet", "alexnet", "vgg16")  # `model.arch` values it can train
 
-    def __init__(self, cfg: Config, manifest):
+    def __init__(self, cfg: "Config", manifest):
         self.cfg = cfg
         self.manifest = manifest
         shape = manifest.image_shape
         self.in_channels = int(shape[2]) if shape else (1 if manifest.mode == "L" else 3)
 
+    @property
+    def opts(self):
+        """This method's own config section."""
+        return getattr(self.cfg, self.section)
+
+    # ---- checks ---------------------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, cfg: "Config") -> None:
+        """Checks that need only the config (run when it is loaded); each error names its field."""
+        from raydc.errors import ConfigError
+
+        if cfg.model.arch not in cls.archs:
+            raise ConfigError("model.arch", f"{cfg.model.arch!r} is not a network {cfg.method} trains; "
+                                            f"expected one of {', '.join(cls.archs)}")
+
+    def check_data(self) -> None:
+        """Checks that need the data (run before any worker starts); each error names its field."""
+        from raydc.errors import ConfigError
+
+        n = self.manifest.count
+        if self.cfg.cluster.k > n:
+            raise ConfigError("cluster.k", f"{self.cfg.cluster.k} clusters but only {n} images")
+
+    def check_batch(self, field_name: str, batch_size: int) -> None:
+        """A batch must fit in one worker's share of the images (DDP workers stop at the same step)."""
+        from raydc.errors import ConfigError
+
+        per_worker = self.manifest.count // self.cfg.train.num_workers
+        if batch_size > per_worker:
+            raise ConfigError(field_name, f"{batch_size} is larger than a worker's shard ({per_worker} images "
+                                          f"over {self.cfg.train.num_workers} workers)")
+
     # ---- model and state ------------------------------------------------------------------------
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> "nn.Module":
         raise NotImplementedError
 
-    def init_state(self) -> dict:
-        return {}
-
-    def is_done(self, state: dict, round_idx: int) -> bool:
+    def init_state(self) -> Any:
+        """A dataclass instance (fields of plain types or numpy arrays)."""
         raise NotImplementedError
 
-    def extractor(self, model: nn.Module):
-        """The ExtractorSpec whose features the final centroids live in (used by `raydc assign`)."""
+    def is_done(self, state: Any, round_idx: int) -> bool:
         raise NotImplementedError
 
-    def epoch_of(self, state: dict, round_idx: int) -> int:
+    def epoch_of(self, state: Any, round_idx: int) -> int:
         """The `epoch` number written to metrics.jsonl for this round."""
         return round_idx
 
-    # ---- rank 0 ---------------------------------------------------------------------------------
-    def make_targets(self, ctx, model: nn.Module, state: dict, round_idx: int) -> tuple[Targets, dict]:
-        raise NotImplementedError
-
-    def finalize(self, ctx, model: nn.Module, state: dict, round_idx: int) -> tuple[Any, dict]:
-        """After the last round: the final clustering (a ClusterOutcome) and its metrics row."""
-        raise NotImplementedError
-
-    # ---- all workers ----------------------------------------------------------------------------
-    def optimizers(self, model: nn.Module, state: dict) -> dict:
+    def optimizers(self, model: "nn.Module", state: Any) -> dict:
         """Optimizers whose state persists across rounds (checkpointed). Per-round ones are made in train_round."""
         return {}
 
-    def train_round(self, wctx, model: nn.Module, targets: Targets, state: dict, round_idx: int) -> dict:
+    # ---- rank 0 ---------------------------------------------------------------------------------
+    def plan(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[RoundPlan, dict]:
+        raise NotImplementedError
+
+    def finalize(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[FinalClustering, dict]:
+        """After the last round: the final clustering and its metrics row. Leave the clustered features on the
+        shard actors (the engine scores a sample of them without labels, then releases them)."""
+        raise NotImplementedError
+
+    def assign(self, ctx, model: "nn.Module", artifacts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`raydc assign`: (ids, clusters, distances) of the images `ctx` reads, in the final clustering that
+        `artifacts` (what `finalize` kept) and `model` define."""
+        raise NotImplementedError
+
+    # ---- all workers ----------------------------------------------------------------------------
+    def train_round(self, wctx, model: "nn.Module", plan: RoundPlan, state: Any, round_idx: int) -> dict:
         raise NotImplementedError

@@ -14,8 +14,9 @@ A DEC run has three stages, all inside the one training fit, each round a unit o
    moves rows between workers, so targets must be addressable by id). Workers draw rows with Poisson repeats so
    that a round is `update_interval` batches in expectation, and minimise KL(P || Q) over the encoder and
    the centres. Training stops when fewer than `dec.tol` of the hard labels changed between two updates (never
-   on the first, which compares with k-means' own labels) or after `dec.max_iterations` iterations.
+   on the first, which compares with k-means' own labels) or after exactly `dec.max_iterations` iterations.
 
+The network and the target maths are in `raydc.core.dec`; this file is the schedule around them.
 Randomness: one seed (`train.seed`) drives the weight init, k-means, the shuffles and Poisson draws (hashed per
 image id and pass), and dropout (torch is re-seeded each round from (seed, round, rank)), so a resumed run
 replays a round exactly.
@@ -24,194 +25,176 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
-import ray
 import torch
 import torch.nn as nn
 
 from raydc.core import metrics as M
-from raydc.core.augment import MEAN, STD
-from raydc.core.autoencoder import StackedAutoencoder
-from raydc.core.dec import ClusteringLayer, kl_loss, label_change_fraction, should_stop, soft_assignment, \
-    target_distribution
+from raydc.core.dec import build_dec_net, kl_loss, label_change_fraction, shard_mass, shard_targets, should_stop
 from raydc.core.sampler import poisson_repeats
-from raydc.engine.clustering import ClusterOutcome
+from raydc.core.seeding import derive_seed
 from raydc.engine.features import ExtractorSpec
-from raydc.engine.stream import to_model_input
 from raydc.errors import ConfigError, NumericalError
-from raydc.methods.base import Method, Targets
+from raydc.methods.base import FinalClustering, Method, RoundPlan, by_id, gather_argmax, rank0_field
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
 
 PRETRAIN, FINETUNE, DEC_PHASE = "pretrain", "finetune", "dec"
 
 
-# ---- the model ------------------------------------------------------------------------------------------
-class DECNet(nn.Module):
-    """The stacked autoencoder and the DEC centres in one module: one state_dict checkpoints both, and the
-    feature pool can call `embed` (z) or `soft_assign` (q) on it by name.
+@dataclass
+class DECConfig:
+    """Deep Embedded Clustering (Xie et al. 2016); defaults follow the paper and its reference code."""
 
-    Inputs are the engine's normalised NCHW floats, (x/255 - MEAN)/STD; DEC's autoencoder works on pixels in
-    [0, 1], flattened. `pixels` undoes the normalisation, and every path into the autoencoder goes through it.
-    """
+    corruption: float = 0.2                # dropout on each layer's input during pretraining
+    pretrain_epochs: int = 50              # greedy layer-wise, per layer
+    finetune_epochs: int = 100             # end-to-end autoencoder
+    pretrain_lr: float = 0.1
+    pretrain_momentum: float = 0.9
+    pretrain_optimizer: Literal["sgd", "adam"] = "sgd"
+    pretrain_batch_size: int = 256
+    lr_step_epochs: int = 0                # divide the pretraining lr by 10 every this many epochs (0: never)
+    alpha: float = 1.0                     # Student-t degrees of freedom
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 256
+    update_interval: int = 160             # iterations between target recomputations
+    tol: float = 0.001                     # stop when fewer than this fraction of labels change
+    max_iterations: int = 20_000
 
-    def __init__(self, input_dim: int, dims: list[int], corruption: float, k: int, alpha: float, seed: int):
-        super().__init__()
-        self.ae = StackedAutoencoder(input_dim, dims, corruption, seed=seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the centres' placeholder init; k-means overwrites them anyway
-            self.cluster = ClusteringLayer(k, dims[-1], alpha)
-
-    @staticmethod
-    def pixels(x: torch.Tensor) -> torch.Tensor:
-        return (x * STD + MEAN).flatten(1)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ae.encode(self.pixels(x))
-
-    def soft_assign(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cluster(self.embed(x))
-
-    def forward(self, x: torch.Tensor, task: str = "soft_assign", layer: int = 0) -> torch.Tensor:
-        """One entry point for every phase: DDP synchronises gradients only through `forward`."""
-        if task == "soft_assign":
-            return self.soft_assign(x)
-        if task == "layerwise":
-            return self.ae.layerwise_loss(self.pixels(x), layer)
-        if task == "finetune":
-            return self.ae.finetune_loss(self.pixels(x))
-        raise ValueError(f"unknown task {task!r}")
-
-    def dec_parameters(self) -> list[nn.Parameter]:
-        """What DEC's KL stage trains: the encoder and the centres (the decoder is dropped, as in the paper)."""
-        return [*self.ae.encoder_layers.parameters(), *self.cluster.parameters()]
+    def validate(self) -> None:
+        if not 0 <= self.corruption < 1:
+            raise ConfigError("dec.corruption", f"must be in [0, 1), got {self.corruption}")
+        if self.alpha <= 0:
+            raise ConfigError("dec.alpha", f"must be > 0, got {self.alpha}")
+        if self.update_interval < 1:
+            raise ConfigError("dec.update_interval", f"must be >= 1, got {self.update_interval}")
+        if not 0 <= self.tol < 1:
+            raise ConfigError("dec.tol", f"must be in [0, 1), got {self.tol}")
+        if self.max_iterations < 0:
+            raise ConfigError("dec.max_iterations", f"must be >= 0, got {self.max_iterations}")
+        for name in ("pretrain_epochs", "finetune_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"dec.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
-def _build(spec: dict) -> DECNet:
-    return DECNet(**spec)
+@dataclass
+class AutoencoderChunk:
+    """Up to ROUND_EPOCHS epochs of one autoencoder stage."""
+
+    phase: str      # PRETRAIN or FINETUNE
+    layer: int      # the greedy layer (-1 while fine-tuning)
+    start: int      # epochs of this stage already done
+    epochs: int
+    total: int
 
 
-def _seed(seed: int, *keys: int) -> int:
-    return int(np.random.default_rng([seed, *keys]).integers(1 << 31))
+@dataclass
+class DECTargets:
+    p: np.ndarray                      # (max id + 1, k) float32: the target distribution by id
+    n: int                             # images
+    centres: np.ndarray | None = None  # the k-means centres, on the first DEC round only
 
 
-# ---- per-shard functions run by the shard actors (pure: arrays in, small results out) --------------------
-def _shard_q(x: np.ndarray | None, centres: np.ndarray | None, alpha: float) -> np.ndarray | None:
-    """This shard's q: x already is q when `centres` is None, else x is z and q is computed here."""
-    if x is None or len(x) == 0:
-        return None
-    if centres is None:
-        return np.asarray(x, np.float32)
-    with torch.no_grad():
-        return soft_assignment(torch.tensor(x, dtype=torch.float32), torch.tensor(centres), alpha).numpy()
+@dataclass
+class DECState:
+    stage: int = 0                     # index into DEC.stages()
+    stage_epoch: int = 0
+    ae_epochs: int = 0
+    dec_iter: int = 0
+    n_updates: int = 0
+    initialised: bool = False
+    ae_kmeans: dict | None = None      # the AE + k-means baseline's scores
+    delta_label: float | None = None
+    stop_reason: str | None = None
+    prev_pred: np.ndarray | None = rank0_field()  # hard labels of the last update, by id
 
 
-def shard_mass(ids, x, labels, centres, alpha, k):
-    """The partial f_j = sum_i q_ij of this shard, in float64 so the sum over shards does not depend on order."""
-    q = _shard_q(x, centres, alpha)
-    return np.zeros(k, np.float64) if q is None else q.astype(np.float64).sum(axis=0)
-
-
-def shard_targets(ids, x, labels, centres, alpha, mass):
-    """This shard's rows of P (with the global mass), hard labels argmax q, and max q, by id."""
-    q = _shard_q(x, centres, alpha)
-    if q is None:
-        return None
-    p = target_distribution(q.astype(np.float64), cluster_mass=mass).astype(np.float32)
-    return ids, p, q.argmax(axis=1).astype(np.int64), q.max(axis=1).astype(np.float32), labels
-
-
-def _gather(parts: list) -> dict[str, Any]:
-    parts = [p for p in parts if p is not None]
-    out = {"ids": np.concatenate([p[0] for p in parts]), "p": np.concatenate([p[1] for p in parts]),
-           "pred": np.concatenate([p[2] for p in parts]), "maxq": np.concatenate([p[3] for p in parts])}
-    out["true"] = np.concatenate([p[4] for p in parts]) if parts[0][4] is not None else None
-    return out
-
-
-def _by_id(ids: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
-    """A global array indexed by image id (ids are stable, not necessarily 0..N-1)."""
-    out = np.full((int(ids.max()) + 1, *values.shape[1:]), fill, values.dtype)
-    out[ids] = values
-    return out
-
-
-# ---- the method -----------------------------------------------------------------------------------------
 class DEC(Method):
     name = "dec"
+    section, options = "dec", DECConfig
+    resumable_fields = ("dec.max_iterations", "dec.tol", "dec.pretrain_epochs", "dec.finetune_epochs")
 
     def __init__(self, cfg, manifest):
         super().__init__(cfg, manifest)
-        if cfg.cluster.pca_dim:
-            raise ConfigError("cluster.pca_dim", f"must be 0 for DEC (it clusters its own embedding), "
-                                                 f"got {cfg.cluster.pca_dim}")
         self.input_dim = cfg.model.input_size ** 2 * self.in_channels
         self._last_update: dict | None = None  # rank 0: the update that said stop, reused by finalize
 
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        """`model.arch` is not checked: DEC's network is its autoencoder (`model.ae_dims`)."""
+        if cfg.cluster.pca_dim:
+            raise ConfigError("cluster.pca_dim", f"must be 0 for DEC (it clusters its own embedding), "
+                                                 f"got {cfg.cluster.pca_dim}")
+
+    def check_data(self) -> None:
+        super().check_data()
+        self.check_batch("dec.batch_size", self.opts.batch_size)
+        self.check_batch("dec.pretrain_batch_size", self.opts.pretrain_batch_size)
+
     # ---- model and state ------------------------------------------------------------------------
     def _factory(self):
-        d = self.cfg.dec
-        return functools.partial(_build, {"input_dim": self.input_dim, "dims": list(self.cfg.model.ae_dims),
-                                          "corruption": d.corruption, "k": self.cfg.cluster.k, "alpha": d.alpha,
-                                          "seed": self.cfg.train.seed})
+        d = self.opts
+        return functools.partial(build_dec_net, {"input_dim": self.input_dim, "dims": list(self.cfg.model.ae_dims),
+                                                 "corruption": d.corruption, "k": self.cfg.cluster.k,
+                                                 "alpha": d.alpha, "seed": self.cfg.train.seed})
 
     def build_model(self) -> nn.Module:
         return self._factory()()
 
     def stages(self) -> list[tuple[str, int, int]]:
-        """The autoencoder schedule: (phase, layer, epochs) for each greedy pair, then fine-tuning."""
-        d = self.cfg.dec
+        """The autoencoder schedule: (phase, layer, epochs) for each greedy pair, then fine-tuning. Stages of 0
+        epochs stay in the list (and are skipped), so a stage's index means the same whatever the budgets are:
+        a resumed run may change them."""
+        d = self.opts
         out = [(PRETRAIN, i, d.pretrain_epochs) for i in range(len(self.cfg.model.ae_dims))]
         out.append((FINETUNE, -1, d.finetune_epochs))
-        return [s for s in out if s[2] > 0]
+        return out
 
-    def init_state(self) -> dict:
-        return {"stage": 0, "stage_epoch": 0, "ae_epochs": 0, "dec_iter": 0, "n_updates": 0,
-                "initialised": False, "prev_pred": None, "ae_kmeans": None, "delta_label": None,
-                "stop_reason": None}
+    def init_state(self) -> DECState:
+        return DECState()
 
-    def is_done(self, state: dict, round_idx: int) -> bool:
-        return state.get("stop_reason") is not None
+    def is_done(self, state: DECState, round_idx: int) -> bool:
+        return state.stop_reason is not None
 
-    def epoch_of(self, state: dict, round_idx: int) -> int:
+    def epoch_of(self, state: DECState, round_idx: int) -> int:
         """Autoencoder epochs completed plus DEC target updates made: strictly increasing, one unit per unit of
         work, so rows never share an x position in the report's curves."""
-        return int(state["ae_epochs"] + state["n_updates"])
+        return int(state.ae_epochs + state.n_updates)
 
     def extractor(self, model: nn.Module, call: str) -> ExtractorSpec:
         sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return ExtractorSpec(build=self._factory(), state=sd, call=call, input_size=self.cfg.model.input_size,
-                             channels=self.in_channels, flatten=False)
+                             channels=self.in_channels)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
-    def make_targets(self, ctx, model: nn.Module, state: dict, round_idx: int) -> tuple[Targets, dict]:
+    def plan(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         stages = self.stages()
-        if state["stage"] < len(stages):
+        while state.stage < len(stages) and state.stage_epoch >= stages[state.stage][2]:
+            state.stage, state.stage_epoch = state.stage + 1, 0  # a finished (or emptied) stage
+        if state.stage < len(stages):
             return self._plan_autoencoder(stages, state)
-        if not state["initialised"]:
+        if not state.initialised:
             return self._kmeans_init(ctx, model, state, round_idx)
         return self._update(ctx, model, state, round_idx)
 
-    def _plan_autoencoder(self, stages: list, state: dict) -> tuple[Targets, dict]:
+    def _plan_autoencoder(self, stages: list, state: DECState) -> tuple[RoundPlan, dict]:
         """The next chunk of at most ROUND_EPOCHS epochs of one stage; the state advances past it (the round's
         checkpoint commits it, so a failed round is redone from the previous state)."""
-        phase, layer, total = stages[state["stage"]]
-        start = state["stage_epoch"]
+        phase, layer, total = stages[state.stage]
+        start = state.stage_epoch
         n = min(ROUND_EPOCHS, total - start)
-        chunk = {"phase": phase, "layer": layer, "start": start, "epochs": n, "total": total}
-        state["ae_epochs"] += n
-        if start + n >= total:
-            state["stage"], state["stage_epoch"] = state["stage"] + 1, 0
-        else:
-            state["stage_epoch"] = start + n
-        row = {"phase": phase, "stage_epochs": f"{start + n}/{total}"}
+        state.ae_epochs += n
+        state.stage_epoch = start + n
+        row: dict[str, Any] = {"phase": phase, "stage_epochs": f"{start + n}/{total}"}
         if phase == PRETRAIN:
             row["layer"] = layer
-        return Targets(values={"chunk": chunk}, state=self._small(state)), row
+        return RoundPlan(targets=AutoencoderChunk(phase, layer, start, n, total)), row
 
-    def _kmeans_init(self, ctx, model: nn.Module, state: dict, round_idx: int) -> tuple[Targets, dict]:
+    def _kmeans_init(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         """Embed every image, k-means the embedding (the AE + k-means baseline), then the first target P from
         the same embedding with the k-means centres: no second pass over the images."""
         cc = self.cfg.cluster
@@ -222,8 +205,8 @@ class DEC(Method):
             raise NumericalError(self.epoch_of(state, round_idx), "features", "the autoencoder embedding")
         row["time_features"] = time.perf_counter() - t
         t = time.perf_counter()
-        out = ctx.service.kmeans(cc.k, niter=cc.niter, seed=_seed(self.cfg.train.seed, 11), n_init=cc.n_init,
-                                 mode="single")
+        out = ctx.service.kmeans(cc.k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, 11),
+                                 n_init=cc.n_init, mode="single")
         row["time_kmeans"] = time.perf_counter() - t
         centres = np.ascontiguousarray(out.centroids, np.float32)
         baseline = {"ae_kmeans_objective": float(out.objective[-1]) if out.objective else None,
@@ -231,15 +214,16 @@ class DEC(Method):
         if out.true_labels is not None:
             scores = M.evaluate(out.true_labels, out.labels)
             baseline.update({f"ae_kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")})
-        state["ae_kmeans"] = baseline
-        state["prev_pred"] = _by_id(out.ids, out.labels.astype(np.int64), -1)
-        state["initialised"] = True
+        state.ae_kmeans = baseline
+        state.prev_pred = by_id(out.ids, out.labels.astype(np.int64), -1)
+        state.initialised = True
         row.update(baseline)
-        targets = self._targets(ctx, state, round_idx, centres, n=info["n"], row=row)
-        targets.values["centres"] = centres
-        return targets, row
+        plan = self._targets(ctx, state, round_idx, centres, n=info["n"], row=row)
+        if plan.targets is not None:
+            plan.targets.centres = centres
+        return plan, row
 
-    def _update(self, ctx, model: nn.Module, state: dict, round_idx: int) -> tuple[Targets, dict]:
+    def _update(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         t = time.perf_counter()
         info = ctx.extract(self.extractor(model, "soft_assign"))
         if not info["finite"] or not ctx.service.project(None, False):
@@ -247,45 +231,39 @@ class DEC(Method):
         row: dict[str, Any] = {"phase": DEC_PHASE, "time_features": time.perf_counter() - t}
         return self._targets(ctx, state, round_idx, None, n=info["n"], row=row), row
 
-    def _targets(self, ctx, state: dict, round_idx: int, centres: np.ndarray | None, n: int, row: dict
-                 ) -> Targets:
+    def _targets(self, ctx, state: DECState, round_idx: int, centres: np.ndarray | None, n: int, row: dict
+                 ) -> RoundPlan:
         """P from the q held by the shard actors (or from z and `centres`): one reduction for the global mass f,
         then each shard's rows of P; the stopping rule on the change of hard labels since the last update.
-        Fills `row` with the update's diagnostics."""
-        d, k = self.cfg.dec, self.cfg.cluster.k
+        Fills `row` with the update's diagnostics. When it stops, the shards keep their rows for the final
+        scoring."""
+        d, k = self.opts, self.cfg.cluster.k
         t = time.perf_counter()
         mass = np.sum(ctx.service.apply(shard_mass, centres, d.alpha, k), axis=0)
         g = _gather(ctx.service.apply(shard_targets, centres, d.alpha, mass))
-        ctx.service.release()
         if not np.isfinite(g["p"]).all():
             raise NumericalError(self.epoch_of(state, round_idx), "targets", "the target distribution P")
-        delta = label_change_fraction(state["prev_pred"][g["ids"]], g["pred"])
-        first = state["n_updates"] == 0
-        state["n_updates"] += 1
-        state["delta_label"] = delta
-        state["prev_pred"] = _by_id(g["ids"], g["pred"], -1)
-        sizes = np.bincount(g["pred"], minlength=k)
-        row.update({"dec_update": state["n_updates"], "delta_label": delta, "dec_iterations": state["dec_iter"],
-                    "n_empty": int((sizes == 0).sum()), "size_histogram": sizes.tolist(),
+        delta = label_change_fraction(state.prev_pred[g["ids"]], g["pred"])
+        first = state.n_updates == 0
+        state.n_updates += 1
+        state.delta_label = delta
+        state.prev_pred = by_id(g["ids"], g["pred"], -1)
+        row.update({"dec_update": state.n_updates, "delta_label": delta, "dec_iterations": state.dec_iter,
+                    **M.size_stats(g["pred"], k),
                     "time_targets": time.perf_counter() - t})
         if g["true"] is not None:
-            row.update({m: v for m, v in M.evaluate(g["true"], g["pred"]).items()})
+            row.update(M.evaluate(g["true"], g["pred"]))
         if not first and should_stop(delta, d.tol):
-            state["stop_reason"] = f"converged: {delta:.5f} of labels changed (< tol {d.tol})"
-        elif state["dec_iter"] >= d.max_iterations:
-            state["stop_reason"] = f"max_iterations: {state['dec_iter']} >= {d.max_iterations}"
-        if state["stop_reason"] is not None:
+            state.stop_reason = f"converged: {delta:.5f} of labels changed (< tol {d.tol})"
+        elif state.dec_iter >= d.max_iterations:
+            state.stop_reason = f"max_iterations: {state.dec_iter} >= {d.max_iterations}"
+        if state.stop_reason is not None:
             self._last_update = {**g, "row": row}
-            return Targets(stop=True, values={"stop_reason": state["stop_reason"]}, state=self._small(state))
-        p_by_id = _by_id(g["ids"], g["p"], 0.0)
-        return Targets(refs={"p": ray.put(p_by_id)}, values={"n": int(n)}, state=self._small(state))
+            return RoundPlan(stop=state.stop_reason)
+        ctx.release()
+        return RoundPlan(targets=DECTargets(by_id(g["ids"], g["p"], 0.0), int(n)))
 
-    @staticmethod
-    def _small(state: dict) -> dict:
-        """The counters every rank may read; the big per-image arrays stay on rank 0 (and in its checkpoint)."""
-        return {k: v for k, v in state.items() if k != "prev_pred"}
-
-    def finalize(self, ctx, model: nn.Module, state: dict, round_idx: int):
+    def finalize(self, ctx, model: nn.Module, state: DECState, round_idx: int):
         """Hard labels argmax q of the final model. The update that decided to stop already computed them from
         this very model (no training since), so they are reused rather than extracted again."""
         g, row = self._last_update, {}
@@ -294,31 +272,34 @@ class DEC(Method):
             info = ctx.extract(self.extractor(model, "soft_assign"))
             if not info["finite"] or not ctx.service.project(None, False):
                 raise NumericalError(self.epoch_of(state, round_idx), "features", "the soft assignments q")
-            mass = np.sum(ctx.service.apply(shard_mass, None, self.cfg.dec.alpha, self.cfg.cluster.k), axis=0)
-            g = _gather(ctx.service.apply(shard_targets, None, self.cfg.dec.alpha, mass))
-            ctx.service.release()
+            ids, pred, maxq, true = gather_argmax(ctx.service)
+            g = {"ids": ids, "pred": pred, "maxq": maxq, "true": true}
             row["time_features"] = time.perf_counter() - t
         else:
             row.update({key: v for key, v in g["row"].items() if key.startswith("time_")})
-        centres = model.cluster.centers.detach().cpu().numpy().copy()
-        out = ClusterOutcome(g["ids"], g["pred"], (1.0 - g["maxq"]).astype(np.float32), centres, [], 0,
-                             "dec (argmax of the Student-t soft assignment)", "dec", g["true"])
-        k = self.cfg.cluster.k
-        sizes = np.bincount(out.labels, minlength=k)
-        row.update({"phase": "final", "stop_reason": state["stop_reason"], "delta_label": state["delta_label"],
-                    "dec_iterations": state["dec_iter"], "dec_updates": state["n_updates"],
-                    "n_empty": int((sizes == 0).sum()), "size_min": int(sizes.min()), "size_max": int(sizes.max()),
-                    "size_histogram": sizes.tolist()})
-        row.update(state["ae_kmeans"] or {})
-        if out.true_labels is not None:
-            row.update(M.evaluate(out.true_labels, out.labels))
-        return out, row
+        final = FinalClustering(g["ids"], g["pred"], (1.0 - g["maxq"]).astype(np.float32), g["true"],
+                                {"centres": model.cluster.centers.detach().cpu().clone()})
+        row.update({"phase": "final", "stop_reason": state.stop_reason, "delta_label": state.delta_label,
+                    "dec_iterations": state.dec_iter, "dec_updates": state.n_updates,
+                    **M.size_stats(final.labels, self.cfg.cluster.k)})
+        row.update(state.ae_kmeans or {})
+        if final.true_labels is not None:
+            row.update(M.evaluate(final.true_labels, final.labels))
+        return final, row
+
+    def assign(self, ctx, model: nn.Module, artifacts: dict):
+        """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run."""
+        info = ctx.extract(self.extractor(model, "soft_assign"))
+        if not info["finite"] or not ctx.service.project(None, False):
+            raise NumericalError(0, "assign", "the soft assignments q of these images")
+        ids, pred, maxq, _ = gather_argmax(ctx.service)
+        return ids, pred, (1.0 - maxq).astype(np.float32)
 
     # ---- all workers ----------------------------------------------------------------------------
-    def optimizers(self, model: nn.Module, state: dict) -> dict:
+    def optimizers(self, model: nn.Module, state: DECState) -> dict:
         """Every phase's optimizer, made once (the loop calls this at start-up and restores their state from the
         checkpoint); `train_round` picks the one for the round's phase."""
-        d = self.cfg.dec
+        d = self.opts
 
         def pretrain_opt(params):
             if d.pretrain_optimizer == "adam":
@@ -330,11 +311,11 @@ class DEC(Method):
         opts["dec"] = torch.optim.SGD(model.dec_parameters(), lr=d.lr, momentum=d.momentum)
         return opts
 
-    def train_round(self, wctx, model: nn.Module, targets: Targets, state: dict, round_idx: int) -> dict:
-        torch.manual_seed(_seed(self.cfg.train.seed, round_idx, wctx.rank, 17))  # dropout
-        if "chunk" in targets.values:
-            return self._train_autoencoder(wctx, model, targets.values["chunk"], state, round_idx)
-        return self._train_dec(wctx, model, targets, state, round_idx)
+    def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DECState, round_idx: int) -> dict:
+        torch.manual_seed(derive_seed(self.cfg.train.seed, round_idx, wctx.rank, 17))  # dropout
+        if isinstance(plan.targets, AutoencoderChunk):
+            return self._train_autoencoder(wctx, model, plan.targets, state, round_idx)
+        return self._train_dec(wctx, model, plan.targets, state, round_idx)
 
     def _use_optimizer(self, wctx, name: str):
         """The phase's optimizer; finished phases' optimizer state is dropped (it is never used again and would
@@ -344,57 +325,42 @@ class DEC(Method):
                 opt.state.clear()
         return wctx.optimizers[name]
 
-    def _sgd_pass(self, wctx, opt, batches, round_idx: int, loss_of, numerical_error) -> tuple[float, int, int]:
-        """One pass of SGD steps over `batches`, shared by the autoencoder and the DEC stage: `loss_of(x, ids)`
-        is the stage's loss, `numerical_error()` the error to raise on a non-finite one. Returns this worker's
-        (loss summed over images, images, steps)."""
-        loss_sum, n_seen, steps = 0.0, 0, 0
-        for ids, rep, imgs in batches:
-            x = to_model_input(ids, rep, imgs, seed=self.cfg.train.seed, epoch=round_idx, augment=None,
-                               size=self.cfg.model.input_size).to(wctx.device)
-            loss = loss_of(x, ids)
-            if not torch.isfinite(loss):
-                raise numerical_error()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(ids)
-            n_seen += len(ids)
-            steps += 1
-            wctx.progress(steps, n_seen, loss_sum / max(n_seen, 1))
-        return loss_sum, n_seen, steps
+    def _inputs(self, wctx, ids, rep, imgs, round_idx: int) -> torch.Tensor:
+        from raydc.engine.stream import to_model_input
 
-    def _train_autoencoder(self, wctx, model: nn.Module, chunk: dict, state: dict, round_idx: int) -> dict:
-        d = self.cfg.dec
-        pretrain = chunk["phase"] == PRETRAIN
-        opt = self._use_optimizer(wctx, f"layer{chunk['layer']}" if pretrain else "finetune")
+        return to_model_input(ids, rep, imgs, seed=self.cfg.train.seed, epoch=round_idx, augment=None,
+                              size=self.cfg.model.input_size).to(wctx.device)
+
+    def _train_autoencoder(self, wctx, model: nn.Module, chunk: AutoencoderChunk, state: DECState,
+                           round_idx: int) -> dict:
+        d = self.opts
+        pretrain = chunk.phase == PRETRAIN
+        opt = self._use_optimizer(wctx, f"layer{chunk.layer}" if pretrain else "finetune")
         task = "layerwise" if pretrain else "finetune"
         model.train()
-        losses, n_images = [], 0
-        t0 = time.perf_counter()
-        for e in range(chunk["epochs"]):
-            epoch_in_stage = chunk["start"] + e
+        losses, n_images, seconds = [], 0, 0.0
+        for e in range(chunk.epochs):
+            epoch_in_stage = chunk.start + e
             lr = d.pretrain_lr * (0.1 ** (epoch_in_stage // d.lr_step_epochs) if d.lr_step_epochs else 1.0)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batches = wctx.batches(_pass_id(round_idx, e), batch_size=d.pretrain_batch_size)
-            loss_sum, n_seen, _ = self._sgd_pass(
-                wctx, opt, batches, round_idx, lambda x, ids: model(x, task=task, layer=chunk["layer"]),
-                lambda: NumericalError(self.epoch_of(state, round_idx), chunk["phase"], "the reconstruction loss"))
-            totals = wctx.all_reduce_sum([loss_sum, n_seen])
-            losses.append(totals[0] / max(totals[1], 1))
-            n_images += int(totals[1])
-        seconds = time.perf_counter() - t0
+            stats = wctx.sgd_pass(
+                wctx.batches(_pass_id(round_idx, e), batch_size=d.pretrain_batch_size), [opt],
+                lambda ids, rep, imgs: model(self._inputs(wctx, ids, rep, imgs, round_idx), task=task,
+                                             layer=chunk.layer),
+                epoch=self.epoch_of(state, round_idx), phase=chunk.phase, what="the reconstruction loss")
+            losses.append(stats.loss)
+            n_images += stats.images
+            seconds += stats.seconds
         return {"loss": losses[-1], "loss_epochs": losses, "lr": lr, "train_images": n_images,
-                f"time_{chunk['phase']}": seconds, "images_per_s_train": n_images / max(seconds, 1e-9)}
+                f"time_{chunk.phase}": seconds, "images_per_s_train": n_images / max(seconds, 1e-9)}
 
-    def _train_dec(self, wctx, model: nn.Module, targets: Targets, state: dict, round_idx: int) -> dict:
-        d = self.cfg.dec
+    def _train_dec(self, wctx, model: nn.Module, targets: DECTargets, state: DECState, round_idx: int) -> dict:
+        d = self.opts
         net = wctx.unwrap(model)
-        if "centres" in targets.values:  # the k-means round: every rank starts from the same centres
-            net.cluster.init_from(np.array(targets.values["centres"]))  # a writable copy of the shared array
-        p_by_id = ray.get(targets.refs["p"])
-        n = targets.values["n"]
+        if targets.centres is not None:  # the k-means round: every rank starts from the same centres
+            net.cluster.init_from(np.array(targets.centres))  # a writable copy of the shared array
+        p_by_id, n = targets.p, targets.n
         # Poisson(lam) copies of each row, all rows in one pseudo-cluster: update_interval batches per worker
         # in expectation, decided per image id so it does not matter which worker streams a row.
         n_total = d.update_interval * d.batch_size * wctx.world
@@ -402,23 +368,34 @@ class DEC(Method):
         def repeats(ids, u):
             return poisson_repeats(np.zeros(len(ids), np.int64), np.array([n]), n_total, u)
 
+        def loss_of(ids, rep, imgs):
+            return kl_loss(model(self._inputs(wctx, ids, rep, imgs, round_idx)),
+                           torch.from_numpy(p_by_id[ids]).to(wctx.device))
+
         opt = self._use_optimizer(wctx, "dec")
         model.train()
-        t0 = time.perf_counter()
-        batches = wctx.batches(_pass_id(round_idx, 0), repeats=repeats, batch_size=d.batch_size)
-        loss_sum, n_seen, steps = self._sgd_pass(
-            wctx, opt, batches, round_idx,
-            lambda x, ids: kl_loss(model(x), torch.from_numpy(p_by_id[ids]).to(wctx.device)),
-            lambda: NumericalError(self.epoch_of(state, round_idx), DEC_PHASE, "the KL loss"))
-        seconds = time.perf_counter() - t0
-        state["dec_iter"] += steps  # equal on every rank: all workers stop at the same step
-        totals = wctx.all_reduce_sum([loss_sum, n_seen])
-        return {"loss": totals[0] / max(totals[1], 1), "train_images": int(totals[1]), "dec_steps": steps,
-                "dec_iterations": state["dec_iter"], "time_train": seconds,
-                "images_per_s_train": totals[1] / max(seconds, 1e-9)}
+        batches = wctx.batches(_pass_id(round_idx, 0), repeats=repeats, batch_size=d.batch_size,
+                               max_steps=max(0, d.max_iterations - state.dec_iter))
+        stats = wctx.sgd_pass(batches, [opt], loss_of, epoch=self.epoch_of(state, round_idx), phase=DEC_PHASE,
+                              what="the KL loss")
+        state.dec_iter += stats.steps  # equal on every rank: all workers stop at the same step
+        return {"loss": stats.loss, "train_images": stats.images, "dec_steps": stats.steps,
+                "dec_iterations": state.dec_iter, "time_train": stats.seconds,
+                "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
+
+
+def _gather(parts: list) -> dict[str, Any]:
+    parts = [p for p in parts if p is not None]
+    out = {"ids": np.concatenate([p[0] for p in parts]), "p": np.concatenate([p[1] for p in parts]),
+           "pred": np.concatenate([p[2] for p in parts]), "maxq": np.concatenate([p[3] for p in parts])}
+    out["true"] = np.concatenate([p[4] for p in parts]) if parts[0][4] is not None else None
+    return out
 
 
 def _pass_id(round_idx: int, epoch: int) -> int:
     """A distinct number per pass over the data (several per round while pretraining), which seeds the shuffle
     and the Poisson draws: reusing the round number would give every epoch of a round the same order."""
     return round_idx * ROUND_EPOCHS + epoch
+
+
+METHOD = DEC
