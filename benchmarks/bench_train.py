@@ -35,12 +35,13 @@ CONFIGS = {
 K = 10
 
 
-def _config(shard_dir: Path, workers: int, batch_size: int):
+def _config(shard_dir: Path, workers: int, batch_size: int, *extra: str):
     from raydc.config import load_config
 
     return load_config(None, [
         f"data.shards={shard_dir}", "cluster.k=10", f"train.num_workers={workers}",
         f"train.batch_size={batch_size}", "train.crop_scale_min=0.5", "train.hflip=false", "train.use_gpu=never",
+        *extra,
     ])
 
 
@@ -56,22 +57,29 @@ def _train_loop(conf: dict) -> None:
     import torch
 
     from raydc.engine.loop import WorkerContext, worker_setup
-    from raydc.methods.base import Targets
+    from raydc.methods.base import RoundPlan
+    from raydc.methods.deepcluster import PseudoLabels
 
     t_enter = time.time()
     cfg, manifest, method, rank, world, device = worker_setup(conf["config"])
     model = method.build_model()
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizers = method.optimizers(WorkerContext.unwrap(model), {})
+    state = method.init_state()
+    optimizers = method.optimizers(WorkerContext.unwrap(model), state)
     shard = ray.train.get_dataset_shard("train")
     wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, lambda m: None)
-    labels, sizes = _labels(manifest.count)
-    targets = Targets(refs={"labels": ray.put(labels), "sizes": ray.put(sizes)}, values={"n": manifest.count})
+    if cfg.method == "dac":  # a mid-curriculum round: u and l where a 20-round official schedule has them
+        from raydc.methods.dac import PairThresholds
+
+        plan = RoundPlan(targets=PairThresholds(*method.schedule().at(cfg.train.epochs // 2)))
+    else:
+        labels, sizes = _labels(manifest.count)
+        plan = RoundPlan(targets=PseudoLabels(labels, sizes, manifest.count))
     passes = []
     t_ready = time.time()
     for r in range(conf["passes"]):
         t0 = time.perf_counter()
-        row = method.train_round(wctx, model, targets, {}, r)
+        row = method.train_round(wctx, model, plan, state, r)
         row["wall_s"] = time.perf_counter() - t0
         passes.append(row)
     if rank == 0:
@@ -80,7 +88,9 @@ def _train_loop(conf: dict) -> None:
         Path(conf["out"]).write_text(json.dumps(out))
 
 
-def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_size: int) -> dict:
+def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_size: int, *extra: str) -> dict:
+    """`passes` production training rounds (`Method.train_round`) inside one fit, for the method `extra`
+    selects (DeepCluster by default)."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -88,8 +98,8 @@ def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_si
     from raydc.config_loader import to_dict
     from raydc.engine.datasets import read_shards
 
-    cfg = _config(shard_dir, workers, batch_size)
-    out = ctx.work / f"train-w{workers}.json"
+    cfg = _config(shard_dir, workers, batch_size, *extra)
+    out = ctx.work / f"train-{cfg.method}-w{workers}.json"
     out.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _train_loop,
@@ -98,7 +108,7 @@ def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_si
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         datasets={"train": read_shards(shard_dir)},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(name=f"bench-train-w{workers}", storage_path=str(ctx.work / "ray_train")),
+        run_config=RunConfig(name=f"bench-train-{cfg.method}-w{workers}", storage_path=str(ctx.work / "ray_train")),
     )
     t_call = time.time()
     trainer.fit()
@@ -156,6 +166,29 @@ def plain_pass(method, model, images: np.ndarray, labels: np.ndarray, batch_size
     return time.perf_counter() - t0, n
 
 
+def interleaved(ctx: Context, shard_dir: Path, cfg_b: dict, plain_once, plain: list, *extra: str):
+    """One warm-up plain pass, then Ray Train fits for each worker count with plain passes spread between them
+    (so a change in the machine's load hits both sides). Returns (rows per fit with their ratio to the plain
+    median, the timed plain passes, the plain summary)."""
+    plain_once()  # warm-up
+    plain.clear()
+    plain_once()
+    ray_rows = {}
+    for w in cfg_b["workers"]:
+        row = ray_train(ctx, shard_dir, w, cfg_b["passes"], cfg_b["batch_size"], *extra)
+        ray_rows[f"ray_train_w{w}"] = row
+        ctx.log(f"  ray_train_w{w}: {row['images_per_s']['median']:.0f} img/s (fit start-up "
+                f"{row['fit_startup_s']:.1f}s)")
+        plain_once()
+    while len(plain) < max(2, cfg_b["passes"] - 1):
+        plain_once()
+    plain_ips = summarize([n / s for s, n in plain])
+    ctx.log(f"  plain_loop: {plain_ips['median']:.0f} img/s")
+    for row in ray_rows.values():
+        row["ratio_vs_plain"] = row["images_per_s"]["median"] / plain_ips["median"]
+    return ray_rows, plain, plain_ips
+
+
 def run(ctx: Context) -> dict:
     import torch
 
@@ -181,23 +214,7 @@ def run(ctx: Context) -> dict:
         epoch += 1
 
     ctx.log(f"  {manifest.count} MNIST images, batch {bs}/worker, {cfg_b['passes']} passes per fit (1 warm-up)")
-    plain_once()          # warm-up
-    plain.clear()
-    ray_rows = {}
-    # Plain passes are spread between the fits so that a change in the machine's load hits both sides.
-    n_plain = max(2, cfg_b["passes"] - 1)
-    plain_once()
-    for w in cfg_b["workers"]:
-        ray_rows[f"ray_train_w{w}"] = ray_train(ctx, shard_dir, w, cfg_b["passes"], bs)
-        ctx.log(f"  ray_train_w{w}: {ray_rows[f'ray_train_w{w}']['images_per_s']['median']:.0f} img/s "
-                f"(fit start-up {ray_rows[f'ray_train_w{w}']['fit_startup_s']:.1f}s)")
-        plain_once()
-    while len(plain) < n_plain:
-        plain_once()
-    plain_ips = summarize([n / s for s, n in plain])
-    ctx.log(f"  plain_loop: {plain_ips['median']:.0f} img/s")
-    for row in ray_rows.values():
-        row["ratio_vs_plain"] = row["images_per_s"]["median"] / plain_ips["median"]
+    ray_rows, plain, plain_ips = interleaved(ctx, shard_dir, cfg_b, plain_once, plain)
     return {
         "config": {**cfg_b, "images": manifest.count, "k": K, "torch_threads_plain": torch.get_num_threads(),
                    "ray_side": "minimal TorchTrainer loop calling raydc.methods.deepcluster.DeepCluster.train_round "

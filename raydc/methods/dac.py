@@ -1,0 +1,274 @@
+"""DAC, Deep Adaptive Image Clustering (Chang et al., ICCV 2017), as a strategy for the engine's loop.
+
+A round is one pass over the images in batches. For each batch every worker computes label features (softmax,
+then L2 normalisation: `raydc.core.dac`), gathers them from all workers so that pairs span the *global* batch
+(B = `dac.batch_size` x workers, gradients flowing back through the gather), and trains binary "same /
+different" classification on the B x B cosine similarities: pairs at or above u(lambda) are "same", pairs below
+l(lambda) "different", the rest are left out. The selection comes from a pass with the weights fixed and the
+augmentation off (`dac.selection: stopgrad`, the paper's alternating step and the reference code's `predict`),
+or from the training pass itself with its gradient stopped (`same_batch`). The thresholds follow a schedule in
+rounds (`dac.schedule`: the official code's or the paper's, every constant a field Tune can search); the run
+ends when l >= u, when every pair would be selected, or at `train.epochs` rounds.
+
+No k-means: the cluster of an image is the argmax of its label feature. Between rounds the engine's feature
+pool computes every image's label feature (every `dac.eval_every` rounds) for the diagnostics: cluster sizes,
+NMI with the previous round, ACC/NMI/ARI when labels exist. The network and the pair maths are in
+`raydc.core.dac`; this file is the schedule and the training step around them.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from raydc.core import metrics as M
+from raydc.core.augment import random_affine, resize_center, to_float
+from raydc.core.dac import (DAC_NET_MIN_SIZE, SCHEDULE_PRESETS, LabelFeatureNet, ThresholdSchedule, dac_convnet,
+                            frozen_bn_stats, pair_loss, select_pairs, similarity_matrix)
+from raydc.core.models import build_convnet
+from raydc.core.sampler import hash_uniforms
+from raydc.core.seeding import derive_seed
+from raydc.engine.features import ExtractorSpec
+from raydc.errors import ConfigError, NumericalError
+from raydc.methods.base import FinalClustering, Method, RoundPlan, by_id, gather_argmax, rank0_field
+
+STREAM_DAC_AUGMENT = 40  # hash_uniforms streams 40.. : DAC's augmentation draws, apart from the engine's
+
+
+@dataclass
+class DACConfig:
+    """DAC's own fields. Thresholds left null take the preset's value (`raydc.core.dac.SCHEDULE_PRESETS`)."""
+
+    schedule: Literal["official", "paper"] = "official"
+    upper: float | None = None             # u at round 0
+    lower: float | None = None             # l at round 0
+    upper_rate: float | None = None        # u(lambda) = upper - upper_rate * lambda
+    lower_rate: float | None = None        # l(lambda) = lower + lower_rate * lambda
+    lambda_step: float | None = None       # lambda after round r = r * lambda_step (official: meet at train.epochs)
+    loss: Literal["bce", "mse"] = "bce"    # bce: selected pairs (CIFAR script); mse: all pairs (MNIST script)
+    selection: Literal["stopgrad", "same_batch"] = "stopgrad"
+    batch_size: int = 128                  # per worker; the pairs span batch_size x workers images
+    max_global_batch: int = 4096           # cap on that B: a few B x B float matrices per step (4096: 64 MiB each)
+    inner_steps: int = 1                   # SGD steps per selection, each on a fresh augmentation of the batch
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    lr: float = 0.001                      # RMSprop(0.001), as the reference code
+    augment: bool = True
+    rotation_deg: float = 10.0
+    shift: float = 0.1                     # fraction of the image size
+    zoom_min: float = 0.95
+    zoom_max: float = 1.05
+    hflip: bool = False                    # the reference flips colour images only (CIFAR), never digits
+    eval_every: int = 1                    # rounds between diagnostic feature passes (0: only the final one)
+
+    def validate(self) -> None:
+        for name in ("upper", "lower"):
+            v = getattr(self, name)
+            if v is not None and not -1.0 <= v <= 1.0:
+                raise ConfigError(f"dac.{name}", f"is a cosine similarity threshold in [-1, 1], got {v}")
+        for name in ("upper_rate", "lower_rate", "lambda_step"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"dac.{name}", f"must be >= 0, got {v}")
+        if self.batch_size < 2:
+            raise ConfigError("dac.batch_size", f"must be >= 2 (pairs need two images), got {self.batch_size}")
+        if self.max_global_batch < 2:
+            raise ConfigError("dac.max_global_batch", f"must be >= 2, got {self.max_global_batch}")
+        if self.inner_steps < 1:
+            raise ConfigError("dac.inner_steps", f"must be >= 1, got {self.inner_steps}")
+        if self.lr <= 0:
+            raise ConfigError("dac.lr", f"must be > 0, got {self.lr}")
+        if not 0 < self.zoom_min <= self.zoom_max:
+            raise ConfigError("dac.zoom_min", f"needs 0 < zoom_min <= zoom_max, got {self.zoom_min}, {self.zoom_max}")
+        if self.eval_every < 0:
+            raise ConfigError("dac.eval_every", f"must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class PairThresholds:
+    """One round's training targets: only the thresholds; the pairs are chosen batch by batch."""
+
+    upper: float
+    lower: float
+
+
+@dataclass
+class DACState:
+    last_assign: np.ndarray | None = rank0_field()  # the last diagnosed clustering by id, for NMI(t-1, t)
+
+
+def resolve_schedule(opts: DACConfig, epochs: int) -> ThresholdSchedule:
+    preset = SCHEDULE_PRESETS[opts.schedule]
+    vals = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in preset.items()}
+    if vals["lambda_step"] is None:  # official: u and l meet after `epochs` rounds
+        vals["lambda_step"] = (vals["upper"] - vals["lower"]) / (vals["upper_rate"] + vals["lower_rate"]) / epochs
+    return ThresholdSchedule(**{k: float(v) for k, v in vals.items()})
+
+
+def _build(spec: dict) -> LabelFeatureNet:
+    if spec["arch"].startswith("dac_"):
+        scores = dac_convnet(spec["in_channels"], spec["k"], variant=spec["arch"][4:])
+    else:
+        # A k-way head, then BatchNorm as the reference nets end: scores of unit spread from the first step. With
+        # the head's small N(0, 0.01) init alone the softmax starts uniform, every pair's similarity is ~1, every
+        # pair is "same", and training collapses everything into one cluster.
+        net = build_convnet(spec["arch"], spec["in_channels"], spec["sobel"], spec["width"], spec["feature_dim"])
+        net.reset_head(spec["k"], torch.Generator().manual_seed(0))
+        scores = nn.Sequential(net, nn.BatchNorm1d(spec["k"]))
+    return LabelFeatureNet(scores)
+
+
+class DAC(Method):
+    name = "dac"
+    section, options = "dac", DACConfig
+    archs = ("dac_mnist", "dac_cifar", "smallconvnet", "alexnet", "vgg16")
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        super().validate_config(cfg)
+        d = cfg.dac
+        if cfg.model.arch.startswith("dac_") and cfg.model.input_size < DAC_NET_MIN_SIZE:
+            raise ConfigError("model.input_size", f"{cfg.model.arch} needs >= {DAC_NET_MIN_SIZE} px inputs, "
+                                                  f"got {cfg.model.input_size}")
+        s = resolve_schedule(d, cfg.train.epochs)
+        if s.upper <= s.lower:
+            raise ConfigError("dac.upper", f"u must start above l: upper {s.upper} <= lower {s.lower} "
+                                           f"(schedule {d.schedule!r})")
+        global_batch = d.batch_size * cfg.train.num_workers
+        if global_batch > d.max_global_batch:
+            raise ConfigError("dac.batch_size", f"{d.batch_size} x {cfg.train.num_workers} workers = {global_batch} "
+                                                f"images per step, over dac.max_global_batch = {d.max_global_batch} "
+                                                f"(each step holds a few {global_batch} x {global_batch} matrices)")
+
+    def check_data(self) -> None:
+        super().check_data()
+        self.check_batch("dac.batch_size", self.opts.batch_size)
+
+    def schedule(self) -> ThresholdSchedule:
+        return resolve_schedule(self.opts, self.cfg.train.epochs)
+
+    # ---- model and state ------------------------------------------------------------------------
+    def _factory(self):
+        m = self.cfg.model
+        return functools.partial(_build, {"arch": m.arch, "in_channels": self.in_channels, "sobel": m.sobel,
+                                          "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k})
+
+    def build_model(self) -> nn.Module:
+        return self._factory()()
+
+    def init_state(self) -> DACState:
+        return DACState()
+
+    def is_done(self, state: DACState, round_idx: int) -> bool:
+        return round_idx >= self.cfg.train.epochs or self.schedule().finished(round_idx)
+
+    def extractor(self, model: nn.Module) -> ExtractorSpec:
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return ExtractorSpec(build=self._factory(), state=sd, call="forward", input_size=self.cfg.model.input_size,
+                             channels=self.in_channels)
+
+    def optimizers(self, model: nn.Module, state: DACState) -> dict:
+        d = self.opts
+        params = model.parameters()
+        if d.optimizer == "rmsprop":  # Keras' RMSprop: rho 0.9, eps 1e-8 (torch's defaults differ)
+            return {"net": torch.optim.RMSprop(params, lr=d.lr, alpha=0.9, eps=1e-8)}
+        if d.optimizer == "adam":
+            return {"net": torch.optim.Adam(params, lr=d.lr)}
+        return {"net": torch.optim.SGD(params, lr=d.lr, momentum=0.9)}
+
+    # ---- rank 0 ---------------------------------------------------------------------------------
+    def _diagnose(self, ctx, model: nn.Module, state: DACState, round_idx: int, *, release: bool):
+        """Every image's label feature -> its cluster, and the round's clustering diagnostics."""
+        t = time.perf_counter()
+        info = ctx.extract(self.extractor(model))
+        if not info["finite"] or not ctx.service.project(None, False):
+            raise NumericalError(round_idx, "features", "the label features")
+        ids, pred, top, true = gather_argmax(ctx.service)
+        if release:
+            ctx.release()
+        row = {"time_features": time.perf_counter() - t, **M.size_stats(pred, self.cfg.cluster.k)}
+        if state.last_assign is not None:
+            row["nmi_prev"] = M.nmi(state.last_assign[ids], pred)
+        if true is not None:
+            row.update(M.evaluate(true, pred))
+        state.last_assign = by_id(ids, pred, -1)
+        return FinalClustering(ids, pred, (1.0 - top).astype(np.float32), true), row
+
+    def plan(self, ctx, model: nn.Module, state: DACState, round_idx: int) -> tuple[RoundPlan, dict]:
+        u, l = self.schedule().at(round_idx)
+        row = {"upper": u, "lower": l}
+        every = self.opts.eval_every
+        if every and round_idx % every == 0:
+            row.update(self._diagnose(ctx, model, state, round_idx, release=True)[1])
+        return RoundPlan(targets=PairThresholds(u, l)), row
+
+    def finalize(self, ctx, model: nn.Module, state: DACState, round_idx: int):
+        final, row = self._diagnose(ctx, model, state, round_idx, release=False)
+        u, l = self.schedule().at(round_idx)
+        done = "l >= u: every pair selected" if self.schedule().finished(round_idx) else "train.epochs rounds"
+        row.update({"upper": u, "lower": l, "stop_reason": done})
+        return final, row
+
+    def assign(self, ctx, model: nn.Module, artifacts: dict):
+        """A new image's cluster is the argmax of its label feature, its distance 1 - that entry."""
+        info = ctx.extract(self.extractor(model))
+        if not info["finite"] or not ctx.service.project(None, False):
+            raise NumericalError(0, "assign", "the label features of these images")
+        ids, pred, top, _ = gather_argmax(ctx.service)
+        return ids, pred, (1.0 - top).astype(np.float32)
+
+    # ---- all workers ----------------------------------------------------------------------------
+    def _augment(self, x: torch.Tensor, ids: np.ndarray, rep: np.ndarray, round_idx: int, step: int):
+        d = self.opts
+        if not d.augment:
+            return x
+        keyed = ids.astype(np.int64) * 64 + np.minimum(rep, 63)
+        stream = STREAM_DAC_AUGMENT + 8 * step
+        u = np.stack([hash_uniforms(keyed, self.cfg.train.seed, round_idx, stream + j) for j in range(5)], axis=1)
+        return random_affine(x, u, rotation_deg=d.rotation_deg, shift=d.shift, zoom=(d.zoom_min, d.zoom_max),
+                             flip=d.hflip)
+
+    def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DACState, round_idx: int) -> dict:
+        d = self.opts
+        upper, lower = plan.targets.upper, plan.targets.lower
+        size = self.cfg.model.input_size
+        seen = {"selected": 0.0, "same": 0.0, "steps": 0}
+        current: dict = {}  # the batch being trained on and its selection, across its inner steps
+
+        def repeated(batches):
+            for ids, rep, imgs in batches:
+                for step in range(d.inner_steps):
+                    current["step"] = step
+                    yield ids, rep, imgs
+
+        def loss_of(ids, rep, imgs):
+            x = resize_center(to_float(imgs), size).to(wctx.device)
+            if current["step"] == 0 and d.selection == "stopgrad":
+                with torch.no_grad(), frozen_bn_stats(model):
+                    current["select"] = similarity_matrix(wctx.all_gather(model(x)))
+            feats = wctx.all_gather(model(self._augment(x, ids, rep, round_idx, current["step"])))
+            sim = similarity_matrix(feats)
+            if d.selection == "same_batch":
+                current["select"] = sim.detach()
+            same, different = select_pairs(current["select"], upper, lower)
+            n_pairs = same.numel()
+            seen["selected"] += float((same | different).sum()) / n_pairs
+            seen["same"] += float(same.sum()) / n_pairs
+            seen["steps"] += 1
+            return pair_loss(sim, same, different, d.loss)
+
+        model.train()
+        torch.manual_seed(derive_seed(self.cfg.train.seed, round_idx, wctx.rank, 19))
+        stats = wctx.sgd_pass(repeated(wctx.batches(round_idx, batch_size=d.batch_size)), [wctx.optimizers["net"]],
+                              loss_of, epoch=round_idx, phase="train", what="the pair loss")
+        steps = max(seen["steps"], 1)
+        return {"loss": stats.loss, "selected_pairs": seen["selected"] / steps, "same_pairs": seen["same"] / steps,
+                "global_batch": d.batch_size * wctx.world, "train_images": stats.images, "time_train": stats.seconds,
+                "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
+
+
+METHOD = DAC

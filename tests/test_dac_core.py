@@ -1,0 +1,168 @@
+"""DAC's science against hand-computed values: selection, both losses, the schedules, the BatchNorm freeze,
+the augmentation, and the global-batch gather across two DDP workers."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from raydc.core.augment import random_affine
+from raydc.core.dac import (SCHEDULE_PRESETS, LabelFeatureNet, ThresholdSchedule, dac_convnet, frozen_bn_stats,
+                            label_features, pair_loss, select_pairs, similarity_matrix)
+
+S = torch.tensor([[1.00, 0.95, 0.30, 0.85],
+                  [0.95, 1.00, 0.20, 0.50],
+                  [0.30, 0.20, 1.00, 0.90],
+                  [0.85, 0.50, 0.90, 1.00]])
+
+
+def test_selection_on_a_4x4_matrix():
+    same, different = select_pairs(S, upper=0.9, lower=0.4)
+    expect_same = torch.eye(4, dtype=torch.bool)
+    for i, j in ((0, 1), (1, 0), (2, 3), (3, 2)):  # 0.95 and 0.90: at or above u
+        expect_same[i, j] = True
+    expect_diff = torch.zeros(4, 4, dtype=torch.bool)
+    for i, j in ((0, 2), (2, 0), (1, 2), (2, 1)):  # 0.30 and 0.20: below l
+        expect_diff[i, j] = True
+    assert torch.equal(same, expect_same) and torch.equal(different, expect_diff)  # 0.85, 0.50: left out
+
+
+def test_bce_is_over_the_selected_pairs_only_normalised_by_their_number():
+    s = S.clone().requires_grad_(True)
+    same, different = select_pairs(s.detach(), 0.9, 0.4)
+    loss = pair_loss(s, same, different, "bce")
+    by_hand = (2 * -math.log(0.95) + 2 * -math.log(0.90) + 2 * -math.log(0.7) + 2 * -math.log(0.8)) / 12
+    assert loss.item() == pytest.approx(by_hand, abs=1e-6)  # the diagonal's -log(1) terms count as pairs
+    loss.backward()
+    assert s.grad[0, 1].item() == pytest.approx(-1 / (0.95 * 12), rel=1e-5)   # "same": pull up
+    assert s.grad[0, 2].item() == pytest.approx(1 / (0.7 * 12), rel=1e-5)     # "different": push down
+    assert s.grad[0, 3].item() == 0 and s.grad[1, 3].item() == 0              # left out: no gradient
+
+
+def test_mse_binarises_every_pair_at_the_upper_threshold():
+    same, different = select_pairs(S, 0.9, 0.4)
+    loss = pair_loss(S, same, different, "mse")
+    by_hand = (2 * 0.05 ** 2 + 2 * 0.1 ** 2 + 2 * 0.3 ** 2 + 2 * 0.85 ** 2 + 2 * 0.2 ** 2 + 2 * 0.5 ** 2) / 16
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_no_selected_pair_gives_a_zero_loss_with_a_graph():
+    s = torch.full((3, 3), 0.6, requires_grad=True)
+    same, different = select_pairs(s.detach(), 0.99, 0.1)
+    loss = pair_loss(s, same, different, "bce")
+    loss.backward()
+    assert loss.item() == 0 and torch.count_nonzero(s.grad) == 0
+
+
+def test_label_features_are_unit_norm_and_non_negative():
+    f = label_features(torch.randn(5, 7) * 3)
+    assert torch.allclose(f.norm(dim=1), torch.ones(5)) and (f >= 0).all()
+    sim = similarity_matrix(f)
+    assert torch.allclose(sim.diagonal(), torch.ones(5)) and (sim >= 0).all() and (sim <= 1 + 1e-6).all()
+
+
+def test_official_schedule_meets_after_the_round_budget_and_the_paper_after_46_rounds():
+    epochs = 20
+    p = SCHEDULE_PRESETS["official"]
+    official = ThresholdSchedule(p["upper"], p["lower"], 1.0, 1.0, (p["upper"] - p["lower"]) / 2 / epochs)
+    u, l = official.at(1)
+    assert (u, l) == pytest.approx((0.99 - 0.19 / 40, 0.8 + 0.19 / 40))
+    assert not official.finished(epochs - 1) and official.finished(epochs)
+    paper = ThresholdSchedule(**{k: v for k, v in SCHEDULE_PRESETS["paper"].items()})
+    assert paper.at(0) == (0.95, 0.455)
+    assert paper.at(10) == pytest.approx((0.95 - 0.099, 0.455 + 0.0099))
+    assert not paper.finished(45) and paper.finished(46)
+
+
+def test_frozen_bn_stats_normalise_by_the_batch_without_updating_running_stats():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+    before = (net[1].running_mean.clone(), net[1].running_var.clone(), net[1].num_batches_tracked.clone())
+    x = torch.randn(16, 3) + 5
+    with torch.no_grad(), frozen_bn_stats(net):
+        y = net(x)
+    assert y.mean(0).abs().max() < 1e-4  # batch statistics were used
+    assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].running_var, before[1])
+    assert torch.equal(net[1].num_batches_tracked, before[2]) and net[1].momentum == 0.1
+    net(x)
+    assert not torch.equal(net[1].running_mean, before[0])  # outside the block, training updates them again
+
+
+def test_random_affine_centre_draws_are_the_identity_and_others_move_pixels():
+    x = torch.rand(3, 1, 12, 12)
+    centre = np.full((3, 5), 0.5)  # angle 0, shifts 0, zoom midpoint 1, no flip
+    torch.testing.assert_close(random_affine(x, centre, zoom=(1.0, 1.0)), x, atol=1e-5, rtol=0)
+    moved = random_affine(x, np.array([[0.9, 0.1, 0.8, 0.2, 0.5]] * 3), rotation_deg=10, shift=0.1)
+    assert (moved - x).abs().mean() > 0.05
+    flipped = random_affine(x, np.array([[0.5, 0.5, 0.5, 0.5, 0.0]] * 3), zoom=(1.0, 1.0), flip=True)
+    torch.testing.assert_close(flipped, x.flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant,size", [("mnist", 28), ("cifar", 32)])
+def test_reference_nets_give_k_scores(variant, size):
+    net = LabelFeatureNet(dac_convnet(1 if variant == "mnist" else 3, 10, variant=variant)).eval()
+    with torch.no_grad():
+        f = net(torch.randn(2, 1 if variant == "mnist" else 3, size, size))
+    assert f.shape == (2, 10) and torch.allclose(f.norm(dim=1), torch.ones(2))
+
+
+# ---- the global batch across DDP workers ------------------------------------------------------------------
+def _pair_step(rank: int, world: int, port: int, x: torch.Tensor, out: dict) -> None:
+    """One DAC step on rank's half of x through DDP and the engine's WorkerContext.all_gather."""
+    import torch.distributed as dist
+
+    from raydc.config import load_config
+    from raydc.engine.loop import WorkerContext
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = LabelFeatureNet(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)))
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    cfg = load_config(None, ["data.shards=unused"])
+    wctx = WorkerContext(cfg, None, None, rank, world, torch.device("cpu"), {}, 1, lambda m: None)
+    part = x.chunk(world)[rank]
+    feats = wctx.all_gather(ddp(part))
+    sim = similarity_matrix(feats)
+    same, different = select_pairs(sim.detach(), 0.7, 0.3)
+    loss = pair_loss(sim, same, different, "bce")
+    loss.backward()
+    out[rank] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, port, x, queue):
+    out: dict = {}
+    _pair_step(rank, world, port, x, out)
+    queue.put((rank, out[rank][0], [g.numpy() for g in out[rank][1]]))
+
+
+def test_two_ddp_workers_with_the_gather_equal_one_worker_with_the_doubled_batch():
+    import torch.multiprocessing as mp
+
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    single: dict = {}
+    _pair_step(0, 1, 0, x, single)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, x, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    loss1, grads1 = single[0]
+    for rank, loss2, grads2 in results:
+        assert loss2 == pytest.approx(loss1, rel=1e-5), rank
+        for g1, g2 in zip(grads1, grads2):
+            np.testing.assert_allclose(g2, g1.numpy(), rtol=1e-4, atol=1e-6)
+    # the selection really spans both halves: without the gather each worker would see an 8 x 8 block only
+    assert any(np.abs(g).sum() > 0 for g in results[0][2])

@@ -1,0 +1,141 @@
+"""DAC as an engine method: bad configs named before work starts, a tiny run in process through the engine's
+own control flow, then through the real engine (Ray Train, the feature pool, the shard actors), its resume from
+a mid-run checkpoint, and `raydc assign` / `evaluate` on the result."""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from raydc.config import Config, load_config
+from raydc.config_loader import from_dict
+from raydc.errors import ConfigError
+from raydc.methods.dac import DAC
+from tests.inprocess import run_method_in_process
+from tests.test_dec_method import K, PER_CLUSTER, SIDE, blobs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(shards: str, run_dir: str, **dac) -> Config:
+    return from_dict(Config, {
+        "method": "dac",
+        "data": {"shards": shards},
+        "model": {"arch": "smallconvnet", "sobel": False, "input_size": SIDE},
+        "cluster": {"k": K, "pca_dim": 0, "num_shards": 2},
+        "features": {"batch_size": 128},
+        "train": {"num_workers": 1, "seed": 5, "torch_threads": 1, "epochs": 4},
+        "dac": {"batch_size": 64, "lr": 0.003, "augment": False, **dac},
+        "run": {"dir": run_dir, "montage_per_cluster": 4},
+    })
+
+
+def manifest_for():
+    return SimpleNamespace(image_shape=[SIDE, SIDE, 1], mode="L", count=K * PER_CLUSTER)
+
+
+@pytest.mark.parametrize("sets,field", [
+    (["dac.upper=0.5", "dac.lower=0.6"], "dac.upper"),                         # u must start above l
+    (["cluster.k=1"], "cluster.k"),
+    (["dac.batch_size=300", "train.num_workers=2", "dac.max_global_batch=512"], "dac.batch_size"),
+    (["model.arch=dac_mnist", "model.input_size=16"], "model.input_size"),
+    (["model.arch=autoencoder"], "model.arch"),
+    (["dac.schedule=linear"], "dac.schedule"),
+])
+def test_bad_config_names_the_field_at_load(sets, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, ["method=dac", "data.shards=x", "cluster.pca_dim=0", *sets])
+
+
+def test_tiny_run_in_process_clusters_separated_blobs():
+    cfg = tiny_config("unused", "unused")
+    method, state, rows, final = run_method_in_process(DAC, cfg, blobs(), manifest_for())
+    train_rows, last = rows[:-1], rows[-1]
+    assert len(train_rows) == 4 and last["final"]
+    # the official schedule: u falls and l rises every round, by (0.99 - 0.8) / 2 / epochs
+    ups = [r["upper"] for r in train_rows]
+    assert ups == pytest.approx([0.99 - r * 0.19 / 8 for r in range(4)])
+    assert all(0 < r["selected_pairs"] <= 1 for r in train_rows) and all(np.isfinite(r["loss"]) for r in train_rows)
+    assert "nmi_prev" in train_rows[1] and "nmi_prev" in last
+    assert last["acc"] > 0.9, [r.get("acc") for r in rows]  # chance is about 0.25-0.3 for 4 balanced blobs
+    assert last["acc"] > train_rows[0]["acc"] + 0.2  # it learned: the untrained net's argmax is far worse
+    assert sorted(final.ids.tolist()) == list(range(K * PER_CLUSTER)) and (final.distances >= 0).all()
+    assert np.isfinite(last["silhouette"]) and last["stop_reason"] in ("l >= u: every pair selected",
+                                                                      "train.epochs rounds")
+
+
+def test_same_batch_selection_and_mse_run_too():
+    cfg = tiny_config("unused", "unused", selection="same_batch", loss="mse", schedule="paper")
+    cfg.train.epochs = 2
+    _, _, rows, _ = run_method_in_process(DAC, cfg, blobs(), manifest_for())
+    assert [r["upper"] for r in rows[:-1]] == pytest.approx([0.95, 0.95 - 0.0099])
+    assert all(np.isfinite(r["loss"]) for r in rows[:-1])
+
+
+# ---- through the real engine ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, ray_local):
+    from raydc.data.prepare import prepare
+    from raydc.engine.trainer import run_training
+
+    d = tmp_path_factory.mktemp("dac")
+    images, labels = blobs()
+    np.savez(d / "src.npz", images=images, labels=labels)
+    prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=150, progress=False)
+    cfg = tiny_config(str(d / "shards"), str(d / "run"), augment=True)
+    cfg.train.epochs = 3
+    run = run_training(cfg, log=lambda *a: None)
+    return cfg, run, d / "shards"
+
+
+@pytest.mark.ray
+def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from raydc.engine.assign import assign_images
+    from raydc.engine.evaluate import evaluate_run
+
+    cfg, run, shards = tiny_run
+    rows = run.read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[-1]["final"]
+    for r in rows[:-1]:
+        assert {"loss", "upper", "lower", "selected_pairs", "time_train", "time_features", "acc"} <= set(r)
+    assert rows[-1]["acc"] > 0.6
+    a = run.read_assignments()
+    assert sorted(a["id"].tolist()) == list(range(K * PER_CLUSTER))
+    for png in ("curves.png", "phases.png", "montage.png"):
+        assert (run.report_dir / png).stat().st_size > 1000, png
+    # `raydc assign` puts the training images where the run did (same model, argmax of the label feature)
+    path = assign_images(str(run.path), str(shards), str(tmp_path / "assigned.parquet"))
+    t = pq.read_table(path)
+    mine = dict(zip(t.column("id").to_pylist(), t.column("cluster").to_pylist()))
+    assert all(mine[i] == c for i, c in zip(a["id"].tolist(), a["cluster"].tolist()))
+    assert evaluate_run(str(run.path))["acc"] == pytest.approx(rows[-1]["acc"])
+
+
+@pytest.mark.ray
+def test_resume_from_a_mid_run_checkpoint_gives_the_same_result(tiny_run, tmp_path):
+    from raydc.engine.rundir import RunDir
+    from raydc.engine.trainer import run_training
+
+    cfg, run, _ = tiny_run
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "run"))
+    for p in [*copy.checkpoints()[1:], copy.clustering_path, copy.path / "assignments.parquet"]:
+        p.unlink()  # back to the state after round 0 (keep_checkpoints 2 kept rounds 1 and 2)
+    cfg.run.dir = str(copy.path)
+    run_training(cfg, resume=True, log=lambda *a: None)
+    a, b = run.read_assignments(), copy.read_assignments()
+    assert np.array_equal(a["id"], b["id"]) and np.array_equal(a["cluster"], b["cluster"])
+    ra, rb = run.read_metrics(), copy.read_metrics()
+    assert [r["round"] for r in ra] == [r["round"] for r in rb]
+    for key in ("loss", "selected_pairs", "acc", "nmi_prev"):
+        assert [r.get(key) for r in ra] == [r.get(key) for r in rb], key
