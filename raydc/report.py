@@ -21,7 +21,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 DPI = 100
-CURVE_KEYS: tuple[str, ...] = ("loss", "kmeans_objective", "nmi_prev", "acc", "nmi", "ari")
+# A tuple is one panel with one line per key (DAC's thresholds u and l share an axis, where they meet).
+CURVE_KEYS: tuple = ("loss", "kmeans_objective", ("upper", "lower"), "selected_pairs", "nmi_prev", "acc", "nmi",
+                     "ari")
 _PX_PER_PT = DPI / 72.0
 
 
@@ -182,26 +184,34 @@ def metric_curves(rows: Sequence[Mapping], path: str | os.PathLike, *, keys: Ite
 
     Each panel's title carries the last value, which is usually the number the reader came for.
     """
-    keys = list(keys)
-    series = {k: _series(rows, k) for k in keys}
-    present = [k for k in keys if series[k][1]]
+    panels = [k if isinstance(k, tuple) else (k,) for k in keys]
+    series = {k: _series(rows, k) for panel in panels for k in panel}
+    present = [panel for panel in panels if any(series[k][1] for k in panel)]
     n_cols = min(3, max(1, len(present)))
     n_rows = max(1, math.ceil(len(present) / n_cols))
     fig = Figure(figsize=(4.2 * n_cols, 3.0 * n_rows + 0.6), dpi=DPI, facecolor="white", layout="constrained")
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
     if not present:
-        _placeholder(fig, f"no values yet for {', '.join(keys)}")
+        _placeholder(fig, f"no values yet for {', '.join(k for panel in panels for k in panel)}")
         return _save_atomic(fig, path)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     # One x range for all panels, so epoch e sits at the same place in each (nmi_prev starts an epoch late).
-    x_lo = min(min(series[k][0]) for k in present)
-    x_hi = max(max(series[k][0]) for k in present)
+    x_lo = min(min(series[k][0]) for panel in present for k in panel if series[k][0])
+    x_hi = max(max(series[k][0]) for panel in present for k in panel if series[k][0])
     pad = max(1.0 if x_hi == x_lo else 0.5, 0.03 * (x_hi - x_lo))
-    for ax, key in zip(axes, present):
-        xs, ys = series[key]
-        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3.5, linewidth=1.5, color="tab:blue")
-        ax.set_title(f"{key}  (last {ys[-1]:.4g})", fontsize=10)
+    for ax, panel in zip(axes, present):
+        lasts = []
+        for key, color in zip(panel, ("tab:blue", "tab:orange", "tab:green")):
+            xs, ys = series[key]
+            if not ys:
+                continue
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3.5, linewidth=1.5, color=color,
+                    label=key)
+            lasts.append(f"{key} {ys[-1]:.4g}" if len(panel) > 1 else f"{key}  (last {ys[-1]:.4g})")
+        ax.set_title(", ".join(lasts) if len(panel) == 1 else "  ".join(lasts), fontsize=10)
+        if len(panel) > 1:
+            ax.legend(fontsize=8)
         ax.set_xlabel("epoch", fontsize=9)
         ax.set_xlim(x_lo - pad, x_hi + pad)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
