@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
-NAMES = ["kmeans", "features", "train", "epoch", "pca", "quality"]
+NAMES = ["kmeans", "features", "train", "dac", "epoch", "pca", "quality"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -283,18 +283,18 @@ def _sec_features(doc: dict, img: str) -> str:
     return s
 
 
-def _sec_train(doc: dict, img: str) -> str:
+def _sec_train(doc: dict, img: str, title: str = "Training") -> str:
     c = doc["config"]
     rows = []
     for n, r in doc["results"].items():
         ips = r["images_per_s"]
         rows.append([f"`{n}`", _f(ips["median"]), f"{_f(ips['q1'])}–{_f(ips['q3'])}", _f(r["seconds_per_pass"]["median"]),
                      _x(r["ratio_vs_plain"]), _f(r.get("fit_startup_s")), _f(r.get("loop_setup_s"))])
-    return (f"## Training\n\n{c['images']:,} MNIST images per pass, batch {c['batch_size']} per worker, "
+    return (f"## {title}\n\n{c['images']:,} MNIST images per pass, batch {c['batch_size']} per worker, "
             f"{c['passes']} passes per fit (first = warm-up, not counted). Ray side: {c['ray_side']}. Plain side: "
             f"{c['plain_side']}.\n\n"
             + _table(["path", "images/s", "IQR", "s per pass", "vs plain", "fit start-up s", "loop setup s"], rows)
-            + f"\n\n![train]({img})\n")
+            + f"\n\n![{title}]({img})\n")
 
 
 def _sec_epoch(doc: dict, img: str) -> str:
@@ -399,6 +399,10 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         plot_throughput({n: r["images_per_s"]["median"] for n, r in d["train"]["results"].items()},
                         "Training throughput (higher is better)", out / "train.png")
         lines.append(_sec_train(d["train"], rel("train.png")))
+    if "dac" in d:
+        plot_throughput({n: r["images_per_s"]["median"] for n, r in d["dac"]["results"].items()},
+                        "DAC pairwise training throughput (higher is better)", out / "dac.png")
+        lines.append(_sec_train(d["dac"], rel("dac.png"), title="DAC pairwise training"))
     if "epoch" in d:
         plot_epoch(d["epoch"], out / "epoch.png")
         lines.append(_sec_epoch(d["epoch"], rel("epoch.png")))
