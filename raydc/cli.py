@@ -77,13 +77,12 @@ def _dispatch(args) -> int:
         print(f"assignments written to {path}")
         return 0
     if args.command == "report":
-        from raydc.config import load_config
         from raydc.data.manifest import load_manifest
+        from raydc.engine.evaluate import open_run
         from raydc.runreport import write_run_report
-        from pathlib import Path
 
-        cfg = load_config(str(Path(args.run) / "config.yaml"))
-        paths = write_run_report(args.run, cfg.data.shards, load_manifest(cfg.data.shards))
+        run, cfg = open_run(args.run)
+        paths = write_run_report(run.path, cfg.data.shards, load_manifest(cfg.data.shards))
         print("\n".join(str(p) for p in paths))
         return 0
     if args.command == "evaluate":
