@@ -112,7 +112,10 @@ def _dispatch(args) -> int:
         from raydc.config import load_config
         from raydc.engine.trainer import run_training
 
+        from raydc.engine.paths import absolute_paths
+
         cfg = load_config(args.config, args.overrides)
+        absolute_paths(cfg)  # before anything reads them: a Ray job's cwd is a temporary copy (engine/paths.py)
         run_training(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
     if args.command == "assign":
