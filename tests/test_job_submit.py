@@ -1,9 +1,9 @@
 """The README's `ray job submit` section, run as written against a fresh `ray start --head`.
 
 The head is a real local one (127.0.0.1, its own ports, temp dir and HOME, token authentication on as Ray 2.60
-starts it), run with --block in its own process group, so the test stops exactly it (never `ray stop`, which
-would kill every Ray on the machine). Its PATH is the caller's without this virtualenv, so a bare `python`
-there is not one with raydc's dependencies: the job must bring them (the README's runtime env). The README's
+starts it on a machine that has run Ray before), run with --block in its own process group, so the test stops exactly it (never `ray stop`, which
+would kill every Ray on the machine). Its PATH puts this virtualenv last, so a bare `python` there is not
+one with raydc's dependencies: the job must bring them (the README's runtime env). The README's
 client commands run in bash with only its placeholders filled in (head address, token, `/shared`) and, for
 time, a smaller k and one epoch appended; the client has its own HOME, so the token step is what lets it in.
 """
@@ -63,8 +63,13 @@ def test_readme_job_submit_against_a_fresh_head(tmp_path, mnist_root):
     system_path = os.pathsep.join(p for p in base_env.get("PATH", "").split(os.pathsep) if Path(p) != bin_dir)
     (tmp_path / "head-home").mkdir()
     (tmp_path / "client-home").mkdir()
-    head_env = dict(base_env, HOME=str(tmp_path / "head-home"), PATH=system_path)
+    # The head's admin has `ray` on PATH, but after the system's own `python`.
+    head_env = dict(base_env, HOME=str(tmp_path / "head-home"), PATH=f"{system_path}{os.pathsep}{bin_dir}")
     client_env = dict(base_env, HOME=str(tmp_path / "client-home"), PATH=f"{bin_dir}{os.pathsep}{system_path}")
+    # The head's machine has run Ray before (any local ray.init() writes ~/.ray/auth_token), so `ray start
+    # --head` turns token authentication on, as in the issue this test reproduces.
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=head_env, check=True,
+                   capture_output=True, timeout=120)
     gcs, dash = free_port(), free_port()
     # Every port the head opens is its own: another Ray on this machine (a user's run, a parallel test
     # session) holds the defaults, and the job agent then fails to bind and jobs are never accepted.
@@ -98,7 +103,7 @@ def test_readme_job_submit_against_a_fresh_head(tmp_path, mnist_root):
                   .replace("/shared/", f"{shared}/").rstrip() + SMALL + "\n")
 
         # Without the token the client is refused: the token step is not decoration.
-        refused = _submit(script.replace(f"RAY_AUTH_TOKEN={token}", "RAY_AUTH_TOKEN_UNUSED=x"), client_env)
+        refused = _submit(script.replace(f"RAY_AUTH_TOKEN={token}", "RAYDC_UNUSED=x"), client_env)
         assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
 
         job = _submit(script, client_env)
