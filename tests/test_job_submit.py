@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,3 +125,4 @@ def test_readme_job_submit_against_a_fresh_head(tmp_path, mnist_root):
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
