@@ -14,9 +14,14 @@ import threading
 from raydc.errors import UserError
 
 
-class Terminated(BaseException):
+class Terminated(KeyboardInterrupt):
     """SIGTERM turned into an exception, so it unwinds like Ctrl-C (finally blocks, Ray's shutdown) and ends
-    with the resume hint instead of Ray's stack dumps."""
+    with the resume hint instead of Ray's stack dumps. A KeyboardInterrupt because Ray's blocking calls
+    (`ray.get` under `fit()`) check signals and pass on only KeyboardInterrupt: any other exception raised by a
+    handler there is discarded and the run goes on. Ray re-raises a fresh KeyboardInterrupt, hence the flag."""
+
+
+_terminated = False
 
 
 def _stop_message(command: str, how: str) -> str:
@@ -25,6 +30,8 @@ def _stop_message(command: str, how: str) -> str:
 
 def _sigterm_handler(command: str):
     def on_sigterm(signum, frame):
+        global _terminated
+        _terminated = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends it at once
         # Said now, not after unwinding: when the whole process group got the signal (`timeout`, a batch
         # scheduler), an embedded Ray died with us and the clean-up may never get as far as printing.
@@ -93,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"raydc: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) or _terminated:
+            return 143  # the handler has said so already
         print(_stop_message(args.command, "interrupted"), file=sys.stderr)
         return 130
-    except Terminated:
-        return 143
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
