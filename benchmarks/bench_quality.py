@@ -152,7 +152,7 @@ def _launch(ctx: Context, name: str) -> str:
     if not cfg_path.exists():
         return f"not launched: no {cfg_path.relative_to(REPO)}"
     ctx.ensure_ray()
-    cfg = load_config(str(cfg_path), [f"run.dir={REPO / 'runs' / name}"])
+    cfg = load_config(str(cfg_path), [f"run.dir={ctx.runs / name}"])
     run_training(cfg, overwrite=False, log=ctx.log)
     return "launched by the benchmark"
 
@@ -160,7 +160,7 @@ def _launch(ctx: Context, name: str) -> str:
 def run(ctx: Context) -> dict:
     runs = {}
     for name, meta in RUNS.items():
-        run_dir = REPO / "runs" / name
+        run_dir = ctx.runs / name
         launched = None
         if not (run_dir / "metrics.jsonl").exists() and ctx.run_quality and not ctx.quick:
             ctx.log(f"  launching {name} (--run-quality)")
@@ -175,7 +175,7 @@ def run(ctx: Context) -> dict:
         ctx.log(f"  {name}: {info['status']}" + (f", last row ACC {info['last_row'].get('acc')} NMI "
                                                   f"{info['last_row'].get('nmi')}" if "last_row" in info else ""))
     return {
-        "config": {"run_quality": ctx.run_quality, "runs_dir": str(REPO / "runs")},
+        "config": {"run_quality": ctx.run_quality, "runs_dir": str(ctx.runs)},
         "nmi_normalisation": {"raydc": "arithmetic (sklearn default: I / ((H(y) + H(c)) / 2))",
                               "papers_2016_2018": "geometric (I / sqrt(H(y) H(c))), as in DEC, DAC, DeepCluster"},
         "runs": runs,

@@ -167,6 +167,7 @@ class Context:
     mode: str                                   # "quick" or "full"
     out: Path = RESULTS_DIR
     work: Path = REPO / "tmp" / "bench"         # git-ignored scratch: shards, run directories
+    runs: Path = REPO / "runs"                  # where the quality benchmark looks for the long runs
     verbose: bool = False
     run_quality: bool = False
     ray_startup_s: float | None = None
@@ -187,6 +188,13 @@ class Context:
 
         from raydc.engine.runtime import configure_data_context
 
+        address = os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized() and address:
+            # Join a running Ray (the test session's, or a cluster's) instead of paying for a start of our own.
+            t0 = time.perf_counter()
+            ray.init(address=address, log_to_driver=self.verbose, configure_logging=False)
+            self.ray_startup_s, self.ray_start_attempts = time.perf_counter() - t0, 1
+            self.log(f"  joined Ray at {address} in {self.ray_startup_s:.1f}s")
         if not ray.is_initialized():
             # On a heavily loaded machine the raylet can miss Ray's start-up deadline: try again, twice.
             for attempt in range(1, 4):

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"results directory (default: --full {RESULTS_DIR}, --quick <work>/results-quick)")
     ap.add_argument("--work", type=Path, default=None,
                     help="scratch directory for shards and run directories (default <repo>/tmp/bench)")
+    ap.add_argument("--runs", type=Path, default=None,
+                    help="where the quality benchmark reads the long runs (default <repo>/runs)")
     ap.add_argument("--run-quality", action="store_true",
                     help="(--full) launch the quality runs (runs/fmnist3, runs/mnist, ...) that are missing: hours")
     ap.add_argument("--no-render", action="store_true", help="do not write RESULTS.md and plots")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(mode="quick" if args.quick else "full", verbose=args.verbose, run_quality=args.run_quality)
     if args.work:
         ctx.work = args.work.resolve()
+    if args.runs:
+        ctx.runs = args.runs.resolve()
     # The committed results are the full run's; a quick run (a smoke test) goes to the scratch directory
     # unless --out says otherwise, so `make bench-quick` never overwrites them.
     out = (args.out or (RESULTS_DIR if not args.quick else ctx.work / "results-quick")).resolve()

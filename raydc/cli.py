@@ -1,14 +1,51 @@
 """`raydc` command line: argument parsing only; the work lives in raydc.data and raydc.engine.
 
 User errors (bad config field, missing data, existing run directory) print one line and exit with code 2,
-without a traceback; anything else is a bug and keeps its traceback.
+without a traceback; anything else is a bug and keeps its traceback. Ctrl-C (130) and SIGTERM (143: a
+scheduler's kill, `ray job stop`, `timeout`) end the same way: one line saying how to resume.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from raydc.errors import UserError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so it unwinds like Ctrl-C (finally blocks, Ray's shutdown) and ends
+    with the resume hint instead of Ray's stack dumps. A KeyboardInterrupt because Ray's blocking calls
+    (`ray.get` under `fit()`) check signals and pass on only KeyboardInterrupt: any other exception raised by a
+    handler there is discarded and the run goes on. Ray re-raises a fresh KeyboardInterrupt, hence the flag."""
+
+
+_terminated = False
+
+
+def _stop_message(command: str, how: str) -> str:
+    return f"raydc: {how}" + ("; resume with --resume" if command == "train" else "")
+
+
+def _sigterm_handler(command: str):
+    def on_sigterm(signum, frame):
+        global _terminated
+        _terminated = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends it at once
+        # Said now, not after unwinding: when the whole process group got the signal (`timeout`, a batch
+        # scheduler), an embedded Ray died with us and the clean-up may never get as far as printing.
+        print(_stop_message(command, "terminated (SIGTERM)"), file=sys.stderr, flush=True)
+        raise Terminated()
+
+    return on_sigterm
+
+
+def _common_arguments() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (Train, Data, worker start-up); also RAYDC_VERBOSE=1")
+    return p
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,37 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="raydc", description="Deep clustering of images on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [_common_arguments()]
 
-    add_prepare_arguments(sub.add_parser("prepare", help="write Parquet image shards from a dataset"))
+    add_prepare_arguments(sub.add_parser("prepare", help="write Parquet image shards from a dataset",
+                                         parents=common))
 
-    p = sub.add_parser("train", help="train and cluster (DeepCluster or DEC, per the config's `method`)")
+    p = sub.add_parser("train", help="train and cluster (DeepCluster, DEC or DAC, per the config's `method`)",
+                       parents=common)
     _add_run_arguments(p)
 
-    p = sub.add_parser("assign", help="assign new images to a trained run's clusters")
+    p = sub.add_parser("assign", help="assign new images to a trained run's clusters", parents=common)
     p.add_argument("--run", required=True, help="a finished run directory")
     p.add_argument("--data", required=True, help="shard directory of the images to assign")
     p.add_argument("--out", help="output Parquet (default: RUN/assign-<shards name>.parquet)")
 
-    p = sub.add_parser("report", help="redraw a run's report (montage, curves) from its files")
+    p = sub.add_parser("report", help="redraw a run's report (montage, curves) from its files", parents=common)
     p.add_argument("--run", required=True)
 
-    p = sub.add_parser("evaluate", help="print ACC/NMI/ARI of a run's assignments against the shards' labels")
+    p = sub.add_parser("evaluate", help="print ACC/NMI/ARI of a run's assignments against the shards' labels",
+                       parents=common)
     p.add_argument("--run", required=True)
     p.add_argument("--nmi", default="arithmetic", choices=["arithmetic", "geometric", "min", "max"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raydc.engine.runtime import set_verbose
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live only there
+    # raydc.engine.runtime.init_ray puts this handler back after ray.init replaces it.
+    previous = signal.signal(signal.SIGTERM, _sigterm_handler(args.command)) if main_thread else None
     try:
         return _dispatch(args)
     except UserError as e:
         print(f"raydc: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("raydc: interrupted; resume with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) or _terminated:
+            return 143  # the handler has said so already
+        print(_stop_message(args.command, "interrupted"), file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args) -> int:
@@ -77,13 +129,12 @@ def _dispatch(args) -> int:
         print(f"assignments written to {path}")
         return 0
     if args.command == "report":
-        from raydc.config import load_config
         from raydc.data.manifest import load_manifest
+        from raydc.engine.evaluate import open_run
         from raydc.runreport import write_run_report
-        from pathlib import Path
 
-        cfg = load_config(str(Path(args.run) / "config.yaml"))
-        paths = write_run_report(args.run, cfg.data.shards, load_manifest(cfg.data.shards))
+        run, cfg = open_run(args.run)
+        paths = write_run_report(run.path, cfg.data.shards, load_manifest(cfg.data.shards))
         print("\n".join(str(p) for p in paths))
         return 0
     if args.command == "evaluate":

@@ -256,31 +256,44 @@ def size_histogram_plot(sizes: np.ndarray, path: str | os.PathLike, title: str |
     return _save_atomic(fig, path)
 
 
+TOTAL_KEY = "time_round"  # a round's wall time: the sum of its phases plus what no phase timed
+
+
 def _phases(rows: Sequence[Mapping]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
         for k in row:
-            if k.startswith("time_") and _numeric(row[k]) is not None:
+            if k.startswith("time_") and k != TOTAL_KEY and _numeric(row[k]) is not None:
                 seen.setdefault(k, None)
     return list(seen)
 
 
-def phase_breakdown_plot(rows: Sequence[Mapping], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Seconds per phase per epoch as stacked bars, from every `time_*` key, phases in first-seen order."""
-    phases = _phases(rows)
+def phase_stack(rows: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """The layers of the phases picture, bottom first: each timed phase, then `other` (the round's time that no
+    phase accounts for). `time_round` is the whole bar, never a layer: stacking it on its own parts would draw
+    every round twice as long as it took."""
+    layers = {p: np.array([_numeric(r.get(p)) or 0.0 for r in rows]) for p in _phases(rows)}
+    totals = np.array([_numeric(r.get(TOTAL_KEY)) for r in rows], dtype=float)  # None -> nan
+    if np.isfinite(totals).any():
+        parts = sum(layers.values()) if layers else np.zeros(len(rows))
+        layers["other"] = np.where(np.isfinite(totals), np.maximum(totals - parts, 0.0), 0.0)
+    return layers
+
+
+def _phase_figure(rows: Sequence[Mapping], title: str | None) -> Figure:
+    layers = phase_stack(rows)
     fig = Figure(figsize=(8, 3.8), dpi=DPI, facecolor="white", layout="constrained")
     fig.suptitle(title or "seconds per phase per epoch", fontsize=11, fontweight="bold")
-    if not phases or not rows:
+    if not layers or not rows:
         _placeholder(fig, "no time_* keys in the metrics yet")
-        return _save_atomic(fig, path)
+        return fig
     ax = fig.add_subplot()
     epochs = [(_numeric(r.get("epoch")) if _numeric(r.get("epoch")) is not None else float(i))
               for i, r in enumerate(rows)]
     bottom = np.zeros(len(rows))
-    colors = [f"C{i % 10}" for i in range(len(phases))]
     width = 0.8 * (min(np.diff(sorted(set(epochs)))) if len(set(epochs)) > 1 else 1.0)
-    for phase, color in zip(phases, colors):
-        v = np.array([_numeric(r.get(phase)) or 0.0 for r in rows])
+    for i, (phase, v) in enumerate(layers.items()):
+        color = "0.8" if phase == "other" else f"C{i % 10}"
         ax.bar(epochs, v, width=width, bottom=bottom, color=color,
                label=f"{phase.removeprefix('time_')}  (mean {v.mean():.3g} s)")
         bottom += v
@@ -291,7 +304,12 @@ def phase_breakdown_plot(rows: Sequence[Mapping], path: str | os.PathLike, title
     ax.grid(True, axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()  # reversed: the legend then reads like the stack
     ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save_atomic(fig, path)
+    return fig
+
+
+def phase_breakdown_plot(rows: Sequence[Mapping], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Seconds per phase per epoch as stacked bars (`phase_stack`): a bar is as tall as its round took."""
+    return _save_atomic(_phase_figure(rows, title), path)
 
 
 def write_report(run_dir: str | os.PathLike, rows: Sequence[Mapping], *,

@@ -1,7 +1,8 @@
 """The quick benchmark suite runs end to end and writes well-formed results. Never asserts speed.
 
-It runs `python -m benchmarks.run --quick` in a subprocess (the suite starts and stops its own Ray, as
-`make bench-quick` does) into a temporary results directory, then checks every expected JSON: present,
+It runs `python -m benchmarks.run --quick` in a subprocess that joins the test session's Ray through
+RAY_ADDRESS (`make bench-quick` starts its own; joining saves a start and a shutdown) into a temporary results
+directory, then checks every expected JSON: present,
 strict JSON (no NaN/Inf), the common keys, the benchmark's own keys, every number finite, every ratio
 positive; and RESULTS.md with its sections and plots.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,14 +49,28 @@ def _positive(x, what: str) -> None:
     assert isinstance(x, (int, float)) and math.isfinite(x) and x > 0, f"{what} = {x!r}"
 
 
+# The quality benchmark only reads the long runs' directories; these stand for one of each state it reports.
+FAKE_RUNS = {
+    "fmnist3": [{"epoch": 0, "acc": 0.5, "time_round": 2.0, "time_train": 1.5},
+                {"epoch": 1, "final": True, "acc": 0.625, "time_round": 1.0}],
+    "mnist": [{"epoch": 0, "acc": 0.25, "time_round": 3.0}],
+    "dec_mnist": [],
+}
+EXPECTED_STATUS = {"fmnist3": "finished", "mnist": "in progress", "dec_mnist": "empty", "dec_fmnist": "missing"}
+
+
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory, mnist_root):
+def quick_results(tmp_path_factory, mnist_root, ray_local):
     out = tmp_path_factory.mktemp("bench") / "results"
-    work = out.parent / "work"
-    env = dict(os.environ, RAYDC_DATA_ROOT=str(mnist_root), RAY_USAGE_STATS_ENABLED="0")
+    work, runs = out.parent / "work", out.parent / "runs"
+    for name, rows in FAKE_RUNS.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, RAYDC_DATA_ROOT=str(mnist_root), RAY_USAGE_STATS_ENABLED="0",
+               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--work", str(work)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=2300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--work", str(work),
+                           "--runs", str(runs)], cwd=REPO, env=env, capture_output=True, text=True, timeout=2300)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, f"suite failed ({wall:.0f}s):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     print(f"quick suite: {wall:.0f}s")  # the target is < 3 min on an idle 2-core machine; not asserted
@@ -135,9 +151,14 @@ def test_pca_and_quality_results(quick_results):
         _positive(a["whitened_scale"], f"pca {name} scale")
 
     q = _strict_load(quick_results / "quality.json")
-    assert set(q["runs"]) == {"fmnist3", "mnist", "dec_mnist", "dec_fmnist"}
-    for name, r in q["runs"].items():
-        assert r["status"] in {"missing", "empty", "in progress", "finished"}, (name, r["status"])
+    # Each run's status and numbers are read from its directory, not assumed.
+    assert {name: r["status"] for name, r in q["runs"].items()} == EXPECTED_STATUS
+    fm = q["runs"]["fmnist3"]
+    assert fm["rows"] == 2 and fm["last_row"]["acc"] == 0.625 and fm["last_row"]["final"] is True
+    assert fm["wall_s_rounds"] == pytest.approx(3.0) and fm["phase_seconds"] == {"train": 1.5}
+    assert q["runs"]["mnist"]["rows"] == 1 and q["runs"]["mnist"]["last_row"]["acc"] == 0.25
+    for name in q["runs"]:  # every run it reports is one a shipped config produces
+        assert (REPO / "jobs" / "configs" / f"{name}.yaml").exists(), name
     assert q["published"] and "arithmetic" in q["nmi_normalisation"]["raydc"]
 
 
@@ -150,3 +171,6 @@ def test_results_md_rendered(quick_results):
         p = quick_results / png
         assert p.exists() and p.stat().st_size > 1000, png
         assert f"]({png})" in md
+    quality = md[md.index("## Clustering quality"):]
+    for name, status in EXPECTED_STATUS.items():
+        assert re.search(rf"\| `runs/{name}` \|[^\n]*\| {status} \|", quality), (name, status)

@@ -6,10 +6,29 @@ from raydc.errors import ConfigError, UserError
 from tests.conftest import REPO
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load_and_do_not_collide():
+    """Every shipped config loads and round-trips. Two configs never share a run directory (the second would
+    refuse to start or, with --overwrite, delete the first's results), and configs sharing a shard directory
+    describe the same data: `train` prepares shards only when they are missing, so the second config would
+    otherwise train on the first one's images without a word."""
+    run_dirs, shard_data = {}, {}
     for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
         cfg = load_config(str(path))
-        assert cfg.data.shards, path
+        assert from_dict(Config, read_yaml_text(dump_yaml(cfg))) == cfg, path.name
+        assert cfg.run.dir not in run_dirs, f"{path.name} and {run_dirs.get(cfg.run.dir)} share run.dir"
+        run_dirs[cfg.run.dir] = path.name
+        d = cfg.data
+        what = (d.source, d.split, tuple(d.classes or ()), d.limit)
+        if d.source is not None:
+            first = shard_data.setdefault(d.shards, (what, path.name))
+            assert first[0] == what, f"{path.name} and {first[1]} share data.shards={d.shards} but not the data"
+    assert len(run_dirs) >= 7
+
+
+def read_yaml_text(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def test_unknown_field_is_named():

@@ -10,7 +10,8 @@ import pytest
 from raydc.data.manifest import load_manifest
 from raydc.data.prepare import prepare
 from raydc.data.sources import ArrayPart, ArraySource
-from raydc.engine.datasets import DecodeBatch, decode_dataset, decoded_batches, read_shards
+from raydc.data.decode import decode_batch
+from raydc.engine.datasets import read_shards
 from raydc.errors import DataError
 
 
@@ -33,6 +34,12 @@ def collect(batches) -> dict[str, np.ndarray]:
         for k, v in b.items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def decoded_batches(data, manifest, batch_size, size=None, channels=None):
+    """uint8 NHWC batches from a Dataset or a Ray Train shard (`DataIterator`), decoded here as a worker does."""
+    for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield decode_batch(batch, manifest, size=size, channels=channels)
 
 
 @pytest.mark.ray
@@ -60,24 +67,6 @@ def test_columns_and_data_iterator(ray_local, small_shards):
     (it,) = read_shards(shards).streaming_split(1)
     got = collect(decoded_batches(it, load_manifest(shards), batch_size=200, size=14, channels=3))
     assert got["image"].shape == (1000, 14, 14, 3) and np.array_equal(np.sort(got["id"]), np.arange(1000))
-
-
-@pytest.mark.ray
-def test_decode_in_actor_pool_and_tasks(ray_local, small_shards):
-    import ray
-
-    shards, images, _ = small_shards
-    m = load_manifest(shards)
-    # Two fractional actors on two CPUs leave room for the read tasks (a 1-CPU pool can starve them and hang).
-    ds = read_shards(shards).map_batches(
-        DecodeBatch, fn_constructor_kwargs={"manifest": m}, compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.5, batch_size=250, batch_format="numpy")
-    got = collect(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    assert got["image"].shape == (1000, 1, 28, 28) and got["image"].dtype == np.float32
-    assert np.allclose(got["image"][:, 0] * 255, images[got["id"]], atol=1e-3)
-    tasks = collect(decode_dataset(read_shards(shards), m, size=16).iter_batches(batch_size=None,
-                                                                                 batch_format="numpy"))
-    assert tasks["image"].shape == (1000, 1, 16, 16) and np.array_equal(np.sort(tasks["id"]), np.arange(1000))
 
 
 def _live_bytes() -> int:

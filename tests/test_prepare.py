@@ -72,6 +72,45 @@ def test_missing_root_names_the_fixes(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists(), "a bad root must fail before the output directory is touched"
 
 
+def test_empty_data_root_is_an_error_not_the_current_directory(tmp_path, monkeypatch):
+    # Path("") is the current directory: with RAYDC_DATA_ROOT="" and the shell sitting in a datasets folder,
+    # prepare used to read whatever lay there without a word.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYDC_DATA_ROOT", "")
+    for root in (None, ""):
+        with pytest.raises(DataError, match="RAYDC_DATA_ROOT is set but empty"):
+            prepare("mnist", tmp_path / "out", root=root, progress=False)
+    from raydc.config import DataConfig
+
+    with pytest.raises(DataError, match="RAYDC_DATA_ROOT is set but empty"):  # train's path: data.root unset
+        prepare_from_config(DataConfig(shards=str(tmp_path / "out"), source="mnist"), progress=False)
+    monkeypatch.delenv("RAYDC_DATA_ROOT")
+    for source in ("mnist", "folder", "npz"):
+        with pytest.raises(DataError, match="empty string"):
+            prepare(source, tmp_path / "out", root="", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_names_config_fields_not_prepare_flags(tmp_path, monkeypatch, capsys):
+    """`raydc train` prepares missing shards from the config; it takes no --root/--download, so its error
+    must name data.root / data.download (or RAYDC_DATA_ROOT)."""
+    from raydc.cli import main
+    from raydc.config import DataConfig
+
+    monkeypatch.delenv("RAYDC_DATA_ROOT", raising=False)
+    for root_args in ([], ["--set", f"data.root={tmp_path / 'nowhere'}"], ["--set", f"data.root={tmp_path}"]):
+        code = main(["train", "--set", f"data.shards={tmp_path / 'shards'}", "--set", "data.source=mnist",
+                     "--set", f"run.dir={tmp_path / 'run'}", *root_args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert "data.root" in err and "data.download" in err and "RAYDC_DATA_ROOT" in err, err
+        assert "--root" not in err and "--download" not in err, err
+    with pytest.raises(DataError, match="set data.root in the config"):
+        prepare_from_config(DataConfig(
+            shards=str(tmp_path / "s"), source="folder", root=str(tmp_path / "no-folder")), progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+
+
 def test_data_root_from_environment(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDC_DATA_ROOT", str(mnist_root))
     m = prepare("mnist", tmp_path / "m", split="train", limit=50, progress=False)
@@ -137,7 +176,13 @@ def test_folder_strict_names_the_corrupt_file(tmp_path):
     with pytest.raises(DataError, match="--strict") as e:
         prepare("folder", tmp_path / "shards", root=tmp_path / "imgs", strict=True, progress=False)
     assert "noise.jpg" in str(e.value) or "broken.png" in str(e.value)
-    assert not (tmp_path / "shards" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "shards").exists(), "a failed prepare must not leave the directory it created"
+    # A directory the user made beforehand stays (empty), and so does everything above a created one.
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "mine", tmp_path / "mine" / "a" / "b"):
+        with pytest.raises(DataError, match="--strict"):
+            prepare("folder", out, root=tmp_path / "imgs", strict=True, progress=False)
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
 
 
 def test_folder_unlabeled_and_uniform(tmp_path):

@@ -125,6 +125,25 @@ def test_phase_breakdown(tmp_path):
     _no_tmp(tmp_path)
 
 
+def test_phase_bars_are_as_tall_as_the_round():
+    # The loop writes time_round (wall time of the round) beside its parts; the parts here leave 0.5 s
+    # untimed in round 0 and exactly none in round 1. Stacking time_round as a layer doubled every bar.
+    rows = [{"epoch": 0, "time_features": 1.0, "time_kmeans": 0.5, "time_train": 4.0, "time_round": 6.0},
+            {"epoch": 1, "time_features": 1.0, "time_kmeans": 0.5, "time_train": 4.5, "time_round": 6.0},
+            {"epoch": 2, "final": True, "time_features": 2.0}]  # a final row without time_round
+    layers = report.phase_stack(rows)
+    assert list(layers) == ["time_features", "time_kmeans", "time_train", "other"]
+    np.testing.assert_allclose(layers["other"], [0.5, 0.0, 0.0])
+    fig = report._phase_figure(rows, "t")
+    (ax,) = fig.axes
+    tops = {}
+    for bar in ax.patches:
+        x = round(bar.get_x() + bar.get_width() / 2)
+        tops[x] = max(tops.get(x, 0.0), bar.get_y() + bar.get_height())
+    assert tops == pytest.approx({0: 6.0, 1: 6.0, 2: 2.0})
+    assert "round" not in " ".join(ax.get_legend_handles_labels()[1])
+
+
 def test_write_report(tmp_path):
     run = tmp_path / "run-1"
     paths = write_report(run, _rows())

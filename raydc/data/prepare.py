@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import raydc
 from raydc.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, fsync_dir,
                                  sha256_file, write_manifest)
-from raydc.data.sources import SPLITS, TORCHVISION_SOURCES, Item, Source, filtered, mode_for_channels, open_source
+from raydc.data.sources import (CLI_HELP, CONFIG_HELP, SPLITS, TORCHVISION_SOURCES, Item, RootHelp, Source, filtered,
+                                mode_for_channels, open_source)
 from raydc.errors import DataError, UserError
 
 # A shard is flushed early when its buffered image bytes pass this, so a large rows_per_shard on big images can
@@ -136,10 +137,11 @@ class ShardWriter:
 def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.PathLike | None = None,
             split: str = "all", classes: Sequence[int] | None = None, limit: int | None = None,
             rows_per_shard: int = 10_000, overwrite: bool = False, strict: bool = False, download: bool = False,
-            labels_from_folders: bool = True, progress: bool = True) -> Manifest:
+            labels_from_folders: bool = True, progress: bool = True, root_help: RootHelp = CLI_HELP) -> Manifest:
     """Write `source` as shards under `out` and return the manifest. `source` is a name (see
     `raydc.data.sources.SOURCE_NAMES`) or an opened `Source`; for `folder` `root` is the image folder, for `npz`
-    the file, for torchvision datasets the data root (default $RAYDC_DATA_ROOT)."""
+    the file, for torchvision datasets the data root (default $RAYDC_DATA_ROOT). `root_help` says how the
+    user sets that root in error messages (prepare's flags, or a config's fields when training prepares)."""
     if rows_per_shard < 1:
         raise UserError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if limit is not None and limit < 1:
@@ -152,9 +154,10 @@ def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.Path
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     # Open the source first: a wrong --root must fail before an existing shard directory is touched.
     src = source if isinstance(source, Source) else open_source(
-        source, root, split=split, download=download, labels_from_folders=labels_from_folders, strict=strict)
+        source, root, split=split, download=download, labels_from_folders=labels_from_folders, strict=strict,
+        root_help=root_help)
     out_dir = Path(out).expanduser().resolve()
-    _claim_out_dir(out_dir, overwrite)
+    created = _claim_out_dir(out_dir, overwrite)
 
     writer = ShardWriter(out_dir, src.encoding, rows_per_shard, src.has_labels)
     total = src.size_hint(classes)
@@ -188,6 +191,8 @@ def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.Path
         write_manifest(manifest, out_dir)
     except BaseException:
         writer.abort()
+        if created:  # a failed prepare (--strict on a corrupt file, no images) leaves nothing it made behind
+            _remove_empty_dirs(out_dir, created)
         raise
     return manifest
 
@@ -199,18 +204,20 @@ def prepare_from_config(data_cfg, overwrite: bool = False, progress: bool = True
                         f"data.source (and data.root) so the shards can be prepared, or run `raydc prepare`")
     return prepare(data_cfg.source, data_cfg.shards, root=data_cfg.resolved_root(), split=data_cfg.split,
                    classes=data_cfg.classes, limit=data_cfg.limit, rows_per_shard=data_cfg.rows_per_shard,
-                   download=data_cfg.download, overwrite=overwrite, progress=progress)
+                   download=data_cfg.download, overwrite=overwrite, progress=progress, root_help=CONFIG_HELP)
 
 
-def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _claim_out_dir(out_dir: Path, overwrite: bool) -> Path | None:
+    """Make `out_dir` ours; returns the outermost directory this call created (None if it existed)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output {out_dir} exists and is not a directory; choose another --out")
+    created = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / MANIFEST_NAME
     ours = sorted(p for p in out_dir.iterdir()
                   if p.name.startswith(MANIFEST_NAME) or (p.name.startswith("shard-") and ".parquet" in p.name))
     if not ours:
-        return
+        return created
     if not overwrite:
         what = "a prepared dataset" if manifest.exists() else \
             f"{len(ours)} shard file(s) without a manifest (an interrupted prepare?)"
@@ -222,6 +229,18 @@ def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
     for p in ours:
         if p.exists():
             p.unlink()
+    return created
+
+
+def _remove_empty_dirs(out_dir: Path, top: Path) -> None:
+    """Remove `out_dir` and its parents up to `top` while they are empty (never a file a user put there)."""
+    for d in [out_dir, *out_dir.parents]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 def _fsync_file(path: Path) -> None:

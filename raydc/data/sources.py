@@ -29,7 +29,24 @@ SPLITS = ("train", "test", "all")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
 # PIL modes with one intensity channel: decoding converts them to "L"; everything else becomes "RGB".
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-_ROOT_HELP = "set RAYDC_DATA_ROOT to your datasets folder, pass --root DIR, or opt in to downloading with --download"
+
+
+class RootHelp(NamedTuple):
+    """How the caller's user names the data root and the download switch: `raydc prepare` takes flags, while
+    `raydc train` prepares from a config and accepts no such flags, so its errors must name config fields."""
+    datasets: str      # how to point at a folder of torchvision datasets
+    path: str          # how to point at an image folder or an .npz file
+    download: str
+
+
+CLI_HELP = RootHelp(datasets="set RAYDC_DATA_ROOT to your datasets folder or pass --root DIR",
+                    path="pass --root PATH", download="--download")
+CONFIG_HELP = RootHelp(datasets="set data.root in the config (or RAYDC_DATA_ROOT) to your datasets folder",
+                       path="set data.root in the config", download="data.download: true")
+
+
+def _root_help(h: RootHelp) -> str:
+    return f"{h.datasets}, or opt in to downloading with {h.download}"
 
 
 class Item(NamedTuple):
@@ -160,15 +177,17 @@ def _tv_expected_location(name: str, root: Path) -> Path:
 
 
 def torchvision_source(name: str, root: str | os.PathLike | None, split: str = "all",
-                       download: bool = False) -> ArraySource:
+                       download: bool = False, root_help: RootHelp = CLI_HELP) -> ArraySource:
     import torchvision.datasets as tvd
 
+    fix = _root_help(root_help)
+
     if root is None:
-        raise DataError(f"no data root for source {name!r}: {_ROOT_HELP}. The root is the folder that holds "
+        raise DataError(f"no data root for source {name!r}: {fix}. The root is the folder that holds "
                         f"{_tv_expected_location(name, Path('<root>')).relative_to('<root>')} in torchvision's layout")
     root_path = Path(root).expanduser().resolve()
     if not root_path.is_dir() and not download:
-        raise DataError(f"data root {root_path} does not exist (looked there for {name}); {_ROOT_HELP}")
+        raise DataError(f"data root {root_path} does not exist (looked there for {name}); {fix}")
     splits = _tv_splits(name, split)
     cls = getattr(tvd, _TV_CLASSES[name])
     parts, class_names = [], None
@@ -178,7 +197,7 @@ def torchvision_source(name: str, root: str | os.PathLike | None, split: str = "
             ds = cls(str(root_path), download=download, **kwargs)
         except (RuntimeError, OSError) as e:
             raise DataError(f"{name} ({s} split) not found under data root {root_path}: looked in "
-                            f"{_tv_expected_location(name, root_path)} ({e}); {_ROOT_HELP}") from None
+                            f"{_tv_expected_location(name, root_path)} ({e}); {fix}") from None
         labels = getattr(ds, "targets", None)
         if labels is None:
             labels = getattr(ds, "labels", None)
@@ -201,13 +220,13 @@ def _tv_splits(name: str, split: str) -> list[str]:
 
 # --- npz -------------------------------------------------------------------------------------------------
 
-def npz_source(path: str | os.PathLike | None) -> ArraySource:
+def npz_source(path: str | os.PathLike | None, root_help: RootHelp = CLI_HELP) -> ArraySource:
     """An `.npz` with `images` and optional `labels`; uncompressed or compressed, `images` is streamed in chunks."""
     if path is None:
-        raise DataError("source 'npz' needs the .npz file: pass --root FILE.npz (data.root)")
+        raise DataError(f"source 'npz' needs the .npz file: {root_help.path} to it")
     p = Path(path).expanduser().resolve()
     if not p.is_file():
-        raise DataError(f"npz file {p} does not exist; pass --root FILE.npz (data.root) or set RAYDC_DATA_ROOT")
+        raise DataError(f"npz file {p} does not exist; {root_help.path} to an existing .npz file")
     try:
         with zipfile.ZipFile(p) as zf:
             members = set(zf.namelist())
@@ -275,12 +294,13 @@ class FolderSource(Source):
     crash in the middle of a training epoch; unreadable files are skipped and listed, or raise under `strict`.
     """
 
-    def __init__(self, root: str | os.PathLike | None, labels_from_folders: bool = True, strict: bool = False):
+    def __init__(self, root: str | os.PathLike | None, labels_from_folders: bool = True, strict: bool = False,
+                 root_help: RootHelp = CLI_HELP):
         if root is None:
-            raise DataError("source 'folder' needs the image folder: pass --root DIR (data.root)")
+            raise DataError(f"source 'folder' needs the image folder: {root_help.path} to it")
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
-            raise DataError(f"image folder {self.root} does not exist; pass --root DIR (data.root) pointing at it")
+            raise DataError(f"image folder {self.root} does not exist; {root_help.path} to an existing folder")
         self.name, self.location, self.encoding = "folder", str(self.root), "encoded"
         self.strict = strict
         self.skipped = []
@@ -360,18 +380,30 @@ def _list_images(root: Path) -> list[str]:
 # --- entry point -----------------------------------------------------------------------------------------
 
 def open_source(name: str, root: str | os.PathLike | None = None, *, split: str = "all", download: bool = False,
-                labels_from_folders: bool = True, strict: bool = False) -> Source:
+                labels_from_folders: bool = True, strict: bool = False, root_help: RootHelp = CLI_HELP) -> Source:
     """Open a source by name. For torchvision sources `root` defaults to $RAYDC_DATA_ROOT; for `folder` it is
-    the image folder and for `npz` the file, and must be given."""
+    the image folder and for `npz` the file, and must be given. An empty root is an error, not the current
+    directory (which is what `Path("")` would silently mean)."""
     if name not in SOURCE_NAMES:
         raise DataError(f"unknown source {name!r}; expected one of {', '.join(SOURCE_NAMES)}")
+    env = os.environ.get("RAYDC_DATA_ROOT")
+    env_empty = env is not None and not env.strip()
+    if root is not None and not str(root).strip():
+        if env_empty and name in TORCHVISION_SOURCES:
+            root = None  # the empty value came from (or matches) the environment: name the variable below
+        else:
+            raise DataError(f"the data root for source {name!r} is an empty string; "
+                            f"{root_help.path if name in ('folder', 'npz') else root_help.datasets}")
     if name == "folder":
-        return FolderSource(root, labels_from_folders=labels_from_folders, strict=strict)
+        return FolderSource(root, labels_from_folders=labels_from_folders, strict=strict, root_help=root_help)
     if name == "npz":
-        return npz_source(root)
+        return npz_source(root, root_help=root_help)
     if root is None:
-        root = os.environ.get("RAYDC_DATA_ROOT") or None
-    return torchvision_source(name, root, split=split, download=download)
+        if env_empty:
+            raise DataError("RAYDC_DATA_ROOT is set but empty (it would mean the current directory): set it to "
+                            "the folder holding your datasets, or unset it")
+        root = env or None
+    return torchvision_source(name, root, split=split, download=download, root_help=root_help)
 
 
 def filtered(items: Iterable[Item], limit: int | None) -> Iterator[Item]:

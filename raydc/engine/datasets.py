@@ -1,4 +1,4 @@
-"""Prepared shards as Ray Datasets, and the decode step that turns their bytes into model inputs.
+"""Prepared shards as Ray Datasets (consumers decode their bytes with `raydc.data.decode.decode_batch`).
 
 The manifest, not a directory glob, decides which files are read: stray files and leftovers of an interrupted
 prepare are never picked up. Read tasks ask for a fraction of a CPU because on a small machine a 1-CPU read
@@ -8,16 +8,13 @@ collected on the driver: batches stream through the object store.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from raydc.data.decode import decode_batch, to_float_nchw
 from raydc.data.manifest import Manifest, load_manifest, verify_shards
 from raydc.errors import DataError
 
@@ -77,35 +74,3 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
     if columns is not None:
         ds = ds.select_columns(list(columns))
     return ds
-
-
-def decoded_batches(data: Any, manifest: Manifest, batch_size: int, size: int | None = None,
-                    channels: int | None = None, **iter_kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-    """uint8 NHWC batches ({"id", "image", "label"?}) from a Dataset or a Ray Train shard (`DataIterator`):
-    both have `iter_batches`. Decoding happens in the consuming process."""
-    for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy", **iter_kwargs):
-        yield decode_batch(batch, manifest, size=size, channels=channels)
-
-
-class DecodeBatch:
-    """`Dataset.map_batches` UDF: shard rows to {"id", "image" float32 NCHW in [0, 1], "label"?}.
-
-    A class so actor pools build it once per actor (`map_batches(DecodeBatch, fn_constructor_kwargs=...)`);
-    an instance also works as a plain function for task-based `map_batches`. The manifest is small and
-    picklable, so passing it by value is fine."""
-
-    def __init__(self, manifest: Manifest, size: int | None = None, channels: int | None = None):
-        self.manifest, self.size, self.channels = manifest, size, channels
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = decode_batch(batch, self.manifest, size=self.size, channels=self.channels)
-        out["image"] = to_float_nchw(out["image"])
-        return out
-
-
-def decode_dataset(ds: ray.data.Dataset, manifest: Manifest, *, size: int | None = None,
-                   channels: int | None = None, batch_size: int = 256, num_cpus: float = 0.5) -> ray.data.Dataset:
-    """Decode in Ray tasks (fractional CPUs, for the starvation reason above), for pipelines that decode
-    upstream of an actor pool rather than inside it."""
-    return ds.map_batches(DecodeBatch(manifest, size=size, channels=channels), batch_size=batch_size,
-                          batch_format="numpy", num_cpus=num_cpus)

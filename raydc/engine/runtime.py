@@ -3,12 +3,47 @@
 `ray job submit` runs the entry point on a cluster node with RAY_ADDRESS set: we join that cluster. On a
 laptop nothing is running: we start an embedded local Ray (CPU only is fine). Ray Data's `preserve_order` is
 switched on so a run with the same seed reads rows in the same order (determinism on CPU, and exact resume).
+
+Output: by default a run prints its own lines only (one per round from the Train worker, the driver's few);
+Ray's chatter (Train controller and worker-start messages, Ray Data, faiss and other actors' output, raylet
+warnings, dedup notes) shows with `--verbose` or RAYDC_VERBOSE=1. Worker lines used to appear twice: Ray Train
+V2 patches `print` in its workers to log to the root logger, whose console handler writes to stderr, and tees
+to the original `print` as well because Ray replaced `sys.stdout` in every worker; with `log_to_driver` both
+copies reach the driver. RAY_TRAIN_ENABLE_PRINT_PATCH=0 (propagated by Train to its controller and workers)
+removes the copy at its source, verbose or not.
 """
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 
 from raydc.config import RayConfig
+
+VERBOSE_ENV = "RAYDC_VERBOSE"
+# Actors whose stdout is the run's own output; everything else is Ray's or a library's chatter.
+_OWN_OUTPUT_ACTORS = ("RayTrainWorker",)
+
+
+def verbose() -> bool:
+    """True when the user asked for Ray's own output: `--verbose` sets RAYDC_VERBOSE, which `ray job submit`
+    users can set themselves (`--runtime-env-json '{"env_vars": {"RAYDC_VERBOSE": "1"}}'`)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_verbose(on: bool) -> None:
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def train_run_config_kwargs(verbose_output: bool | None = None) -> dict:
+    """Arguments for `ray.train.RunConfig`: Ray Train's own INFO lines (worker-group start, and a
+    `Reporting training result N: TrainingReport(...)` dump of every metrics dict) only when verbose."""
+    from ray.train import LoggingConfig
+
+    on = verbose() if verbose_output is None else verbose_output
+    return {"logging_config": LoggingConfig(log_level="INFO" if on else "WARNING")}
 
 
 def local_cpus(cfg: RayConfig, train_cpus: float) -> int:
@@ -23,18 +58,86 @@ def local_cpus(cfg: RayConfig, train_cpus: float) -> int:
     return int((os.cpu_count() or 1) + max(0.0, train_cpus) + 0.999)
 
 
-def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool = True) -> None:
+def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = None) -> None:
+    """Start or join Ray. `quiet` (default: not `verbose()`) keeps Ray's output off the console."""
+    import logging
+
     import ray
 
+    quiet = not verbose() if quiet is None else quiet
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the doubled lines: see the module docstring
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         # The dashboard brings the state API that Ray Train's placement-group cleaner and Tune's early stopping use.
         kwargs = dict(log_to_driver=True, configure_logging=not quiet)
+        if quiet:
+            # ray.init's own notices (token authentication, dashboard URL) go through the `ray` logger.
+            logging.getLogger("ray").setLevel(logging.ERROR)
+        # ray.init replaces the process's SIGTERM handler with a bare sys.exit; keep the caller's (raydc's CLI
+        # turns SIGTERM into a clean exit with a resume hint).
+        sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         if address:
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", num_cpus=local_cpus(cfg, train_cpus), **kwargs)
+        if sigterm not in (None, signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(signal.SIGTERM, sigterm)
+        if quiet:
+            _forward_own_output_only()
+    if quiet:
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     configure_data_context()
+
+
+def _own_output(data: dict) -> bool:
+    return not data.get("is_err") and str(data.get("actor_name") or "").startswith(_OWN_OUTPUT_ACTORS)
+
+
+def _forward_own_output_only() -> None:
+    """Replace Ray's worker-log printer in this driver with one that prints only the Train workers' stdout,
+    without Ray's `(RayTrainWorker pid=...)` prefix: that is where the per-round line comes from. Stderr of every
+    worker (warnings, Ray Train's logger) and all other actors, tasks and the raylet are left out; a failure
+    still reaches the user through the exception `fit()` raises. Ray's internal hook is used because Ray has
+    no public filter; if it moves, Ray's default (prefixed, complete) output stays."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def print_own(data: dict) -> None:
+        if _own_output(data):
+            lines = data.get("lines") or []
+            if lines:
+                sys.stdout.write("".join(f"{line}\n" for line in lines))
+                sys.stdout.flush()
+
+    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", ())):
+        return  # log_to_driver is off, or Ray changed how it prints: leave it alone
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_own)
+    _drop_worker_start_warnings()
+
+
+def _drop_worker_start_warnings() -> None:
+    """Errors the cluster pushes to the driver (a worker killed for memory, a node lost) are printed by
+    `ray._private.worker.print_to_stdstream` and stay visible; only the raylet's "N PYTHON worker processes
+    have been started" warning, which every run on a small machine triggers (the feature pool, shard actors
+    and Ray Data all start workers at once), is dropped."""
+    import ray._private.worker as w
+
+    original = getattr(w, "print_to_stdstream", None)
+    if original is None or getattr(original, "_raydc_quiet", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet" and any("PYTHON worker processes have been started" in str(line)
+                                               for line in data.get("lines") or ()):
+            return
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream._raydc_quiet = True
+    w.print_to_stdstream = print_to_stdstream
 
 
 def configure_data_context() -> None:

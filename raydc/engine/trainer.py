@@ -106,13 +106,15 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 
     from raydc.engine.datasets import check_shard_footers, read_shards
     from raydc.engine.loop import train_loop_per_worker
-    from raydc.engine.runtime import init_ray
+    from raydc.engine.paths import absolute_paths
+    from raydc.engine.runtime import init_ray, train_run_config_kwargs
     from raydc.runreport import write_run_report
 
+    # Workers run in their own directories: hand them absolute paths (on a cluster: shared storage). Before
+    # resolve_config, so --resume looks in the run.dir meant; again after, as the saved config may be relative.
+    absolute_paths(cfg)
     cfg = resolve_config(cfg, resume=resume, log=log)
-    # Workers run in their own directories: hand them absolute paths (on a cluster: shared storage).
-    cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    absolute_paths(cfg)
     manifest = ensure_shards(cfg, log)
     check_against_data(cfg, manifest)
     check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before a run dir or Ray exists
@@ -141,7 +143,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         datasets={"train": read_shards(cfg.data.shards)},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(name="train", storage_path=str(run.path / "ray"), callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             **train_run_config_kwargs()),
     )
     t1 = time.perf_counter()
     try:
