@@ -107,7 +107,8 @@ def gpus_available() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print) -> RunDir:
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print,
+                 callbacks: list | None = None) -> RunDir:
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -148,7 +149,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         datasets={"train": read_shards(cfg.data.shards)},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(name="train", storage_path=str(run.path / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=callbacks),
     )
     t1 = time.perf_counter()
     try:
