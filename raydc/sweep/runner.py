@@ -154,9 +154,10 @@ def _tune_config(sweep: SweepConfig, max_concurrent: int):
             import optuna  # noqa: F401
         except ImportError:
             raise ConfigError("search.algorithm", "optuna is not installed: pip install 'raydc[tune]'") from None
-        search_alg = OptunaSearch(metric=sweep.select.metric, mode=sweep.select.direction, seed=s.seed)
-    else:
-        search_alg = BasicVariantGenerator(random_state=s.seed)
+        search_alg, limit = OptunaSearch(metric=sweep.select.metric, mode=sweep.select.direction, seed=s.seed), \
+            max_concurrent
+    else:  # Tune ignores max_concurrent_trials for a generator it did not build: give it the limit itself
+        search_alg, limit = BasicVariantGenerator(random_state=s.seed, max_concurrent=max_concurrent), None
     scheduler = None
     if sweep.scheduler.name == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -165,7 +166,7 @@ def _tune_config(sweep: SweepConfig, max_concurrent: int):
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=sc.metric, mode=sc.mode, max_t=sc.max_t,
                                   grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
     return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
-                           max_concurrent_trials=max_concurrent)
+                           max_concurrent_trials=limit)
 
 
 class TrialLines(Callback):
@@ -220,6 +221,9 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
     # Per-round rows lack the final-only scores (the search metric) and round 0 lacks nmi_prev; Tune would
     # otherwise refuse those results. ASHA skips a result without its metric; the searcher reads the last one.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's experiment state is what --resume restores; by default it is saved at an adaptive period of tens of
+    # seconds. A trial is minutes: saving every few seconds costs nothing and loses less on a kill.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     trainable = _trainable(base, out)
     tune_dir = out / "tune"
     t0 = time.perf_counter()

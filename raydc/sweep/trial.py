@@ -16,6 +16,8 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raydc.engine.rundir import RunDir
+
 ATTEMPTS_FILE = "attempts.log"
 
 
@@ -48,13 +50,18 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / "runs" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    done = final_row(RunDir(run_dir).read_metrics())
+    # Tune saves its experiment state every few seconds, not on each trial's end: a sweep killed in between
+    # restarts a trial whose run had finished. Its final row is the run's result; report it, do not redo it.
+    action = "reuse" if done is not None else "resume" if RunDir(run_dir).latest_checkpoint() else "train"
     with open(run_dir / ATTEMPTS_FILE, "a") as f:
-        f.write(json.dumps({"started": time.time(), "params": config}) + "\n")
-    cfg = trial_config(base, config, str(run_dir))
+        f.write(json.dumps({"started": time.time(), "action": action, "params": config}) + "\n")
     t0 = time.perf_counter()
-    run = run_training(cfg, resume=True, callbacks=[RoundReport()],
-                       log=lambda msg: print(f"[trial {trial_id}] {msg}", flush=True))
-    final = final_row(run.read_metrics())
-    if final is None:
-        raise RuntimeError(f"run {run.path} ended without a final metrics row")
-    tune.report({**numeric(final), "final": 1, "trial_wall_s": time.perf_counter() - t0})
+    if done is None:
+        cfg = trial_config(base, config, str(run_dir))
+        run = run_training(cfg, resume=True, callbacks=[RoundReport()],
+                           log=lambda msg: print(f"[trial {trial_id}] {msg}", flush=True))
+        done = final_row(run.read_metrics())
+        if done is None:
+            raise RuntimeError(f"run {run.path} ended without a final metrics row")
+    tune.report({**numeric(done), "final": 1, "trial_wall_s": time.perf_counter() - t0})
