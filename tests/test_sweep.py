@@ -102,6 +102,32 @@ def test_outputs_trials_csv_best_yaml_and_plot(tmp_path):
     assert png.stat().st_size > 5000
 
 
+# ---- what Tune is given -----------------------------------------------------------------------------------
+
+
+def test_search_and_scheduler_reach_tune():
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raydc.sweep.runner import _tune_config
+
+    grid = from_dict(SweepConfig, {"space": {"cluster.k": {"grid": [2, 3]}}})
+    tc = _tune_config(grid, 2)
+    assert isinstance(tc.search_alg, BasicVariantGenerator) and tc.search_alg.max_concurrent == 2
+    assert tc.scheduler is None and tc.num_samples == 1
+    asha = from_dict(SweepConfig, {"space": {"train.lr": {"loguniform": [0.01, 0.1]}}, "search": {"algorithm": "random",
+                     "num_samples": 6}, "scheduler": {"name": "asha", "grace_period": 2}})
+    tc = _tune_config(asha, 1)
+    assert isinstance(tc.scheduler, ASHAScheduler) and tc.scheduler.metric == "nmi_prev" and tc.num_samples == 6
+    pytest.importorskip("optuna")
+    tpe = from_dict(SweepConfig, {"space": {"train.lr": {"loguniform": [0.01, 0.1]}}, "search": {"algorithm": "optuna",
+                    "num_samples": 4}})
+    tc = _tune_config(tpe, 3)
+    assert tc.search_alg.metric == "silhouette" and tc.max_concurrent_trials == 3
+    assert not isinstance(tc.search_alg, ConcurrencyLimiter)  # Tune wraps it from max_concurrent_trials
+
+
 # ---- through Ray Tune and the engine --------------------------------------------------------------------
 
 GROUPS, SIDE, PER_GROUP = 3, 16, 60
