@@ -159,7 +159,7 @@ def sweep_files(tmp_path_factory):
         "method": "deepcluster",
         "data": {"shards": str(d / "shards")},
         "model": {"input_size": SIDE, "feature_dim": 32},
-        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "num_shards": 1},
+        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},  # restarts: no local minimum at k=3
         "features": {"batch_size": 180},
         # A small lr: each trial trains on its own k's pseudo-labels, and a network trained hard on k = 2 learns
         # to merge two groups; the test is about selection, not about how far training moves the features.

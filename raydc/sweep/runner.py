@@ -172,8 +172,9 @@ def _tune_config(sweep: SweepConfig, max_concurrent: int):
 class TrialLines(Callback):
     """One line per finished trial on the driver's console, beside Tune's table."""
 
-    def __init__(self, sweep: SweepConfig, log):
-        self.sweep, self.log = sweep, log
+    def __init__(self, sweep: SweepConfig, total: int, log):
+        # Tune creates trials as slots free up, so `trials` holds only those started so far: count the plan.
+        self.sweep, self.total, self.log = sweep, total, log
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trials, trial, "done" if (trial.last_result or {}).get("final") else "stopped early")
@@ -184,7 +185,7 @@ class TrialLines(Callback):
     def _line(self, trials, trial, status):
         r = trial.last_result or {}
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
-        parts = [f"trial {trial.trial_id} {status} ({finished}/{len(trials)})",
+        parts = [f"trial {trial.trial_id} {status} ({finished}/{max(self.total, len(trials))})",
                  " ".join(f"{p.name}={trial.config.get(p.name)}" for p in self.sweep.params())]
         m = self.sweep.select.metric
         if isinstance(r.get(m), (int, float)):
@@ -239,7 +240,7 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
             tuner = tune.Tuner(trainable, param_space=tune_space(sweep),
                                tune_config=_tune_config(sweep, parallel),
                                run_config=tune.RunConfig(name="tune", storage_path=str(out),
-                                                         callbacks=[TrialLines(sweep, log)], verbose=1))
+                                                         callbacks=[TrialLines(sweep, n_trials, log)], verbose=1))
         grid = tuner.fit()
         params = sweep.params()
         records = sorted((outputs.record_from_result(r, out, params, sweep.scheduler.name != "none") for r in grid),
