@@ -64,7 +64,8 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
         cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                "python", "jobs/sweep.py", "--sweep", str(sweep_file),
                "--set", f"data.shards={shards}", "--set", "model.input_size=16", "--set", "model.feature_dim=32",
-               "--set", "cluster.pca_dim=0", "--set", "cluster.num_shards=1", "--set", "cluster.n_init=5", "--set", "train.epochs=1",
+               "--set", "cluster.pca_dim=0", "--set", "cluster.num_shards=1", "--set", "cluster.n_init=5",
+               "--set", "train.epochs=1", "--set", "train.lr=0.01",
                "--set", "train.batch_size=30", "--set", "train.crop=false", "--set", "train.torch_threads=1",
                "--set", "features.batch_size=180"]
         for _ in range(40):  # the dashboard answers before its job agent is up: "No available agent"

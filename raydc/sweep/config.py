@@ -203,7 +203,8 @@ def parse_param(name: str, spec: Any) -> Param:
         try:  # a continuous distribution draws non-integers: the field must take them (an int field does not)
             _coerce(0.5, tp, where)
         except ConfigError:
-            raise ConfigError(where, f"draws real numbers but {name} is {_type_name(tp)}: use randint or grid") from None
+            raise ConfigError(where, f"draws real numbers but {name} is {_type_name(tp)}: "
+                                     f"use randint or grid") from None
     for i, v in enumerate((lo, hi)):
         _coerce(v, tp, f"{where}[{i}]")
         if not math.isfinite(v):
