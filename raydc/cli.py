@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=common)
     _add_run_arguments(p)
 
+    p = sub.add_parser("sweep", help="Ray Tune sweep of config fields; picks a winner without labels",
+                       parents=common)
+    _add_run_arguments(p)
+    p.add_argument("--sweep", required=True, help="sweep file (see jobs/sweeps/)")
+    p.add_argument("--dir", help="sweep directory (default: the sweep file's `dir`)")
+    p.add_argument("--supervised-selection", action="store_true",
+                   help="allow select.metric acc/nmi/ari (needs labels)")
+
     p = sub.add_parser("assign", help="assign new images to a trained run's clusters", parents=common)
     p.add_argument("--run", required=True, help="a finished run directory")
     p.add_argument("--data", required=True, help="shard directory of the images to assign")
@@ -122,6 +130,12 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, args.overrides)
         run_training(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
+    if args.command == "sweep":
+        from raydc.sweep.runner import run_sweep
+
+        out = run_sweep(args.config, args.sweep, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                        supervised=args.supervised_selection, sweep_dir=args.dir)
+        return 0 if out.best is not None else 1
     if args.command == "assign":
         from raydc.engine.assign import assign_images
 

@@ -1,0 +1,60 @@
+"""Choosing a sweep's winner from the trials' final metrics rows, without labels unless asked.
+
+The scores come from each run's final row (`"final": true` in metrics.jsonl): `silhouette` and
+`calinski_harabasz` on a fixed sample of the final clustered features, `nmi_prev` (agreement with the previous
+round's assignment: stability), `loss`. A trial that did not finish, or whose score is missing or not finite,
+cannot win. Ties go to the earlier trial, so a rerun of the same sweep picks the same winner.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from raydc.sweep.config import LABEL_FREE, SUPERVISED, SelectConfig
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    params: dict[str, Any]
+    status: str                              # done | stopped (by the scheduler) | error | unfinished
+    final: dict[str, Any] | None = None      # the run's final metrics row
+    wall_s: float | None = None
+    run_dir: str | None = None
+    attempts: int = 0                        # times Tune started this trial (resumes count)
+    error: str | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def score(self, metric: str) -> float | None:
+        if self.status != "done" or not self.final:
+            return None
+        v = self.final.get(metric)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None
+        return float(v)
+
+
+def select_best(records: list[TrialRecord], select: SelectConfig) -> TrialRecord | None:
+    sign = 1.0 if select.direction == "max" else -1.0
+    best, best_score = None, -math.inf
+    for rec in records:
+        s = rec.score(select.metric)
+        if s is not None and sign * s > best_score:
+            best, best_score = rec, sign * s
+    return best
+
+
+def selection_label(select: SelectConfig) -> str:
+    kind = "supervised selection" if select.metric in SUPERVISED else "label-free selection"
+    return f"{kind}: {select.metric} ({select.direction})"
+
+
+def metric_columns(records: list[TrialRecord], select: SelectConfig) -> list[str]:
+    """The selection metric first, then every other label-free score, then the labelled ones any trial has."""
+    present = {k for r in records if r.final for k in r.final}
+    cols = [select.metric]
+    for name in (*LABEL_FREE, *SUPERVISED):
+        if name not in cols and (name in present or name in LABEL_FREE and name != "kmeans_objective"):
+            cols.append(name)
+    return cols

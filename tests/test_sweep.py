@@ -1,0 +1,255 @@
+"""Sweeps: the label-free choice of a winner from final rows, the sweep directory's outputs, then a tiny
+sweep over k through Ray Tune and the real engine, and a sweep killed with SIGKILL and resumed.
+
+The end-to-end tests read the final-row scores (`silhouette`, ...) that every method writes in its last
+metrics row."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from raydc.config import Config, load_config
+from raydc.config_loader import from_dict
+from raydc.sweep.config import SelectConfig, SweepConfig
+from raydc.sweep.select import TrialRecord, select_best, selection_label
+from tests.conftest import REPO
+
+# ---- selection from final rows -------------------------------------------------------------------------
+
+
+def rec(tid: str, k: int, status: str = "done", **final) -> TrialRecord:
+    return TrialRecord(trial_id=tid, params={"cluster.k": k}, status=status,
+                       final={"final": True, **final} if final else None)
+
+
+def test_silhouette_is_the_default_and_is_maximised():
+    records = [rec("a", 2, silhouette=0.40, loss=0.1, acc=0.66), rec("b", 3, silhouette=0.71, loss=0.5, acc=0.99),
+               rec("c", 5, silhouette=0.52, loss=0.9, acc=0.80)]
+    select = SelectConfig()
+    assert select.metric == "silhouette" and select.direction == "max"
+    assert select_best(records, select).trial_id == "b"
+    assert selection_label(select) == "label-free selection: silhouette (max)"
+
+
+@pytest.mark.parametrize("metric, want", [("calinski_harabasz", "c"), ("nmi_prev", "a"), ("loss", "b")])
+def test_each_label_free_score_has_its_direction(metric, want):
+    records = [rec("a", 2, calinski_harabasz=10.0, nmi_prev=0.99, loss=0.7),
+               rec("b", 3, calinski_harabasz=50.0, nmi_prev=0.90, loss=0.2),
+               rec("c", 5, calinski_harabasz=90.0, nmi_prev=0.80, loss=0.4)]
+    assert select_best(records, SelectConfig(metric=metric)).trial_id == want
+
+
+def test_unfinished_missing_and_non_finite_scores_cannot_win():
+    records = [rec("a", 2, status="error", silhouette=0.99), rec("b", 3, status="stopped", silhouette=0.98),
+               rec("c", 5, silhouette=math.nan), rec("d", 7, loss=0.1), rec("e", 9, silhouette=0.2),
+               rec("f", 11, silhouette=0.2)]
+    best = select_best(records, SelectConfig())
+    assert best.trial_id == "e"  # and a tie goes to the earlier trial
+    assert select_best(records[:4], SelectConfig()) is None
+
+
+def test_labels_select_only_when_asked_and_the_summary_says_so():
+    records = [rec("a", 2, silhouette=0.9, acc=0.5), rec("b", 3, silhouette=0.1, acc=0.9)]
+    supervised = from_dict(SelectConfig, {"metric": "acc", "supervised": True})
+    assert select_best(records, supervised).trial_id == "b"
+    assert selection_label(supervised) == "supervised selection: acc (max)"
+    assert select_best(records, SelectConfig()).trial_id == "a"
+
+
+# ---- outputs from records --------------------------------------------------------------------------------
+
+
+def test_outputs_trials_csv_best_yaml_and_plot(tmp_path):
+    from raydc.sweep import outputs
+
+    sweep = from_dict(SweepConfig, {"space": {"cluster.k": {"grid": [2, 3, 5]}}, "dir": str(tmp_path)})
+    records = []
+    for i, (k, s, acc) in enumerate([(2, 0.40, 0.66), (3, 0.71, 0.99), (5, 0.52, 0.80)]):
+        run = tmp_path / "runs" / f"t{i}"
+        run.mkdir(parents=True)
+        cfg = load_config(None, [f"data.shards={tmp_path}/shards", f"run.dir={run}", f"cluster.k={k}"])
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        records.append(TrialRecord(f"t{i}", {"cluster.k": k}, "done", run_dir=str(run), wall_s=12.5, attempts=1,
+                                   final={"final": True, "silhouette": s, "acc": acc, "nmi_prev": 0.9, "loss": 1.0},
+                                   rows=[{"round": 0}, {"round": 1, "final": True}]))
+    records.append(TrialRecord("t3", {"cluster.k": 7}, "error", error="RuntimeError: boom", attempts=1))
+    best = select_best(records, sweep.select)
+    outputs.write_trials_csv(tmp_path / "trials.csv", records, sweep, best)
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["trial_id"] for r in rows] == ["t0", "t1", "t2", "t3"]
+    assert [r["best"] for r in rows] == ["0", "1", "0", "0"]
+    assert rows[1]["cluster.k"] == "3" and float(rows[1]["silhouette"]) == 0.71 and rows[1]["acc"] == "0.99"
+    assert rows[3]["status"] == "error" and rows[3]["silhouette"] == "" and "boom" in rows[3]["error"]
+    assert list(rows[0])[:5] == ["trial_id", "status", "best", "cluster.k", "silhouette"]
+
+    path = outputs.write_best_yaml(tmp_path / "best.yaml", best, sweep)
+    cfg = load_config(str(path))  # a full config that `raydc train --config` takes
+    assert cfg.cluster.k == 3 and cfg.run.dir == str(tmp_path / "best")
+    assert "label-free selection: silhouette (max) = 0.71" in path.read_text()
+
+    png = outputs.plot_selection(tmp_path / "report", records, sweep, best)
+    assert png.stat().st_size > 5000
+
+
+# ---- what Tune is given -----------------------------------------------------------------------------------
+
+
+def test_search_and_scheduler_reach_tune():
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raydc.sweep.runner import _tune_config
+
+    grid = from_dict(SweepConfig, {"space": {"cluster.k": {"grid": [2, 3]}}})
+    tc = _tune_config(grid, 2)
+    assert isinstance(tc.search_alg, BasicVariantGenerator) and tc.search_alg.max_concurrent == 2
+    assert tc.scheduler is None and tc.num_samples == 1
+    asha = from_dict(SweepConfig, {"space": {"train.lr": {"loguniform": [0.01, 0.1]}}, "search": {"algorithm": "random",
+                     "num_samples": 6}, "scheduler": {"name": "asha", "grace_period": 2}})
+    tc = _tune_config(asha, 1)
+    assert isinstance(tc.scheduler, ASHAScheduler) and tc.scheduler.metric == "nmi_prev" and tc.num_samples == 6
+    pytest.importorskip("optuna")
+    tpe = from_dict(SweepConfig, {"space": {"train.lr": {"loguniform": [0.01, 0.1]}}, "search": {"algorithm": "optuna",
+                    "num_samples": 4}})
+    tc = _tune_config(tpe, 3)
+    assert tc.search_alg.metric == "silhouette" and tc.max_concurrent_trials == 3
+    assert not isinstance(tc.search_alg, ConcurrencyLimiter)  # Tune wraps it from max_concurrent_trials
+
+
+# ---- through Ray Tune and the engine --------------------------------------------------------------------
+
+GROUPS, SIDE, PER_GROUP = 3, 16, 60
+
+
+def three_groups(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three well-separated groups of 16x16 gray images (horizontal stripes, vertical stripes, a disc) plus
+    pixel noise: distinct structures, so no two groups are closer than the third, whatever the network."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    templates = np.stack([(yy // 2) % 2 == 0, (xx // 2) % 2 == 0,
+                          (yy - SIDE / 2) ** 2 + (xx - SIDE / 2) ** 2 < (SIDE / 3.2) ** 2])
+    labels = np.repeat(np.arange(GROUPS), PER_GROUP)
+    noise = rng.normal(0, 20, (len(labels), SIDE, SIDE))
+    images = np.clip(30 + 190 * templates[labels] + noise, 0, 255).astype(np.uint8)
+    order = rng.permutation(len(labels))
+    return images[order], labels[order]
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory):
+    from raydc.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("sweep")
+    images, labels = three_groups()
+    np.savez(d / "src.npz", images=images, labels=labels)
+    prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=90, progress=False)
+    base = {
+        "method": "deepcluster",
+        "data": {"shards": str(d / "shards")},
+        "model": {"input_size": SIDE, "feature_dim": 32},
+        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},  # restarts: no local minimum at k=3
+        "features": {"batch_size": 180},
+        # A small lr: each trial trains on its own k's pseudo-labels, and a network trained hard on k = 2 learns
+        # to merge two groups; the test is about selection, not about how far training moves the features.
+        "train": {"epochs": 1, "batch_size": 30, "lr": 0.01, "crop": False, "hflip": False, "torch_threads": 1,
+                  "seed": 3},
+        "run": {"montage_per_cluster": 2, "dir": str(d / "unused")},
+    }
+    (d / "base.yaml").write_text(yaml.safe_dump(base))
+    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3, 5]}}, "search": {"algorithm": "grid"},
+                                              "dir": str(d / "out")}))
+    (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
+    return d
+
+
+@pytest.mark.ray
+def test_tiny_sweep_picks_k3_without_labels_and_best_yaml_trains(ray_local, sweep_files, tmp_path):
+    from raydc.engine.trainer import run_training
+    from raydc.sweep.runner import run_sweep
+
+    lines: list[str] = []
+    out = run_sweep(str(sweep_files / "base.yaml"), str(sweep_files / "k.yaml"), sweep_dir=str(tmp_path / "sweep"),
+                    log=lines.append)
+    assert [r.status for r in out.records] == ["done"] * 3, [(r.trial_id, r.status, r.error) for r in out.records]
+    scores = {r.params["cluster.k"]: r.score("silhouette") for r in out.records}
+    assert out.best is not None and out.best.params == {"cluster.k": 3}, scores
+    assert sum("done (" in ln for ln in lines) == 3  # one line per finished trial
+    assert any(ln.startswith("best: cluster.k=3 | silhouette") and "label-free selection" in ln for ln in lines)
+
+    rows = list(csv.DictReader((out.sweep_dir / "trials.csv").open()))
+    assert sorted(int(r["cluster.k"]) for r in rows) == [2, 3, 5]
+    for r in rows:  # labels exist in these shards: recorded for every trial, not used to select
+        assert r["status"] == "done" and float(r["acc"]) > 0 and float(r["wall_s"]) > 0 and r["attempts"] == "1"
+        assert Path(r["run_dir"]).parent == out.sweep_dir / "runs"
+    assert (out.sweep_dir / "report" / "selection.png").stat().st_size > 5000
+    assert (out.sweep_dir / "tune").is_dir()
+
+    cfg = load_config(str(out.sweep_dir / "best.yaml"))
+    assert cfg.cluster.k == 3 and Path(cfg.run.dir) == out.sweep_dir / "best"
+    run = run_training(cfg, log=lambda *a: None)
+    assert run.read_metrics()[-1]["final"] is True
+
+
+def _sweep_cmd(files: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "raydc.cli", "sweep", "--config", str(files / "base.yaml"),
+            "--sweep", str(files / "k23.yaml"), "--dir", str(out), "--set", "ray.num_cpus=3", *extra]
+
+
+def _attempts(run_dir: Path) -> list[str]:
+    return [json.loads(line)["action"] for line in (run_dir / "attempts.log").read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_sigkill_then_resume_reruns_only_unfinished_trials(sweep_files, tmp_path):
+    """The `raydc sweep` process is SIGKILLed once the first trial has finished; `--resume` completes the
+    sweep without training the finished trial again."""
+    out = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_sweep_cmd(sweep_files, out), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if " done (1/2)" in (tmp_path / "first.log").read_text():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert " done (1/2)" in (tmp_path / "first.log").read_text()
+        time.sleep(3)  # into the second trial
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the embedded Ray it started, if anything outlived it
+        except ProcessLookupError:
+            pass
+        log.close()
+    finished = [p.parent for p in (out / "runs").glob("*/metrics.jsonl")
+                if json.loads(p.read_text().splitlines()[-1]).get("final")]
+    assert len(finished) == 1
+    assert not (out / "trials.csv").exists()
+
+    resumed = subprocess.run(_sweep_cmd(sweep_files, out, "--resume"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming the sweep" in resumed.stdout
+    assert _attempts(finished[0]).count("train") == 1 and "resume" not in _attempts(finished[0])
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert sorted(int(r["cluster.k"]) for r in rows) == [2, 3]
+    assert all(r["status"] == "done" for r in rows)
+    assert (out / "best.yaml").exists()
