@@ -212,6 +212,7 @@ def _attempts(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two sweeps in subprocesses with their own Ray (~4-5 min here): `make test-all`
 def test_sigkill_then_resume_reruns_only_unfinished_trials(sweep_files, tmp_path):
     """The `raydc sweep` process is SIGKILLed once the first trial has finished; `--resume` completes the
     sweep without training the finished trial again."""
