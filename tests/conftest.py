@@ -40,3 +40,14 @@ def ray_local():
                  configure_logging=False, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is faster, and avoids OpenMP spin-waits when other jobs load the CPUs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

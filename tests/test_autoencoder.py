@@ -11,13 +11,7 @@ from raydc.core.autoencoder import StackedAutoencoder
 SMALL = (32, 16, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is faster, and avoids OpenMP spin-waits when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
 
 def _manifold_data(n: int = 256, d: int = 64, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from raydc.config import Config, load_config
 from raydc.config_loader import from_dict
@@ -18,12 +17,7 @@ from tests.inprocess import run_method_in_process
 from tests.test_dec_method import K, PER_CLUSTER, SIDE, blobs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
 
 def tiny_config(shards: str, run_dir: str, **dac) -> Config:

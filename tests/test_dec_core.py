@@ -9,13 +9,7 @@ from raydc.core.dec import (ClusteringLayer, cluster_mass, kl_loss, label_change
                             soft_assignment, target_distribution)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is faster, and avoids OpenMP spin-waits when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
 
 # Two points on a line, two centres, alpha = 1 so the kernel is 1 / (1 + d^2):

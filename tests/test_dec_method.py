@@ -23,13 +23,7 @@ from tests.inprocess import run_method_in_process
 K, SIDE, PER_CLUSTER = 4, 8, 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and avoids OpenMP spin-waits when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
