@@ -175,6 +175,7 @@ def sweep_files(tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # four full runs (~2.5 min quiet, 6 under load): keeps make test inside its budget; make test-all
 def test_tiny_sweep_picks_k3_without_labels_and_best_yaml_trains(ray_local, sweep_files, tmp_path):
     from raydc.engine.trainer import run_training
     from raydc.sweep.runner import run_sweep
