@@ -195,6 +195,25 @@ def test_end_to_end_run_directory(tiny_run):
 
 
 @pytest.mark.ray
+def test_assign_and_evaluate_after_a_dec_run(tiny_run, tmp_path):
+    """`raydc assign` crashed on every DEC run (it assumed centroids): DEC now assigns by argmax q itself, and on
+    the training images it reproduces the run's own final assignment and distances."""
+    import pyarrow.parquet as pq
+
+    from raydc.engine.assign import assign_images
+    from raydc.engine.evaluate import evaluate_run
+
+    cfg, run = tiny_run
+    path = assign_images(str(run.path), cfg.data.shards, str(tmp_path / "assigned.parquet"))
+    t = pq.read_table(path).sort_by("id")
+    a = run.read_assignments()
+    order = np.argsort(a["id"])
+    np.testing.assert_array_equal(t.column("cluster").to_numpy(), a["cluster"][order])
+    np.testing.assert_allclose(t.column("distance").to_numpy(), a["distance"][order], atol=1e-6)
+    assert evaluate_run(str(run.path))["acc"] == pytest.approx(run.read_metrics()[-1]["acc"])
+
+
+@pytest.mark.ray
 def test_resume_from_an_earlier_checkpoint_gives_the_same_result(tiny_run, tmp_path):
     from raydc.engine.rundir import RunDir
     from raydc.engine.trainer import run_training
