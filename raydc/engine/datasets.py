@@ -45,7 +45,7 @@ def check_shard_footers(manifest: Manifest, shard_dir: str | os.PathLike) -> Non
 
 def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None = None, read_cpus: float = 0.25,
                 shuffle_files_seed: int | None = None, block_bytes: int | None = BLOCK_BYTES,
-                verify: bool = False) -> ray.data.Dataset:
+                verify: bool = False, footers_checked: bool = False) -> ray.data.Dataset:
     """A lazy, streaming Dataset over the manifest's shards.
 
     `shuffle_files_seed` shuffles the file order (cheap per-epoch variety). `block_bytes` sets this dataset's
@@ -61,7 +61,8 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
             raise DataError(f"unknown column(s) {unknown} for shards in {shard_dir}; available: {available}")
     if verify:
         verify_shards(manifest, shard_dir)
-    check_shard_footers(manifest, shard_dir)
+    if not footers_checked:  # a caller that already checked them (run_training, before Ray) says so
+        check_shard_footers(manifest, shard_dir)
     shuffle = None
     if shuffle_files_seed is not None:
         from ray.data import FileShuffleConfig
