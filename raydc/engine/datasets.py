@@ -69,7 +69,16 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
 
         shuffle = FileShuffleConfig(seed=shuffle_files_seed)
     paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
-    ds = ray.data.read_parquet(paths, num_cpus=read_cpus, shuffle=shuffle, partitioning=None)
+    # Ray 2.60's default Parquet reader (datasource V2) starts 32 footer-reading actors on every execution, i.e.
+    # every epoch and every feature pass: seconds of process start-up per pass on a small node, for footers
+    # that `check_shard_footers` has already read. The V1 reader plans from the driver's metadata (in parallel
+    # tasks for many files). The flag is read when the Dataset is built, so it is set only around that call.
+    data_ctx = ray.data.DataContext.get_current()
+    use_v2, data_ctx.use_datasource_v2 = data_ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(paths, num_cpus=read_cpus, shuffle=shuffle, partitioning=None)
+    finally:
+        data_ctx.use_datasource_v2 = use_v2
     if block_bytes is not None:
         ds.context.target_max_block_size = block_bytes  # this dataset's own context copy, not the global one
     if columns is not None:
