@@ -348,7 +348,8 @@ def _sec_quality(doc: dict, img: str | None) -> str:
         lr = r.get("last_row", {})
         rc = r.get("recomputed") or {}
         ae = r.get("ae_kmeans") or {}
-        rows.append([f"`runs/{n}`", r["method"], r["data"], r["status"], lr.get("epoch", "—"), _f(lr.get("acc")),
+        status = r["status"] + (" (earlier results; run dir gone)" if r.get("kept_from_earlier_results") else "")
+        rows.append([f"`runs/{n}`", r["method"], r["data"], status, lr.get("epoch", "—"), _f(lr.get("acc")),
                      _f(lr.get("nmi")), _f(rc.get("nmi_geometric")), _f(lr.get("ari")),
                      _f((r.get("wall_s_rounds") or 0) / 60.0) if r.get("wall_s_rounds") else "—",
                      ", ".join(f"{k[10:]} {_f(v)}" for k, v in ae.items() if isinstance(v, (int, float))) or "—"])

@@ -24,7 +24,8 @@ EXPECTED = ["quality", "pca", "kmeans", "features", "train", "epoch"]
 
 # The suite takes under 3 minutes on an idle 2-core machine; other jobs on a shared one can stretch it many
 # times over, and this test checks the results' form, not the speed: hence the generous limits.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]
+# Slow: it starts every benchmark's Ray pools and trainers (minutes); `make bench-quick` and `make test-all` run it.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def _strict_load(path: Path) -> dict:

@@ -67,6 +67,22 @@ def test_labels_select_only_when_asked_and_the_summary_says_so():
     assert select_best(records, SelectConfig()).trial_id == "a"
 
 
+def test_label_agreement_reports_rank_correlation_and_the_labelled_pick():
+    from raydc.sweep.select import label_agreement
+
+    records = [rec("a", 2, silhouette=0.40, acc=0.66), rec("b", 3, silhouette=0.71, acc=0.99),
+               rec("c", 5, silhouette=0.52, acc=0.80), rec("d", 7, status="error", silhouette=0.9, acc=1.0)]
+    agree = label_agreement(records, SelectConfig())
+    assert agree.trials == 3 and agree.label_best.trial_id == "b" and agree.spearman == pytest.approx(1.0)
+    # a minimised score is oriented before ranking: lower loss preferred, and here lower loss means lower acc
+    losses = [rec("a", 2, loss=0.1, acc=0.5), rec("b", 3, loss=0.2, acc=0.7), rec("c", 5, loss=0.3, acc=0.9)]
+    assert label_agreement(losses, SelectConfig(metric="loss")).spearman == pytest.approx(-1.0)
+    assert label_agreement(records[:2], SelectConfig()).spearman is None  # two trials: no correlation
+    assert label_agreement([rec("a", 2, silhouette=0.4)], SelectConfig()) is None  # no labels
+    supervised = from_dict(SelectConfig, {"metric": "acc", "supervised": True})
+    assert label_agreement(records, supervised) is None
+
+
 # ---- outputs from records --------------------------------------------------------------------------------
 
 
@@ -100,6 +116,9 @@ def test_outputs_trials_csv_best_yaml_and_plot(tmp_path):
 
     png = outputs.plot_selection(tmp_path / "report", records, sweep, best)
     assert png.stat().st_size > 5000
+    summary = json.loads(outputs.write_summary_json(tmp_path / "summary.json", records, sweep, best).read_text())
+    assert summary["best"] == "t1" and summary["labels"]["label_best"] == "t1"
+    assert summary["labels"]["spearman_with_selection"] == pytest.approx(1.0) and summary["labels"]["trials"] == 3
 
 
 # ---- what Tune is given -----------------------------------------------------------------------------------
@@ -175,7 +194,6 @@ def sweep_files(tmp_path_factory):
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # four full runs (~2.5 min quiet, 6 under load): keeps make test inside its budget; make test-all
 def test_tiny_sweep_picks_k3_without_labels_and_best_yaml_trains(ray_local, sweep_files, tmp_path):
     from raydc.engine.trainer import run_training
     from raydc.sweep.runner import run_sweep
@@ -188,6 +206,7 @@ def test_tiny_sweep_picks_k3_without_labels_and_best_yaml_trains(ray_local, swee
     assert out.best is not None and out.best.params == {"cluster.k": 3}, scores
     assert sum("done (" in ln for ln in lines) == 3  # one line per finished trial
     assert any(ln.startswith("best: cluster.k=3 | silhouette") and "label-free selection" in ln for ln in lines)
+    assert any(ln.startswith("labels (evaluation only): acc would pick") for ln in lines)
 
     rows = list(csv.DictReader((out.sweep_dir / "trials.csv").open()))
     assert sorted(int(r["cluster.k"]) for r in rows) == [2, 3, 5]

@@ -17,7 +17,7 @@ from raydc.config import Config
 from raydc.config_loader import from_dict, read_yaml
 from raydc.engine.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from raydc.sweep.config import Param, SweepConfig
-from raydc.sweep.select import TrialRecord, metric_columns, selection_label
+from raydc.sweep.select import TrialRecord, label_agreement, metric_columns, selection_label
 from raydc.sweep.trial import ATTEMPTS_FILE, final_row
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
@@ -153,5 +153,11 @@ def write_summary_json(path: Path, records: list[TrialRecord], sweep: SweepConfi
             "best_params": best.params if best else None,
             "best_score": best.score(sweep.select.metric) if best else None,
             "trials": {r.trial_id: r.status for r in records}}
+    agreement = label_agreement(records, sweep.select)
+    if agreement is not None:  # evaluation only: the winner above was chosen without it
+        data["labels"] = {"metric": agreement.label_metric, "trials": agreement.trials,
+                          "spearman_with_selection": agreement.spearman,
+                          "label_best": agreement.label_best.trial_id,
+                          "label_best_params": agreement.label_best.params}
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path

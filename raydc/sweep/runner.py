@@ -19,7 +19,7 @@ from raydc.config_loader import dump_yaml, from_dict, read_yaml, to_dict
 from raydc.engine.rundir import atomic_write_text
 from raydc.errors import ConfigError, UserError
 from raydc.sweep.config import SweepConfig, load_sweep
-from raydc.sweep.select import TrialRecord, select_best, selection_label
+from raydc.sweep.select import TrialRecord, label_agreement, select_best, selection_label
 
 # What a resumed sweep may take from the new files: where and how many at once, and how the winner is picked
 # (selection reads the finished rows; it changes no trial). Anything else would make it another sweep.
@@ -266,5 +266,11 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
         shown = ", ".join(f"{k}={v}" for k, v in best.params.items())
         log(f"best: {shown} | {sweep.select.metric} {best.score(sweep.select.metric):.4g} "
             f"({selection_label(sweep.select)}) | trial {best.trial_id}")
+    agreement = label_agreement(records, sweep.select)
+    if agreement is not None:
+        rho = "n/a" if agreement.spearman is None else f"{agreement.spearman:+.2f}"
+        shown = ", ".join(f"{k}={v}" for k, v in agreement.label_best.params.items())
+        log(f"labels (evaluation only): {agreement.label_metric} would pick {shown}; Spearman rank correlation of "
+            f"{sweep.select.metric} with {agreement.label_metric} over {agreement.trials} trial(s): {rho}")
     log("wrote " + ", ".join(str(p) for p in paths))
     return SweepOutcome(out, records, best, paths)

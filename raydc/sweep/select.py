@@ -58,3 +58,33 @@ def metric_columns(records: list[TrialRecord], select: SelectConfig) -> list[str
         if name not in cols and (name in present or name in LABEL_FREE and name != "kmeans_objective"):
             cols.append(name)
     return cols
+
+
+@dataclass(frozen=True)
+class LabelAgreement:
+    """How the label-free choice compares with labels, for the summary only (evaluation, never selection)."""
+
+    label_metric: str
+    trials: int                     # finished trials that have both scores
+    spearman: float | None          # rank correlation of the selection score (oriented: higher = preferred)
+    label_best: TrialRecord | None  # the trial the labelled metric would have picked
+
+
+def label_agreement(records: list[TrialRecord], select: SelectConfig, label_metric: str = "acc"
+                    ) -> LabelAgreement | None:
+    """None when the selection is already supervised or the shards have no labels. Spearman needs at least
+    three trials and is None when either score is constant across them."""
+    if select.metric in SUPERVISED:
+        return None
+    sign = 1.0 if select.direction == "max" else -1.0
+    pairs = [(sign * r.score(select.metric), r.score(label_metric), r) for r in records
+             if r.score(select.metric) is not None and r.score(label_metric) is not None]
+    if not pairs:
+        return None
+    label_best = max(pairs, key=lambda p: p[1])[2]  # max() keeps the first of equals: the earlier trial
+    rho = None
+    if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+    return LabelAgreement(label_metric, len(pairs), rho, label_best)
