@@ -58,8 +58,11 @@ def local_cpus(cfg: RayConfig, train_cpus: float) -> int:
     return int((os.cpu_count() or 1) + max(0.0, train_cpus) + 0.999)
 
 
-def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = None) -> None:
-    """Start or join Ray. `quiet` (default: not `verbose()`) keeps Ray's output off the console."""
+def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = None,
+             include_dashboard: bool | None = None, own_output: tuple[str, ...] = _OWN_OUTPUT_ACTORS) -> None:
+    """Start or join Ray. `quiet` (default: not `verbose()`) keeps Ray's output off the console but for the
+    stdout of the actors named in `own_output` (a sweep's own lines come from its trial actors, not from the
+    Train workers). `include_dashboard` only applies to a Ray started here."""
     import logging
 
     import ray
@@ -79,22 +82,23 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = No
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", num_cpus=local_cpus(cfg, train_cpus), **kwargs)
+            ray.init(address="local", num_cpus=local_cpus(cfg, train_cpus), include_dashboard=include_dashboard,
+                     **kwargs)
         if sigterm not in (None, signal.SIG_DFL, signal.SIG_IGN):
             signal.signal(signal.SIGTERM, sigterm)
         if quiet:
-            _forward_own_output_only()
+            _forward_own_output_only(own_output)
     if quiet:
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     configure_data_context()
 
 
-def _own_output(data: dict) -> bool:
-    return not data.get("is_err") and str(data.get("actor_name") or "").startswith(_OWN_OUTPUT_ACTORS)
+def _own_output(data: dict, actors: tuple[str, ...] = _OWN_OUTPUT_ACTORS) -> bool:
+    return not data.get("is_err") and str(data.get("actor_name") or "").startswith(actors)
 
 
-def _forward_own_output_only() -> None:
+def _forward_own_output_only(actors: tuple[str, ...] = _OWN_OUTPUT_ACTORS) -> None:
     """Replace Ray's worker-log printer in this driver with one that prints only the Train workers' stdout,
     without Ray's `(RayTrainWorker pid=...)` prefix: that is where the per-round line comes from. Stderr of every
     worker (warnings, Ray Train's logger) and all other actors, tasks and the raylet are left out; a failure
@@ -106,7 +110,7 @@ def _forward_own_output_only() -> None:
         return
 
     def print_own(data: dict) -> None:
-        if _own_output(data):
+        if _own_output(data, actors):
             lines = data.get("lines") or []
             if lines:
                 sys.stdout.write("".join(f"{line}\n" for line in lines))

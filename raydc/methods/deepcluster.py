@@ -138,7 +138,7 @@ class DeepCluster(Method):
     def finalize(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
         out, row = self.cluster(ctx, model, state, round_idx, release=False)
         artifacts = {"projection": _projection_to_plain(out.projection),
-                     "centroids": torch.from_numpy(np.ascontiguousarray(out.centroids, np.float32))}
+                     "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}  # a copy: the array is read-only
         return FinalClustering(out.ids, out.labels, out.distances, out.true_labels, artifacts), row
 
     def assign(self, ctx, model: nn.Module, artifacts: dict):

@@ -20,6 +20,9 @@ from raydc.engine.rundir import atomic_write_text
 from raydc.errors import ConfigError, UserError
 from raydc.sweep.config import SweepConfig, load_sweep
 from raydc.sweep.select import TrialRecord, label_agreement, select_best, selection_label
+from raydc.sweep.trial import run_trial
+
+TRIAL_ACTOR = run_trial.__name__  # Tune names a function trainable's actor after the function
 
 # What a resumed sweep may take from the new files: where and how many at once, and how the winner is picked
 # (selection reads the finished rows; it changes no trial). Anything else would make it another sweep.
@@ -96,16 +99,16 @@ def start_ray(cfg: Config, sweep: SweepConfig) -> bool:
     one machine do not fight over its fixed agent port."""
     import ray
 
-    from raydc.engine.runtime import configure_data_context, init_ray, local_cpus
+    from raydc.engine.runtime import init_ray
 
     train_cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
-    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        init_ray(cfg.ray, train_cpus=train_cpus)
-        return False
-    ray.init(address="local", num_cpus=local_cpus(cfg.ray, train_cpus), log_to_driver=True,
-             configure_logging=False, include_dashboard=sweep.scheduler.name == "asha")
-    configure_data_context()
-    return True
+    joined = ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # The console gets the sweep's own lines (Tune's table, one line per trial) and each trial's "[trial ...]"
+    # lines from its trial actor; Ray Train's, Ray Data's and faiss's output from the trials' actors only with
+    # --verbose.
+    init_ray(cfg.ray, train_cpus=train_cpus, include_dashboard=sweep.scheduler.name == "asha",
+             own_output=(TRIAL_ACTOR,))
+    return not joined
 
 
 def trial_cpus(cfg: Config) -> float:
@@ -134,8 +137,6 @@ def concurrency(cfg: Config, sweep: SweepConfig) -> int:
 
 def _trainable(base: dict, sweep_dir: Path):
     from ray import tune
-
-    from raydc.sweep.trial import run_trial
 
     # The trial actor only drives its TorchTrainer (whose workers reserve their own CPUs); Tune needs a
     # non-zero request, and a whole CPU here would be a CPU taken from a 2-core machine for nothing.
