@@ -148,6 +148,10 @@ def test_zero_tol_runs_to_exactly_max_iterations():
     # rounds of update_interval (4) steps in expectation, the last one cut to what is left: exactly 10, not more
     steps = [r["dec_steps"] for r in rows if "dec_steps" in r]
     assert state.dec_iter == 10 and sum(steps) == 10 and len(steps) >= 2
+    # NMI with the previous update on every update after the first, and the last one's on the final row
+    updates = [r for r in rows if "dec_update" in r]
+    assert "nmi_prev" not in updates[0] and all(0 <= r["nmi_prev"] <= 1 for r in updates[1:])
+    assert rows[-1]["nmi_prev"] == updates[-1]["nmi_prev"]
     assert state.n_updates >= 3
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert rows[-1]["acc"] > 0.9  # well-separated blobs

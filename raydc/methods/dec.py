@@ -245,6 +245,8 @@ class DEC(Method):
             raise NumericalError(self.epoch_of(state, round_idx), "targets", "the target distribution P")
         delta = label_change_fraction(state.prev_pred[g["ids"]], g["pred"])
         first = state.n_updates == 0
+        if not first:  # stability against the previous update: what sweeps and ASHA compare across k
+            row["nmi_prev"] = M.nmi(state.prev_pred[g["ids"]], g["pred"])
         state.n_updates += 1
         state.delta_label = delta
         state.prev_pred = by_id(g["ids"], g["pred"], -1)
@@ -276,7 +278,7 @@ class DEC(Method):
             g = {"ids": ids, "pred": pred, "maxq": maxq, "true": true}
             row["time_features"] = time.perf_counter() - t
         else:
-            row.update({key: v for key, v in g["row"].items() if key.startswith("time_")})
+            row.update({key: v for key, v in g["row"].items() if key.startswith("time_") or key == "nmi_prev"})
         final = FinalClustering(g["ids"], g["pred"], (1.0 - g["maxq"]).astype(np.float32), g["true"],
                                 {"centres": model.cluster.centers.detach().cpu().clone()})
         row.update({"phase": "final", "stop_reason": state.stop_reason, "delta_label": state.delta_label,
