@@ -71,8 +71,9 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
     paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
     # Ray 2.60's default Parquet reader (datasource V2) starts 32 footer-reading actors on every execution, i.e.
     # every epoch and every feature pass: seconds of process start-up per pass on a small node, for footers
-    # that `check_shard_footers` has already read. The V1 reader plans from the driver's metadata (in parallel
-    # tasks for many files). The flag is read when the Dataset is built, so it is set only around that call.
+    # that `check_shard_footers` has already read. The V1 reader plans once, when the Dataset is built: it lists
+    # the files on the driver and reads a bounded sample of footers in tasks to size its blocks. The flag is read
+    # at that point, so it is set only around this call.
     data_ctx = ray.data.DataContext.get_current()
     use_v2, data_ctx.use_datasource_v2 = data_ctx.use_datasource_v2, False
     try:
