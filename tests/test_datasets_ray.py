@@ -56,6 +56,27 @@ def test_every_id_once_with_its_image(ray_local, small_shards, seed):
 
 
 @pytest.mark.ray
+def _operators(ds) -> list[str]:
+    op, names = ds._logical_plan.dag, []
+    while op is not None:
+        names.append(type(op).__name__)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return names
+
+
+@pytest.mark.ray
+def test_reads_plan_no_footer_listing_and_leave_the_global_flag(ray_local, small_shards):
+    """Ray 2.60's V2 Parquet reader plans a ListFiles op that starts 32 footer actors on every execution (every
+    epoch); read_shards uses the V1 reader (a Read op) and puts the caller's DataContext flag back."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ops = _operators(read_shards(small_shards[0], shuffle_files_seed=3))
+    assert "ListFiles" not in ops and any(name.startswith("Read") for name in ops), ops
+    assert ctx.use_datasource_v2 == before
+
+
 def test_columns_and_data_iterator(ray_local, small_shards):
     shards, _, labels = small_shards
     ds = read_shards(shards, columns=["id", "label"])
