@@ -116,7 +116,11 @@ def test_outputs_trials_csv_best_yaml_and_plot(tmp_path):
 
     png = outputs.plot_selection(tmp_path / "report", records, sweep, best)
     assert png.stat().st_size > 5000
-    summary = json.loads(outputs.write_summary_json(tmp_path / "summary.json", records, sweep, best).read_text())
+    from raydc.sweep.select import label_agreement
+
+    agreement = label_agreement(records, sweep.select)
+    summary = json.loads(outputs.write_summary_json(tmp_path / "summary.json", records, sweep, best,
+                                                    agreement).read_text())
     assert summary["best"] == "t1" and summary["labels"]["label_best"] == "t1"
     assert summary["labels"]["spearman_with_selection"] == pytest.approx(1.0) and summary["labels"]["trials"] == 3
 

@@ -243,10 +243,11 @@ class DEC(Method):
         g = _gather(ctx.service.apply(shard_targets, centres, d.alpha, mass))
         if not np.isfinite(g["p"]).all():
             raise NumericalError(self.epoch_of(state, round_idx), "targets", "the target distribution P")
-        delta = label_change_fraction(state.prev_pred[g["ids"]], g["pred"])
+        prev = state.prev_pred[g["ids"]]
+        delta = label_change_fraction(prev, g["pred"])
         first = state.n_updates == 0
         if not first:  # stability against the previous update: what sweeps and ASHA compare across k
-            row["nmi_prev"] = M.nmi(state.prev_pred[g["ids"]], g["pred"])
+            row["nmi_prev"] = M.nmi(prev, g["pred"])
         state.n_updates += 1
         state.delta_label = delta
         state.prev_pred = by_id(g["ids"], g["pred"], -1)

@@ -138,7 +138,8 @@ class DeepCluster(Method):
     def finalize(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
         out, row = self.cluster(ctx, model, state, round_idx, release=False)
         artifacts = {"projection": _projection_to_plain(out.projection),
-                     "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}  # a copy: the array is read-only
+                     # a copy: the array is read-only, and torch.from_numpy would share it
+                     "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}
         return FinalClustering(out.ids, out.labels, out.distances, out.true_labels, artifacts), row
 
     def assign(self, ctx, model: nn.Module, artifacts: dict):

@@ -17,7 +17,7 @@ from raydc.config import Config
 from raydc.config_loader import from_dict, read_yaml
 from raydc.engine.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from raydc.sweep.config import Param, SweepConfig
-from raydc.sweep.select import TrialRecord, label_agreement, metric_columns, selection_label
+from raydc.sweep.select import LabelAgreement, TrialRecord, metric_columns, selection_label
 from raydc.sweep.trial import ATTEMPTS_FILE, final_row
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
@@ -148,12 +148,12 @@ def _x(v, numeric_axis: bool, cats: list[str]):
     return v if numeric_axis else cats.index(repr(v))
 
 
-def write_summary_json(path: Path, records: list[TrialRecord], sweep: SweepConfig, best: TrialRecord | None) -> Path:
+def write_summary_json(path: Path, records: list[TrialRecord], sweep: SweepConfig, best: TrialRecord | None,
+                       agreement: LabelAgreement | None = None) -> Path:
     data = {"selection": selection_label(sweep.select), "best": best.trial_id if best else None,
             "best_params": best.params if best else None,
             "best_score": best.score(sweep.select.metric) if best else None,
             "trials": {r.trial_id: r.status for r in records}}
-    agreement = label_agreement(records, sweep.select)
     if agreement is not None:  # evaluation only: the winner above was chosen without it
         data["labels"] = {"metric": agreement.label_metric, "trials": agreement.trials,
                           "spearman_with_selection": agreement.spearman,

@@ -252,8 +252,9 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
 
             ray.shutdown()
     best = select_best(records, sweep.select)
+    agreement = label_agreement(records, sweep.select)
     paths = [outputs.write_trials_csv(out / "trials.csv", records, sweep, best),
-             outputs.write_summary_json(out / "summary.json", records, sweep, best)]
+             outputs.write_summary_json(out / "summary.json", records, sweep, best, agreement)]
     if best is not None:
         paths.append(outputs.write_best_yaml(out / "best.yaml", best, sweep))
     plot = outputs.plot_selection(out / "report", records, sweep, best)
@@ -267,7 +268,6 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
         shown = ", ".join(f"{k}={v}" for k, v in best.params.items())
         log(f"best: {shown} | {sweep.select.metric} {best.score(sweep.select.metric):.4g} "
             f"({selection_label(sweep.select)}) | trial {best.trial_id}")
-    agreement = label_agreement(records, sweep.select)
     if agreement is not None:
         rho = "n/a" if agreement.spearman is None else f"{agreement.spearman:+.2f}"
         shown = ", ".join(f"{k}={v}" for k, v in agreement.label_best.params.items())

@@ -35,8 +35,13 @@ class TrialRecord:
         return float(v)
 
 
+def _sign(select: SelectConfig) -> float:
+    """Orients the selection score so that higher is preferred."""
+    return 1.0 if select.direction == "max" else -1.0
+
+
 def select_best(records: list[TrialRecord], select: SelectConfig) -> TrialRecord | None:
-    sign = 1.0 if select.direction == "max" else -1.0
+    sign = _sign(select)
     best, best_score = None, -math.inf
     for rec in records:
         s = rec.score(select.metric)
@@ -67,7 +72,7 @@ class LabelAgreement:
     label_metric: str
     trials: int                     # finished trials that have both scores
     spearman: float | None          # rank correlation of the selection score (oriented: higher = preferred)
-    label_best: TrialRecord | None  # the trial the labelled metric would have picked
+    label_best: TrialRecord         # the trial the labelled metric would have picked
 
 
 def label_agreement(records: list[TrialRecord], select: SelectConfig, label_metric: str = "acc"
@@ -76,9 +81,9 @@ def label_agreement(records: list[TrialRecord], select: SelectConfig, label_metr
     three trials and is None when either score is constant across them."""
     if select.metric in SUPERVISED:
         return None
-    sign = 1.0 if select.direction == "max" else -1.0
-    pairs = [(sign * r.score(select.metric), r.score(label_metric), r) for r in records
-             if r.score(select.metric) is not None and r.score(label_metric) is not None]
+    sign = _sign(select)
+    scored = [(r.score(select.metric), r.score(label_metric), r) for r in records]
+    pairs = [(sign * s, y, r) for s, y, r in scored if s is not None and y is not None]
     if not pairs:
         return None
     label_best = max(pairs, key=lambda p: p[1])[2]  # max() keeps the first of equals: the earlier trial
