@@ -32,7 +32,7 @@ def plain_pass(method, model, opt, images: np.ndarray, batch_size: int, epoch: i
     from raydc.core.augment import random_affine, resize_center, to_float
     from raydc.core.dac import frozen_bn_stats, pair_loss, select_pairs, similarity_matrix
 
-    d, size = method.opts, method.cfg.model.input_size
+    d, size = method.opts, method.input_size
     upper, lower = method.schedule().at(method.cfg.train.epochs // 2)
     loader = DataLoader(TensorDataset(torch.arange(len(images)), torch.from_numpy(images)), batch_size=batch_size,
                         shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(epoch))

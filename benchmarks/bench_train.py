@@ -67,7 +67,8 @@ def _train_loop(conf: dict) -> None:
     state = method.init_state()
     optimizers = method.optimizers(WorkerContext.unwrap(model), state)
     shard = ray.train.get_dataset_shard("train")
-    wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, lambda m: None)
+    wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, lambda m: None,
+                         method.input_size)
     if cfg.method == "dac":  # a mid-curriculum round: u and l where a 20-round official schedule has them
         from raydc.methods.dac import PairThresholds
 
@@ -139,7 +140,8 @@ def plain_pass(method, model, images: np.ndarray, labels: np.ndarray, batch_size
     from raydc.engine.stream import Augment, to_model_input
 
     t = method.cfg.train
-    aug = Augment(method.cfg.model.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min)
+    aug = Augment(method.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min,
+                  kind=t.augment)
     ds = TensorDataset(torch.arange(len(images)), torch.from_numpy(images))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed + epoch))
@@ -154,7 +156,7 @@ def plain_pass(method, model, images: np.ndarray, labels: np.ndarray, batch_size
     for ids, imgs in loader:
         ids_np = ids.numpy()
         x = to_model_input(ids_np, np.zeros(len(ids_np), np.int64), imgs.numpy(), seed=seed, epoch=epoch,
-                           augment=aug, size=method.cfg.model.input_size)
+                           augment=aug, size=method.input_size)
         y = torch.from_numpy(labels[ids_np])
         loss = F.cross_entropy(model(x), y)
         body_opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
-NAMES = ["kmeans", "features", "train", "dac", "epoch", "pca", "quality"]
+NAMES = ["kmeans", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -369,6 +369,40 @@ def _sec_quality(doc: dict, img: str | None) -> str:
     return s
 
 
+def _pm(stat: dict | None) -> str:
+    return "—" if not stat else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def _sec_ablations(doc: dict) -> str:
+    if "results" not in doc:
+        return ""
+    rows = [[f"`{n}`", r["what"], _f(r.get("first_acc")), _f(r.get("acc")), _f(r.get("nmi")),
+             _f(r.get("nmi_prev")), _f(r.get("train_k_acc_majority") or r.get("acc_majority")),
+             " ".join(f"{a:.2f}" for a in r.get("curve_acc", [])), _f(r["seconds"] / 60)]
+            for n, r in doc["results"].items()]
+    return ("## DeepCluster ablations\n\n" + doc["setting"] + "; the final round of each run (never a best round), "
+            "beside its first clustering (round 0, the untrained network). Base overrides: `"
+            + " ".join(doc["base"]) + "`.\n\n"
+            + _table(["run", "what changes", "ACC round 0", "ACC final", "NMI final", "NMI(t-1,t)",
+                      "majority ACC (training k)", "ACC by round", "min"], rows) + "\n")
+
+
+def _sec_seeds(doc: dict) -> str:
+    if "settings" not in doc:
+        return ""
+    rows = []
+    for n, s in doc["settings"].items():
+        m = s["summary"]
+        rows.append([f"`{n}`", s["method"], s["data"], _pm(m.get("acc")), _pm(m.get("nmi")), _pm(m.get("ari")),
+                     _pm(m.get("first_acc")), _pm(m.get("nmi_prev")),
+                     _pm(m.get("ae_kmeans_acc")) if m.get("ae_kmeans_acc") else "—",
+                     " / ".join(_f(r.get("acc")) for r in s["runs"]), _f(m["seconds"]["mean"] / 60)])
+    return ("## Quality over seeds\n\nSeeds " + ", ".join(map(str, doc["seeds"])) + " (`train.seed`: weights, "
+            "k-means, shuffles, crops); mean ± sample std of the final rounds.\n\n"
+            + _table(["setting", "method", "data", "ACC", "NMI", "ARI", "first ACC", "NMI(t-1,t)",
+                      "DEC: AE+k-means ACC", "ACC per seed", "min per run"], rows) + "\n")
+
+
 def render(out: Path | str = RESULTS_DIR) -> Path:
     out = Path(out).resolve()
     d = _load(out)
@@ -415,6 +449,10 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
             curves[f"epoch benchmark ({d['epoch']['config']['images']:,} images)"] = d["epoch"].get("curves", [])
         img = rel("quality_curves.png") if plot_curves(curves, out / "quality_curves.png") else None
         lines.append(_sec_quality(d["quality"], img))
+    if "ablations" in d:
+        lines.append(_sec_ablations(d["ablations"]))
+    if "seeds" in d:
+        lines.append(_sec_seeds(d["seeds"]))
     lines.append("What these numbers mean, where raydc loses and what would fix it: see `benchmarks/README.md`.")
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path

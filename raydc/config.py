@@ -9,6 +9,7 @@ before any work starts. Every error names its dotted field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,16 +51,14 @@ class DataConfig:
 class ModelConfig:
     arch: str = "smallconvnet"             # which ones a method trains: its `archs` (checked by the method)
     sobel: bool = True
-    input_size: int = 28                   # images are resized to this before the network
+    input_size: int | None = None          # the network's input side; None: the images' own (from the manifest)
     width: int = 1                         # channel multiplier of smallconvnet
     feature_dim: int = 256                 # penultimate (clustered) layer of smallconvnet
     ae_dims: list[int] = field(default_factory=lambda: [500, 500, 2000, 10])  # DEC encoder after the input
 
     def validate(self) -> None:
-        if self.input_size < 8:
+        if self.input_size is not None and self.input_size < 8:
             raise ConfigError("model.input_size", f"must be >= 8, got {self.input_size}")
-        if self.arch in ("alexnet", "vgg16") and self.input_size < 64:
-            raise ConfigError("model.input_size", f"{self.arch} needs >= 64 px inputs, got {self.input_size}")
         if self.feature_dim < 2:
             raise ConfigError("model.feature_dim", f"must be >= 2, got {self.feature_dim}")
         if not self.ae_dims or any(d < 1 for d in self.ae_dims):
@@ -125,8 +124,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     head_lr: float | None = None           # None: same as lr (the reference uses one lr, head momentum 0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # per round; cosine ends at lr * lr_final
+    lr_final: float = 0.0                  # cosine: the last round's lr as a fraction of lr
+    min_steps: int = 0                     # a round draws at least this many batches per worker (0: no floor)
     reassign: float = 1.0                  # an epoch draws reassign * N images
     uniform_sampling: bool = True
+    augment: Literal["crop", "affine"] = "crop"  # RandomResizedCrop (+ flip), or rotation/shift/zoom (digits)
     crop_scale_min: float = 0.08           # RandomResizedCrop scale lower bound
     crop: bool = True
     hflip: bool = True
@@ -136,6 +139,13 @@ class TrainConfig:
     torch_threads: int = 0                 # 0: leave torch's default
     seed: int = 31
     max_failures: int = 0                  # Ray Train retries after a worker dies
+
+    def lr_at(self, round_idx: int) -> float:
+        """The body's lr in round `round_idx` of `epochs`: constant, or a cosine from lr towards lr * lr_final."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        t = min(round_idx, self.epochs) / self.epochs  # the last round trains above lr_final, never at 0
+        return self.lr * (self.lr_final + (1 - self.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -150,6 +160,10 @@ class TrainConfig:
             raise ConfigError("train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.reassign <= 0:
             raise ConfigError("train.reassign", f"must be > 0, got {self.reassign}")
+        if not 0 <= self.lr_final <= 1:
+            raise ConfigError("train.lr_final", f"must be in [0, 1] (a fraction of train.lr), got {self.lr_final}")
+        if self.min_steps < 0:
+            raise ConfigError("train.min_steps", f"must be >= 0, got {self.min_steps}")
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError("train.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         if self.num_workers < 1:

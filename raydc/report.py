@@ -324,7 +324,8 @@ def write_report(run_dir: str | os.PathLike, rows: Sequence[Mapping], *,
     name = Path(run_dir).name
     last = rows[-1].get("epoch") if rows else None
     suffix = f" — epoch {last}" if last is not None else ""
-    paths = [metric_curves(rows, out / "curves.png", title=f"{name}{suffix}"),
+    warn = " — WARNING: final below its first clustering" if any(r.get("quality_warning") for r in rows) else ""
+    paths = [metric_curves(rows, out / "curves.png", title=f"{name}{suffix}{warn}"),
              phase_breakdown_plot(rows, out / "phases.png", title=f"{name}: seconds per phase per epoch")]
     if sizes is not None:
         paths.append(size_histogram_plot(sizes, out / "sizes.png", title=f"{name}: cluster sizes{suffix}"))

@@ -35,6 +35,13 @@ def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_clust
 
     run = RunDir(run_dir)
     rows = run.read_metrics()
+    warnings = [r["quality_warning"] for r in rows if r.get("quality_warning")]
+    warnings_path = run.report_dir / "WARNINGS.txt"
+    if warnings:  # beside the pictures, where the person reading them looks
+        run.report_dir.mkdir(parents=True, exist_ok=True)
+        warnings_path.write_text("".join(f"warning: {w}\n" for w in warnings))
+    elif warnings_path.exists():  # a resumed run's new final round is what counts
+        warnings_path.unlink()
     montage = sizes = purity = None
     if (run.path / "assignments.parquet").exists():
         a = run.read_assignments()

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from raydc.core import kmeans as km
-from raydc.core.augment import to_float
+from raydc.core.augment import resize_center, to_float
 from raydc.engine.clustering import ClusterOutcome
 from raydc.engine.loop import RankZeroContext, WorkerContext, finish, run_rounds
 from raydc.engine.stream import shuffled_batches
@@ -25,14 +25,24 @@ class FakeService:
         model.load_state_dict(spec.state)
         model.eval()
         with torch.inference_mode():
-            feats = getattr(model, spec.call)(to_float(self.images)).numpy()
+            feats = getattr(model, spec.call)(resize_center(to_float(self.images), spec.input_size)).numpy()
         half = len(self.ids) // 2
         self.shards = [(self.ids[s], feats[s], self.labels[s]) for s in (slice(0, half), slice(half, None))]
         return {"n": len(self.ids), "dim": feats.shape[1], "finite": bool(np.isfinite(feats).all())}
 
+    def fit_projection(self, pca_dim, whiten):
+        assert pca_dim == 0, "the stand-in has no PCA: test with cluster.pca_dim 0"
+        return None
+
     def project(self, proj, l2) -> bool:
-        assert proj is None and not l2
+        assert proj is None
+        if l2:
+            self.shards = [(i, x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), lab)
+                           for i, x, lab in self.shards]
         return True
+
+    def choose_mode(self, mode, single_max_bytes) -> str:
+        return "single"
 
     def kmeans(self, k, *, niter, seed, n_init, mode):
         assert mode == "single"
@@ -64,8 +74,9 @@ class FakeService:
 class FakeWorker(WorkerContext):
     """The engine's WorkerContext (its SGD pass, reductions) over one in-memory shard."""
 
-    def __init__(self, cfg, manifest, ids, images, optimizers, in_channels: int):
-        super().__init__(cfg, manifest, None, 0, 1, torch.device("cpu"), optimizers, in_channels, lambda m: None)
+    def __init__(self, cfg, manifest, ids, images, optimizers, in_channels: int, input_size: int | None = None):
+        super().__init__(cfg, manifest, None, 0, 1, torch.device("cpu"), optimizers, in_channels, lambda m: None,
+                         input_size)
         self.ids, self.images = ids, images
 
     def batches(self, round_idx, *, repeats=None, batch_size=None, shuffle=True, max_steps=None):
@@ -89,7 +100,8 @@ def run_method_in_process(method_cls, cfg, data, manifest):
     torch.manual_seed(cfg.train.seed)
     model = method.build_model()
     state = method.init_state()
-    wctx = FakeWorker(cfg, manifest, ids, images, method.optimizers(model, state), method.in_channels)
+    wctx = FakeWorker(cfg, manifest, ids, images, method.optimizers(model, state), method.in_channels,
+                      method.input_size)
     service = FakeService(ids, images, labels)
     rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None)
     rows: list[dict] = []

@@ -157,6 +157,59 @@ def test_zero_tol_runs_to_exactly_max_iterations():
     assert rows[-1]["acc"] > 0.9  # well-separated blobs
 
 
+def test_a_small_dataset_updates_the_target_at_least_once_a_pass():
+    """160 iterations of batch 256 are half a pass over MNIST but 29 passes over 1,400 images (uncapped by
+    default: the cap was measured worse)."""
+    cfg = tiny_config("unused", "unused", update_interval=160, batch_size=256)
+    method = DEC(cfg, manifest_for())
+    assert method.update_steps(1_400) == 160
+    method.opts.max_update_epochs = 1.0
+    assert method.update_steps(70_000) == 160
+    assert method.update_steps(1_400) == 6  # ceil(1400 / 256)
+    method.opts.max_update_epochs = 3.0
+    assert method.update_steps(1_400) == 17
+    cfg.train.num_workers = 2  # a pass is shared by the workers' global batch
+    assert method.update_steps(1_400) == 9
+
+
+def _update_with_q(method: DEC, q: np.ndarray, state):
+    """One target update (`DEC._targets`) over q's held in two shards, as the shard actors would hold them."""
+    from tests.inprocess import FakeService
+
+    ids = np.arange(len(q))
+    service = FakeService(ids, None, np.zeros(len(q), np.int64))
+    service.shards = [(ids[:len(q) // 2], q[:len(q) // 2], None), (ids[len(q) // 2:], q[len(q) // 2:], None)]
+    ctx = SimpleNamespace(service=service, release=lambda: None)
+    return method._targets(ctx, state, 5, None, n=len(q), row={})
+
+
+@pytest.mark.parametrize("growth,stops", [(2.0, True), (0.0, False), (4.0, False)])
+def test_collapse_guard_stops_when_one_cluster_swallows_the_others(growth, stops):
+    cfg = tiny_config("unused", "unused", collapse_growth=growth, tol=0.0)
+    method = DEC(cfg, manifest_for())
+    n = 400
+    pred = np.repeat(np.arange(K), n // K)
+    pred[: int(0.6 * n)] = 0          # 60 % of the images in cluster 0, after 25 % at k-means (K = 4)
+    q = np.full((n, K), 0.02, np.float32)
+    q[np.arange(n), pred] = 1 - 0.02 * (K - 1)
+    state = method.init_state()
+    state.initialised, state.n_updates, state.init_largest_share = True, 3, 0.25
+    state.prev_pred = pred.copy()
+    plan = _update_with_q(method, q, state)
+    assert (plan.stop is not None) == stops, plan.stop
+    if stops:
+        assert plan.stop.startswith("collapse guard") and "60.0%" in plan.stop and "dec.collapse_growth" in plan.stop
+
+
+def test_bad_guard_settings_name_the_field():
+    with pytest.raises(ConfigError, match=r"dec\.collapse_growth"):
+        from_dict(Config, {"method": "dec", "data": {"shards": "x"}, "cluster": {"pca_dim": 0},
+                           "dec": {"collapse_growth": 0.5}})
+    with pytest.raises(ConfigError, match=r"dec\.max_update_epochs"):
+        from_dict(Config, {"method": "dec", "data": {"shards": "x"}, "cluster": {"pca_dim": 0},
+                           "dec": {"max_update_epochs": -1}})
+
+
 # ---- through the real engine ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, ray_local):

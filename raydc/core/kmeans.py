@@ -198,6 +198,18 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple
     return lab[:, 0].astype(np.int64), dist[:, 0].copy()
 
 
+def nearest_two(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest and second-nearest centroid (int64 each), with the same flat index as `assign`."""
+    x = _as_points(x)
+    c = _as_points(centroids, "centroids")
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    index = _flat_index(x.shape[1], want_gpu(use_gpu))
+    index.add(c)
+    _, lab = index.search(x, 2)
+    return lab[:, 0].astype(np.int64), lab[:, 1].astype(np.int64)
+
+
 def partial_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (k, d) float64 and counts (k,) int64 of a shard: what the driver reduces.
 

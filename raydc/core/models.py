@@ -47,6 +47,7 @@ class ClusterNet(nn.Module):
         self.classifier = classifier
         self.feature_dim = feature_dim
         self.top_layer: nn.Linear | None = None
+        self.cosine_head = False  # DeepCluster-v2: logits are the L2-normalised embedding against prototypes
         _init_weights(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,8 @@ class ClusterNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cosine_head:
+            return self.top_layer(F.normalize(self.embed(x), dim=1))
         h = F.relu(self.embed(x))
         if self.top_layer is None:
             return h

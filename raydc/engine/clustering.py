@@ -163,6 +163,7 @@ class ClusterOutcome:
     mode: str
     true_labels: np.ndarray | None = None
     projection: PCAProjection | None = None
+    groups: np.ndarray | None = None  # a merged clustering: the cluster of each centroid (labels = groups[nearest])
 
 
 class ClusteringService:

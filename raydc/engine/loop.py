@@ -46,8 +46,9 @@ class WorkerContext:
     """What a method's `train_round` may use on every worker."""
 
     def __init__(self, cfg: Config, manifest, shard, rank: int, world: int, device: torch.device,
-                 optimizers: dict, in_channels: int, log: Callable[[str], None]):
+                 optimizers: dict, in_channels: int, log: Callable[[str], None], input_size: int | None = None):
         self.cfg, self.manifest, self.shard = cfg, manifest, shard
+        self.input_size = input_size  # the method's (config or manifest); decoding resizes mixed sizes to it
         self.rank, self.world, self.device = rank, world, device
         self.optimizers = optimizers
         self.in_channels = in_channels
@@ -69,7 +70,7 @@ class WorkerContext:
         self._t0 = time.perf_counter()
         fixed = self.manifest.image_shape is not None
         rows = decoded_rows(self.shard, self.manifest, read_batch_size=1024,
-                            size=None if fixed else self.cfg.model.input_size, channels=self.in_channels)
+                            size=None if fixed else self.input_size, channels=self.in_channels)
         gen = shuffled_batches(rows, batch_size=batch_size or self.cfg.train.batch_size, seed=self.cfg.train.seed,
                                epoch=round_idx, repeats=repeats, shuffle=shuffle)
         steps = 0
@@ -239,6 +240,21 @@ def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, 
     return final, row
 
 
+def quality_regression(rows: list[dict], final: dict, tolerance: float = 0.005) -> str | None:
+    """A sentence when the final clustering scores below the first clustering the run made (round 0's, or
+    DEC's AE + k-means start): training made things worse, which a user must hear rather than find later.
+    Evaluation only (it reads the labels' ACC, when the shards have labels), and it never changes the result."""
+    first = next((r for r in rows if r.get("acc") is not None and not r.get("final")), None)
+    # Like with like: an over-clustered run's final row is at final_k; its training-k score is what round 0 had.
+    acc = final.get("train_k_acc", final.get("acc"))
+    if first is None or acc is None:
+        return None
+    if acc >= first["acc"] - tolerance:
+        return None
+    return (f"the final clustering (ACC {acc:.3f}) is worse than the run's first one at epoch "
+            f"{first.get('epoch')} (ACC {first['acc']:.3f}): training lowered the quality")
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -300,7 +316,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 opt.load_state_dict(ckpt["optimizers"][name])
 
     shard = ray.train.get_dataset_shard("train")
-    wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, _log)
+    wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, _log,
+                         method.input_size)
     rctx = None
     if rank == 0:
         rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log)
@@ -327,11 +344,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if rank == 0:
         try:
             final, row = finish(method, rctx, WorkerContext.unwrap(model), state, r)
+            warning = quality_regression(run.read_metrics(), row)
+            if warning:
+                row["quality_warning"] = warning
             run.write_assignments(final.ids, final.labels, final.distances)
             run.save_clustering({"round": r, "model": WorkerContext.unwrap(model).state_dict(),
                                  "artifacts": final.artifacts, "config": loop_cfg["config"]})
             run.append_metrics(row)
             _log(summary_line(row))
+            if warning:
+                _log(f"warning: {warning}")
         finally:
             rctx.shutdown()
     ray.train.report({"done": 1})
@@ -343,7 +365,7 @@ def summary_line(row: dict) -> str:
     for key, fmt in (("phase", "{}"), ("loss", "loss {:.4f}"), ("kmeans_objective", "obj {:.5g}"),
                      ("upper", "u {:.3f}"), ("lower", "l {:.3f}"), ("selected_pairs", "pairs {:.1%}"),
                      ("delta_label", "changed {:.2%}"), ("nmi_prev", "NMI(t-1,t) {:.3f}"),
-                     ("acc", "ACC {:.3f}"), ("nmi", "NMI {:.3f}"), ("ari", "ARI {:.3f}"),
+                     ("acc", "ACC {:.3f}"), ("acc_majority", "majority ACC {:.3f}"), ("nmi", "NMI {:.3f}"), ("ari", "ARI {:.3f}"),
                      ("n_empty", "empty {}"), ("silhouette", "silhouette {:.3f}"),
                      ("images_per_s_train", "{:.0f} img/s train")):
         if row.get(key) is not None and not (key == "phase" and row[key] == "final"):

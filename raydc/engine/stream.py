@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from raydc.core.augment import random_resized_crop, resize_center, to_float
+from raydc.core.augment import random_affine, random_resized_crop, resize_center, to_float
 from raydc.core.sampler import hash_uniforms
 
 # Streams of uniforms drawn per (seed, epoch, id); distinct streams keep the draws independent.
@@ -28,6 +28,7 @@ class Augment:
     crop: bool = True
     flip: bool = True
     scale_min: float = 0.08
+    kind: str = "crop"   # "affine": rotation +-10 deg, shifts of 10 %, zoom 0.9-1.1 (DAC's digit settings)
 
 
 def decoded_rows(iterator, manifest, *, read_batch_size: int, size: int | None, channels: int | None
@@ -105,5 +106,8 @@ def to_model_input(ids: np.ndarray, rep: np.ndarray, images: np.ndarray, *, seed
     # Each copy of a repeated image gets its own crop: mix the copy index into the id.
     keyed = ids.astype(np.int64) * 64 + np.minimum(rep, 63)
     u = np.stack([hash_uniforms(keyed, seed, epoch, STREAM_AUGMENT * 8 + j) for j in range(5)], axis=1)
+    if augment.kind == "affine":
+        return random_affine(resize_center(x, augment.size), u, rotation_deg=10.0, shift=0.1, zoom=(0.9, 1.1),
+                             flip=augment.flip)
     return random_resized_crop(x, u, augment.size, scale_min=augment.scale_min, flip=augment.flip,
                                crop=augment.crop)

@@ -25,12 +25,15 @@ def ensure_shards(cfg: Config, log=print):
     return load_manifest(cfg.data.shards)
 
 
-def check_against_data(cfg: Config, manifest) -> None:
+def check_against_data(cfg: Config, manifest, log=None) -> None:
     """The checks that need the data, run before any work starts; each names its field. They are the method's:
-    only it knows which batch sizes and feature dimensions it uses."""
+    only it knows which batch sizes, input sizes and feature dimensions it uses."""
     from raydc.methods import build_method
 
-    build_method(cfg, manifest).check_data()
+    method = build_method(cfg, manifest)
+    method.check_data()
+    if log is not None:
+        log(method.describe_input())
 
 
 # Fields a resumed run may take from the new config: budgets (how long to go on) and where/how to run, none of
@@ -116,7 +119,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     cfg = resolve_config(cfg, resume=resume, log=log)
     absolute_paths(cfg)
     manifest = ensure_shards(cfg, log)
-    check_against_data(cfg, manifest)
+    check_against_data(cfg, manifest, log)
     check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before a run dir or Ray exists
     run = RunDir(cfg.run.dir)
     resuming = run.create(cfg.to_yaml(), resume=resume, overwrite=overwrite)

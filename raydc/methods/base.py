@@ -55,6 +55,20 @@ class FinalClustering:
     artifacts: dict[str, Any] = field(default_factory=dict)  # tensors and plain values: saved in clustering.pt
 
 
+def resolve_input_size(configured: int | None, manifest) -> tuple[int, str]:
+    """(side, where it came from): the config's `model.input_size` if set (images are resized to it), else the
+    images' own shorter side from the manifest. Mixed sizes have no side of their own: the user must choose."""
+    from raydc.errors import ConfigError
+
+    if configured is not None:
+        return int(configured), "config"
+    shape = manifest.image_shape
+    if shape is None:
+        raise ConfigError("model.input_size", "is needed: the shards hold images of mixed sizes, so the network "
+                                              "has no size of its own to take; set one and they are resized to it")
+    return int(min(shape[0], shape[1])), "manifest"
+
+
 def rank0_field(default: Any = None) -> Any:
     """A state field kept on rank 0 only (per-image arrays): checkpointed, never broadcast."""
     return field(default=default, metadata={"rank0": True})
@@ -98,11 +112,22 @@ class Method:
     resumable_fields: tuple[str, ...] = ()  # fields of its own that a resumed run may change (budgets)
     archs: tuple[str, ...] = ("smallconvnet", "alexnet", "vgg16")  # `model.arch` values it can train
 
+    min_input_size: dict[str, int] = {"alexnet": 64, "vgg16": 64}  # `model.arch` -> the smallest side it takes
+
     def __init__(self, cfg: "Config", manifest):
         self.cfg = cfg
         self.manifest = manifest
         shape = manifest.image_shape
         self.in_channels = int(shape[2]) if shape else (1 if manifest.mode == "L" else 3)
+        self.input_size, self.input_size_from = resolve_input_size(cfg.model.input_size, manifest)
+
+    def describe_input(self) -> str:
+        """The line a run logs about its input, so a silent upscale (config 28, images 16) is visible."""
+        shape = self.manifest.image_shape
+        seen = f"{shape[0]}x{shape[1]}x{shape[2]}" if shape else f"mixed sizes, {self.manifest.mode}"
+        how = ("from the manifest" if self.input_size_from == "manifest"
+               else f"model.input_size; the images are {seen}")
+        return f"network input {self.input_size}x{self.input_size}x{self.in_channels} ({how})"
 
     @property
     def opts(self):
@@ -126,6 +151,11 @@ class Method:
         n = self.manifest.count
         if self.cfg.cluster.k > n:
             raise ConfigError("cluster.k", f"{self.cfg.cluster.k} clusters but only {n} images")
+        need = self.min_input_size.get(self.cfg.model.arch)
+        if need is not None and self.input_size < need:
+            raise ConfigError("model.input_size", f"{self.cfg.model.arch} needs >= {need} px inputs, got "
+                                                  f"{self.input_size} ({self.describe_input()}); set "
+                                                  f"model.input_size to resize the images")
 
     def check_batch(self, field_name: str, batch_size: int) -> None:
         """A batch must fit in one worker's share of the images (DDP workers stop at the same step)."""

@@ -126,12 +126,13 @@ class DAC(Method):
     name = "dac"
     section, options = "dac", DACConfig
     archs = ("dac_mnist", "dac_cifar", "smallconvnet", "alexnet", "vgg16")
+    min_input_size = {**Method.min_input_size, "dac_mnist": DAC_NET_MIN_SIZE, "dac_cifar": DAC_NET_MIN_SIZE}
 
     @classmethod
     def validate_config(cls, cfg) -> None:
         super().validate_config(cfg)
         d = cfg.dac
-        if cfg.model.arch.startswith("dac_") and cfg.model.input_size < DAC_NET_MIN_SIZE:
+        if cfg.model.arch.startswith("dac_") and (cfg.model.input_size or DAC_NET_MIN_SIZE) < DAC_NET_MIN_SIZE:
             raise ConfigError("model.input_size", f"{cfg.model.arch} needs >= {DAC_NET_MIN_SIZE} px inputs, "
                                                   f"got {cfg.model.input_size}")
         s = resolve_schedule(d, cfg.train.epochs)
@@ -168,7 +169,7 @@ class DAC(Method):
 
     def extractor(self, model: nn.Module) -> ExtractorSpec:
         sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return ExtractorSpec(build=self._factory(), state=sd, call="forward", input_size=self.cfg.model.input_size,
+        return ExtractorSpec(build=self._factory(), state=sd, call="forward", input_size=self.input_size,
                              channels=self.in_channels)
 
     def optimizers(self, model: nn.Module, state: DACState) -> dict:
@@ -235,7 +236,7 @@ class DAC(Method):
     def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DACState, round_idx: int) -> dict:
         d = self.opts
         upper, lower = plan.targets.upper, plan.targets.lower
-        size = self.cfg.model.input_size
+        size = self.input_size
         seen = {"selected": 0.0, "same": 0.0, "steps": 0}
         current: dict = {}  # the batch being trained on and its selection, across its inner steps
 

@@ -7,14 +7,27 @@ uniformly over the non-empty clusters (each row repeated Poisson(n / (k_nonempty
 UnifLabelSampler in expectation, computable while streaming), through a re-initialised top layer with its own
 momentum-free SGD, as in the reference code.
 
-DeepCluster has no config section of its own: its knobs are the engine's `cluster` (k-means, PCA) and `train`
-(SGD, sampling, augmentation) sections, which it uses as the paper does.
+Its knobs are the engine's `cluster` (k-means, PCA) and `train` (SGD, lr schedule, sampling, augmentation)
+sections, used as the paper does, and its own `deepcluster` section for what departs from the paper:
+
+- `variant: v2`, DeepCluster-v2 (SwAV appendix; swav `main_deepclusterv2.py`): no head reset. The classifier is
+  the L2-normalised embedding against prototypes set to this round's (normalised) k-means centroids, frozen,
+  with logits divided by a temperature. The targets no longer come from a random head that needs a whole
+  round to learn what the clusters are, so each round keeps improving the clusters the last one found.
+- `head: match` (v1): instead of a random head each round, the previous head's rows are carried over to the
+  new clusters they overlap most (Hungarian matching of the two assignments).
+- `final_k`: over-clustering. Train with `cluster.k` (e.g. 100) and deliver a clustering of the final features
+  with `final_k` clusters; the training-k clustering is scored too (majority-vote ACC, as k > classes asks).
+  `final_merge: spectral` gets the final_k clusters by joining the training-k ones along the data's manifolds
+  (raydc.core.merge) rather than by k-means at final_k, which cuts curved classes into convex cells.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,11 +47,47 @@ from raydc.methods.base import FinalClustering, Method, RoundPlan, by_id, rank0_
 FEATURE_DIMS = {"alexnet": 4096, "vgg16": 4096}  # fixed penultimate widths; smallconvnet's is model.feature_dim
 
 
-def _build(cfg_model: dict, in_channels: int, k: int) -> nn.Module:
+@dataclass
+class DeepClusterConfig:
+    """What departs from the paper's DeepCluster (v1 with a fresh head each round is the default)."""
+
+    variant: Literal["v1", "v2"] = "v1"
+    temperature: float = 0.1               # v2: logits = cos(embedding, prototype) / temperature
+    head: Literal["reset", "match"] = "reset"  # v1: a fresh N(0, 0.01) head each round, or the last one matched
+    final_k: int = 0                       # > 0: the delivered clustering has this many clusters (0: cluster.k)
+    # final_k < cluster.k: "kmeans" clusters the final features again with final_k; "spectral" joins the
+    # training-k clusters by spectral clustering of their co-neighbour graph (raydc.core.merge)
+    final_merge: Literal["kmeans", "spectral"] = "kmeans"
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("deepcluster.temperature", f"must be > 0, got {self.temperature}")
+        if self.final_k < 0 or self.final_k == 1:
+            raise ConfigError("deepcluster.final_k", f"must be 0 (cluster.k) or >= 2, got {self.final_k}")
+
+
+def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> nn.Module:
     net = build_convnet(cfg_model["arch"], in_channels, cfg_model["sobel"], cfg_model["width"],
                         cfg_model["feature_dim"])
     net.reset_head(k, torch.Generator().manual_seed(0))
+    if cosine:  # prototypes are the centroids, set each round and never learned (swav: "frozen prototypes")
+        net.cosine_head = True
+        net.top_layer.bias = None
+        net.top_layer.requires_grad_(False)
     return net
+
+
+def matched_head_rows(prev: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
+    """For each new cluster, the previous cluster whose head row it inherits: a one-to-one matching of the two
+    assignments that maximises the images they share (clusters with no partner keep their own index)."""
+    from scipy.optimize import linear_sum_assignment
+
+    overlap = np.zeros((k, k), np.int64)
+    np.add.at(overlap, (new, prev), 1)
+    rows, cols = linear_sum_assignment(overlap, maximize=True)
+    src = np.arange(k)
+    src[rows] = cols
+    return src
 
 
 @dataclass
@@ -48,6 +97,8 @@ class PseudoLabels:
     labels: np.ndarray   # (max id + 1,) int64, -1 where no image has that id
     sizes: np.ndarray    # (k,)
     n: int               # images clustered
+    prototypes: np.ndarray | None = None  # v2: (k, d) unit-norm centroids, the classifier's frozen rows
+    head_rows: np.ndarray | None = None   # v1 `head: match`: new cluster j takes the last head's row head_rows[j]
 
 
 @dataclass
@@ -57,6 +108,7 @@ class DeepClusterState:
 
 class DeepCluster(Method):
     name = "deepcluster"
+    section, options = "deepcluster", DeepClusterConfig
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -64,6 +116,13 @@ class DeepCluster(Method):
         feat = FEATURE_DIMS.get(cfg.model.arch, cfg.model.feature_dim)
         if cfg.cluster.pca_dim > feat:
             raise ConfigError("cluster.pca_dim", f"{cfg.cluster.pca_dim} is larger than the feature dimension {feat}")
+        if cfg.deepcluster.variant == "v2":
+            # The prototypes are centroids of the L2-normalised embedding itself, which the cosine head sees.
+            if cfg.cluster.pca_dim:
+                raise ConfigError("cluster.pca_dim", f"must be 0 with deepcluster.variant v2 (its prototypes "
+                                                     f"live in the embedding), got {cfg.cluster.pca_dim}")
+            if not cfg.cluster.l2_normalize:
+                raise ConfigError("cluster.l2_normalize", "must be true with deepcluster.variant v2")
 
     def check_data(self) -> None:
         super().check_data()
@@ -75,7 +134,8 @@ class DeepCluster(Method):
     def _factory(self):
         c = self.cfg.model
         model_cfg = {"arch": c.arch, "sobel": c.sobel, "width": c.width, "feature_dim": c.feature_dim}
-        return functools.partial(_build, model_cfg, self.in_channels, self.cfg.cluster.k)
+        return functools.partial(_build, model_cfg, self.in_channels, self.cfg.cluster.k,
+                                 self.opts.variant == "v2")
 
     def init_state(self) -> DeepClusterState:
         return DeepClusterState()
@@ -85,7 +145,7 @@ class DeepCluster(Method):
 
     def extractor(self, model: nn.Module) -> ExtractorSpec:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return ExtractorSpec(build=self._factory(), state=sd, call="embed", input_size=self.cfg.model.input_size,
+        return ExtractorSpec(build=self._factory(), state=sd, call="embed", input_size=self.input_size,
                              channels=self.in_channels)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
@@ -128,26 +188,72 @@ class DeepCluster(Method):
             row["nmi_prev"] = M.nmi(state.last_assign[out.ids], out.labels)
         if out.true_labels is not None:
             row.update(M.evaluate(out.true_labels, out.labels))
+            row["acc_majority"] = M.majority_acc(out.true_labels, out.labels)
         return row
 
     def plan(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int) -> tuple[RoundPlan, dict]:
+        previous = state.last_assign
         out, row = self.cluster(ctx, model, state, round_idx)
-        sizes = np.bincount(out.labels, minlength=self.cfg.cluster.k)
-        return RoundPlan(targets=PseudoLabels(state.last_assign, sizes, int(len(out.ids)))), row
+        k = self.cfg.cluster.k
+        targets = PseudoLabels(state.last_assign, np.bincount(out.labels, minlength=k), int(len(out.ids)))
+        if self.opts.variant == "v2":
+            c = np.asarray(out.centroids, np.float32)
+            targets.prototypes = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        elif self.opts.head == "match" and previous is not None:
+            targets.head_rows = matched_head_rows(previous[out.ids], out.labels.astype(np.int64), k)
+        return RoundPlan(targets=targets), row
 
     def finalize(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
         out, row = self.cluster(ctx, model, state, round_idx, release=False)
+        final_k = self.opts.final_k
+        if final_k and final_k != self.cfg.cluster.k:
+            # Over-clustering: the training-k clustering is scored (majority vote is its fair ACC), then the same
+            # projected features, still on the shard actors, are clustered with final_k for the user.
+            trained = {f"train_k_{key}": row[key] for key in ("acc", "acc_majority", "nmi", "nmi_prev", "n_empty")
+                       if key in row}
+            t = time.perf_counter()
+            cc = self.cfg.cluster
+            if self.opts.final_merge == "spectral":
+                out2 = self._spectral_final(ctx, out, final_k, round_idx)
+            else:
+                mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
+                out2 = ctx.service.kmeans(final_k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, round_idx, 29),
+                                          n_init=cc.n_init, mode=mode)
+            out2.projection = out.projection
+            out = out2
+            row = {key: v for key, v in row.items() if key.startswith("time_") or key == "images_per_s_features"}
+            row.update(trained)
+            row.update({"kmeans_objective": float(out.objective[-1]) if out.objective else float("nan"),
+                        "kmeans_backend": out.backend, "kmeans_mode": out.mode, "final_k": final_k,
+                        **M.size_stats(out.labels, final_k), "time_final_k": time.perf_counter() - t})
+            if out.true_labels is not None:
+                row.update(M.evaluate(out.true_labels, out.labels))
+                row["acc_majority"] = M.majority_acc(out.true_labels, out.labels)
         artifacts = {"projection": _projection_to_plain(out.projection),
+                     "groups": None if out.groups is None else torch.tensor(out.groups),
                      # a copy: the array is read-only, and torch.from_numpy would share it
                      "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}
         return FinalClustering(out.ids, out.labels, out.distances, out.true_labels, artifacts), row
+
+    def _spectral_final(self, ctx, out, final_k: int, round_idx: int):
+        """final_k clusters as groups of the training-k ones: co-neighbour counts summed over the shards (k x k),
+        spectral clustering of that graph on rank 0. Each image keeps its distance to its fine centroid."""
+        from raydc.core.merge import spectral_merge
+
+        centroids = np.ascontiguousarray(out.centroids, np.float32)
+        counts = np.sum([c for c in ctx.service.apply(shard_coneighbours, centroids) if c is not None], axis=0)
+        groups = spectral_merge(counts, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31))
+        return dataclasses.replace(out, labels=groups[out.labels.astype(np.int64)], objective=[], groups=groups)
 
     def assign(self, ctx, model: nn.Module, artifacts: dict):
         info = ctx.extract(self.extractor(model))
         if not info["finite"]:
             raise NumericalError(0, "assign", "the network's features for these images")
         ctx.service.project(_projection_from_plain(artifacts["projection"]), self.cfg.cluster.l2_normalize)
-        return ctx.service.assign_to(artifacts["centroids"].numpy())
+        ids, labels, dist = ctx.service.assign_to(artifacts["centroids"].numpy())
+        if artifacts.get("groups") is not None:  # a spectral merge: the fine centroid's group is the cluster
+            labels = artifacts["groups"].numpy()[labels]
+        return ids, labels, dist
 
     # ---- all workers ----------------------------------------------------------------------------
     def optimizers(self, model: nn.Module, state: DeepClusterState) -> dict:
@@ -155,18 +261,47 @@ class DeepCluster(Method):
         return {"body": torch.optim.SGD(model.body_parameters(), lr=t.lr, momentum=t.momentum,
                                         weight_decay=t.weight_decay)}
 
+    def images_per_round(self, n: int) -> tuple[float, bool]:
+        """How many images a round draws: `train.reassign` x N, raised to `train.min_steps` batches per worker
+        when N is small (a round of a few SGD steps leaves the network, and so the next clustering, as it was).
+        Returns (images, whether the floor raised it)."""
+        t = self.cfg.train
+        floor = t.min_steps * t.batch_size * t.num_workers
+        return max(t.reassign * n, floor), floor > t.reassign * n
+
+    def set_head(self, net: nn.Module, targets: PseudoLabels, round_idx: int) -> None:
+        """The classifier this round trains with: v2's prototypes, the last head matched to the new clusters, or
+        (the paper) a fresh N(0, 0.01) layer, since k-means permutes cluster ids and the old head means nothing."""
+        with torch.no_grad():
+            if targets.prototypes is not None:
+                net.top_layer.weight.copy_(torch.from_numpy(targets.prototypes) / self.opts.temperature)
+            elif targets.head_rows is not None:
+                rows = torch.from_numpy(targets.head_rows)
+                net.top_layer.weight.copy_(net.top_layer.weight[rows])
+                net.top_layer.bias.copy_(net.top_layer.bias[rows])
+            else:
+                g = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, round_idx, 13))
+                net.top_layer.weight.copy_(torch.randn(net.top_layer.weight.shape, generator=g) * 0.01)
+                net.top_layer.bias.zero_()
+
     def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DeepClusterState, round_idx: int) -> dict:
         t = self.cfg.train
         targets: PseudoLabels = plan.targets
         labels, sizes = targets.labels, targets.sizes
         net = wctx.unwrap(model)
-        n_total = t.reassign * targets.n
-        # A fresh top layer each epoch: k-means permutes cluster ids, so last epoch's head means nothing.
-        g = torch.Generator().manual_seed(derive_seed(t.seed, round_idx, 13))
-        with torch.no_grad():
-            net.top_layer.weight.copy_(torch.randn(net.top_layer.weight.shape, generator=g) * 0.01)
-            net.top_layer.bias.zero_()
-        head_opt = torch.optim.SGD(net.top_layer.parameters(), lr=t.head_lr or t.lr, weight_decay=t.weight_decay)
+        n_total, floored = self.images_per_round(targets.n)
+        if floored and round_idx == 0 and wctx.rank == 0:
+            wctx.log(f"train.min_steps: {targets.n} images x train.reassign {t.reassign} would be "
+                     f"{int(t.reassign * targets.n) // (t.batch_size * t.num_workers)} SGD steps per round; "
+                     f"drawing {int(n_total)} images ({t.min_steps} steps) instead")
+        lr = t.lr_at(round_idx)
+        for group in wctx.optimizers["body"].param_groups:
+            group["lr"] = lr
+        opts = [wctx.optimizers["body"]]
+        self.set_head(net, targets, round_idx)
+        if targets.prototypes is None:
+            head_lr = (t.head_lr or t.lr) * lr / t.lr
+            opts.append(torch.optim.SGD(net.top_layer.parameters(), lr=head_lr, weight_decay=t.weight_decay))
 
         if t.uniform_sampling:
             def repeats(ids, u):
@@ -175,18 +310,26 @@ class DeepCluster(Method):
             def repeats(ids, u):
                 return poisson_repeats(np.zeros(len(ids), np.int64), np.array([len(labels)]), n_total, u)
 
-        aug = Augment(self.cfg.model.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min)
+        aug = Augment(self.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min,
+                      kind=t.augment)
 
         def loss_of(ids, rep, imgs):
             x = to_model_input(ids, rep, imgs, seed=t.seed, epoch=round_idx, augment=aug,
-                               size=self.cfg.model.input_size).to(wctx.device)
+                               size=self.input_size).to(wctx.device)
             return F.cross_entropy(model(x), torch.from_numpy(labels[ids]).to(wctx.device))
 
         model.train()
-        stats = wctx.sgd_pass(wctx.batches(round_idx, repeats=repeats), [wctx.optimizers["body"], head_opt],
-                              loss_of, epoch=round_idx, phase="train", what="the loss")
-        return {"loss": stats.loss, "train_images": stats.images, "time_train": stats.seconds,
-                "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
+        stats = wctx.sgd_pass(wctx.batches(round_idx, repeats=repeats), opts, loss_of, epoch=round_idx,
+                              phase="train", what="the loss")
+        return {"loss": stats.loss, "train_images": stats.images, "train_steps": stats.steps, "lr": lr,
+                "time_train": stats.seconds, "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
+
+
+def shard_coneighbours(ids, x, labels, centroids):
+    """Run on a shard actor: this shard's co-neighbour counts (k x k) for the spectral merge."""
+    from raydc.core.merge import coneighbour_counts
+
+    return None if x is None or len(ids) == 0 else coneighbour_counts(np.asarray(x), centroids)
 
 
 def _projection_to_plain(p: PCAProjection | None) -> dict | None:
