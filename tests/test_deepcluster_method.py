@@ -82,6 +82,11 @@ def test_head_match_plans_the_matching_from_the_second_round(rounds):
     assert sorted(second["plan"].head_rows.tolist()) == [0, 1, 2]
 
 
+def test_final_k_above_the_training_k_names_the_field():
+    with pytest.raises(ConfigError, match=r"deepcluster\.final_k"):
+        load_config(None, ["data.shards=x", "cluster.k=4", "deepcluster.final_k=10"])
+
+
 def test_matched_head_rows_follow_the_overlap():
     prev = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     new = np.array([2, 2, 2, 0, 0, 1, 1, 1])  # the same clustering with its ids permuted

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-SMALL = (" --set cluster.k=4 --set cluster.pca_dim=8 --set train.epochs=1 --set train.batch_size=64"
+SMALL = (" --set cluster.k=4 --set deepcluster.final_k=2 --set train.epochs=1 --set train.batch_size=64"
          " --set features.batch_size=200")
 
 

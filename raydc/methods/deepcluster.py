@@ -116,6 +116,9 @@ class DeepCluster(Method):
         feat = FEATURE_DIMS.get(cfg.model.arch, cfg.model.feature_dim)
         if cfg.cluster.pca_dim > feat:
             raise ConfigError("cluster.pca_dim", f"{cfg.cluster.pca_dim} is larger than the feature dimension {feat}")
+        if cfg.deepcluster.final_k > cfg.cluster.k:
+            raise ConfigError("deepcluster.final_k", f"{cfg.deepcluster.final_k} is more than cluster.k "
+                                                     f"{cfg.cluster.k}: it merges the training clusters, never splits")
         if cfg.deepcluster.variant == "v2":
             # The prototypes are centroids of the L2-normalised embedding itself, which the cosine head sees.
             if cfg.cluster.pca_dim:
