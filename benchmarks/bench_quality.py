@@ -64,7 +64,16 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _nmi_both(run_dir: Path) -> dict | None:
-    """NMI with both normalisations from assignments.parquet and the shards' labels (finished runs only)."""
+    """NMI with both normalisations from the assignments and the shards' labels (finished runs only)."""
+    if (run_dir / "assignments").is_dir():  # parts written by the shard actors, scored from pair counts
+        try:
+            from raydc.engine.evaluate import evaluate_run
+
+            geo, ari_ = evaluate_run(str(run_dir), "geometric"), evaluate_run(str(run_dir), "arithmetic")
+            return {"nmi_arithmetic": ari_["nmi"], "nmi_geometric": geo["nmi"], "acc": geo["acc"], "ari": geo["ari"],
+                    "n": geo["images"]}
+        except Exception as e:  # noqa: BLE001
+            return {"error": f"{type(e).__name__}: {e}"}
     try:
         import numpy as np
         import pyarrow.parquet as pq
@@ -140,7 +149,7 @@ def read_run(run_dir: Path) -> dict:
                           "arch": cfg.get("model", {}).get("arch")}
     except Exception:  # noqa: BLE001
         pass
-    if final is not None and (run_dir / "assignments.parquet").exists():
+    if final is not None and ((run_dir / "assignments.parquet").exists() or (run_dir / "assignments").is_dir()):
         info["recomputed"] = _nmi_both(run_dir)
     mtime = mpath.stat().st_mtime
     info["metrics_mtime"] = mtime

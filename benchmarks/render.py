@@ -86,6 +86,27 @@ def plot_kmeans(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_scale(doc: dict, path: Path) -> None:
+    """Peak RSS against N, log-log: flat lines for the driver, the coordinator and rank 0, a rising one for
+    the shard actors."""
+    plt = _plt()
+    ns = [p["n"] for p in doc["points"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, name in (("driver_peak_rss", "driver"), ("rank0_peak_rss", "rank 0"),
+                      ("coordinator_peak_rss", "coordinator")):
+        ax.plot(ns, [p[key] / 2**20 for p in doc["points"]], "o-", label=name)
+    ax.plot(ns, [max(p["shard_peak_rss"]) / 2**20 for p in doc["points"]], "s--", label="largest shard actor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images N")
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_title(f"One DeepCluster round, {doc['shards']} shard actors (flat is the goal, shards excepted)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_throughput(rows: dict[str, float], title: str, path: Path, ylabel: str = "images/s (median)") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -403,6 +424,27 @@ def _sec_seeds(doc: dict) -> str:
                       "DEC: AE+k-means ACC", "ACC per seed", "min per run"], rows) + "\n")
 
 
+def _sec_scale(doc: dict, img: str) -> str:
+    if "points" not in doc:
+        return ""
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    rows = []
+    for p in doc["points"]:
+        t = p.get("kmeans_bytes_per_iteration") or {}
+        rows.append([f"{p['n']:,}", mib(p["driver_peak_rss"]), mib(p["rank0_peak_rss"]),
+                     mib(p["coordinator_peak_rss"]), " / ".join(mib(s) for s in p["shard_peak_rss"]),
+                     f"{t.get('received', 0):,} in, {t.get('centroids_out', 0):,} out", _f(p["seconds"] / 60)])
+    sl = doc["loglog_slopes"]
+    per = doc["shard_bytes_per_image"]
+    return ("## Memory against N (issue #12)\n\n"
+            f"One DeepCluster round on synthetic {doc['side']}x{doc['side']} images, {doc['shards']} shard actors; "
+            "peak RSS per process (MiB). Log-log slopes (0 = flat, 1 = linear in N): "
+            + ", ".join(f"{k.replace('_peak_rss', '')} {v:.2f}" for k, v in sl.items())
+            + f". A shard actor grows by {per:.0f} bytes per image it holds.\n\n"
+            + _table(["N", "driver", "rank 0", "coordinator", "shard actors", "k-means bytes per iteration",
+                      "min"], rows) + f"\n\n![memory]({img})\n")
+
+
 def render(out: Path | str = RESULTS_DIR) -> Path:
     out = Path(out).resolve()
     d = _load(out)
@@ -453,6 +495,9 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_ablations(d["ablations"]))
     if "seeds" in d:
         lines.append(_sec_seeds(d["seeds"]))
+    if "scale" in d and "points" in d["scale"]:
+        plot_scale(d["scale"], out / "scale.png")
+        lines.append(_sec_scale(d["scale"], rel("scale.png")))
     lines.append("What these numbers mean, where raydc loses and what would fix it: see `benchmarks/README.md`.")
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path

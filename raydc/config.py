@@ -106,8 +106,14 @@ class FeatureConfig:
     # persistent: actors started once per run, time-sharing the training's CPUs (see engine/feature_pool.py);
     # ray_data: a Ray Data map_batches pool started each pass (GPU actors need it); auto: persistent on CPU.
     pool: Literal["auto", "persistent", "ray_data"] = "auto"
+    # PCA is fitted on a uniform sample of this many images (0: all of them), as DeeperCluster does: the pool's
+    # workers then project and L2-normalise themselves, so raw features never leave the worker that made them.
+    pca_sample: int = 100_000
+    dtype: Literal["float32", "float16"] = "float32"  # the reduced features the shards hold (float16 halves it)
 
     def validate(self) -> None:
+        if self.pca_sample < 0:
+            raise ConfigError("features.pca_sample", f"must be >= 0 (0: all images), got {self.pca_sample}")
         if self.concurrency < 1:
             raise ConfigError("features.concurrency", f"must be >= 1, got {self.concurrency}")
         if self.num_cpus <= 0:

@@ -1,6 +1,6 @@
 """The pictures of a finished run: montage of the images nearest each centroid, metric curves, sizes.
 
-Runs on the driver after training, from files alone (metrics.jsonl, assignments.parquet, the shards), so
+Runs on the driver after training, from files alone (metrics.jsonl, the assignment parts, the shards), so
 `raydc report --run DIR` can redraw it at any time. Images are fetched by id with a pyarrow filter pushed
 down to the Parquet row groups: only the few hundred montage images are read, not the dataset.
 """
@@ -43,28 +43,21 @@ def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_clust
     elif warnings_path.exists():  # a resumed run's new final round is what counts
         warnings_path.unlink()
     montage = sizes = purity = None
-    if (run.path / "assignments.parquet").exists():
-        a = run.read_assignments()
-        ids, clusters, dist = a["id"], a["cluster"], a["distance"]
-        k = int(clusters.max()) + 1 if len(clusters) else 0
-        counts = np.bincount(clusters, minlength=k)
-        sizes = counts
-        order = np.lexsort((dist, clusters))
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        top = np.argsort(-counts)[:max_clusters]
-        chosen = {int(c): ids[order[starts[c]:starts[c] + min(per_cluster, counts[c])]] for c in top if counts[c]}
+    if run.has_assignments():
+        sizes, chosen, pairs = _scan_assignments(run, manifest, shard_dir, per_cluster)
+        counts = sizes
+        top = [int(c) for c in np.argsort(-counts)[:max_clusters] if counts[c]]
+        chosen = {c: chosen[c] for c in top if c in chosen}
         wanted = np.concatenate(list(chosen.values())) if chosen else np.zeros(0, np.int64)
         imgs = images_by_id(shard_dir, manifest, wanted, size=thumb)
         montage = {c: np.stack([imgs[int(i)] for i in members if int(i) in imgs])
                    for c, members in chosen.items() if any(int(i) in imgs for i in members)}
-        labels = _labels_for(shard_dir, manifest, ids) if manifest.has_labels else None
-        if labels is not None:
+        if pairs is not None:
             names = manifest.class_names
             purity = {}
-            for r in M.cluster_table(labels, clusters):
-                lab = r["majority_label"]
+            for c, (lab, share) in _majorities(pairs).items():
                 name = names[lab] if names and 0 <= lab < len(names) else str(lab)
-                purity[int(r["cluster"])] = f"{name} {100 * r['purity']:.0f}%"
+                purity[c] = f"{name} {100 * share:.0f}%"
         paths = report.write_report(run.path, rows, sizes=sizes)
         if montage:
             path = run.report_dir / "montage.png"
@@ -76,11 +69,80 @@ def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_clust
     return report.write_report(run.path, rows)
 
 
-def _labels_for(shard_dir: str, manifest, ids: np.ndarray) -> np.ndarray:
-    import pyarrow.dataset as pads
+def _scan_assignments(run: RunDir, manifest, shard_dir: str, per_cluster: int):
+    """One pass over the assignment parts, holding one part at a time: cluster sizes, the `per_cluster` ids
+    nearest each centroid, and (labelled shards) the (label, cluster) pair counts."""
+    import pyarrow.parquet as pq
 
-    files = manifest.shard_paths(shard_dir)
-    t = pads.dataset(files, format="parquet").to_table(columns=["id", "label"])
-    lookup = np.full(int(t.column("id").to_numpy().max()) + 1, -1, np.int64)
-    lookup[t.column("id").to_numpy()] = t.column("label").to_numpy()
-    return lookup[ids]
+    sizes = np.zeros(0, np.int64)
+    best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (distances, ids), at most per_cluster
+    pair_parts = []
+    labels = RowLabels(shard_dir, manifest) if manifest.has_labels else None
+    for part in run.assignment_parts():
+        t = pq.read_table(part)
+        row, ids = t.column("row").to_numpy(), t.column("id").to_numpy()
+        clusters, dist = t.column("cluster").to_numpy(), t.column("distance").to_numpy()
+        k = int(clusters.max()) + 1 if len(clusters) else 0
+        if k > len(sizes):
+            sizes = np.concatenate([sizes, np.zeros(k - len(sizes), np.int64)])
+        sizes[:k] += np.bincount(clusters, minlength=k)
+        order = np.lexsort((dist, clusters))
+        bounds = np.flatnonzero(np.diff(clusters[order])) + 1
+        for seg in np.split(order, bounds):
+            if not len(seg):
+                continue
+            c = int(clusters[seg[0]])
+            d, i = dist[seg[:per_cluster]], ids[seg[:per_cluster]]
+            if c in best:
+                d, i = np.concatenate([best[c][0], d]), np.concatenate([best[c][1], i])
+                keep = np.argsort(d, kind="stable")[:per_cluster]
+                d, i = d[keep], i[keep]
+            best[c] = (d, i)
+        if labels is not None:
+            pair_parts.append(M.PairCounts.of(labels(row), clusters))
+    chosen = {c: v[1] for c, v in best.items()}
+    return sizes, chosen, (M.PairCounts.merge(pair_parts) if labels is not None else None)
+
+
+def _majorities(pairs) -> dict[int, tuple[int, float]]:
+    """cluster -> (its majority label, that label's share), ties to the lowest label."""
+    out: dict[int, tuple[int, float]] = {}
+    order = np.lexsort((pairs.a, -pairs.count, pairs.b))
+    totals = np.bincount(pairs.b, weights=pairs.count)
+    for j in order:
+        c = int(pairs.b[j])
+        if c not in out:
+            out[c] = (int(pairs.a[j]), float(pairs.count[j] / totals[c]))
+    return out
+
+
+class RowLabels:
+    """Evaluation labels by row, read from the shards one file at a time as rows ask for them, the last
+    `cache` files kept (a tool for reports and `raydc evaluate`; runs score themselves on the shard actors)."""
+
+    def __init__(self, shard_dir: str, manifest, cache: int = 8):
+        from collections import OrderedDict
+
+        self.paths = manifest.shard_paths(shard_dir)
+        self.starts = np.array([s.row_start for s in manifest.shards], np.int64)
+        self.cache = cache
+        self._read: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        rows = np.asarray(rows, np.int64)
+        out = np.full(len(rows), -1, np.int64)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for f in np.unique(which):
+            f = int(f)
+            if f not in self._read:
+                self._read[f] = pq.read_table(self.paths[f], columns=["label"]).column("label").to_numpy()
+                while len(self._read) > self.cache:
+                    self._read.popitem(last=False)
+            self._read.move_to_end(f)
+            sel = which == f
+            out[sel] = self._read[f][rows[sel] - self.starts[f]]
+        return out
+
+

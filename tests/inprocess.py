@@ -1,111 +1,106 @@
 """A method run through the engine's own control flow (`run_rounds`, `finish`, `WorkerContext.sgd_pass`) with
-Ray's parts replaced by in-memory stand-ins: one worker, an identity broadcast, a clustering service over
-arrays in two shards. Fast enough for many method tests; the Ray path itself has its own end-to-end tests."""
+Ray's parts replaced by in-process stand-ins: one worker, an identity broadcast, and the engine's own clustering
+service and shard code (`ClusteringService` over `ShardStore`s called in process), with only the feature pool
+replaced by a direct forward pass over in-memory images. Fast enough for many method tests; the Ray path itself
+has its own end-to-end tests."""
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import torch
 
-from raydc.core import kmeans as km
 from raydc.core.augment import resize_center, to_float
-from raydc.engine.clustering import ClusterOutcome
+from raydc.engine.clustering import ClusteringService, LocalShard, ShardStore
+from raydc.engine.features import keep_mask, reduce_features
 from raydc.engine.loop import RankZeroContext, WorkerContext, finish, run_rounds
 from raydc.engine.stream import shuffled_batches
 
+PIECES = 4  # blocks of contiguous rows, spread round-robin over the shards as the real pool's pieces are
 
-class FakeService:
-    """The clustering service's interface over in-memory arrays, in two shards (so reductions are real)."""
 
-    def __init__(self, ids, images, labels):
+class InProcessService(ClusteringService):
+    """The real service and shard code over two in-process shards; the pool is a forward pass."""
+
+    def __init__(self, ids, images, labels, num_shards: int = 2):
+        super().__init__(num_shards, log=lambda m: None,
+                         shards=[LocalShard(ShardStore(in_ray=False)) for _ in range(num_shards)])
         self.ids, self.images, self.labels = ids, images, labels
-        self.shards: list = []
+        self.rows = np.arange(len(ids), dtype=np.int64)
 
-    def extract(self, spec, shard_dir, manifest, features_cfg) -> dict:
+    def _run_pool(self, spec, shard_dir, manifest, f) -> list:
         model = spec.build()
         model.load_state_dict(spec.state)
         model.eval()
-        with torch.inference_mode():
-            feats = getattr(model, spec.call)(resize_center(to_float(self.images), spec.input_size)).numpy()
-        half = len(self.ids) // 2
-        self.shards = [(self.ids[s], feats[s], self.labels[s]) for s in (slice(0, half), slice(half, None))]
-        return {"n": len(self.ids), "dim": feats.shape[1], "finite": bool(np.isfinite(feats).all())}
-
-    def fit_projection(self, pca_dim, whiten):
-        assert pca_dim == 0, "the stand-in has no PCA: test with cluster.pca_dim 0"
-        return None
-
-    def project(self, proj, l2) -> bool:
-        assert proj is None
-        if l2:
-            self.shards = [(i, x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), lab)
-                           for i, x, lab in self.shards]
-        return True
-
-    def choose_mode(self, mode, single_max_bytes) -> str:
-        return "single"
-
-    def kmeans(self, k, *, niter, seed, n_init, mode):
-        assert mode == "single"
-        x = np.concatenate([s[1] for s in self.shards])
-        res = km.kmeans(x, k, niter=niter, seed=seed, n_init=n_init, use_gpu="never")
-        ids = np.concatenate([s[0] for s in self.shards])
-        true = np.concatenate([s[2] for s in self.shards])
-        return ClusterOutcome(ids, res.labels, res.distances, res.centroids, list(res.objective), res.n_split,
-                              res.backend, "single", true)
-
-    def apply(self, fn, *args) -> list:
-        return [fn(i, x, lab, *args) for i, x, lab in self.shards]
-
-    def sample_features(self, n, seed):
-        if not self.shards:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        ids = np.concatenate([s[0] for s in self.shards])
-        x = np.concatenate([s[1] for s in self.shards])
-        pick = np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)
-        return ids[pick], x[pick]
-
-    def release(self) -> None:
-        self.shards = []
-
-    def shutdown(self) -> None:
-        self.shards = []
+        r = spec.reduction
+        blocks = []
+        for sel in np.array_split(np.arange(len(self.ids)), PIECES):
+            if r is not None and r.keep_fraction < 1.0:
+                sel = sel[keep_mask(self.ids[sel], r.keep_fraction, r.seed)]
+            with torch.inference_mode():
+                x = resize_center(to_float(self.images[sel]), spec.input_size)
+                feats = reduce_features(getattr(model, spec.call)(x).float().numpy(), r)
+            blocks.append({"row": self.rows[sel], "id": self.ids[sel], "feature": feats, "label": self.labels[sel]})
+        return blocks
 
 
 class FakeWorker(WorkerContext):
-    """The engine's WorkerContext (its SGD pass, reductions) over one in-memory shard."""
+    """The engine's WorkerContext (its SGD pass, reductions, target lookups) over one in-memory shard."""
 
     def __init__(self, cfg, manifest, ids, images, optimizers, in_channels: int, input_size: int | None = None):
         super().__init__(cfg, manifest, None, 0, 1, torch.device("cpu"), optimizers, in_channels, lambda m: None,
                          input_size)
         self.ids, self.images = ids, images
 
-    def batches(self, round_idx, *, repeats=None, batch_size=None, shuffle=True, max_steps=None):
-        rows = iter([{"id": self.ids, "image": self.images}])
-        gen = shuffled_batches(rows, batch_size=batch_size or self.cfg.train.batch_size, seed=self.cfg.train.seed,
-                               epoch=round_idx, repeats=repeats, shuffle=shuffle)
+    def batches(self, round_idx, *, targets=None, repeats=None, batch_size=None, shuffle=True, max_steps=None):
+        row = {"id": self.ids, "row": np.arange(len(self.ids), dtype=np.int64), "image": self.images}
+        if targets is not None:
+            row["target"] = self.lookup(targets)(row["row"])
+        gen = shuffled_batches(iter([row]), batch_size=batch_size or self.cfg.train.batch_size,
+                               seed=self.cfg.train.seed, epoch=round_idx, repeats=repeats, shuffle=shuffle)
         for i, item in enumerate(gen):
             if max_steps is not None and i >= max_steps:
                 return
             yield item
 
 
-def run_method_in_process(method_cls, cfg, data, manifest):
-    """(method, final state, every metrics row with the final one last, FinalClustering). `data` is
-    (uint8 images N x H x W [x C], labels)."""
+def run_method_in_process(method_cls, cfg, data, manifest, ids=None):
+    """(method, final state, every metrics row with the final one last, {id: cluster} of the final clustering
+    as two arrays `(ids, clusters)`). `data` is (uint8 images N x H x W [x C], labels); `ids` default 0..N-1.
+    The run directory (the saved label parts) is a fresh temporary one unless `cfg.run.dir` is absolute."""
+    import os
+
     images, labels = data
-    ids = np.arange(len(labels), dtype=np.int64)
+    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if images.ndim == 3:
         images = images[..., None]
+    if not os.path.isabs(cfg.run.dir):
+        cfg.run.dir = tempfile.mkdtemp(prefix="raydc-inprocess-")
     method = method_cls(cfg, manifest)
     torch.manual_seed(cfg.train.seed)
     model = method.build_model()
     state = method.init_state()
     wctx = FakeWorker(cfg, manifest, ids, images, method.optimizers(model, state), method.in_channels,
                       method.input_size)
-    service = FakeService(ids, images, labels)
+    service = InProcessService(ids, images, labels)
     rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None)
     rows: list[dict] = []
     r, state = run_rounds(method, model, state, 0, wctx=wctx, rctx=rctx, broadcast=lambda plan: plan,
                           end_round=lambda r, row, state: rows.append(row), log=lambda m: None)
-    final, row = finish(method, rctx, model, state, r)
-    return method, state, rows + [row], final
+    out: dict = {}
+
+    def keep(final):
+        got_ids, _, cols = service.sample_features(len(ids), 0, (final.col, final.distance_col))
+        order = np.argsort(got_ids)
+        out.update(ids=got_ids[order], labels=cols[final.col][order], distances=cols[final.distance_col][order])
+
+    final, row = finish(method, rctx, model, state, r, keep)
+    return method, state, rows + [row], Assigned(final, **out)
+
+
+class Assigned:
+    """The final clustering as the tests read it: ids (sorted), their clusters and distances."""
+
+    def __init__(self, final, ids, labels, distances):
+        self.final, self.ids, self.labels, self.distances = final, ids, labels, distances
+        self.artifacts = final.artifacts

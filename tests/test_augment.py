@@ -52,7 +52,7 @@ def test_shuffled_batches_fixed_size_and_deterministic():
             yield {"id": ids, "image": np.zeros((100, 2, 2, 1), np.uint8) + (ids % 255).astype(np.uint8)[:, None, None, None]}
 
     def run():
-        return [b[0].copy() for b in shuffled_batches(rows(), batch_size=64, seed=3, epoch=1, buffer_batches=2)]
+        return [b.ids.copy() for b in shuffled_batches(rows(), batch_size=64, seed=3, epoch=1, buffer_batches=2)]
 
     a, b = run(), run()
     assert all(len(x) == 64 for x in a)
@@ -64,12 +64,15 @@ def test_shuffled_batches_fixed_size_and_deterministic():
 
 
 def test_shuffled_batches_with_repeats():
-    def rows():
-        yield {"id": np.arange(100), "image": np.zeros((100, 2, 2, 1), np.uint8)}
+    def rows():  # ids are any int64; rows (the targets' key) travel with them, and so does each row's target
+        yield {"id": np.arange(100) * -7919, "row": np.arange(100), "image": np.zeros((100, 2, 2, 1), np.uint8),
+               "target": np.arange(100) * 10}
 
-    counts = lambda ids, u: np.where(ids < 50, 2, 0)
+    counts = lambda r, u: np.where(r["row"] < 50, 2, 0)
     out = list(shuffled_batches(rows(), batch_size=10, seed=0, epoch=0, repeats=counts))
-    ids = np.concatenate([b[0] for b in out])
-    reps = np.concatenate([b[1] for b in out])
-    assert len(ids) == 100 and ids.max() < 50
-    assert sorted(zip(ids.tolist(), reps.tolist())) == [(i, r) for i in range(50) for r in range(2)]
+    rows_ = np.concatenate([b.rows for b in out])
+    reps = np.concatenate([b.copy for b in out])
+    assert len(rows_) == 100 and rows_.max() < 50
+    assert sorted(zip(rows_.tolist(), reps.tolist())) == [(i, r) for i in range(50) for r in range(2)]
+    for b in out:
+        assert np.array_equal(b.ids, b.rows * -7919) and np.array_equal(b.target, b.rows * 10)

@@ -1,12 +1,13 @@
-"""The Ray clustering service against single-process faiss on the same features."""
+"""The Ray clustering service against single-process faiss on the same features, and the per-image results
+that stay on its shard actors (columns, pair counts, row blocks, parts) with ids that are arbitrary int64."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from raydc.core import kmeans as km
-from raydc.core.metrics import nmi
-from raydc.core.pca import fit_pca
+from raydc.core import metrics as M
+from raydc.core.pca import fit_pca, pca_from_moments, reduce_moments
 
 pytestmark = pytest.mark.ray
 
@@ -27,67 +28,119 @@ def service(ray_local):
     s.shutdown()
 
 
-def load(service, x, y, blocks=7):
+def random_ids(n, seed=0):
+    """Hashed ids as users have them: any int64, negatives included, in no order."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 2 * n, dtype=np.int64))
+    return rng.permutation(ids)[:n]
+
+
+def load(service, x, y, blocks=7, ids=None):
+    """Blocks of contiguous rows (as the pool's pieces are), dealt round-robin to the shards."""
     import ray
 
-    ids = np.arange(len(x), dtype=np.int64)
-    refs = [ray.put({"id": i, "feature": f, "label": l})
-            for i, f, l in zip(np.array_split(ids, blocks), np.array_split(x, blocks), np.array_split(y, blocks))]
-    return service.load(refs)
+    rows = np.arange(len(x), dtype=np.int64)
+    ids = random_ids(len(x)) if ids is None else ids
+    refs = [ray.put({"row": r, "id": ids[r], "feature": x[r], "label": y[r]}) for r in np.array_split(rows, blocks)]
+    return service.load(refs), ids
 
 
-def by_id(out):
-    order = np.argsort(out.ids)
-    return out.labels[order], out.distances[order]
+def column_by_row(service, col, n):
+    """The column gathered through the object store by row (the test's view; the engine never does this)."""
+    from raydc.engine.rowblocks import RowLookup
+
+    return RowLookup(service.publish(col))(np.arange(n))
 
 
 def test_distributed_lloyd_matches_faiss_from_the_same_init(service):
     x, y = blobs()
-    info = load(service, x, y)
+    info, _ = load(service, x, y)
     assert info == {"n": 6000, "dim": 32, "finite": True}
-    service.project(None, False)
     init = km.sample_init_centroids(x, 8, seed=3)
     ref = km.kmeans(x, 8, niter=20, init_centroids=init)
     out = service.kmeans(8, niter=20, seed=3, mode="distributed", init_centroids=init)
-    assert out.mode == "distributed"
+    assert out.mode == "distributed" and out.col == "cluster"
     assert len(out.objective) == len(ref.objective)
     np.testing.assert_allclose(out.objective, ref.objective, rtol=1e-4)
-    labels, dist = by_id(out)
-    assert nmi(ref.labels, labels) >= 0.99
-    np.testing.assert_allclose(dist, ref.distances, rtol=1e-3, atol=1e-3)
-    assert set(np.unique(out.true_labels)) == set(range(8))
+    labels = column_by_row(service, "cluster", len(x))
+    assert M.nmi(ref.labels, labels) >= 0.99
+    np.testing.assert_allclose(column_by_row(service, "cluster_distance", len(x)), ref.distances, rtol=1e-3,
+                               atol=1e-3)
+    assert np.array_equal(out.sizes, np.bincount(labels, minlength=8))
+    # scores from pair counts reduced over the shards equal the scores of the gathered labels
+    pairs = service.counts("true", "cluster")
+    assert M.evaluate_counts(pairs) == M.evaluate(y, labels)
 
 
 def test_single_actor_mode_is_faiss(service):
     x, y = blobs(seed=1)
     load(service, x, y)
-    service.project(None, False)
     init = km.sample_init_centroids(x, 8, seed=4)
     ref = km.kmeans(x, 8, niter=20, init_centroids=init)
     out = service.kmeans(8, niter=20, seed=4, mode="single", init_centroids=init)
-    labels, _ = by_id(out)
     assert out.mode == "single" and out.backend.startswith("faiss")
-    assert nmi(ref.labels, labels) == pytest.approx(1.0)
+    assert M.nmi(ref.labels, column_by_row(service, "cluster", len(x))) == pytest.approx(1.0)
     assert out.objective[-1] == pytest.approx(ref.objective[-1], rel=1e-5)
+    assert service.counts("true", "cluster").n == len(x)  # the emptied shards hold empty columns, not none
 
 
-def test_sharded_pca_equals_whole_data_pca(service):
+def test_sharded_moments_give_the_whole_data_pca(service):
     x, y = blobs(d=48, seed=2)
     load(service, x, y)
-    proj = service.fit_projection(16, True)
+    proj = pca_from_moments(reduce_moments([m for m in service._get([s.moments.remote() for s in service.shards])
+                                            if m is not None]), 16, whiten=True)
     ref = fit_pca(x, 16, whiten=True)
     cos = np.abs(np.sum(proj.matrix / np.linalg.norm(proj.matrix, axis=0)
                         * ref.matrix / np.linalg.norm(ref.matrix, axis=0), axis=0))
     assert cos.min() > 0.999
-    assert service.project(proj, True)
-    _, feats, _ = service.gather_features()
-    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
+
+
+def test_previous_clustering_by_row_blocks_and_parts(service, tmp_path):
+    """NMI(t-1, t) and DEC's label change compare a column with an earlier one by row: published blocks now, or
+    parts on disk after a resume. Both give the counts of the gathered arrays."""
+    import pyarrow.parquet as pq
+
+    x, y = blobs(n=3000, seed=5)
+    _, ids = load(service, x, y)
+    service.kmeans(8, niter=5, seed=0, mode="distributed")
+    first = column_by_row(service, "cluster", len(x))
+    blocks = service.publish("cluster", dtype="int32")
+    assert blocks.rows == len(x) and len(blocks.starts) == 7  # one block per contiguous run of rows
+    parts = service.write_parts(str(tmp_path / "round=0000"), {"value": "cluster"})
+    assert len(parts) == 3
+    back = service.read_parts(str(tmp_path / "round=0000"), "value")
+    service.kmeans(8, niter=5, seed=1, mode="distributed")
+    second = column_by_row(service, "cluster", len(x))
+    want = M.PairCounts.of(first, second)
+    for prev in (blocks, back):
+        got = service.counts(prev, "cluster")
+        assert M.nmi_counts(got) == pytest.approx(M.nmi(first, second))
+        assert got.agreement() == pytest.approx(want.agreement())
+    # the parts cover every id exactly once, each with its own row's cluster
+    t = [pq.read_table(p) for p in parts]
+    rows = np.concatenate([p.column("row").to_numpy() for p in t])
+    assert np.array_equal(np.sort(rows), np.arange(len(x)))
+    got_ids = np.concatenate([p.column("id").to_numpy() for p in t])
+    assert np.array_equal(got_ids, ids[rows])  # random int64 ids come back with their own rows
+    assert np.array_equal(np.concatenate([p.column("value").to_numpy() for p in t]), first[rows])
+
+
+def test_a_sample_carries_its_rows_columns(service):
+    x, y = blobs(n=2000, seed=6)
+    _, ids = load(service, x, y)
+    service.kmeans(8, niter=3, seed=0, mode="distributed")
+    labels = column_by_row(service, "cluster", len(x))
+    got_ids, feats, cols = service.sample_features(500, seed=1, cols=("cluster",))
+    assert len(got_ids) == 500 == len(np.unique(got_ids))
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    rows = np.array([row_of[int(i)] for i in got_ids])
+    np.testing.assert_array_equal(feats, x[rows])
+    np.testing.assert_array_equal(cols["cluster"], labels[rows])
 
 
 def test_k_larger_than_n_is_refused(service):
     x, y = blobs(n=50)
     load(service, x, y)
-    service.project(None, False)
     with pytest.raises(ValueError, match="cluster.k"):
         service.kmeans(51, niter=5, seed=0)
 
@@ -95,7 +148,7 @@ def test_k_larger_than_n_is_refused(service):
 def test_nan_features_are_reported(service):
     x, y = blobs(n=100)
     x[3, 2] = np.nan
-    assert load(service, x, y)["finite"] is False
+    assert load(service, x, y)[0]["finite"] is False
 
 
 def test_shard_actors_use_every_core(ray_local):
@@ -114,7 +167,6 @@ def test_shard_actors_use_every_core(ray_local):
         assert all(g == {"faiss": cores, "torch": cores, "cores": cores, "busy_peers": 2} for g in got), got
         x, y = blobs(n=2000, d=8, k=4)
         load(s, x, y)
-        s.project(None, False)
         s.kmeans(4, niter=3, seed=0, mode="distributed")
         assert ray.get(s.shards[0].threads.remote())["faiss"] == max(1, cores // 2)
         s.kmeans(4, niter=3, seed=0, mode="single")

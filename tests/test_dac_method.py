@@ -34,7 +34,7 @@ def tiny_config(shards: str, run_dir: str, **dac) -> Config:
 
 
 def manifest_for():
-    return SimpleNamespace(image_shape=[SIDE, SIDE, 1], mode="L", count=K * PER_CLUSTER)
+    return SimpleNamespace(image_shape=[SIDE, SIDE, 1], mode="L", count=K * PER_CLUSTER, has_labels=True)
 
 
 @pytest.mark.parametrize("sets,field", [
@@ -109,7 +109,7 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
     for png in ("curves.png", "phases.png", "montage.png"):
         assert (run.report_dir / png).stat().st_size > 1000, png
     # `raydc assign` puts the training images where the run did (same model, argmax of the label feature)
-    path = assign_images(str(run.path), str(shards), str(tmp_path / "assigned.parquet"))
+    path = assign_images(str(run.path), str(shards), str(tmp_path / "assigned"))
     t = pq.read_table(path)
     mine = dict(zip(t.column("id").to_pylist(), t.column("cluster").to_pylist()))
     assert all(mine[i] == c for i, c in zip(a["id"].tolist(), a["cluster"].tolist()))
@@ -123,7 +123,7 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_result(tiny_run, tmp_pa
 
     cfg, run, _ = tiny_run
     copy = RunDir(shutil.copytree(run.path, tmp_path / "run"))
-    for p in [*copy.checkpoints()[1:], copy.clustering_path, copy.path / "assignments.parquet"]:
+    for p in [*copy.checkpoints()[1:], copy.clustering_path, *copy.assignment_parts()]:
         p.unlink()  # back to the state after round 0 (keep_checkpoints 2 kept rounds 1 and 2)
     cfg.run.dir = str(copy.path)
     run_training(cfg, resume=True, log=lambda *a: None)

@@ -16,6 +16,7 @@ from raydc.config_loader import from_dict
 from raydc.core.augment import to_float
 from raydc.core.dec import soft_assignment, target_distribution
 from raydc.core.dec import shard_mass, shard_targets
+from raydc.engine.clustering import ShardView
 from raydc.errors import ConfigError
 from raydc.methods.dec import DEC, ROUND_EPOCHS, AutoencoderChunk
 from tests.inprocess import run_method_in_process
@@ -53,7 +54,7 @@ def tiny_config(shards: str, run_dir: str, **dec) -> Config:
 
 
 def manifest_for(channels: int = 1):
-    return SimpleNamespace(image_shape=[SIDE, SIDE, channels], mode="L", count=K * PER_CLUSTER)
+    return SimpleNamespace(image_shape=[SIDE, SIDE, channels], mode="L", count=K * PER_CLUSTER, has_labels=True)
 
 
 def run_in_process(cfg: Config, data):
@@ -120,12 +121,14 @@ def test_sharded_target_equals_single_process():
     z = rng.normal(size=(50, 3)).astype(np.float32)
     centres = rng.normal(size=(K, 3)).astype(np.float32)
     ids = np.arange(50)
-    shards = [(ids[:20], z[:20]), (ids[20:], z[20:])]
-    mass = np.sum([shard_mass(i, x, None, centres, 1.0, K) for i, x in shards], axis=0)
-    p = np.concatenate([shard_targets(i, x, None, centres, 1.0, mass)[1] for i, x in shards])
+    shards = [ShardView(ids[:20], ids[:20], z[:20], None, {}), ShardView(ids[20:], ids[20:], z[20:], None, {})]
+    mass = np.sum([shard_mass(v, centres, 1.0, K) for v in shards], axis=0)
+    assert all(shard_targets(v, centres, 1.0, mass) for v in shards)
+    p = np.concatenate([v.cols["p"] for v in shards])
     q = soft_assignment(torch.from_numpy(z), torch.from_numpy(centres)).double().numpy()
     np.testing.assert_allclose(p, target_distribution(q), rtol=1e-5, atol=1e-6)
-    assert shard_mass(ids[:0], None, None, centres, 1.0, K).shape == (K,)
+    assert np.array_equal(np.concatenate([v.cols["pred"] for v in shards]), q.argmax(axis=1))
+    assert shard_mass(ShardView(ids[:0], ids[:0], None, None, {}), centres, 1.0, K).shape == (K,)
 
 
 def test_huge_tol_stops_at_the_second_update():
@@ -172,15 +175,28 @@ def test_a_small_dataset_updates_the_target_at_least_once_a_pass():
     assert method.update_steps(1_400) == 9
 
 
-def _update_with_q(method: DEC, q: np.ndarray, state):
-    """One target update (`DEC._targets`) over q's held in two shards, as the shard actors would hold them."""
-    from tests.inprocess import FakeService
+def _update_with_q(method: DEC, q: np.ndarray, state, prev: np.ndarray):
+    """One target update (`DEC._targets`) over q's held in two in-process shards, as the actors would hold them;
+    `prev` (the last update's labels) saved where the state says."""
+    import tempfile
+
+    from raydc.engine.clustering import local_service
+    from raydc.engine.loop import RankZeroContext
 
     ids = np.arange(len(q))
-    service = FakeService(ids, None, np.zeros(len(q), np.int64))
-    service.shards = [(ids[:len(q) // 2], q[:len(q) // 2], None), (ids[len(q) // 2:], q[len(q) // 2:], None)]
-    ctx = SimpleNamespace(service=service, release=lambda: None)
+    service = local_service(2)
+    half = len(q) // 2
+    service.load([{"row": ids[:half], "id": ids[:half], "feature": q[:half]},   # one block per shard
+                  {"row": ids[half:], "id": ids[half:], "feature": q[half:]}])
+    method.cfg.run.dir = tempfile.mkdtemp()
+    ctx = RankZeroContext(method.cfg, SimpleNamespace(has_labels=False), "unused", lambda: service, print)
+    service.apply(_set_prev, prev)
+    state.pred_path = ctx.save_column("prev", "labels", 4)
     return method._targets(ctx, state, 5, None, n=len(q), row={})
+
+
+def _set_prev(view, prev):
+    view.cols["prev"] = prev[view.rows]
 
 
 @pytest.mark.parametrize("growth,stops", [(2.0, True), (0.0, False), (4.0, False)])
@@ -194,8 +210,7 @@ def test_collapse_guard_stops_when_one_cluster_swallows_the_others(growth, stops
     q[np.arange(n), pred] = 1 - 0.02 * (K - 1)
     state = method.init_state()
     state.initialised, state.n_updates, state.init_largest_share = True, 3, 0.25
-    state.prev_pred = pred.copy()
-    plan = _update_with_q(method, q, state)
+    plan = _update_with_q(method, q, state, pred.copy())
     assert (plan.stop is not None) == stops, plan.stop
     if stops:
         assert plan.stop.startswith("collapse guard") and "60.0%" in plan.stop and "dec.collapse_growth" in plan.stop

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from raydc.config import load_config
+from raydc.core.metrics import PairCounts
 from raydc.engine.loop import quality_regression
 from raydc.errors import ConfigError
 from raydc.methods.deepcluster import DeepCluster, matched_head_rows
@@ -90,9 +91,12 @@ def test_final_k_above_the_training_k_names_the_field():
 def test_matched_head_rows_follow_the_overlap():
     prev = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     new = np.array([2, 2, 2, 0, 0, 1, 1, 1])  # the same clustering with its ids permuted
-    src = matched_head_rows(prev, new, 3)
+    def overlap(prev, new):  # what the shards reduce: counts(new column, previous blocks) as a k x k table
+        return PairCounts.of(new, prev).dense(3, 3)
+
+    src = matched_head_rows(overlap(prev, new))
     assert src.tolist() == [1, 2, 0]  # new cluster 0 was old 1, new 1 was old 2, new 2 was old 0
-    assert sorted(matched_head_rows(np.zeros(8, np.int64), new, 3).tolist()) == [0, 1, 2]  # a permutation
+    assert sorted(matched_head_rows(overlap(np.zeros(8, np.int64), new)).tolist()) == [0, 1, 2]  # a permutation
 
 
 def _targets(k=3, **kw):

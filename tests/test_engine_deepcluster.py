@@ -28,6 +28,25 @@ def tiny_shards(tmp_path_factory, mnist_root):
     return out
 
 
+@pytest.fixture(scope="module")
+def hashed_shards(tmp_path_factory, tiny_shards):
+    """The same 600 digits under random int64 ids (hashes, negatives, no order), as users' ids are."""
+    from raydc.data.decode import decode_batch
+    from raydc.data.manifest import load_manifest
+    from raydc.data.prepare import prepare
+    import pyarrow.parquet as pq
+
+    m = load_manifest(tiny_shards)
+    t = pq.ParquetDataset(m.shard_paths(tiny_shards)).read().sort_by("row")
+    d = decode_batch({c: t.column(c).to_numpy(zero_copy_only=False) for c in ("id", "image", "label")}, m)
+    ids = np.random.default_rng(5).permutation(
+        np.unique(np.random.default_rng(6).integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 700)))[:600]
+    base = tmp_path_factory.mktemp("hashed")
+    np.savez(base / "d.npz", images=d["image"][..., 0], labels=d["label"], ids=ids)
+    prepare("npz", base / "shards", root=base / "d.npz", rows_per_shard=200, progress=False)
+    return base / "shards", ids
+
+
 def tiny_config(shards: Path, run_dir: Path, *extra: str):
     return load_config(None, [
         f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=5", "cluster.pca_dim=16",
@@ -35,12 +54,17 @@ def tiny_config(shards: Path, run_dir: Path, *extra: str):
         "features.batch_size=200", "run.montage_per_cluster=4", *extra])
 
 
-def test_tiny_run_writes_the_run_directory(ray_local, tiny_shards, tmp_path):
-    """Two DDP workers (gloo): covers the streaming split, the synchronised stop and the broadcast."""
+def test_tiny_run_writes_the_run_directory(ray_local, hashed_shards, tmp_path):
+    """Two DDP workers (gloo): covers the streaming split, the synchronised stop and the broadcast, with ids
+    that are random int64 (the run keys everything by row; the user sees their own ids)."""
+    import pyarrow.parquet as pq
+    import torch
+
     from raydc.engine.trainer import run_training
 
+    tiny_shards, ids = hashed_shards
     run = run_training(tiny_config(tiny_shards, tmp_path / "run", "train.num_workers=2",
-                                   "train.cpus_per_worker=0.5", "train.batch_size=32"))
+                                   "train.cpus_per_worker=0.5", "train.batch_size=32", "cluster.mode=distributed"))
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[-1].get("final") is True
@@ -51,9 +75,18 @@ def test_tiny_run_writes_the_run_directory(ray_local, tiny_shards, tmp_path):
         assert np.isfinite(r["loss"]) and r["train_images"] > 0
         assert sum(r["size_histogram"]) == 600
     assert "nmi_prev" in rows[1] and "nmi_prev" not in rows[0]
+    for r in rows:  # peak memory of every process role, in every row (the scaling benchmark reads it)
+        assert r["memory"]["rank0_peak_rss"] > 0 and len(r["memory"]["shard_peak_rss"]) == 2
     a = run.read_assignments()
-    assert sorted(a["id"].tolist()) == list(range(600))
+    parts = run.assignment_parts()
+    assert len(parts) == 2  # one part per shard actor (distributed k-means: both hold rows), each its own writer
+    assert sorted(a["id"].tolist()) == sorted(ids.tolist())  # every id exactly once
+    assert np.array_equal(a["id"], ids[a["row"]])  # and under its own row
     assert a["cluster"].min() >= 0 and a["cluster"].max() < 5
+    # checkpoints hold paths and small state, never per-image arrays
+    ckpt = torch.load(run.latest_checkpoint(), weights_only=True)
+    assert ckpt["state"]["labels_path"].startswith(str(run.path / "labels"))
+    assert all(not (isinstance(v, torch.Tensor) and v.numel() >= 600) for v in ckpt["state"].values())
     for png in ("curves.png", "phases.png", "sizes.png", "montage.png"):
         assert (run.report_dir / png).stat().st_size > 1000, png
     assert (run.path / "config.yaml").exists() and run.checkpoints()
@@ -63,9 +96,7 @@ def test_tiny_run_writes_the_run_directory(ray_local, tiny_shards, tmp_path):
     from raydc.engine.assign import assign_images
     from raydc.engine.evaluate import evaluate_run
 
-    path = assign_images(str(run.path), str(tiny_shards), str(tmp_path / "assigned.parquet"))
-    import pyarrow.parquet as pq
-
+    path = assign_images(str(run.path), str(tiny_shards), str(tmp_path / "assigned"))
     t = pq.read_table(path)
     mine = dict(zip(t.column("id").to_pylist(), t.column("cluster").to_pylist()))
     theirs = dict(zip(a["id"].tolist(), a["cluster"].tolist()))
@@ -147,7 +178,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_sha
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     time.sleep(3)  # Ray reaps the dead driver's workers
-    assert not (killed / "assignments.parquet").exists()
+    assert not list((killed / "assignments").glob("part-*.parquet"))
 
     resumed = run_training(tiny_config(tiny_shards, killed, *extra), resume=True)
     a, b = ref.read_assignments(), resumed.read_assignments()

@@ -24,7 +24,7 @@ MNIST_TEST_COUNTS = {0: 980, 1: 1135, 2: 1032, 3: 1010, 4: 982, 5: 892, 6: 958, 
 
 def read_table(shard_dir: Path):
     m = load_manifest(shard_dir)
-    return pq.ParquetDataset(m.shard_paths(shard_dir)).read().sort_by("id")
+    return pq.ParquetDataset(m.shard_paths(shard_dir)).read().sort_by("row")
 
 
 # --- torchvision ------------------------------------------------------------------------------------------
@@ -240,6 +240,8 @@ def test_npz_source_with_filters(tmp_path, compressed):
     assert m.label_counts == {1: int((labels[keep] == 1).sum()), 3: int((labels[keep] == 3).sum())}
     t = read_table(tmp_path / "s")
     assert np.array_equal(t["id"].to_numpy(), np.arange(70))
+    assert np.array_equal(t["row"].to_numpy(), np.arange(70))
+    assert [s.row_start for s in m.shards] == [0, 32, 64]
     assert np.array_equal(t["label"].to_numpy(), labels[keep])
     got = np.frombuffer(b"".join(t["image"].to_pylist()), np.uint8).reshape(70, 12, 10)
     assert np.array_equal(got, images[keep])
@@ -259,6 +261,48 @@ def test_npz_float_rgb_without_labels(tmp_path):
         prepare("npz", tmp_path / "s2", root=tmp_path / "bad.npz", progress=False)
     with pytest.raises(DataError, match="does not exist"):
         prepare("npz", tmp_path / "s3", root=tmp_path / "missing.npz", progress=False)
+
+
+def test_npz_ids_are_any_int64_and_rows_stay_dense(tmp_path):
+    """Hashed ids (negatives, the int64 extremes, no order) are kept as given; every per-image array of a run
+    is keyed by the dense `row` instead."""
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (50, 4, 4), dtype=np.uint8)
+    ids = rng.permutation(np.concatenate([[np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1, 0],
+                                          rng.integers(-(1 << 62), 1 << 62, 46)]))
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(50) % 3, ids=ids)
+    m = prepare("npz", tmp_path / "s", root=tmp_path / "d.npz", classes=[0, 2], rows_per_shard=16, progress=False)
+    keep = np.flatnonzero(np.arange(50) % 3 != 1)
+    t = read_table(tmp_path / "s")
+    assert np.array_equal(t["id"].to_numpy(), ids[keep])
+    assert np.array_equal(t["row"].to_numpy(), np.arange(len(keep)))
+    assert [(s.id_min, s.id_max) for s in m.shards] == [
+        (int(ids[keep][a:a + 16].min()), int(ids[keep][a:a + 16].max())) for a in range(0, len(keep), 16)]
+
+
+def test_duplicate_ids_name_the_first_ones(tmp_path):
+    images = np.zeros((30, 4, 4), np.uint8)
+    ids = np.arange(30) * 1000 - 5000
+    ids[[7, 21]] = ids[3]      # -2000 three times
+    ids[29] = ids[11]          # 6000 twice
+    np.savez(tmp_path / "d.npz", images=images, ids=ids)
+    with pytest.raises(DataError, match=r"duplicate ids \(2 repeated, first \[-2000, 6000\]\)"):
+        prepare("npz", tmp_path / "s", root=tmp_path / "d.npz", rows_per_shard=8, progress=False)
+    assert not (tmp_path / "s" / MANIFEST_NAME).exists()  # nothing half-made is left to train on
+    np.savez(tmp_path / "f.npz", images=images, ids=np.linspace(0, 1, 30))
+    with pytest.raises(DataError, match="'ids' must be integers"):
+        prepare("npz", tmp_path / "s2", root=tmp_path / "f.npz", progress=False)
+
+
+def test_shards_of_an_older_raydc_are_refused_with_the_fix(tmp_path):
+    make_npz(tmp_path / "d.npz", n=20)
+    prepare("npz", tmp_path / "s", root=tmp_path / "d.npz", progress=False)
+    path = tmp_path / "s" / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["format_version"] = 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"older raydc.*no row index.*--overwrite"):
+        load_manifest(tmp_path / "s")
 
 
 # --- streaming, crash safety, overwrite -------------------------------------------------------------------

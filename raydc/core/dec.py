@@ -212,16 +212,23 @@ def _shard_q(x: np.ndarray | None, centres: np.ndarray | None, alpha: float) -> 
         return soft_assignment(torch.tensor(x, dtype=torch.float32), torch.tensor(centres), alpha).numpy()
 
 
-def shard_mass(ids, x, labels, centres, alpha, k):
-    """The partial f_j = sum_i q_ij of this shard, in float64 so the sum over shards does not depend on order."""
-    q = _shard_q(x, centres, alpha)
+def shard_mass(view, centres, alpha, k):
+    """The partial f_j = sum_i q_ij of this shard, in float64 so the sum over shards does not depend on order.
+    `view` has the shard's features `x` (z, or q itself when `centres` is None)."""
+    q = _shard_q(view.x, centres, alpha)
     return np.zeros(k, np.float64) if q is None else q.astype(np.float64).sum(axis=0)
 
 
-def shard_targets(ids, x, labels, centres, alpha, mass):
-    """This shard's rows of P (with the global mass), hard labels argmax q, and max q, by id."""
-    q = _shard_q(x, centres, alpha)
+def shard_targets(view, centres, alpha, mass) -> bool:
+    """This shard's rows of P (with the global mass) into `view.cols["p"]`, the hard labels argmax q into
+    `cols["pred"]` and 1 - max q into `cols["pred_distance"]`. Returns whether P is finite."""
+    q = _shard_q(view.x, centres, alpha)
     if q is None:
-        return None
+        view.cols["p"] = np.zeros((0, len(mass)), np.float32)
+        view.cols["pred"], view.cols["pred_distance"] = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return True
     p = target_distribution(q.astype(np.float64), cluster_mass=mass).astype(np.float32)
-    return ids, p, q.argmax(axis=1).astype(np.int64), q.max(axis=1).astype(np.float32), labels
+    view.cols["p"] = p
+    view.cols["pred"] = q.argmax(axis=1).astype(np.int64)
+    view.cols["pred_distance"] = (1.0 - q.max(axis=1)).astype(np.float32)
+    return bool(np.isfinite(p).all())

@@ -5,6 +5,10 @@ non-zero cells, which are found with one `np.unique` over pair codes, so memory 
 even for k = 10^5 clusters; ACC needs the dense K x C table for the Hungarian algorithm.
 Labels may be any integers (negative ones included): they are compacted with `np.unique` first, so the
 `max(label) + 1`-sized tables of the classic DEC code are never built.
+
+At scale the labels never meet in one process: each shard counts its own (a, b) pairs (`PairCounts.of`), the
+counts are summed (`PairCounts.merge`: at most K x C cells whatever N is), and every score here is computed from
+the merged table (`evaluate_counts`, `nmi_counts`, ...), giving the same numbers as on the gathered labels.
 """
 from __future__ import annotations
 
@@ -43,6 +47,88 @@ def _as_labels(y: np.ndarray, name: str) -> np.ndarray:
     if y.dtype.kind not in "iub":
         raise ValueError(f"{name} must hold integer labels, got dtype {y.dtype}")
     return y
+
+
+@dataclass
+class PairCounts:
+    """How many rows carry each (a, b) label pair: the non-zero cells of a contingency table, small enough
+    (<= K x C) to send between processes and sum."""
+
+    a: np.ndarray      # (cells,) int64
+    b: np.ndarray      # (cells,) int64
+    count: np.ndarray  # (cells,) int64
+
+    @classmethod
+    def of(cls, a: np.ndarray, b: np.ndarray) -> "PairCounts":
+        a = _as_labels(a, "a").astype(np.int64, copy=False)
+        b = _as_labels(b, "b").astype(np.int64, copy=False)
+        if a.shape != b.shape:
+            raise ValueError(f"a and b differ in length: {a.size} vs {b.size}")
+        if a.size == 0:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        pairs, count = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+        return cls(pairs[:, 0].copy(), pairs[:, 1].copy(), count.astype(np.int64))
+
+    @classmethod
+    def merge(cls, parts) -> "PairCounts":
+        parts = [p for p in parts if p is not None and p.count.size]
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        a = np.concatenate([p.a for p in parts])
+        b = np.concatenate([p.b for p in parts])
+        c = np.concatenate([p.count for p in parts])
+        pairs, inverse = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
+        return cls(pairs[:, 0].copy(), pairs[:, 1].copy(), np.bincount(inverse.ravel(), weights=c).astype(np.int64))
+
+    @property
+    def n(self) -> int:
+        return int(self.count.sum())
+
+    def b_sizes(self, k: int) -> np.ndarray:
+        """(k,) rows per b label (b in 0..k-1: cluster sizes when b is the clustering)."""
+        return np.bincount(self.b, weights=self.count, minlength=k).astype(np.int64)
+
+    def agreement(self) -> float:
+        """Fraction of rows whose a and b label are equal (1 - DEC's label change between two updates)."""
+        return float(self.count[self.a == self.b].sum() / max(self.n, 1))
+
+    def dense(self, ka: int, kb: int) -> np.ndarray:
+        """(ka, kb) table for labels in 0..ka-1 and 0..kb-1."""
+        w = np.zeros((ka, kb), np.int64)
+        w[self.a, self.b] = self.count
+        return w
+
+    def table(self) -> "_Contingency":
+        if self.count.size == 0:
+            raise ValueError("cannot score an empty labelling")
+        classes, ri = np.unique(self.a, return_inverse=True)
+        clusters, ci = np.unique(self.b, return_inverse=True)
+        ri, ci = ri.ravel().astype(np.int64), ci.ravel().astype(np.int64)
+        return _Contingency(n=self.n, row=ri, col=ci, count=self.count,
+                            row_sums=np.bincount(ri, weights=self.count, minlength=classes.size).astype(np.int64),
+                            col_sums=np.bincount(ci, weights=self.count, minlength=clusters.size).astype(np.int64),
+                            classes=classes, clusters=clusters)
+
+
+def evaluate_counts(counts: PairCounts, average_method: str = "arithmetic") -> dict:
+    """`evaluate` from (true, predicted) pair counts summed over shards."""
+    return _evaluate(counts.table(), average_method)
+
+
+def nmi_counts(counts: PairCounts, average_method: str = "arithmetic") -> float:
+    return _nmi(counts.table(), average_method)
+
+
+def majority_acc_counts(counts: PairCounts) -> float:
+    """`majority_acc` from (true, predicted) pair counts."""
+    return _majority(counts.table())
+
+
+def size_stats_counts(sizes: np.ndarray) -> dict:
+    """`size_stats` from the (k,) cluster sizes."""
+    sizes = np.asarray(sizes, np.int64)
+    return {"n_empty": int((sizes == 0).sum()), "size_min": int(sizes.min()), "size_max": int(sizes.max()),
+            "size_histogram": sizes.tolist()}
 
 
 def _contingency(y_true: np.ndarray, y_pred: np.ndarray) -> _Contingency:
@@ -84,7 +170,10 @@ def majority_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
     It reaches 1 when every point is its own cluster, so only compare runs with the same K.
     """
-    t = _contingency(y_true, y_pred)
+    return _majority(_contingency(y_true, y_pred))
+
+
+def _majority(t: _Contingency) -> float:
     best = np.zeros(t.col_sums.size, dtype=np.int64)
     np.maximum.at(best, t.col, t.count)
     return float(best.sum() / t.n)
@@ -154,9 +243,12 @@ def _ari(t: _Contingency) -> float:
 
 def evaluate(y_true: np.ndarray, y_pred: np.ndarray, average_method: str = "arithmetic") -> dict:
     """ACC (Hungarian), NMI (with its normalisation named) and ARI in one dict, ready for metrics.jsonl."""
+    return _evaluate(_contingency(y_true, y_pred), average_method)
+
+
+def _evaluate(t: _Contingency, average_method: str) -> dict:
     if average_method not in NMI_METHODS:
         raise ValueError(f"average_method must be one of {NMI_METHODS}, got {average_method!r}")
-    t = _contingency(y_true, y_pred)
     return {
         "acc": _acc(t),
         "nmi": _nmi(t, average_method),
@@ -204,6 +296,4 @@ def size_histogram(labels: np.ndarray, k: int) -> np.ndarray:
 
 def size_stats(labels: np.ndarray, k: int) -> dict:
     """Cluster-size diagnostics for a metrics row: empty clusters, smallest and largest, the histogram."""
-    sizes = size_histogram(labels, k)
-    return {"n_empty": int((sizes == 0).sum()), "size_min": int(sizes.min()), "size_max": int(sizes.max()),
-            "size_histogram": sizes.tolist()}
+    return size_stats_counts(size_histogram(labels, k))

@@ -106,10 +106,12 @@ def _convert_channels(x: np.ndarray, want_c: int) -> np.ndarray:
 
 def decode_batch(batch: Mapping[str, Any], manifest: Any, size: int | None = None,
                  channels: int | None = None) -> dict[str, np.ndarray]:
-    """A batch from `iter_batches(batch_format="numpy")` as {"id", "image" (uint8 NHWC), "label"?}."""
+    """A batch from `iter_batches(batch_format="numpy")` as {"row"?, "id", "image" (uint8 NHWC), "label"?}."""
     images = batch["image"]
     out = {"id": np.asarray(batch["id"], dtype=np.int64),
            "image": decode_images(images, manifest.encoding, manifest.image_shape, manifest.mode, size, channels)}
+    if "row" in batch:
+        out["row"] = np.asarray(batch["row"], dtype=np.int64)
     if "label" in batch:
         out["label"] = np.asarray(batch["label"], dtype=np.int64)
     return out

@@ -17,7 +17,7 @@ from typing import Any
 from raydc.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards carry the dense `row` index (see raydc.data.prepare)
 SHARD_PATTERN = "shard-{:05d}.parquet"
 ENCODINGS = ("raw", "encoded")
 
@@ -29,6 +29,7 @@ class ShardInfo:
     sha256: str
     id_min: int
     id_max: int
+    row_start: int = 0  # the shard's rows are row_start .. row_start + rows - 1
 
 
 @dataclass
@@ -136,6 +137,10 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
     if manifest.format_version > FORMAT_VERSION:
         raise DataError(f"{path} has format_version {manifest.format_version}, newer than this raydc "
                         f"understands ({FORMAT_VERSION}); upgrade raydc or re-run `raydc prepare`")
+    if manifest.format_version < FORMAT_VERSION:
+        raise DataError(f"{path} was written by an older raydc (format_version {manifest.format_version}): its "
+                        f"shards have no row index, which runs now key every per-image array by; re-create them "
+                        f"with `raydc prepare ... --out {shard_dir} --overwrite`")
     if manifest.encoding not in ENCODINGS:
         raise DataError(f"{path}: unknown encoding {manifest.encoding!r}, expected one of {ENCODINGS}")
     return manifest

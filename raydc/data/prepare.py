@@ -1,8 +1,11 @@
 """Convert a source into Parquet shards plus a manifest, streaming, one shard in memory at a time.
 
-Shard format (format_version 1): zstd-compressed Parquet, one row per image, columns
-`id` int64 (0..N-1 in source order, after filters), `image` binary, and `label` int64 when the source has
-labels (evaluation only: training never reads it). Each file's schema metadata repeats `raydc.encoding`,
+Shard format (format_version 2): zstd-compressed Parquet, one row per image, columns
+`row` int64 (0..N-1 in write order: the dense index every per-image array of a run is keyed by, so labels and
+targets can be cut into contiguous row ranges and joined back without a table as large as the largest id),
+`id` int64 (the source's own id, any int64 and unique, or the row number when the source has none: what users
+see in the assignments), `image` binary, and `label` int64 when the source has labels (evaluation only:
+training never reads it). Each file's schema metadata repeats `raydc.encoding`,
 `raydc.shape` and `raydc.mode` for its own rows, so a shard read on its own is self-describing.
 
 Two encodings:
@@ -59,6 +62,8 @@ class ShardWriter:
         self.any_color = False
         self._images: list[bytes] = []
         self._labels: list[int] = []
+        self._ids: list[int | None] = []
+        self._all_ids: list[np.ndarray] = []  # every shard's ids, sorted: the duplicate check at close
         self._sizes: set[tuple[int, int]] = set()
         self._shard_color = False
         self._raw_shape: tuple[int, int, int] | None = None
@@ -74,6 +79,7 @@ class ShardWriter:
             self._raw_shape = item.shape
         data = item.image if isinstance(item.image, bytes) else np.ascontiguousarray(item.image).tobytes()
         self._images.append(data)
+        self._ids.append(item.id)
         if self.has_labels:
             self._labels.append(item.label)  # type: ignore[arg-type]
             self.label_counts[item.label] += 1  # type: ignore[index]
@@ -96,8 +102,13 @@ class ShardWriter:
         start = self.count
         channels = 3 if self._shard_color else 1
         shard_shape = [*next(iter(self._sizes)), channels] if len(self._sizes) == 1 else None
-        columns = {"id": pa.array(np.arange(start, start + n, dtype=np.int64)),
-                   "image": pa.array(self._images, type=pa.binary())}
+        rows = np.arange(start, start + n, dtype=np.int64)
+        given = [i is not None for i in self._ids]
+        if any(given) and not all(given):
+            raise DataError("the source gave ids for some images and not for others")
+        ids = np.asarray(self._ids, dtype=np.int64) if all(given) else rows
+        self._all_ids.append(np.sort(ids))
+        columns = {"row": pa.array(rows), "id": pa.array(ids), "image": pa.array(self._images, type=pa.binary())}
         if self.has_labels:
             columns["label"] = pa.array(np.asarray(self._labels, dtype=np.int64))
         table = pa.table(columns).replace_schema_metadata({
@@ -115,14 +126,27 @@ class ShardWriter:
         _fsync_file(tmp)
         os.replace(tmp, final)
         self._written.append(final)
-        self.shards.append(ShardInfo(file=name, rows=n, sha256=sha256_file(final), id_min=start,
-                                     id_max=start + n - 1))
+        self.shards.append(ShardInfo(file=name, rows=n, sha256=sha256_file(final), id_min=int(ids.min()),
+                                     id_max=int(ids.max()), row_start=start))
         self.count += n
-        self._images, self._labels, self._sizes, self._bytes, self._shard_color = [], [], set(), 0, False
+        self._images, self._labels, self._ids, self._sizes, self._bytes, self._shard_color = [], [], [], set(), 0, False
 
     def close(self) -> None:
         self.flush()
+        self.check_unique_ids()
         fsync_dir(self.out_dir)
+
+    def check_unique_ids(self) -> None:
+        """Ids must be unique: assignments and labels are joined back to images by id. (8 bytes per image on
+        this process; a prepare too large for that is a job for a distributed prepare.)"""
+        if not self._all_ids:
+            return
+        ids = np.sort(np.concatenate(self._all_ids))
+        dup = ids[1:][ids[1:] == ids[:-1]]
+        if dup.size:
+            first = np.unique(dup)[:5].tolist()
+            raise DataError(f"the source has duplicate ids ({np.unique(dup).size} repeated, first {first}); "
+                            f"ids must be unique so that assignments can be joined back to images")
 
     def abort(self) -> None:
         """Remove every file this writer created, so a failed prepare can be re-run without --overwrite."""
@@ -131,7 +155,7 @@ class ShardWriter:
                 path.unlink()
             except FileNotFoundError:
                 pass
-        self._images, self._labels = [], []
+        self._images, self._labels, self._ids = [], [], []
 
 
 def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.PathLike | None = None,

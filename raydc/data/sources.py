@@ -53,6 +53,7 @@ class Item(NamedTuple):
     image: np.ndarray | bytes          # uint8 HWC array (raw sources) or original file bytes (encoded sources)
     label: int | None
     shape: tuple[int, int, int]        # (H, W, C); C is 1 for gray, 3 for colour
+    id: int | None = None              # the source's own id (any int64); None: the image's row number
 
 
 def mode_for_channels(channels: int) -> str:
@@ -89,6 +90,7 @@ class ArrayPart(NamedTuple):
     images: Any                        # indexable (n, H, W[, C]) array/tensor, or a factory of chunk iterators
     labels: np.ndarray | None
     count: int
+    ids: np.ndarray | None = None      # (n,) int64 ids of the source's own, or None
 
 
 class ArraySource(Source):
@@ -117,27 +119,31 @@ class ArraySource(Source):
         self._check_classes(classes)
         wanted = None if classes is None else np.asarray(sorted(set(classes)), dtype=np.int64)
         for part in self.parts:
-            for chunk, chunk_labels in _chunks(part):
+            for chunk, chunk_labels, chunk_ids in _chunks(part):
                 chunk = as_uint8_hwc(chunk, self.channels_first, self.location)
                 keep = range(len(chunk)) if wanted is None else np.flatnonzero(np.isin(chunk_labels, wanted))
                 shape = (int(chunk.shape[1]), int(chunk.shape[2]), int(chunk.shape[3]))
                 for i in keep:
                     label = None if chunk_labels is None else int(chunk_labels[i])
-                    yield Item(chunk[i], label, shape)
+                    yield Item(chunk[i], label, shape, None if chunk_ids is None else int(chunk_ids[i]))
 
 
-def _chunks(part: ArrayPart, rows: int = 4096) -> Iterator[tuple[Any, np.ndarray | None]]:
-    labels = part.labels
+def _chunks(part: ArrayPart, rows: int = 4096) -> Iterator[tuple[Any, np.ndarray | None, np.ndarray | None]]:
+    labels, ids = part.labels, part.ids
+
+    def cut(a, start, stop):
+        return None if a is None else a[start:stop]
+
     if callable(part.images):  # streams: never holds more than one chunk of a large .npz
         start = 0
         for block in part.images():
             n = len(block)
-            yield block, None if labels is None else labels[start:start + n]
+            yield block, cut(labels, start, start + n), cut(ids, start, start + n)
             start += n
         return
     for start in range(0, part.count, rows):
         stop = min(start + rows, part.count)
-        yield part.images[start:stop], None if labels is None else labels[start:stop]
+        yield part.images[start:stop], cut(labels, start, stop), cut(ids, start, stop)
 
 
 def as_uint8_hwc(images: Any, channels_first: bool, where: str) -> np.ndarray:
@@ -221,7 +227,8 @@ def _tv_splits(name: str, split: str) -> list[str]:
 # --- npz -------------------------------------------------------------------------------------------------
 
 def npz_source(path: str | os.PathLike | None, root_help: RootHelp = CLI_HELP) -> ArraySource:
-    """An `.npz` with `images` and optional `labels`; uncompressed or compressed, `images` is streamed in chunks."""
+    """An `.npz` with `images`, optional `labels` and optional `ids` (int64, unique: the ids the assignments are
+    reported under; default the row number); uncompressed or compressed, `images` is streamed in chunks."""
     if path is None:
         raise DataError(f"source 'npz' needs the .npz file: {root_help.path} to it")
     p = Path(path).expanduser().resolve()
@@ -249,7 +256,18 @@ def npz_source(path: str | os.PathLike | None, root_help: RootHelp = CLI_HELP) -
         images = lambda: _npy_chunks(p, "images.npy")  # noqa: E731 - a factory, re-iterable
     if labels is not None and len(labels) != n:
         raise DataError(f"{p}: 'labels' has {len(labels)} entries but 'images' has {n}")
-    return ArraySource("npz", str(p), [ArrayPart(images, labels, n)])
+    ids = None
+    if "ids.npy" in members:
+        with np.load(p) as z:
+            raw_ids = np.asarray(z["ids"]).reshape(-1)
+        if raw_ids.dtype.kind not in "iu":
+            raise DataError(f"{p}: 'ids' must be integers (int64), got dtype {raw_ids.dtype}")
+        if raw_ids.dtype == np.uint64 and raw_ids.size and raw_ids.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{p}: 'ids' holds values above the int64 range; store them as int64")
+        ids = raw_ids.astype(np.int64)
+        if len(ids) != n:
+            raise DataError(f"{p}: 'ids' has {len(ids)} entries but 'images' has {n}")
+    return ArraySource("npz", str(p), [ArrayPart(images, labels, n, ids)])
 
 
 def _npy_header(path: Path, member: str) -> tuple[tuple[int, ...], np.dtype] | None:

@@ -2,7 +2,8 @@
 
 The run's final state (`clustering.pt`: model weights and what the method kept, e.g. DeepCluster's PCA
 projection and centroids) defines the clustering; the method that made the run assigns the new images its own
-way (nearest centroid, argmax q, argmax of the label feature) through the same feature pool and shard actors.
+way (nearest centroid, argmax q, argmax of the label feature) through the same feature pool and shard actors,
+and each shard actor writes its part of the result (`<out>/part-NNNNN.parquet`: row, id, cluster, distance).
 `clustering.pt` is loaded without unpickling code (`RunDir.load_clustering`).
 """
 from __future__ import annotations
@@ -35,11 +36,14 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> Path:
     ctx = RankZeroContext(cfg, manifest, str(Path(shard_dir).resolve()),
                           lambda: ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu),
                           print)
+    name = out or f"assign-{Path(shard_dir).resolve().name}"
+    path = Path(name).expanduser().resolve() if out else run.path / name
     try:
-        ids, clusters, dist = method.assign(ctx, model, saved["artifacts"])
+        final = method.assign(ctx, model, saved["artifacts"])
+        if path.is_dir():
+            for p in path.glob("part-*.parquet"):  # parts of an earlier assign into the same place
+                p.unlink()
+        ctx.write_assignments(final, str(path))
     finally:
         ctx.shutdown()
-    name = out or f"assign-{Path(shard_dir).resolve().name}.parquet"
-    path = Path(name) if out else run.path / name
-    target = RunDir(path.parent)
-    return target.write_assignments(ids, clusters, dist, name=path.name)
+    return path

@@ -1,46 +1,75 @@
-"""Sharded PCA and k-means over features held by a few long-lived Ray actors.
+"""Sharded PCA and k-means over features held by a few long-lived shard actors, and every per-image result.
 
-The feature pool leaves its output blocks in the object store; `FeatureShard` actors take them round-robin.
-PCA needs one pass: each shard reduces its blocks to moments (n, Σx, Σxxᵀ), the caller sums them and derives
-the whitening projection (d×d floats on the wire per shard), the shards project and L2-normalise in place.
-k-means then runs either on one actor with faiss on all of its points (fast while they fit in one process),
-or as a distributed Lloyd: centroids go out, per-cluster sums and counts come back, the caller splits empty
-clusters exactly as the in-process reference (`raydc.core.kmeans.lloyd`) does, so both agree.
+Nothing per image passes through the caller (the coordinator actor, rank 0, the driver). The feature pool's
+workers emit reduced features (PCA fitted on a sample, see `ClusteringService.extract`); the shard actors take
+the blocks, run k-means (one actor with faiss while the points fit in one process, else a distributed Lloyd:
+centroids go out, per-cluster sums and counts come back, and empty clusters are split exactly as the
+in-process reference `raydc.core.kmeans.lloyd` does), and keep each image's cluster as a column of their own.
+What leaves them is small: sizes (k), pair counts against the labels or the previous round (<= k x C), a bounded
+sample, `RowBlocks` indexes (the values themselves stay in the object store, see raydc.engine.rowblocks), and
+Parquet parts each shard writes itself (labels per round, the final assignments).
+
+`ShardStore` is the plain class; on Ray it runs as the `FeatureShard` actor, and in process (the method tests)
+the same class is called directly through `LocalShard`, so both run the same code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import ray
 
 from raydc.core import kmeans as km
-from raydc.core.pca import Moments, PCAProjection, l2_normalize, pca_from_moments, reduce_moments
+from raydc.core.metrics import PairCounts
+from raydc.core.pca import Moments, PCAProjection, pca_from_moments, reduce_moments
+from raydc.engine.rowblocks import RowBlocks, RowLookup, put_runs
+
+TRUE = "true"  # the column name of the evaluation labels in `counts`
 
 
-@ray.remote(num_cpus=0)
-class FeatureShard:
-    """Holds one slice of the features (and the ids and, when present, evaluation labels) between phases."""
+@dataclass
+class ShardView:
+    """What a method's function run on a shard (`ClusteringService.apply`) sees. It may add per-row columns to
+    `cols` (they stay on the shard) and should return something small."""
 
-    def __init__(self, threads: int = 0):
+    rows: np.ndarray
+    ids: np.ndarray
+    x: np.ndarray | None
+    true: np.ndarray | None
+    cols: dict[str, np.ndarray]
+
+
+class ShardStore:
+    """One slice of the images between phases: rows, ids, features, evaluation labels and result columns."""
+
+    def __init__(self, threads: int = 0, in_ray: bool = True):
         from raydc.core.faiss_backend import use_all_cores
 
-        self.cores = use_all_cores(threads or None)  # Ray gave this 0-CPU actor OMP_NUM_THREADS=1
+        self.in_ray = in_ray
+        self.cores = use_all_cores(threads or None) if in_ray else 0  # Ray gave this 0-CPU actor 1 OMP thread
         self.threads_now = self.cores
         self.busy_peers = 1  # shard actors of this node that work at the same time (distributed steps)
         self.clear()
 
+    def _put(self, value):
+        return ray.put(value) if self.in_ray else value
+
+    def _get(self, refs):
+        return ray.get(refs) if self.in_ray else refs
+
     def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id() if self.in_ray else "local"
 
     def set_peers(self, n: int) -> None:
         self.busy_peers = max(1, int(n))
 
     def _threads(self, alone: bool) -> None:
         """All cores when this actor works alone (single-actor k-means), its share when every shard of the
-        node works at once (distributed Lloyd steps, assignment), so they never oversubscribe the cores.
-        Called every Lloyd iteration: the thread pools are only touched when the count changes."""
+        node works at once (distributed Lloyd steps, assignment), so they never oversubscribe the cores."""
+        if not self.in_ray:
+            return
         from raydc.core.faiss_backend import use_all_cores
 
         want = self.cores if alone else max(1, self.cores // self.busy_peers)
@@ -55,124 +84,235 @@ class FeatureShard:
         return {"faiss": import_faiss().omp_get_max_threads(), "torch": torch.get_num_threads(),
                 "cores": self.cores, "busy_peers": self.busy_peers}
 
-    def clear(self) -> None:
-        self.blocks: list = []
-        self.ids = np.zeros(0, np.int64)
-        self.labels: np.ndarray | None = None
-        self.x: np.ndarray | None = None
+    def peak_rss(self) -> dict:
+        """This process's peak and current resident memory (bytes), for the scaling benchmark."""
+        return _rss()
 
+    def clear(self) -> None:
+        self.rows = np.zeros(0, np.int64)
+        self.ids = np.zeros(0, np.int64)
+        self.true: np.ndarray | None = None
+        self.x: np.ndarray | None = None
+        self.cols: dict[str, np.ndarray] = {}
+
+    # ---- loading ----------------------------------------------------------------------------------
     def load(self, block_refs: list) -> dict:
-        """Keep the block refs (not copies) until projection, which is when the raw features can go."""
+        """The pool's output blocks (row, id, feature[, label]), already reduced by the workers."""
         self.clear()
-        blocks = ray.get(block_refs)
-        self.blocks = [b for b in blocks if len(b["id"])]
-        self.ids = np.concatenate([b["id"] for b in self.blocks]) if self.blocks else np.zeros(0, np.int64)
-        if self.blocks and "label" in self.blocks[0]:
-            self.labels = np.concatenate([b["label"] for b in self.blocks])
-        finite = all(np.isfinite(b["feature"]).all() for b in self.blocks)
-        dim = int(self.blocks[0]["feature"].shape[1]) if self.blocks else 0
-        return {"n": int(len(self.ids)), "dim": dim, "finite": bool(finite)}
+        blocks = [b for b in self._get(list(block_refs)) if len(b["id"])]
+        if blocks:
+            self.rows = np.concatenate([b["row"] for b in blocks])
+            self.ids = np.concatenate([b["id"] for b in blocks])
+            self.x = np.ascontiguousarray(np.concatenate([b["feature"] for b in blocks]))
+            if "label" in blocks[0]:
+                self.true = np.concatenate([b["label"] for b in blocks])
+        finite = bool(np.isfinite(self.x).all()) if self.x is not None else True
+        return {"n": int(len(self.ids)), "dim": int(self.x.shape[1]) if self.x is not None else 0, "finite": finite}
 
     def moments(self) -> Moments | None:
-        parts = [Moments.from_array(np.asarray(b["feature"], np.float32)) for b in self.blocks]
-        return reduce_moments(parts) if parts else None
+        return Moments.from_array(np.asarray(self.x, np.float32)) if self.x is not None and len(self.x) else None
 
-    def project(self, proj: PCAProjection | None, l2: bool) -> bool:
-        outs = []
-        for b in self.blocks:
-            f = np.asarray(b["feature"], np.float32)
-            outs.append(proj.apply(f, l2_normalize=l2) if proj is not None else (l2_normalize(f) if l2 else f))
-        self.blocks = []
-        self.x = np.ascontiguousarray(np.concatenate(outs)) if outs else np.zeros((0, 0), np.float32)
-        return bool(np.isfinite(self.x).all())
+    def project(self, proj: PCAProjection | None, l2: bool, dtype: str) -> bool:
+        """Reduce held raw features in place (the small-N path of `extract`, where the sample is everything)."""
+        from raydc.engine.features import FeatureReduction, reduce_features
 
-    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if self.x is not None and len(self.x):
+            self.x = np.ascontiguousarray(reduce_features(np.asarray(self.x, np.float32),
+                                                          FeatureReduction(proj, l2, dtype)))
+        return bool(np.isfinite(self.x).all()) if self.x is not None else True
+
+    def take(self) -> tuple:
         """Hand over this shard's rows (for single-actor k-means) and forget them."""
-        out = (self.ids, self.x, self.labels)
+        out = (self.rows, self.ids, self.x, self.true)
         self.clear()
         return out
 
     def absorb(self, part_refs: list) -> int:
-        parts = [(self.ids, self.x, self.labels)] + ray.get(list(part_refs))
-        parts = [p for p in parts if p[1] is not None and len(p[0])]
-        self.ids = np.concatenate([p[0] for p in parts])
-        self.x = np.ascontiguousarray(np.concatenate([p[1] for p in parts]))
-        self.labels = np.concatenate([p[2] for p in parts]) if parts[0][2] is not None else None
+        parts = [(self.rows, self.ids, self.x, self.true)] + list(self._get(list(part_refs)))
+        parts = [p for p in parts if p[2] is not None and len(p[1])]
+        self.rows = np.concatenate([p[0] for p in parts])
+        self.ids = np.concatenate([p[1] for p in parts])
+        self.x = np.ascontiguousarray(np.concatenate([p[2] for p in parts]))
+        self.true = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
+        self.cols = {}
         return len(self.ids)
 
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        return self.x[positions]
-
     def size(self) -> int:
-        """Rows held now: projected ones, or raw feature blocks not projected yet."""
-        if self.x is not None:
-            return int(len(self.ids))
-        return int(sum(len(b["id"]) for b in self.blocks))
+        return int(len(self.ids))
 
-    def sample(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.x is not None:
-            return self.ids[positions], np.asarray(self.x[positions], np.float32)
-        feats = np.concatenate([np.asarray(b["feature"], np.float32) for b in self.blocks])
-        return self.ids[positions], feats[positions]
+    # ---- k-means ----------------------------------------------------------------------------------
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(self.x[positions], np.float32)
 
-    def kmeans(self, k: int, niter: int, seed: int, n_init: int, use_gpu: str,
-               init_centroids: np.ndarray | None = None) -> km.KMeansResult:
+    def kmeans(self, k: int, niter: int, seed: int, n_init: int, use_gpu: str, init_centroids, col: str) -> dict:
         # faiss prints one line per iteration (time, objective, splits): the k-means progress in the job log.
         self._threads(alone=True)
-        return km.kmeans(self.x, k, niter=niter, seed=seed, n_init=n_init, use_gpu=use_gpu,
-                         init_centroids=init_centroids, verbose=True)
+        res = km.kmeans(np.asarray(self.x, np.float32), k, niter=niter, seed=seed, n_init=n_init, use_gpu=use_gpu,
+                        init_centroids=init_centroids, verbose=self.in_ray)
+        self.cols[col], self.cols[col + "_distance"] = res.labels.astype(np.int64), res.distances
+        return {"centroids": res.centroids, "objective": list(res.objective), "n_split": res.n_split,
+                "backend": res.backend, "sizes": np.bincount(res.labels, minlength=k)}
 
     def partial(self, centroids: np.ndarray, use_gpu: str) -> tuple[np.ndarray, np.ndarray, float]:
         if not len(self.ids):  # more shards than feature blocks: an empty shard contributes nothing
             k, d = centroids.shape
             return np.zeros((k, d)), np.zeros(k, np.int64), 0.0
         self._threads(alone=False)
-        labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
-        sums, counts = km.partial_sums(self.x, labels, len(centroids))
+        x = np.asarray(self.x, np.float32)
+        labels, dist = km.assign(x, centroids, use_gpu=use_gpu)
+        sums, counts = km.partial_sums(x, labels, len(centroids))
         return sums, counts, float(dist.sum(dtype=np.float64))
 
-    def assign(self, centroids: np.ndarray, use_gpu: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def assign(self, centroids: np.ndarray, use_gpu: str, col: str) -> np.ndarray:
+        """Nearest centroid of every row, kept as column `col` (and `col`_distance); returns the sizes."""
+        k = len(centroids)
         if not len(self.ids):
-            return self.ids, np.zeros(0, np.int64), np.zeros(0, np.float32), self.labels
+            self.cols[col], self.cols[col + "_distance"] = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return np.zeros(k, np.int64)
         self._threads(alone=False)
-        labels, dist = km.assign(self.x, centroids, use_gpu=use_gpu)
-        return self.ids, labels, dist, self.labels
+        labels, dist = km.assign(np.asarray(self.x, np.float32), centroids, use_gpu=use_gpu)
+        self.cols[col], self.cols[col + "_distance"] = labels.astype(np.int64), dist
+        return np.bincount(labels, minlength=k)
 
-    def features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        return self.ids, self.x, self.labels
-
-    def meta(self) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.ids, self.labels
-
+    # ---- results ----------------------------------------------------------------------------------
     def apply(self, fn, *args):
-        """Run a method-specific pure function on this shard's arrays (DEC's soft assignment, for one)."""
-        return fn(self.ids, self.x, self.labels, *args)
+        """Run a method-specific pure function on this shard (DEC's soft assignment, for one)."""
+        return fn(ShardView(self.rows, self.ids, self.x, self.true, self.cols), *args)
+
+    def _column(self, spec) -> np.ndarray | None:
+        if isinstance(spec, RowBlocks):
+            return RowLookup(spec)(self.rows)
+        if spec == TRUE:
+            return self.true
+        return self.cols.get(spec)
+
+    def counts(self, a, b) -> PairCounts | None:
+        """Pair counts of two labellings of this shard's rows: column names, TRUE, or RowBlocks (looked up)."""
+        if not len(self.ids):
+            return None
+        ca, cb = self._column(a), self._column(b)
+        if ca is None or cb is None:
+            return None
+        return PairCounts.of(ca, cb)
+
+    def publish(self, col: str, dtype: str | None, fill) -> RowBlocks:
+        values = self.cols[col]
+        if dtype is not None:
+            values = values.astype(dtype)
+        return put_runs(self.rows, values, self._put, fill)
+
+    def write_part(self, path: str, columns: dict[str, str]) -> int:
+        """This shard's rows as one Parquet file, sorted by row: `row`, `id`, then {name: column}."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from raydc.engine.rundir import atomic_write_bytes
+
+        order = np.argsort(self.rows, kind="stable")
+        data = {"row": pa.array(self.rows[order]), "id": pa.array(self.ids[order])}
+        for name, col in columns.items():
+            data[name] = pa.array(np.asarray(self._column(col))[order])
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(data), sink, compression="zstd")
+        atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
+        return int(len(order))
+
+    def read_parts(self, paths: list[str], column: str, dtype: str | None, fill) -> RowBlocks:
+        """Saved parts back into the object store (a resumed run's previous labels)."""
+        import pyarrow.parquet as pq
+
+        blocks = []
+        for p in paths:
+            t = pq.read_table(p, columns=["row", column])
+            values = t.column(column).to_numpy()
+            blocks.append(put_runs(t.column("row").to_numpy(), values.astype(dtype) if dtype else values,
+                                   self._put, fill))
+        return RowBlocks.merge(blocks, fill)
+
+    def sample(self, positions: np.ndarray, cols: tuple[str, ...]) -> tuple:
+        return (self.ids[positions], np.asarray(self.x[positions], np.float32),
+                {c: self._column(c)[positions] for c in cols if self._column(c) is not None})
+
+
+FeatureShard = ray.remote(num_cpus=0)(ShardStore)
+
+
+class LocalShard:
+    """A ShardStore called in process with the actor's calling convention (`handle.method.remote(...)`)."""
+
+    def __init__(self, store: ShardStore):
+        self.store = store
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.store, name)
+
+        class _Remote:
+            @staticmethod
+            def remote(*args, **kwargs):
+                return fn(*args, **kwargs)
+
+        return _Remote
+
+
+def _rss() -> dict:
+    out = {"peak_rss": 0, "rss": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    out["peak_rss"] = int(line.split()[1]) * 1024
+                elif line.startswith("VmRSS:"):
+                    out["rss"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 @dataclass
 class ClusterOutcome:
-    """A full clustering of the dataset, gathered by id."""
+    """One k-means of every image. The images' clusters stay on the shards as column `col` (and the squared
+    distances as `col`_distance); this holds only what is O(k)."""
 
-    ids: np.ndarray
-    labels: np.ndarray
-    distances: np.ndarray
     centroids: np.ndarray
+    sizes: np.ndarray
     objective: list[float]
     n_split: int
     backend: str
     mode: str
-    true_labels: np.ndarray | None = None
+    col: str = "cluster"
     projection: PCAProjection | None = None
-    groups: np.ndarray | None = None  # a merged clustering: the cluster of each centroid (labels = groups[nearest])
+    groups: np.ndarray | None = None  # a merged clustering: the group of each centroid (the column holds groups)
+    bytes_per_iteration: dict | None = None  # distributed Lloyd: payload bytes out to and back from the shards
+
+    @property
+    def n(self) -> int:
+        return int(self.sizes.sum())
+
+
+@dataclass
+class ExtractInfo:
+    n: int
+    dim: int
+    finite: bool
+    projection: PCAProjection | None = None
+    pca_rows: int = 0                  # images the PCA was fitted on
+    pca_seconds: float = 0.0           # the sample pass and the fit (N <= pca_sample: the fit and projection)
+    extra: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):  # the methods' older dict access: info["n"], info["finite"]
+        return getattr(self, key)
 
 
 class ClusteringService:
     """Owns the shard actors for the whole run (created once; each round only moves data through them)."""
 
-    def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto", log=print):
-        self.shards = [FeatureShard.options(num_gpus=num_gpus).remote() for _ in range(num_shards)]
-        nodes = ray.get([s.node.remote() for s in self.shards])
-        ray.get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
+    def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto", log=print,
+                 shards: list | None = None):
+        self.local = shards is not None
+        self.shards = shards if shards is not None else [
+            FeatureShard.options(num_gpus=num_gpus).remote() for _ in range(num_shards)]
+        nodes = self._get([s.node.remote() for s in self.shards])
+        self._get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
         self.use_gpu = use_gpu
         self.log = log
         self.n = 0
@@ -181,57 +321,109 @@ class ClusteringService:
         self.single = False
         self.pool = None  # the persistent feature pool, started on the first extract
 
+    def _get(self, refs):
+        return refs if self.local else ray.get(refs)
+
+    def _put(self, value):
+        return value if self.local else ray.put(value)
+
+    # ---- features ---------------------------------------------------------------------------------
     def load(self, block_refs: list) -> dict:
         """Distribute feature blocks round-robin; fail early on NaN/Inf."""
         groups = [block_refs[i::len(self.shards)] for i in range(len(self.shards))]
-        infos = ray.get([s.load.remote(g) for s, g in zip(self.shards, groups)])
+        infos = self._get([s.load.remote(g) for s, g in zip(self.shards, groups)])
         self.sizes = [i["n"] for i in infos]
         self.n = sum(self.sizes)
         self.dim = max(i["dim"] for i in infos)
         self.single = False
         return {"n": self.n, "dim": self.dim, "finite": all(i["finite"] for i in infos)}
 
-    def fit_projection(self, pca_dim: int, whiten: bool) -> PCAProjection | None:
-        if not pca_dim:
-            return None
-        parts = [m for m in ray.get([s.moments.remote() for s in self.shards]) if m is not None]
-        return pca_from_moments(reduce_moments(parts), pca_dim, whiten=whiten)
+    def extract(self, spec, shard_dir: str, manifest, features_cfg, *, pca_dim: int = 0, whiten: bool = False,
+                l2_normalize: bool = False, seed: int = 0, projection: PCAProjection | None = None) -> ExtractInfo:
+        """Every image's reduced features onto the shards. With PCA, a first pass embeds a uniform sample of
+        `features.pca_sample` images (raw features, sample-sized), the shards reduce it to moments and the
+        projection is fitted from their sum; the full pass then projects inside the pool's workers. A given
+        `projection` (`raydc assign`: the run's own) is applied without fitting."""
+        from raydc.engine.features import FeatureReduction
 
-    def project(self, proj: PCAProjection | None, l2: bool) -> bool:
-        ok = ray.get([s.project.remote(proj, l2) for s in self.shards])
-        if proj is not None:
-            self.dim = proj.matrix.shape[1]
-        return all(ok)
+        import time
 
+        f = features_cfg
+        proj, pca_rows = projection, 0
+        t0 = time.perf_counter()
+        if pca_dim and proj is None:
+            frac = 1.0 if not f.pca_sample or f.pca_sample >= manifest.count else f.pca_sample / manifest.count
+            spec.reduction = FeatureReduction(keep_fraction=frac, seed=seed)
+            info = self.load(self._run_pool(spec, shard_dir, manifest, f))
+            if not info["finite"]:
+                return ExtractInfo(info["n"], info["dim"], False)
+            t_fit = time.perf_counter()
+            parts = [m for m in self._get([s.moments.remote() for s in self.shards]) if m is not None]
+            moments = reduce_moments(parts)
+            pca_rows = int(moments.n)
+            proj = pca_from_moments(moments, pca_dim, whiten=whiten)
+            if frac >= 1.0:  # the sample is every image (N <= pca_sample): project what the shards hold
+                finite = all(self._get([s.project.remote(proj, l2_normalize, f.dtype) for s in self.shards]))
+                self.dim = pca_dim
+                return ExtractInfo(info["n"], pca_dim, finite, proj, pca_rows, time.perf_counter() - t_fit)
+            self.release()
+        pca_seconds = time.perf_counter() - t0
+        spec.reduction = FeatureReduction(projection=proj, l2_normalize=l2_normalize, dtype=f.dtype)
+        info = self.load(self._run_pool(spec, shard_dir, manifest, f))
+        return ExtractInfo(info["n"], info["dim"], info["finite"], proj, pca_rows, pca_seconds)
+
+    def _run_pool(self, spec, shard_dir: str, manifest, f) -> list:
+        from raydc.engine.features import extract_features
+
+        pool = f.pool if f.pool != "auto" else ("ray_data" if f.num_gpus > 0 else "persistent")
+        if pool == "ray_data":
+            return extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
+                                    num_gpus=f.num_gpus, batch_size=f.batch_size)
+        from raydc.engine.datasets import check_shard_footers
+        from raydc.engine.feature_pool import PersistentFeaturePool
+
+        if self.pool is None or self.pool.concurrency != f.concurrency:
+            if self.pool is not None:
+                self.pool.shutdown()
+            check_shard_footers(manifest, shard_dir)  # a clear error before the pool plans its pieces
+            self.pool = PersistentFeaturePool(manifest, f.concurrency)
+        paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
+        return self.pool.extract(paths, spec, f.batch_size)
+
+    # ---- k-means ----------------------------------------------------------------------------------
     def choose_mode(self, mode: str, single_max_bytes: int) -> str:
         if mode != "auto":
             return mode
         return "single" if self.n * self.dim * 4 <= single_max_bytes or len(self.shards) == 1 else "distributed"
 
     def kmeans(self, k: int, *, niter: int, seed: int, n_init: int = 1, mode: str = "single",
-               init_centroids: np.ndarray | None = None) -> ClusterOutcome:
+               init_centroids: np.ndarray | None = None, col: str = "cluster") -> ClusterOutcome:
+        """k-means of every held row; each shard keeps its rows' clusters as column `col`."""
         if k > self.n:
             raise ValueError(f"cluster.k = {k} is larger than the number of images ({self.n})")
         if mode == "single" or len(self.shards) == 1:
             if len(self.shards) > 1 and not self.single:
-                ray.get(self.shards[0].absorb.remote([s.take.remote() for s in self.shards[1:]]))
+                self._get(self.shards[0].absorb.remote([s.take.remote() for s in self.shards[1:]]))
+                self.sizes = [self.n] + [0] * (len(self.shards) - 1)
                 self.single = True
-            res: km.KMeansResult = ray.get(self.shards[0].kmeans.remote(
-                k, niter, seed, n_init, self.use_gpu, init_centroids))
-            ids, true = ray.get(self.shards[0].meta.remote())
-            return ClusterOutcome(ids, res.labels, res.distances, res.centroids, list(res.objective), res.n_split,
-                                  res.backend, "single", true)
-        return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids)
+            res = self._get(self.shards[0].kmeans.remote(k, niter, seed, n_init, self.use_gpu, init_centroids, col))
+            for s in self.shards[1:]:  # the empty shards get empty columns, so every shard has `col`
+                self._get(s.assign.remote(res["centroids"], self.use_gpu, col))
+            return ClusterOutcome(res["centroids"], res["sizes"], res["objective"], res["n_split"], res["backend"],
+                                  "single", col)
+        return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids, col=col)
 
-    def _distributed(self, k: int, *, niter: int, seed: int, init_centroids) -> ClusterOutcome:
+    def _distributed(self, k: int, *, niter: int, seed: int, init_centroids, col: str) -> ClusterOutcome:
         rng = np.random.default_rng(seed)
         if init_centroids is None:
             init_centroids = self.sample_rows(k, rng)
         centroids = np.ascontiguousarray(init_centroids, np.float32)
         objective, n_split = [], 0
+        received = 0
         for it in range(niter):
-            c_ref = ray.put(centroids)
-            parts = ray.get([s.partial.remote(c_ref, self.use_gpu) for s in self.shards])
+            c_ref = self._put(centroids)
+            parts = self._get([s.partial.remote(c_ref, self.use_gpu) for s in self.shards])
+            received = sum(p[0].nbytes + p[1].nbytes + 8 for p in parts)
             sums = np.sum([p[0] for p in parts], axis=0)
             counts = np.sum([p[1] for p in parts], axis=0)
             objective.append(float(sum(p[2] for p in parts)))
@@ -241,14 +433,14 @@ class ClusteringService:
             n_split += split
             self.log(f"  k-means iter {it + 1}/{niter}: objective {objective[-1]:.6g}"
                      + (f", split {split} empty" if split else ""))
-        c_ref = ray.put(centroids)
-        parts = ray.get([s.assign.remote(c_ref, self.use_gpu) for s in self.shards])
-        ids = np.concatenate([p[0] for p in parts])
-        labelled = [p[3] for p in parts if p[3] is not None]
-        true = np.concatenate(labelled) if labelled and len(labelled) == sum(len(p[0]) > 0 for p in parts) else None
-        return ClusterOutcome(ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
-                              centroids, objective, n_split, f"distributed Lloyd over {len(self.shards)} actors",
-                              "distributed", true)
+        sizes = self.assign_to(centroids, col)
+        # What passes through this process per iteration: the centroids go out once to the object store, and
+        # each shard fetches them; every shard's k x d sums come back here (the star issue #14 replaces).
+        traffic = {"centroids_out": int(centroids.nbytes), "fetched_by_shards": int(centroids.nbytes * len(self.shards)),
+                   "received": int(received), "shards": len(self.shards)}
+        return ClusterOutcome(centroids, sizes, objective, n_split,
+                              f"distributed Lloyd over {len(self.shards)} actors", "distributed", col,
+                              bytes_per_iteration=traffic)
 
     def sample_rows(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """k distinct rows drawn uniformly over all shards (the same rule as faiss' random init)."""
@@ -258,72 +450,85 @@ class ClusteringService:
         for i, s in enumerate(self.shards):
             local = picks[(picks >= bounds[i]) & (picks < bounds[i + 1])] - bounds[i]
             if len(local):
-                out.append(ray.get(s.rows.remote(local)))
+                out.append(self._get(s.rows_at.remote(local)))
         rows = np.concatenate(out)
         return rows[rng.permutation(len(rows))]
 
-    def assign_to(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Nearest-centroid assignment of every held row to given centroids: (ids, clusters, distances)."""
-        c_ref = ray.put(np.ascontiguousarray(centroids, np.float32))
-        parts = ray.get([s.assign.remote(c_ref, self.use_gpu) for s in self.shards])
-        parts = [p for p in parts if len(p[0])]
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+    def assign_to(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
+        """Nearest-centroid assignment of every held row, kept on the shards as `col`; returns the sizes."""
+        c_ref = self._put(np.ascontiguousarray(centroids, np.float32))
+        return np.sum(self._get([s.assign.remote(c_ref, self.use_gpu, col) for s in self.shards]), axis=0)
 
-    def sample_features(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, features) of at most n rows drawn uniformly, without replacement, from what the shards hold now
-        (after `load`, `project` or single-actor k-means alike): a bounded sample, whatever N is."""
-        sizes = ray.get([s.size.remote() for s in self.shards])
+    # ---- per-image results, kept on the shards ----------------------------------------------------------
+    def counts(self, a, b) -> PairCounts | None:
+        """(a, b) pair counts summed over the shards; a and b are column names, TRUE, or RowBlocks. None when
+        a shard lacks one of them (no evaluation labels, say)."""
+        parts = self._get([s.counts.remote(a, b) for s in self.shards])
+        held = [p for p, n in zip(parts, self._sizes_now()) if n]
+        if not held or any(p is None for p in held):
+            return None
+        return PairCounts.merge(held)
+
+    def _sizes_now(self) -> list[int]:
+        return self._get([s.size.remote() for s in self.shards])
+
+    def publish(self, col: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
+        """Column `col` of every shard into the object store, by contiguous row range."""
+        return RowBlocks.merge(self._get([s.publish.remote(col, dtype, fill) for s in self.shards]), fill)
+
+    def write_parts(self, directory: str, columns: dict[str, str]) -> list[str]:
+        """Each shard writes its rows to `directory`/part-NNNNN.parquet (columns: row, id, then `columns`)."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        sizes = self._sizes_now()
+        paths = [str(Path(directory) / f"part-{i:05d}.parquet") for i in range(len(self.shards))]
+        self._get([s.write_part.remote(p, columns) for s, p, n in zip(self.shards, paths, sizes) if n])
+        return [p for p, n in zip(paths, sizes) if n]
+
+    def read_parts(self, directory: str, column: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
+        """Parts written by `write_parts` back into the object store, spread over the shards."""
+        paths = sorted(str(p) for p in Path(directory).glob("part-*.parquet"))
+        groups = [paths[i::len(self.shards)] for i in range(len(self.shards))]
+        return RowBlocks.merge(self._get([s.read_parts.remote(g, column, dtype, fill)
+                                          for s, g in zip(self.shards, groups) if g]), fill)
+
+    def sample_features(self, n: int, seed: int, cols: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(ids, features, {col: values}) of at most n rows drawn uniformly, without replacement, from what the
+        shards hold now: a bounded sample, whatever N is."""
+        sizes = self._sizes_now()
         total = int(sum(sizes))
         if total == 0:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
         picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
         bounds = np.cumsum([0] + sizes)
-        refs = [s.sample.remote(picks[(picks >= lo) & (picks < hi)] - lo)
+        refs = [s.sample.remote(picks[(picks >= lo) & (picks < hi)] - lo, cols)
                 for s, lo, hi in zip(self.shards, bounds[:-1], bounds[1:]) if ((picks >= lo) & (picks < hi)).any()]
-        parts = ray.get(refs)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        parts = self._get(refs)
+        values = {c: np.concatenate([p[2][c] for p in parts]) for c in cols if all(c in p[2] for p in parts)}
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), values
 
-    def gather_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        parts = ray.get([s.features.remote() for s in self.shards])
-        parts = [p for p in parts if p[1] is not None and len(p[0])]
-        true = np.concatenate([p[2] for p in parts]) if parts and parts[0][2] is not None else None
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), true
+    def apply(self, fn: Callable, *args) -> list:
+        return self._get([s.apply.remote(fn, *args) for s in self.shards])
 
-    def apply(self, fn, *args) -> list:
-        return ray.get([s.apply.remote(fn, *args) for s in self.shards])
+    def peak_rss(self) -> list[dict]:
+        return self._get([s.peak_rss.remote() for s in self.shards]) + [{"coordinator": True, **_rss()}]
 
     def release(self) -> None:
-        ray.get([s.clear.remote() for s in self.shards])
-
-    def extract(self, spec, shard_dir: str, manifest, features_cfg) -> dict:
-        """Run the feature pool over every image and spread its output blocks over the shards."""
-        from raydc.engine.features import extract_features
-
-        f = features_cfg
-        pool = f.pool if f.pool != "auto" else ("ray_data" if f.num_gpus > 0 else "persistent")
-        if pool == "ray_data":
-            refs = extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
-                                    num_gpus=f.num_gpus, batch_size=f.batch_size)
-        else:
-            from raydc.engine.datasets import check_shard_footers
-            from raydc.engine.feature_pool import PersistentFeaturePool
-
-            if self.pool is None or self.pool.concurrency != f.concurrency:
-                if self.pool is not None:
-                    self.pool.shutdown()
-                check_shard_footers(manifest, shard_dir)  # a clear error before the pool plans its pieces
-                self.pool = PersistentFeaturePool(manifest, f.concurrency)
-            paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
-            refs = self.pool.extract(paths, spec, f.batch_size)
-        return self.load(refs)
+        self._get([s.clear.remote() for s in self.shards])
 
     def shutdown(self) -> None:
-        for s in self.shards:
-            ray.kill(s)
+        if not self.local:
+            for s in self.shards:
+                ray.kill(s)
         self.shards = []
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+
+
+def local_service(num_shards: int = 2, log=print) -> ClusteringService:
+    """The service over in-process shards (the method tests' stand-in for the actors)."""
+    return ClusteringService(num_shards, log=log, shards=[LocalShard(ShardStore(in_ray=False))
+                                                          for _ in range(num_shards)])
 
 
 @ray.remote(num_cpus=0)
@@ -369,3 +574,4 @@ class CoordinatorProxy:
             ray.get(self.handle.call.remote("shutdown"))
         finally:
             ray.kill(self.handle)
+

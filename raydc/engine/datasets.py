@@ -18,7 +18,7 @@ import ray
 from raydc.data.manifest import Manifest, load_manifest, verify_shards
 from raydc.errors import DataError
 
-COLUMNS = ("id", "image", "label")
+COLUMNS = ("row", "id", "image", "label")
 BLOCK_BYTES = 32 << 20
 
 

@@ -1,7 +1,6 @@
 """`raydc evaluate`: a run's assignments against the labels its shards carry (never used in training)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from raydc.config import load_config
 from raydc.core import metrics as M
@@ -25,17 +24,23 @@ def open_run(run_dir: str):
 
 def evaluate_run(run_dir: str, nmi_method: str = "arithmetic") -> dict:
     from raydc.data.manifest import load_manifest
-    from raydc.runreport import _labels_for
+    import pyarrow.parquet as pq
+
+    from raydc.runreport import RowLabels
 
     run, cfg = open_run(run_dir)
     manifest = load_manifest(cfg.data.shards)
     if not manifest.has_labels:
         raise UserError(f"the shards at {cfg.data.shards} carry no labels: nothing to evaluate against")
-    if not (run.path / "assignments.parquet").exists():
-        raise UserError(f"{run.path} has no assignments.parquet yet: the run has not finished")
-    a = run.read_assignments()
-    labels = _labels_for(cfg.data.shards, manifest, a["id"])
-    out = M.evaluate(labels, a["cluster"], average_method=nmi_method)
-    out["majority_acc"] = M.majority_acc(labels, a["cluster"])
-    out["images"] = int(len(labels))
+    if not run.has_assignments():
+        raise UserError(f"{run.path} has no assignments yet: the run has not finished")
+    labels = RowLabels(cfg.data.shards, manifest)
+    parts = []
+    for part in run.assignment_parts():  # one part at a time: (label, cluster) pair counts, then the scores
+        t = pq.read_table(part, columns=["row", "cluster"])
+        parts.append(M.PairCounts.of(labels(t.column("row").to_numpy()), t.column("cluster").to_numpy()))
+    pairs = M.PairCounts.merge(parts)
+    out = M.evaluate_counts(pairs, average_method=nmi_method)
+    out["majority_acc"] = M.majority_acc_counts(pairs)
+    out["images"] = pairs.n
     return out

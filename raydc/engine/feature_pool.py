@@ -93,14 +93,15 @@ class FeatureWorker:
 
     def run(self, piece: Piece, batch_size: int) -> dict[str, np.ndarray]:
         table = self._row_group(piece.path, piece.row_group).slice(piece.start, piece.stop - piece.start)
-        cols = [c for c in ("id", "image", "label") if c in table.column_names]
+        cols = [c for c in ("row", "id", "image", "label") if c in table.column_names]
         outs = []
         for off in range(0, table.num_rows, batch_size):
             part = table.slice(off, batch_size)
             batch = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
             outs.append(features_of(self.fn, self.spec, self.manifest, batch))
+        outs = [o for o in outs if len(o["id"])]
         if not outs:
-            return {"id": np.zeros(0, np.int64), "feature": np.zeros((0, 0), np.float32)}
+            return {"row": np.zeros(0, np.int64), "id": np.zeros(0, np.int64), "feature": np.zeros((0, 0), np.float32)}
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 

@@ -61,16 +61,23 @@ class WorkerContext:
     def unwrap(model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-    def batches(self, round_idx: int, *, repeats=None, batch_size: int | None = None, shuffle: bool = True,
-                max_steps: int | None = None):
-        """Fixed-size batches of (ids, copy index, uint8 images); all workers stop at the same step (DDP
-        needs equal step counts; streaming splits give equal rows but resampling does not), at the latest
-        after `max_steps`."""
+    def lookup(self, blocks):
+        """A per-row reader of a method's sharded targets (raydc.engine.rowblocks), None for None."""
+        from raydc.engine.rowblocks import RowLookup
+
+        return None if blocks is None else RowLookup(blocks)
+
+    def batches(self, round_idx: int, *, targets=None, repeats=None, batch_size: int | None = None,
+                shuffle: bool = True, max_steps: int | None = None):
+        """Fixed-size `Batch`es (ids, rows, copy index, uint8 images, and each row's value in `targets`, a
+        RowBlocks, when given); all workers stop at the same step (DDP needs equal step counts; streaming
+        splits give equal rows but resampling does not), at the latest after `max_steps`."""
         self._round = round_idx
         self._t0 = time.perf_counter()
         fixed = self.manifest.image_shape is not None
         rows = decoded_rows(self.shard, self.manifest, read_batch_size=1024,
-                            size=None if fixed else self.input_size, channels=self.in_channels)
+                            size=None if fixed else self.input_size, channels=self.in_channels,
+                            targets=self.lookup(targets))
         gen = shuffled_batches(rows, batch_size=batch_size or self.cfg.train.batch_size, seed=self.cfg.train.seed,
                                epoch=round_idx, repeats=repeats, shuffle=shuffle)
         steps = 0
@@ -89,13 +96,13 @@ class WorkerContext:
 
     def sgd_pass(self, batches, optimizers: list, loss_of: Callable[..., torch.Tensor], *, epoch: int,
                  phase: str, what: str) -> PassStats:
-        """The engine's one SGD loop: for each batch, `loss_of(ids, copy_index, uint8_images)` (the method's
-        loss, on its own inputs), then zero_grad, backward and step over `optimizers`. A non-finite loss stops
+        """The engine's one SGD loop: for each batch, `loss_of(batch)` (the method's loss on a
+        `raydc.engine.stream.Batch`), then zero_grad, backward and step over `optimizers`. A non-finite loss stops
         the run with a NumericalError naming `what` at (epoch, phase), keeping the last good checkpoint."""
         loss_sum, n_seen, steps = 0.0, 0, 0
         t0 = time.perf_counter()
-        for ids, rep, imgs in batches:
-            loss = loss_of(ids, rep, imgs)
+        for batch in batches:
+            loss = loss_of(batch)
             if not torch.isfinite(loss):
                 raise NumericalError(epoch, phase, what)
             for opt in optimizers:
@@ -103,8 +110,8 @@ class WorkerContext:
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            loss_sum += loss.detach().item() * len(ids)
-            n_seen += len(ids)
+            loss_sum += loss.detach().item() * len(batch)
+            n_seen += len(batch)
             steps += 1
             self.progress(steps, n_seen, loss_sum / max(n_seen, 1))
         seconds = time.perf_counter() - t0
@@ -160,6 +167,7 @@ class RankZeroContext:
         self.cfg, self.manifest, self.shard_dir, self.log = cfg, manifest, shard_dir, log
         self._make_service = make_service
         self._service = None
+        self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
 
     @property
     def service(self):
@@ -167,8 +175,57 @@ class RankZeroContext:
             self._service = self._make_service()
         return self._service
 
-    def extract(self, spec) -> dict:
-        return self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features)
+    def extract(self, spec, **reduction):
+        """Every image's features onto the shard actors, reduced as `reduction` says (see
+        ClusteringService.extract: pca_dim, whiten, l2_normalize, seed, projection)."""
+        return self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the shards carry evaluation labels (scores against them are computed, never trained on)."""
+        return bool(self.manifest.has_labels)
+
+    def save_column(self, col: str, name: str, round_idx: int) -> str:
+        """Each shard writes its rows' `col` to <run.dir>/<name>/round=R/part-*.parquet; older rounds beyond
+        the checkpoints kept are removed. Returns the directory (what a checkpoint records instead of the
+        array)."""
+        import shutil
+        from pathlib import Path
+
+        base = Path(self.cfg.run.dir) / name
+        out = base / f"round={round_idx:04d}"
+        if out.exists():
+            shutil.rmtree(out)  # a redone round (after a resume) writes its parts afresh
+        self.service.write_parts(str(out), {"value": col})
+        # Every kept checkpoint points at one of the newest keep_checkpoints + 1 dirs; the final clustering's
+        # write comes after the last checkpoint, hence + 2.
+        keep = self.cfg.run.keep_checkpoints + 2
+        for old in sorted(base.glob("round=*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return str(out)
+
+    def column_blocks(self, path: str | None):
+        """The RowBlocks of a column saved at `path`: the ones `remember`ed for it in this process, else read
+        back from its parts (a resumed run). None for None."""
+        if path is None:
+            return None
+        got = self._published.get(path)
+        if got is None:
+            from pathlib import Path
+
+            from raydc.errors import UserError
+
+            if not any(Path(path).glob("part-*.parquet")):
+                raise UserError(f"the checkpoint's saved clustering {path} is missing: the run directory lost "
+                                f"files since it was written; start the run again with --overwrite")
+            got = self.service.read_parts(path, "value")
+            self._published = {path: got}
+        return got
+
+    def remember(self, path: str, blocks) -> None:
+        """Keep `blocks` as what `path` holds (published from the same column), so the next round need not
+        read the parts back."""
+        self._published = {path: blocks}
 
     def release(self) -> None:
         if self._service is not None:
@@ -181,12 +238,27 @@ class RankZeroContext:
 
         if self._service is None:
             return {}
-        ids, x = self.service.sample_features(LABEL_FREE_SAMPLE, derive_seed(self.cfg.train.seed, 23))
-        if len(ids) == 0:
+        ids, x, cols = self.service.sample_features(LABEL_FREE_SAMPLE, derive_seed(self.cfg.train.seed, 23),
+                                                    (final.col,))
+        if len(ids) == 0 or final.col not in cols:
             return {}
-        order = np.argsort(final.ids)
-        labels = final.labels[order[np.searchsorted(final.ids, ids, sorter=order)]]
-        return {**label_free_scores(x, labels), "label_free_sample": int(len(ids))}
+        return {**label_free_scores(x, cols[final.col]), "label_free_sample": int(len(ids))}
+
+    def memory(self) -> dict:
+        """Peak resident memory (bytes) so far of rank 0, the coordinator and each shard actor: what must stay
+        flat in N (all but the shards) in the scaling benchmark."""
+        from raydc.engine.clustering import _rss
+
+        out: dict[str, Any] = {"rank0_peak_rss": _rss()["peak_rss"]}
+        if self._service is not None:
+            parts = self._service.peak_rss()
+            out["coordinator_peak_rss"] = parts[-1]["peak_rss"]
+            out["shard_peak_rss"] = [p["peak_rss"] for p in parts[:-1]]
+        return out
+
+    def write_assignments(self, final: FinalClustering, directory: str) -> list[str]:
+        """Each shard writes its part of the final clustering: row, id, cluster, distance."""
+        return self.service.write_parts(directory, {"cluster": final.col, "distance": final.distance_col})
 
     def shutdown(self) -> None:
         if self._service is not None:
@@ -223,17 +295,23 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
         row.update(method.train_round(wctx, model, plan, state, r))
         if rank == 0:
             row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round})
+            if rctx is not None:
+                row["memory"] = rctx.memory()
         end_round(r, row, state)
         r += 1
     return r, state
 
 
-def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int
-           ) -> tuple[FinalClustering, dict]:
-    """Rank 0, after the last round: the method's final clustering, scored without labels, and its row."""
+def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int,
+           write: Callable[[FinalClustering], None] | None = None) -> tuple[FinalClustering, dict]:
+    """Rank 0, after the last round: the method's final clustering, scored without labels, and its row;
+    `write(final)` runs while the shards still hold it (the assignments)."""
     t_final = time.perf_counter()
     final, row = method.finalize(rctx, model, state, r)
     row.update(rctx.label_free_scores(final))
+    if write is not None:
+        write(final)
+    row["memory"] = rctx.memory()
     rctx.release()
     row.update({"round": r, "epoch": method.epoch_of(state, r), "final": True,
                 "time_round": time.perf_counter() - t_final})
@@ -343,11 +421,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                           end_round=end_round, log=_log)
     if rank == 0:
         try:
-            final, row = finish(method, rctx, WorkerContext.unwrap(model), state, r)
+            def write(final: FinalClustering) -> None:
+                run.clear_assignments()
+                rctx.write_assignments(final, str(run.assignments_dir))
+
+            final, row = finish(method, rctx, WorkerContext.unwrap(model), state, r, write)
             warning = quality_regression(run.read_metrics(), row)
             if warning:
                 row["quality_warning"] = warning
-            run.write_assignments(final.ids, final.labels, final.distances)
             run.save_clustering({"round": r, "model": WorkerContext.unwrap(model).state_dict(),
                                  "artifacts": final.artifacts, "config": loop_cfg["config"]})
             run.append_metrics(row)

@@ -1,8 +1,9 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
 Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/round-NNNN.pt`,
-`clustering.pt` (the final model and what `raydc assign` needs), `assignments.parquet` (`id, cluster,
-distance`), `report/` (PNGs).
+`clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
+cluster, distance`, one part per shard actor, each written by that actor: no process ever holds them all),
+`labels/round=R/` (the same per round, for the next round's comparison and a resume), `report/` (PNGs).
 
 A run directory is something people share, so loading one must not run code: checkpoints and clustering.pt
 hold only tensors and plain Python values (numpy arrays are stored as tensors, dataclasses as dicts) and are
@@ -29,6 +30,7 @@ from raydc.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 CLUSTERING_FILE = "clustering.pt"
+ASSIGNMENTS_DIR = "assignments"
 FORMAT = 2  # 1: pickled numpy arrays and dataclasses (before safe loading); 2: tensors and plain values only
 
 
@@ -132,23 +134,38 @@ class RunDir:
         return load_safe(self.clustering_path)
 
     # ---- assignments ----------------------------------------------------------------------------
-    def write_assignments(self, ids: np.ndarray, clusters: np.ndarray, distances: np.ndarray,
-                          name: str = "assignments.parquet") -> Path:
+    @property
+    def assignments_dir(self) -> Path:
+        return self.path / ASSIGNMENTS_DIR
+
+    def has_assignments(self, name: str = ASSIGNMENTS_DIR) -> bool:
+        return any((self.path / name).glob("part-*.parquet"))
+
+    def clear_assignments(self, name: str = ASSIGNMENTS_DIR) -> None:
+        """Remove an earlier run's parts (a re-finished run may have fewer shards)."""
+        d = self.path / name
+        if d.is_dir():
+            for p in d.glob("part-*.parquet"):
+                p.unlink()
+        legacy = self.path / "assignments.parquet"
+        if legacy.exists():
+            legacy.unlink()
+
+    def assignment_parts(self, name: str = ASSIGNMENTS_DIR) -> list[Path]:
+        return sorted((self.path / name).glob("part-*.parquet"))
+
+    def read_assignments(self, name: str = ASSIGNMENTS_DIR, columns: list[str] | None = None
+                         ) -> dict[str, np.ndarray]:
+        """Every part, concatenated (a tool's view for small runs: `raydc evaluate` and the report stream the
+        parts instead)."""
+        import pyarrow.parquet as pq
+
+        parts = [pq.read_table(p, columns=columns) for p in self.assignment_parts(name)]
+        if not parts:
+            raise UserError(f"{self.path / name} holds no assignment parts: the run has not finished")
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        table = pa.table({"id": pa.array(ids, pa.int64()), "cluster": pa.array(clusters, pa.int64()),
-                          "distance": pa.array(distances, pa.float32())})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        path = self.path / name
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
-        return path
-
-    def read_assignments(self, name: str = "assignments.parquet") -> dict[str, np.ndarray]:
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(self.path / name)
+        t = pa.concat_tables(parts)
         return {c: t.column(c).to_numpy() for c in t.column_names}
 
     @property

@@ -19,7 +19,7 @@ from raydc.core.sampler import hash_uniforms
 # Streams of uniforms drawn per (seed, epoch, id); distinct streams keep the draws independent.
 STREAM_REPEAT, STREAM_AUGMENT = 1, 2
 
-RepeatFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ids, uniforms) -> repeat count per row
+RepeatFn = Callable[[dict, np.ndarray], np.ndarray]  # (row columns, uniforms) -> repeat count per row
 
 
 @dataclass
@@ -31,58 +31,74 @@ class Augment:
     kind: str = "crop"   # "affine": rotation +-10 deg, shifts of 10 %, zoom 0.9-1.1 (DAC's digit settings)
 
 
-def decoded_rows(iterator, manifest, *, read_batch_size: int, size: int | None, channels: int | None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+@dataclass
+class Batch:
+    """One training batch: the images with their ids (the randomness key), rows (the key of per-image
+    targets), which copy of a repeated image each one is, and the method's per-row target (or None)."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    copy: np.ndarray
+    images: np.ndarray
+    target: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def decoded_rows(iterator, manifest, *, read_batch_size: int, size: int | None, channels: int | None,
+                 targets: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded read batches; `targets(rows)` joins each row's per-image target (a RowLookup) as it streams."""
     from raydc.data.decode import decode_batch
 
     for batch in iterator.iter_batches(batch_size=read_batch_size, batch_format="numpy"):
-        yield decode_batch(batch, manifest, size=size, channels=channels)
+        d = decode_batch(batch, manifest, size=size, channels=channels)
+        if targets is not None:
+            d["target"] = targets(d["row"])
+        yield d
 
 
 def shuffled_batches(rows: Iterator[dict[str, np.ndarray]], *, batch_size: int, seed: int, epoch: int,
                      repeats: RepeatFn | None = None, buffer_batches: int = 16,
-                     shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (ids, repeat_index, uint8 images) batches of exactly `batch_size` (the remainder is dropped:
-    BatchNorm on a tiny last batch is noise)."""
+                     shuffle: bool = True) -> Iterator[Batch]:
+    """Yields `Batch`es of exactly `batch_size` (the remainder is dropped: BatchNorm on a tiny last batch is
+    noise). `repeats(row_dict, uniforms)` gives each row's copy count (resampling)."""
     cap = batch_size * buffer_batches
-    buf_ids: list[np.ndarray] = []
-    buf_rep: list[np.ndarray] = []
-    buf_img: list[np.ndarray] = []
+    buf: list[dict[str, np.ndarray]] = []
     held = 0
     chunk = 0
 
     def flush(final: bool):
-        nonlocal held, chunk, buf_ids, buf_rep, buf_img
-        ids = np.concatenate(buf_ids)
-        rep = np.concatenate(buf_rep)
-        img = np.concatenate(buf_img)
-        order = (np.random.default_rng([seed, epoch, chunk, 7]).permutation(len(ids)) if shuffle
-                 else np.arange(len(ids)))
+        nonlocal held, chunk, buf
+        cols = {c: np.concatenate([b[c] for b in buf]) for c in buf[0]}
+        n = len(cols["id"])
+        order = np.random.default_rng([seed, epoch, chunk, 7]).permutation(n) if shuffle else np.arange(n)
         chunk += 1
-        n_full = len(ids) // batch_size
+        n_full = n // batch_size
         keep = n_full * batch_size if final else min(n_full * batch_size, cap)
         for b in range(0, keep, batch_size):
             sel = order[b:b + batch_size]
-            yield ids[sel], rep[sel], img[sel]
+            yield Batch(cols["id"][sel], cols["row"][sel], cols["copy"][sel], cols["image"][sel],
+                        cols["target"][sel] if "target" in cols else None)
         rest = order[keep:]
-        buf_ids, buf_rep, buf_img = [ids[rest]], [rep[rest]], [img[rest]]
+        buf = [{c: v[rest] for c, v in cols.items()}]
         held = len(rest)
 
     for r in rows:
-        ids, img = r["id"], r["image"]
+        r = {c: r[c] for c in ("id", "row", "image", "target") if c in r}
+        if "row" not in r:
+            r["row"] = r["id"]
         if repeats is not None:
-            counts = repeats(ids, hash_uniforms(ids, seed, epoch, STREAM_REPEAT))
-            idx = np.repeat(np.arange(len(ids)), counts)
-            rep = _repeat_index(counts)
-            ids, img = ids[idx], img[idx]
+            counts = repeats(r, hash_uniforms(r["id"], seed, epoch, STREAM_REPEAT))
+            idx = np.repeat(np.arange(len(r["id"])), counts)
+            r = {c: v[idx] for c, v in r.items()}
+            r["copy"] = _repeat_index(counts)
         else:
-            rep = np.zeros(len(ids), np.int64)
-        if len(ids) == 0:
+            r["copy"] = np.zeros(len(r["id"]), np.int64)
+        if len(r["id"]) == 0:
             continue
-        buf_ids.append(ids)
-        buf_rep.append(rep)
-        buf_img.append(img)
-        held += len(ids)
+        buf.append(r)
+        held += len(r["id"])
         if held >= 2 * cap:
             yield from flush(final=False)
     if held:

@@ -12,13 +12,16 @@ when to stop, what the final clustering keeps and how new images are assigned. T
     rank 0:  metrics row, checkpoint(model, optimizers, state)
     after the last round, rank 0: final, row = method.finalize(ctx, model, state, round)
 
-Methods never touch Ray themselves: per-image arrays ride inside their targets dataclass (the engine puts the
-whole plan in the object store once; Ray hands numpy arrays to every worker zero-copy), and training goes
-through `wctx.sgd_pass`, the engine's one SGD loop, fed with the method's loss.
+Methods never touch Ray themselves, and never hold per-image arrays: each image's cluster, target or score is a
+column on the shard actors (`ctx.service`: k-means writes one, `apply` runs a method's function there, `counts`
+reduces two columns to pair counts for the metrics). A round's per-image targets reach the workers as
+`RowBlocks` (`ctx.service.publish`: blocks in the object store, indexed by row), which `wctx.batches(targets=)`
+joins to the stream; training goes through `wctx.sgd_pass`, the engine's one SGD loop, fed with the method's
+loss. What must survive a resume is saved as Parquet parts (`ctx.save_column`), and the state keeps the path.
 
-`state` is a small dataclass the method keeps across rounds (phase, counters); it is checkpointed with the model
-as plain types and tensors, so a resumed run continues exactly where it stopped. Fields made with `rank0_field`
-(per-image arrays such as the last assignment) live on rank 0 only: the other ranks get the state without them.
+`state` is a small dataclass the method keeps across rounds (phase, counters, paths); it is checkpointed with the
+model as plain types and tensors, so a resumed run continues exactly where it stopped. Fields made with
+`rank0_field` live on rank 0 only: the other ranks get the state without them.
 A new method is one new file in this package defining a `Method` subclass and `METHOD = ThatClass`.
 """
 from __future__ import annotations
@@ -46,12 +49,11 @@ class RoundPlan:
 
 @dataclass
 class FinalClustering:
-    """The clustering a run ends with, and what `raydc assign` needs to put new images into it."""
+    """The clustering a run ends with. Its per-image columns stay on the shard actors (each shard writes its own
+    part of the assignments); `artifacts` is what `raydc assign` needs to put new images into it."""
 
-    ids: np.ndarray
-    labels: np.ndarray
-    distances: np.ndarray                       # to the cluster (nearest-centroid distance, 1 - max q, ...)
-    true_labels: np.ndarray | None = None       # evaluation only
+    col: str = "cluster"                        # the shards' column holding each image's cluster
+    distance_col: str = "cluster_distance"      # ... and its distance to it (squared L2, 1 - max q, ...)
     artifacts: dict[str, Any] = field(default_factory=dict)  # tensors and plain values: saved in clustering.pt
 
 
@@ -82,28 +84,37 @@ def shared_view(state: Any) -> Any:
     return dataclasses.replace(state, **rank0)
 
 
-def by_id(ids: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
-    """A global array indexed by image id (ids are stable, not necessarily 0..N-1)."""
-    out = np.full((int(ids.max()) + 1, *values.shape[1:]), fill, values.dtype)
-    out[ids] = values
-    return out
-
-
-def shard_argmax(ids, x, labels):
-    """Run on a shard actor: each held row's largest column and its value (DEC's q, DAC's label features)."""
-    if x is None or len(ids) == 0:
+def shard_argmax(view, col: str):
+    """Run on a shard actor: each held row's largest column of the extracted features (DEC's q, DAC's label
+    features) as column `col`, and 1 - that value as `col`_distance."""
+    if view.x is None or len(view.ids) == 0:
+        view.cols[col], view.cols[col + "_distance"] = np.zeros(0, np.int64), np.zeros(0, np.float32)
         return None
-    x = np.asarray(x)
-    return ids, x.argmax(axis=1).astype(np.int64), x.max(axis=1).astype(np.float32), labels
+    x = np.asarray(view.x, np.float32)
+    view.cols[col] = x.argmax(axis=1).astype(np.int64)
+    view.cols[col + "_distance"] = (1.0 - x.max(axis=1)).astype(np.float32)
+    return None
 
 
-def gather_argmax(service) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(ids, argmax, max, evaluation labels or None) over every shard, for methods whose cluster is the largest
-    entry of what the feature pool extracted."""
-    parts = [p for p in service.apply(shard_argmax) if p is not None]
-    ids, pred, top = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    true = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
-    return ids, pred, top, true
+def clustering_row(ctx, col: str, k: int, *, prev=None, majority: bool = False) -> dict:
+    """Scores of the clustering the shards hold in `col`, from pair counts reduced over the shards (never from
+    gathered labels): sizes; NMI with `prev` (RowBlocks of an earlier clustering) when given; ACC/NMI/ARI (and
+    majority-vote ACC) against the evaluation labels when the shards have them."""
+    from raydc.core import metrics as M
+    from raydc.engine.clustering import TRUE
+
+    service = ctx.service
+    row: dict[str, Any] = {}
+    true = service.counts(TRUE, col) if ctx.labelled else None
+    sizes = (true if true is not None else service.counts(col, col)).b_sizes(k)
+    row.update(M.size_stats_counts(sizes))
+    if prev is not None:
+        row["nmi_prev"] = M.nmi_counts(service.counts(prev, col))
+    if true is not None:
+        row.update(M.evaluate_counts(true))
+        if majority:
+            row["acc_majority"] = M.majority_acc_counts(true)
+    return row
 
 
 class Method:
@@ -190,13 +201,14 @@ class Method:
         raise NotImplementedError
 
     def finalize(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[FinalClustering, dict]:
-        """After the last round: the final clustering and its metrics row. Leave the clustered features on the
-        shard actors (the engine scores a sample of them without labels, then releases them)."""
+        """After the last round: the final clustering (its columns on the shards) and its metrics row. Leave the
+        clustered features on the shard actors (the engine scores a sample of them without labels, has each
+        shard write its assignments, then releases them)."""
         raise NotImplementedError
 
-    def assign(self, ctx, model: "nn.Module", artifacts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`raydc assign`: (ids, clusters, distances) of the images `ctx` reads, in the final clustering that
-        `artifacts` (what `finalize` kept) and `model` define."""
+    def assign(self, ctx, model: "nn.Module", artifacts: dict) -> FinalClustering:
+        """`raydc assign`: put the images `ctx` reads into the final clustering that `artifacts` (what `finalize`
+        kept) and `model` define; the clusters stay on the shards, in the columns the result names."""
         raise NotImplementedError
 
     # ---- all workers ----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from raydc.core import metrics as M
 from raydc.core.augment import random_affine, resize_center, to_float
 from raydc.core.dac import (DAC_NET_MIN_SIZE, SCHEDULE_PRESETS, LabelFeatureNet, ThresholdSchedule, dac_convnet,
                             frozen_bn_stats, pair_loss, select_pairs, similarity_matrix)
@@ -35,7 +34,7 @@ from raydc.core.sampler import hash_uniforms
 from raydc.core.seeding import derive_seed
 from raydc.engine.features import ExtractorSpec
 from raydc.errors import ConfigError, NumericalError
-from raydc.methods.base import FinalClustering, Method, RoundPlan, by_id, gather_argmax, rank0_field
+from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field, shard_argmax
 
 STREAM_DAC_AUGMENT = 40  # hash_uniforms streams 40.. : DAC's augmentation draws, apart from the engine's
 
@@ -98,7 +97,7 @@ class PairThresholds:
 
 @dataclass
 class DACState:
-    last_assign: np.ndarray | None = rank0_field()  # the last diagnosed clustering by id, for NMI(t-1, t)
+    labels_path: str | None = rank0_field()  # the last diagnosed clustering (saved parts), for NMI(t-1, t)
 
 
 def resolve_schedule(opts: DACConfig, epochs: int) -> ThresholdSchedule:
@@ -186,18 +185,15 @@ class DAC(Method):
         """Every image's label feature -> its cluster, and the round's clustering diagnostics."""
         t = time.perf_counter()
         info = ctx.extract(self.extractor(model))
-        if not info["finite"] or not ctx.service.project(None, False):
+        if not info.finite:
             raise NumericalError(round_idx, "features", "the label features")
-        ids, pred, top, true = gather_argmax(ctx.service)
+        ctx.service.apply(shard_argmax, "pred")
+        row = {"time_features": time.perf_counter() - t,
+               **clustering_row(ctx, "pred", self.cfg.cluster.k, prev=ctx.column_blocks(state.labels_path))}
+        state.labels_path = ctx.save_column("pred", "labels", round_idx)
         if release:
             ctx.release()
-        row = {"time_features": time.perf_counter() - t, **M.size_stats(pred, self.cfg.cluster.k)}
-        if state.last_assign is not None:
-            row["nmi_prev"] = M.nmi(state.last_assign[ids], pred)
-        if true is not None:
-            row.update(M.evaluate(true, pred))
-        state.last_assign = by_id(ids, pred, -1)
-        return FinalClustering(ids, pred, (1.0 - top).astype(np.float32), true), row
+        return FinalClustering("pred", "pred_distance"), row
 
     def plan(self, ctx, model: nn.Module, state: DACState, round_idx: int) -> tuple[RoundPlan, dict]:
         u, l = self.schedule().at(round_idx)
@@ -217,10 +213,10 @@ class DAC(Method):
     def assign(self, ctx, model: nn.Module, artifacts: dict):
         """A new image's cluster is the argmax of its label feature, its distance 1 - that entry."""
         info = ctx.extract(self.extractor(model))
-        if not info["finite"] or not ctx.service.project(None, False):
+        if not info.finite:
             raise NumericalError(0, "assign", "the label features of these images")
-        ids, pred, top, _ = gather_argmax(ctx.service)
-        return ids, pred, (1.0 - top).astype(np.float32)
+        ctx.service.apply(shard_argmax, "pred")
+        return FinalClustering("pred", "pred_distance")
 
     # ---- all workers ----------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor, ids: np.ndarray, rep: np.ndarray, round_idx: int, step: int):
@@ -241,13 +237,14 @@ class DAC(Method):
         current: dict = {}  # the batch being trained on and its selection, across its inner steps
 
         def repeated(batches):
-            for ids, rep, imgs in batches:
+            for b in batches:
                 for step in range(d.inner_steps):
                     current["step"] = step
-                    yield ids, rep, imgs
+                    yield b
 
-        def loss_of(ids, rep, imgs):
-            x = resize_center(to_float(imgs), size).to(wctx.device)
+        def loss_of(b):
+            ids, rep = b.ids, b.copy
+            x = resize_center(to_float(b.images), size).to(wctx.device)
             if current["step"] == 0 and d.selection == "stopgrad":
                 with torch.no_grad(), frozen_bn_stats(model):
                     current["select"] = similarity_matrix(wctx.all_gather(model(x)))

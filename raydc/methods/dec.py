@@ -11,8 +11,8 @@ A DEC run has three stages, all inside the one training fit, each round a unit o
 3. DEC iterations: a round is one target update plus `dec.update_interval` SGD iterations (at most
    `dec.max_update_epochs` passes over the data when that is set). Rank 0 extracts q for
    every image, gets the global soft cluster mass f with one reduction over the shard actors, has each shard
-   build its rows of P with that f, and gathers P into an N x k array indexed by image id (the streaming split
-   moves rows between workers, so targets must be addressable by id). Workers draw rows with Poisson repeats so
+   build its rows of P with that f and put them in the object store by row range (`RowBlocks`: the streaming
+   split moves rows between workers, so each worker looks up the rows it streams; nothing N x k is gathered). Workers draw rows with Poisson repeats so
    that a round is `update_interval` batches in expectation, and minimise KL(P || Q) over the encoder and
    the centres. Training stops when fewer than `dec.tol` of the hard labels changed between two updates (never
    on the first, which compares with k-means' own labels), after exactly `dec.max_iterations` iterations, or
@@ -35,12 +35,14 @@ import torch
 import torch.nn as nn
 
 from raydc.core import metrics as M
-from raydc.core.dec import build_dec_net, kl_loss, label_change_fraction, shard_mass, shard_targets, should_stop
+from raydc.core.dec import build_dec_net, kl_loss, shard_mass, shard_targets, should_stop
 from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
 from raydc.engine.features import ExtractorSpec
 from raydc.errors import ConfigError, NumericalError
-from raydc.methods.base import FinalClustering, Method, RoundPlan, by_id, gather_argmax, rank0_field
+from raydc.engine.clustering import TRUE
+from raydc.engine.rowblocks import RowBlocks
+from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field, shard_argmax
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
 
@@ -103,7 +105,7 @@ class AutoencoderChunk:
 
 @dataclass
 class DECTargets:
-    p: np.ndarray                      # (max id + 1, k) float32: the target distribution by id
+    p: RowBlocks                       # (N, k) float32 target distribution, in the object store by row
     n: int                             # images
     centres: np.ndarray | None = None  # the k-means centres, on the first DEC round only
 
@@ -120,7 +122,7 @@ class DECState:
     init_largest_share: float | None = None  # the k-means clustering's largest cluster / N (the collapse guard)
     delta_label: float | None = None
     stop_reason: str | None = None
-    prev_pred: np.ndarray | None = rank0_field()  # hard labels of the last update, by id
+    pred_path: str | None = rank0_field()  # the saved hard labels of the last update (labels/round=R)
 
 
 class DEC(Method):
@@ -211,7 +213,7 @@ class DEC(Method):
         row: dict[str, Any] = {"phase": DEC_PHASE}
         t = time.perf_counter()
         info = ctx.extract(self.extractor(model, "embed"))
-        if not info["finite"] or not ctx.service.project(None, False):
+        if not info.finite:
             raise NumericalError(self.epoch_of(state, round_idx), "features", "the autoencoder embedding")
         row["time_features"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -221,12 +223,14 @@ class DEC(Method):
         centres = np.ascontiguousarray(out.centroids, np.float32)
         baseline = {"ae_kmeans_objective": float(out.objective[-1]) if out.objective else None,
                     "ae_kmeans_n_init": cc.n_init}
-        if out.true_labels is not None:
-            scores = M.evaluate(out.true_labels, out.labels)
+        true = ctx.service.counts(TRUE, out.col) if ctx.labelled else None
+        if true is not None:
+            scores = M.evaluate_counts(true)
             baseline.update({f"ae_kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")})
         state.ae_kmeans = baseline
-        state.init_largest_share = float(np.bincount(out.labels, minlength=cc.k).max() / max(len(out.labels), 1))
-        state.prev_pred = by_id(out.ids, out.labels.astype(np.int64), -1)
+        state.init_largest_share = float(np.max(out.sizes) / max(out.n, 1))
+        state.pred_path = ctx.save_column(out.col, "labels", round_idx)
+        ctx.remember(state.pred_path, ctx.service.publish(out.col, dtype="int32"))
         state.initialised = True
         row.update(baseline)
         plan = self._targets(ctx, state, round_idx, centres, n=info["n"], row=row)
@@ -237,7 +241,7 @@ class DEC(Method):
     def _update(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         t = time.perf_counter()
         info = ctx.extract(self.extractor(model, "soft_assign"))
-        if not info["finite"] or not ctx.service.project(None, False):
+        if not info.finite:
             raise NumericalError(self.epoch_of(state, round_idx), "features", "the soft assignments q")
         row: dict[str, Any] = {"phase": DEC_PHASE, "time_features": time.perf_counter() - t}
         return self._targets(ctx, state, round_idx, None, n=info["n"], row=row), row
@@ -251,23 +255,19 @@ class DEC(Method):
         d, k = self.opts, self.cfg.cluster.k
         t = time.perf_counter()
         mass = np.sum(ctx.service.apply(shard_mass, centres, d.alpha, k), axis=0)
-        g = _gather(ctx.service.apply(shard_targets, centres, d.alpha, mass))
-        if not np.isfinite(g["p"]).all():
+        if not all(ctx.service.apply(shard_targets, centres, d.alpha, mass)):
             raise NumericalError(self.epoch_of(state, round_idx), "targets", "the target distribution P")
-        prev = state.prev_pred[g["ids"]]
-        delta = label_change_fraction(prev, g["pred"])
+        changes = ctx.service.counts(ctx.column_blocks(state.pred_path), "pred")  # (last update, now) pairs
+        delta = 1.0 - changes.agreement()
         first = state.n_updates == 0
         if not first:  # stability against the previous update: what sweeps and ASHA compare across k
-            row["nmi_prev"] = M.nmi(prev, g["pred"])
+            row["nmi_prev"] = M.nmi_counts(changes)
         state.n_updates += 1
         state.delta_label = delta
-        state.prev_pred = by_id(g["ids"], g["pred"], -1)
+        state.pred_path = ctx.save_column("pred", "labels", round_idx)
         row.update({"dec_update": state.n_updates, "delta_label": delta, "dec_iterations": state.dec_iter,
-                    **M.size_stats(g["pred"], k),
-                    "time_targets": time.perf_counter() - t})
-        if g["true"] is not None:
-            row.update(M.evaluate(g["true"], g["pred"]))
-        largest = row["size_max"] / max(len(g["pred"]), 1)
+                    **clustering_row(ctx, "pred", k), "time_targets": time.perf_counter() - t})
+        largest = row["size_max"] / max(changes.n, 1)
         if not first and should_stop(delta, d.tol):
             state.stop_reason = f"converged: {delta:.5f} of labels changed (< tol {d.tol})"
         elif d.collapse_growth and state.init_largest_share and largest > d.collapse_growth * state.init_largest_share:
@@ -279,10 +279,12 @@ class DEC(Method):
         elif state.dec_iter >= d.max_iterations:
             state.stop_reason = f"max_iterations: {state.dec_iter} >= {d.max_iterations}"
         if state.stop_reason is not None:
-            self._last_update = {**g, "row": row}
+            self._last_update = {"row": row}  # the shards keep q's labels ("pred") for finalize
             return RoundPlan(stop=state.stop_reason)
+        ctx.remember(state.pred_path, ctx.service.publish("pred", dtype="int32"))
+        targets = DECTargets(ctx.service.publish("p", dtype="float32", fill=0.0), int(n))
         ctx.release()
-        return RoundPlan(targets=DECTargets(by_id(g["ids"], g["p"], 0.0), int(n)))
+        return RoundPlan(targets=targets)
 
     def finalize(self, ctx, model: nn.Module, state: DECState, round_idx: int):
         """Hard labels argmax q of the final model. The update that decided to stop already computed them from
@@ -291,30 +293,26 @@ class DEC(Method):
         if g is None:  # not reached through a stop decision in this process: extract once more
             t = time.perf_counter()
             info = ctx.extract(self.extractor(model, "soft_assign"))
-            if not info["finite"] or not ctx.service.project(None, False):
+            if not info.finite:
                 raise NumericalError(self.epoch_of(state, round_idx), "features", "the soft assignments q")
-            ids, pred, maxq, true = gather_argmax(ctx.service)
-            g = {"ids": ids, "pred": pred, "maxq": maxq, "true": true}
+            ctx.service.apply(shard_argmax, "pred")
             row["time_features"] = time.perf_counter() - t
         else:
             row.update({key: v for key, v in g["row"].items() if key.startswith("time_") or key == "nmi_prev"})
-        final = FinalClustering(g["ids"], g["pred"], (1.0 - g["maxq"]).astype(np.float32), g["true"],
-                                {"centres": model.cluster.centers.detach().cpu().clone()})
+        final = FinalClustering("pred", "pred_distance", {"centres": model.cluster.centers.detach().cpu().clone()})
         row.update({"phase": "final", "stop_reason": state.stop_reason, "delta_label": state.delta_label,
-                    "dec_iterations": state.dec_iter, "dec_updates": state.n_updates,
-                    **M.size_stats(final.labels, self.cfg.cluster.k)})
+                    "dec_iterations": state.dec_iter, "dec_updates": state.n_updates})
         row.update(state.ae_kmeans or {})
-        if final.true_labels is not None:
-            row.update(M.evaluate(final.true_labels, final.labels))
+        row.update(clustering_row(ctx, "pred", self.cfg.cluster.k))
         return final, row
 
     def assign(self, ctx, model: nn.Module, artifacts: dict):
         """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run."""
         info = ctx.extract(self.extractor(model, "soft_assign"))
-        if not info["finite"] or not ctx.service.project(None, False):
+        if not info.finite:
             raise NumericalError(0, "assign", "the soft assignments q of these images")
-        ids, pred, maxq, _ = gather_argmax(ctx.service)
-        return ids, pred, (1.0 - maxq).astype(np.float32)
+        ctx.service.apply(shard_argmax, "pred")
+        return FinalClustering("pred", "pred_distance")
 
     # ---- all workers ----------------------------------------------------------------------------
     def optimizers(self, model: nn.Module, state: DECState) -> dict:
@@ -367,8 +365,8 @@ class DEC(Method):
                 group["lr"] = lr
             stats = wctx.sgd_pass(
                 wctx.batches(_pass_id(round_idx, e), batch_size=d.pretrain_batch_size), [opt],
-                lambda ids, rep, imgs: model(self._inputs(wctx, ids, rep, imgs, round_idx), task=task,
-                                             layer=chunk.layer),
+                lambda b: model(self._inputs(wctx, b.ids, b.copy, b.images, round_idx), task=task,
+                                layer=chunk.layer),
                 epoch=self.epoch_of(state, round_idx), phase=chunk.phase, what="the reconstruction loss")
             losses.append(stats.loss)
             n_images += stats.images
@@ -392,21 +390,21 @@ class DEC(Method):
         net = wctx.unwrap(model)
         if targets.centres is not None:  # the k-means round: every rank starts from the same centres
             net.cluster.init_from(np.array(targets.centres))  # a writable copy of the shared array
-        p_by_id, n = targets.p, targets.n
+        n = targets.n
         # Poisson(lam) copies of each row, all rows in one pseudo-cluster: update_interval batches per worker
         # in expectation, decided per image id so it does not matter which worker streams a row.
         n_total = self.update_steps(n) * d.batch_size * wctx.world
 
-        def repeats(ids, u):
-            return poisson_repeats(np.zeros(len(ids), np.int64), np.array([n]), n_total, u)
+        def repeats(r, u):
+            return poisson_repeats(np.zeros(len(r["id"]), np.int64), np.array([n]), n_total, u)
 
-        def loss_of(ids, rep, imgs):
-            return kl_loss(model(self._inputs(wctx, ids, rep, imgs, round_idx)),
-                           torch.from_numpy(p_by_id[ids]).to(wctx.device))
+        def loss_of(b):
+            return kl_loss(model(self._inputs(wctx, b.ids, b.copy, b.images, round_idx)),
+                           torch.from_numpy(b.target).to(wctx.device))
 
         opt = self._use_optimizer(wctx, "dec")
         model.train()
-        batches = wctx.batches(_pass_id(round_idx, 0), repeats=repeats, batch_size=d.batch_size,
+        batches = wctx.batches(_pass_id(round_idx, 0), targets=targets.p, repeats=repeats, batch_size=d.batch_size,
                                max_steps=max(0, d.max_iterations - state.dec_iter))
         stats = wctx.sgd_pass(batches, [opt], loss_of, epoch=self.epoch_of(state, round_idx), phase=DEC_PHASE,
                               what="the KL loss")
@@ -414,14 +412,6 @@ class DEC(Method):
         return {"loss": stats.loss, "train_images": stats.images, "dec_steps": stats.steps,
                 "dec_iterations": state.dec_iter, "time_train": stats.seconds,
                 "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
-
-
-def _gather(parts: list) -> dict[str, Any]:
-    parts = [p for p in parts if p is not None]
-    out = {"ids": np.concatenate([p[0] for p in parts]), "p": np.concatenate([p[1] for p in parts]),
-           "pred": np.concatenate([p[2] for p in parts]), "maxq": np.concatenate([p[3] for p in parts])}
-    out["true"] = np.concatenate([p[4] for p in parts]) if parts[0][4] is not None else None
-    return out
 
 
 def _pass_id(round_idx: int, epoch: int) -> int:

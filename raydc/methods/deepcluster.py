@@ -1,8 +1,9 @@
 """DeepCluster (Caron et al., ECCV 2018) as a strategy for the engine's loop.
 
 Each round (= epoch): features of every image from the current convnet (pre-ReLU penultimate layer, eval
-mode, deterministic transform) -> PCA-256 with whitening -> L2 -> k-means (20 iterations, no subsampling, a
-fresh seed per epoch drawn from the run seed) -> pseudo-labels by image id. Training then draws images
+mode, deterministic transform) -> PCA-256 with whitening (fitted on a sample of `features.pca_sample` images,
+applied by the feature workers) -> L2 -> k-means (20 iterations, no subsampling, a fresh seed per epoch drawn
+from the run seed) -> pseudo-labels, kept on the shard actors and joined to the training stream by row. Training then draws images
 uniformly over the non-empty clusters (each row repeated Poisson(n / (k_nonempty |c|)) times, DeepCluster's
 UnifLabelSampler in expectation, computable while streaming), through a re-initialised top layer with its own
 momentum-free SGD, as in the reference code.
@@ -34,15 +35,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raydc.core import metrics as M
 from raydc.core.models import build_convnet
 from raydc.core.pca import PCAProjection
+from raydc.engine.rowblocks import RowBlocks
 from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
 from raydc.engine.features import ExtractorSpec
 from raydc.engine.stream import Augment, to_model_input
 from raydc.errors import ConfigError, NumericalError
-from raydc.methods.base import FinalClustering, Method, RoundPlan, by_id, rank0_field
+from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field
 
 FEATURE_DIMS = {"alexnet": 4096, "vgg16": 4096}  # fixed penultimate widths; smallconvnet's is model.feature_dim
 
@@ -77,13 +78,13 @@ def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> n
     return net
 
 
-def matched_head_rows(prev: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
+def matched_head_rows(overlap: np.ndarray) -> np.ndarray:
     """For each new cluster, the previous cluster whose head row it inherits: a one-to-one matching of the two
-    assignments that maximises the images they share (clusters with no partner keep their own index)."""
+    assignments that maximises the images they share (clusters with no partner keep their own index).
+    `overlap[new, prev]` counts the images in both (a k x k table reduced over the shards)."""
     from scipy.optimize import linear_sum_assignment
 
-    overlap = np.zeros((k, k), np.int64)
-    np.add.at(overlap, (new, prev), 1)
+    k = overlap.shape[0]
     rows, cols = linear_sum_assignment(overlap, maximize=True)
     src = np.arange(k)
     src[rows] = cols
@@ -92,9 +93,10 @@ def matched_head_rows(prev: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class PseudoLabels:
-    """One round's training targets: every image's cluster (by id) and the cluster sizes."""
+    """One round's training targets: every image's cluster (RowBlocks: in the object store, by row) and the
+    cluster sizes."""
 
-    labels: np.ndarray   # (max id + 1,) int64, -1 where no image has that id
+    labels: RowBlocks
     sizes: np.ndarray    # (k,)
     n: int               # images clustered
     prototypes: np.ndarray | None = None  # v2: (k, d) unit-norm centroids, the classifier's frozen rows
@@ -103,7 +105,9 @@ class PseudoLabels:
 
 @dataclass
 class DeepClusterState:
-    last_assign: np.ndarray | None = rank0_field()  # the previous round's clusters by id, for NMI(t-1, t)
+    # The directory of the previous round's clusters (Parquet parts the shards wrote), for NMI(t-1, t) and
+    # `head: match`; a path, not an array, so the checkpoint stays small whatever N is.
+    labels_path: str | None = rank0_field()
 
 
 class DeepCluster(Method):
@@ -116,6 +120,9 @@ class DeepCluster(Method):
         feat = FEATURE_DIMS.get(cfg.model.arch, cfg.model.feature_dim)
         if cfg.cluster.pca_dim > feat:
             raise ConfigError("cluster.pca_dim", f"{cfg.cluster.pca_dim} is larger than the feature dimension {feat}")
+        if 0 < cfg.features.pca_sample < cfg.cluster.pca_dim:
+            raise ConfigError("features.pca_sample", f"{cfg.features.pca_sample} images cannot fit a "
+                                                     f"{cfg.cluster.pca_dim}-d PCA (cluster.pca_dim)")
         if cfg.deepcluster.final_k > cfg.cluster.k:
             raise ConfigError("deepcluster.final_k", f"{cfg.deepcluster.final_k} is more than cluster.k "
                                                      f"{cfg.cluster.k}: it merges the training clusters, never splits")
@@ -153,61 +160,61 @@ class DeepCluster(Method):
 
     # ---- rank 0 ---------------------------------------------------------------------------------
     def cluster(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int, *, release: bool = True):
-        """features -> PCA -> k-means for the model as it is now; returns (outcome, metrics)."""
+        """features -> PCA -> k-means for the model as it is now; returns (outcome, metrics, the clusters as
+        RowBlocks). The clusters are also saved (labels/round=R) and the state points at them."""
         cc = self.cfg.cluster
         times: dict[str, float] = {}
         t = time.perf_counter()
-        info = ctx.extract(self.extractor(model))
-        times["time_features"] = time.perf_counter() - t
-        if not info["finite"]:
-            raise NumericalError(round_idx, "features", "the network's features")
-        t = time.perf_counter()
-        proj = ctx.service.fit_projection(cc.pca_dim, cc.whiten)
-        if not ctx.service.project(proj, cc.l2_normalize):
-            raise NumericalError(round_idx, "pca", "the PCA-projected features")
-        times["time_pca"] = time.perf_counter() - t
+        info = ctx.extract(self.extractor(model), pca_dim=cc.pca_dim, whiten=cc.whiten,
+                           l2_normalize=cc.l2_normalize, seed=derive_seed(self.cfg.train.seed, round_idx, 43))
+        times["time_pca"] = info.pca_seconds
+        times["time_features"] = time.perf_counter() - t - info.pca_seconds
+        if not info.finite:
+            raise NumericalError(round_idx, "features", "the network's features"
+                                 + (" after the PCA projection" if info.projection is not None else ""))
         t = time.perf_counter()
         mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
         out = ctx.service.kmeans(cc.k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, round_idx, 11),
                                  n_init=cc.n_init, mode=mode)
-        out.projection = proj
+        out.projection = info.projection
         times["time_kmeans"] = time.perf_counter() - t
+        previous = ctx.column_blocks(state.labels_path)
+        row = self.cluster_metrics(ctx, out, previous)
+        blocks = ctx.service.publish(out.col, dtype="int32")
+        if self.opts.head == "match" and previous is not None:
+            self._overlap = ctx.service.counts(out.col, previous).dense(cc.k, cc.k)
+        state.labels_path = ctx.save_column(out.col, "labels", round_idx)
+        ctx.remember(state.labels_path, blocks)
         if release:
             ctx.release()
-        row = self.cluster_metrics(out, state)
         row.update(times)
-        row["images_per_s_features"] = info["n"] / max(times["time_features"], 1e-9)
-        state.last_assign = by_id(out.ids, out.labels.astype(np.int64), -1)
-        return out, row
+        row["images_per_s_features"] = info.n / max(times["time_features"] + times["time_pca"], 1e-9)
+        return out, row, blocks
 
-    def cluster_metrics(self, out, state: DeepClusterState) -> dict:
+    def cluster_metrics(self, ctx, out, previous: RowBlocks | None) -> dict:
         row = {
             "kmeans_objective": float(out.objective[-1]) if out.objective else float("nan"),
             "kmeans_objective_curve": [float(o) for o in out.objective],
             "kmeans_backend": out.backend, "kmeans_mode": out.mode, "n_split": int(out.n_split),
-            **M.size_stats(out.labels, self.cfg.cluster.k),
         }
-        if state.last_assign is not None:
-            row["nmi_prev"] = M.nmi(state.last_assign[out.ids], out.labels)
-        if out.true_labels is not None:
-            row.update(M.evaluate(out.true_labels, out.labels))
-            row["acc_majority"] = M.majority_acc(out.true_labels, out.labels)
+        if out.bytes_per_iteration is not None:
+            row["kmeans_bytes_per_iteration"] = out.bytes_per_iteration
+        row.update(clustering_row(ctx, out.col, self.cfg.cluster.k, prev=previous, majority=True))
         return row
 
     def plan(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int) -> tuple[RoundPlan, dict]:
-        previous = state.last_assign
-        out, row = self.cluster(ctx, model, state, round_idx)
-        k = self.cfg.cluster.k
-        targets = PseudoLabels(state.last_assign, np.bincount(out.labels, minlength=k), int(len(out.ids)))
+        self._overlap = None
+        out, row, blocks = self.cluster(ctx, model, state, round_idx)
+        targets = PseudoLabels(blocks, np.asarray(out.sizes), out.n)
         if self.opts.variant == "v2":
             c = np.asarray(out.centroids, np.float32)
             targets.prototypes = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-        elif self.opts.head == "match" and previous is not None:
-            targets.head_rows = matched_head_rows(previous[out.ids], out.labels.astype(np.int64), k)
+        elif self._overlap is not None:
+            targets.head_rows = matched_head_rows(self._overlap)
         return RoundPlan(targets=targets), row
 
     def finalize(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
-        out, row = self.cluster(ctx, model, state, round_idx, release=False)
+        out, row, _ = self.cluster(ctx, model, state, round_idx, release=False)
         final_k = self.opts.final_k
         if final_k and final_k != self.cfg.cluster.k:
             # Over-clustering: the training-k clustering is scored (majority vote is its fair ACC), then the same
@@ -221,22 +228,20 @@ class DeepCluster(Method):
             else:
                 mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
                 out2 = ctx.service.kmeans(final_k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, round_idx, 29),
-                                          n_init=cc.n_init, mode=mode)
+                                          n_init=cc.n_init, mode=mode, col="final")
             out2.projection = out.projection
             out = out2
             row = {key: v for key, v in row.items() if key.startswith("time_") or key == "images_per_s_features"}
             row.update(trained)
             row.update({"kmeans_objective": float(out.objective[-1]) if out.objective else float("nan"),
                         "kmeans_backend": out.backend, "kmeans_mode": out.mode, "final_k": final_k,
-                        **M.size_stats(out.labels, final_k), "time_final_k": time.perf_counter() - t})
-            if out.true_labels is not None:
-                row.update(M.evaluate(out.true_labels, out.labels))
-                row["acc_majority"] = M.majority_acc(out.true_labels, out.labels)
+                        **clustering_row(ctx, out.col, final_k, majority=True),
+                        "time_final_k": time.perf_counter() - t})
         artifacts = {"projection": _projection_to_plain(out.projection),
                      "groups": None if out.groups is None else torch.tensor(out.groups),
                      # a copy: the array is read-only, and torch.from_numpy would share it
                      "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}
-        return FinalClustering(out.ids, out.labels, out.distances, out.true_labels, artifacts), row
+        return FinalClustering(out.col, out.col + "_distance", artifacts), row
 
     def _spectral_final(self, ctx, out, final_k: int, round_idx: int):
         """final_k clusters as groups of the training-k ones: co-neighbour counts summed over the shards (k x k),
@@ -246,17 +251,20 @@ class DeepCluster(Method):
         centroids = np.ascontiguousarray(out.centroids, np.float32)
         counts = np.sum([c for c in ctx.service.apply(shard_coneighbours, centroids) if c is not None], axis=0)
         groups = spectral_merge(counts, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31))
-        return dataclasses.replace(out, labels=groups[out.labels.astype(np.int64)], objective=[], groups=groups)
+        ctx.service.apply(shard_group, out.col, "final", groups)
+        return dataclasses.replace(out, col="final", sizes=np.bincount(groups, weights=out.sizes, minlength=final_k),
+                                   objective=[], groups=groups)
 
-    def assign(self, ctx, model: nn.Module, artifacts: dict):
-        info = ctx.extract(self.extractor(model))
-        if not info["finite"]:
+    def assign(self, ctx, model: nn.Module, artifacts: dict) -> FinalClustering:
+        info = ctx.extract(self.extractor(model), projection=_projection_from_plain(artifacts["projection"]),
+                           l2_normalize=self.cfg.cluster.l2_normalize)
+        if not info.finite:
             raise NumericalError(0, "assign", "the network's features for these images")
-        ctx.service.project(_projection_from_plain(artifacts["projection"]), self.cfg.cluster.l2_normalize)
-        ids, labels, dist = ctx.service.assign_to(artifacts["centroids"].numpy())
+        ctx.service.assign_to(artifacts["centroids"].numpy(), "cluster")
         if artifacts.get("groups") is not None:  # a spectral merge: the fine centroid's group is the cluster
-            labels = artifacts["groups"].numpy()[labels]
-        return ids, labels, dist
+            ctx.service.apply(shard_group, "cluster", "final", artifacts["groups"].numpy())
+            return FinalClustering("final", "final_distance")
+        return FinalClustering("cluster", "cluster_distance")
 
     # ---- all workers ----------------------------------------------------------------------------
     def optimizers(self, model: nn.Module, state: DeepClusterState) -> dict:
@@ -290,7 +298,7 @@ class DeepCluster(Method):
     def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DeepClusterState, round_idx: int) -> dict:
         t = self.cfg.train
         targets: PseudoLabels = plan.targets
-        labels, sizes = targets.labels, targets.sizes
+        sizes = targets.sizes
         net = wctx.unwrap(model)
         n_total, floored = self.images_per_round(targets.n)
         if floored and round_idx == 0 and wctx.rank == 0:
@@ -307,32 +315,40 @@ class DeepCluster(Method):
             opts.append(torch.optim.SGD(net.top_layer.parameters(), lr=head_lr, weight_decay=t.weight_decay))
 
         if t.uniform_sampling:
-            def repeats(ids, u):
-                return poisson_repeats(labels[ids], sizes, n_total, u)
+            def repeats(r, u):
+                return poisson_repeats(r["target"].astype(np.int64), sizes, n_total, u)
         else:
-            def repeats(ids, u):
-                return poisson_repeats(np.zeros(len(ids), np.int64), np.array([len(labels)]), n_total, u)
+            def repeats(r, u):
+                return poisson_repeats(np.zeros(len(r["id"]), np.int64), np.array([targets.n]), n_total, u)
 
         aug = Augment(self.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min,
                       kind=t.augment)
 
-        def loss_of(ids, rep, imgs):
-            x = to_model_input(ids, rep, imgs, seed=t.seed, epoch=round_idx, augment=aug,
+        def loss_of(b):
+            x = to_model_input(b.ids, b.copy, b.images, seed=t.seed, epoch=round_idx, augment=aug,
                                size=self.input_size).to(wctx.device)
-            return F.cross_entropy(model(x), torch.from_numpy(labels[ids]).to(wctx.device))
+            return F.cross_entropy(model(x), torch.from_numpy(b.target.astype(np.int64)).to(wctx.device))
 
         model.train()
-        stats = wctx.sgd_pass(wctx.batches(round_idx, repeats=repeats), opts, loss_of, epoch=round_idx,
-                              phase="train", what="the loss")
+        stats = wctx.sgd_pass(wctx.batches(round_idx, targets=targets.labels, repeats=repeats), opts, loss_of,
+                              epoch=round_idx, phase="train", what="the loss")
         return {"loss": stats.loss, "train_images": stats.images, "train_steps": stats.steps, "lr": lr,
                 "time_train": stats.seconds, "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
 
 
-def shard_coneighbours(ids, x, labels, centroids):
+def shard_coneighbours(view, centroids):
     """Run on a shard actor: this shard's co-neighbour counts (k x k) for the spectral merge."""
     from raydc.core.merge import coneighbour_counts
 
-    return None if x is None or len(ids) == 0 else coneighbour_counts(np.asarray(x), centroids)
+    return None if view.x is None or len(view.ids) == 0 else coneighbour_counts(np.asarray(view.x, np.float32),
+                                                                                   centroids)
+
+
+def shard_group(view, col: str, out: str, groups: np.ndarray):
+    """Run on a shard actor: column `out` = the group of each row's fine cluster; the distance stays the one to
+    the fine centroid."""
+    view.cols[out] = np.asarray(groups, np.int64)[view.cols[col]]
+    view.cols[out + "_distance"] = view.cols[col + "_distance"]
 
 
 def _projection_to_plain(p: PCAProjection | None) -> dict | None:
