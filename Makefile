@@ -8,7 +8,7 @@ export RAYDC_DATA_ROOT := $(DATA_ROOT)
 # Keep Ray's state of each invocation out of /tmp clutter and quiet its usage reporting.
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-all bench bench-quick install clean
+.PHONY: demo test test-all test-multinode bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-multinode: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_multinode.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --full

@@ -157,14 +157,14 @@ def _sklearn(x: np.ndarray, k: int, niter: int, init: np.ndarray):
 
 def _load_service(svc, x: np.ndarray, blocks: int = 8) -> float:
     """Put x into the object store as dict blocks {"id", "feature"} and load them into the shard actors
-    (round robin, as the feature pool's output is), then `project(None, False)`; returns the seconds."""
+    (round robin, as the feature pool's output is); returns the seconds."""
     import ray
 
     bounds = np.linspace(0, len(x), blocks + 1).astype(int)
-    refs = [ray.put({"id": np.arange(a, b, dtype=np.int64), "feature": x[a:b]}) for a, b in zip(bounds, bounds[1:])]
+    refs = [ray.put({"row": np.arange(a, b, dtype=np.int64), "id": np.arange(a, b, dtype=np.int64),
+                     "feature": x[a:b]}) for a, b in zip(bounds, bounds[1:])]
     t0 = time.perf_counter()
     svc.load(refs)
-    svc.project(None, False)
     return time.perf_counter() - t0
 
 

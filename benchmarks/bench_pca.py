@@ -91,7 +91,8 @@ def run(ctx: Context) -> dict:
 
     ctx.ensure_ray()
     svc = ClusteringService(nsh, log=lambda *_: None)
-    refs = [ray.put({"id": np.arange(a, b, dtype=np.int64), "feature": x[a:b]}) for a, b in zip(bounds, bounds[1:])]
+    refs = [ray.put({"row": np.arange(a, b, dtype=np.int64), "id": np.arange(a, b, dtype=np.int64),
+                     "feature": x[a:b]}) for a, b in zip(bounds, bounds[1:])]
     t0 = time.perf_counter()
     svc.load(refs)
     ray_load_s = time.perf_counter() - t0
@@ -100,8 +101,9 @@ def run(ctx: Context) -> dict:
     def raydc_sharded():
         return pca_from_moments(reduce_moments(Moments.from_array(s) for s in shards), out, whiten=True)
 
-    def raydc_ray():
-        return svc.fit_projection(out, True)
+    def raydc_ray():  # the shards reduce to moments, their sum gives the projection (ClusteringService.extract)
+        parts = ray.get([sh.moments.remote() for sh in svc.shards])
+        return pca_from_moments(reduce_moments(m for m in parts if m is not None), out, whiten=True)
 
     def faiss_pca():
         p = faiss.PCAMatrix(d, out, -0.5)

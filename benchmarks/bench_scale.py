@@ -118,8 +118,13 @@ def run(ctx: Context) -> dict:
     sizes = QUICK_SIZES if ctx.quick else FULL_SIZES
     points = []
     for n in sizes:
-        ctx.log(f"  scale N={n:,}: preparing and running one round")
-        p = run_one(ctx, n)
+        saved = ctx.work / "scale" / f"point-{n}.json"  # a stopped suite resumes with the sizes it has not run
+        if saved.exists():
+            p = json.loads(saved.read_text())
+        else:
+            ctx.log(f"  scale N={n:,}: preparing and running one round")
+            p = run_one(ctx, n)
+            saved.write_text(json.dumps(p))
         points.append(p)
         ctx.log(f"  N={n:,}: driver {p['driver_peak_rss'] / 2**20:.0f} MiB, rank 0 {p['rank0_peak_rss'] / 2**20:.0f} "
                 f"MiB, coordinator {p['coordinator_peak_rss'] / 2**20:.0f} MiB, shards "

@@ -74,8 +74,11 @@ def _train_loop(conf: dict) -> None:
 
         plan = RoundPlan(targets=PairThresholds(*method.schedule().at(cfg.train.epochs // 2)))
     else:
-        labels, sizes = _labels(manifest.count)
-        plan = RoundPlan(targets=PseudoLabels(labels, sizes, manifest.count))
+        from raydc.engine.rowblocks import RowBlocks
+
+        labels, sizes = _labels(manifest.count)  # one in-process block over every row (rows are 0..N-1)
+        blocks = RowBlocks(np.array([0]), np.array([manifest.count]), [labels.astype(np.int32)])
+        plan = RoundPlan(targets=PseudoLabels(blocks, sizes, manifest.count))
     passes = []
     t_ready = time.time()
     for r in range(conf["passes"]):

@@ -230,9 +230,14 @@ class Context:
         from raydc.data.manifest import load_manifest
         from raydc.data.prepare import prepare
 
+        from raydc.errors import DataError
+
         out = self.work / "shards" / f"{source}-{split}-{limit or 'all'}-r{rows_per_shard}"
         if (out / "manifest.json").exists():
-            return out, load_manifest(out)
+            try:
+                return out, load_manifest(out)
+            except DataError:  # written by an older raydc (format_version): prepared again below
+                pass
         root = data_root()
         if not (root / ("MNIST" if source == "mnist" else "FashionMNIST") / "raw").is_dir():
             raise FileNotFoundError(f"{source} not found under {root}: set RAYDC_DATA_ROOT")

@@ -80,8 +80,16 @@ class ClusterConfig:
     num_shards: int = 2                    # shard actors for the sharded PCA / distributed k-means
     num_gpus: float = 0.0                  # per shard actor (faiss uses the GPUs Ray gives it)
     use_gpu: Literal["auto", "never", "always"] = "auto"
+    # Where the shard actors go: a placement group of one bundle per shard reserving `shard_memory_mb` of each
+    # node's memory, spread over the nodes ("spread": best effort; "strict_spread": one shard per node or fail;
+    # "pack"; "none": Ray's default scheduling, no placement group).
+    placement: Literal["spread", "strict_spread", "pack", "none"] = "spread"
+    shard_memory_mb: int = 256
+    shard_resource: str | None = None      # a custom resource each shard's bundle takes one unit of (shard nodes)
 
     def validate(self) -> None:
+        if self.shard_memory_mb < 1:
+            raise ConfigError("cluster.shard_memory_mb", f"must be >= 1, got {self.shard_memory_mb}")
         if self.k < 2:
             raise ConfigError("cluster.k", f"must be >= 2, got {self.k}")
         if self.pca_dim < 0:
@@ -182,6 +190,9 @@ class TrainConfig:
 class RayConfig:
     address: str | None = None             # None: connect to a running cluster if any, else start a local one
     num_cpus: int | None = None            # only for a local Ray started by raydc
+    # A custom resource only some nodes have (`ray start --resources='{"coordinator": 1}'`): the coordinator actor,
+    # which owns the shard actors and the feature pool, runs there (on-demand nodes of a cluster with spot workers).
+    coordinator_resource: str | None = None
 
 
 @dataclass

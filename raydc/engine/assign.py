@@ -16,7 +16,7 @@ from raydc.config_loader import from_dict
 
 def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> Path:
     from raydc.data.manifest import load_manifest
-    from raydc.engine.clustering import ClusteringService
+    from raydc.engine.clustering import ClusteringService, ShardPlacement
     from raydc.engine.loop import RankZeroContext
     from raydc.engine.rundir import RunDir
     from raydc.engine.runtime import init_ray
@@ -34,7 +34,8 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> Path:
 
     init_ray(cfg.ray, train_cpus=0)
     ctx = RankZeroContext(cfg, manifest, str(Path(shard_dir).resolve()),
-                          lambda: ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu),
+                          lambda: ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu,
+                                                    placement=ShardPlacement.from_config(cfg.cluster)),
                           print)
     name = out or f"assign-{Path(shard_dir).resolve().name}"
     path = Path(name).expanduser().resolve() if out else run.path / name

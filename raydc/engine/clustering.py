@@ -303,14 +303,56 @@ class ExtractInfo:
         return getattr(self, key)
 
 
+@dataclass
+class ShardPlacement:
+    """How the shard actors are laid over the nodes (`cluster.placement`, `cluster.shard_memory_mb`)."""
+
+    strategy: str = "spread"          # spread | strict_spread | pack | none
+    memory_bytes: int = 256 << 20     # reserved per shard in its bundle
+    resource: str | None = None       # one unit of this custom resource per bundle: only nodes with it hold shards
+    timeout_s: float = 120.0
+
+    @classmethod
+    def from_config(cls, cc) -> "ShardPlacement":
+        return cls(cc.placement, int(cc.shard_memory_mb) << 20, cc.shard_resource)
+
+
+def _placement_group(num_shards: int, num_gpus: float, placement: ShardPlacement):
+    """One bundle per shard; a clear error when the cluster cannot hold them (STRICT_SPREAD on too few nodes)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"memory": placement.memory_bytes, **({"GPU": num_gpus} if num_gpus else {}),
+              **({placement.resource: 1} if placement.resource else {})}
+    pg = placement_group([dict(bundle) for _ in range(num_shards)], strategy=placement.strategy.upper())
+    ready, _ = ray.wait([pg.ready()], timeout=placement.timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        from raydc.errors import UserError
+
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        raise UserError(f"cannot place {num_shards} shard actors with cluster.placement {placement.strategy} "
+                        f"({bundle} each) on this cluster of {nodes} node(s) within {placement.timeout_s:.0f} s: "
+                        f"lower cluster.num_shards or cluster.shard_memory_mb, or use cluster.placement spread")
+    return pg
+
+
 class ClusteringService:
     """Owns the shard actors for the whole run (created once; each round only moves data through them)."""
 
     def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto", log=print,
-                 shards: list | None = None):
+                 shards: list | None = None, placement: ShardPlacement | None = None):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.local = shards is not None
-        self.shards = shards if shards is not None else [
-            FeatureShard.options(num_gpus=num_gpus).remote() for _ in range(num_shards)]
+        self.pg = None
+        if shards is None:
+            placement = placement or ShardPlacement("none")
+            if placement.strategy != "none":
+                self.pg = _placement_group(num_shards, num_gpus, placement)
+            shards = [FeatureShard.options(
+                num_gpus=num_gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
+                if self.pg is not None else None).remote() for i in range(num_shards)]
+        self.shards = shards
         nodes = self._get([s.node.remote() for s in self.shards])
         self._get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
         self.use_gpu = use_gpu
@@ -515,11 +557,20 @@ class ClusteringService:
     def release(self) -> None:
         self._get([s.clear.remote() for s in self.shards])
 
+    def nodes(self) -> list[str]:
+        """The node id of each shard actor."""
+        return self._get([s.node.remote() for s in self.shards])
+
     def shutdown(self) -> None:
         if not self.local:
             for s in self.shards:
                 ray.kill(s)
         self.shards = []
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
@@ -540,11 +591,14 @@ class ClusterCoordinator:
     rank 0 waits forever for a CPU ("Cluster resources are not enough..."). Created with the default
     scheduling strategy, this actor and everything it starts escape that placement group."""
 
-    def __init__(self, num_shards: int, num_gpus: float, use_gpu: str):
+    def __init__(self, num_shards: int, num_gpus: float, use_gpu: str, placement: ShardPlacement | None = None):
         from raydc.engine.runtime import configure_data_context
 
         configure_data_context()
-        self.service = ClusteringService(num_shards, num_gpus, use_gpu)
+        self.service = ClusteringService(num_shards, num_gpus, use_gpu, placement=placement)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def call(self, name: str, *args, **kwargs):
         return getattr(self.service, name)(*args, **kwargs)
@@ -553,12 +607,13 @@ class ClusterCoordinator:
 class CoordinatorProxy:
     """Lets rank 0 call the coordinator as if it were a local ClusteringService."""
 
-    def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto"):
+    def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto",
+                 placement: ShardPlacement | None = None, resource: str | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.handle = ClusterCoordinator.options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote(
-            num_shards, num_gpus, use_gpu)
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+            resources={resource: 0.001} if resource else None).remote(num_shards, num_gpus, use_gpu, placement)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

@@ -363,7 +363,10 @@ def worker_setup(config: dict[str, Any]):
 def make_coordinator(cfg: Config):
     from raydc.engine.clustering import CoordinatorProxy
 
-    return CoordinatorProxy(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu)
+    from raydc.engine.clustering import ShardPlacement
+
+    return CoordinatorProxy(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu,
+                            ShardPlacement.from_config(cfg.cluster), cfg.ray.coordinator_resource)
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ def check_against_data(cfg: Config, manifest, log=None) -> None:
 RESUMABLE_FIELDS = (
     "train.epochs", "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
     "run.progress", "run.keep_checkpoints", "run.montage_per_cluster", "train.max_failures",
+    "ray.coordinator_resource", "cluster.placement", "cluster.shard_memory_mb", "cluster.shard_resource",
 )
 
 
