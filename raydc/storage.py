@@ -63,7 +63,8 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
 
     Local paths come back absolute (relative to the current directory, `~` expanded): pyarrow's
     LocalFileSystem wants absolute paths, and raydc.engine.paths has already applied RAYDC_BASE_DIR to config
-    fields, so a relative path here means the caller's own working directory."""
+    fields, so a relative path here means the caller's own working directory. An s3:// key is taken as
+    written (a space or "%" is part of the key); other URIs are parsed, and percent-decoded, by pyarrow."""
     m = _URI.match(location)
     if m is None:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
@@ -146,9 +147,10 @@ def open_output_stream(location: str) -> Iterator[pa.NativeFile]:
     """A stream to write `location`, published only when the `with` block ends without an exception.
 
     Closing a pyarrow output stream always commits, and a `with` block closes it on an exception too: on S3 a
-    ParquetWriter that fails halfway leaves a truncated object in place of the previous one. So the stream
-    goes to a hidden temporary sibling (`.NAME.tmp-...`, skipped by `list_files`), which is renamed (local)
-    or copied server-side (object stores) over the target on success and deleted on failure."""
+    ParquetWriter that fails halfway would leave a truncated object in place of the previous one. So the
+    stream goes to a hidden temporary sibling (`.NAME.tmp-...`, skipped by `list_files`) that replaces the
+    target on success (local: fsync and rename; object stores: a server-side copy, itself atomic) and is
+    deleted either way. Errors raised while writing are the writer's own."""
     fs, path = resolve(location)
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -158,19 +160,19 @@ def open_output_stream(location: str) -> Iterator[pa.NativeFile]:
             fs.create_dir(parent, recursive=True)
         stream = fs.open_output_stream(tmp)
     try:
-        with stream:
-            yield stream
-            if local:
-                stream.flush()
-                os.fsync(stream.fileno())
+        yield stream
         with _translated(location, fs, path):
+            stream.close()
             if local:
+                _fsync(tmp)
                 os.replace(tmp, path)
-                _fsync_dir(parent)
+                _fsync(parent, strict=False)
             else:
                 fs.copy_file(tmp, path)
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, pa.ArrowException):
+            stream.close()
+        with contextlib.suppress(OSError, pa.ArrowException):
             fs.delete_file(tmp)
 
 
@@ -243,19 +245,23 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(parent)
+    _fsync(parent, strict=False)
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable; a no-op where directories cannot be opened or synced."""
+def _fsync(path: str, strict: bool = True) -> None:
+    """Flush a file, or a directory after a rename so the rename survives a power cut. Directories are
+    best effort (`strict=False`): some filesystems cannot open or sync them."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
 
@@ -299,15 +305,16 @@ def _explain(location: str, message: str) -> DataError:
     if "Cannot parse URI" in message or "non-Windows local URI" in message:
         return DataError(f"{location}: not a valid URI (a local file URI is file:///absolute/path; "
                          f"percent-encode spaces){cause}")
-    bucket = _bucket_of(location)
-    if "NO_SUCH_BUCKET" in message or ("Bucket '" in message and "not found" in message):
-        return NotFound(_bucket_missing(location, bucket) + cause)
+    if ("NO_SUCH_BUCKET" in message or ("Bucket '" in message and "not found" in message)
+            or ("resolving region" in message and ("RESOURCE_NOT_FOUND" in message or "HTTP status 404" in message))):
+        return NotFound(_bucket_missing(location, _bucket_of(location)) + cause)
     if any(code in message for code in _DENIED):
         return DataError(_denied(location, scheme) + cause)
     if "NETWORK_CONNECTION" in message or "curlCode" in message:
-        where = _s3_endpoint() or "AWS S3" if scheme == "s3" else f"the {scheme}:// service"
-        hint = ", or set AWS_ENDPOINT_URL to the server's address" if scheme == "s3" else ""
-        return DataError(f"{location}: cannot reach {where}: check the network and the address{hint}{cause}")
+        if scheme == "s3":
+            return DataError(f"{location}: cannot reach {_s3_endpoint() or 'AWS S3'}: check the network, and "
+                             f"AWS_ENDPOINT_URL if the bucket is on a non-AWS server{cause}")
+        return DataError(f"{location}: cannot reach the {scheme}:// service: check the network{cause}")
     return DataError(f"{location}: {detail}")
 
 
@@ -329,10 +336,12 @@ def _denied(location: str, scheme: str) -> str:
 
 
 def _bucket_missing(location: str, bucket: str) -> str:
-    at = f" at {_s3_endpoint()}" if location.lower().startswith("s3://") and _s3_endpoint() else ""
-    return (f"{location}: bucket '{bucket}' does not exist{at}: create it or correct the name"
-            + ("" if at else " (for a non-AWS server set AWS_ENDPOINT_URL)" if location.lower().startswith("s3://")
-               else ""))
+    message = f"{location}: bucket '{bucket}' does not exist"
+    if not location.lower().startswith("s3://"):
+        return message + ": create it or correct the name"
+    if endpoint := _s3_endpoint():
+        return message + f" at {endpoint} (AWS_ENDPOINT_URL): create it there, or correct the name or endpoint"
+    return message + " on AWS: create it or correct the name, or set AWS_ENDPOINT_URL for a non-AWS server"
 
 
 def _bucket_of(location: str) -> str:

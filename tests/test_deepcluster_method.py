@@ -88,6 +88,43 @@ def test_final_k_above_the_training_k_names_the_field():
         load_config(None, ["data.shards=x", "cluster.k=4", "deepcluster.final_k=10"])
 
 
+@pytest.mark.parametrize("sample,low,high", [(60, 35, 85), (0, 120, 120), (500, 120, 120)])
+def test_pca_is_fitted_on_a_sample_and_applied_by_the_workers(sample, low, high):
+    """features.pca_sample < N: a first pass embeds a uniform sample (by id) and the PCA is fitted on it; the
+    full pass then gets projected, whitened, L2-normalised features from the workers. 0 or >= N: all images."""
+    cfg = config("cluster.pca_dim=8", f"features.pca_sample={sample}", "cluster.whiten=true")
+    method, state, rows, final = run(cfg)
+    for r in rows:
+        assert low <= r["pca_rows"] <= high, r["pca_rows"]
+        assert np.isfinite(r["kmeans_objective"]) and r["size_max"] > 0
+    proj = final.artifacts["projection"]
+    assert proj["matrix"].shape == (32, 8) and proj["whiten"]
+
+
+def test_float16_features_cluster_as_float32_do(monkeypatch):
+    """features.dtype float16 halves what the shards hold; k-means still runs in float32 on them."""
+    from raydc.engine.clustering import ShardStore
+
+    held = []
+    load = ShardStore.load
+
+    def spy(self, refs):
+        info = load(self, refs)
+        held.append(None if self.x is None else self.x.dtype)
+        return info
+
+    monkeypatch.setattr(ShardStore, "load", spy)
+    *_, rows16, _ = run(config("features.dtype=float16"))
+    assert {d for d in held if d is not None} == {np.dtype(np.float16)}
+    *_, rows32, _ = run(config())
+    assert abs(rows16[-1]["acc"] - rows32[-1]["acc"]) < 0.1
+
+
+def test_a_pca_sample_smaller_than_the_pca_is_refused():
+    with pytest.raises(ConfigError, match=r"features\.pca_sample"):
+        config("cluster.pca_dim=16", "features.pca_sample=10")
+
+
 def test_matched_head_rows_follow_the_overlap():
     prev = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     new = np.array([2, 2, 2, 0, 0, 1, 1, 1])  # the same clustering with its ids permuted

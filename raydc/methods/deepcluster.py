@@ -188,6 +188,8 @@ class DeepCluster(Method):
         if release:
             ctx.release()
         row.update(times)
+        if info.projection is not None:
+            row["pca_rows"] = info.pca_rows  # the images the PCA was fitted on (features.pca_sample)
         row["images_per_s_features"] = info.n / max(times["time_features"] + times["time_pca"], 1e-9)
         return out, row, blocks
 
