@@ -213,7 +213,7 @@ class ShardStore:
         for name, col in columns.items():
             data[name] = pa.array(np.asarray(self._column(col))[order])
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.table(data), sink, compression="zstd")
+        pq.write_table(pa.table(data), sink, compression="zstd", row_group_size=1 << 20)  # readers go by group
         atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
         return int(len(order))
 
