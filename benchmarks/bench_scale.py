@@ -4,8 +4,10 @@ What must hold (issue #12): no process but the shard actors holds anything O(N).
 process), the coordinator actor and rank 0 must stay flat in N; each shard actor grows as N / shards. Each N is
 a fresh `raydc train` subprocess (its own Ray), so the peaks do not mix: the driver's peak comes from the
 kernel (`wait4`'s ru_maxrss), the others from the `memory` field every metrics row carries (VmHWM of rank 0,
-the coordinator and each shard, read in those processes). Bytes per k-means iteration are the payloads of the
-distributed Lloyd measured in the coordinator.
+the coordinator and each shard, read in those processes). Both the resident set (VmHWM) and the private memory
+(peak RssAnon, sampled) are recorded: a process that reads object-store blocks has the store's shared pages in
+its resident set (raydc.engine.memory says why), which is Ray's memory, bounded by the store, not the
+process's. Bytes per k-means iteration are the payloads of the distributed Lloyd measured in the coordinator.
 
 Images are 10 noisy prototypes (so k-means has something to find), ids random int64 (hashed ids, negatives
 included), prepared by `raydc prepare --source npz`. The round is kept cheap where it does not touch memory:
@@ -91,6 +93,19 @@ def run_one(ctx: Context, n: int) -> dict:
     log = (ctx.work / "scale" / f"run-{n}.log").open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    from raydc.engine.memory import read_status
+
+    driver_anon = [0]
+
+    def watch():  # the driver's private memory, sampled from outside (the kernel keeps no peak of it)
+        while proc.poll() is None:
+            driver_anon[0] = max(driver_anon[0], read_status(proc.pid)["anon"])
+            time.sleep(0.2)
+
+    import threading
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -100,11 +115,15 @@ def run_one(ctx: Context, n: int) -> dict:
     traffic = next((r["kmeans_bytes_per_iteration"] for r in rows if "kmeans_bytes_per_iteration" in r), None)
     final = rows[-1]
     return {"n": n, "seconds": seconds,
-            "driver_peak_rss": usage.ru_maxrss * 1024,
+            "driver_peak_rss": usage.ru_maxrss * 1024, "driver_peak_anon": driver_anon[0],
             "rank0_peak_rss": max(m["rank0_peak_rss"] for m in mem),
+            "rank0_peak_anon": max(m["rank0_peak_anon"] for m in mem),
             "coordinator_peak_rss": max(m.get("coordinator_peak_rss", 0) for m in mem),
+            "coordinator_peak_anon": max(m.get("coordinator_peak_anon", 0) for m in mem),
             "shard_peak_rss": [max(m["shard_peak_rss"][i] for m in mem if "shard_peak_rss" in m)
                                for i in range(SHARDS)],
+            "shard_peak_anon": [max(m["shard_peak_anon"][i] for m in mem if "shard_peak_anon" in m)
+                                for i in range(SHARDS)],
             "kmeans_bytes_per_iteration": traffic, "final_acc": final.get("acc"), "final_nmi": final.get("nmi")}
 
 
@@ -131,10 +150,15 @@ def run(ctx: Context) -> dict:
                 f"{[round(s / 2**20) for s in p['shard_peak_rss']]} MiB, {p['seconds']:.0f} s")
     ns = [p["n"] for p in points]
     fits = {role: slope(ns, [p[role] for p in points])
-            for role in ("driver_peak_rss", "rank0_peak_rss", "coordinator_peak_rss")}
+            for role in ("driver_peak_rss", "rank0_peak_rss", "coordinator_peak_rss", "driver_peak_anon",
+                         "rank0_peak_anon", "coordinator_peak_anon")}
     fits["shard_peak_rss"] = slope(ns, [max(p["shard_peak_rss"]) for p in points])
-    # Per-image growth of a shard actor between the smallest and largest N (bytes per image it holds).
+    fits["shard_peak_anon"] = slope(ns, [max(p["shard_peak_anon"]) for p in points])
+    # Growth per image between the smallest and largest N: a shard per image it holds, the others per image.
     a, b = points[0], points[-1]
-    per_image = (max(b["shard_peak_rss"]) - max(a["shard_peak_rss"])) / ((b["n"] - a["n"]) / SHARDS)
+    per_image = (max(b["shard_peak_anon"]) - max(a["shard_peak_anon"])) / ((b["n"] - a["n"]) / SHARDS)
+    growth = {role: (b[role] - a[role]) / (b["n"] - a["n"]) for role in
+              ("driver_peak_anon", "rank0_peak_anon", "coordinator_peak_anon", "driver_peak_rss", "rank0_peak_rss",
+               "coordinator_peak_rss")}
     return {"sizes": list(sizes), "shards": SHARDS, "side": SIDE, "points": points, "loglog_slopes": fits,
-            "shard_bytes_per_image": per_image, "config": CONFIG}
+            "shard_bytes_per_image": per_image, "bytes_per_image": growth, "config": CONFIG}

@@ -92,14 +92,15 @@ def plot_scale(doc: dict, path: Path) -> None:
     plt = _plt()
     ns = [p["n"] for p in doc["points"]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, name in (("driver_peak_rss", "driver"), ("rank0_peak_rss", "rank 0"),
-                      ("coordinator_peak_rss", "coordinator")):
-        ax.plot(ns, [p[key] / 2**20 for p in doc["points"]], "o-", label=name)
-    ax.plot(ns, [max(p["shard_peak_rss"]) / 2**20 for p in doc["points"]], "s--", label="largest shard actor")
+    for key, name in (("driver", "driver"), ("rank0", "rank 0"), ("coordinator", "coordinator")):
+        line, = ax.plot(ns, [p[key + "_peak_anon"] / 2**20 for p in doc["points"]], "o-", label=f"{name} (private)")
+        ax.plot(ns, [p[key + "_peak_rss"] / 2**20 for p in doc["points"]], ":", color=line.get_color(),
+                label=f"{name} (resident)")
+    ax.plot(ns, [max(p["shard_peak_anon"]) / 2**20 for p in doc["points"]], "s--", label="largest shard (private)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("images N")
-    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_ylabel("peak memory (MiB)")
     ax.set_title(f"One DeepCluster round, {doc['shards']} shard actors (flat is the goal, shards excepted)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -431,16 +432,22 @@ def _sec_scale(doc: dict, img: str) -> str:
     rows = []
     for p in doc["points"]:
         t = p.get("kmeans_bytes_per_iteration") or {}
-        rows.append([f"{p['n']:,}", mib(p["driver_peak_rss"]), mib(p["rank0_peak_rss"]),
-                     mib(p["coordinator_peak_rss"]), " / ".join(mib(s) for s in p["shard_peak_rss"]),
-                     f"{t.get('received', 0):,} in, {t.get('centroids_out', 0):,} out", _f(p["seconds"] / 60)])
+        rows.append([f"{p['n']:,}"] + [f"{mib(p[r + '_peak_anon'])} ({mib(p[r + '_peak_rss'])})"
+                                       for r in ("driver", "rank0", "coordinator")]
+                    + [" / ".join(f"{mib(a)} ({mib(r)})" for a, r in zip(p["shard_peak_anon"], p["shard_peak_rss"])),
+                       f"{t.get('received', 0):,} in, {t.get('centroids_out', 0):,} out", _f(p["seconds"] / 60)])
     sl = doc["loglog_slopes"]
     per = doc["shard_bytes_per_image"]
+    growth = doc.get("bytes_per_image", {})
     return ("## Memory against N (issue #12)\n\n"
-            f"One DeepCluster round on synthetic {doc['side']}x{doc['side']} images, {doc['shards']} shard actors; "
-            "peak RSS per process (MiB). Log-log slopes (0 = flat, 1 = linear in N): "
-            + ", ".join(f"{k.replace('_peak_rss', '')} {v:.2f}" for k, v in sl.items())
-            + f". A shard actor grows by {per:.0f} bytes per image it holds.\n\n"
+            f"One DeepCluster round on synthetic {doc['side']}x{doc['side']} images, {doc['shards']} shard actors "
+            "(`benchmarks/bench_scale.py`). Peak private memory (RssAnon, sampled) in MiB, with the peak resident "
+            "set (VmHWM, which also counts the object store's shared pages a process has read) in brackets. "
+            "Log-log slopes against N (0 = flat, 1 = linear): "
+            + ", ".join(f"{k.replace('_peak', '')} {v:.2f}" for k, v in sl.items())
+            + ". Growth per image from the smallest to the largest N: "
+            + ", ".join(f"{k.replace('_peak', '')} {v:.1f} B" for k, v in growth.items())
+            + f"; a shard actor's private memory grows by {per:.0f} bytes per image it holds.\n\n"
             + _table(["N", "driver", "rank 0", "coordinator", "shard actors", "k-means bytes per iteration",
                       "min"], rows) + f"\n\n![memory]({img})\n")
 

@@ -51,6 +51,10 @@ class ShardStore:
         self.cores = use_all_cores(threads or None) if in_ray else 0  # Ray gave this 0-CPU actor 1 OMP thread
         self.threads_now = self.cores
         self.busy_peers = 1  # shard actors of this node that work at the same time (distributed steps)
+        if in_ray:
+            from raydc.engine.memory import start_sampler
+
+            start_sampler()
         self.clear()
 
     def _put(self, value):
@@ -255,17 +259,9 @@ class LocalShard:
 
 
 def _rss() -> dict:
-    out = {"peak_rss": 0, "rss": 0}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    out["peak_rss"] = int(line.split()[1]) * 1024
-                elif line.startswith("VmRSS:"):
-                    out["rss"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
+    from raydc.engine.memory import peak
+
+    return peak()
 
 
 @dataclass
@@ -592,8 +588,10 @@ class ClusterCoordinator:
     scheduling strategy, this actor and everything it starts escape that placement group."""
 
     def __init__(self, num_shards: int, num_gpus: float, use_gpu: str, placement: ShardPlacement | None = None):
+        from raydc.engine.memory import start_sampler
         from raydc.engine.runtime import configure_data_context
 
+        start_sampler()
         configure_data_context()
         self.service = ClusteringService(num_shards, num_gpus, use_gpu, placement=placement)
 

@@ -247,13 +247,16 @@ class RankZeroContext:
     def memory(self) -> dict:
         """Peak resident memory (bytes) so far of rank 0, the coordinator and each shard actor: what must stay
         flat in N (all but the shards) in the scaling benchmark."""
-        from raydc.engine.clustering import _rss
+        from raydc.engine.memory import peak
 
-        out: dict[str, Any] = {"rank0_peak_rss": _rss()["peak_rss"]}
+        me = peak()
+        out: dict[str, Any] = {"rank0_peak_rss": me["peak_rss"], "rank0_peak_anon": me["peak_anon"]}
         if self._service is not None:
             parts = self._service.peak_rss()
             out["coordinator_peak_rss"] = parts[-1]["peak_rss"]
+            out["coordinator_peak_anon"] = parts[-1]["peak_anon"]
             out["shard_peak_rss"] = [p["peak_rss"] for p in parts[:-1]]
+            out["shard_peak_anon"] = [p["peak_anon"] for p in parts[:-1]]
         return out
 
     def write_assignments(self, final: FinalClustering, directory: str) -> list[str]:
@@ -377,6 +380,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     cfg, manifest, method, rank, world, device = worker_setup(loop_cfg["config"])
     run = RunDir(loop_cfg["run_dir"])
+    if rank == 0:
+        from raydc.engine.memory import start_sampler
+
+        start_sampler()
 
     torch.manual_seed(cfg.train.seed)  # the initial weights: the same run seed gives the same network
     np.random.seed(cfg.train.seed % (1 << 32))

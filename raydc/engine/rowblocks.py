@@ -66,12 +66,14 @@ def put_runs(rows: np.ndarray, values: np.ndarray, put, fill: Any = -1) -> RowBl
 
 
 class RowLookup:
-    """`lookup(rows)` -> the values of those rows, fetching blocks on first use and keeping `cache` of them."""
+    """`lookup(rows)` -> the values of those rows, fetching blocks on first use and keeping the most recent ones
+    up to `cache_bytes` (the block just fetched is always kept)."""
 
-    def __init__(self, blocks: RowBlocks, cache: int = 64):
+    def __init__(self, blocks: RowBlocks, cache_bytes: int = 64 << 20):
         self.blocks = blocks
-        self.cache = cache
+        self.cache_bytes = cache_bytes
         self._held: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._bytes = 0
 
     def _block(self, i: int) -> np.ndarray:
         got = self._held.get(i)
@@ -84,8 +86,10 @@ class RowLookup:
 
                 got = ray.get(ref)
             self._held[i] = got
-            while len(self._held) > self.cache:
-                self._held.popitem(last=False)
+            self._bytes += got.nbytes
+            while self._bytes > self.cache_bytes and len(self._held) > 1:
+                _, old = self._held.popitem(last=False)
+                self._bytes -= old.nbytes
         else:
             self._held.move_to_end(i)
         return got
