@@ -1,0 +1,49 @@
+"""Per-image values kept as blocks of contiguous rows (raydc.engine.rowblocks), in process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raydc.engine.rowblocks import RowBlocks, RowLookup, contiguous_runs, put_runs
+
+
+def test_runs_split_where_rows_are_not_consecutive():
+    assert contiguous_runs(np.array([3, 4, 5, 9, 10, 20])) == [(0, 3), (3, 5), (5, 6)]
+    assert contiguous_runs(np.zeros(0, np.int64)) == []
+
+
+def test_put_runs_then_lookup_in_any_order():
+    rows = np.array([12, 10, 11, 40, 41, 3])          # a shard's rows, in the order it holds them
+    values = rows * 100
+    b = put_runs(rows, values, put=lambda v: v.copy())
+    assert b.starts.tolist() == [3, 10, 40] and b.stops.tolist() == [4, 13, 42] and b.rows == 6
+    look = RowLookup(b)
+    q = np.array([41, 3, 10, 12, 11, 40])
+    assert look(q).tolist() == (q * 100).tolist()
+    assert look(np.array([5, 10, 99])).tolist() == [-1, 1000, -1]  # rows no block covers get the fill
+    with pytest.raises(ValueError, match="twice"):
+        put_runs(np.array([1, 2, 2]), np.zeros(3), put=lambda v: v)
+
+
+def test_merge_orders_blocks_and_refuses_overlap():
+    a = put_runs(np.array([10, 11]), np.array([1, 2]), put=lambda v: v)
+    b = put_runs(np.array([0, 1, 2]), np.array([7, 8, 9]), put=lambda v: v)
+    m = RowBlocks.merge([a, b, None])
+    assert m.starts.tolist() == [0, 10] and RowLookup(m)(np.array([11, 0, 2])).tolist() == [2, 7, 9]
+    with pytest.raises(ValueError, match="overlap"):
+        RowBlocks.merge([a, put_runs(np.array([11, 12]), np.array([0, 0]), put=lambda v: v)])
+
+
+def test_two_dimensional_values_and_a_bounded_cache():
+    """DEC's P: k floats per row. The cache holds at most cache_bytes of blocks (always the last one)."""
+    rows = np.arange(1000)
+    p = np.random.default_rng(0).random((1000, 4)).astype(np.float32)
+    b = RowBlocks.merge([put_runs(rows[a:a + 100], p[a:a + 100], put=lambda v: v) for a in range(0, 1000, 100)
+                         if a != 300], fill=0.0)
+    look = RowLookup(b, cache_bytes=2 * 100 * 4 * 4)  # two blocks' worth
+    out = look(rows)
+    np.testing.assert_array_equal(out[rows // 100 != 3], p[rows // 100 != 3])
+    assert (out[300:400] == 0.0).all()                 # the missing block's rows: fill
+    assert list(look._held) == [7, 8] and look._bytes == 2 * 100 * 4 * 4  # the two most recent, nothing more
+    look(np.arange(0, 10))
+    assert list(look._held) == [8, 0]
