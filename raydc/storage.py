@@ -6,16 +6,18 @@ object that appears whole or not at all. Failures become `DataError`s that name 
 set, since pyarrow's own messages ("AWS Error ACCESS_DENIED during HeadObject operation: No response body")
 name neither.
 
-S3 settings come only from the standard AWS environment variables, never from a raydc config file, so
-credentials stay out of configs and run directories, and Ray workers get them through `runtime_env`:
+raydc takes S3 settings from the standard AWS environment variables and from nowhere else: no config field
+holds an endpoint or a key, so credentials stay out of configs and run directories, and Ray workers get them
+through `runtime_env={"env_vars": ...}`.
 
-* `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`: a non-AWS server (MinIO, moto, Ceph). pyarrow's
-  `FileSystem.from_uri` reads these itself only from 16 (`_S3` from 16, the generic one from 14) and
-  `S3FileSystem()` never does, so with an endpoint set the filesystem is built here, the same on every version
-  raydc allows. Its region is `AWS_REGION`, else `AWS_DEFAULT_REGION`, else us-east-1.
-* Without an endpoint, `from_uri` asks AWS for the bucket's region (one HeadBucket); the result is cached.
-* Credentials are left to the AWS SDK's chain: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`,
-  then `AWS_PROFILE` and the shared files, then an instance role.
+* `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`: a non-AWS server (MinIO, Ceph, moto). With either set the
+  filesystem is built here, its region `AWS_REGION`, else `AWS_DEFAULT_REGION`, else us-east-1: pyarrow 26's
+  `FileSystem.from_uri` reads both variables, but `S3FileSystem()` reads neither (apache/arrow#49643), and
+  releases before apache/arrow#39160 (January 2024; pyarrow>=15 still admits them) ignore `AWS_ENDPOINT_URL_S3`.
+* Without an endpoint, `from_uri` asks AWS where the bucket lives (a HeadBucket, cached below), so a
+  bucket outside `AWS_REGION` still works.
+* Credentials are left to the AWS SDK's chain, which starts with `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/
+  `AWS_SESSION_TOKEN` and goes on to `AWS_PROFILE` and an instance role.
 """
 from __future__ import annotations
 
@@ -271,8 +273,6 @@ def _translated(location: str, fs: pafs.FileSystem | None = None, path: str | No
     """Turn pyarrow's and the OS's errors for `location` into `DataError`s that say what to do."""
     try:
         yield
-    except DataError:
-        raise
     except FileNotFoundError as e:
         raise _not_found(location, fs, path) from e
     except (OSError, pa.ArrowException) as e:
@@ -340,7 +340,7 @@ def _bucket_missing(location: str, bucket: str) -> str:
     if not location.lower().startswith("s3://"):
         return message + ": create it or correct the name"
     if endpoint := _s3_endpoint():
-        return message + f" at {endpoint} (AWS_ENDPOINT_URL): create it there, or correct the name or endpoint"
+        return message + f" at {endpoint}: create it there, or correct the name or AWS_ENDPOINT_URL"
     return message + " on AWS: create it or correct the name, or set AWS_ENDPOINT_URL for a non-AWS server"
 
 

@@ -8,6 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object-storage tests talk to
+
 
 def data_root() -> Path | None:
     """The dataset root for tests: $RAYDC_DATA_ROOT, else ../shared/data beside the checkout (CI's layout)."""
