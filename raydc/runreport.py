@@ -19,8 +19,14 @@ def images_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = N
 
     from raydc.data.decode import decode_batch
 
+    from raydc.storage import is_uri, resolve
+
     files = manifest.shard_paths(shard_dir)
-    table = pads.dataset(files, format="parquet").to_table(
+    fs = None
+    if is_uri(str(shard_dir)):
+        fs = resolve(files[0])[0]
+        files = [resolve(f)[1] for f in files]
+    table = pads.dataset(files, format="parquet", filesystem=fs).to_table(
         columns=["id", "image"], filter=pads.field("id").isin(list(map(int, ids))))
     if table.num_rows == 0:
         return {}
@@ -142,7 +148,10 @@ class RowLabels:
         for f in np.unique(which):
             f = int(f)
             if f not in self._read:
-                self._read[f] = pq.read_table(self.paths[f], columns=["label"]).column("label").to_numpy()
+                from raydc.storage import open_input_file
+
+                self._read[f] = pq.read_table(open_input_file(self.paths[f]), columns=["label"]).column(
+                    "label").to_numpy()
                 while len(self._read) > self.cache:
                     self._read.popitem(last=False)
             self._read.move_to_end(f)

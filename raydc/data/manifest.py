@@ -59,6 +59,11 @@ class Manifest:
     limit: int | None = None
 
     def shard_paths(self, shard_dir: str | os.PathLike) -> list[str]:
+        """Each shard's location: a path, or a URI when the shards live on object storage."""
+        from raydc.storage import is_uri, join
+
+        if is_uri(str(shard_dir)):
+            return [join(str(shard_dir), s.file) for s in self.shards]
         base = Path(shard_dir)
         return [str(base / s.file) for s in self.shards]
 
@@ -122,14 +127,36 @@ def write_manifest(manifest: Manifest, shard_dir: str | os.PathLike) -> Path:
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
+    from raydc.storage import is_uri
+
+    if is_uri(str(shard_dir)):
+        return _load_manifest_uri(str(shard_dir))
     path = manifest_path(shard_dir)
     if not path.is_file():
         raise DataError(
             f"no {MANIFEST_NAME} in {Path(shard_dir).resolve()}: this is not a prepared shard directory "
             f"(or its prepare was interrupted). Create it with "
             f"`raydc prepare --source NAME --root DIR --out {shard_dir}` (add --overwrite to replace leftovers)")
+    return _parse_manifest(path.read_text(encoding="utf-8"), str(path), shard_dir)
+
+
+def _load_manifest_uri(shard_dir: str) -> Manifest:
+    """The manifest of shards on object storage (s3://, gs://, file://): read through raydc.storage, whose errors
+    name the URI and what to set (credentials, endpoint, a missing bucket)."""
+    from raydc.storage import NotFound, join, read_text
+
+    uri = join(shard_dir, MANIFEST_NAME)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text(uri)
+    except NotFound:
+        raise DataError(f"no {MANIFEST_NAME} at {uri}: this is not a prepared shard directory (or its prepare "
+                        f"was interrupted); prepare the shards and copy them there") from None
+    return _parse_manifest(text, uri, shard_dir)
+
+
+def _parse_manifest(text: str, path: str, shard_dir) -> Manifest:
+    try:
+        raw = json.loads(text)
         manifest = Manifest.from_dict(raw)
     except (ValueError, TypeError, KeyError) as e:
         raise DataError(f"{path} is not a valid raydc manifest ({e}); re-create the shards with "

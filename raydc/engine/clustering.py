@@ -425,7 +425,11 @@ class ClusteringService:
                 self.pool.shutdown()
             check_shard_footers(manifest, shard_dir)  # a clear error before the pool plans its pieces
             self.pool = PersistentFeaturePool(manifest, f.concurrency)
-        paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
+        from raydc.storage import is_uri
+
+        paths = manifest.shard_paths(shard_dir)
+        if not is_uri(str(shard_dir)):
+            paths = [str(Path(p).resolve()) for p in paths]
         return self.pool.extract(paths, spec, f.batch_size)
 
     # ---- k-means ----------------------------------------------------------------------------------

@@ -26,13 +26,15 @@ def check_shard_footers(manifest: Manifest, shard_dir: str | os.PathLike) -> Non
     """Open every shard's Parquet footer (a few KB each) so a missing or damaged shard fails here, naming the
     file, instead of inside a read task minutes into an epoch. Threads: it is I/O bound, and shared
     filesystems make each open slow."""
-    def check(shard) -> None:
-        path = Path(shard_dir) / shard.file
+    from raydc.storage import is_file, open_input_file
+
+    def check(item) -> None:
+        shard, path = item
         fix = "re-create the shards with `raydc prepare ... --overwrite`"
-        if not path.is_file():
+        if not is_file(path):
             raise DataError(f"shard {path} listed in the manifest is missing; {fix}")
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(open_input_file(path)).metadata
         except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError variants for bad files
             raise DataError(f"shard {path} is not a readable Parquet file ({type(e).__name__}: {e}); {fix}") from None
         if meta.num_rows != shard.rows:
@@ -40,7 +42,7 @@ def check_shard_footers(manifest: Manifest, shard_dir: str | os.PathLike) -> Non
 
     workers = max(1, min(16, len(manifest.shards)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(check, manifest.shards))
+        list(pool.map(check, zip(manifest.shards, manifest.shard_paths(shard_dir))))
 
 
 def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None = None, read_cpus: float = 0.25,
@@ -68,7 +70,15 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
         from ray.data import FileShuffleConfig
 
         shuffle = FileShuffleConfig(seed=shuffle_files_seed)
-    paths = [str(Path(p).resolve()) for p in manifest.shard_paths(shard_dir)]
+    from raydc.storage import is_uri, resolve
+
+    paths = manifest.shard_paths(shard_dir)
+    filesystem = None
+    if is_uri(str(shard_dir)):  # Ray Data reads through the same pyarrow filesystem (credentials from the env)
+        filesystem, _ = resolve(paths[0])
+        paths = [resolve(p)[1] for p in paths]
+    else:
+        paths = [str(Path(p).resolve()) for p in paths]
     # Ray 2.60's default Parquet reader (datasource V2) starts 32 footer-reading actors on every execution, i.e.
     # every epoch and every feature pass: seconds of process start-up per pass on a small node, for footers
     # that `check_shard_footers` has already read. The V1 reader plans once, when the Dataset is built: it lists
@@ -77,7 +87,8 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
     data_ctx = ray.data.DataContext.get_current()
     use_v2, data_ctx.use_datasource_v2 = data_ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(paths, num_cpus=read_cpus, shuffle=shuffle, partitioning=None)
+        ds = ray.data.read_parquet(paths, num_cpus=read_cpus, shuffle=shuffle, partitioning=None,
+                                   filesystem=filesystem)
     finally:
         data_ctx.use_datasource_v2 = use_v2
     if block_bytes is not None:

@@ -37,9 +37,11 @@ def plan_pieces(paths: list[str], min_pieces: int) -> list[Piece]:
     """Row groups of every shard, each cut into equal row ranges until there are at least `min_pieces`."""
     import pyarrow.parquet as pq
 
+    from raydc.storage import open_input_file
+
     groups = []
     for p in paths:
-        meta = pq.ParquetFile(p).metadata
+        meta = pq.ParquetFile(open_input_file(p)).metadata
         groups += [(p, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     total = sum(n for *_, n in groups)
     if not total:
@@ -86,9 +88,11 @@ class FeatureWorker:
     def _row_group(self, path: str, group: int):
         import pyarrow.parquet as pq
 
+        from raydc.storage import open_input_file
+
         key = (path, group)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, pq.ParquetFile(path).read_row_group(group))
+            self._cached = (key, pq.ParquetFile(open_input_file(path)).read_row_group(group))
         return self._cached[1]
 
     def run(self, piece: Piece, batch_size: int) -> dict[str, np.ndarray]:

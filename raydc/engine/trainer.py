@@ -16,7 +16,9 @@ def ensure_shards(cfg: Config, log=print):
     from raydc.data.manifest import load_manifest
     from raydc.data.prepare import prepare_from_config
 
-    if not (Path(cfg.data.shards) / "manifest.json").exists():
+    from raydc.storage import is_uri
+
+    if not is_uri(cfg.data.shards) and not (Path(cfg.data.shards) / "manifest.json").exists():
         if cfg.data.source is None:
             raise UserError(f"no shards at {cfg.data.shards}: run `raydc prepare --source ... --out "
                             f"{cfg.data.shards}` or set data.source so raydc prepares them")
