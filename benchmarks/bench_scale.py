@@ -161,4 +161,4 @@ def run(ctx: Context) -> dict:
               ("driver_peak_anon", "rank0_peak_anon", "coordinator_peak_anon", "driver_peak_rss", "rank0_peak_rss",
                "coordinator_peak_rss")}
     return {"sizes": list(sizes), "shards": SHARDS, "side": SIDE, "points": points, "loglog_slopes": fits,
-            "shard_bytes_per_image": per_image, "bytes_per_image": growth, "config": CONFIG}
+            "shard_bytes_per_image": per_image, "bytes_per_image": growth, "pca_dim": 8, "config": CONFIG}
