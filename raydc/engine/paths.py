@@ -21,7 +21,9 @@ FIELDS = ("data.shards", "run.dir")
 
 
 def is_uri(path: str) -> bool:
-    return "://" in path
+    from raydc.storage import is_uri as storage_is_uri
+
+    return storage_is_uri(path)
 
 
 def in_ray_job() -> bool:
