@@ -75,42 +75,35 @@ def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_clust
     return report.write_report(run.path, rows)
 
 
-BATCH_ROWS = 1 << 20  # rows of an assignment part read at a time
-
-
 def _scan_assignments(run: RunDir, manifest, shard_dir: str, per_cluster: int):
     """One pass over the assignment parts, a batch of rows at a time: cluster sizes, the `per_cluster` ids
     nearest each centroid, and (labelled shards) the (label, cluster) pair counts."""
-    import pyarrow.parquet as pq
-
     sizes = np.zeros(0, np.int64)
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (distances, ids), at most per_cluster
     pair_parts = []
     labels = RowLabels(shard_dir, manifest) if manifest.has_labels else None
-    for part in run.assignment_parts():
-        for t in pq.ParquetFile(part).iter_batches(batch_size=BATCH_ROWS):  # bounded, whatever a part's size
-            row, ids = t.column("row").to_numpy(), t.column("id").to_numpy()
-            clusters, dist = t.column("cluster").to_numpy(), t.column("distance").to_numpy()
-            k = int(clusters.max()) + 1 if len(clusters) else 0
-            if k > len(sizes):
-                sizes = np.concatenate([sizes, np.zeros(k - len(sizes), np.int64)])
-            sizes[:k] += np.bincount(clusters, minlength=k)
-            order = np.lexsort((dist, clusters))
-            bounds = np.flatnonzero(np.diff(clusters[order])) + 1
-            for seg in np.split(order, bounds):
-                if not len(seg):
-                    continue
-                c = int(clusters[seg[0]])
-                d, i = dist[seg[:per_cluster]], ids[seg[:per_cluster]]
-                if c in best:
-                    d, i = np.concatenate([best[c][0], d]), np.concatenate([best[c][1], i])
-                    keep = np.argsort(d, kind="stable")[:per_cluster]
-                    d, i = d[keep], i[keep]
-                best[c] = (d, i)
-            if labels is not None:
-                pair_parts.append(M.PairCounts.of(labels(row), clusters))
-                if len(pair_parts) > 16:  # keep the running sum small
-                    pair_parts = [M.PairCounts.merge(pair_parts)]
+    for b in run.assignment_batches():
+        row, ids, clusters, dist = b["row"], b["id"], b["cluster"], b["distance"]
+        k = int(clusters.max()) + 1 if len(clusters) else 0
+        if k > len(sizes):
+            sizes = np.concatenate([sizes, np.zeros(k - len(sizes), np.int64)])
+        sizes[:k] += np.bincount(clusters, minlength=k)
+        order = np.lexsort((dist, clusters))
+        bounds = np.flatnonzero(np.diff(clusters[order])) + 1
+        for seg in np.split(order, bounds):
+            if not len(seg):
+                continue
+            c = int(clusters[seg[0]])
+            d, i = dist[seg[:per_cluster]], ids[seg[:per_cluster]]
+            if c in best:
+                d, i = np.concatenate([best[c][0], d]), np.concatenate([best[c][1], i])
+                keep = np.argsort(d, kind="stable")[:per_cluster]
+                d, i = d[keep], i[keep]
+            best[c] = (d, i)
+        if labels is not None:
+            pair_parts.append(M.PairCounts.of(labels(row), clusters))
+            if len(pair_parts) > 16:  # keep the running sum small
+                pair_parts = [M.PairCounts.merge(pair_parts)]
     chosen = {c: v[1] for c, v in best.items()}
     return sizes, chosen, (M.PairCounts.merge(pair_parts) if labels is not None else None)
 

@@ -63,7 +63,7 @@ class ShardWriter:
         self._images: list[bytes] = []
         self._labels: list[int] = []
         self._ids: list[int | None] = []
-        self._all_ids: list[np.ndarray] = []  # every shard's ids, sorted: the duplicate check at close
+        self._all_ids: list[np.ndarray] = []  # every shard's ids: the duplicate check at close
         self._sizes: set[tuple[int, int]] = set()
         self._shard_color = False
         self._raw_shape: tuple[int, int, int] | None = None
@@ -107,7 +107,7 @@ class ShardWriter:
         if any(given) and not all(given):
             raise DataError("the source gave ids for some images and not for others")
         ids = np.asarray(self._ids, dtype=np.int64) if all(given) else rows
-        self._all_ids.append(np.sort(ids))
+        self._all_ids.append(ids)
         columns = {"row": pa.array(rows), "id": pa.array(ids), "image": pa.array(self._images, type=pa.binary())}
         if self.has_labels:
             columns["label"] = pa.array(np.asarray(self._labels, dtype=np.int64))
@@ -144,8 +144,8 @@ class ShardWriter:
         ids = np.sort(np.concatenate(self._all_ids))
         dup = ids[1:][ids[1:] == ids[:-1]]
         if dup.size:
-            first = np.unique(dup)[:5].tolist()
-            raise DataError(f"the source has duplicate ids ({np.unique(dup).size} repeated, first {first}); "
+            repeated = np.unique(dup)
+            raise DataError(f"the source has duplicate ids ({repeated.size} repeated, first {repeated[:5].tolist()}); "
                             f"ids must be unique so that assignments can be joined back to images")
 
     def abort(self) -> None:

@@ -14,7 +14,7 @@ the same class is called directly through `LocalShard`, so both run the same cod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,8 +89,10 @@ class ShardStore:
                 "cores": self.cores, "busy_peers": self.busy_peers}
 
     def peak_rss(self) -> dict:
-        """This process's peak and current resident memory (bytes), for the scaling benchmark."""
-        return _rss()
+        """This process's peak and current memory (bytes), for the scaling benchmark."""
+        from raydc.engine.memory import peak
+
+        return peak()
 
     def clear(self) -> None:
         self.rows = np.zeros(0, np.int64)
@@ -191,9 +193,10 @@ class ShardStore:
         return self.cols.get(spec)
 
     def counts(self, a, b) -> PairCounts | None:
-        """Pair counts of two labellings of this shard's rows: column names, TRUE, or RowBlocks (looked up)."""
+        """Pair counts of two labellings of this shard's rows: column names, TRUE, or RowBlocks (looked up).
+        A shard without rows counts nothing; one that lacks a labelling answers None."""
         if not len(self.ids):
-            return None
+            return PairCounts.of(np.zeros(0, np.int64), np.zeros(0, np.int64))
         ca, cb = self._column(a), self._column(b)
         if ca is None or cb is None:
             return None
@@ -206,7 +209,10 @@ class ShardStore:
         return put_runs(self.rows, values, self._put, fill)
 
     def write_part(self, path: str, columns: dict[str, str]) -> int:
-        """This shard's rows as one Parquet file, sorted by row: `row`, `id`, then {name: column}."""
+        """This shard's rows as one Parquet file, sorted by row: `row`, `id`, then {name: column}. A shard
+        without rows writes nothing and returns 0."""
+        if not len(self.ids):
+            return 0
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -234,8 +240,9 @@ class ShardStore:
         return RowBlocks.merge(blocks, fill)
 
     def sample(self, positions: np.ndarray, cols: tuple[str, ...]) -> tuple:
+        values = {c: self._column(c) for c in cols}
         return (self.ids[positions], np.asarray(self.x[positions], np.float32),
-                {c: self._column(c)[positions] for c in cols if self._column(c) is not None})
+                {c: v[positions] for c, v in values.items() if v is not None})
 
 
 FeatureShard = ray.remote(num_cpus=0)(ShardStore)
@@ -256,12 +263,6 @@ class LocalShard:
                 return fn(*args, **kwargs)
 
         return _Remote
-
-
-def _rss() -> dict:
-    from raydc.engine.memory import peak
-
-    return peak()
 
 
 @dataclass
@@ -293,10 +294,6 @@ class ExtractInfo:
     projection: PCAProjection | None = None
     pca_rows: int = 0                  # images the PCA was fitted on
     pca_seconds: float = 0.0           # the sample pass and the fit (N <= pca_sample: the fit and projection)
-    extra: dict = field(default_factory=dict)
-
-    def __getitem__(self, key: str):  # the methods' older dict access: info["n"], info["finite"]
-        return getattr(self, key)
 
 
 @dataclass
@@ -478,7 +475,8 @@ class ClusteringService:
         sizes = self.assign_to(centroids, col)
         # What passes through this process per iteration: the centroids go out once to the object store, and
         # each shard fetches them; every shard's k x d sums come back here (the star issue #14 replaces).
-        traffic = {"centroids_out": int(centroids.nbytes), "fetched_by_shards": int(centroids.nbytes * len(self.shards)),
+        traffic = {"centroids_out": int(centroids.nbytes),
+                   "fetched_by_shards": int(centroids.nbytes * len(self.shards)),
                    "received": int(received), "shards": len(self.shards)}
         return ClusterOutcome(centroids, sizes, objective, n_split,
                               f"distributed Lloyd over {len(self.shards)} actors", "distributed", col,
@@ -506,10 +504,10 @@ class ClusteringService:
         """(a, b) pair counts summed over the shards; a and b are column names, TRUE, or RowBlocks. None when
         a shard lacks one of them (no evaluation labels, say)."""
         parts = self._get([s.counts.remote(a, b) for s in self.shards])
-        held = [p for p, n in zip(parts, self._sizes_now()) if n]
-        if not held or any(p is None for p in held):
+        if any(p is None for p in parts):
             return None
-        return PairCounts.merge(held)
+        merged = PairCounts.merge(parts)
+        return merged if merged.n else None
 
     def _sizes_now(self) -> list[int]:
         return self._get([s.size.remote() for s in self.shards])
@@ -521,10 +519,9 @@ class ClusteringService:
     def write_parts(self, directory: str, columns: dict[str, str]) -> list[str]:
         """Each shard writes its rows to `directory`/part-NNNNN.parquet (columns: row, id, then `columns`)."""
         Path(directory).mkdir(parents=True, exist_ok=True)
-        sizes = self._sizes_now()
         paths = [str(Path(directory) / f"part-{i:05d}.parquet") for i in range(len(self.shards))]
-        self._get([s.write_part.remote(p, columns) for s, p, n in zip(self.shards, paths, sizes) if n])
-        return [p for p, n in zip(paths, sizes) if n]
+        written = self._get([s.write_part.remote(p, columns) for s, p in zip(self.shards, paths)])
+        return [p for p, n in zip(paths, written) if n]
 
     def read_parts(self, directory: str, column: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
         """Parts written by `write_parts` back into the object store, spread over the shards."""
@@ -552,7 +549,9 @@ class ClusteringService:
         return self._get([s.apply.remote(fn, *args) for s in self.shards])
 
     def peak_rss(self) -> list[dict]:
-        return self._get([s.peak_rss.remote() for s in self.shards]) + [{"coordinator": True, **_rss()}]
+        from raydc.engine.memory import peak
+
+        return self._get([s.peak_rss.remote() for s in self.shards]) + [{"coordinator": True, **peak()}]
 
     def release(self) -> None:
         self._get([s.clear.remote() for s in self.shards])

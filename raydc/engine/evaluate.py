@@ -24,8 +24,6 @@ def open_run(run_dir: str):
 
 def evaluate_run(run_dir: str, nmi_method: str = "arithmetic") -> dict:
     from raydc.data.manifest import load_manifest
-    import pyarrow.parquet as pq
-
     from raydc.runreport import RowLabels
 
     run, cfg = open_run(run_dir)
@@ -36,11 +34,10 @@ def evaluate_run(run_dir: str, nmi_method: str = "arithmetic") -> dict:
         raise UserError(f"{run.path} has no assignments yet: the run has not finished")
     labels = RowLabels(cfg.data.shards, manifest)
     parts = []
-    for part in run.assignment_parts():  # a batch of rows at a time: (label, cluster) pair counts, then scores
-        for t in pq.ParquetFile(part).iter_batches(batch_size=1 << 20, columns=["row", "cluster"]):
-            parts.append(M.PairCounts.of(labels(t.column("row").to_numpy()), t.column("cluster").to_numpy()))
-            if len(parts) > 16:
-                parts = [M.PairCounts.merge(parts)]
+    for b in run.assignment_batches(["row", "cluster"]):  # (label, cluster) pair counts, then the scores
+        parts.append(M.PairCounts.of(labels(b["row"]), b["cluster"]))
+        if len(parts) > 16:
+            parts = [M.PairCounts.merge(parts)]
     pairs = M.PairCounts.merge(parts)
     out = M.evaluate_counts(pairs, average_method=nmi_method)
     out["majority_acc"] = M.majority_acc_counts(pairs)

@@ -245,8 +245,8 @@ class RankZeroContext:
         return {**label_free_scores(x, cols[final.col]), "label_free_sample": int(len(ids))}
 
     def memory(self) -> dict:
-        """Peak resident memory (bytes) so far of rank 0, the coordinator and each shard actor: what must stay
-        flat in N (all but the shards) in the scaling benchmark."""
+        """Peak resident set and peak private memory (bytes) so far of rank 0, the coordinator and each shard
+        actor (raydc.engine.memory): what must stay flat in N, the shards excepted, in the scaling benchmark."""
         from raydc.engine.memory import peak
 
         me = peak()

@@ -154,6 +154,15 @@ class RunDir:
     def assignment_parts(self, name: str = ASSIGNMENTS_DIR) -> list[Path]:
         return sorted((self.path / name).glob("part-*.parquet"))
 
+    def assignment_batches(self, columns: list[str] | None = None, batch_rows: int = 1 << 20):
+        """Every part's rows, at most `batch_rows` at a time (parts are written in row groups of that size), as
+        {column: array}: what tools read instead of a whole part, whatever N / shards is."""
+        import pyarrow.parquet as pq
+
+        for part in self.assignment_parts():
+            for b in pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=columns):
+                yield {c: b.column(c).to_numpy() for c in b.schema.names}
+
     def read_assignments(self, name: str = ASSIGNMENTS_DIR, columns: list[str] | None = None
                          ) -> dict[str, np.ndarray]:
         """Every part, concatenated (a tool's view for small runs: `raydc evaluate` and the report stream the

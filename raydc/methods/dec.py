@@ -233,7 +233,7 @@ class DEC(Method):
         ctx.remember(state.pred_path, ctx.service.publish(out.col, dtype="int32"))
         state.initialised = True
         row.update(baseline)
-        plan = self._targets(ctx, state, round_idx, centres, n=info["n"], row=row)
+        plan = self._targets(ctx, state, round_idx, centres, n=info.n, row=row)
         if plan.targets is not None:
             plan.targets.centres = centres
         return plan, row
@@ -244,7 +244,7 @@ class DEC(Method):
         if not info.finite:
             raise NumericalError(self.epoch_of(state, round_idx), "features", "the soft assignments q")
         row: dict[str, Any] = {"phase": DEC_PHASE, "time_features": time.perf_counter() - t}
-        return self._targets(ctx, state, round_idx, None, n=info["n"], row=row), row
+        return self._targets(ctx, state, round_idx, None, n=info.n, row=row), row
 
     def _targets(self, ctx, state: DECState, round_idx: int, centres: np.ndarray | None, n: int, row: dict
                  ) -> RoundPlan:

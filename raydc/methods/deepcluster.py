@@ -159,9 +159,10 @@ class DeepCluster(Method):
                              channels=self.in_channels)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
-    def cluster(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int, *, release: bool = True):
+    def cluster(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
         """features -> PCA -> k-means for the model as it is now; returns (outcome, metrics, the clusters as
-        RowBlocks). The clusters are also saved (labels/round=R) and the state points at them."""
+        RowBlocks). The clusters are also saved (labels/round=R) and the state points at them; the shards keep
+        the features and the clusters until the caller releases them."""
         cc = self.cfg.cluster
         times: dict[str, float] = {}
         t = time.perf_counter()
@@ -181,12 +182,8 @@ class DeepCluster(Method):
         previous = ctx.column_blocks(state.labels_path)
         row = self.cluster_metrics(ctx, out, previous)
         blocks = ctx.service.publish(out.col, dtype="int32")
-        if self.opts.head == "match" and previous is not None:
-            self._overlap = ctx.service.counts(out.col, previous).dense(cc.k, cc.k)
         state.labels_path = ctx.save_column(out.col, "labels", round_idx)
         ctx.remember(state.labels_path, blocks)
-        if release:
-            ctx.release()
         row.update(times)
         if info.projection is not None:
             row["pca_rows"] = info.pca_rows  # the images the PCA was fitted on (features.pca_sample)
@@ -205,18 +202,20 @@ class DeepCluster(Method):
         return row
 
     def plan(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int) -> tuple[RoundPlan, dict]:
-        self._overlap = None
+        previous = ctx.column_blocks(state.labels_path)  # held here, so its blocks outlive the new round's
         out, row, blocks = self.cluster(ctx, model, state, round_idx)
         targets = PseudoLabels(blocks, np.asarray(out.sizes), out.n)
         if self.opts.variant == "v2":
             c = np.asarray(out.centroids, np.float32)
             targets.prototypes = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-        elif self._overlap is not None:
-            targets.head_rows = matched_head_rows(self._overlap)
+        elif self.opts.head == "match" and previous is not None:
+            k = self.cfg.cluster.k
+            targets.head_rows = matched_head_rows(ctx.service.counts(out.col, previous).dense(k, k))
+        ctx.release()
         return RoundPlan(targets=targets), row
 
     def finalize(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
-        out, row, _ = self.cluster(ctx, model, state, round_idx, release=False)
+        out, row, _ = self.cluster(ctx, model, state, round_idx)
         final_k = self.opts.final_k
         if final_k and final_k != self.cfg.cluster.k:
             # Over-clustering: the training-k clustering is scored (majority vote is its fair ACC), then the same
