@@ -148,7 +148,7 @@ def _dispatch(args) -> int:
         from raydc.runreport import write_run_report
 
         run, cfg = open_run(args.run)
-        paths = write_run_report(run.path, cfg.data.shards, load_manifest(cfg.data.shards))
+        paths = write_run_report(run.location, cfg.data.shards, load_manifest(cfg.data.shards))
         print("\n".join(str(p) for p in paths))
         return 0
     if args.command == "evaluate":

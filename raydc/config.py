@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from raydc.config_loader import apply_overrides, dump_yaml, from_dict, read_yaml
+from raydc.config_loader import apply_overrides, dump_yaml, from_dict, parse_yaml, read_yaml
 from raydc.errors import ConfigError
 
 SOURCES = ("mnist", "fashionmnist", "cifar10", "usps", "stl10", "folder", "npz")
@@ -248,3 +248,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, overrides)
     return from_dict(Config, data)
+
+
+def load_config_text(text: str, where: str) -> Config:
+    """A config from its YAML text (a run directory's saved config, which may live on object storage)."""
+    return from_dict(Config, parse_yaml(text, where))

@@ -168,12 +168,17 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
+    return parse_yaml(p.read_text(), p)
+
+
+def parse_yaml(text: str, where: str | Path) -> dict:
+    """A config's text (read from a file or an object store, named `where` in errors) as a mapping."""
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {p} is not valid YAML: {e}") from None
+        raise UserError(f"config file {where} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping at top level")
+        raise UserError(f"config file {where} must hold a mapping at top level")
     return data
 
 

@@ -36,15 +36,48 @@ def images_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = N
 
 
 def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_cluster: int = 16,
-                     max_clusters: int = 100, thumb: int = 64) -> list[Path]:
-    from raydc import report
+                     max_clusters: int = 100, thumb: int = 64) -> list[str]:
+    """Draw the report into `<run>/report/`. A run on object storage is drawn in a local temporary directory
+    and its files uploaded (matplotlib writes local files); returns the report's locations."""
+    import shutil
+    import tempfile
+
+    from raydc import storage
 
     run = RunDir(run_dir)
+    if run.is_local:
+        return [str(p) for p in _draw_report(run, Path(run.location), shard_dir, manifest, per_cluster,
+                                             max_clusters, thumb)]
+    tmp = tempfile.mkdtemp(prefix="raydc-report-")
+    try:
+        local = Path(tmp) / run.name
+        drawn = _draw_report(run, local, shard_dir, manifest, per_cluster, max_clusters, thumb)
+        if not (local / "report" / WARNINGS_FILE).exists() and storage.is_file(run.join("report", WARNINGS_FILE)):
+            storage.write_text_atomic(run.join("report", WARNINGS_FILE), "")  # object stores: no stale warning
+        out = []
+        for p in sorted((local / "report").iterdir()):
+            storage.write_bytes_atomic(run.join("report", p.name), p.read_bytes())
+            if p in drawn:
+                out.append(run.join("report", p.name))
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+WARNINGS_FILE = "WARNINGS.txt"
+
+
+def _draw_report(run: RunDir, local: Path, shard_dir: str, manifest, per_cluster: int, max_clusters: int,
+                 thumb: int) -> list[Path]:
+    """The report of `run` drawn under the local directory `local` (the run's own, or a staging copy)."""
+    from raydc import report
+
     rows = run.read_metrics()
+    report_dir = local / "report"
     warnings = [r["quality_warning"] for r in rows if r.get("quality_warning")]
-    warnings_path = run.report_dir / "WARNINGS.txt"
+    warnings_path = report_dir / WARNINGS_FILE
     if warnings:  # beside the pictures, where the person reading them looks
-        run.report_dir.mkdir(parents=True, exist_ok=True)
+        report_dir.mkdir(parents=True, exist_ok=True)
         warnings_path.write_text("".join(f"warning: {w}\n" for w in warnings))
     elif warnings_path.exists():  # a resumed run's new final round is what counts
         warnings_path.unlink()
@@ -64,15 +97,15 @@ def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_clust
             for c, (lab, share) in _majorities(pairs).items():
                 name = names[lab] if names and 0 <= lab < len(names) else str(lab)
                 purity[c] = f"{name} {100 * share:.0f}%"
-        paths = report.write_report(run.path, rows, sizes=sizes)
+        paths = report.write_report(local, rows, sizes=sizes)
         if montage:
-            path = run.report_dir / "montage.png"
+            path = report_dir / "montage.png"
             report.cluster_montage(montage, path, title=f"{len(montage)} largest clusters: images nearest the centroid",
                                    sizes={c: int(counts[c]) for c in montage}, labels_purity=purity,
                                    max_clusters=max_clusters)
             paths.append(path)
         return paths
-    return report.write_report(run.path, rows)
+    return report.write_report(local, rows)
 
 
 def _scan_assignments(run: RunDir, manifest, shard_dir: str, per_cluster: int):

@@ -37,7 +37,7 @@ from raydc.errors import DataError
 
 __all__ = ["NotFound", "is_uri", "resolve", "join", "exists", "is_file", "read_bytes", "read_text",
            "write_bytes_atomic", "write_text_atomic", "open_input_file", "open_output_stream", "list_files",
-           "delete_dir", "makedirs"]
+           "list_dirs", "list_entries", "delete_dir", "makedirs"]
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
@@ -191,6 +191,28 @@ def list_files(location: str, suffix: str | None = None) -> list[str]:
                    if i.type == pafs.FileType.File and not i.base_name.startswith(".")
                    and (suffix is None or i.base_name.endswith(suffix)))
     return [join(location, n) for n in names]
+
+
+def list_dirs(location: str, prefix: str = "") -> list[str]:
+    """The directories directly in `location` whose names start with `prefix`, sorted by name, as locations in
+    the same form (on object stores: the common prefixes one level down). A missing directory gives []."""
+    fs, path = resolve(location)
+    with _translated(location, fs, path):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    return [join(location, n) for n in names]
+
+
+def list_entries(location: str) -> list[str]:
+    """The names directly in directory `location`, files and directories alike ([] when it is missing): what
+    tells an empty directory, which a run may start in, from a used one."""
+    fs, path = resolve(location)
+    with _translated(location, fs, path):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
 def delete_dir(location: str) -> None:

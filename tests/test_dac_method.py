@@ -4,6 +4,7 @@ a mid-run checkpoint, and `raydc assign` / `evaluate` on the result."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -107,7 +108,7 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
     a = run.read_assignments()
     assert sorted(a["id"].tolist()) == list(range(K * PER_CLUSTER))
     for png in ("curves.png", "phases.png", "montage.png"):
-        assert (run.report_dir / png).stat().st_size > 1000, png
+        assert (Path(run.report_dir) / png).stat().st_size > 1000, png
     # `raydc assign` puts the training images where the run did (same model, argmax of the label feature)
     path = assign_images(str(run.path), str(shards), str(tmp_path / "assigned"))
     t = pq.read_table(path)
@@ -123,8 +124,12 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_result(tiny_run, tmp_pa
 
     cfg, run, _ = tiny_run
     copy = RunDir(shutil.copytree(run.path, tmp_path / "run"))
-    for p in [*copy.checkpoints()[1:], copy.clustering_path, *copy.assignment_parts()]:
-        p.unlink()  # back to the state after round 0 (keep_checkpoints 2 kept rounds 1 and 2)
+    rounds = [copy.checkpoint_round(d) for d in copy.checkpoints()]
+    for d in copy.checkpoints()[1:]:
+        shutil.rmtree(d)  # back to the oldest checkpoint kept (keep_checkpoints 2)
+    for p in [copy.clustering_path, *copy.assignment_parts()]:
+        Path(p).unlink()
+    assert len(rounds) == 2 and copy.checkpoint_round() == rounds[0] < rounds[1]
     cfg.run.dir = str(copy.path)
     run_training(cfg, resume=True, log=lambda *a: None)
     a, b = run.read_assignments(), copy.read_assignments()

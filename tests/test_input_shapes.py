@@ -4,6 +4,7 @@ network cannot take is an error naming the field (never a shape traceback from d
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -151,4 +152,4 @@ def test_mixed_size_folder_runs_through_the_engine(ray_local, mixed_folder_shard
     assert "network input 20x20x3 (model.input_size; the images are mixed sizes, RGB)" in lines
     rows = run.read_metrics()
     assert rows[-1]["final"] and sum(rows[-1]["size_histogram"]) == 72
-    assert (run.report_dir / "montage.png").exists()
+    assert (Path(run.report_dir) / "montage.png").exists()

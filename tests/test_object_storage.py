@@ -1,15 +1,13 @@
-"""Shards on a real S3-protocol server (moto over HTTP on 127.0.0.1, tests/s3server.py): a DeepCluster run reads
-them through pyarrow's S3 filesystem, in the driver, the feature pool and Ray Data's read tasks alike, and ends
-exactly where the same run on the local copy does. Credentials come from the environment, never the config."""
+"""Shards and run directories on a real S3-protocol server (moto over HTTP on 127.0.0.1, tests/s3server.py):
+DeepCluster and DEC runs read and write them through pyarrow's S3 filesystem, in the driver, the Train workers,
+the feature pool, the shard actors and Ray Data's read tasks alike, and end exactly where the same run on local
+disk does. Credentials come from the environment, never the config."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -20,47 +18,118 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def shards_local_and_s3(tmp_path_factory, mnist_root, s3_server):
     from raydc.data.prepare import prepare
-    from raydc.storage import join, write_bytes_atomic
 
     local = tmp_path_factory.mktemp("s3shards") / "mnist300"
     prepare("mnist", local, root=str(mnist_root), split="test", limit=300, rows_per_shard=100, progress=False)
     remote = s3_server.uri("shards/mnist300")
-    for f in sorted(local.iterdir()):
-        write_bytes_atomic(join(remote, f.name), f.read_bytes())
+    prepare("mnist", remote, root=str(mnist_root), split="test", limit=300, rows_per_shard=100, progress=False)
     return local, remote
 
 
-def _train(shards: str, run_dir: Path, env: dict) -> subprocess.CompletedProcess:
+def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_server, mnist_root):
+    """`raydc prepare --out s3://...`: the same shard bytes and manifest as a local prepare, the same refusal
+    to overwrite without --overwrite, and nothing left of a failed one."""
+    from raydc.data.manifest import load_manifest, verify_shards
+    from raydc.storage import join, read_bytes
+
+    local, remote = shards_local_and_s3
+    a, b = load_manifest(local), load_manifest(remote)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards] and b.count == 300
+    verify_shards(b, remote)
+    assert read_bytes(join(remote, a.shards[1].file)) == (local / a.shards[1].file).read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "raydc.cli", "prepare", "--source", "mnist", "--root", str(mnist_root),
+           "--split", "test", "--limit", "300", "--rows-per-shard", "150", "--out", remote, "--no-progress"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "already holds a prepared dataset" in p.stderr, p.stderr[-2000:]
+    other = s3_server.uri("shards/cli150")
+    cmd[cmd.index(remote)] = other
+    p = subprocess.run([*cmd, "--verify"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(load_manifest(other).shards) == 2
+    assert sorted(k.rsplit("/", 1)[-1] for k in _keys(s3_server, "shards/cli150/")) == [
+        "manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
+    empty = s3_server.uri("shards/none")
+    p = subprocess.run([*cmd[:-3], "--classes", "99", "--out", empty], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and not _keys(s3_server, "shards/none/"), p.stderr[-2000:]
+
+
+def _train(shards: str, run_dir: str, env: dict, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
     sets = [f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=4", "cluster.pca_dim=8",
             "features.pca_sample=150", "train.epochs=2", "train.batch_size=50", "train.crop_scale_min=0.5",
-            "train.hflip=false", "features.batch_size=100", "run.montage_per_cluster=2", "ray.num_cpus=4"]
-    return subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=900)
+            "train.hflip=false", "features.batch_size=100", "run.montage_per_cluster=2", "ray.num_cpus=4", *extra]
+    return subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets],
+                           *(["--resume"] if resume else [])], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_a_run_on_s3_shards_equals_the_run_on_local_ones(shards_local_and_s3, s3_server, tmp_path):
-    local, remote = shards_local_and_s3
+def _env(s3_server) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env)
     env.pop("RAY_ADDRESS", None)  # a Ray of its own, started with the AWS variables its workers inherit
-    runs = {}
-    for name, shards in (("s3", remote), ("local", str(local))):
-        p = _train(shards, tmp_path / name, env)
-        assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-        runs[name] = _rows(tmp_path / name)
-    a, b = runs["s3"], runs["local"]
-    assert [r["epoch"] for r in a] == [0, 1, 2] and a[-1]["final"]
+    return env
+
+
+def _keys(s3_server, prefix: str) -> list[str]:
+    out = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)
+    return [o["Key"][len(prefix):] for o in out.get("Contents", [])]
+
+
+def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_local_and_s3, s3_server, tmp_path):
+    """Shards and run directory both in the bucket: metrics, checkpoints (Ray Train's storage), labels,
+    assignments and the report go there, nothing to local disk. The run stops after 2 epochs and a --resume
+    adds a third from the checkpoint read back from S3: every row equals the uninterrupted 3-epoch run on the
+    local copy of the shards with a local run directory."""
+    from raydc.engine.rundir import RunDir
+
+    local, remote = shards_local_and_s3
+    env = _env(s3_server)
+    run_uri = s3_server.uri("runs/dc")
+    p = _train(remote, run_uri, env)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    keys = _keys(s3_server, "runs/dc/")
+    for expected in ("config.yaml", "metrics.jsonl", "clustering.pt", "report/curves.png", "report/montage.png"):
+        assert expected in keys, (expected, keys)
+    assert any(k.startswith("checkpoints/fit-000/checkpoint_") and k.endswith("/state.pt") for k in keys), keys
+    assert any(k.startswith("labels/round=") for k in keys), keys
+    remote_run = RunDir(run_uri)
+    assert remote_run.checkpoint_round() == 1 and [r["epoch"] for r in remote_run.read_metrics()] == [0, 1, 2]
+    assert sorted(remote_run.read_assignments()["id"].tolist()) == list(range(300))
+    assert not (REPO / "s3:").exists()  # a URI taken for a relative local path would land here
+
+    p = _train(remote, run_uri, env, "train.epochs=3", resume=True)  # a second fit: checkpoints/fit-001
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "resuming" in p.stdout + p.stderr
+    p = _train(str(local), str(tmp_path / "local"), env, "train.epochs=3")
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    a, b = RunDir(run_uri).read_metrics(), RunDir(tmp_path / "local").read_metrics()
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [0, 1, 2, 3] and a[-1]["final"]
     for ra, rb in zip(a, b):  # the same rows, read from either store, give the same run
         for key in ("loss", "kmeans_objective", "acc", "nmi", "pca_rows"):
             if key in rb:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-6), (ra["epoch"], key)
-    import pyarrow.dataset as pads
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5), (ra["epoch"], key)
+    assert RunDir(run_uri).checkpoint_round() == 2
+    assert any(k.startswith("checkpoints/fit-001/") for k in _keys(s3_server, "runs/dc/"))
 
-    t = pads.dataset(str(tmp_path / "s3" / "assignments")).to_table()
-    assert sorted(t.column("id").to_pylist()) == list(range(300))
+
+def test_a_dec_run_lives_on_s3(shards_local_and_s3, s3_server):
+    from raydc.engine.evaluate import evaluate_run
+    from raydc.engine.rundir import RunDir
+
+    _, remote = shards_local_and_s3
+    run_uri = s3_server.uri("runs/dec")
+    sets = [f"data.shards={remote}", f"run.dir={run_uri}", "method=dec", "model.ae_dims=[32,16,4]", "cluster.k=4",
+            "cluster.pca_dim=0", "dec.pretrain_epochs=1", "dec.finetune_epochs=1", "dec.batch_size=50",
+            "dec.pretrain_batch_size=50", "dec.update_interval=6", "dec.max_iterations=18", "ray.num_cpus=4",
+            "run.montage_per_cluster=2"]
+    p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
+                       env=_env(s3_server), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    rows = RunDir(run_uri).read_metrics()
+    assert rows[-1]["final"] and rows[-1]["acc"] > 0
+    assert evaluate_run(run_uri)["acc"] == pytest.approx(rows[-1]["acc"])  # `raydc evaluate --run s3://...`
+    keys = _keys(s3_server, "runs/dec/")
+    assert "clustering.pt" in keys and any(k.startswith("assignments/part-") for k in keys), keys
 
 
 def test_a_missing_bucket_names_the_uri_and_exits_2(s3_server, tmp_path):

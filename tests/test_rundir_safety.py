@@ -32,15 +32,19 @@ class _State:
 
 
 def test_state_round_trips_through_a_safe_checkpoint(tmp_path):
-    run = RunDir(tmp_path)
     state = _State(3, {"acc": 0.5}, np.arange(5, dtype=np.int64))
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(1, 2)).sum().backward()
     opt.step()
-    run.save_checkpoint(0, {"round": 0, "model": model.state_dict(), "state": to_plain(state),
-                            "optimizers": {"body": opt.state_dict()}, "config": {"method": "dec", "k": [1, 2]}})
-    back = run.load_checkpoint()
+    from ray.train import Checkpoint
+
+    from raydc.engine.loop import load_round_checkpoint, save_round_checkpoint
+
+    save_round_checkpoint(str(tmp_path), 0, {
+        "round": 0, "model": model.state_dict(), "state": to_plain(state),
+        "optimizers": {"body": opt.state_dict()}, "config": {"method": "dec", "k": [1, 2]}})
+    back = load_round_checkpoint(Checkpoint.from_directory(str(tmp_path)))
     restored = from_plain(_State, back["state"])
     assert restored.counter == 3 and restored.scores == {"acc": 0.5}
     np.testing.assert_array_equal(restored.last, np.arange(5)) and restored.last.dtype == np.int64
@@ -50,12 +54,16 @@ def test_state_round_trips_through_a_safe_checkpoint(tmp_path):
 
 def test_a_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
+    from ray.train import Checkpoint
+
+    from raydc.engine.loop import load_round_checkpoint
+
     run = RunDir(tmp_path / "run")
-    path = run.checkpoint_path(0)
-    path.parent.mkdir(parents=True)
-    torch.save({"format": 2, "round": 0, "state": _TouchOnLoad(marker)}, path)
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    torch.save({"format": 2, "round": 0, "state": _TouchOnLoad(marker)}, ckpt / "state.pt")
     with pytest.raises(UserError, match="pickled Python objects.*can run code"):
-        run.load_checkpoint()
+        load_round_checkpoint(Checkpoint.from_directory(str(ckpt)))
     assert not marker.exists()
     torch.save({"format": 2, "artifacts": _TouchOnLoad(marker)}, run.clustering_path)
     with pytest.raises(UserError, match="pickled Python objects"):
@@ -64,12 +72,20 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
 
 
 def test_an_old_format_checkpoint_is_refused_naming_the_format(tmp_path):
-    run = RunDir(tmp_path)
-    path = run.checkpoint_path(0)
-    path.parent.mkdir(parents=True)
+    from raydc.engine.rundir import load_safe
+
+    path = tmp_path / "state.pt"
     torch.save({"round": 0, "state": {"last_assign": np.arange(3)}}, path)  # what raydc wrote before
     with pytest.raises(UserError, match="run-file format 2"):
-        run.load_checkpoint()
+        load_safe(path)
+
+
+def test_resuming_a_run_of_the_old_checkpoint_layout_says_to_start_again(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"format": 2, "round": 3}, tmp_path / "checkpoints" / "round-0003.pt")  # raydc before Ray Train's
+    with pytest.raises(UserError, match="older raydc.*--overwrite"):
+        run.create("method: dec\n", resume=True, overwrite=False)
 
 
 def test_a_file_without_the_format_mark_is_refused(tmp_path):

@@ -175,12 +175,14 @@ def _parse_manifest(text: str, path: str, shard_dir) -> Manifest:
 
 def verify_shards(manifest: Manifest, shard_dir: str | os.PathLike) -> None:
     """Check every listed shard exists and matches its sha256: reads all bytes, so use it for audits and tests."""
+    from raydc import storage
+
     for shard in manifest.shards:
-        path = Path(shard_dir) / shard.file
-        if not path.is_file():
+        path = storage.join(str(shard_dir), shard.file)
+        if not storage.is_file(path):
             raise DataError(f"shard {path} listed in the manifest is missing; re-create the shards with "
                             f"`raydc prepare ... --overwrite`")
-        digest = sha256_file(path)
+        digest = hashlib.sha256(storage.read_bytes(path)).hexdigest() if storage.is_uri(path) else sha256_file(path)
         if digest != shard.sha256:
             raise DataError(f"shard {path} is corrupt: sha256 {digest} does not match the manifest's "
                             f"{shard.sha256}; re-create the shards with `raydc prepare ... --overwrite`")

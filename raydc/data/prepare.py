@@ -17,6 +17,9 @@ Two encodings:
   loses quality and costs time). Sizes and modes may vary: `image_shape` is the decoded [H, W, C] (C from
   `mode`, which is "RGB" as soon as one image has colour) when all images share H and W, else null.
 
+`out` may be an object-store URI (`s3://bucket/shards/x`): each shard is staged locally, uploaded when it is
+complete and deleted here, and the manifest is uploaded last.
+
 Crash safety: each shard is written to `*.tmp` and renamed, and the manifest is written last and atomically;
 a prepare that fails removes what it wrote, and one that is killed leaves shards but no manifest, which
 readers refuse. Re-running into a directory that holds shards or a manifest needs `overwrite=True`.
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,8 +56,11 @@ class ShardWriter:
     """Buffers at most one shard of rows and writes it with a tmp-then-rename, recording what it wrote."""
 
     def __init__(self, out_dir: Path, encoding: str, rows_per_shard: int, has_labels: bool,
-                 max_shard_bytes: int = MAX_SHARD_BYTES):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, remote: str | None = None):
+        """`remote`: a URI the shards go to; each is then written in `out_dir` (a staging directory), uploaded
+        as soon as it is complete and removed here, so local disk holds one shard at a time."""
         self.out_dir, self.encoding, self.rows_per_shard = out_dir, encoding, rows_per_shard
+        self.remote = remote
         self.has_labels, self.max_shard_bytes = has_labels, max_shard_bytes
         self.shards: list[ShardInfo] = []
         self.count = 0
@@ -69,6 +77,7 @@ class ShardWriter:
         self._raw_shape: tuple[int, int, int] | None = None
         self._bytes = 0
         self._written: list[Path] = []
+        self._uploaded: list[str] = []
 
     def add(self, item: Item) -> None:
         if self.has_labels and item.label is None:
@@ -128,13 +137,21 @@ class ShardWriter:
         self._written.append(final)
         self.shards.append(ShardInfo(file=name, rows=n, sha256=sha256_file(final), id_min=int(ids.min()),
                                      id_max=int(ids.max()), row_start=start))
+        if self.remote is not None:
+            from raydc import storage
+
+            target = storage.join(self.remote, name)
+            self._uploaded.append(target)
+            storage.write_bytes_atomic(target, final.read_bytes())
+            final.unlink()
         self.count += n
         self._images, self._labels, self._ids, self._sizes, self._bytes, self._shard_color = [], [], [], set(), 0, False
 
     def close(self) -> None:
         self.flush()
         self.check_unique_ids()
-        fsync_dir(self.out_dir)
+        if self.remote is None:
+            fsync_dir(self.out_dir)
 
     def check_unique_ids(self) -> None:
         """Ids must be unique: assignments and labels are joined back to images by id. (8 bytes per image on
@@ -155,6 +172,15 @@ class ShardWriter:
                 path.unlink()
             except FileNotFoundError:
                 pass
+        if self._uploaded:
+            from raydc import storage
+
+            fs, _ = storage.resolve(self._uploaded[0])
+            for target in self._uploaded:
+                try:
+                    fs.delete_file(storage.resolve(target)[1])
+                except (OSError, FileNotFoundError):
+                    pass
         self._images, self._labels, self._ids = [], [], []
 
 
@@ -180,10 +206,17 @@ def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.Path
     src = source if isinstance(source, Source) else open_source(
         source, root, split=split, download=download, labels_from_folders=labels_from_folders, strict=strict,
         root_help=root_help)
-    out_dir = Path(out).expanduser().resolve()
-    created = _claim_out_dir(out_dir, overwrite)
+    from raydc import storage
 
-    writer = ShardWriter(out_dir, src.encoding, rows_per_shard, src.has_labels)
+    remote = str(out).rstrip("/") if storage.is_uri(str(out)) else None
+    if remote is not None:  # shards are staged here one at a time and uploaded; the manifest goes up last
+        _claim_remote_dir(remote, overwrite)
+        out_dir = created = Path(tempfile.mkdtemp(prefix="raydc-prepare-"))
+    else:
+        out_dir = Path(out).expanduser().resolve()
+        created = _claim_out_dir(out_dir, overwrite)
+
+    writer = ShardWriter(out_dir, src.encoding, rows_per_shard, src.has_labels, remote=remote)
     total = src.size_hint(classes)
     if limit is not None and total is not None:
         total = min(total, limit)
@@ -212,12 +245,17 @@ def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.Path
             shards=writer.shards, skipped=list(src.skipped), created_by=f"raydc {raydc.__version__}",
             format_version=FORMAT_VERSION, split=split if src.name in TORCHVISION_SOURCES else None,
             classes=classes, limit=limit)
-        write_manifest(manifest, out_dir)
+        path = write_manifest(manifest, out_dir)
+        if remote is not None:
+            storage.write_bytes_atomic(storage.join(remote, MANIFEST_NAME), path.read_bytes())
     except BaseException:
         writer.abort()
         if created:  # a failed prepare (--strict on a corrupt file, no images) leaves nothing it made behind
             _remove_empty_dirs(out_dir, created)
         raise
+    finally:
+        if remote is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
     return manifest
 
 
@@ -254,6 +292,26 @@ def _claim_out_dir(out_dir: Path, overwrite: bool) -> Path | None:
         if p.exists():
             p.unlink()
     return created
+
+
+def _claim_remote_dir(remote: str, overwrite: bool) -> None:
+    """`_claim_out_dir` for a URI prefix: the same refusal without --overwrite, and the manifest removed
+    before the shards."""
+    from raydc import storage
+
+    ours = [p for p in (storage.list_files(remote) if storage.exists(remote) else [])
+            if p.rsplit("/", 1)[-1].startswith(MANIFEST_NAME) or p.rsplit("/", 1)[-1].startswith("shard-")]
+    if not ours:
+        return
+    manifest = storage.join(remote, MANIFEST_NAME)
+    has_manifest = manifest in ours
+    if not overwrite:
+        what = "a prepared dataset" if has_manifest else \
+            f"{len(ours)} shard file(s) without a manifest (an interrupted prepare?)"
+        raise DataError(f"{remote} already holds {what}; pass --overwrite to replace it, or choose another --out")
+    fs, _ = storage.resolve(remote)
+    for p in sorted(ours, key=lambda p: p != manifest):
+        fs.delete_file(storage.resolve(p)[1])
 
 
 def _remove_empty_dirs(out_dir: Path, top: Path) -> None:

@@ -14,7 +14,8 @@ from raydc.config import Config
 from raydc.config_loader import from_dict
 
 
-def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> Path:
+def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> str:
+    from raydc import storage
     from raydc.data.manifest import load_manifest
     from raydc.engine.clustering import ClusteringService, ShardPlacement
     from raydc.engine.loop import RankZeroContext
@@ -25,7 +26,7 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> Path:
     run = RunDir(run_dir)
     saved = run.load_clustering()
     cfg: Config = from_dict(Config, saved["config"])
-    train_manifest = load_manifest(cfg.data.shards) if Path(cfg.data.shards).exists() else None
+    train_manifest = load_manifest(cfg.data.shards) if storage.exists(cfg.data.shards) else None
     manifest = load_manifest(shard_dir)
     method = build_method(cfg, train_manifest or manifest)
     model = method.build_model()
@@ -33,18 +34,20 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> Path:
     model.eval()
 
     init_ray(cfg.ray, train_cpus=0)
-    ctx = RankZeroContext(cfg, manifest, str(Path(shard_dir).resolve()),
+    if not storage.is_uri(shard_dir):
+        shard_dir = str(Path(shard_dir).resolve())
+    ctx = RankZeroContext(cfg, manifest, shard_dir,
                           lambda: ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu,
                                                     placement=ShardPlacement.from_config(cfg.cluster)),
                           print)
-    name = out or f"assign-{Path(shard_dir).resolve().name}"
-    path = Path(name).expanduser().resolve() if out else run.path / name
+    if out:
+        path = out if storage.is_uri(out) else str(Path(out).expanduser().resolve())
+    else:
+        path = run.join(f"assign-{shard_dir.rstrip('/').rsplit('/', 1)[-1]}")
     try:
         final = method.assign(ctx, model, saved["artifacts"])
-        if path.is_dir():
-            for p in path.glob("part-*.parquet"):  # parts of an earlier assign into the same place
-                p.unlink()
-        ctx.write_assignments(final, str(path))
+        storage.delete_dir(path)  # the parts of an earlier assign into the same place
+        ctx.write_assignments(final, path)
     finally:
         ctx.shutdown()
     return path

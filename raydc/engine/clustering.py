@@ -216,7 +216,7 @@ class ShardStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from raydc.engine.rundir import atomic_write_bytes
+        from raydc import storage
 
         order = np.argsort(self.rows, kind="stable")
         data = {"row": pa.array(self.rows[order]), "id": pa.array(self.ids[order])}
@@ -224,16 +224,19 @@ class ShardStore:
             data[name] = pa.array(np.asarray(self._column(col))[order])
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table(data), sink, compression="zstd", row_group_size=1 << 20)  # readers go by group
-        atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
+        storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
         return int(len(order))
 
     def read_parts(self, paths: list[str], column: str, dtype: str | None, fill) -> RowBlocks:
         """Saved parts back into the object store (a resumed run's previous labels)."""
         import pyarrow.parquet as pq
 
+        from raydc import storage
+
         blocks = []
         for p in paths:
-            t = pq.read_table(p, columns=["row", column])
+            with storage.open_input_file(p) as f:
+                t = pq.read_table(f, columns=["row", column])
             values = t.column(column).to_numpy()
             blocks.append(put_runs(t.column("row").to_numpy(), values.astype(dtype) if dtype else values,
                                    self._put, fill))
@@ -518,14 +521,18 @@ class ClusteringService:
 
     def write_parts(self, directory: str, columns: dict[str, str]) -> list[str]:
         """Each shard writes its rows to `directory`/part-NNNNN.parquet (columns: row, id, then `columns`)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        paths = [str(Path(directory) / f"part-{i:05d}.parquet") for i in range(len(self.shards))]
+        from raydc import storage
+
+        storage.makedirs(directory)
+        paths = [storage.join(directory, f"part-{i:05d}.parquet") for i in range(len(self.shards))]
         written = self._get([s.write_part.remote(p, columns) for s, p in zip(self.shards, paths)])
         return [p for p, n in zip(paths, written) if n]
 
     def read_parts(self, directory: str, column: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
         """Parts written by `write_parts` back into the object store, spread over the shards."""
-        paths = sorted(str(p) for p in Path(directory).glob("part-*.parquet"))
+        from raydc import storage
+
+        paths = [p for p in storage.list_files(directory, suffix=".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
         groups = [paths[i::len(self.shards)] for i in range(len(self.shards))]
         return RowBlocks.merge(self._get([s.read_parts.remote(g, column, dtype, fill)
                                           for s, g in zip(self.shards, groups) if g]), fill)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-from raydc.config import load_config
 from raydc.core import metrics as M
 from raydc.errors import UserError
 
@@ -12,14 +11,18 @@ def open_run(run_dir: str):
     a typo must be reported as a wrong run directory, not as a missing config file they never named."""
     from raydc.engine.rundir import RunDir
 
+    from raydc import storage
+    from raydc.config import load_config_text
+
     run = RunDir(run_dir)
-    if not run.path.is_dir():
-        what = "is not a directory" if run.path.exists() else "does not exist"
-        raise UserError(f"run directory {run.path} {what} (--run)")
-    if not (run.path / "config.yaml").is_file():
-        raise UserError(f"{run.path} is not a raydc run directory: it has no config.yaml (--run names the "
+    if not storage.exists(run.location) or storage.is_file(run.location):
+        what = "is not a directory" if storage.exists(run.location) else "does not exist"
+        raise UserError(f"run directory {run.location} {what} (--run)")
+    text = run.read_config_text()
+    if text is None:
+        raise UserError(f"{run.location} is not a raydc run directory: it has no config.yaml (--run names the "
                         f"run.dir of a `raydc train`)")
-    return run, load_config(str(run.path / "config.yaml"))
+    return run, load_config_text(text, run.join("config.yaml"))
 
 
 def evaluate_run(run_dir: str, nmi_method: str = "arithmetic") -> dict:
@@ -31,7 +34,7 @@ def evaluate_run(run_dir: str, nmi_method: str = "arithmetic") -> dict:
     if not manifest.has_labels:
         raise UserError(f"the shards at {cfg.data.shards} carry no labels: nothing to evaluate against")
     if not run.has_assignments():
-        raise UserError(f"{run.path} has no assignments yet: the run has not finished")
+        raise UserError(f"{run.location} has no assignments yet: the run has not finished")
     labels = RowLabels(cfg.data.shards, manifest)
     parts = []
     for b in run.assignment_batches(["row", "cluster"]):  # (label, cluster) pair counts, then the scores

@@ -11,7 +11,9 @@ so the same code runs under Ray Train here and in-process in the method tests.
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -189,20 +191,18 @@ class RankZeroContext:
         """Each shard writes its rows' `col` to <run.dir>/<name>/round=R/part-*.parquet; older rounds beyond
         the checkpoints kept are removed. Returns the directory (what a checkpoint records instead of the
         array)."""
-        import shutil
-        from pathlib import Path
+        from raydc import storage
 
-        base = Path(self.cfg.run.dir) / name
-        out = base / f"round={round_idx:04d}"
-        if out.exists():
-            shutil.rmtree(out)  # a redone round (after a resume) writes its parts afresh
-        self.service.write_parts(str(out), {"value": col})
+        base = storage.join(self.cfg.run.dir, name)
+        out = storage.join(base, f"round={round_idx:04d}")
+        storage.delete_dir(out)  # a redone round (after a resume) writes its parts afresh
+        self.service.write_parts(out, {"value": col})
         # Every kept checkpoint points at one of the newest keep_checkpoints + 1 dirs; the final clustering's
         # write comes after the last checkpoint, hence + 2.
         keep = self.cfg.run.keep_checkpoints + 2
-        for old in sorted(base.glob("round=*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return str(out)
+        for old in storage.list_dirs(base, prefix="round=")[:-keep]:
+            storage.delete_dir(old)
+        return out
 
     def column_blocks(self, path: str | None):
         """The RowBlocks of a column saved at `path`: the ones `remember`ed for it in this process, else read
@@ -211,11 +211,10 @@ class RankZeroContext:
             return None
         got = self._published.get(path)
         if got is None:
-            from pathlib import Path
-
+            from raydc import storage
             from raydc.errors import UserError
 
-            if not any(Path(path).glob("part-*.parquet")):
+            if not storage.exists(path) or not storage.list_files(path, suffix=".parquet"):
                 raise UserError(f"the checkpoint's saved clustering {path} is missing: the run directory lost "
                                 f"files since it was written; start the run again with --overwrite")
             got = self.service.read_parts(path, "value")
@@ -388,7 +387,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # the initial weights: the same run seed gives the same network
     np.random.seed(cfg.train.seed % (1 << 32))
     model = method.build_model()
-    ckpt = run.load_checkpoint()
+    # This fit's newest checkpoint (a worker group restarted after a failure), else the one the driver chose
+    # to resume from, else none.
+    ckpt = load_round_checkpoint(ray.train.get_checkpoint(), loop_cfg.get("resume_from"))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         state, start = from_plain(type(method.init_state()), ckpt["state"]), ckpt["round"] + 1
@@ -411,21 +412,26 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log)
         if start:
             run.truncate_metrics(upto_round=start)
-            _log(f"resuming from {run.latest_checkpoint().name}: round {start}")
+            _log(f"resuming from the checkpoint of round {start - 1}: round {start}")
 
     def broadcast(plan):
         ref = broadcast_from_rank_zero([ray.put(plan) if rank == 0 else None])[0]
         return ray.get(ref)
 
     def end_round(r: int, row: dict, state) -> None:
-        if rank == 0:
-            run.append_metrics(row)
-            run.save_checkpoint(r, {
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))} if rank == 0 else {}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        run.append_metrics(row)
+        with tempfile.TemporaryDirectory(prefix="raydc-ckpt-") as tmp:
+            save_round_checkpoint(tmp, r, {
                 "round": r, "model": WorkerContext.unwrap(model).state_dict(), "state": to_plain(state),
                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()}, "config": loop_cfg["config"],
-            }, keep=cfg.run.keep_checkpoints)
-            _log(summary_line(row))
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))} if rank == 0 else {})
+            })
+            # Ray Train persists it to <run.dir>/checkpoints before report returns: the round's commit point.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        _log(summary_line(row))
 
     r, state = run_rounds(method, model, state, start, wctx=wctx, rctx=rctx, broadcast=broadcast,
                           end_round=end_round, log=_log)
@@ -448,6 +454,30 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         finally:
             rctx.shutdown()
     ray.train.report({"done": 1})
+
+
+def save_round_checkpoint(directory: str, round_idx: int, contents: dict) -> None:
+    """A round's checkpoint as Ray Train carries it: a directory of the safe-loading state file and a small
+    JSON saying which round it closes (what tools read without loading the state)."""
+    from raydc.engine.rundir import CHECKPOINT_INFO, CHECKPOINT_STATE, save_safe
+
+    save_safe(os.path.join(directory, CHECKPOINT_STATE), contents)
+    with open(os.path.join(directory, CHECKPOINT_INFO), "w") as f:
+        json.dump({"round": int(round_idx)}, f)
+
+
+def load_round_checkpoint(checkpoint, fallback: str | None = None) -> dict | None:
+    """The state saved by `save_round_checkpoint`: in a `ray.train.Checkpoint` (`as_directory` downloads it
+    from object storage), else in the checkpoint directory `fallback` (a location), else None (a fresh run)."""
+    from raydc import storage
+    from raydc.engine.rundir import CHECKPOINT_STATE, load_safe
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return load_safe(os.path.join(d, CHECKPOINT_STATE))
+    if fallback is not None:
+        return load_safe(storage.join(fallback, CHECKPOINT_STATE))
+    return None
 
 
 def summary_line(row: dict) -> str:

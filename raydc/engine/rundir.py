@@ -1,7 +1,7 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
-Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/round-NNNN.pt`,
-`clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
+Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/` (Ray Train's
+storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
 cluster, distance`, one part per shard actor, each written by that actor: no process ever holds them all),
 `labels/round=R/` (the same per round, for the next round's comparison and a resume), `report/` (PNGs).
 
@@ -9,8 +9,9 @@ A run directory is something people share, so loading one must not run code: che
 hold only tensors and plain Python values (numpy arrays are stored as tensors, dataclasses as dicts) and are
 read with `torch.load(weights_only=True)`, whose unpickler refuses everything else.
 
-Every write goes to a temporary file in the same directory and is renamed into place, so a kill at any instant leaves either the old or the new file,
-never half of one. A checkpoint is the commit point of a round: metrics rows past the last checkpoint are
+The directory may be a local path or an object-store URI. Every write goes to a temporary file in the same
+directory and is renamed into place (object stores: an upload that appears whole), so a kill at any instant
+leaves either the old or the new file, never half of one. A checkpoint is the commit point of a round: metrics rows past the last checkpoint are
 dropped on resume, because the resumed run will write them again.
 """
 from __future__ import annotations
@@ -20,15 +21,17 @@ import io
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raydc import storage
 from raydc.errors import UserError
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = "checkpoints"       # Ray Train's storage: <run>/checkpoints/fit-NNN/checkpoint_<timestamp>/
+CHECKPOINT_STATE = "state.pt"        # in each checkpoint directory: the round's model, method state, optimizers
+CHECKPOINT_INFO = "round.json"       # and which round it closes, readable without loading the state
 CLUSTERING_FILE = "clustering.pt"
 ASSIGNMENTS_DIR = "assignments"
 FORMAT = 2  # 1: pickled numpy arrays and dataclasses (before safe loading); 2: tensors and plain values only
@@ -49,40 +52,76 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path).resolve()
+    """A run directory at a local path or an object-store URI (`s3://bucket/runs/x`): every read and write goes
+    through `raydc.storage`, so the same run can live on a laptop's disk or in a bucket every node reaches."""
+
+    def __init__(self, location: str | os.PathLike):
+        location = str(location)
+        self.location = location.rstrip("/") if storage.is_uri(location) else os.path.abspath(
+            os.path.expanduser(location))
+
+    @property
+    def is_local(self) -> bool:
+        return not storage.is_uri(self.location)
+
+    @property
+    def path(self) -> Path:
+        """The local directory (tools that only make sense on a local run: sweeps, tests)."""
+        if not self.is_local:
+            raise UserError(f"{self.location} is not a local directory")
+        return Path(self.location)
+
+    @property
+    def name(self) -> str:
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *parts: str) -> str:
+        return storage.join(self.location, *parts)
+
+    def __str__(self) -> str:
+        return self.location
 
     # ---- creation -------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return storage.exists(self.location) and bool(storage.list_entries(self.location))
+
     def create(self, config_yaml: str, *, resume: bool, overwrite: bool) -> bool:
         """Make the directory ready. Returns True when there is a checkpoint to resume from."""
-        exists = self.path.exists() and any(self.path.iterdir())
+        exists = self.exists()
         if exists and not (resume or overwrite):
-            raise UserError(f"run directory {self.path} already exists: pass --resume to continue it, "
+            raise UserError(f"run directory {self.location} already exists: pass --resume to continue it, "
                             f"--overwrite to start again, or choose another run.dir")
         if exists and overwrite and not resume:
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+            storage.delete_dir(self.location)
+        if resume and exists and self._legacy_checkpoints() and self.latest_checkpoint() is None:
+            raise UserError(f"{self.location} holds checkpoints of an older raydc (checkpoints/round-*.pt), which "
+                            f"this one does not read: start the run again with --overwrite")
+        storage.makedirs(self.location)
         # On resume too: the saved config is the resolved one, which may carry a changed budget.
-        atomic_write_text(self.path / "config.yaml", config_yaml)
+        storage.write_text_atomic(self.join("config.yaml"), config_yaml)
         return bool(resume and self.latest_checkpoint() is not None)
+
+    def _legacy_checkpoints(self) -> bool:
+        base = self.join(CHECKPOINT_DIR)
+        return storage.exists(base) and any(p.rsplit("/", 1)[-1].startswith("round-")
+                                            for p in storage.list_files(base, suffix=".pt"))
+
+    def read_config_text(self) -> str | None:
+        loc = self.join("config.yaml")
+        return storage.read_text(loc) if storage.is_file(loc) else None
 
     # ---- metrics --------------------------------------------------------------------------------
     @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+    def metrics_path(self) -> str:
+        return self.join("metrics.jsonl")
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
+        if not storage.is_file(self.metrics_path):
             return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-        return rows
+        return [json.loads(line) for line in storage.read_text(self.metrics_path).splitlines() if line.strip()]
 
     def write_metrics(self, rows: list[dict]) -> None:
-        atomic_write_text(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+        storage.write_text_atomic(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
     def append_metrics(self, row: dict) -> None:
         rows = [r for r in self.read_metrics() if r.get("round") != row.get("round")]
@@ -94,65 +133,81 @@ class RunDir:
         self.write_metrics([r for r in self.read_metrics() if r.get("round", -1) < upto_round])
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def checkpoint_path(self, round_idx: int) -> Path:
-        return self.path / CHECKPOINT_DIR / f"round-{round_idx:04d}.pt"
+    # Checkpoints are Ray Train's: the loop reports each round's state with `ray.train.report(checkpoint=...)`,
+    # and Ray Train writes it under `<run>/checkpoints/fit-NNN/checkpoint_<timestamp>/` on whatever storage the
+    # run directory is, and hands the newest back to a restarted worker group (`ray.train.get_checkpoint()`).
+    # Each `fit` (a first start or a --resume) is its own Ray Train run, NNN counting them, and is told where to
+    # start from (`resume_from`), chosen here by the round each checkpoint records. Ray Train's own restore of
+    # an earlier fit would refuse a run directory copied after a checkpoint was deleted, or resumed under
+    # another Ray version; this choice reads only raydc's files.
+    def next_fit_storage(self) -> tuple[str, Any, str]:
+        """(storage_path, storage_filesystem, name) for the `ray.train.RunConfig` of the next fit. A URI's
+        filesystem comes from `raydc.storage` (endpoint and region from the AWS variables)."""
+        base = self.join(CHECKPOINT_DIR)
+        name = f"fit-{len(storage.list_dirs(base, prefix='fit-')):03d}"
+        if self.is_local:
+            return base, None, name
+        fs, path = storage.resolve(base)
+        return path, fs, name
 
-    def save_checkpoint(self, round_idx: int, state: dict, keep: int = 2) -> Path:
-        path = self.checkpoint_path(round_idx)
-        save_safe(path, state)
-        for old in self.checkpoints()[:-max(1, keep)]:
-            old.unlink(missing_ok=True)
-        return path
+    def checkpoints(self) -> list[str]:
+        """Committed checkpoint directories (those whose state and round record are both there), oldest first:
+        by round, then by fit and Ray Train's timestamped name."""
+        found = []
+        for fit in storage.list_dirs(self.join(CHECKPOINT_DIR), prefix="fit-"):
+            for d in storage.list_dirs(fit, prefix="checkpoint_"):
+                info = storage.join(d, CHECKPOINT_INFO)
+                if storage.is_file(info) and storage.is_file(storage.join(d, CHECKPOINT_STATE)):
+                    found.append((int(json.loads(storage.read_text(info))["round"]), fit, d))
+        return [d for _, _, d in sorted(found)]
 
-    def checkpoints(self) -> list[Path]:
-        d = self.path / CHECKPOINT_DIR
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.glob("round-*.pt"))
-
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> str | None:
         cps = self.checkpoints()
         return cps[-1] if cps else None
 
-    def load_checkpoint(self, path: Path | None = None) -> dict | None:
-        path = path or self.latest_checkpoint()
-        if path is None:
+    def checkpoint_round(self, checkpoint: str | None = None) -> int | None:
+        checkpoint = checkpoint or self.latest_checkpoint()
+        if checkpoint is None:
             return None
-        return load_safe(path)
+        return int(json.loads(storage.read_text(storage.join(checkpoint, CHECKPOINT_INFO)))["round"])
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Earlier fits' checkpoints beyond the newest `keep` (Ray Train prunes within a fit only)."""
+        for d in self.checkpoints()[:-max(1, keep)]:
+            storage.delete_dir(d)
 
     @property
-    def clustering_path(self) -> Path:
-        return self.path / CLUSTERING_FILE
+    def clustering_path(self) -> str:
+        return self.join(CLUSTERING_FILE)
 
-    def save_clustering(self, contents: dict) -> Path:
+    def save_clustering(self, contents: dict) -> str:
         save_safe(self.clustering_path, contents)
         return self.clustering_path
 
     def load_clustering(self) -> dict:
-        if not self.clustering_path.exists():
-            raise UserError(f"{self.path} has no {CLUSTERING_FILE}: it is not a finished run (resume it first)")
+        if not storage.is_file(self.clustering_path):
+            raise UserError(f"{self.location} has no {CLUSTERING_FILE}: it is not a finished run (resume it first)")
         return load_safe(self.clustering_path)
 
     # ---- assignments ----------------------------------------------------------------------------
     @property
-    def assignments_dir(self) -> Path:
-        return self.path / ASSIGNMENTS_DIR
+    def assignments_dir(self) -> str:
+        return self.join(ASSIGNMENTS_DIR)
+
+    def assignment_parts(self, name: str = ASSIGNMENTS_DIR) -> list[str]:
+        d = self.join(name)
+        if not storage.exists(d):
+            return []
+        return [p for p in storage.list_files(d, suffix=".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
 
     def has_assignments(self, name: str = ASSIGNMENTS_DIR) -> bool:
-        return any((self.path / name).glob("part-*.parquet"))
+        return bool(self.assignment_parts(name))
 
     def clear_assignments(self, name: str = ASSIGNMENTS_DIR) -> None:
         """Remove an earlier run's parts (a re-finished run may have fewer shards)."""
-        d = self.path / name
-        if d.is_dir():
-            for p in d.glob("part-*.parquet"):
-                p.unlink()
-        legacy = self.path / "assignments.parquet"
-        if legacy.exists():
-            legacy.unlink()
-
-    def assignment_parts(self, name: str = ASSIGNMENTS_DIR) -> list[Path]:
-        return sorted((self.path / name).glob("part-*.parquet"))
+        d = self.join(name)
+        if storage.exists(d):
+            storage.delete_dir(d)
 
     def assignment_batches(self, columns: list[str] | None = None, batch_rows: int = 1 << 20):
         """Every part's rows, at most `batch_rows` at a time (parts are written in row groups of that size), as
@@ -160,44 +215,47 @@ class RunDir:
         import pyarrow.parquet as pq
 
         for part in self.assignment_parts():
-            for b in pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=columns):
-                yield {c: b.column(c).to_numpy() for c in b.schema.names}
+            with storage.open_input_file(part) as f:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+                    yield {c: b.column(c).to_numpy() for c in b.schema.names}
 
     def read_assignments(self, name: str = ASSIGNMENTS_DIR, columns: list[str] | None = None
                          ) -> dict[str, np.ndarray]:
         """Every part, concatenated (a tool's view for small runs: `raydc evaluate` and the report stream the
         parts instead)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parts = [pq.read_table(p, columns=columns) for p in self.assignment_parts(name)]
+        parts = []
+        for p in self.assignment_parts(name):
+            with storage.open_input_file(p) as f:
+                parts.append(pq.read_table(f, columns=columns))
         if not parts:
-            raise UserError(f"{self.path / name} holds no assignment parts: the run has not finished")
-        import pyarrow as pa
-
+            raise UserError(f"{self.join(name)} holds no assignment parts: the run has not finished")
         t = pa.concat_tables(parts)
         return {c: t.column(c).to_numpy() for c in t.column_names}
 
     @property
-    def report_dir(self) -> Path:
-        return self.path / "report"
+    def report_dir(self) -> str:
+        return self.join("report")
 
 
-def save_safe(path: Path, contents: dict) -> None:
+def save_safe(location: str | os.PathLike, contents: dict) -> None:
     """torch.save of tensors and plain values only (see the module docstring), atomically."""
     import torch
 
     buf = io.BytesIO()
     torch.save({**contents, "format": FORMAT}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    storage.write_bytes_atomic(str(location), buf.getvalue())
 
 
-def load_safe(path: Path) -> dict:
+def load_safe(path: str | os.PathLike) -> dict:
     """torch.load with weights_only=True: a file holding anything but tensors and plain values (code, or a
     checkpoint of an older raydc with pickled numpy arrays) is refused with a UserError, never executed."""
     import torch
 
     try:
-        out = torch.load(path, map_location="cpu", weights_only=True)
+        out = torch.load(io.BytesIO(storage.read_bytes(str(path))), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} holds pickled Python objects, which raydc does not load because unpickling can "

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from raydc.config import Config
-from raydc.config_loader import from_dict, read_yaml, to_dict
+from raydc.config_loader import from_dict, parse_yaml, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.engine.rundir import RunDir
 
@@ -75,10 +75,12 @@ def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
     naming the field, rather than a silently ignored --set."""
     if not resume:
         return cfg
-    saved_path = Path(cfg.run.dir) / "config.yaml"
-    if not saved_path.exists():
+    run = RunDir(cfg.run.dir)
+    saved_text = run.read_config_text()
+    if saved_text is None:
         return cfg
-    saved = from_dict(Config, read_yaml(saved_path))
+    saved_path = run.join("config.yaml")
+    saved = from_dict(Config, parse_yaml(saved_text, saved_path))
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
     a["data.shards"], b["data.shards"] = _abs(a["data.shards"]), _abs(b["data.shards"])
     a["run.dir"] = b["run.dir"]  # a run directory may have been moved or copied: it is where it is now
@@ -107,7 +109,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     """One run, start to report. `callbacks` go to the TorchTrainer's RunConfig (Ray Tune's report callback
     when a sweep drives the run)."""
     from ray.data import ExecutionOptions
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydc.engine.datasets import check_shard_footers, read_shards
@@ -126,7 +128,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before a run dir or Ray exists
     run = RunDir(cfg.run.dir)
     resuming = run.create(cfg.to_yaml(), resume=resume, overwrite=overwrite)
-    log(f"run directory {run.path}" + (" (resuming)" if resuming else ""))
+    log(f"run directory {run.location}" + (" (resuming)" if resuming else ""))
 
     t0 = time.perf_counter()
     init_ray(cfg.ray, train_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
@@ -141,14 +143,21 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         f"{'GPU' if use_gpu else 'CPU'}; {manifest.count} images")
 
     resources = {"CPU": cfg.train.cpus_per_worker}
+    resume_from = run.latest_checkpoint() if resuming else None
+    run.prune_checkpoints(keep=cfg.run.keep_checkpoints)
+    storage_path, storage_fs, fit_name = run.next_fit_storage()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run.path)},
+        train_loop_config={"config": to_dict(cfg), "run_dir": run.location, "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         datasets={"train": read_shards(cfg.data.shards, footers_checked=True)},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(name="train", storage_path=str(run.path / "ray"), callbacks=callbacks,
+        # Ray Train keeps the round checkpoints (and hands the newest to a restarted worker group) in
+        # <run.dir>/checkpoints/fit-NNN, on whatever storage the run directory is.
+        run_config=RunConfig(name=fit_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             callbacks=callbacks, checkpoint_config=CheckpointConfig(
+                                 num_to_keep=max(1, cfg.run.keep_checkpoints)),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              **train_run_config_kwargs()),
     )
@@ -161,7 +170,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             raise UserError(str(cause)) from None
         raise
     log(f"training finished in {time.perf_counter() - t1:.1f}s")
-    paths = write_run_report(run.path, cfg.data.shards, manifest, per_cluster=cfg.run.montage_per_cluster)
+    paths = write_run_report(run.location, cfg.data.shards, manifest, per_cluster=cfg.run.montage_per_cluster)
     log("report: " + ", ".join(str(p) for p in paths))
     return run
 
