@@ -193,6 +193,84 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_sha
                 assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["epoch"], key)
 
 
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _train_worker_pids(raylet_pid: int) -> list[int]:
+    pids = []
+    for pid in _descendants(raylet_pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow  # two full tiny runs plus Ray Train's restart of the worker group: 516 s seen under load
+def test_a_killed_train_worker_is_replaced_and_resumes_from_ray_trains_checkpoint(ray_local, tiny_shards, tmp_path):
+    """The Train worker (rank 0, which also owns the coordinator and the shard actors) is SIGKILLed after the
+    first round's checkpoint. With `train.max_failures=1` Ray Train starts a new worker group inside the same
+    fit, `ray.train.get_checkpoint()` hands it that checkpoint, and the run ends exactly where an uninterrupted
+    run of the same seed does."""
+    import threading
+
+    import ray
+
+    from raydc.engine.rundir import RunDir
+    from raydc.engine.trainer import run_training
+
+    extra = ["train.epochs=3"]
+    ref = run_training(tiny_config(tiny_shards, tmp_path / "ref", *extra), log=lambda *a: None)
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    run = RunDir(tmp_path / "faulty")
+    lines: list[str] = []
+    done: dict = {}
+
+    def train():
+        try:
+            done["run"] = run_training(tiny_config(tiny_shards, run.path, *extra, "train.max_failures=1"),
+                                       log=lines.append)
+        except BaseException as e:  # re-raised below, in the test's thread
+            done["error"] = e
+
+    t = threading.Thread(target=train, daemon=True)
+    t.start()
+    deadline = time.time() + 900
+    while time.time() < deadline and run.checkpoint_round() is None and t.is_alive():
+        time.sleep(0.2)
+    assert run.checkpoint_round() == 0, ("the first round never finished", done, lines)
+    killed = _train_worker_pids(raylet)
+    assert len(killed) == 1, killed
+    os.kill(killed[0], signal.SIGKILL)
+    t.join(900)
+    assert "error" not in done, done.get("error")
+    rows_a, rows_b = ref.read_metrics(), run.read_metrics()
+    assert [r["epoch"] for r in rows_b] == [r["epoch"] for r in rows_a] == [0, 1, 2, 3]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("loss", "kmeans_objective", "acc", "nmi", "nmi_prev"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["epoch"], key)
+    a, b = ref.read_assignments(), run.read_assignments()
+    np.testing.assert_array_equal(a["cluster"][np.argsort(a["id"])], b["cluster"][np.argsort(b["id"])])
+    # A retry inside the fit, not a new one: every checkpoint is fit-000's.
+    assert all("/fit-000/" in c for c in run.checkpoints()), run.checkpoints()
+
+
 def test_cli_user_error_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", "--set", f"data.shards={tmp_path}/none",

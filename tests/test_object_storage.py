@@ -141,3 +141,35 @@ def test_a_missing_bucket_names_the_uri_and_exits_2(s3_server, tmp_path):
     assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-2000:])
     assert "raydc-no-such-bucket" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_server, tmp_path):
+    """`raydc prepare --source folder --root s3://... --out s3://... --distributed`: Ray Data lists and reads
+    the bucket, the tasks upload the shards, and the rows equal a one-process prepare of the same folder on
+    local disk."""
+    from raydc.data.manifest import load_manifest, verify_shards
+    from raydc.data.prepare import prepare
+    from tests.test_prepare import make_folder
+    from tests.test_prepare_distributed import _rows
+
+    make_folder(tmp_path / "imgs", n=20)
+    client = s3_server.client()
+    for path in sorted((tmp_path / "imgs").rglob("*")):
+        if path.is_file():
+            client.put_object(Bucket=s3_server.bucket, Key=f"folders/imgs/{path.relative_to(tmp_path / 'imgs')}",
+                              Body=path.read_bytes())
+    out = s3_server.uri("shards/folder-dist")
+    p = subprocess.run([sys.executable, "-m", "raydc.cli", "prepare", "--source", "folder", "--root",
+                        s3_server.uri("folders/imgs"), "--out", out, "--distributed", "--rows-per-shard", "8",
+                        "--no-progress"], cwd=REPO, env=_env(s3_server), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "prepared 20 images" in p.stdout and "2 skipped" in p.stdout, p.stdout
+    prepare("folder", tmp_path / "local", root=tmp_path / "imgs", rows_per_shard=8, progress=False)
+    a, b = load_manifest(tmp_path / "local"), load_manifest(out)
+    verify_shards(b, out)
+    assert (b.count, b.label_counts, b.class_names) == (a.count, a.label_counts, a.class_names)
+    assert sorted(s.path for s in b.skipped) == sorted(s.path for s in a.skipped)
+    ta, tb = _rows(tmp_path / "local"), _rows(out)
+    for name in ("row", "id", "image", "label"):
+        assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
+    assert not [k for k in _keys(s3_server, "shards/folder-dist/") if "_staging-" in k]

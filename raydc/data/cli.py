@@ -53,16 +53,24 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
     parser.add_argument("--no-folder-labels", dest="labels_from_folders", action="store_false",
                         help="'folder': do not derive labels from the top-level sub-folder names")
+    parser.add_argument("--distributed", action="store_true",
+                        help="'folder': read, validate and write in parallel as a Ray Data job on the Ray cluster "
+                             "(RAY_ADDRESS or --ray-address; a local Ray otherwise); --root may be a URI")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --distributed: the Ray cluster to run on (default: RAY_ADDRESS, else local)")
     parser.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 after writing")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    manifest = prepare(args.source, args.out, root=args.root, split=args.split, classes=args.classes,
-                       limit=args.limit, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite,
-                       strict=args.strict, download=args.download, labels_from_folders=args.labels_from_folders,
-                       progress=args.progress)
+    if getattr(args, "distributed", False):
+        manifest = _prepare_distributed(args)
+    else:
+        manifest = prepare(args.source, args.out, root=args.root, split=args.split, classes=args.classes,
+                           limit=args.limit, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite,
+                           strict=args.strict, download=args.download, labels_from_folders=args.labels_from_folders,
+                           progress=args.progress)
     seconds = time.perf_counter() - t0
     if getattr(args, "verify", False):
         verify_shards(manifest, args.out)
@@ -74,6 +82,24 @@ def run_prepare(args: argparse.Namespace) -> int:
     if len(manifest.skipped) > 10:
         print(f"  ... and {len(manifest.skipped) - 10} more (listed in manifest.json)")
     return 0
+
+
+def _prepare_distributed(args: argparse.Namespace) -> Manifest:
+    if args.source != "folder":
+        raise UserError(f"--distributed prepares image folders (--source folder); {args.source!r} is read by one "
+                        f"process: drop --distributed")
+    if args.root is None:
+        raise UserError("source 'folder' needs the image folder: pass --root PATH (or a URI) to it")
+    if args.download:
+        raise UserError("--download applies to torchvision datasets, not to --source folder --distributed")
+    from raydc.config import RayConfig
+    from raydc.data.ray_prepare import prepare_distributed
+    from raydc.engine.runtime import init_ray
+
+    init_ray(RayConfig(address=args.ray_address), train_cpus=0.0, include_dashboard=False)
+    return prepare_distributed(args.root, args.out, classes=args.classes, limit=args.limit,
+                               rows_per_shard=args.rows_per_shard, overwrite=args.overwrite, strict=args.strict,
+                               labels_from_folders=args.labels_from_folders, progress=args.progress)
 
 
 def summary_line(manifest: Manifest, seconds: float, out: str) -> str:

@@ -117,33 +117,17 @@ class ShardWriter:
             raise DataError("the source gave ids for some images and not for others")
         ids = np.asarray(self._ids, dtype=np.int64) if all(given) else rows
         self._all_ids.append(ids)
-        columns = {"row": pa.array(rows), "id": pa.array(ids), "image": pa.array(self._images, type=pa.binary())}
-        if self.has_labels:
-            columns["label"] = pa.array(np.asarray(self._labels, dtype=np.int64))
-        table = pa.table(columns).replace_schema_metadata({
-            "raydc.encoding": self.encoding,
-            "raydc.shape": json.dumps(shard_shape),
-            "raydc.mode": mode_for_channels(channels),
-            "raydc.format_version": str(FORMAT_VERSION),
-        })
         name = SHARD_PATTERN.format(len(self.shards))
-        final = self.out_dir / name
-        tmp = final.with_name(name + ".tmp")
-        self._written.append(tmp)
-        row_group = max(1, min(n, ROW_GROUP_BYTES * n // max(self._bytes, 1)))
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group)
-        _fsync_file(tmp)
-        os.replace(tmp, final)
-        self._written.append(final)
-        self.shards.append(ShardInfo(file=name, rows=n, sha256=sha256_file(final), id_min=int(ids.min()),
-                                     id_max=int(ids.max()), row_start=start))
+        self._written += [self.out_dir / (name + ".tmp"), self.out_dir / name]
         if self.remote is not None:
             from raydc import storage
 
-            target = storage.join(self.remote, name)
-            self._uploaded.append(target)
-            storage.write_bytes_atomic(target, final.read_bytes())
-            final.unlink()
+            self._uploaded.append(storage.join(self.remote, name))
+        self.shards.append(write_shard(
+            self.out_dir, name, rows, ids, pa.array(self._images, type=pa.binary()),
+            np.asarray(self._labels, dtype=np.int64) if self.has_labels else None,
+            encoding=self.encoding, shape=shard_shape, channels=channels, image_bytes=self._bytes,
+            remote=self.remote))
         self.count += n
         self._images, self._labels, self._ids, self._sizes, self._bytes, self._shard_color = [], [], [], set(), 0, False
 
@@ -182,6 +166,38 @@ class ShardWriter:
                 except (OSError, FileNotFoundError):
                     pass
         self._images, self._labels, self._ids = [], [], []
+
+
+def write_shard(out_dir: Path, name: str, rows: np.ndarray, ids: np.ndarray, images: pa.Array,
+                labels: np.ndarray | None, *, encoding: str, shape: list[int] | None, channels: int,
+                image_bytes: int, remote: str | None = None) -> ShardInfo:
+    """Write one shard as `out_dir/name` (tmp, fsync, rename) and return its manifest entry; with `remote` the
+    finished file is uploaded there and removed from `out_dir`. Shared by the one-process writer above and the
+    Ray tasks of `raydc.data.ray_prepare`, so both produce byte-identical shards from the same rows."""
+    columns = {"row": pa.array(rows), "id": pa.array(ids), "image": images}
+    if labels is not None:
+        columns["label"] = pa.array(labels)
+    table = pa.table(columns).replace_schema_metadata({
+        "raydc.encoding": encoding,
+        "raydc.shape": json.dumps(shape),
+        "raydc.mode": mode_for_channels(channels),
+        "raydc.format_version": str(FORMAT_VERSION),
+    })
+    n = len(rows)
+    final = out_dir / name
+    tmp = final.with_name(name + ".tmp")
+    row_group = max(1, min(n, ROW_GROUP_BYTES * n // max(image_bytes, 1)))
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group)
+    _fsync_file(tmp)
+    os.replace(tmp, final)
+    info = ShardInfo(file=name, rows=n, sha256=sha256_file(final), id_min=int(ids.min()), id_max=int(ids.max()),
+                     row_start=int(rows[0]))
+    if remote is not None:
+        from raydc import storage
+
+        storage.write_bytes_atomic(storage.join(remote, name), final.read_bytes())
+        final.unlink()
+    return info
 
 
 def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.PathLike | None = None,

@@ -116,7 +116,8 @@ class PersistentFeaturePool:
         self.manifest = manifest
         self.concurrency = concurrency
         threads = max(1, (os.cpu_count() or 1) // max(1, concurrency))
-        self.workers = [FeatureWorker.options(scheduling_strategy="SPREAD").remote(manifest, threads)
+        header = ray.put(manifest.header())  # one copy in the store, not the shard list in every actor's args
+        self.workers = [FeatureWorker.options(scheduling_strategy="SPREAD").remote(header, threads)
                         for _ in range(concurrency)]
         self._pieces: dict[tuple[str, ...], list[Piece]] = {}  # the shards do not change during a run
 
