@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/raydc train --config jobs/configs/demo.yaml --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 tests
+	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests

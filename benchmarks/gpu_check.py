@@ -1,0 +1,250 @@
+"""The core's GPU paths against its CPU results on the same input, without Ray (issue #14, item 5).
+
+    python -m benchmarks.gpu_check [--out results.json]
+
+Each check runs one piece of the pure compute core on the CPU and on CUDA from the same weights and input, and
+reports the largest relative difference (or, for k-means, the share of points assigned alike and the
+objective's relative difference):
+- faiss k-means from the same initial centroids on one GPU and on all GPUs (faiss GPU build only);
+- the DeepCluster feature extractor (`embed`) of the small convnet and of AlexNet-BN;
+- one SGD step of DeepCluster's classification loss, of DEC's autoencoder reconstruction and KL stage, and of
+  DAC's pairwise loss: the loss and the updated weights after the step.
+Without CUDA (or without a faiss GPU build) those checks print SKIP with the reason; the CPU side still runs,
+so the script is exercised wherever the tests run. Exit status 1 if any check FAILs.
+
+What it needs travels small: the `raydc` package and torch (faiss only for the k-means check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# float32 on different kernels (cuDNN convolutions, TF32 off): differences of this order are rounding.
+TOLERANCE = {"features": 1e-3, "step": 1e-3, "kmeans_agree": 0.99, "kmeans_objective": 1e-3}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str            # PASS | FAIL | SKIP
+    detail: str
+    seconds: float
+
+
+def _rel(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def _cuda():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def check_kmeans(n: int = 20000, d: int = 64, k: int = 100) -> list[Check]:
+    out = []
+    try:
+        from raydc.core.faiss_backend import faiss_gpu_count, import_faiss
+
+        import_faiss()
+    except Exception as e:  # noqa: BLE001 - no faiss here: say so and go on
+        return [Check("kmeans_gpu", "SKIP", f"faiss not importable ({type(e).__name__}: {e})", 0.0)]
+    from raydc.core.kmeans import kmeans, sample_init_centroids
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((n, d)) + 3 * rng.standard_normal((k, d))[rng.integers(0, k, n)]).astype(np.float32)
+    init = sample_init_centroids(x, k, seed=1)
+    t0 = time.perf_counter()
+    ref = kmeans(x, k, niter=10, seed=0, init_centroids=init, use_gpu="never")
+    ngpu = faiss_gpu_count()
+    if ngpu == 0:
+        return [Check("kmeans_gpu", "SKIP", f"CPU reference ran ({ref.backend}); no faiss GPU", time.perf_counter() - t0)]
+    from raydc.core.kmeans import _one_run  # one restart on exactly `gpus` GPUs (the public call takes all)
+
+    for label, gpus in (("one", 1), ("all", ngpu)):
+        t0 = time.perf_counter()
+        _, labels, distances, _, _ = _one_run(x, k, 10, 0, init, gpus, False)
+        agree = float((labels == ref.labels).mean())
+        obj = abs(float(distances.sum(dtype=np.float64)) - ref.final_objective) / abs(ref.final_objective)
+        ok = agree >= TOLERANCE["kmeans_agree"] and obj <= TOLERANCE["kmeans_objective"]
+        out.append(Check(f"kmeans_gpu_{label}", "PASS" if ok else "FAIL",
+                         f"{gpus} GPU(s): {agree:.4%} of points assigned as on CPU, objective rel. diff {obj:.2e}",
+                         time.perf_counter() - t0))
+    return out
+
+
+def _pair(build, device):
+    """A model on the CPU and an identical copy on `device`."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    cpu = build()
+    return cpu, copy.deepcopy(cpu).to(device)
+
+
+def check_features(device) -> list[Check]:
+    import torch
+
+    from raydc.core.models import alexnet_bn, small_convnet
+
+    out = []
+    for name, build, shape in (("small_convnet", lambda: small_convnet(1, sobel=True), (64, 1, 28, 28)),
+                               ("alexnet_bn", lambda: alexnet_bn(3, sobel=True), (8, 3, 224, 224))):
+        t0 = time.perf_counter()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        cpu, _ = _pair(build, "cpu")
+        with torch.no_grad():
+            a = cpu.eval().embed(x).numpy()
+        if device is None:
+            out.append(Check(f"features_{name}", "SKIP", f"CPU ran, embedding {a.shape}; no CUDA",
+                             time.perf_counter() - t0))
+            continue
+        cpu, gpu = _pair(build, device)
+        with torch.no_grad():
+            a = cpu.eval().embed(x).numpy()
+            b = gpu.eval().embed(x.to(device)).cpu().numpy()
+        r = _rel(a, b)
+        out.append(Check(f"features_{name}", "PASS" if r <= TOLERANCE["features"] else "FAIL",
+                         f"embedding {a.shape}, max rel. diff {r:.2e}", time.perf_counter() - t0))
+    return out
+
+
+def _step(model, loss_fn, device, lr: float = 0.05) -> tuple[float, list[np.ndarray]]:
+    import torch
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model, device)
+    loss.backward()
+    opt.step()
+    return float(loss.detach().cpu()), [p.detach().cpu().numpy().copy() for p in model.parameters()]
+
+
+def _deepcluster_loss(model, device):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return F.cross_entropy(model(x.to(device)), y.to(device))
+
+
+def _dec_reconstruction_loss(model, device):
+    import torch
+
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(4)  # the denoising dropout mask: the same draws on CPU; CUDA draws its own (see below)
+    return model.finetune_loss(x.to(device))
+
+
+def _dec_kl_loss(model, device):
+    import torch
+
+    from raydc.core.dec import kl_loss, target_distribution
+
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(5))
+    q = model.cluster(model.ae.encode(x.to(device)))
+    return kl_loss(q, target_distribution(q.detach()))
+
+
+def _dac_loss(model, device):
+    import torch
+
+    from raydc.core.dac import pair_loss, select_pairs, similarity_matrix
+
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    s = similarity_matrix(model(x.to(device)))
+    same, different = select_pairs(s.detach(), 0.9, 0.5)
+    return pair_loss(s, same, different)
+
+
+def _dec_net():
+    import torch
+
+    from raydc.core.dec import DECNet
+
+    net = DECNet(784, [500, 500, 2000, 10], 0.0, 10, 1.0, seed=0)
+    with torch.no_grad():  # spread centres (k-means sets them in a run): q is far from uniform, the loss from 0
+        net.cluster.centers.copy_(torch.randn(net.cluster.centers.shape, generator=torch.Generator().manual_seed(7)))
+    return net
+
+
+def check_steps(device) -> list[Check]:
+    import torch.nn as nn
+
+    from raydc.core.autoencoder import StackedAutoencoder
+    from raydc.core.dac import LabelFeatureNet, dac_convnet
+    from raydc.core.models import small_convnet
+
+    def deepcluster_net():
+        m = small_convnet(1, sobel=True)
+        m.top_layer = nn.Linear(m.feature_dim, 10)
+        return m
+
+    cases = [
+        ("deepcluster_step", deepcluster_net, _deepcluster_loss),
+        # Dropout off: CPU and CUDA generators draw different masks, and a check of kernels must not compare them.
+        ("dec_reconstruction_step", lambda: StackedAutoencoder(784, [500, 500, 2000, 10], corruption=0.0, seed=0),
+         _dec_reconstruction_loss),
+        ("dec_kl_step", _dec_net, _dec_kl_loss),
+        ("dac_step", lambda: LabelFeatureNet(dac_convnet(1, 10, variant="mnist")), _dac_loss),
+    ]
+    out = []
+    for name, build, loss_fn in cases:
+        t0 = time.perf_counter()
+        cpu, _ = _pair(build, "cpu")
+        loss_a, params_a = _step(cpu, loss_fn, "cpu")
+        if device is None:
+            out.append(Check(name, "SKIP", f"CPU ran, loss {loss_a:.4f}; no CUDA", time.perf_counter() - t0))
+            continue
+        cpu, gpu = _pair(build, device)
+        loss_a, params_a = _step(cpu, loss_fn, "cpu")
+        loss_b, params_b = _step(gpu, loss_fn, device)
+        r_loss = abs(loss_a - loss_b) / max(abs(loss_a), 1e-12)
+        r_params = max(_rel(a, b) for a, b in zip(params_a, params_b))
+        ok = r_loss <= TOLERANCE["step"] and r_params <= TOLERANCE["step"]
+        out.append(Check(name, "PASS" if ok else "FAIL",
+                         f"loss {loss_a:.5f} vs {loss_b:.5f} (rel. {r_loss:.2e}), updated weights max rel. diff "
+                         f"{r_params:.2e}", time.perf_counter() - t0))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--against", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: compare the CPU with itself (the comparisons must then be exact; for testing)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare float32 with float32, not with TF32
+    torch.backends.cudnn.allow_tf32 = False
+    device = _cuda() if args.against == "cuda" else torch.device("cpu")
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+           "device_name": torch.cuda.get_device_name(0) if device is not None and device.type == "cuda" else None,
+           "against": args.against}
+    print(f"torch {env['torch']}, CUDA {env['cuda']}, {env['gpus']} GPU(s)"
+          + (f": {env['device_name']}" if env["device_name"] else ""), flush=True)
+    checks: list[Check] = []
+    for group in (check_kmeans, lambda: check_features(device), lambda: check_steps(device)):
+        for c in group():
+            print(f"{c.status:4s} {c.name}: {c.detail} [{c.seconds:.1f} s]", flush=True)
+            checks.append(c)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "tolerance": TOLERANCE, "checks": [asdict(c) for c in checks]}, f, indent=1)
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
