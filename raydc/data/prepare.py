@@ -200,14 +200,9 @@ def write_shard(out_dir: Path, name: str, rows: np.ndarray, ids: np.ndarray, ima
     return info
 
 
-def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.PathLike | None = None,
-            split: str = "all", classes: Sequence[int] | None = None, limit: int | None = None,
-            rows_per_shard: int = 10_000, overwrite: bool = False, strict: bool = False, download: bool = False,
-            labels_from_folders: bool = True, progress: bool = True, root_help: RootHelp = CLI_HELP) -> Manifest:
-    """Write `source` as shards under `out` and return the manifest. `source` is a name (see
-    `raydc.data.sources.SOURCE_NAMES`) or an opened `Source`; for `folder` `root` is the image folder, for `npz`
-    the file, for torchvision datasets the data root (default $RAYDC_DATA_ROOT). `root_help` says how the
-    user sets that root in error messages (prepare's flags, or a config's fields when training prepares)."""
+def check_cut(rows_per_shard: int, limit: int | None, classes: Sequence[int] | None) -> list[int] | None:
+    """The arguments that say how a source is cut, checked before anything is read; returns `classes` sorted
+    and deduplicated. Shared by the one-process and the distributed prepare, which must refuse alike."""
     if rows_per_shard < 1:
         raise UserError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if limit is not None and limit < 1:
@@ -216,6 +211,18 @@ def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.Path
         classes = sorted({int(c) for c in classes})
         if not classes:
             raise UserError("classes is an empty list; leave it unset to keep every class")
+    return classes
+
+
+def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.PathLike | None = None,
+            split: str = "all", classes: Sequence[int] | None = None, limit: int | None = None,
+            rows_per_shard: int = 10_000, overwrite: bool = False, strict: bool = False, download: bool = False,
+            labels_from_folders: bool = True, progress: bool = True, root_help: RootHelp = CLI_HELP) -> Manifest:
+    """Write `source` as shards under `out` and return the manifest. `source` is a name (see
+    `raydc.data.sources.SOURCE_NAMES`) or an opened `Source`; for `folder` `root` is the image folder, for `npz`
+    the file, for torchvision datasets the data root (default $RAYDC_DATA_ROOT). `root_help` says how the
+    user sets that root in error messages (prepare's flags, or a config's fields when training prepares)."""
+    classes = check_cut(rows_per_shard, limit, classes)
     if split not in SPLITS + ("unlabeled",):
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     # Open the source first: a wrong --root must fail before an existing shard directory is touched.

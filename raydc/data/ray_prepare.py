@@ -36,7 +36,7 @@ import raydc
 from raydc import storage
 from raydc.data.manifest import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, SkippedFile
 from raydc.data.sources import CLI_HELP, IMAGE_EXTENSIONS, RootHelp, _reason, mode_for_channels, validate_image
-from raydc.errors import DataError, UserError
+from raydc.errors import DataError
 
 STAGING_PREFIX = "_staging-"
 # The columns of a staging part: a good image has `image` and no `error`; an unreadable one the reverse.
@@ -191,17 +191,10 @@ def prepare_distributed(root: str, out: str, *, classes: Sequence[int] | None = 
     `raydc.data.prepare.prepare(source="folder", ...)`."""
     import ray
 
-    from raydc.data.prepare import _claim_out_dir, _claim_remote_dir, _remove_empty_dirs
+    from raydc.data.prepare import _claim_out_dir, _claim_remote_dir, _remove_empty_dirs, check_cut
     from raydc.data.manifest import write_manifest
 
-    if rows_per_shard < 1:
-        raise UserError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    if limit is not None and limit < 1:
-        raise UserError(f"limit must be >= 1, got {limit}")
-    if classes is not None:
-        classes = sorted({int(c) for c in classes})
-        if not classes:
-            raise UserError("classes is an empty list; leave it unset to keep every class")
+    classes = check_cut(rows_per_shard, limit, classes)
     layout = open_folder(str(root), labels_from_folders, root_help)
     if classes is not None and not layout.has_labels:
         raise DataError(f"source 'folder' at {layout.root} has no labels, so it cannot be filtered by classes; "
