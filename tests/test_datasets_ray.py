@@ -206,3 +206,39 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
     o_rd, o_p = np.argsort(ids_rd), np.argsort(ids_p)
     np.testing.assert_array_equal(ids_rd[o_rd], ids_p[o_p])
     np.testing.assert_allclose(f_rd[o_rd], f_p[o_p], rtol=1e-4, atol=1e-5)
+
+
+def test_shard_footers_give_the_size_the_cache_decision_uses(small_shards):
+    import pyarrow.parquet as pq
+
+    from raydc.engine.datasets import CACHE_SHARE, check_shard_footers, should_cache
+
+    shards, images, _ = small_shards
+    m = load_manifest(shards)
+    size = check_shard_footers(m, shards)
+    # The uncompressed columns: at least the raw pixels, and what pyarrow says the tables take.
+    assert size >= images.nbytes
+    assert size == sum(pq.ParquetFile(p).metadata.row_group(g).total_byte_size
+                       for p in m.shard_paths(shards) for g in range(pq.ParquetFile(p).metadata.num_row_groups))
+    assert should_cache("auto", size, size / CACHE_SHARE) and not should_cache("auto", size + 1, size / CACHE_SHARE)
+    assert should_cache("always", size, 0) and not should_cache("never", 0, 1e12)
+
+
+@pytest.mark.ray
+def test_a_cached_dataset_streams_the_same_rows_in_the_same_order(ray_local, small_shards):
+    """`data.cache` must not change a run: a materialized dataset reaches a Train worker's split in the order a
+    streamed one does (the bounded shuffle and so every batch depend on it), pass after pass."""
+    shards = small_shards[0]
+
+    def split_order(ds) -> list[np.ndarray]:
+        ds.context.execution_options.preserve_order = True
+        (it,) = ds.streaming_split(1)
+        return [collect(it.iter_batches(batch_size=97, batch_format="numpy"))["id"] for _ in range(2)]
+
+    streamed = split_order(read_shards(shards))
+    lazy = read_shards(shards)
+    lazy.context.execution_options.preserve_order = True
+    cached = split_order(lazy.materialize())
+    for a, b in zip(streamed, cached):
+        assert np.array_equal(a, b)
+    assert np.array_equal(np.sort(cached[1]), np.arange(1000))

@@ -22,13 +22,14 @@ COLUMNS = ("row", "id", "image", "label")
 BLOCK_BYTES = 32 << 20
 
 
-def check_shard_footers(manifest: Manifest, shard_dir: str | os.PathLike) -> None:
+def check_shard_footers(manifest: Manifest, shard_dir: str | os.PathLike) -> int:
     """Open every shard's Parquet footer (a few KB each) so a missing or damaged shard fails here, naming the
     file, instead of inside a read task minutes into an epoch. Threads: it is I/O bound, and shared
-    filesystems make each open slow."""
+    filesystems make each open slow. Returns the shards' uncompressed size in bytes (what the rows take in
+    Ray's object store once read), from the same footers."""
     from raydc.storage import is_file, open_input_file
 
-    def check(item) -> None:
+    def check(item) -> int:
         shard, path = item
         fix = "re-create the shards with `raydc prepare ... --overwrite`"
         if not is_file(path):
@@ -39,10 +40,28 @@ def check_shard_footers(manifest: Manifest, shard_dir: str | os.PathLike) -> Non
             raise DataError(f"shard {path} is not a readable Parquet file ({type(e).__name__}: {e}); {fix}") from None
         if meta.num_rows != shard.rows:
             raise DataError(f"shard {path} has {meta.num_rows} rows but the manifest lists {shard.rows}; {fix}")
+        return sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
 
     workers = max(1, min(16, len(manifest.shards)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(check, zip(manifest.shards, manifest.shard_paths(shard_dir))))
+        return sum(pool.map(check, zip(manifest.shards, manifest.shard_paths(shard_dir))))
+
+
+# `data.cache: auto` keeps the decoded-from-Parquet rows in the object store when they take at most this share
+# of the cluster's object store memory: the rest is left for features, targets and Ray Data's own buffers.
+CACHE_SHARE = 0.25
+
+
+def should_cache(mode: str, data_bytes: int, object_store_bytes: float) -> bool:
+    """Whether the training stream reads the shards once and keeps their rows in the object store for every
+    later pass (`data.cache`). Streaming re-reads every shard each pass: read tasks that compete with
+    training for the node's cores, and an execution to plan and start per pass. A cached dataset is iterated
+    from memory, in the same row order, so a run's results do not depend on the choice."""
+    if mode == "never":
+        return False
+    if mode == "always":
+        return True
+    return data_bytes <= CACHE_SHARE * object_store_bytes
 
 
 def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None = None, read_cpus: float = 0.25,
