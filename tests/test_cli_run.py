@@ -64,6 +64,6 @@ def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, shards, tm
     assert "Traceback" not in out, out
     assert sum(line.startswith("epoch 0 |") for line in lines) == 1, out
     for noise in ("RayTrainWorker pid=", "TrainController", "Reporting training result", "TrainingReport(",
-                  "Clustering ", "PYTHON worker processes have been started"):
+                  "Clustering ", "PYTHON worker processes have been started", "Progress bars disabled"):
         assert noise not in out, (noise, out)
     assert (tmp_path / "run" / "checkpoints").is_dir()  # something to resume from

@@ -14,6 +14,7 @@ removes the copy at its source, verbose or not.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -150,4 +151,8 @@ def configure_data_context() -> None:
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = os.environ.get("RAYDC_DATA_PROGRESS", "0") == "1"
+    if not ctx.enable_progress_bars and not verbose():
+        # Ray Data warns once per process that its bars are off (a driver-side `materialize`, data.cache): we
+        # turned them off.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
