@@ -78,7 +78,7 @@ def run(ctx: Context) -> dict:
 
     ctx.log(f"  {manifest.count} MNIST images, DAC pairs over batches of {bs}/worker, {cfg_b['passes']} passes "
             f"per fit (1 warm-up)")
-    ray_rows, plain, plain_ips = interleaved(ctx, shard_dir, cfg_b, plain_once, plain, *sets)
+    ray_rows, plain, plain_ips = interleaved(ctx, shard_dir, cfg_b, plain_once, plain, *sets, streamed=False)
     return {
         "config": {**cfg_b, "images": manifest.count, "torch_threads_plain": torch.get_num_threads(),
                    "ray_side": "minimal TorchTrainer loop calling raydc.methods.dac.DAC.train_round (the production "

@@ -29,6 +29,12 @@ RUNS = {
     "dec_mnist_ft110": {"method": "DEC", "data": "MNIST, 70,000 images, k=10, 110 end-to-end epochs, stopped"},
     "dec_fmnist_ft110": {"method": "DEC", "data": "Fashion-MNIST, 70,000 images, k=10, 110 end-to-end epochs, "
                                                  "stopped"},
+    # Optimizer ablation of DEC's autoencoder pretraining on MNIST test (10,000 images), 50 end-to-end epochs, seed
+    # 31: dec_mnist.yaml's Adam (lr 1e-3, after 2 greedy epochs per layer) against DEC-keras's SGD (lr 1, momentum
+    # 0.9, end-to-end only: `dec.pretrain_optimizer=sgd dec.pretrain_lr=1.0 dec.pretrain_epochs=0`).
+    "dec_mnist10k_adam50": {"method": "DEC", "data": "MNIST test, 10,000 images, k=10, Adam 1e-3, 2+50 epochs"},
+    "dec_mnist10k_sgd50": {"method": "DEC", "data": "MNIST test, 10,000 images, k=10, SGD lr 1 m 0.9, 0+50 epochs "
+                                                   "(DEC-keras's optimizer)"},
     # The shipped DAC configs run 20 rounds; these two ran 6 (`--set train.epochs=6 --set dac.eval_every=3`).
     "dac_mnist_e6": {"method": "DAC", "data": "MNIST, 70,000 images, k=10, 6 rounds"},
     "dac_fmnist_e6": {"method": "DAC", "data": "Fashion-MNIST, 70,000 images, k=10, 6 rounds"},

@@ -100,19 +100,24 @@ def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_si
     from ray.train.torch import TorchTrainer
 
     from raydc.config_loader import to_dict
-    from raydc.engine.datasets import read_shards
+    from raydc.data.manifest import load_manifest
+    from raydc.engine.datasets import check_shard_footers
+    from raydc.engine.trainer import training_dataset
 
     cfg = _config(shard_dir, workers, batch_size, *extra)
-    out = ctx.work / f"train-{cfg.method}-w{workers}.json"
+    # The dataset exactly as run_training builds it (data.cache: cached in the object store when it fits).
+    dataset = training_dataset(cfg, check_shard_footers(load_manifest(shard_dir), shard_dir), log=lambda m: None)
+    out = ctx.work / f"train-{cfg.method}-w{workers}-{cfg.data.cache}.json"
     out.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": to_dict(cfg), "passes": passes, "out": str(out)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        datasets={"train": read_shards(shard_dir)},
+        datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(name=f"bench-train-{cfg.method}-w{workers}", storage_path=str(ctx.work / "ray_train")),
+        run_config=RunConfig(name=f"bench-train-{cfg.method}-w{workers}-{cfg.data.cache}",
+                             storage_path=str(ctx.work / "ray_train")),
     )
     t_call = time.time()
     trainer.fit()
@@ -122,6 +127,7 @@ def ray_train(ctx: Context, shard_dir: Path, workers: int, passes: int, batch_si
     ips = [p["images_per_s_train"] for p in timed]
     return {
         "workers": workers,
+        "data_cache": cfg.data.cache,
         "torch_threads_per_worker": res["torch_threads"],
         "images_per_s": summarize(ips),
         "seconds_per_pass": summarize([p["time_train"] for p in timed]),
@@ -171,7 +177,8 @@ def plain_pass(method, model, images: np.ndarray, labels: np.ndarray, batch_size
     return time.perf_counter() - t0, n
 
 
-def interleaved(ctx: Context, shard_dir: Path, cfg_b: dict, plain_once, plain: list, *extra: str):
+def interleaved(ctx: Context, shard_dir: Path, cfg_b: dict, plain_once, plain: list, *extra: str,
+                streamed: bool = True):
     """One warm-up plain pass, then Ray Train fits for each worker count with plain passes spread between them
     (so a change in the machine's load hits both sides). Returns (rows per fit with their ratio to the plain
     median, the timed plain passes, the plain summary)."""
@@ -179,11 +186,15 @@ def interleaved(ctx: Context, shard_dir: Path, cfg_b: dict, plain_once, plain: l
     plain.clear()
     plain_once()
     ray_rows = {}
-    for w in cfg_b["workers"]:
-        row = ray_train(ctx, shard_dir, w, cfg_b["passes"], cfg_b["batch_size"], *extra)
-        ray_rows[f"ray_train_w{w}"] = row
-        ctx.log(f"  ray_train_w{w}: {row['images_per_s']['median']:.0f} img/s (fit start-up "
-                f"{row['fit_startup_s']:.1f}s)")
+    # The default (data.cache: auto, which caches these shards) for each worker count, then 1 worker streaming
+    # the shards every pass (data.cache: never), the path datasets too large for the object store take.
+    fits = [(f"ray_train_w{w}", w, ()) for w in cfg_b["workers"]]
+    if streamed:
+        fits.append((f"ray_train_w{cfg_b['workers'][0]}_streamed", cfg_b["workers"][0], ("data.cache=never",)))
+    for name, w, more in fits:
+        row = ray_train(ctx, shard_dir, w, cfg_b["passes"], cfg_b["batch_size"], *extra, *more)
+        ray_rows[name] = row
+        ctx.log(f"  {name}: {row['images_per_s']['median']:.0f} img/s (fit start-up {row['fit_startup_s']:.1f}s)")
         plain_once()
     while len(plain) < max(2, cfg_b["passes"] - 1):
         plain_once()

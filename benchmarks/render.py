@@ -212,7 +212,9 @@ def _headlines(d: dict) -> list[str]:
                    f"Ray Data with 1 worker = **{_x(rr['ray_train_w1']['ratio_vs_plain'])}** a plain DataLoader loop, "
                    f"2 workers = **{_x(rr['ray_train_w2']['ratio_vs_plain'])}** (fit start-up "
                    f"{_f(rr['ray_train_w1']['fit_startup_s'])} s / {_f(rr['ray_train_w2']['fit_startup_s'])} s, "
-                   f"not included).")
+                   f"not included)" + (f"; 1 worker streaming the shards every pass (`data.cache: never`) = "
+                                       f"**{_x(rr['ray_train_w1_streamed']['ratio_vs_plain'])}**"
+                                       if "ray_train_w1_streamed" in rr else "") + ".")
     if "epoch" in d:
         ms = d["epoch"]["phases"]["median_share"]
         out.append(f"**DeepCluster epoch** ({d['epoch']['config']['images']:,} MNIST images): k-means = "
@@ -310,12 +312,14 @@ def _sec_train(doc: dict, img: str, title: str = "Training") -> str:
     rows = []
     for n, r in doc["results"].items():
         ips = r["images_per_s"]
-        rows.append([f"`{n}`", _f(ips["median"]), f"{_f(ips['q1'])}–{_f(ips['q3'])}", _f(r["seconds_per_pass"]["median"]),
-                     _x(r["ratio_vs_plain"]), _f(r.get("fit_startup_s")), _f(r.get("loop_setup_s"))])
+        rows.append([f"`{n}`", r.get("data_cache", "—"), _f(ips["median"]), f"{_f(ips['q1'])}–{_f(ips['q3'])}",
+                     _f(r["seconds_per_pass"]["median"]), _x(r["ratio_vs_plain"]), _f(r.get("fit_startup_s")),
+                     _f(r.get("loop_setup_s"))])
     return (f"## {title}\n\n{c['images']:,} MNIST images per pass, batch {c['batch_size']} per worker, "
             f"{c['passes']} passes per fit (first = warm-up, not counted). Ray side: {c['ray_side']}. Plain side: "
             f"{c['plain_side']}.\n\n"
-            + _table(["path", "images/s", "IQR", "s per pass", "vs plain", "fit start-up s", "loop setup s"], rows)
+            + _table(["path", "data.cache", "images/s", "IQR", "s per pass", "vs plain", "fit start-up s",
+                      "loop setup s"], rows)
             + f"\n\n![{title}]({img})\n")
 
 

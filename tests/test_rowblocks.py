@@ -47,3 +47,32 @@ def test_two_dimensional_values_and_a_bounded_cache():
     assert list(look._held) == [7, 8] and look._bytes == 2 * 100 * 4 * 4  # the two most recent, nothing more
     look(np.arange(0, 10))
     assert list(look._held) == [8, 0]
+
+
+def test_parts_are_written_and_read_back_a_row_group_at_a_time(tmp_path):
+    """What bounds the driver's memory in the report and `raydc evaluate`: a shard's part holds row groups of
+    PART_ROW_GROUP rows, and the readers never hold more than one, whatever N / shards is."""
+    import pyarrow.parquet as pq
+
+    from raydc.engine.clustering import ShardStore
+    from raydc.engine.rundir import PART_ROW_GROUP, RunDir
+
+    n = 2 * PART_ROW_GROUP + 123
+    rng = np.random.default_rng(0)
+    store = ShardStore(in_ray=False)
+    store.rows = rng.permutation(n).astype(np.int64)
+    store.ids = rng.integers(-(1 << 62), 1 << 62, n)
+    store.cols = {"c": rng.integers(0, 7, n), "d": rng.random(n, dtype=np.float32)}
+    run = RunDir(tmp_path / "run")
+    part = tmp_path / "run" / "assignments" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    assert run.assignments_dir == str(part.parent)
+    assert store.write_part(str(part), {"cluster": "c", "distance": "d"}) == n
+    meta = pq.ParquetFile(part).metadata
+    assert meta.num_row_groups == 3 and max(meta.row_group(g).num_rows for g in range(3)) == PART_ROW_GROUP
+    batches = list(run.assignment_batches())
+    assert max(len(b["row"]) for b in batches) <= PART_ROW_GROUP
+    rows = np.concatenate([b["row"] for b in batches])
+    assert np.array_equal(rows, np.arange(n))  # sorted by row, every row once
+    order = np.argsort(store.rows)
+    assert np.array_equal(np.concatenate([b["cluster"] for b in batches]), store.cols["c"][order])

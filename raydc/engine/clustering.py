@@ -217,13 +217,14 @@ class ShardStore:
         import pyarrow.parquet as pq
 
         from raydc import storage
+        from raydc.engine.rundir import PART_ROW_GROUP
 
         order = np.argsort(self.rows, kind="stable")
         data = {"row": pa.array(self.rows[order]), "id": pa.array(self.ids[order])}
         for name, col in columns.items():
             data[name] = pa.array(np.asarray(self._column(col))[order])
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.table(data), sink, compression="zstd", row_group_size=1 << 20)  # readers go by group
+        pq.write_table(pa.table(data), sink, compression="zstd", row_group_size=PART_ROW_GROUP)  # readers go by group
         storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
         return int(len(order))
 

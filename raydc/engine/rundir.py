@@ -51,6 +51,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# Rows per Parquet row group in the parts shard actors write (assignments, a round's labels), and so per batch
+# of the tools that read them back (the report, `raydc evaluate`): a reader decodes a whole row group at once,
+# so this, not N, bounds the driver's memory there. At 2^20 the driver's peak grew until N / shards reached it
+# (the 5M-image point of the scaling benchmark); 2^16 rows are ~2 MB a column.
+PART_ROW_GROUP = 1 << 16
+
 class RunDir:
     """A run directory at a local path or an object-store URI (`s3://bucket/runs/x`): every read and write goes
     through `raydc.storage`, so the same run can live on a laptop's disk or in a bucket every node reaches."""
@@ -209,7 +215,7 @@ class RunDir:
         if storage.exists(d):
             storage.delete_dir(d)
 
-    def assignment_batches(self, columns: list[str] | None = None, batch_rows: int = 1 << 20):
+    def assignment_batches(self, columns: list[str] | None = None, batch_rows: int = PART_ROW_GROUP):
         """Every part's rows, at most `batch_rows` at a time (parts are written in row groups of that size), as
         {column: array}: what tools read instead of a whole part, whatever N / shards is."""
         import pyarrow.parquet as pq

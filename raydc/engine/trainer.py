@@ -111,6 +111,24 @@ def ray_object_store_bytes() -> float:
     return float(ray.cluster_resources().get("object_store_memory", 0))
 
 
+def training_dataset(cfg: Config, data_bytes: int, log=print):
+    """The Dataset the Train workers split: the shards streamed, or read once into the object store when
+    `data.cache` says so (`raydc.engine.datasets.should_cache`). `data_bytes`: the shards' uncompressed size."""
+    from raydc.engine.datasets import read_shards, should_cache
+
+    data = read_shards(cfg.data.shards, footers_checked=True)
+    store = ray_object_store_bytes()
+    if not should_cache(cfg.data.cache, data_bytes, store):
+        return data
+    t0 = time.perf_counter()
+    # preserve_order: the blocks keep the shards' row order, the order a streamed pass reads them in.
+    data.context.execution_options.preserve_order = True
+    data = data.materialize()
+    log(f"training data cached in the object store: {data_bytes / 2**20:,.0f} MiB of {store / 2**20:,.0f} MiB, "
+        f"read in {time.perf_counter() - t0:.1f}s (data.cache: {cfg.data.cache})")
+    return data
+
+
 def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print,
                  callbacks: list | None = None) -> RunDir:
     """One run, start to report. `callbacks` go to the TorchTrainer's RunConfig (Ray Tune's report callback
@@ -119,7 +137,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raydc.engine.datasets import check_shard_footers, read_shards, should_cache
+    from raydc.engine.datasets import check_shard_footers
     from raydc.engine.loop import train_loop_per_worker
     from raydc.engine.paths import absolute_paths
     from raydc.engine.runtime import init_ray, train_run_config_kwargs
@@ -149,16 +167,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     log(f"Ray ready in {t_ray:.1f}s: {gpus} GPUs; training on {cfg.train.num_workers} worker(s), "
         f"{'GPU' if use_gpu else 'CPU'}; {manifest.count} images")
 
-    train_data = read_shards(cfg.data.shards, footers_checked=True)
-    store = float(ray_object_store_bytes())
-    if should_cache(cfg.data.cache, data_bytes, store):
-        t2 = time.perf_counter()
-        # preserve_order: the blocks keep the shards' row order, the order a streamed pass reads them in.
-        train_data.context.execution_options.preserve_order = True
-        train_data = train_data.materialize()
-        log(f"training data cached in the object store: {data_bytes / 2**20:,.0f} MiB of "
-            f"{store / 2**20:,.0f} MiB, read in {time.perf_counter() - t2:.1f}s (data.cache: {cfg.data.cache})")
-
+    train_data = training_dataset(cfg, data_bytes, log)
     resources = {"CPU": cfg.train.cpus_per_worker}
     resume_from = run.latest_checkpoint() if resuming else None
     run.prune_checkpoints(keep=cfg.run.keep_checkpoints)
