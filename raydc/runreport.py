@@ -26,8 +26,11 @@ def images_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = N
     if is_uri(str(shard_dir)):
         fs = resolve(files[0])[0]
         files = [resolve(f)[1] for f in files]
+    # One fragment and a couple of 2^16-row batches in flight: the scan reads every shard to find a few hundred
+    # ids, and pyarrow's default read-ahead (4 files, 16 batches) held ~4 shard files at once on the driver.
     table = pads.dataset(files, format="parquet", filesystem=fs).to_table(
-        columns=["id", "image"], filter=pads.field("id").isin(list(map(int, ids))))
+        columns=["id", "image"], filter=pads.field("id").isin(list(map(int, ids))), batch_size=1 << 16,
+        fragment_readahead=1, batch_readahead=2)
     if table.num_rows == 0:
         return {}
     batch = {"id": table.column("id").to_numpy(), "image": np.array(table.column("image").to_pylist(), dtype=object)}
