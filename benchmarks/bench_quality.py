@@ -204,7 +204,7 @@ def run(ctx: Context) -> dict:
             except Exception as e:  # noqa: BLE001
                 launched = f"failed: {type(e).__name__}: {e}"
         info = {**meta, **read_run(run_dir)}
-        if info["status"] == "missing" and earlier.get(name, {}).get("status") == "finished":
+        if info["status"] == "missing" and earlier.get(name, {}).get("status") in ("finished", "in progress"):
             info = {**earlier[name], **meta, "kept_from_earlier_results": True}
         if launched:
             info["launched"] = launched
