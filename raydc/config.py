@@ -32,8 +32,8 @@ class DataConfig:
     limit: int | None = None               # keep only the first `limit` images after the class filter
     rows_per_shard: int = 10_000
     download: bool = False                 # opt in to torchvision downloads
-    # Keep the shards' rows in Ray's object store after the first training pass: "auto" when they take at most
-    # a quarter of the cluster's object store, "always", or "never" (stream every pass from the shards).
+    # Read the shards' rows into Ray's object store once, before the fit, and train every pass from there: "auto"
+    # when they take at most a quarter of the cluster's object store, "always", or "never" (stream every pass).
     cache: Literal["auto", "always", "never"] = "auto"
 
     def validate(self) -> None:

@@ -57,6 +57,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 # (the 5M-image point of the scaling benchmark); 2^16 rows are ~2 MB a column.
 PART_ROW_GROUP = 1 << 16
 
+
 class RunDir:
     """A run directory at a local path or an object-store URI (`s3://bucket/runs/x`): every read and write goes
     through `raydc.storage`, so the same run can live on a laptop's disk or in a bucket every node reaches."""
