@@ -89,8 +89,31 @@ class ClusterConfig:
     placement: Literal["spread", "strict_spread", "pack", "none"] = "spread"
     shard_memory_mb: int = 256
     shard_resource: str | None = None      # a custom resource each shard's bundle takes one unit of (shard nodes)
+    # Distributed Lloyd's reduction of the per-cluster sums. star: all shards' k x d sums to the coordinator (one
+    # round trip per iteration); sharded: a reduce-scatter among the shards (two round trips, and no process
+    # receives more than about 12 k d bytes per iteration at any number of shards); auto: star while the
+    # coordinator would receive at most star_max_mb per iteration. Both give the same centroids to the bit.
+    reduction: Literal["auto", "star", "sharded"] = "auto"
+    star_max_mb: int = 64
+    # A lost shard actor (its process, or its node) is restarted by Ray up to shard_restarts times, reloads the
+    # features it held from the run directory's shards/ (persist_features; one write of the reduced features per
+    # round), and the k-means resumes from the coordinator's last centroids. recovery_timeout_s bounds the wait
+    # for a lost shard to come back: past it the round fails with a clear error instead of hanging.
+    shard_restarts: int = 3
+    persist_features: bool = True
+    recovery_timeout_s: float = 300.0
+
+    def reduction_args(self) -> dict:
+        """The keywords of `ClusteringService.kmeans` that choose the distributed reduction."""
+        return {"reduction": self.reduction, "star_max_bytes": int(self.star_max_mb) << 20}
 
     def validate(self) -> None:
+        if self.shard_restarts < 0:
+            raise ConfigError("cluster.shard_restarts", f"must be >= 0, got {self.shard_restarts}")
+        if self.recovery_timeout_s <= 0:
+            raise ConfigError("cluster.recovery_timeout_s", f"must be > 0, got {self.recovery_timeout_s}")
+        if self.star_max_mb < 0:
+            raise ConfigError("cluster.star_max_mb", f"must be >= 0, got {self.star_max_mb}")
         if self.shard_memory_mb < 1:
             raise ConfigError("cluster.shard_memory_mb", f"must be >= 1, got {self.shard_memory_mb}")
         if self.k < 2:

@@ -50,6 +50,12 @@ def main() -> None:
         out["objective"], out["faiss_objective"] = res.objective, list(ref.objective)
         out["bytes_per_iteration"] = res.bytes_per_iteration
         out["bound"] = 3 * (k * d * 8 + k * 8 + 8)
+        # the sharded reduction across the nodes: the star's centroids to the bit; only counts reach the coordinator
+        star = proxy.kmeans(k, niter=10, seed=3, mode="distributed", init_centroids=init, reduction="star")
+        sharded = proxy.kmeans(k, niter=10, seed=3, mode="distributed", init_centroids=init, reduction="sharded")
+        out["sharded_equals_star"] = bool(np.array_equal(star.centroids, sharded.centroids)
+                                          and star.objective == sharded.objective)
+        out["sharded_bytes"] = sharded.bytes_per_iteration
         pairs = proxy.counts("true", "cluster")
         out["n_counted"] = pairs.n
         with tempfile.TemporaryDirectory() as tmp:
@@ -64,10 +70,65 @@ def main() -> None:
             labels[rows] = np.concatenate([t.column("cluster").to_numpy() for t in tables])
             out["nmi_vs_faiss"] = float(__import__("raydc.core.metrics", fromlist=["nmi"]).nmi(ref.labels, labels))
         proxy.shutdown()
+        out.update(_lose_a_node(cluster, workers, ray))
     finally:
         ray.shutdown()
         cluster.shutdown()
     print("RESULT " + json.dumps(out))
+
+
+def _lose_a_node(cluster, workers, ray) -> dict:
+    """A node holding a shard is removed in the middle of a distributed k-means, then a node takes its place:
+    the k-means must end as the uninterrupted one did, to the bit. Then a node is removed with none to take its
+    place: the k-means must fail with a clear error within cluster.recovery_timeout_s, not hang."""
+    import time
+
+    from raydc.core import kmeans as km
+    from raydc.engine.clustering import CoordinatorProxy, ShardPlacement, ShardRecovery
+
+    out: dict = {}
+    rng = np.random.default_rng(1)
+    n, d, k = 90_000, 64, 1000  # uniform points: Lloyd is far from its fixed point after niter steps
+    x = rng.random((n, d), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        proxy = CoordinatorProxy(3, placement=ShardPlacement("strict_spread", 32 << 20, "shard_slot"),
+                                 resource="coordinator", recovery=ShardRecovery(tmp, 3, timeout_s=30.0))
+        proxy.load([ray.put({"row": r, "id": r, "feature": x[r]}) for r in np.array_split(np.arange(n), 6)])
+        init = km.sample_init_centroids(x, k, seed=0)
+        args = dict(niter=30, seed=0, mode="distributed", init_centroids=init, reduction="sharded")
+        t = time.perf_counter()
+        ref = proxy.kmeans(k, **args)
+        out["kmeans_seconds"] = time.perf_counter() - t
+        nodes = proxy.nodes()
+        victim = next(w for w in workers if w.node_id == nodes[1])
+        pending = proxy.handle.call.remote("kmeans", k, **args)
+        time.sleep(out["kmeans_seconds"] * 0.4)
+        cluster.remove_node(victim)
+        time.sleep(1.0)
+        fresh = cluster.add_node(num_cpus=1, resources={"shard_slot": 1}, object_store_memory=100 << 20)
+        got = ray.get(pending, timeout=600)
+        out["recovered_equal"] = bool(np.array_equal(got.centroids, ref.centroids) and got.objective == ref.objective
+                                      and np.array_equal(got.sizes, ref.sizes))
+        out["recoveries"] = got.bytes_per_iteration["recoveries"]
+        out["restarted_on_new_node"] = proxy.nodes()[1] == fresh.node_id
+        out["restored"] = ray.get(proxy.handle.call.remote("await_shards")) is None
+        # no node to take the place of a lost one: a clear error, bounded in time
+        nodes = proxy.nodes()
+        pending = proxy.handle.call.remote("kmeans", k, **{**args, "reduction": "star"})
+        time.sleep(1.0)
+        cluster.remove_node(next(w for w in workers + [fresh] if w.node_id == nodes[2]))
+        t = time.perf_counter()
+        try:
+            ray.get(pending, timeout=300)
+            out["no_node_error"] = None
+        except Exception as e:  # noqa: BLE001 - the test asserts on its text
+            out["no_node_error"] = str(e)[-600:]
+        out["no_node_seconds"] = time.perf_counter() - t
+        try:
+            proxy.shutdown()
+        except Exception:  # noqa: BLE001 - the lost shard's actor cannot answer; what matters was asserted
+            ray.kill(proxy.handle)
+    return out
 
 
 if __name__ == "__main__":

@@ -72,6 +72,22 @@ def test_distributed_lloyd_matches_faiss_from_the_same_init(service):
     assert M.evaluate_counts(pairs) == M.evaluate(y, labels)
 
 
+def test_sharded_reduction_on_actors_gives_the_star_result(service):
+    """The reduce-scatter moves pieces shard to shard through the object store; the coordinator sees only the
+    counts, and the centroids are the star's to the bit (empty clusters split included)."""
+    x, y = blobs(n=5000, k=8, seed=7)
+    load(service, x, y)
+    init = x[:12].copy()
+    init[1] = init[0]
+    star = service.kmeans(12, niter=10, seed=2, mode="distributed", init_centroids=init, reduction="star")
+    star_labels = column_by_row(service, "cluster", len(x))
+    sharded = service.kmeans(12, niter=10, seed=2, mode="distributed", init_centroids=init, reduction="sharded")
+    assert sharded.n_split >= 1 and sharded.n_split == star.n_split
+    assert np.array_equal(sharded.centroids, star.centroids) and sharded.objective == star.objective
+    assert np.array_equal(column_by_row(service, "cluster", len(x)), star_labels)
+    assert sharded.bytes_per_iteration["coordinator_received"] == 12 * 8 + 3 * 8
+
+
 def test_single_actor_mode_is_faiss(service):
     x, y = blobs(seed=1)
     load(service, x, y)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.ray  # four raylets of its own on this host: about 30 s
+pytestmark = pytest.mark.ray  # four raylets of its own on this host, and two node losses
 
 
 def test_shards_spread_over_nodes_and_results_are_exact():
@@ -36,3 +36,14 @@ def test_shards_spread_over_nodes_and_results_are_exact():
     assert r["n_counted"] == 9000
     # one part per shard (three nodes), covering every row once, each with its own random int64 id
     assert r["parts"] == 3 and r["rows_cover_once"] and r["ids_are_their_rows"]
+    # the sharded reduction over three nodes: the star's centroids; the coordinator gets k counts and 3 objectives
+    assert r["sharded_equals_star"]
+    assert r["sharded_bytes"]["coordinator_received"] == 20 * 8 + 3 * 8
+    assert r["sharded_bytes"]["shard_received_max"] <= 2 * 7 * (16 * 8 + 8) + 20 * 16 * 4
+    # a node lost in the middle of k-means, then replaced: the restarted shard reloads its saved rows on the new
+    # node and the k-means resumes from the last centroids, ending exactly as the uninterrupted one
+    assert r["recoveries"] >= 1, "the node was removed after the k-means ended: nothing was tested"
+    assert r["recovered_equal"] and r["restarted_on_new_node"] and r["restored"]
+    # a node lost with none to replace it: a clear error within cluster.recovery_timeout_s (30 s), not a hang
+    assert r["no_node_error"] and "recovery_timeout_s" in r["no_node_error"], r["no_node_error"]
+    assert r["no_node_seconds"] < 120

@@ -249,39 +249,76 @@ def _pick_cluster_to_split(h: np.ndarray, n: int, k: int, rng: np.random.Generat
                 return start + int(hits[0])
 
 
+def split_plan(counts: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """faiss's empty-cluster splits as (ci, cj) pairs, in the order they apply: empty cluster ci becomes a copy
+    of cj. The choice depends on the counts alone, so the process that holds the k counts (not the k x d
+    centroids) can make it, and every holder of the centroids replays it with `apply_splits`.
+
+    cj's count is shared in halves after each split (as floats, like faiss's `hassign`), which lowers its
+    chance of being split again."""
+    counts = np.asarray(counts)
+    k = counts.shape[0]
+    n = int(counts.sum())
+    if n < k:
+        raise ValueError(f"cannot have k={k} non-empty clusters with N={n} points")
+    h = counts.astype(np.float64)
+    plan = []
+    for ci in np.flatnonzero(h == 0):
+        cj = _pick_cluster_to_split(h, n, k, rng)
+        plan.append((int(ci), cj))
+        h[ci] = h[cj] / 2
+        h[cj] -= h[ci]
+    return plan
+
+
+def apply_splits(centroids: np.ndarray, plan: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Replay a `split_plan` in place: even dimensions ci = cj * (1+EPS), cj *= 1-EPS, odd ones the reverse,
+    EPS = 1/1024 (faiss/Clustering.cpp)."""
+    if not plan:
+        return centroids
+    d = centroids.shape[1]
+    up = np.where(np.arange(d) % 2 == 0, 1 + SPLIT_EPS, 1 - SPLIT_EPS).astype(np.float32)
+    down = np.where(np.arange(d) % 2 == 0, 1 - SPLIT_EPS, 1 + SPLIT_EPS).astype(np.float32)
+    for ci, cj in plan:
+        centroids[ci] = centroids[cj] * up
+        centroids[cj] = centroids[cj] * down
+    return centroids
+
+
+def chunk_means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Means (float32) of the non-empty clusters of a range of clusters; empty ones stay zero until the
+    splits fill them."""
+    sums = np.asarray(sums, dtype=np.float64)
+    h = np.asarray(counts).astype(np.float64)
+    out = np.zeros(sums.shape, dtype=np.float32)
+    nonempty = h > 0
+    out[nonempty] = (sums[nonempty] / h[nonempty, None]).astype(np.float32)
+    return out
+
+
+def chunk_bounds(k: int, parts: int) -> np.ndarray:
+    """Cluster ranges [b[j], b[j+1]) of a reduce-scatter over `parts` reducers (np.array_split's sizes)."""
+    sizes = np.full(parts, k // parts, dtype=np.int64)
+    sizes[: k % parts] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
 def update_centroids(sums: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
                      ) -> tuple[np.ndarray, int]:
     """New centroids (k, d) float32 from reduced sums/counts, splitting empty clusters as faiss does.
 
     For each empty cluster ci (in index order), a cluster cj is chosen (see `_pick_cluster_to_split`), ci
-    becomes a copy of cj, and both are pushed apart: even dimensions ci *= 1+EPS, cj *= 1-EPS, odd ones the
-    reverse, EPS = 1/1024. cj's count is then shared in halves (as floats, like faiss's `hassign`), which
-    lowers its chance of being split again. Returns the centroids and the number of splits.
+    becomes a copy of cj, and both are pushed apart (`apply_splits`). The sharded reduction computes the same
+    thing in pieces: `chunk_means` per cluster range, `split_plan` from the counts, `apply_splits` on every
+    holder. Returns the centroids and the number of splits.
     """
     sums = np.asarray(sums, dtype=np.float64)
     counts = np.asarray(counts)
     k, d = sums.shape
     if counts.shape != (k,):
         raise ValueError(f"counts must have shape ({k},), got {counts.shape}")
-    n = int(counts.sum())
-    if n < k:
-        raise ValueError(f"cannot have k={k} non-empty clusters with N={n} points")
-    h = counts.astype(np.float64)
-    centroids = np.zeros((k, d), dtype=np.float32)
-    nonempty = h > 0
-    centroids[nonempty] = (sums[nonempty] / h[nonempty, None]).astype(np.float32)
-    empty = np.flatnonzero(~nonempty)
-    if empty.size == 0:
-        return centroids, 0
-    up = np.where(np.arange(d) % 2 == 0, 1 + SPLIT_EPS, 1 - SPLIT_EPS).astype(np.float32)
-    down = np.where(np.arange(d) % 2 == 0, 1 - SPLIT_EPS, 1 + SPLIT_EPS).astype(np.float32)
-    for ci in empty:
-        cj = _pick_cluster_to_split(h, n, k, rng)
-        centroids[ci] = centroids[cj] * up
-        centroids[cj] = centroids[cj] * down
-        h[ci] = h[cj] / 2
-        h[cj] -= h[ci]
-    return centroids, int(empty.size)
+    plan = split_plan(counts, rng)
+    return apply_splits(chunk_means(sums, counts), plan), len(plan)
 
 
 def lloyd(shards: Sequence[np.ndarray], k: int, *, niter: int = 20, init_centroids: np.ndarray | None,

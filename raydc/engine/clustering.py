@@ -14,7 +14,7 @@ the same class is called directly through `LocalShard`, so both run the same cod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,18 +44,49 @@ class ShardView:
 class ShardStore:
     """One slice of the images between phases: rows, ids, features, evaluation labels and result columns."""
 
-    def __init__(self, threads: int = 0, in_ray: bool = True):
+    def __init__(self, threads: int = 0, in_ray: bool = True, recovery_dir: str | None = None, index: int = 0):
         from raydc.core.faiss_backend import use_all_cores
 
         self.in_ray = in_ray
         self.cores = use_all_cores(threads or None) if in_ray else 0  # Ray gave this 0-CPU actor 1 OMP thread
         self.threads_now = self.cores
         self.busy_peers = 1  # shard actors of this node that work at the same time (distributed steps)
+        self.recovery_dir = recovery_dir  # where this shard saves what it holds (see raydc.engine.shard_recovery)
+        self.index = index
+        self.restored = False
         if in_ray:
             from raydc.engine.memory import start_sampler
 
             start_sampler()
-        self.clear()
+        self._set_empty()
+        if in_ray and recovery_dir and ray.get_runtime_context().was_current_actor_reconstructed:
+            self._restore()
+
+    def _restore(self) -> None:
+        """Back after a lost process or node: the rows this shard held, from its saved parts."""
+        from raydc.engine import shard_recovery
+
+        got = shard_recovery.restore(self.recovery_dir, self.index)
+        if got is None:
+            return
+        self.holdings, state = got
+        self.rows, self.ids, self.x, self.true = state["rows"], state["ids"], state["x"], state["true"]
+        self.restored = True
+
+    def _save(self, own: bool) -> None:
+        """Record what this shard holds: its own rows as a part (`own`, after a load or a projection), and the
+        list of parts it holds (after a load, a hand-over or a clear)."""
+        if not self.recovery_dir:
+            return
+        from raydc.engine import shard_recovery
+
+        if own:
+            shard_recovery.save_part(self.recovery_dir, self.index, self.rows, self.ids, self.x, self.true)
+        shard_recovery.save_holdings(self.recovery_dir, self.index, self.holdings)
+
+    def status(self) -> dict:
+        """Rows held and whether this process is a restarted one (what the coordinator checks after a loss)."""
+        return {"n": int(len(self.ids)), "restored": self.restored, "node": self.node()}
 
     def _put(self, value):
         return ray.put(value) if self.in_ray else value
@@ -94,17 +125,22 @@ class ShardStore:
 
         return peak()
 
-    def clear(self) -> None:
+    def _set_empty(self) -> None:
         self.rows = np.zeros(0, np.int64)
         self.ids = np.zeros(0, np.int64)
         self.true: np.ndarray | None = None
         self.x: np.ndarray | None = None
         self.cols: dict[str, np.ndarray] = {}
+        self.holdings: list[int] = []
+
+    def clear(self) -> None:
+        self._set_empty()
+        self._save(own=False)
 
     # ---- loading ----------------------------------------------------------------------------------
     def load(self, block_refs: list) -> dict:
         """The pool's output blocks (row, id, feature[, label]), already reduced by the workers."""
-        self.clear()
+        self._set_empty()
         blocks = [b for b in self._get(list(block_refs)) if len(b["id"])]
         if blocks:
             self.rows = np.concatenate([b["row"] for b in blocks])
@@ -112,6 +148,8 @@ class ShardStore:
             self.x = np.ascontiguousarray(np.concatenate([b["feature"] for b in blocks]))
             if "label" in blocks[0]:
                 self.true = np.concatenate([b["label"] for b in blocks])
+        self.holdings = [self.index]
+        self._save(own=True)
         finite = bool(np.isfinite(self.x).all()) if self.x is not None else True
         return {"n": int(len(self.ids)), "dim": int(self.x.shape[1]) if self.x is not None else 0, "finite": finite}
 
@@ -125,6 +163,7 @@ class ShardStore:
         if self.x is not None and len(self.x):
             self.x = np.ascontiguousarray(reduce_features(np.asarray(self.x, np.float32),
                                                           FeatureReduction(proj, l2, dtype)))
+            self._save(own=True)
         return bool(np.isfinite(self.x).all()) if self.x is not None else True
 
     def take(self) -> tuple:
@@ -133,14 +172,16 @@ class ShardStore:
         self.clear()
         return out
 
-    def absorb(self, part_refs: list) -> int:
+    def absorb(self, part_refs: list, from_shards: list[int] | None = None) -> int:
         parts = [(self.rows, self.ids, self.x, self.true)] + list(self._get(list(part_refs)))
+        self.holdings = self.holdings + list(from_shards or [])
         parts = [p for p in parts if p[2] is not None and len(p[1])]
         self.rows = np.concatenate([p[0] for p in parts])
         self.ids = np.concatenate([p[1] for p in parts])
         self.x = np.ascontiguousarray(np.concatenate([p[2] for p in parts]))
         self.true = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
         self.cols = {}
+        self._save(own=False)
         return len(self.ids)
 
     def size(self) -> int:
@@ -168,6 +209,36 @@ class ShardStore:
         labels, dist = km.assign(x, centroids, use_gpu=use_gpu)
         sums, counts = km.partial_sums(x, labels, len(centroids))
         return sums, counts, float(dist.sum(dtype=np.float64))
+
+    def lloyd_step(self, chunk_refs: list, plan: list, bounds: np.ndarray, use_gpu: str, me: int) -> tuple:
+        """One step of the sharded reduction: the centroids from their chunks (each reducer's, fetched) with the
+        round's splits replayed, this shard's assignment, and its sums and counts cut at `bounds`, one piece
+        per reducer, put in the object store by this actor so they travel shard to shard. Returns the pieces'
+        refs, this shard's objective share and the bytes it fetched from other processes."""
+        chunks = self._get(list(chunk_refs))
+        fetched = sum(int(c.nbytes) for j, c in enumerate(chunks) if j != me)
+        centroids = km.apply_splits(np.concatenate(chunks).astype(np.float32, copy=False), plan)
+        k, d = centroids.shape
+        if len(self.ids):
+            self._threads(alone=False)
+            x = np.asarray(self.x, np.float32)
+            labels, dist = km.assign(x, centroids, use_gpu=use_gpu)
+            sums, counts = km.partial_sums(x, labels, k)
+            obj = float(dist.sum(dtype=np.float64))
+        else:  # more shards than feature blocks: an empty shard contributes nothing
+            sums, counts, obj = np.zeros((k, d)), np.zeros(k, np.int64), 0.0
+        pieces = [self._put((sums[a:b], counts[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+        return pieces, obj, fetched
+
+    def lloyd_reduce(self, piece_refs: list, me: int) -> tuple:
+        """This shard's range of clusters: every shard's piece added (in shard order, as the star adds whole
+        sums, so the result is the same to the bit), the means kept in the object store for the next step.
+        Returns the chunk's ref, its counts (what the coordinator's split plan needs) and the bytes fetched."""
+        pieces = self._get(list(piece_refs))
+        fetched = sum(int(p[0].nbytes + p[1].nbytes) for i, p in enumerate(pieces) if i != me)
+        sums = np.sum([p[0] for p in pieces], axis=0)
+        counts = np.sum([p[1] for p in pieces], axis=0)
+        return self._put(km.chunk_means(sums, counts)), counts, fetched
 
     def assign(self, centroids: np.ndarray, use_gpu: str, col: str) -> np.ndarray:
         """Nearest centroid of every row, kept as column `col` (and `col`_distance); returns the sizes."""
@@ -291,6 +362,36 @@ class ClusterOutcome:
 
 
 @dataclass
+class LloydState:
+    """Where a distributed Lloyd stands: the centroids at the start of step `it`, the split RNG, the objective so
+    far. A copy taken between steps is a checkpoint: resumed from it, the run ends exactly as without the loss."""
+
+    centroids: np.ndarray
+    rng: np.random.Generator
+    it: int = 0
+    objective: list[float] = field(default_factory=list)
+    n_split: int = 0
+    done: bool = False
+
+    def record(self, objective: float) -> bool:
+        """Add a step's objective; True at a fixed point (it equals the previous one exactly)."""
+        self.objective.append(objective)
+        self.done = len(self.objective) > 1 and objective == self.objective[-2]
+        return self.done
+
+    def copy(self) -> "LloydState":
+        import copy
+
+        return LloydState(self.centroids.copy(), copy.deepcopy(self.rng), self.it, list(self.objective),
+                          self.n_split, self.done)
+
+    def take(self, other: "LloydState") -> None:
+        c = other.copy()
+        self.centroids, self.rng, self.it, self.objective, self.n_split, self.done = (
+            c.centroids, c.rng, c.it, c.objective, c.n_split, c.done)
+
+
+@dataclass
 class ExtractInfo:
     n: int
     dim: int
@@ -312,6 +413,28 @@ class ShardPlacement:
     @classmethod
     def from_config(cls, cc) -> "ShardPlacement":
         return cls(cc.placement, int(cc.shard_memory_mb) << 20, cc.shard_resource)
+
+
+@dataclass
+class ShardRecovery:
+    """How the shard actors survive a lost process or node (`cluster.shard_restarts`, `cluster.persist_features`,
+    `cluster.recovery_timeout_s`). `directory` is where each shard saves what it holds (the run directory's
+    `shards/`); None keeps nothing, and a restarted shard then comes back empty, which fails the round clearly."""
+
+    directory: str | None = None
+    max_restarts: int = 3
+    timeout_s: float = 300.0          # a lost shard must be back (restarted, its rows reloaded) within this
+    checkpoint_every: int = 5         # sharded Lloyd: centroids gathered to the coordinator every so many steps
+
+
+def _lost(e: BaseException) -> bool:
+    """A shard's process or node went away (or an object only it held): what a resumed k-means recovers from.
+    An exception raised by the code itself is not one of these and is never retried."""
+    from ray.exceptions import ActorUnavailableError, ObjectLostError, RayTaskError
+
+    cause = e.cause if isinstance(e, RayTaskError) else e
+    return isinstance(cause, (ObjectLostError, ActorUnavailableError)) or (
+        isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, RayTaskError))
 
 
 def _placement_group(num_shards: int, num_gpus: float, placement: ShardPlacement):
@@ -337,18 +460,28 @@ class ClusteringService:
     """Owns the shard actors for the whole run (created once; each round only moves data through them)."""
 
     def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto", log=print,
-                 shards: list | None = None, placement: ShardPlacement | None = None):
+                 shards: list | None = None, placement: ShardPlacement | None = None,
+                 recovery: ShardRecovery | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.local = shards is not None
         self.pg = None
+        self.recovery = recovery or ShardRecovery()
         if shards is None:
             placement = placement or ShardPlacement("none")
             if placement.strategy != "none":
                 self.pg = _placement_group(num_shards, num_gpus, placement)
+            rec = self.recovery
+            if rec.directory:
+                from raydc import storage
+
+                storage.makedirs(rec.directory)
+            # max_task_retries: a call in flight when the actor died runs again on the restarted one, which has
+            # reloaded its rows (ShardStore.__init__), so most losses cost one call, not the round.
             shards = [FeatureShard.options(
-                num_gpus=num_gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
-                if self.pg is not None else None).remote() for i in range(num_shards)]
+                num_gpus=num_gpus, max_restarts=rec.max_restarts, max_task_retries=rec.max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
+                if self.pg is not None else None).remote(0, True, rec.directory, i) for i in range(num_shards)]
         self.shards = shards
         nodes = self._get([s.node.remote() for s in self.shards])
         self._get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
@@ -361,10 +494,60 @@ class ClusteringService:
         self.pool = None  # the persistent feature pool, started on the first extract
 
     def _get(self, refs):
-        return refs if self.local else ray.get(refs)
+        """ray.get that never hangs on a lost shard: while a shard actor is not alive (its node gone, Ray
+        restarting it in its placement group bundle) the wait is bounded by `recovery.timeout_s`, then a clear
+        error says which shard and why."""
+        if self.local:
+            return refs
+        many = isinstance(refs, list)
+        pending = list(refs) if many else [refs]
+        down_since: float | None = None
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            if not pending:
+                break
+            down = self._shards_down()
+            if not down:
+                down_since = None
+                continue
+            import time
+
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > self.recovery.timeout_s:
+                from raydc.errors import UserError
+
+                raise UserError(
+                    f"shard actor(s) {', '.join(f'{i} ({st})' for i, st in down)} lost and not back within "
+                    f"cluster.recovery_timeout_s = {self.recovery.timeout_s:g} s: the cluster has no node left for "
+                    f"their placement group bundles (add nodes, or lower cluster.num_shards)")
+        return ray.get(refs)
+
+    def _shards_down(self) -> list[tuple[int, str]]:
+        """(index, state) of the shard actors the GCS does not report ALIVE."""
+        from ray._private import state
+
+        out = []
+        for i, s in enumerate(self.shards):
+            st = state.actors(s._actor_id.hex()).get("State", "ALIVE")
+            if st != "ALIVE":
+                out.append((i, st))
+        return out
 
     def _put(self, value):
         return value if self.local else ray.put(value)
+
+    def await_shards(self) -> None:
+        """After a loss: every shard answers (restarted ones have reloaded their rows) and holds what it held
+        before, else a clear error (a restarted shard without saved features cannot rejoin the round)."""
+        st = self._get([s.status.remote() for s in self.shards])
+        short = [(i, x["n"], want) for i, (x, want) in enumerate(zip(st, self.sizes)) if x["n"] != want]
+        if short:
+            from raydc.errors import UserError
+
+            i, got, want = short[0]
+            raise UserError(f"shard actor {i} was restarted holding {got} rows instead of {want}: "
+                            + ("its saved features are missing or stale" if self.recovery.directory else
+                               "cluster.persist_features is off, so a lost shard cannot rejoin the round"))
 
     # ---- features ---------------------------------------------------------------------------------
     def load(self, block_refs: list) -> dict:
@@ -440,13 +623,15 @@ class ClusteringService:
         return "single" if self.n * self.dim * 4 <= single_max_bytes or len(self.shards) == 1 else "distributed"
 
     def kmeans(self, k: int, *, niter: int, seed: int, n_init: int = 1, mode: str = "single",
-               init_centroids: np.ndarray | None = None, col: str = "cluster") -> ClusterOutcome:
+               init_centroids: np.ndarray | None = None, col: str = "cluster", reduction: str = "auto",
+               star_max_bytes: int = 64 << 20) -> ClusterOutcome:
         """k-means of every held row; each shard keeps its rows' clusters as column `col`."""
         if k > self.n:
             raise ValueError(f"cluster.k = {k} is larger than the number of images ({self.n})")
         if mode == "single" or len(self.shards) == 1:
             if len(self.shards) > 1 and not self.single:
-                self._get(self.shards[0].absorb.remote([s.take.remote() for s in self.shards[1:]]))
+                self._get(self.shards[0].absorb.remote([s.take.remote() for s in self.shards[1:]],
+                                                       list(range(1, len(self.shards)))))
                 self.sizes = [self.n] + [0] * (len(self.shards) - 1)
                 self.single = True
             res = self._get(self.shards[0].kmeans.remote(k, niter, seed, n_init, self.use_gpu, init_centroids, col))
@@ -454,37 +639,116 @@ class ClusteringService:
                 self._get(s.assign.remote(res["centroids"], self.use_gpu, col))
             return ClusterOutcome(res["centroids"], res["sizes"], res["objective"], res["n_split"], res["backend"],
                                   "single", col)
-        return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids, col=col)
+        return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids, col=col,
+                                 reduction=self.choose_reduction(k, reduction, star_max_bytes))
 
-    def _distributed(self, k: int, *, niter: int, seed: int, init_centroids, col: str) -> ClusterOutcome:
+    def choose_reduction(self, k: int, reduction: str, star_max_bytes: int) -> str:
+        """star: every shard's k x d sums come to this process (one round trip per iteration); sharded: a
+        reduce-scatter in which each shard adds up one range of clusters and the shards fetch each other's
+        centroid chunks (two round trips, and no process receives more than about k x d x 12 bytes, whatever
+        the number of shards). auto takes the star while what it brings here stays below `star_max_bytes`."""
+        if reduction != "auto":
+            return reduction
+        star_bytes = len(self.shards) * (k * max(self.dim, 1) * 8 + k * 8 + 8)
+        return "star" if star_bytes <= star_max_bytes or len(self.shards) == 1 else "sharded"
+
+    def _distributed(self, k: int, *, niter: int, seed: int, init_centroids, col: str,
+                     reduction: str = "star") -> ClusterOutcome:
         rng = np.random.default_rng(seed)
         if init_centroids is None:
             init_centroids = self.sample_rows(k, rng)
-        centroids = np.ascontiguousarray(init_centroids, np.float32)
-        objective, n_split = [], 0
+        state = LloydState(np.ascontiguousarray(init_centroids, np.float32), rng)
+        step = self._lloyd_sharded if reduction == "sharded" else self._lloyd_star
+        recoveries = 0
+        while True:
+            checkpoint = state.copy()
+            try:
+                traffic = step(state, niter, checkpoint)
+                sizes = self.assign_to(state.centroids, col)
+                break
+            except Exception as e:  # noqa: BLE001 - only losses (`_lost`) are resumed, the rest re-raised
+                if self.local or not _lost(e) or recoveries >= self.recovery.max_restarts:
+                    raise
+                recoveries += 1
+                self.log(f"  k-means: a shard was lost at iteration {state.it + 1} ({type(e).__name__}); "
+                         f"resuming from iteration {checkpoint.it + 1} once the shards are back")
+                self.await_shards()
+                state = checkpoint
+        traffic["recoveries"] = recoveries
+        return ClusterOutcome(state.centroids, sizes, state.objective, state.n_split,
+                              f"distributed Lloyd over {len(self.shards)} actors ({reduction} reduction)",
+                              "distributed", col, bytes_per_iteration=traffic)
+
+    def _log_iteration(self, it: int, niter: int, objective: float, split: int) -> None:
+        self.log(f"  k-means iter {it + 1}/{niter}: objective {objective:.6g}"
+                 + (f", split {split} empty" if split else ""))
+
+    def _lloyd_star(self, st: "LloydState", niter: int, checkpoint: "LloydState") -> dict:
+        """Centroids out through the object store, every shard's k x d sums back to this process. The
+        centroids are here after every step, so every step is a checkpoint."""
         received = 0
-        for it in range(niter):
-            c_ref = self._put(centroids)
+        while st.it < niter and not st.done:
+            c_ref = self._put(st.centroids)
             parts = self._get([s.partial.remote(c_ref, self.use_gpu) for s in self.shards])
             received = sum(p[0].nbytes + p[1].nbytes + 8 for p in parts)
             sums = np.sum([p[0] for p in parts], axis=0)
             counts = np.sum([p[1] for p in parts], axis=0)
-            objective.append(float(sum(p[2] for p in parts)))
-            if it > 0 and objective[-1] == objective[-2]:
+            if st.record(float(sum(p[2] for p in parts))):
                 break  # a fixed point: faiss >= 1.15 stops here too (early_stop_threshold = 0)
-            centroids, split = km.update_centroids(sums, counts, rng)
-            n_split += split
-            self.log(f"  k-means iter {it + 1}/{niter}: objective {objective[-1]:.6g}"
-                     + (f", split {split} empty" if split else ""))
-        sizes = self.assign_to(centroids, col)
-        # What passes through this process per iteration: the centroids go out once to the object store, and
-        # each shard fetches them; every shard's k x d sums come back here (the star issue #14 replaces).
-        traffic = {"centroids_out": int(centroids.nbytes),
-                   "fetched_by_shards": int(centroids.nbytes * len(self.shards)),
-                   "received": int(received), "shards": len(self.shards)}
-        return ClusterOutcome(centroids, sizes, objective, n_split,
-                              f"distributed Lloyd over {len(self.shards)} actors", "distributed", col,
-                              bytes_per_iteration=traffic)
+            st.centroids, split = km.update_centroids(sums, counts, st.rng)
+            st.n_split += split
+            self._log_iteration(st.it, niter, st.objective[-1], split)
+            st.it += 1
+            checkpoint.take(st)
+        # Per iteration: the centroids go out once to the object store and each shard fetches them; every
+        # shard's k x d sums come back here, so this process is the busiest and grows with the shards.
+        return {"reduction": "star", "shards": len(self.shards), "received": int(received),
+                "coordinator_received": int(received), "shard_received_max": int(st.centroids.nbytes),
+                "centroids_out": int(st.centroids.nbytes)}
+
+    def _lloyd_sharded(self, st: "LloydState", niter: int, checkpoint: "LloydState") -> dict:
+        """Reduce-scatter over the shards: shard j owns clusters [b_j, b_j+1), adds every shard's piece of them
+        and keeps the means in the object store; the shards fetch the chunks directly from each other. Only the
+        k counts and the objective shares come here: the split plan is drawn from the counts (`split_plan`)
+        and replayed by every shard, which gives `update_centroids` exactly. The chunks live on the shards, so
+        every `recovery.checkpoint_every` steps they are gathered here (k x d x 4 bytes) as the checkpoint a
+        lost shard resumes from."""
+        shards = self.shards
+        bounds = km.chunk_bounds(len(st.centroids), len(shards))
+        chunk_refs = [self._put(np.ascontiguousarray(st.centroids[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+        plan: list = []
+        shard_in = np.zeros(len(shards), np.int64)
+        coord_in = 0
+
+        def gather() -> np.ndarray:
+            return km.apply_splits(np.concatenate(self._get(chunk_refs)).astype(np.float32, copy=False), plan)
+
+        while st.it < niter and not st.done:
+            steps = self._get([s.lloyd_step.remote(chunk_refs, plan, bounds, self.use_gpu, i)
+                               for i, s in enumerate(shards)])
+            if st.record(float(sum(x[1] for x in steps))):
+                break  # a fixed point: the centroids of this step are the result
+            reduced = self._get([s.lloyd_reduce.remote([x[0][j] for x in steps], j) for j, s in enumerate(shards)])
+            counts = np.concatenate([r[1] for r in reduced])
+            plan = km.split_plan(counts, st.rng)
+            chunk_refs = [r[0] for r in reduced]
+            st.n_split += len(plan)
+            shard_in = np.array([x[2] for x in steps]) + np.array([r[2] for r in reduced])
+            coord_in = int(counts.nbytes) + 8 * len(shards)
+            self._log_iteration(st.it, niter, st.objective[-1], len(plan))
+            st.it += 1
+            if st.it % max(1, self.recovery.checkpoint_every) == 0 and not self.local:
+                st.centroids = gather()
+                checkpoint.take(st)
+        st.centroids = gather()
+        if not self.local:
+            checkpoint.take(st)  # a loss in the final assignment resumes here, not steps back
+        # Per iteration, measured on the payloads: each shard fetches the other shards' pieces of its cluster
+        # range and the other reducers' centroid chunks; this process gets the counts and objective shares.
+        busiest = max(int(shard_in.max()) if len(shard_in) else 0, coord_in)
+        return {"reduction": "sharded", "shards": len(shards), "received": busiest,
+                "coordinator_received": coord_in, "shard_received_max": int(shard_in.max()),
+                "centroids_out": 0, "checkpoint_every": int(self.recovery.checkpoint_every)}
 
     def sample_rows(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """k distinct rows drawn uniformly over all shards (the same rule as faiss' random init)."""
@@ -598,13 +862,14 @@ class ClusterCoordinator:
     rank 0 waits forever for a CPU ("Cluster resources are not enough..."). Created with the default
     scheduling strategy, this actor and everything it starts escape that placement group."""
 
-    def __init__(self, num_shards: int, num_gpus: float, use_gpu: str, placement: ShardPlacement | None = None):
+    def __init__(self, num_shards: int, num_gpus: float, use_gpu: str, placement: ShardPlacement | None = None,
+                 recovery: ShardRecovery | None = None):
         from raydc.engine.memory import start_sampler
         from raydc.engine.runtime import configure_data_context
 
         start_sampler()
         configure_data_context()
-        self.service = ClusteringService(num_shards, num_gpus, use_gpu, placement=placement)
+        self.service = ClusteringService(num_shards, num_gpus, use_gpu, placement=placement, recovery=recovery)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -617,12 +882,14 @@ class CoordinatorProxy:
     """Lets rank 0 call the coordinator as if it were a local ClusteringService."""
 
     def __init__(self, num_shards: int, num_gpus: float = 0.0, use_gpu: str = "auto",
-                 placement: ShardPlacement | None = None, resource: str | None = None):
+                 placement: ShardPlacement | None = None, resource: str | None = None,
+                 recovery: ShardRecovery | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.handle = ClusterCoordinator.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-            resources={resource: 0.001} if resource else None).remote(num_shards, num_gpus, use_gpu, placement)
+            resources={resource: 0.001} if resource else None).remote(num_shards, num_gpus, use_gpu, placement,
+                                                                      recovery)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

@@ -363,12 +363,14 @@ def worker_setup(config: dict[str, Any]):
 
 
 def make_coordinator(cfg: Config):
-    from raydc.engine.clustering import CoordinatorProxy
+    from raydc import storage
+    from raydc.engine.clustering import CoordinatorProxy, ShardPlacement, ShardRecovery
 
-    from raydc.engine.clustering import ShardPlacement
-
-    return CoordinatorProxy(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu,
-                            ShardPlacement.from_config(cfg.cluster), cfg.ray.coordinator_resource)
+    cc = cfg.cluster
+    recovery = ShardRecovery(storage.join(cfg.run.dir, "shards") if cc.persist_features else None,
+                             cc.shard_restarts, cc.recovery_timeout_s)
+    return CoordinatorProxy(cc.num_shards, cc.num_gpus, cc.use_gpu, ShardPlacement.from_config(cc),
+                            cfg.ray.coordinator_resource, recovery)
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:

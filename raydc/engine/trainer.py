@@ -45,7 +45,8 @@ RESUMABLE_FIELDS = (
     "train.epochs", "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
     "run.progress", "run.keep_checkpoints", "run.montage_per_cluster", "train.max_failures",
     "ray.coordinator_resource", "cluster.placement", "cluster.shard_memory_mb", "cluster.shard_resource",
-    "data.cache",
+    "data.cache", "cluster.reduction", "cluster.star_max_mb",
+    "cluster.shard_restarts", "cluster.persist_features", "cluster.recovery_timeout_s",
 )
 
 
