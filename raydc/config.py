@@ -99,15 +99,25 @@ class ClusterConfig:
     # features it held from the run directory's shards/ (persist_features; one write of the reduced features per
     # round), and the k-means resumes from the coordinator's last centroids. recovery_timeout_s bounds the wait
     # for a lost shard to come back: past it the round fails with a clear error instead of hanging.
+    # Two-level k-means (DeeperCluster's): super_k super clusters (0: sqrt(k)), then k-means within each with a
+    # share of k proportional to its size. auto: from hierarchical_min_k clusters on, where one k x N assignment
+    # per iteration is the cost that no longer fits a round.
+    hierarchical: Literal["auto", "never", "always"] = "auto"
+    hierarchical_min_k: int = 50_000
+    super_k: int = 0
     shard_restarts: int = 3
     persist_features: bool = True
     recovery_timeout_s: float = 300.0
 
-    def reduction_args(self) -> dict:
-        """The keywords of `ClusteringService.kmeans` that choose the distributed reduction."""
-        return {"reduction": self.reduction, "star_max_bytes": int(self.star_max_mb) << 20}
+    def kmeans_args(self) -> dict:
+        """The keywords of `ClusteringService.kmeans` that choose how a large k-means runs."""
+        return {"reduction": self.reduction, "star_max_bytes": int(self.star_max_mb) << 20,
+                "hierarchical": self.hierarchical, "hierarchical_min_k": self.hierarchical_min_k,
+                "super_k": self.super_k}
 
     def validate(self) -> None:
+        if self.super_k < 0 or self.super_k == 1 or self.super_k > self.k:
+            raise ConfigError("cluster.super_k", f"must be 0 (sqrt(k)) or in [2, cluster.k], got {self.super_k}")
         if self.shard_restarts < 0:
             raise ConfigError("cluster.shard_restarts", f"must be >= 0, got {self.shard_restarts}")
         if self.recovery_timeout_s <= 0:
@@ -179,6 +189,9 @@ class TrainConfig:
     torch_threads: int = 0                 # 0: leave torch's default
     seed: int = 31
     max_failures: int = 0                  # Ray Train retries after a worker dies
+    # A custom resource each Train worker takes one unit of: the worker group only on nodes started with it
+    # (`ray start --resources='{"trainer": 1}'`: the GPU nodes, say, leaving the others to the shards)
+    worker_resource: str | None = None
 
     def lr_at(self, round_idx: int) -> float:
         """The body's lr in round `round_idx` of `epochs`: constant, or a cosine from lr towards lr * lr_final."""

@@ -14,8 +14,13 @@ class ConfigError(UserError):
     """A config field is unknown, of the wrong type, or out of range. The message names the field."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.detail = field, message
         super().__init__(f"config field '{field}': {message}")
+
+    def __reduce__(self):
+        # Raised in a Ray worker, it is pickled to the driver: rebuilt from its own arguments, not from the
+        # formatted message (the default, which would call __init__ with one argument and fail).
+        return type(self), (self.field, self.detail)
 
 
 class DataError(UserError):
@@ -26,6 +31,9 @@ class NumericalError(RuntimeError):
     """NaN/Inf in features or loss. Raised with the epoch and phase so the run stops on its last good checkpoint."""
 
     def __init__(self, epoch: int, phase: str, what: str):
-        self.epoch, self.phase = epoch, phase
+        self.epoch, self.phase, self.what = epoch, phase, what
         super().__init__(f"non-finite values in {what} at epoch {epoch}, phase '{phase}'; "
                          f"the last good checkpoint is kept, resume with --resume after fixing the cause")
+
+    def __reduce__(self):
+        return type(self), (self.epoch, self.phase, self.what)

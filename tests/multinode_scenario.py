@@ -69,12 +69,48 @@ def main() -> None:
             labels = np.empty(n, np.int64)
             labels[rows] = np.concatenate([t.column("cluster").to_numpy() for t in tables])
             out["nmi_vs_faiss"] = float(__import__("raydc.core.metrics", fromlist=["nmi"]).nmi(ref.labels, labels))
+        out.update(_blocks_stay_on_their_node(proxy, workers, ray))
         proxy.shutdown()
         out.update(_lose_a_node(cluster, workers, ray))
     finally:
         ray.shutdown()
         cluster.shutdown()
     print("RESULT " + json.dumps(out))
+
+
+def _blocks_stay_on_their_node(proxy, workers, ray) -> dict:
+    """Feature blocks made by tasks on each worker node (as the pool's workers make them) are taken by the shard
+    on that node. Rows r of node j's blocks are j * 8000 + ..., so each shard's rows tell where they came from."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def block(start: int, n: int):  # 2,000 x 16 float32 plus ids: above Ray's 100 KiB inline limit, in plasma
+        rows = np.arange(start, start + n, dtype=np.int64)
+        return {"row": rows, "id": rows, "feature": np.random.default_rng(start).random((n, 16), dtype=np.float32)}
+
+    refs, node_of_row = [], {}
+    for j, w in enumerate(workers):
+        for b in range(4):
+            start = j * 8000 + b * 2000
+            refs.append(block.options(scheduling_strategy=NodeAffinitySchedulingStrategy(w.node_id, soft=False))
+                        .remote(start, 2000))
+        node_of_row[j] = w.node_id
+    refs = refs[::2] + refs[1::2]  # interleaved, so round-robin would mix the nodes
+    ray.wait(refs, num_returns=len(refs))
+    info = proxy.load(refs)
+    nodes = proxy.nodes()
+    with tempfile.TemporaryDirectory() as tmp:
+        import pyarrow.parquet as pq
+
+        parts = proxy.write_parts(tmp, {})
+        ok = True
+        sizes = []
+        for p in parts:
+            i = int(p.rsplit("part-", 1)[1].split(".")[0])
+            rows = pq.read_table(p).column("row").to_numpy()
+            sizes.append(len(rows))
+            ok &= all(node_of_row[int(r) // 8000] == nodes[i] for r in rows)
+    return {"local_load": info, "local_rows_on_their_node": bool(ok), "local_sizes": sorted(sizes)}
 
 
 def _lose_a_node(cluster, workers, ray) -> dict:

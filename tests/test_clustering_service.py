@@ -88,6 +88,23 @@ def test_sharded_reduction_on_actors_gives_the_star_result(service):
     assert sharded.bytes_per_iteration["coordinator_received"] == 12 * 8 + 3 * 8
 
 
+def test_two_level_kmeans_on_actors_moves_rows_shard_to_shard(service):
+    """The super clusters' rows travel between the actors through the object store; every row is still held
+    once, with its own id and label, and the pair counts against the labels see all of them."""
+    x, y = blobs(n=4000, k=8, seed=9)
+    _, ids = load(service, x, y)
+    out = service.kmeans(40, niter=10, seed=1, mode="distributed", hierarchical="always", super_k=8)
+    assert out.mode == "hierarchical" and out.sizes.sum() == len(x)
+    labels = column_by_row(service, "cluster", len(x))
+    assert np.array_equal(np.bincount(labels, minlength=40), out.sizes)
+    assert service.counts("true", "cluster").n == len(x)
+    got_ids, feats, cols = service.sample_features(300, seed=0, cols=("cluster",))
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    rows = np.array([row_of[int(i)] for i in got_ids])
+    np.testing.assert_array_equal(feats, x[rows])
+    np.testing.assert_array_equal(cols["cluster"], labels[rows])
+
+
 def test_single_actor_mode_is_faiss(service):
     x, y = blobs(seed=1)
     load(service, x, y)

@@ -69,3 +69,16 @@ def test_overrides_parse_yaml_values_and_round_trip(tmp_path):
 def test_bad_set_syntax():
     with pytest.raises(UserError, match="key=value"):
         load_config(None, ["data.shards"])
+
+
+def test_errors_raised_in_a_ray_worker_reach_the_driver_intact():
+    """Ray pickles a worker's exception to the driver: a ConfigError or NumericalError must come back as itself,
+    with its message (the default pickling called __init__ with one argument and raised a TypeError instead)."""
+    import pickle
+
+    from raydc.errors import NumericalError
+
+    e = pickle.loads(pickle.dumps(ConfigError("cluster.k", "must be >= 2, got 1")))
+    assert isinstance(e, ConfigError) and e.field == "cluster.k" and str(e) == "config field 'cluster.k': must be >= 2, got 1"
+    n = pickle.loads(pickle.dumps(NumericalError(3, "features", "the network's features")))
+    assert (n.epoch, n.phase) == (3, "features") and "epoch 3" in str(n)

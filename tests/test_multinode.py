@@ -26,7 +26,10 @@ def test_shards_spread_over_nodes_and_results_are_exact():
     # the coordinator where its resource is
     assert sorted(r["shard_nodes"]) == r["worker_nodes"]
     assert r["coordinator_node"] == r["head_node"]
-    assert r["load"] == {"n": 9000, "dim": 16, "finite": True}
+    assert {k: r["load"][k] for k in ("n", "dim", "finite")} == {"n": 9000, "dim": 16, "finite": True}
+    # blocks made on each worker node go to the shard on that node (balanced: four blocks each)
+    assert r["local_load"]["local_blocks"] == 1.0 and r["local_load"]["n"] == 3 * 4 * 2000
+    assert r["local_rows_on_their_node"] and r["local_sizes"] == [8000, 8000, 8000]
     # distributed Lloyd across nodes equals single-process faiss from the same initial centroids
     assert len(r["objective"]) == len(r["faiss_objective"])
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r["objective"], r["faiss_objective"]))
@@ -47,3 +50,20 @@ def test_shards_spread_over_nodes_and_results_are_exact():
     # a node lost with none to replace it: a clear error within cluster.recovery_timeout_s (30 s), not a hang
     assert r["no_node_error"] and "recovery_timeout_s" in r["no_node_error"], r["no_node_error"]
     assert r["no_node_seconds"] < 120
+
+
+@pytest.mark.slow  # two tiny DDP runs on a 4-raylet cluster and a worker group restarted by Ray Train: ~2-4 min
+def test_a_train_workers_node_lost_after_a_checkpoint_ends_as_the_uninterrupted_run():
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "tests.multinode_train_scenario"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=1500)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert p.returncode == 0 and line, (p.stdout[-3000:], p.stderr[-3000:])
+    r = json.loads(line[len("RESULT "):])
+    assert r["checkpoint_before_loss"] == 0 and r["rank0_on_a_trainer_node"]
+    assert r["error"] is None, r["error"]
+    # the lost node took rank 1 with it: Ray Train started a second group of two workers inside the same fit
+    assert r["train_workers_started"] == 4 and r["fits"] == ["000"]
+    assert r["epochs"] == r["ref_epochs"] == [0, 1, 2, 3]
+    assert r["metrics_equal"] and r["assignments_equal"]

@@ -81,3 +81,65 @@ def test_split_plan_and_its_replay_are_update_centroids():
     assert len(plan) == n_ref == 3 and [ci for ci, _ in plan] == [2, 9, 17]
     assert np.array_equal(km.apply_splits(np.concatenate(chunks), plan), c_ref)
     assert list(km.chunk_bounds(10, 4)) == [0, 3, 6, 8, 10] and list(km.chunk_bounds(2, 4)) == [0, 1, 2, 2, 2]
+
+
+def test_blocks_go_to_the_shard_on_their_node_while_that_stays_balanced():
+    from raydc.engine.block_placement import assign_blocks
+
+    shard_nodes = ["a", "b", "c"]
+    # every node made its share: each block stays home
+    assert assign_blocks([["a"], ["b"], ["c"], ["a"], ["b"], ["c"]], [10] * 6, shard_nodes) == [0, 1, 2, 0, 1, 2]
+    # node a made everything: it keeps its share (plus a block of slack), the rest goes to the others, evenly
+    got = assign_blocks([["a"]] * 9, [10] * 9, shard_nodes)
+    assert got.count(0) <= 4 and got.count(1) >= 2 and got.count(2) >= 2
+    # blocks without a known location (inlined small objects) go to the least loaded shard
+    assert assign_blocks([[], [], []], [5, 5, 5], shard_nodes) == [0, 1, 2]
+    # two shards on one node share its blocks
+    assert sorted(assign_blocks([["a"]] * 4, [1] * 4, ["a", "a", "b"])[:2]) == [0, 1]
+
+
+def test_two_level_kmeans_moves_each_super_cluster_to_one_shard_and_clusters_within_it():
+    from raydc.engine.rowblocks import RowLookup
+
+    rng = np.random.default_rng(4)
+    n, d, k = 6000, 8, 120
+    x = (rng.normal(0, 6, (12, d))[rng.integers(0, 12, n)] + rng.normal(0, 1, (n, d))).astype(np.float32)
+    svc = _service(x, 3)
+    flat = svc.kmeans(k, niter=15, seed=0, mode="distributed", reduction="star")
+    two = svc.kmeans(k, niter=15, seed=0, mode="distributed", hierarchical="always", super_k=12)
+    assert two.mode == "hierarchical" and two.centroids.shape == (k, d) and two.sizes.sum() == n
+    labels = RowLookup(svc.publish("cluster"))(np.arange(n))
+    supers = RowLookup(svc.publish("super"))(np.arange(n))
+    assert labels.min() >= 0 and labels.max() < k and np.array_equal(np.bincount(labels, minlength=k), two.sizes)
+    # after the move, every super cluster lives on one shard, and the shards stay balanced
+    held = [sh.store for sh in svc.shards]
+    assert sum(len(h.ids) for h in held) == n and max(len(h.ids) for h in held) < 0.6 * n
+    for c in range(12):
+        assert sum(bool((h.cols["super"] == c).any()) for h in held) <= 1
+    # each point's cluster is the nearest centroid among its own super cluster's
+    for c in range(12):
+        mine = np.unique(labels[supers == c])
+        dist = ((x[supers == c][:, None, :] - two.centroids[mine][None]) ** 2).sum(-1)
+        assert np.array_equal(mine[dist.argmin(1)], labels[supers == c])
+    # the objective it pays for that: close to the flat k-means on the same points
+    assert two.objective[-1] <= 1.25 * flat.objective[-1]
+    assert two.objective[-1] == pytest.approx(float(((x - two.centroids[labels]) ** 2).sum()), rel=1e-4)
+
+
+def test_two_level_is_chosen_from_hierarchical_min_k_on():
+    x = _data(n=2000, d=8, k=10)
+    svc = _service(x, 2)
+    assert svc.kmeans(40, niter=5, seed=0, mode="distributed", hierarchical="auto",
+                      hierarchical_min_k=40).mode == "hierarchical"
+    assert svc.kmeans(40, niter=5, seed=0, mode="distributed", hierarchical="auto",
+                      hierarchical_min_k=41).mode == "distributed"
+
+
+def test_allocate_subclusters_shares_k_by_size_within_bounds():
+    got = km.allocate_subclusters(10, np.array([50, 30, 20]))
+    assert list(got) == [5, 3, 2]
+    got = km.allocate_subclusters(7, np.array([1, 1, 100, 0]))
+    assert list(got) == [1, 1, 5, 0]  # at least one for a non-empty super cluster, none for an empty one
+    assert list(km.allocate_subclusters(9, np.array([3, 3, 3]))) == [3, 3, 3]  # never more than its points
+    with pytest.raises(ValueError, match="non-empty super clusters"):
+        km.allocate_subclusters(3, np.array([10, 1, 1, 1]))

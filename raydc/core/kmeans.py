@@ -84,8 +84,20 @@ def _as_centroids(c: np.ndarray, k: int, d: int) -> np.ndarray:
 # faiss k-means
 
 
-def _flat_index(d: int, ngpu: int):
+_GPU_INDEXES: dict[tuple[int, int], object] = {}  # (d, ngpu) -> this process's reusable GPU flat index
+
+
+def _flat_index(d: int, ngpu: int, reuse: bool = False):
+    """A flat L2 index. On GPUs, `reuse` hands back this process's index for (d, ngpu), emptied: building one
+    allocates each GPU's scratch memory and streams, which a distributed Lloyd would otherwise pay at every
+    step of every shard. The caller adds its centroids and searches; a shard's steps run one at a time."""
     faiss = import_faiss()
+    if ngpu > 0 and reuse:
+        index = _GPU_INDEXES.get((d, ngpu))
+        if index is None:
+            index = _GPU_INDEXES[(d, ngpu)] = _flat_index(d, ngpu)
+        index.reset()
+        return index
     index = faiss.IndexFlatL2(d)
     if ngpu > 0:
         # Exact float32 distances (DeepCluster: useFloat16=False, the cloner's default).
@@ -192,7 +204,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple
         raise ValueError(f"centroids have dimension {c.shape[1]}, points {x.shape[1]}")
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    index = _flat_index(x.shape[1], want_gpu(use_gpu))
+    index = _flat_index(x.shape[1], want_gpu(use_gpu), reuse=True)
     index.add(c)
     dist, lab = index.search(x, 1)
     return lab[:, 0].astype(np.int64), dist[:, 0].copy()
@@ -204,7 +216,7 @@ def nearest_two(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> 
     c = _as_points(centroids, "centroids")
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    index = _flat_index(x.shape[1], want_gpu(use_gpu))
+    index = _flat_index(x.shape[1], want_gpu(use_gpu), reuse=True)
     index.add(c)
     _, lab = index.search(x, 2)
     return lab[:, 0].astype(np.int64), lab[:, 1].astype(np.int64)
@@ -301,6 +313,30 @@ def chunk_bounds(k: int, parts: int) -> np.ndarray:
     sizes = np.full(parts, k // parts, dtype=np.int64)
     sizes[: k % parts] += 1
     return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def allocate_subclusters(k: int, sizes: np.ndarray) -> np.ndarray:
+    """How many of k clusters each super cluster gets in a two-level k-means: in proportion to its size (largest
+    remainders), at least one for a non-empty super cluster, never more than its points. Sums to k."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = int(sizes.sum())
+    if n < k:
+        raise ValueError(f"cannot make k={k} clusters of N={n} points")
+    if int((sizes > 0).sum()) > k:
+        raise ValueError(f"{int((sizes > 0).sum())} non-empty super clusters cannot share k={k} clusters")
+    share = k * sizes / max(n, 1)
+    out = np.clip(np.floor(share).astype(np.int64), (sizes > 0).astype(np.int64), sizes)
+    rest = share - np.floor(share)
+    while out.sum() < k:
+        room = np.flatnonzero(out < sizes)
+        out[room[np.argmax(rest[room])]] += 1
+        rest[room[np.argmax(rest[room])]] = -1.0
+    while out.sum() > k:
+        spare = np.flatnonzero(out > 1)
+        i = spare[np.argmin(rest[spare])]
+        out[i] -= 1
+        rest[i] = 2.0
+    return out
 
 
 def update_centroids(sums: np.ndarray, counts: np.ndarray, rng: np.random.Generator,

@@ -240,6 +240,55 @@ class ShardStore:
         counts = np.sum([p[1] for p in pieces], axis=0)
         return self._put(km.chunk_means(sums, counts)), counts, fetched
 
+    # ---- two-level k-means --------------------------------------------------------------------------
+    def route(self, col: str, owner_of: np.ndarray, n_shards: int) -> list:
+        """This shard's rows cut by the shard that owns their `col` (super cluster), one piece per shard, put
+        in the object store by this actor so they travel shard to shard."""
+        dest = owner_of[self.cols[col]] if len(self.ids) else np.zeros(0, np.int64)
+        pieces = []
+        for j in range(n_shards):
+            m = dest == j
+            pieces.append(self._put({"row": self.rows[m], "id": self.ids[m], "feature": self.x[m] if self.x is not None
+                                     else np.zeros((0, 0), np.float32), col: self.cols[col][m],
+                                     **({"label": self.true[m]} if self.true is not None else {})}))
+        return pieces
+
+    def gather(self, piece_refs: list, col: str) -> int:
+        """Take the rows routed here (every super cluster this shard owns), keeping their `col`."""
+        pieces = [p for p in self._get(list(piece_refs)) if len(p["id"])]
+        self._set_empty()
+        if pieces:
+            self.rows = np.concatenate([p["row"] for p in pieces])
+            self.ids = np.concatenate([p["id"] for p in pieces])
+            self.x = np.ascontiguousarray(np.concatenate([p["feature"] for p in pieces]))
+            self.true = np.concatenate([p["label"] for p in pieces]) if "label" in pieces[0] else None
+            self.cols[col] = np.concatenate([p[col] for p in pieces])
+        self.holdings = [self.index]
+        self._save(own=True)  # a restarted shard must come back with the rows it holds now
+        return int(len(self.ids))
+
+    def sub_kmeans(self, groups: dict, niter: int, use_gpu: str, super_col: str, col: str) -> dict:
+        """faiss k-means within each super cluster this shard owns: {c: (k_c, offset, seed)}; labels are
+        offset + the local cluster. Returns each super cluster's centroids and sizes."""
+        self._threads(alone=False)
+        labels = np.zeros(len(self.ids), np.int64)
+        dist = np.zeros(len(self.ids), np.float32)
+        out = {}
+        for c, (k_c, offset, seed) in groups.items():
+            m = np.flatnonzero(self.cols[super_col] == c)
+            xs = np.asarray(self.x[m], np.float32)
+            if k_c == 1:  # a small super cluster keeps its own mean (faiss wants k >= 2)
+                cent = xs.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
+                lab, dd = km.assign(xs, cent, use_gpu=use_gpu)
+                labels[m], dist[m] = offset, dd
+                out[c] = (cent, np.array([len(m)]), 0)
+                continue
+            res = km.kmeans(xs, int(k_c), niter=niter, seed=int(seed), use_gpu=use_gpu)
+            labels[m], dist[m] = res.labels + offset, res.distances
+            out[c] = (res.centroids, np.bincount(res.labels, minlength=int(k_c)), res.n_split)
+        self.cols[col], self.cols[col + "_distance"] = labels, dist
+        return out
+
     def assign(self, centroids: np.ndarray, use_gpu: str, col: str) -> np.ndarray:
         """Nearest centroid of every row, kept as column `col` (and `col`_distance); returns the sizes."""
         k = len(centroids)
@@ -409,6 +458,9 @@ class ShardPlacement:
     memory_bytes: int = 256 << 20     # reserved per shard in its bundle
     resource: str | None = None       # one unit of this custom resource per bundle: only nodes with it hold shards
     timeout_s: float = 120.0
+    # The run's placement group name. A placement group outlives the actor that made it (Ray scopes it to the
+    # job), so a worker group restarted by Ray Train would otherwise find the lost group's bundles still held.
+    name: str | None = None
 
     @classmethod
     def from_config(cls, cc) -> "ShardPlacement":
@@ -443,16 +495,27 @@ def _placement_group(num_shards: int, num_gpus: float, placement: ShardPlacement
 
     bundle = {"memory": placement.memory_bytes, **({"GPU": num_gpus} if num_gpus else {}),
               **({placement.resource: 1} if placement.resource else {})}
-    pg = placement_group([dict(bundle) for _ in range(num_shards)], strategy=placement.strategy.upper())
+    if placement.name:
+        try:
+            stale = ray.util.get_placement_group(placement.name)
+        except ValueError:  # none: the run's first coordinator
+            stale = None
+        if stale is not None:
+            remove_placement_group(stale)  # an earlier attempt's, whose coordinator (and shards) are gone
+    pg = placement_group([dict(bundle) for _ in range(num_shards)], strategy=placement.strategy.upper(),
+                         name=placement.name or "")
     ready, _ = ray.wait([pg.ready()], timeout=placement.timeout_s)
     if not ready:
         remove_placement_group(pg)
         from raydc.errors import UserError
 
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        hint = "lower cluster.num_shards or cluster.shard_memory_mb" + (
+            ", or use cluster.placement spread" if placement.strategy != "spread" else "") + (
+            f", or start more nodes with the resource {placement.resource!r}" if placement.resource else "")
         raise UserError(f"cannot place {num_shards} shard actors with cluster.placement {placement.strategy} "
                         f"({bundle} each) on this cluster of {nodes} node(s) within {placement.timeout_s:.0f} s: "
-                        f"lower cluster.num_shards or cluster.shard_memory_mb, or use cluster.placement spread")
+                        f"{hint}")
     return pg
 
 
@@ -485,6 +548,7 @@ class ClusteringService:
         self.shards = shards
         nodes = self._get([s.node.remote() for s in self.shards])
         self._get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
+        self.shard_nodes = nodes
         self.use_gpu = use_gpu
         self.log = log
         self.n = 0
@@ -551,14 +615,31 @@ class ClusteringService:
 
     # ---- features ---------------------------------------------------------------------------------
     def load(self, block_refs: list) -> dict:
-        """Distribute feature blocks round-robin; fail early on NaN/Inf."""
-        groups = [block_refs[i::len(self.shards)] for i in range(len(self.shards))]
+        """Hand the feature blocks to the shards, each where possible to a shard on the node that holds it
+        (`block_placement`); fail early on NaN/Inf. With every shard on one node there is nothing to prefer, and
+        the blocks go round-robin, so the rows each shard holds do not depend on the object store's state."""
+        from raydc.engine.block_placement import assign_blocks, round_robin
+
+        owner = round_robin(len(block_refs), len(self.shards))
+        local = None
+        if not self.local:
+            self.shard_nodes = self.nodes()  # a restarted shard may be on another node now
+        if not self.local and len(set(self.shard_nodes)) > 1 and block_refs:
+            where = ray.experimental.get_object_locations(list(block_refs))
+            nodes = [where.get(r, {}).get("node_ids") or [] for r in block_refs]
+            sizes = [int(where.get(r, {}).get("object_size") or 0) for r in block_refs]
+            owner = assign_blocks(nodes, sizes, self.shard_nodes)
+            local = sum(self.shard_nodes[o] in n for o, n in zip(owner, nodes)) / len(block_refs)
+        groups = [[r for r, o in zip(block_refs, owner) if o == i] for i in range(len(self.shards))]
         infos = self._get([s.load.remote(g) for s, g in zip(self.shards, groups)])
         self.sizes = [i["n"] for i in infos]
         self.n = sum(self.sizes)
         self.dim = max(i["dim"] for i in infos)
         self.single = False
-        return {"n": self.n, "dim": self.dim, "finite": all(i["finite"] for i in infos)}
+        out = {"n": self.n, "dim": self.dim, "finite": all(i["finite"] for i in infos)}
+        if local is not None:
+            out["local_blocks"] = local  # share of blocks taken by a shard on their own node
+        return out
 
     def extract(self, spec, shard_dir: str, manifest, features_cfg, *, pca_dim: int = 0, whiten: bool = False,
                 l2_normalize: bool = False, seed: int = 0, projection: PCAProjection | None = None) -> ExtractInfo:
@@ -624,10 +705,15 @@ class ClusteringService:
 
     def kmeans(self, k: int, *, niter: int, seed: int, n_init: int = 1, mode: str = "single",
                init_centroids: np.ndarray | None = None, col: str = "cluster", reduction: str = "auto",
-               star_max_bytes: int = 64 << 20) -> ClusterOutcome:
+               star_max_bytes: int = 64 << 20, hierarchical: str = "never", hierarchical_min_k: int = 50_000,
+               super_k: int = 0) -> ClusterOutcome:
         """k-means of every held row; each shard keeps its rows' clusters as column `col`."""
         if k > self.n:
             raise ValueError(f"cluster.k = {k} is larger than the number of images ({self.n})")
+        if init_centroids is None and (hierarchical == "always" or (hierarchical == "auto"
+                                                                    and k >= hierarchical_min_k)):
+            return self._two_level(k, niter=niter, seed=seed, mode=mode, col=col, super_k=super_k,
+                                   reduction=reduction, star_max_bytes=star_max_bytes)
         if mode == "single" or len(self.shards) == 1:
             if len(self.shards) > 1 and not self.single:
                 self._get(self.shards[0].absorb.remote([s.take.remote() for s in self.shards[1:]],
@@ -641,6 +727,48 @@ class ClusteringService:
                                   "single", col)
         return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids, col=col,
                                  reduction=self.choose_reduction(k, reduction, star_max_bytes))
+
+    def _two_level(self, k: int, *, niter: int, seed: int, mode: str, col: str, super_k: int, reduction: str,
+                   star_max_bytes: int) -> ClusterOutcome:
+        """Two-level k-means (DeeperCluster's, for very large k): k-means into `super_k` super clusters (default
+        sqrt(k)) over all shards, each super cluster's rows moved to one shard (balanced by size, shard to shard
+        through the object store), then faiss k-means within each super cluster with a share of k proportional
+        to its size. Each point's cluster is the nearest centroid of its own super cluster, which is not always
+        the nearest of all k: the price of never holding a k x N problem. The k x d centroids come here once."""
+        import time
+
+        from raydc.core.seeding import derive_seed
+
+        t0 = time.perf_counter()
+        k1 = min(super_k or max(2, int(round(np.sqrt(k)))), k, self.n)
+        first = self.kmeans(k1, niter=niter, seed=seed, mode=mode, col="super", reduction=reduction,
+                            star_max_bytes=star_max_bytes)
+        sizes1 = np.asarray(first.sizes)
+        k_of = km.allocate_subclusters(k, sizes1)
+        offsets = np.concatenate([[0], np.cumsum(k_of)[:-1]])
+        owner_of, load = np.zeros(k1, np.int64), np.zeros(len(self.shards))
+        for c in np.argsort(-sizes1, kind="stable"):  # largest first, each to the least loaded shard
+            owner_of[c] = int(np.argmin(load))
+            load[owner_of[c]] += sizes1[c]
+        routed = self._get([s.route.remote("super", owner_of, len(self.shards)) for s in self.shards])
+        self.sizes = self._get([s.gather.remote([r[j] for r in routed], "super") for j, s in enumerate(self.shards)])
+        self.single = False
+        groups = [{int(c): (int(k_of[c]), int(offsets[c]), derive_seed(seed, int(c), 71))
+                   for c in np.flatnonzero((owner_of == j) & (k_of > 0))} for j in range(len(self.shards))]
+        parts = self._get([s.sub_kmeans.remote(g, niter, self.use_gpu, "super", col)
+                           for s, g in zip(self.shards, groups)])
+        d = first.centroids.shape[1]
+        centroids, sizes, n_split = np.zeros((k, d), np.float32), np.zeros(k, np.int64), first.n_split
+        for part in parts:
+            for c, (cent, size, split) in part.items():
+                centroids[offsets[c]:offsets[c] + k_of[c]], sizes[offsets[c]:offsets[c] + k_of[c]] = cent, size
+                n_split += split
+        objective = float(np.sum(self.apply(_distance_sum, col + "_distance")))
+        self.log(f"  two-level k-means: {k1} super clusters, then {k} clusters within them "
+                 f"({time.perf_counter() - t0:.1f} s)")
+        return ClusterOutcome(centroids, sizes, [objective], n_split,
+                              f"two-level: {first.backend} into {k1}, then faiss within each", "hierarchical", col,
+                              bytes_per_iteration=first.bytes_per_iteration)
 
     def choose_reduction(self, k: int, reduction: str, star_max_bytes: int) -> str:
         """star: every shard's k x d sums come to this process (one round trip per iteration); sharded: a
@@ -845,6 +973,10 @@ class ClusteringService:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+
+
+def _distance_sum(view: ShardView, col: str) -> float:
+    return float(np.asarray(view.cols[col], np.float64).sum()) if len(view.ids) else 0.0
 
 
 def local_service(num_shards: int = 2, log=print) -> ClusteringService:

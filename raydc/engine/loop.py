@@ -366,11 +366,16 @@ def make_coordinator(cfg: Config):
     from raydc import storage
     from raydc.engine.clustering import CoordinatorProxy, ShardPlacement, ShardRecovery
 
+    import dataclasses
+    import hashlib
+
     cc = cfg.cluster
+    placement = dataclasses.replace(ShardPlacement.from_config(cc),
+                                    name="raydc-shards-" + hashlib.sha1(str(cfg.run.dir).encode()).hexdigest()[:12])
     recovery = ShardRecovery(storage.join(cfg.run.dir, "shards") if cc.persist_features else None,
                              cc.shard_restarts, cc.recovery_timeout_s)
-    return CoordinatorProxy(cc.num_shards, cc.num_gpus, cc.use_gpu, ShardPlacement.from_config(cc),
-                            cfg.ray.coordinator_resource, recovery)
+    return CoordinatorProxy(cc.num_shards, cc.num_gpus, cc.use_gpu, placement, cfg.ray.coordinator_resource,
+                            recovery)
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:

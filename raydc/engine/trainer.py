@@ -44,7 +44,8 @@ def check_against_data(cfg: Config, manifest, log=None) -> None:
 RESUMABLE_FIELDS = (
     "train.epochs", "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
     "run.progress", "run.keep_checkpoints", "run.montage_per_cluster", "train.max_failures",
-    "ray.coordinator_resource", "cluster.placement", "cluster.shard_memory_mb", "cluster.shard_resource",
+    "ray.coordinator_resource", "train.worker_resource", "cluster.placement", "cluster.shard_memory_mb",
+    "cluster.shard_resource",
     "data.cache", "cluster.reduction", "cluster.star_max_mb",
     "cluster.shard_restarts", "cluster.persist_features", "cluster.recovery_timeout_s",
 )
@@ -169,7 +170,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         f"{'GPU' if use_gpu else 'CPU'}; {manifest.count} images")
 
     train_data = training_dataset(cfg, data_bytes, log)
-    resources = {"CPU": cfg.train.cpus_per_worker}
+    resources = {"CPU": cfg.train.cpus_per_worker, **({cfg.train.worker_resource: 1} if cfg.train.worker_resource
+                                                      else {})}
     resume_from = run.latest_checkpoint() if resuming else None
     run.prune_checkpoints(keep=cfg.run.keep_checkpoints)
     storage_path, storage_fs, fit_name = run.next_fit_storage()

@@ -176,7 +176,7 @@ class DeepCluster(Method):
         t = time.perf_counter()
         mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
         out = ctx.service.kmeans(cc.k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, round_idx, 11),
-                                 n_init=cc.n_init, mode=mode, **cc.reduction_args())
+                                 n_init=cc.n_init, mode=mode, **cc.kmeans_args())
         out.projection = info.projection
         times["time_kmeans"] = time.perf_counter() - t
         previous = ctx.column_blocks(state.labels_path)
@@ -230,7 +230,7 @@ class DeepCluster(Method):
                 mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
                 out2 = ctx.service.kmeans(final_k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, round_idx, 29),
                                           n_init=cc.n_init, mode=mode, col="final",
-                                          **cc.reduction_args())
+                                          **cc.kmeans_args())
             out2.projection = out.projection
             out = out2
             row = {key: v for key, v in row.items() if key.startswith("time_") or key == "images_per_s_features"}
