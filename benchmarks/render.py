@@ -238,7 +238,7 @@ def _headlines(d: dict) -> list[str]:
 
 
 def _machine(d: dict) -> str:
-    doc = next(iter(d.values()))
+    doc = max((v for k, v in d.items() if k != "suite"), key=lambda v: v.get("created", ""), default={})
     m = doc.get("machine", {})
     v = m.get("versions", {})
     loads = {n: doc_["load_average"] for n, doc_ in d.items() if "load_average" in doc_}
@@ -254,6 +254,14 @@ def _machine(d: dict) -> str:
               f"(other developers' jobs share this machine).")
     if suite.get("ray_startup_s") is not None:
         s += f" Ray start-up (once per suite, excluded from every number below): {suite['ray_startup_s']:.1f} s."
+    by_cpu: dict[str, list[str]] = {}
+    for name, doc_ in d.items():
+        if name != "suite" and doc_.get("machine", {}).get("cpu_model"):
+            by_cpu.setdefault(doc_["machine"]["cpu_model"], []).append(name)
+    if len(by_cpu) > 1:  # sessions run on whatever machine they get: absolute figures are per machine
+        s += (" **The results below come from more than one machine**; compare ratios within a section, not "
+              "absolute figures across sections: " + "; ".join(f"{cpu}: {', '.join(sorted(names))}"
+                                                              for cpu, names in sorted(by_cpu.items())) + ".")
     return s
 
 

@@ -338,7 +338,7 @@ class ClusteringService:
             for c, (cent, size, split) in part.items():
                 centroids[offsets[c]:offsets[c] + k_of[c]], sizes[offsets[c]:offsets[c] + k_of[c]] = cent, size
                 n_split += split
-        objective = float(np.sum(self.apply(_distance_sum, col + "_distance")))
+        objective = self.column_total(col + "_distance")
         self.log(f"  two-level k-means: {k1} super clusters, then {k} clusters within them "
                  f"({time.perf_counter() - t0:.1f} s)")
         return ClusterOutcome(centroids, sizes, [objective], n_split,
@@ -519,6 +519,10 @@ class ClusteringService:
         parts = self._get(refs)
         values = {c: np.concatenate([p[2][c] for p in parts]) for c in cols if all(c in p[2] for p in parts)}
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), values
+
+    def column_total(self, col: str) -> float:
+        """The float64 sum of a per-row column over every shard (the final k-means objective: `col`_distance)."""
+        return float(np.sum(self.apply(_distance_sum, col)))
 
     def apply(self, fn: Callable, *args) -> list:
         return self._get([s.apply.remote(fn, *args) for s in self.shards])
