@@ -95,16 +95,16 @@ class ClusterConfig:
     # coordinator would receive at most star_max_mb per iteration. Both give the same centroids to the bit.
     reduction: Literal["auto", "star", "sharded"] = "auto"
     star_max_mb: int = 64
-    # A lost shard actor (its process, or its node) is restarted by Ray up to shard_restarts times, reloads the
-    # features it held from the run directory's shards/ (persist_features; one write of the reduced features per
-    # round), and the k-means resumes from the coordinator's last centroids. recovery_timeout_s bounds the wait
-    # for a lost shard to come back: past it the round fails with a clear error instead of hanging.
     # Two-level k-means (DeeperCluster's): super_k super clusters (0: sqrt(k)), then k-means within each with a
     # share of k proportional to its size. auto: from hierarchical_min_k clusters on, where one k x N assignment
     # per iteration is the cost that no longer fits a round.
     hierarchical: Literal["auto", "never", "always"] = "auto"
     hierarchical_min_k: int = 50_000
     super_k: int = 0
+    # A lost shard actor (its process, or its node) is restarted by Ray up to shard_restarts times, reloads the
+    # features it held from the run directory's shards/ (persist_features; one write of the reduced features per
+    # round), and the k-means resumes from the coordinator's last centroids. recovery_timeout_s bounds the wait
+    # for a lost shard to come back: past it the round fails with a clear error instead of hanging.
     shard_restarts: int = 3
     persist_features: bool = True
     recovery_timeout_s: float = 300.0

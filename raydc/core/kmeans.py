@@ -329,8 +329,9 @@ def allocate_subclusters(k: int, sizes: np.ndarray) -> np.ndarray:
     rest = share - np.floor(share)
     while out.sum() < k:
         room = np.flatnonzero(out < sizes)
-        out[room[np.argmax(rest[room])]] += 1
-        rest[room[np.argmax(rest[room])]] = -1.0
+        i = room[np.argmax(rest[room])]
+        out[i] += 1
+        rest[i] = -1.0
     while out.sum() > k:
         spare = np.flatnonzero(out > 1)
         i = spare[np.argmin(rest[spare])]

@@ -121,9 +121,8 @@ class ClusteringService:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)
                 if self.pg is not None else None).remote(0, True, rec.directory, i) for i in range(num_shards)]
         self.shards = shards
-        nodes = self._get([s.node.remote() for s in self.shards])
-        self._get([s.set_peers.remote(nodes.count(n)) for s, n in zip(self.shards, nodes)])
-        self.shard_nodes = nodes
+        self.shard_nodes = self.nodes()
+        self._get([s.set_peers.remote(self.shard_nodes.count(n)) for s, n in zip(self.shards, self.shard_nodes)])
         self.use_gpu = use_gpu
         self.log = log
         self.n = 0
@@ -178,8 +177,7 @@ class ClusteringService:
     def await_shards(self) -> None:
         """After a loss: every shard answers (restarted ones have reloaded their rows) and holds what it held
         before, else a clear error (a restarted shard without saved features cannot rejoin the round)."""
-        st = self._get([s.status.remote() for s in self.shards])
-        short = [(i, x["n"], want) for i, (x, want) in enumerate(zip(st, self.sizes)) if x["n"] != want]
+        short = [(i, got, want) for i, (got, want) in enumerate(zip(self._sizes_now(), self.sizes)) if got != want]
         if short:
             from raydc.errors import UserError
 

@@ -29,15 +29,10 @@ def holdings_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def save_part(directory: str, index: int, rows: np.ndarray, ids: np.ndarray, x: np.ndarray | None,
-              true: np.ndarray | None) -> None:
-    arrays = {"rows": rows, "ids": ids}
-    if x is not None:
-        arrays["x"] = x
-    if true is not None:
-        arrays["true"] = true
+def save_part(directory: str, index: int, block: dict[str, np.ndarray]) -> None:
+    """Shard `index`'s own rows, a block as the pool emits them (row, id, feature[, label])."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **block)
     storage.write_bytes_atomic(storage.join(directory, part_name(index)), buf.getvalue())
 
 
@@ -53,8 +48,8 @@ def _load_part(directory: str, index: int) -> dict[str, np.ndarray]:
         return {name: z[name] for name in z.files}
 
 
-def restore(directory: str, index: int) -> tuple[list[int], dict[str, np.ndarray | None]] | None:
-    """(parts, {rows, ids, x, true}) as shard `index` last held them, or None when it never saved any."""
+def restore(directory: str, index: int) -> tuple[list[int], list[dict[str, np.ndarray]]] | None:
+    """(parts, their blocks) as shard `index` last held them, or None when it never saved any."""
     path = storage.join(directory, holdings_name(index))
     if not storage.exists(path):
         return None
@@ -62,9 +57,4 @@ def restore(directory: str, index: int) -> tuple[list[int], dict[str, np.ndarray
     if meta.get("version") != HOLDINGS_VERSION or not isinstance(meta.get("parts"), list):
         raise ValueError(f"{path}: not a raydc shard holdings file (version {meta.get('version')!r})")
     parts = [int(p) for p in meta["parts"]]
-    loaded = [_load_part(directory, p) for p in parts]
-    loaded = [p for p in loaded if len(p["ids"])]
-    if not loaded:
-        return parts, {"rows": np.zeros(0, np.int64), "ids": np.zeros(0, np.int64), "x": None, "true": None}
-    cat = lambda name: np.concatenate([p[name] for p in loaded]) if name in loaded[0] else None  # noqa: E731
-    return parts, {"rows": cat("rows"), "ids": cat("ids"), "x": cat("x"), "true": cat("true")}
+    return parts, [_load_part(directory, p) for p in parts]

@@ -45,7 +45,6 @@ class ShardStore:
         self.busy_peers = 1  # shard actors of this node that work at the same time (distributed steps)
         self.recovery_dir = recovery_dir  # where this shard saves what it holds (see raydc.engine.shard_recovery)
         self.index = index
-        self.restored = False
         if in_ray:
             from raydc.engine.memory import start_sampler
 
@@ -59,11 +58,10 @@ class ShardStore:
         from raydc.engine import shard_recovery
 
         got = shard_recovery.restore(self.recovery_dir, self.index)
-        if got is None:
-            return
-        self.holdings, state = got
-        self.rows, self.ids, self.x, self.true = state["rows"], state["ids"], state["x"], state["true"]
-        self.restored = True
+        if got is not None:
+            holdings, blocks = got
+            self._hold(blocks)
+            self.holdings = holdings
 
     def _save(self, own: bool) -> None:
         """Record what this shard holds: its own rows as a part (`own`, after a load or a projection), and the
@@ -73,12 +71,8 @@ class ShardStore:
         from raydc.engine import shard_recovery
 
         if own:
-            shard_recovery.save_part(self.recovery_dir, self.index, self.rows, self.ids, self.x, self.true)
+            shard_recovery.save_part(self.recovery_dir, self.index, self._block())
         shard_recovery.save_holdings(self.recovery_dir, self.index, self.holdings)
-
-    def status(self) -> dict:
-        """Rows held and whether this process is a restarted one (what the coordinator checks after a loss)."""
-        return {"n": int(len(self.ids)), "restored": self.restored, "node": self.node()}
 
     def _put(self, value):
         return ray.put(value) if self.in_ray else value
@@ -129,17 +123,32 @@ class ShardStore:
         self._set_empty()
         self._save(own=False)
 
-    # ---- loading ----------------------------------------------------------------------------------
-    def load(self, block_refs: list) -> dict:
-        """The pool's output blocks (row, id, feature[, label]), already reduced by the workers."""
+    def _block(self, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The held rows (those of `mask`, or all) as a block, the format the pool emits and `_hold` takes."""
+        sel = slice(None) if mask is None else mask
+        block = {"row": self.rows[sel], "id": self.ids[sel],
+                 "feature": self.x[sel] if self.x is not None else np.zeros((0, 0), np.float32)}
+        if self.true is not None:
+            block["label"] = self.true[sel]
+        return block
+
+    def _hold(self, blocks: list[dict], col: str | None = None) -> None:
+        """Hold exactly these blocks' rows (row, id, feature[, label][, col]), in block order; no columns else."""
+        blocks = [b for b in blocks if len(b["id"])]
         self._set_empty()
-        blocks = [b for b in self._get(list(block_refs)) if len(b["id"])]
         if blocks:
             self.rows = np.concatenate([b["row"] for b in blocks])
             self.ids = np.concatenate([b["id"] for b in blocks])
             self.x = np.ascontiguousarray(np.concatenate([b["feature"] for b in blocks]))
             if "label" in blocks[0]:
                 self.true = np.concatenate([b["label"] for b in blocks])
+            if col is not None:
+                self.cols[col] = np.concatenate([b[col] for b in blocks])
+
+    # ---- loading ----------------------------------------------------------------------------------
+    def load(self, block_refs: list) -> dict:
+        """The pool's output blocks (row, id, feature[, label]), already reduced by the workers."""
+        self._hold(self._get(list(block_refs)))
         self.holdings = [self.index]
         self._save(own=True)
         finite = bool(np.isfinite(self.x).all()) if self.x is not None else True
@@ -158,21 +167,16 @@ class ShardStore:
             self._save(own=True)
         return bool(np.isfinite(self.x).all()) if self.x is not None else True
 
-    def take(self) -> tuple:
-        """Hand over this shard's rows (for single-actor k-means) and forget them."""
-        out = (self.rows, self.ids, self.x, self.true)
+    def take(self) -> dict:
+        """Hand over this shard's rows (for single-actor k-means) as a block and forget them."""
+        out = self._block()
         self.clear()
         return out
 
-    def absorb(self, part_refs: list, from_shards: list[int] | None = None) -> int:
-        parts = [(self.rows, self.ids, self.x, self.true)] + list(self._get(list(part_refs)))
-        self.holdings = self.holdings + list(from_shards or [])
-        parts = [p for p in parts if p[2] is not None and len(p[1])]
-        self.rows = np.concatenate([p[0] for p in parts])
-        self.ids = np.concatenate([p[1] for p in parts])
-        self.x = np.ascontiguousarray(np.concatenate([p[2] for p in parts]))
-        self.true = np.concatenate([p[3] for p in parts]) if parts[0][3] is not None else None
-        self.cols = {}
+    def absorb(self, block_refs: list, from_shards: list[int] | None = None) -> int:
+        holdings = self.holdings + list(from_shards or [])
+        self._hold([self._block()] + list(self._get(list(block_refs))))
+        self.holdings = holdings
         self._save(own=False)
         return len(self.ids)
 
@@ -237,24 +241,12 @@ class ShardStore:
         """This shard's rows cut by the shard that owns their `col` (super cluster), one piece per shard, put
         in the object store by this actor so they travel shard to shard."""
         dest = owner_of[self.cols[col]] if len(self.ids) else np.zeros(0, np.int64)
-        pieces = []
-        for j in range(n_shards):
-            m = dest == j
-            pieces.append(self._put({"row": self.rows[m], "id": self.ids[m], "feature": self.x[m] if self.x is not None
-                                     else np.zeros((0, 0), np.float32), col: self.cols[col][m],
-                                     **({"label": self.true[m]} if self.true is not None else {})}))
-        return pieces
+        return [self._put({**self._block(dest == j), col: self.cols[col][dest == j] if len(self.ids)
+                           else np.zeros(0, np.int64)}) for j in range(n_shards)]
 
     def gather(self, piece_refs: list, col: str) -> int:
         """Take the rows routed here (every super cluster this shard owns), keeping their `col`."""
-        pieces = [p for p in self._get(list(piece_refs)) if len(p["id"])]
-        self._set_empty()
-        if pieces:
-            self.rows = np.concatenate([p["row"] for p in pieces])
-            self.ids = np.concatenate([p["id"] for p in pieces])
-            self.x = np.ascontiguousarray(np.concatenate([p["feature"] for p in pieces]))
-            self.true = np.concatenate([p["label"] for p in pieces]) if "label" in pieces[0] else None
-            self.cols[col] = np.concatenate([p[col] for p in pieces])
+        self._hold(self._get(list(piece_refs)), col)
         self.holdings = [self.index]
         self._save(own=True)  # a restarted shard must come back with the rows it holds now
         return int(len(self.ids))
