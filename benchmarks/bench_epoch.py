@@ -40,7 +40,8 @@ def phase_table(rows: list[dict]) -> dict:
              "share": {p: v / total for p, v in ph.items()},
              "images_per_s_train": r.get("images_per_s_train"), "images_per_s_features": r.get("images_per_s_features"),
              "train_images": r.get("train_images"), "kmeans_backend": r.get("kmeans_backend"),
-             "nmi": r.get("nmi"), "acc": r.get("acc"), "nmi_prev": r.get("nmi_prev")}
+             "nmi": r.get("nmi"), "acc": r.get("acc"), "nmi_prev": r.get("nmi_prev"),
+             "features_clock": r.get("features_clock")}
         e["share"]["clustering_step"] = (ph["time_features"] + ph["time_pca"] + ph["time_kmeans"]) / total
         e["share"]["pca_plus_kmeans"] = (ph["time_pca"] + ph["time_kmeans"]) / total
         epochs.append(e)

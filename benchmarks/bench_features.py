@@ -116,8 +116,9 @@ def run(ctx: Context) -> dict:
         first_pass[f"persistent_c{c}"] = time.perf_counter() - t0
 
     fns = {f"ray_pool_c{c}": pool(c, key=f"c{c}") for c in cfg["concurrency"]}
+    clocks: dict[str, list] = {}
     for c in cfg["concurrency"]:
-        fns[f"persistent_c{c}"] = _timed_pool(persistent[c], paths, spec, bs)
+        fns[f"persistent_c{c}"] = _timed_pool(persistent[c], paths, spec, bs, clocks.setdefault(f"persistent_c{c}", []))
     fns["plain_loop"] = lambda: plain_loop(spec, images, bs)
     ctx.log(f"  {n} MNIST images ({len(manifest.shards)} shard file(s)), batch {bs}, {cfg['repeats']} repeats")
     times, last = interleaved(fns, repeats=cfg["repeats"], warmup=0,
@@ -166,6 +167,16 @@ def run(ctx: Context) -> dict:
         for name, c in calib.items():
             c["steady_ratio_vs_plain"] = (c["steady_images_per_s"] / rows["plain_loop"]["images_per_s"]
                                           if c["steady_images_per_s"] else None)
+    for name, cl in clocks.items():  # where a persistent pass's time goes, beside the plain loop's seconds
+        med = {key: summarize([c.get(key, 0.0) for c in cl])["median"] for key in ("read_s", "decode_s", "embed_s", "busy_s")}
+        conc = int(name.rsplit("c", 1)[1])
+        wall = rows[name]["seconds"]["median"]
+        rows[name]["profile"] = {**med, "wall_s": wall, "plain_loop_s": plain_best["median"],
+                                 "idle_share": max(0.0, 1.0 - med["busy_s"] / (conc * wall)),
+                                 "embed_vs_plain": med["embed_s"] / conc / plain_best["median"]}
+        ctx.log(f"  {name} profile: wall {wall:.2f}s, per actor busy {med['busy_s'] / conc:.2f}s (embed "
+                f"{med['embed_s'] / conc:.2f}s, decode {med['decode_s'] / conc:.3f}s, read {med['read_s'] / conc:.3f}s); "
+                f"plain loop {plain_best['median']:.2f}s")
     ctx.log("  " + ", ".join(f"{k} {v['images_per_s']:.0f} img/s ({v['ratio_vs_plain']:.2f}x plain)"
                              for k, v in rows.items()))
     return {
@@ -184,12 +195,16 @@ def run(ctx: Context) -> dict:
     }
 
 
-def _timed_pool(pool, paths, spec, bs):
-    """One pass of a persistent pool, to the last block computed (the blocks stay in the object store)."""
+def _timed_pool(pool, paths, spec, bs, clocks: list | None = None):
+    """One pass of a persistent pool, to the last block computed (the blocks stay in the object store).
+    `clocks` collects each pass's profile (the actors' read/decode/embed/busy seconds, `pass_clock`), read after
+    the timed part."""
     import ray
 
     def call():
         refs = pool.extract(paths, spec, bs)
         ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        if clocks is not None:
+            clocks.append(pool.pass_clock())
         return refs
     return call

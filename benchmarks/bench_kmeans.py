@@ -27,8 +27,10 @@ NAME = "kmeans"
 NEEDS_RAY = True
 
 CONFIGS = {
-    "quick": {"n": 10_000, "d": 32, "ks": [10, 100], "niter": 5, "repeats": 3, "gemm_repeats": 5},
-    "full": {"n": 100_000, "d": 256, "ks": [10, 100, 1000], "niter": 20, "repeats": 3, "gemm_repeats": 5},
+    "quick": {"n": 10_000, "d": 32, "ks": [10, 100], "niter": 5, "repeats": 3, "gemm_repeats": 5,
+              "path_ds": [32], "path_ks": [10, 64]},
+    "full": {"n": 100_000, "d": 256, "ks": [10, 100, 1000], "niter": 20, "repeats": 3, "gemm_repeats": 5,
+             "path_ds": [16, 64, 256], "path_ks": [4, 10, 16, 24, 32, 64]},
 }
 
 IMPLS = {
@@ -123,7 +125,45 @@ def _runner_cls():
         def gemm(self, n: int, d: int, ks: list[int], repeats: int) -> dict:
             return gemm_ceiling(n, d, ks, repeats)
 
+        def search_paths(self, n: int, ds: list[int], ks: list[int], repeats: int) -> list[dict]:
+            return search_path_ratios(n, ds, ks, repeats)
+
     return Runner
+
+
+def search_path_ratios(n: int, ds: list[int], ks: list[int], repeats: int) -> list[dict]:
+    """faiss's flat search (k = 1) on its BLAS path and on its direct distance loop, interleaved, at 1 thread
+    and at every core: the measurement behind `raydc.core.kmeans.SEQ_SEARCH_MAX_K`."""
+    from raydc.core.faiss_backend import import_faiss
+
+    faiss = import_faiss()
+    cvar = faiss.cvar
+    old, cores = cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for threads in sorted({1, cores}):
+            faiss.omp_set_num_threads(threads)
+            for d in ds:
+                x = rng.standard_normal((n, d), dtype=np.float32)
+                for k in ks:
+                    index = faiss.IndexFlatL2(d)
+                    index.add(x[:k])
+                    t = {"blas": [], "direct": []}
+                    for rep in range(repeats + 1):
+                        for path, thr in (("blas", 20), ("direct", 2**31 - 1)):
+                            cvar.distance_compute_blas_threshold = thr
+                            t0 = time.perf_counter()
+                            index.search(x, 1)
+                            if rep:  # the first round warms up
+                                t[path].append(time.perf_counter() - t0)
+                    b, s = summarize(t["blas"]), summarize(t["direct"])
+                    rows.append({"threads": threads, "n": n, "d": d, "k": k, "blas": b, "direct": s,
+                                 "direct_speedup": ratio(b["median"], s["median"])})
+    finally:
+        cvar.distance_compute_blas_threshold = old
+        faiss.omp_set_num_threads(cores)
+    return rows
 
 
 def _faiss_direct(x: np.ndarray, k: int, niter: int, init: np.ndarray, threads: int | None = None):
@@ -188,6 +228,9 @@ def run(ctx: Context) -> dict:
     results: dict = {}
     gemm = ray.get(probe.gemm.remote(n, d, cfg["ks"], cfg["gemm_repeats"]))
     ctx.log(f"  GEMM ceiling: " + ", ".join(f"{k} {v['gflops']:.1f} GF/s" for k, v in gemm["shapes"].items()))
+    paths = ray.get(probe.search_paths.remote(n, cfg["path_ds"], cfg["path_ks"], cfg["gemm_repeats"]))
+    ctx.log("  flat search, direct loop / BLAS speed: " + ", ".join(
+        f"t{r['threads']} d{r['d']} k{r['k']} {r['direct_speedup']:.2f}x" for r in paths))
     for k in cfg["ks"]:
         components = max(4 * k, 64)
         x = gaussian_mixture(n, d, components, seed=k)
@@ -286,7 +329,8 @@ def run(ctx: Context) -> dict:
                        "isolation": "each implementation in its own process (Ray actor) except raydc_faiss_in_driver; "
                                     "isolated ones time themselves, raydc_actor/raydc_distributed are timed by the "
                                     "driver around the ClusteringService call (their Ray overhead is part of them)"},
-            "implementations": IMPLS, "gemm": gemm, "results": results}
+            "implementations": IMPLS, "gemm": gemm, "results": results,
+            "search_paths": {"rows": paths, "seq_search_max_k": km.SEQ_SEARCH_MAX_K}}
 
 
 def _timed_assign(km, x, c) -> float:

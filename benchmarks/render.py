@@ -289,7 +289,24 @@ def _sec_kmeans(doc: dict, img: str) -> str:
               f"Loading the points into the shard actors (not timed above): {_f(r['ray_load_seconds']['2_actors'])} s.\n")
     parts.append("Implementations: " + "; ".join(f"`{k}` = {v}" for k, v in doc["implementations"].items()) + ".\n")
     parts.append(f"![k-means]({img})\n")
+    if doc.get("search_paths"):
+        parts.append(_search_paths(doc["search_paths"]))
     return "\n".join(parts)
+
+
+def _search_paths(sp: dict) -> str:
+    rows = sp["rows"]
+    ks = sorted({r["k"] for r in rows})
+    table = []
+    for threads, d in sorted({(r["threads"], r["d"]) for r in rows}):
+        by_k = {r["k"]: r for r in rows if r["threads"] == threads and r["d"] == d}
+        table.append([threads, d] + [_x(by_k[k]["direct_speedup"]) if k in by_k else "" for k in ks])
+    n = rows[0]["n"] if rows else 0
+    return ("### flat search path\n\nfaiss's flat search (N = {:,}, nearest of k centroids) on its direct distance loop "
+            "instead of its BLAS path: speed ratio direct / BLAS, interleaved medians (> 1: the direct loop is faster). "
+            "raydc takes the direct loop for k <= {} (`raydc.core.kmeans.SEQ_SEARCH_MAX_K`).\n\n".format(
+                n, sp["seq_search_max_k"])
+            + _table(["threads", "d"] + [f"k = {k}" for k in ks], table) + "\n")
 
 
 def _sec_reduction(doc: dict) -> str:
@@ -343,6 +360,17 @@ def _sec_features(doc: dict, img: str) -> str:
             ["pool", "fixed s", "steady images/s", "steady vs plain"],
             [[f"`{n}`", _f(v["fixed_cost_s"]), _f(v["steady_images_per_s"]), _x(v.get("steady_ratio_vs_plain"))]
              for n, v in cal.items()]) + "\n"
+    prof = {n: r["profile"] for n, r in doc["results"].items() if r.get("profile")}
+    if prof:
+        s += ("\nWhere a persistent pass's time goes (medians; the actors' own clocks, `FeatureWorker.pass_clock`, per "
+              "actor): wall is the driver's, busy the actor inside its `run` calls, embed the network forward, decode the "
+              "images, read the Parquet row groups; idle = 1 - busy / (actors x wall), the pool's own overhead.\n\n"
+              + _table(["pool", "wall s", "busy s / actor", "embed s / actor", "decode s / actor", "read s / actor",
+                        "idle", "plain loop s", "embed / plain"],
+                       [[f"`{n}`", _f(v["wall_s"]), _f(v["busy_s"] / int(n.rsplit("c", 1)[1])),
+                         _f(v["embed_s"] / int(n.rsplit("c", 1)[1])), _f(v["decode_s"] / int(n.rsplit("c", 1)[1])),
+                         _f(v["read_s"] / int(n.rsplit("c", 1)[1])), _pct(v["idle_share"]), _f(v["plain_loop_s"]),
+                         _x(v["embed_vs_plain"])] for n, v in prof.items()]) + "\n")
     fp = doc.get("persistent_first_pass_s") or {}
     if fp:
         s += ("\nPersistent pool, first pass (actor start-up included, paid once per run): "
@@ -379,10 +407,20 @@ def _sec_epoch(doc: dict, img: str) -> str:
                     + [_pct(sh["clustering_step"]), _f(e.get("images_per_s_train")), _f(e.get("images_per_s_features"))])
     ms = doc["phases"]["median_share"]
     fin = doc.get("final_clustering", {})
+    clocks = [[e["epoch"], _f(e["seconds"]["time_features"])] + [_f(e["features_clock"].get(k)) for k in
+                                                                   ("pool", "load", "busy_s", "embed_s", "decode_s", "read_s")]
+              for e in doc["phases"]["epochs"] if e.get("features_clock")]
+    profile = ("\n\nInside the features phase (the round row's `features_clock`, seconds): the driver waiting for the pool's "
+               "pieces, the shard actors loading the blocks, and the pool actor's own busy / embed / decode / read time. "
+               "Round 0's features phase also starts the coordinator, the shard actors and the pool's actor (the "
+               "difference to pool + load).\n\n"
+               + _table(["epoch", "features s", "pool", "load", "busy", "embed", "decode", "read"], clocks)
+               if clocks else "")
     return (f"## DeepCluster epoch breakdown\n\n`{c['method']}` with {c['base_config']} on {c['images']:,} MNIST images, "
             f"{c['epochs']} epochs, batch {c['batch_size']}, k={c['k']}; phases from the run's metrics.jsonl.\n\n"
             + _table(["epoch", "s", "features", "PCA", "k-means", "train", "other", "clustering step", "train img/s",
                       "features img/s"], rows)
+            + profile
             + f"\n\nMedian shares: k-means {_pct(ms['time_kmeans'])}, PCA + k-means {_pct(ms['pca_plus_kmeans'])}, "
               f"features + PCA + k-means {_pct(ms['clustering_step'])}, training {_pct(ms['time_train'])}. Whole run "
               f"{_f(doc['run_wall_s'])} s, of which {_f(doc['fixed_s'])} s outside the epochs (Ray Train start-up, "

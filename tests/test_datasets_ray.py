@@ -198,6 +198,10 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
         actors = [w._actor_id for w in pool.workers]
         ids_p2, f_p2 = gather(pool.extract(paths, spec, batch_size=128))
         assert [w._actor_id for w in pool.workers] == actors
+        # The second pass's profile only (set_spec restarts each actor's clock); the row groups stayed cached.
+        clock = pool.pass_clock()
+        assert set(clock) <= {"read_s", "decode_s", "embed_s", "busy_s"} and clock["embed_s"] > 0
+        assert clock["busy_s"] >= clock["decode_s"] + clock["embed_s"]
     finally:
         pool.shutdown()
     assert sorted(ids_p.tolist()) == list(range(len(images)))

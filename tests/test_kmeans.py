@@ -138,6 +138,25 @@ def test_partial_sums_and_reduction():
         partial_sums(x, lab + 5, 9)
 
 
+def test_partial_sums_add_rows_in_row_order_whatever_the_chunk(monkeypatch):
+    # The sums are exact float64 in the rows' order, so sharded and star reductions, and any chunk size, give
+    # the same bits; np.add.at is that sequential order. Widely spread magnitudes make reordering visible.
+    import raydc.core.kmeans as km
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5000, 33)) * np.exp(rng.uniform(-8, 8, (5000, 1)))).astype(np.float32)
+    lab = rng.integers(0, 17, 5000)
+    ref = np.zeros((17, 33))
+    np.add.at(ref, lab, x.astype(np.float64))
+    for chunk_bytes in (8 * 33, 8 * 33 * 7, 1 << 20):
+        monkeypatch.setattr(km, "_CHUNK_BYTES", chunk_bytes)
+        sums, _ = partial_sums(x, lab, 17)
+        assert np.array_equal(sums, ref), chunk_bytes
+    backwards = np.zeros((17, 33))
+    np.add.at(backwards, lab[::-1], x[::-1].astype(np.float64))
+    assert not np.array_equal(backwards, ref)   # the data do tell one order from another
+
+
 def test_update_centroids_splits_empty_clusters_like_faiss():
     d = 6
     up = np.where(np.arange(d) % 2 == 0, 1 + SPLIT_EPS, 1 - SPLIT_EPS)
@@ -214,3 +233,25 @@ def test_faiss_backend_describes_what_runs(monkeypatch, caplog):
         fb.want_gpu("always")
     fake.get_num_gpus = lambda: 2
     assert fb.describe_faiss() == "faiss-gpu 9.9 on 2 GPUs" and fb.want_gpu("auto") == 2
+
+
+def test_few_centroids_take_faiss_direct_distance_loop():
+    # Rows a hair from large centroids: the BLAS path's |x|^2 + |c|^2 - 2 x.c cancels catastrophically, the
+    # direct loop (taken for k <= SEQ_SEARCH_MAX_K) does not. The process-wide threshold is left as it was.
+    import raydc.core.kmeans as km
+    from raydc.core.faiss_backend import import_faiss
+
+    cvar = import_faiss().cvar
+    before = cvar.distance_compute_blas_threshold
+    rng = np.random.default_rng(0)
+
+    def rel_error(k: int) -> float:
+        c = (rng.standard_normal((k, 64)) * 100).astype(np.float32)
+        x = np.repeat(c, 400, axis=0) + np.float32(1e-2) * rng.standard_normal((400 * k, 64)).astype(np.float32)
+        lab, dist = assign(x, c, use_gpu="never")
+        true = ((x.astype(np.float64) - c[lab].astype(np.float64)) ** 2).sum(1)
+        return float(np.median(np.abs(dist - true) / true))
+
+    assert rel_error(km.SEQ_SEARCH_MAX_K) < 1e-4
+    assert rel_error(4 * km.SEQ_SEARCH_MAX_K) > 1e-2   # the BLAS path: what the test tells apart
+    assert cvar.distance_compute_blas_threshold == before

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import scipy.sparse as sp
+import torch
 
 from raydc.core.faiss_backend import describe_faiss, import_faiss, want_gpu
 from raydc.core.pca import check_finite
@@ -30,8 +31,14 @@ log = logging.getLogger(__name__)
 SPLIT_EPS = 1.0 / 1024.0
 # faiss derives the initial permutation of restart r from seed + 1 + r * 15486557; we reuse the stride.
 _REDO_STRIDE = 15486557
-# Rows converted to float64 at a time in partial_sums.
-_CHUNK_BYTES = 32 << 20
+# Up to this many centroids, faiss's flat search takes its direct SIMD distance loop (`exhaustive_L2sqr_seq`: one
+# pass over the rows, no norms, no GEMM) instead of the BLAS path its size threshold would pick: with a handful
+# of centroids the GEMM is too thin to pay for its extra passes. The crossover, measured over d = 16..256 on 1
+# and 2 threads, lies between 10 and 32 centroids (benchmarks/RESULTS.md, "flat search path").
+SEQ_SEARCH_MAX_K = 12
+_INT_MAX = 2**31 - 1
+# Rows widened to float64 at a time in partial_sums: a few MiB, so a chunk is still in cache when it is added.
+_CHUNK_BYTES = 4 << 20
 
 OnIteration = Callable[[int, float], None]
 
@@ -105,6 +112,23 @@ def _flat_index(d: int, ngpu: int, reuse: bool = False):
     return index
 
 
+@contextmanager
+def _search_path(k: int, ngpu: int):
+    """faiss's flat search on the path that is faster for k centroids (see SEQ_SEARCH_MAX_K). The threshold is
+    process-wide: it is restored on exit, and a process runs one search at a time (a shard actor's tasks run
+    one by one)."""
+    if ngpu > 0 or k > SEQ_SEARCH_MAX_K:
+        yield
+        return
+    cvar = import_faiss().cvar
+    old = cvar.distance_compute_blas_threshold
+    cvar.distance_compute_blas_threshold = _INT_MAX
+    try:
+        yield
+    finally:
+        cvar.distance_compute_blas_threshold = old
+
+
 def _one_run(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None, ngpu: int,
              verbose: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float], int]:
     faiss = import_faiss()
@@ -123,13 +147,15 @@ def _one_run(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | No
         # A non-empty `centroids` vector is used as the starting point (Clustering.cpp: n_input_centroids).
         faiss.copy_array_to_vector(init.ravel(), clus.centroids)
     index = _flat_index(d, ngpu)
-    clus.train(x, index)
+    with _search_path(k, ngpu):
+        clus.train(x, index)
     stats = clus.iteration_stats
     objective = [float(stats.at(i).obj) for i in range(stats.size())]
     n_split = sum(int(stats.at(i).nsplit) for i in range(stats.size()))
     centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32, copy=False)
     # The index holds the final centroids after train(): this is DeepCluster's final `index.search(x, 1)`.
-    dist, lab = index.search(x, 1)
+    with _search_path(k, ngpu):
+        dist, lab = index.search(x, 1)
     return centroids, lab[:, 0].astype(np.int64), dist[:, 0].copy(), objective, n_split
 
 
@@ -204,9 +230,11 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple
         raise ValueError(f"centroids have dimension {c.shape[1]}, points {x.shape[1]}")
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    index = _flat_index(x.shape[1], want_gpu(use_gpu), reuse=True)
+    ngpu = want_gpu(use_gpu)
+    index = _flat_index(x.shape[1], ngpu, reuse=True)
     index.add(c)
-    dist, lab = index.search(x, 1)
+    with _search_path(len(c), ngpu):
+        dist, lab = index.search(x, 1)
     return lab[:, 0].astype(np.int64), dist[:, 0].copy()
 
 
@@ -216,17 +244,21 @@ def nearest_two(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> 
     c = _as_points(centroids, "centroids")
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    index = _flat_index(x.shape[1], want_gpu(use_gpu), reuse=True)
+    ngpu = want_gpu(use_gpu)
+    index = _flat_index(x.shape[1], ngpu, reuse=True)
     index.add(c)
-    _, lab = index.search(x, 2)
+    with _search_path(len(c), ngpu):
+        _, lab = index.search(x, 2)
     return lab[:, 0].astype(np.int64), lab[:, 1].astype(np.int64)
 
 
 def partial_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (k, d) float64 and counts (k,) int64 of a shard: what the driver reduces.
 
-    A (k x rows) 0/1 sparse matrix times each float64 chunk of x: O(N d), no N x d float64 copy, and exact
-    float64 accumulation (faiss accumulates in float32).
+    Exact float64 accumulation (faiss accumulates in float32): each chunk of rows is widened to float64 and
+    added, in row order, into the sums with torch's `index_add_`. The order is the rows' own whatever the chunk
+    size, so the sums do not depend on it; chunks of a few MiB stay in cache, which makes this about twice as
+    fast as a sparse one-hot product, and no N x d float64 copy ever exists.
     """
     x = np.asarray(x)
     labels = np.asarray(labels)
@@ -235,14 +267,14 @@ def partial_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray,
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must lie in [0, {k}), got range [{labels.min()}, {labels.max()}]")
     n, d = x.shape
-    sums = np.zeros((k, d), dtype=np.float64)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    sums = torch.zeros((k, d), dtype=torch.float64)
     step = max(1, _CHUNK_BYTES // max(1, 8 * d))
     for i in range(0, n, step):
-        lab = labels[i:i + step]
-        onehot = sp.csr_matrix((np.ones(lab.size), (lab, np.arange(lab.size))), shape=(k, lab.size))
-        sums += onehot @ np.asarray(x[i:i + step], dtype=np.float64)
-    counts = np.bincount(labels.astype(np.int64, copy=False), minlength=k).astype(np.int64)
-    return sums, counts
+        rows = torch.from_numpy(np.ascontiguousarray(x[i:i + step], dtype=np.float32))
+        sums.index_add_(0, torch.from_numpy(labels[i:i + step]), rows.to(torch.float64))
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    return sums.numpy(), counts
 
 
 def _pick_cluster_to_split(h: np.ndarray, n: int, k: int, rng: np.random.Generator) -> int:

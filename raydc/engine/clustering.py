@@ -92,6 +92,15 @@ class ExtractInfo:
     projection: PCAProjection | None = None
     pca_rows: int = 0                  # images the PCA was fitted on
     pca_seconds: float = 0.0           # the sample pass and the fit (N <= pca_sample: the fit and projection)
+    # Where the feature passes' time went, in seconds: `pool` (the driver waiting for the pool's pieces), `load`
+    # (the shard actors fetching and checking the blocks), and the pool actors' own read/decode/embed/busy
+    # seconds summed over actors (persistent pool only). The profile behind the epoch benchmark's features share.
+    clock: dict = field(default_factory=dict)
+
+
+def _pool_kind(f) -> str:
+    """The feature pool a `features` config runs: Ray Data's on GPUs, the persistent one on CPU (auto)."""
+    return f.pool if f.pool != "auto" else ("ray_data" if f.num_gpus > 0 else "persistent")
 
 
 class ClusteringService:
@@ -226,13 +235,14 @@ class ClusteringService:
 
         f = features_cfg
         proj, pca_rows = projection, 0
+        clock: dict[str, float] = {}
         t0 = time.perf_counter()
         if pca_dim and proj is None:
             frac = 1.0 if not f.pca_sample or f.pca_sample >= manifest.count else f.pca_sample / manifest.count
             spec.reduction = FeatureReduction(keep_fraction=frac, seed=seed)
-            info = self.load(self._run_pool(spec, shard_dir, manifest, f))
+            info = self._pass(spec, shard_dir, manifest, f, clock)
             if not info["finite"]:
-                return ExtractInfo(info["n"], info["dim"], False)
+                return ExtractInfo(info["n"], info["dim"], False, clock=clock)
             t_fit = time.perf_counter()
             parts = [m for m in self._get([s.moments.remote() for s in self.shards]) if m is not None]
             moments = reduce_moments(parts)
@@ -241,18 +251,32 @@ class ClusteringService:
             if frac >= 1.0:  # the sample is every image (N <= pca_sample): project what the shards hold
                 finite = all(self._get([s.project.remote(proj, l2_normalize, f.dtype) for s in self.shards]))
                 self.dim = pca_dim
-                return ExtractInfo(info["n"], pca_dim, finite, proj, pca_rows, time.perf_counter() - t_fit)
+                return ExtractInfo(info["n"], pca_dim, finite, proj, pca_rows, time.perf_counter() - t_fit, clock)
             self.release()
         pca_seconds = time.perf_counter() - t0
         spec.reduction = FeatureReduction(projection=proj, l2_normalize=l2_normalize, dtype=f.dtype)
-        info = self.load(self._run_pool(spec, shard_dir, manifest, f))
-        return ExtractInfo(info["n"], info["dim"], info["finite"], proj, pca_rows, pca_seconds)
+        info = self._pass(spec, shard_dir, manifest, f, clock)
+        return ExtractInfo(info["n"], info["dim"], info["finite"], proj, pca_rows, pca_seconds, clock)
+
+    def _pass(self, spec, shard_dir: str, manifest, f, clock: dict[str, float]) -> dict:
+        """One pool pass onto the shards, its seconds added to `clock`."""
+        import time
+
+        t0 = time.perf_counter()
+        refs = self._run_pool(spec, shard_dir, manifest, f)
+        t1 = time.perf_counter()
+        info = self.load(refs)
+        clock["pool"] = clock.get("pool", 0.0) + t1 - t0
+        clock["load"] = clock.get("load", 0.0) + time.perf_counter() - t1
+        if _pool_kind(f) == "persistent" and self.pool is not None:  # (a test's in-process pool has no clock)
+            for key, v in self.pool.pass_clock().items():
+                clock[key] = clock.get(key, 0.0) + v
+        return info
 
     def _run_pool(self, spec, shard_dir: str, manifest, f) -> list:
         from raydc.engine.features import extract_features
 
-        pool = f.pool if f.pool != "auto" else ("ray_data" if f.num_gpus > 0 else "persistent")
-        if pool == "ray_data":
+        if _pool_kind(f) == "ray_data":
             return extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
                                     num_gpus=f.num_gpus, batch_size=f.batch_size)
         from raydc.engine.datasets import check_shard_footers

@@ -17,6 +17,7 @@ The weights go once per pass through the object store, fetched once per actor.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,7 @@ class FeatureWorker:
         self.spec: ExtractorSpec | None = None
         self.model = None
         self._cached: tuple[tuple[str, int], object] | None = None  # the last row group read
+        self.clock: dict[str, float] = {}  # this pass's seconds: read, decode, embed, busy (whole `run` calls)
 
     def set_spec(self, spec_ref: list) -> bool:
         spec: ExtractorSpec = ray.get(spec_ref[0])
@@ -83,7 +85,12 @@ class FeatureWorker:
         self.model.eval()
         self.fn = getattr(self.model, spec.call)
         self.spec = spec
+        self.clock = {}
         return True
+
+    def pass_clock(self) -> dict[str, float]:
+        """Where this actor's time went in the pass since the last `set_spec` (the profile in metrics.jsonl)."""
+        return dict(self.clock)
 
     def _row_group(self, path: str, group: int):
         import pyarrow.parquet as pq
@@ -92,17 +99,26 @@ class FeatureWorker:
 
         key = (path, group)
         if self._cached is None or self._cached[0] != key:
+            t0 = time.perf_counter()
             self._cached = (key, pq.ParquetFile(open_input_file(path)).read_row_group(group))
+            self.clock["read_s"] = self.clock.get("read_s", 0.0) + time.perf_counter() - t0
         return self._cached[1]
 
     def run(self, piece: Piece, batch_size: int) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        try:
+            return self._run(piece, batch_size)
+        finally:
+            self.clock["busy_s"] = self.clock.get("busy_s", 0.0) + time.perf_counter() - t0
+
+    def _run(self, piece: Piece, batch_size: int) -> dict[str, np.ndarray]:
         table = self._row_group(piece.path, piece.row_group).slice(piece.start, piece.stop - piece.start)
         cols = [c for c in ("row", "id", "image", "label") if c in table.column_names]
         outs = []
         for off in range(0, table.num_rows, batch_size):
             part = table.slice(off, batch_size)
             batch = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
-            outs.append(features_of(self.fn, self.spec, self.manifest, batch))
+            outs.append(features_of(self.fn, self.spec, self.manifest, batch, clock=self.clock))
         outs = [o for o in outs if len(o["id"])]
         if not outs:
             return {"row": np.zeros(0, np.int64), "id": np.zeros(0, np.int64), "feature": np.zeros((0, 0), np.float32)}
@@ -144,6 +160,14 @@ class PersistentFeaturePool:
             for ref in done:
                 load[busy.pop(ref)] -= 1
         return out  # a worker's error surfaces where the shard actors fetch its block
+
+    def pass_clock(self) -> dict[str, float]:
+        """The last pass's seconds summed over the actors (read, decode, embed, busy)."""
+        total: dict[str, float] = {}
+        for c in ray.get([w.pass_clock.remote() for w in self.workers]):
+            for key, v in c.items():
+                total[key] = total.get(key, 0.0) + v
+        return total
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -89,10 +89,13 @@ def reduce_features(feats: np.ndarray, r: FeatureReduction | None) -> np.ndarray
     return feats.astype(r.dtype, copy=False)
 
 
-def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray], device=None) -> dict[str, np.ndarray]:
+def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray], device=None,
+                clock: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Encoded images -> `(row, id, feature[, label])`: decode, the deterministic eval transform, the network's
     feature method `fn` (`getattr(model, spec.call)`), the reduction. Shared by both pools, so they compute the
-    same thing."""
+    same thing. `clock`, when given, accumulates the seconds spent decoding and in the network."""
+    import time
+
     import torch
 
     from raydc.core.augment import resize_center, to_float
@@ -102,14 +105,19 @@ def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray],
     if r is not None and r.keep_fraction < 1.0:  # a sampling pass: decode and embed only the kept rows
         keep = keep_mask(np.asarray(batch["id"], np.int64), r.keep_fraction, r.seed)
         batch = {c: np.asarray(v)[keep] for c, v in batch.items()}
+    t0 = time.perf_counter()
     d = decode_batch(batch, manifest, size=None if manifest.image_shape else spec.input_size,
                      channels=spec.channels)
+    t1 = time.perf_counter()
     if len(d["id"]) == 0:
         feats = np.zeros((0, 0), np.float32)
     else:
         x = resize_center(to_float(d["image"]), spec.input_size)
         with torch.inference_mode():
             feats = reduce_features(fn(x.to(device) if device is not None else x).float().cpu().numpy(), r)
+    if clock is not None:
+        clock["decode_s"] = clock.get("decode_s", 0.0) + (t1 - t0)
+        clock["embed_s"] = clock.get("embed_s", 0.0) + (time.perf_counter() - t1)
     out = {"row": d["row"], "id": d["id"].astype(np.int64), "feature": feats}
     if "label" in d:
         out["label"] = d["label"].astype(np.int64)

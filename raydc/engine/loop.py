@@ -170,6 +170,7 @@ class RankZeroContext:
         self._make_service = make_service
         self._service = None
         self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
+        self._features_clock: dict[str, float] = {}
 
     @property
     def service(self):
@@ -180,7 +181,15 @@ class RankZeroContext:
     def extract(self, spec, **reduction):
         """Every image's features onto the shard actors, reduced as `reduction` says (see
         ClusteringService.extract: pca_dim, whiten, l2_normalize, seed, projection)."""
-        return self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
+        info = self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
+        for key, v in info.clock.items():
+            self._features_clock[key] = self._features_clock.get(key, 0.0) + v
+        return info
+
+    def take_features_clock(self) -> dict[str, float]:
+        """The feature passes' seconds since the last call (ExtractInfo.clock summed): the round row's profile."""
+        out, self._features_clock = self._features_clock, {}
+        return {k: round(v, 4) for k, v in out.items()}
 
     @property
     def labelled(self) -> bool:
@@ -299,6 +308,8 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
             row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round})
             if rctx is not None:
                 row["memory"] = rctx.memory()
+                if clock := rctx.take_features_clock():
+                    row["features_clock"] = clock
         end_round(r, row, state)
         r += 1
     return r, state
@@ -314,6 +325,8 @@ def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, 
     if write is not None:
         write(final)
     row["memory"] = rctx.memory()
+    if clock := rctx.take_features_clock():
+        row["features_clock"] = clock
     rctx.release()
     row.update({"round": r, "epoch": method.epoch_of(state, r), "final": True,
                 "time_round": time.perf_counter() - t_final})
