@@ -153,13 +153,16 @@ def test_pca_and_quality_results(quick_results):
 
     q = _strict_load(quick_results / "quality.json")
     # Each run's status and numbers are read from its directory, not assumed.
-    assert {name: r["status"] for name, r in q["runs"].items()} == EXPECTED_STATUS
+    from benchmarks.bench_quality import RUNS
+
+    # The fake runs' states; every other listed run has no directory here and no earlier results to keep.
+    assert {name: r["status"] for name, r in q["runs"].items()} == {**{n: "missing" for n in RUNS}, **EXPECTED_STATUS}
     fm = q["runs"]["fmnist3"]
     assert fm["rows"] == 2 and fm["last_row"]["acc"] == 0.625 and fm["last_row"]["final"] is True
     assert fm["wall_s_rounds"] == pytest.approx(3.0) and fm["phase_seconds"] == {"train": 1.5}
     assert q["runs"]["mnist"]["rows"] == 1 and q["runs"]["mnist"]["last_row"]["acc"] == 0.25
-    for name in q["runs"]:  # every run it reports is one a shipped config produces
-        assert (REPO / "jobs" / "configs" / f"{name}.yaml").exists(), name
+    for name in q["runs"]:  # every run it reports comes from a shipped config (`dec_mnist_ft110`: dec_mnist.yaml + --set)
+        assert any(name.startswith(c.stem) for c in (REPO / "jobs" / "configs").glob("*.yaml")), name
     assert q["published"] and "arithmetic" in q["nmi_normalisation"]["raydc"]
 
 
