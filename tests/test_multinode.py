@@ -53,8 +53,9 @@ def test_shards_spread_over_nodes_and_results_are_exact():
 
 
 @pytest.mark.slow  # two tiny DDP runs on a 4-raylet cluster and a worker group restarted by Ray Train: ~2-4 min
-def test_a_train_workers_node_lost_after_a_checkpoint_ends_as_the_uninterrupted_run():
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+def test_a_train_workers_node_lost_after_a_checkpoint_ends_as_the_uninterrupted_run(mnist_root):
+    # The data root the fixture found (RAYDC_DATA_ROOT or ../shared/data), so a plain `pytest` run works too.
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", RAYDC_DATA_ROOT=str(mnist_root))
     env.pop("RAY_ADDRESS", None)
     p = subprocess.run([sys.executable, "-m", "tests.multinode_train_scenario"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=1500)
