@@ -77,6 +77,9 @@ def test_tiny_run_writes_the_run_directory(ray_local, hashed_shards, tmp_path):
     assert "nmi_prev" in rows[1] and "nmi_prev" not in rows[0]
     for r in rows:  # peak memory of every process role, in every row (the scaling benchmark reads it)
         assert r["memory"]["rank0_peak_rss"] > 0 and len(r["memory"]["shard_peak_rss"]) == 2
+    for r in rows:  # where each round's feature passes went (PCA sample pass + full pass, persistent pool)
+        c = r["features_clock"]
+        assert c["embed_s"] > 0 and c["busy_s"] >= c["embed_s"] + c["decode_s"] and c["pool"] > 0
     a = run.read_assignments()
     parts = run.assignment_parts()
     assert len(parts) == 2  # one part per shard actor (distributed k-means: both hold rows), each its own writer

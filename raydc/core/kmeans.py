@@ -149,13 +149,12 @@ def _one_run(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | No
     index = _flat_index(d, ngpu)
     with _search_path(k, ngpu):
         clus.train(x, index)
+        # The index holds the final centroids after train(): this is DeepCluster's final `index.search(x, 1)`.
+        dist, lab = index.search(x, 1)
     stats = clus.iteration_stats
     objective = [float(stats.at(i).obj) for i in range(stats.size())]
     n_split = sum(int(stats.at(i).nsplit) for i in range(stats.size()))
     centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32, copy=False)
-    # The index holds the final centroids after train(): this is DeepCluster's final `index.search(x, 1)`.
-    with _search_path(k, ngpu):
-        dist, lab = index.search(x, 1)
     return centroids, lab[:, 0].astype(np.int64), dist[:, 0].copy(), objective, n_split
 
 

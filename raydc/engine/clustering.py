@@ -15,6 +15,7 @@ coordinator's side, which only ever holds O(k x d).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -95,7 +96,7 @@ class ExtractInfo:
     # Where the feature passes' time went, in seconds: `pool` (the driver waiting for the pool's pieces), `load`
     # (the shard actors fetching and checking the blocks), and the pool actors' own read/decode/embed/busy
     # seconds summed over actors (persistent pool only). The profile behind the epoch benchmark's features share.
-    clock: dict = field(default_factory=dict)
+    clock: Counter = field(default_factory=Counter)
 
 
 def _pool_kind(f) -> str:
@@ -235,7 +236,7 @@ class ClusteringService:
 
         f = features_cfg
         proj, pca_rows = projection, 0
-        clock: dict[str, float] = {}
+        clock: Counter = Counter()
         t0 = time.perf_counter()
         if pca_dim and proj is None:
             frac = 1.0 if not f.pca_sample or f.pca_sample >= manifest.count else f.pca_sample / manifest.count
@@ -258,7 +259,7 @@ class ClusteringService:
         info = self._pass(spec, shard_dir, manifest, f, clock)
         return ExtractInfo(info["n"], info["dim"], info["finite"], proj, pca_rows, pca_seconds, clock)
 
-    def _pass(self, spec, shard_dir: str, manifest, f, clock: dict[str, float]) -> dict:
+    def _pass(self, spec, shard_dir: str, manifest, f, clock: Counter) -> dict:
         """One pool pass onto the shards, its seconds added to `clock`."""
         import time
 
@@ -266,11 +267,10 @@ class ClusteringService:
         refs = self._run_pool(spec, shard_dir, manifest, f)
         t1 = time.perf_counter()
         info = self.load(refs)
-        clock["pool"] = clock.get("pool", 0.0) + t1 - t0
-        clock["load"] = clock.get("load", 0.0) + time.perf_counter() - t1
+        clock["pool"] += t1 - t0
+        clock["load"] += time.perf_counter() - t1
         if _pool_kind(f) == "persistent" and self.pool is not None:  # (a test's in-process pool has no clock)
-            for key, v in self.pool.pass_clock().items():
-                clock[key] = clock.get(key, 0.0) + v
+            clock.update(self.pool.pass_clock())  # Counter.update adds
         return info
 
     def _run_pool(self, spec, shard_dir: str, manifest, f) -> list:

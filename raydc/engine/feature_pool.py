@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +72,7 @@ class FeatureWorker:
         self.spec: ExtractorSpec | None = None
         self.model = None
         self._cached: tuple[tuple[str, int], object] | None = None  # the last row group read
-        self.clock: dict[str, float] = {}  # this pass's seconds: read, decode, embed, busy (whole `run` calls)
+        self.clock: Counter = Counter()  # this pass's seconds: read, decode, embed, busy (whole `run` calls)
 
     def set_spec(self, spec_ref: list) -> bool:
         spec: ExtractorSpec = ray.get(spec_ref[0])
@@ -85,7 +86,7 @@ class FeatureWorker:
         self.model.eval()
         self.fn = getattr(self.model, spec.call)
         self.spec = spec
-        self.clock = {}
+        self.clock = Counter()
         return True
 
     def pass_clock(self) -> dict[str, float]:
@@ -101,7 +102,7 @@ class FeatureWorker:
         if self._cached is None or self._cached[0] != key:
             t0 = time.perf_counter()
             self._cached = (key, pq.ParquetFile(open_input_file(path)).read_row_group(group))
-            self.clock["read_s"] = self.clock.get("read_s", 0.0) + time.perf_counter() - t0
+            self.clock["read_s"] += time.perf_counter() - t0
         return self._cached[1]
 
     def run(self, piece: Piece, batch_size: int) -> dict[str, np.ndarray]:
@@ -109,7 +110,7 @@ class FeatureWorker:
         try:
             return self._run(piece, batch_size)
         finally:
-            self.clock["busy_s"] = self.clock.get("busy_s", 0.0) + time.perf_counter() - t0
+            self.clock["busy_s"] += time.perf_counter() - t0
 
     def _run(self, piece: Piece, batch_size: int) -> dict[str, np.ndarray]:
         table = self._row_group(piece.path, piece.row_group).slice(piece.start, piece.stop - piece.start)
@@ -161,12 +162,11 @@ class PersistentFeaturePool:
                 load[busy.pop(ref)] -= 1
         return out  # a worker's error surfaces where the shard actors fetch its block
 
-    def pass_clock(self) -> dict[str, float]:
+    def pass_clock(self) -> Counter:
         """The last pass's seconds summed over the actors (read, decode, embed, busy)."""
-        total: dict[str, float] = {}
+        total: Counter = Counter()
         for c in ray.get([w.pass_clock.remote() for w in self.workers]):
-            for key, v in c.items():
-                total[key] = total.get(key, 0.0) + v
+            total.update(c)  # adds, and keeps a key whose seconds are 0
         return total
 
     def shutdown(self) -> None:

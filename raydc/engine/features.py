@@ -12,6 +12,7 @@ that is the difference between 1.6 TB and 100 GB in the object store.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -90,7 +91,7 @@ def reduce_features(feats: np.ndarray, r: FeatureReduction | None) -> np.ndarray
 
 
 def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray], device=None,
-                clock: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+                clock: Counter | None = None) -> dict[str, np.ndarray]:
     """Encoded images -> `(row, id, feature[, label])`: decode, the deterministic eval transform, the network's
     feature method `fn` (`getattr(model, spec.call)`), the reduction. Shared by both pools, so they compute the
     same thing. `clock`, when given, accumulates the seconds spent decoding and in the network."""
@@ -116,8 +117,8 @@ def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray],
         with torch.inference_mode():
             feats = reduce_features(fn(x.to(device) if device is not None else x).float().cpu().numpy(), r)
     if clock is not None:
-        clock["decode_s"] = clock.get("decode_s", 0.0) + (t1 - t0)
-        clock["embed_s"] = clock.get("embed_s", 0.0) + (time.perf_counter() - t1)
+        clock["decode_s"] += t1 - t0
+        clock["embed_s"] += time.perf_counter() - t1
     out = {"row": d["row"], "id": d["id"].astype(np.int64), "feature": feats}
     if "label" in d:
         out["label"] = d["label"].astype(np.int64)

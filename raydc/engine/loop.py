@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -170,7 +171,7 @@ class RankZeroContext:
         self._make_service = make_service
         self._service = None
         self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
-        self._features_clock: dict[str, float] = {}
+        self._features_clock: Counter = Counter()
 
     @property
     def service(self):
@@ -182,13 +183,12 @@ class RankZeroContext:
         """Every image's features onto the shard actors, reduced as `reduction` says (see
         ClusteringService.extract: pca_dim, whiten, l2_normalize, seed, projection)."""
         info = self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
-        for key, v in info.clock.items():
-            self._features_clock[key] = self._features_clock.get(key, 0.0) + v
+        self._features_clock.update(info.clock)  # Counter.update adds
         return info
 
     def take_features_clock(self) -> dict[str, float]:
         """The feature passes' seconds since the last call (ExtractInfo.clock summed): the round row's profile."""
-        out, self._features_clock = self._features_clock, {}
+        out, self._features_clock = self._features_clock, Counter()
         return {k: round(v, 4) for k, v in out.items()}
 
     @property
