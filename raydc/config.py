@@ -187,6 +187,10 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "never", "always"] = "auto"
     torch_threads: int = 0                 # 0: leave torch's default
+    # The training step's and the feature pass's autocast dtype (raydc.core.precision). auto: bf16 on CUDA and
+    # on CPUs with bf16 instructions, fp32 elsewhere; fp16 only on CUDA (with a gradient scaler). Losses,
+    # similarity matrices, k-means and PCA stay float32. A resumed run keeps the precision it started with.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     seed: int = 31
     max_failures: int = 0                  # Ray Train retries after a worker dies
     # A custom resource each Train worker takes one unit of: the worker group only on nodes started with it

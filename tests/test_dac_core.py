@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from raydc.core.augment import random_affine
-from raydc.core.dac import (SCHEDULE_PRESETS, LabelFeatureNet, ThresholdSchedule, dac_convnet, frozen_bn_stats,
-                            label_features, pair_loss, select_pairs, similarity_matrix)
+from raydc.core.dac import (SCHEDULE_PRESETS, LabelFeatureNet, SingleThreshold, ThresholdSchedule, chunk_targets,
+                            dac_convnet, frozen_bn_stats, label_features, pair_loss, readout_groups, select_pairs,
+                            similarity_matrix)
 
 S = torch.tensor([[1.00, 0.95, 0.30, 0.85],
                   [0.95, 1.00, 0.20, 0.50],
@@ -48,6 +49,63 @@ def test_mse_binarises_every_pair_at_the_upper_threshold():
     loss = pair_loss(S, same, different, "mse")
     by_hand = (2 * 0.05 ** 2 + 2 * 0.1 ** 2 + 2 * 0.3 ** 2 + 2 * 0.85 ** 2 + 2 * 0.2 ** 2 + 2 * 0.5 ** 2) / 16
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_mnist_schedule_single_threshold_targets_and_mse_on_a_4x4_matrix():
+    """The official MNIST script: th 0.9 - 0.02 r with a floor at 0.5; every pair is "same" (above th) or
+    "different" (the rest), the diagonal included; MSE against the 0/1 target averaged over all 16 pairs."""
+    sched = SingleThreshold(start=0.9, step=0.02, floor=0.5)
+    assert sched.at(0) == (0.9, 0.9) and sched.at(19) == pytest.approx((0.52, 0.52))
+    assert sched.at(30) == (0.5, 0.5) and not sched.finished(1000)  # the floor holds; the run ends by epochs
+    th = sched.at(2)[0]  # 0.86
+    same, different = select_pairs(S, *sched.at(2))
+    assert torch.equal(same | different, torch.ones(4, 4, dtype=torch.bool)) and not (same & different).any()
+    expect_same = torch.eye(4, dtype=torch.bool)  # the diagonal: s = 1 > th
+    for i, j in ((0, 1), (1, 0), (2, 3), (3, 2)):  # 0.95, 0.90 > 0.86; 0.85 is just below
+        expect_same[i, j] = True
+    assert torch.equal(same, expect_same)
+    s = S.clone().requires_grad_(True)
+    loss = pair_loss(s, same, different, "mse")
+    by_hand = (2 * 0.05 ** 2 + 2 * 0.1 ** 2 + 2 * 0.3 ** 2 + 2 * 0.85 ** 2 + 2 * 0.2 ** 2 + 2 * 0.5 ** 2) / 16
+    assert th == pytest.approx(0.86) and loss.item() == pytest.approx(by_hand, rel=1e-6)
+    loss.backward()
+    assert s.grad[0, 3].item() == pytest.approx(2 * 0.85 / 16)  # below th: pushed down, not left out
+    assert s.grad[0, 0].item() == 0  # the diagonal is a pair, already at its target
+    # at the floor th = 0.5: pair 1-3 (0.50, at th) turns "same" as select_pairs' u does; 0.30 stays "different"
+    same_floor, different_floor = select_pairs(S, *sched.at(40))
+    assert same_floor[0, 3] and same_floor[1, 3] and different_floor[0, 2] and not same_floor[0, 2]
+
+
+def test_chunk_targets_are_the_selection_of_the_chunk_features():
+    f = label_features(torch.randn(6, 3, generator=torch.Generator().manual_seed(1)))
+    same, different = chunk_targets(f, 0.8, 0.8)
+    assert torch.equal(same, similarity_matrix(f) >= 0.8) and torch.equal(different, ~same)
+
+
+def test_readout_groups_fixed_size_and_a_small_tail_joins_the_last():
+    assert readout_groups(0, 4) == []
+    assert readout_groups(3, 4) == [(0, 3)]
+    assert readout_groups(8, 4) == [(0, 4), (4, 8)]
+    assert readout_groups(9, 4) == [(0, 4), (4, 9)]       # a tail of 1 < 2 joins
+    assert readout_groups(10, 4) == [(0, 4), (4, 8), (8, 10)]  # a tail of 2 = size / 2 stands
+
+
+def test_batch_readout_uses_group_statistics_and_leaves_running_stats_and_mode():
+    torch.manual_seed(0)
+    net = LabelFeatureNet(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3)), readout_batch=4)
+    net.scores[1].running_mean.fill_(3.0)  # far from the data: eval mode and batch statistics disagree
+    net.eval()
+    x = torch.randn(8, 5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = net.batch_readout(x)
+    assert not net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    net.train()
+    with frozen_bn_stats(net):
+        by_group = torch.cat([net(x[:4]), net(x[4:])])
+    net.eval()
+    assert torch.allclose(out, by_group) and not torch.allclose(out, net(x), atol=1e-3)
+    # the same rows in the same groups give the same features, whatever else is read out with them
+    assert torch.allclose(net.batch_readout(x[:4]), out[:4])
 
 
 def test_no_selected_pair_gives_a_zero_loss_with_a_graph():

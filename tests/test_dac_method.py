@@ -29,7 +29,7 @@ def tiny_config(shards: str, run_dir: str, **dac) -> Config:
         "cluster": {"k": K, "pca_dim": 0, "num_shards": 2},
         "features": {"batch_size": 128},
         "train": {"num_workers": 1, "seed": 5, "torch_threads": 1, "epochs": 4},
-        "dac": {"batch_size": 64, "lr": 0.003, "augment": False, **dac},
+        "dac": {"schedule": "official_cifar", "batch_size": 64, "lr": 0.003, "augment": False, **dac},
         "run": {"dir": run_dir, "montage_per_cluster": 4},
     })
 
@@ -39,7 +39,8 @@ def manifest_for():
 
 
 @pytest.mark.parametrize("sets,field", [
-    (["dac.upper=0.5", "dac.lower=0.6"], "dac.upper"),                         # u must start above l
+    (["dac.schedule=official_cifar", "dac.upper=0.5", "dac.lower=0.6"], "dac.upper"),  # u must start above l
+    (["dac.chunk_size=100", "dac.batch_size=64", "train.num_workers=2"], "dac.chunk_size"),  # < global batch
     (["cluster.k=1"], "cluster.k"),
     (["dac.batch_size=300", "train.num_workers=2", "dac.max_global_batch=512"], "dac.batch_size"),
     (["model.arch=dac_mnist", "model.input_size=16"], "model.input_size"),
@@ -86,7 +87,9 @@ def tiny_run(tmp_path_factory, ray_local):
     images, labels = blobs()
     np.savez(d / "src.npz", images=images, labels=labels)
     prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=150, progress=False)
-    cfg = tiny_config(str(d / "shards"), str(d / "run"), augment=True)
+    # The MNIST recipe end to end: one threshold, MSE, chunks of 128 x 2 local epochs, batch-statistics readout.
+    cfg = tiny_config(str(d / "shards"), str(d / "run"), augment=True, schedule="official_mnist", chunk_size=128,
+                      local_epochs=2, readout_batch=32)
     cfg.train.epochs = 3
     run = run_training(cfg, log=lambda *a: None)
     return cfg, run, d / "shards"

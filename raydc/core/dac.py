@@ -21,14 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# u(lambda) = upper - upper_rate * lambda, l(lambda) = lower + lower_rate * lambda, lambda = round * lambda_step.
-# official: vector-1127/DAC cifar10_2.py (upper 0.99, lower 0.8, both moved by (upper - lower) / epochs / 2 per
-# epoch, so they meet after `epochs` rounds; lambda_step None means that value). paper: u = 0.95 - lambda,
-# l = 0.455 + 0.1 lambda, lambda += 1.1 * 0.009 per epoch (the gradient step on u - l with eta = 0.009), as in
-# HongtaoYang/DAC-tensorflow's reproduction; l reaches u after 46 rounds.
+# Two-threshold schedules: u(lambda) = upper - upper_rate * lambda, l(lambda) = lower + lower_rate * lambda,
+# lambda = round * lambda_step. official_cifar: vector-1127/DAC cifar10_2.py (upper 0.99, lower 0.8, both moved by
+# (upper - lower) / epochs / 2 per epoch, so they meet after `epochs` rounds; lambda_step None means that value).
+# paper: u = 0.95 - lambda, l = 0.455 + 0.1 lambda, lambda += 1.1 * 0.009 per epoch (the gradient step on u - l
+# with eta = 0.009), as in HongtaoYang/DAC-tensorflow's reproduction; l reaches u after 46 rounds. "official" is
+# the name official_cifar had before official_mnist existed (configs and checkpoints that say it keep working).
 SCHEDULE_PRESETS: dict[str, dict[str, float | None]] = {
-    "official": {"upper": 0.99, "lower": 0.8, "upper_rate": 1.0, "lower_rate": 1.0, "lambda_step": None},
+    "official_cifar": {"upper": 0.99, "lower": 0.8, "upper_rate": 1.0, "lower_rate": 1.0, "lambda_step": None},
     "paper": {"upper": 0.95, "lower": 0.455, "upper_rate": 1.0, "lower_rate": 0.1, "lambda_step": 1.1 * 0.009},
+}
+SCHEDULE_PRESETS["official"] = SCHEDULE_PRESETS["official_cifar"]
+
+# The single-threshold schedule of vector-1127/DAC MNIST/mnist.py: a pair is "same" when s > th, "different"
+# otherwise (no ignored band), th starts at 0.9 and falls by (0.9 - 0.5) / epochs after every epoch (step None
+# means that value), never below the floor.
+SINGLE_THRESHOLD_PRESETS: dict[str, dict[str, float | None]] = {
+    "official_mnist": {"start": 0.9, "step": None, "floor": 0.5},
 }
 
 
@@ -51,9 +60,28 @@ class ThresholdSchedule:
         return l >= u - 1e-9
 
 
+@dataclass(frozen=True)
+class SingleThreshold:
+    """One threshold th(r) = max(floor, start - step * r): pairs above it are "same", the rest "different", so
+    every pair is trained on from the first round. Returned as (th, th) so it selects like the two-threshold
+    schedules with an empty band; it never finishes by itself (the run ends at train.epochs)."""
+
+    start: float
+    step: float
+    floor: float
+
+    def at(self, round_idx: int) -> tuple[float, float]:
+        th = max(self.floor, self.start - self.step * round_idx)
+        return th, th
+
+    def finished(self, round_idx: int) -> bool:
+        return False
+
+
 def label_features(scores: Tensor) -> Tensor:
-    """softmax then L2 normalisation: unit-norm, non-negative rows whose dot products are cosine similarities."""
-    return F.normalize(torch.softmax(scores, dim=1), dim=1)
+    """softmax then L2 normalisation: unit-norm, non-negative rows whose dot products are cosine similarities.
+    In float32 whatever the network ran in: the similarities near the thresholds need more than bf16's 3 digits."""
+    return F.normalize(torch.softmax(scores.float(), dim=1), dim=1)
 
 
 def select_pairs(similarity: Tensor, upper: float, lower: float) -> tuple[Tensor, Tensor]:
@@ -149,14 +177,48 @@ DAC_NET_MIN_SIZE = 22  # the reference nets' valid convolutions and pools need a
 
 
 class LabelFeatureNet(nn.Module):
-    """Any network giving k scores, followed by `label_features`: `forward` is the one entry DDP sees."""
+    """Any network giving k scores, followed by `label_features`: `forward` is the one entry DDP sees.
 
-    def __init__(self, scores: nn.Module):
+    `batch_readout` is the reference code's inference (Keras BatchNorm mode 2: batch statistics at inference
+    too): consecutive groups of `readout_batch` rows are normalised with their own statistics. The running
+    averages are what `forward` in eval mode uses; they are accumulated over augmented training batches while
+    the weights move, so they lag the network the readout is about."""
+
+    def __init__(self, scores: nn.Module, readout_batch: int = 128):
         super().__init__()
         self.scores = scores
+        self.readout_batch = readout_batch
 
     def forward(self, x: Tensor) -> Tensor:
         return label_features(self.scores(x))
+
+    def batch_readout(self, x: Tensor) -> Tensor:
+        """Label features with batch-statistics BatchNorm over fixed groups of consecutive rows; a last group
+        smaller than half a batch joins the one before it (a handful of images has no statistics worth the
+        name). The running averages are left untouched and the module's mode is restored."""
+        was_training = self.training
+        self.train()
+        try:
+            with frozen_bn_stats(self):
+                return torch.cat([self(x[a:b]) for a, b in readout_groups(len(x), self.readout_batch)])
+        finally:
+            self.train(was_training)
+
+
+def readout_groups(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each readout group over n rows: `size` rows each, a tail under size / 2 merged back."""
+    if n == 0:
+        return []
+    edges = list(range(0, n, size)) + [n]
+    if len(edges) > 2 and edges[-1] - edges[-2] < size / 2:
+        del edges[-2]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def chunk_targets(features: Tensor, upper: float, lower: float) -> tuple[Tensor, Tensor]:
+    """(same, different) masks over a chunk's pairs from its label features, computed once and reused for
+    every local epoch over the chunk (the MNIST script's selection: one `predict` per 1,000 images)."""
+    return select_pairs(similarity_matrix(features.float()), upper, lower)
 
 
 def similarity_matrix(features: Tensor) -> Tensor:

@@ -124,6 +124,21 @@ def majority_acc_counts(counts: PairCounts) -> float:
     return _majority(counts.table())
 
 
+def transition_counts(counts: PairCounts, share: float = 0.1) -> dict:
+    """How one clustering became the next, from (earlier, later) pair counts: `splits`, earlier clusters that two
+    or more later clusters each took at least `share` of; `merges`, later clusters that drew at least `share` of
+    themselves from each of two or more earlier clusters; `moved`, the fraction of images outside the later
+    cluster that took most of their earlier one. Drift that NMI(t-1, t) only hints at, named by kind."""
+    t = counts.table()
+    m = np.zeros((t.classes.size, t.clusters.size), np.float64)
+    np.add.at(m, (t.row, t.col), t.count)
+    rows = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    cols = m / np.maximum(m.sum(axis=0, keepdims=True), 1)
+    return {"splits": int(((rows >= share).sum(axis=1) >= 2).sum()),
+            "merges": int(((cols >= share).sum(axis=0) >= 2).sum()),
+            "moved": float(1.0 - m.max(axis=1).sum() / max(m.sum(), 1))}
+
+
 def size_stats_counts(sizes: np.ndarray) -> dict:
     """`size_stats` from the (k,) cluster sizes."""
     sizes = np.asarray(sizes, np.int64)

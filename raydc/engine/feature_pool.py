@@ -35,8 +35,9 @@ class Piece:
     stop: int
 
 
-def plan_pieces(paths: list[str], min_pieces: int) -> list[Piece]:
-    """Row groups of every shard, each cut into equal row ranges until there are at least `min_pieces`."""
+def plan_pieces(paths: list[str], min_pieces: int, align: int = 1) -> list[Piece]:
+    """Row groups of every shard, each cut into equal row ranges until there are at least `min_pieces`; cuts
+    fall on multiples of `align` rows from the row group's start (`ExtractorSpec.batch_align`)."""
     import pyarrow.parquet as pq
 
     from raydc.storage import open_input_file
@@ -53,6 +54,9 @@ def plan_pieces(paths: list[str], min_pieces: int) -> list[Piece]:
     for p, g, n in groups:
         cuts = max(1, -(-n // target))
         edges = np.linspace(0, n, cuts + 1).round().astype(int)
+        if align > 1:
+            inner = np.minimum((edges[1:-1] + align // 2) // align * align, n)
+            edges = np.unique(np.concatenate([[0], inner, [n]]))
         pieces += [Piece(p, g, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
     return pieces
 
@@ -136,16 +140,18 @@ class PersistentFeaturePool:
         header = ray.put(manifest.header())  # one copy in the store, not the shard list in every actor's args
         self.workers = [FeatureWorker.options(scheduling_strategy="SPREAD").remote(header, threads)
                         for _ in range(concurrency)]
-        self._pieces: dict[tuple[str, ...], list[Piece]] = {}  # the shards do not change during a run
+        self._pieces: dict[tuple, list[Piece]] = {}  # the shards do not change during a run
 
     def extract(self, paths: list[str], spec: ExtractorSpec, batch_size: int, in_flight: int = 2) -> list:
         """Every image's features, as object refs of numpy blocks in piece order (they stay in the store)."""
         spec_ref = ray.put(spec)
         ray.get([w.set_spec.remote([spec_ref]) for w in self.workers])
-        key = tuple(paths)
+        align = max(1, spec.batch_align)
+        key = (*paths, align)
         if key not in self._pieces:  # every shard footer read once per run, not once per pass
-            self._pieces[key] = plan_pieces(paths, min_pieces=4 * len(self.workers))
+            self._pieces[key] = plan_pieces(paths, min_pieces=4 * len(self.workers), align=align)
         pieces = self._pieces[key]
+        batch_size = max(align, batch_size // align * align)  # each call takes whole aligned groups
         out: list = [None] * len(pieces)
         busy: dict = {}  # ref -> worker index
         load = [0] * len(self.workers)

@@ -44,6 +44,11 @@ class ExtractorSpec:
     input_size: int = 28
     channels: int | None = None
     reduction: FeatureReduction | None = None
+    precision: str | None = None   # the autocast dtype (raydc.core.precision); None: the run's
+    # Rows that must reach `call` together, cut at multiples of this within each Parquet row group: a network
+    # that normalises with its batch's statistics (DAC's readout) then sees the same batches on every pass,
+    # whatever the pool's concurrency or batch size, so a resumed run and `raydc assign` give the same clusters.
+    batch_align: int = 1
 
 
 class FeatureExtractor:
@@ -113,9 +118,14 @@ def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray],
     if len(d["id"]) == 0:
         feats = np.zeros((0, 0), np.float32)
     else:
+        from raydc.core.precision import autocast, resolve_precision
+
         x = resize_center(to_float(d["image"]), spec.input_size)
-        with torch.inference_mode():
-            feats = reduce_features(fn(x.to(device) if device is not None else x).float().cpu().numpy(), r)
+        x = x.to(device) if device is not None else x
+        precision = resolve_precision(spec.precision or "fp32", x.device.type)
+        with torch.inference_mode(), autocast(precision, x.device.type):
+            out = fn(x)
+        feats = reduce_features(out.float().cpu().numpy(), r)
     if clock is not None:
         clock["decode_s"] += t1 - t0
         clock["embed_s"] += time.perf_counter() - t1

@@ -11,6 +11,7 @@ so the same code runs under Ray Train here and in-process in the method tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from raydc.config import Config
 from raydc.config_loader import from_dict
+from raydc.core.precision import resolve_precision
 from raydc.core.seeding import derive_seed
 from raydc.engine.rundir import RunDir, from_plain, to_plain
 from raydc.engine.stream import decoded_rows, shuffled_batches
@@ -49,8 +51,10 @@ class WorkerContext:
     """What a method's `train_round` may use on every worker."""
 
     def __init__(self, cfg: Config, manifest, shard, rank: int, world: int, device: torch.device,
-                 optimizers: dict, in_channels: int, log: Callable[[str], None], input_size: int | None = None):
+                 optimizers: dict, in_channels: int, log: Callable[[str], None], input_size: int | None = None,
+                 precision: str = "fp32"):
         self.cfg, self.manifest, self.shard = cfg, manifest, shard
+        self.precision = precision  # resolved (raydc.core.precision): the dtype `loss_of` runs its forward in
         self.input_size = input_size  # the method's (config or manifest); decoding resizes mixed sizes to it
         self.rank, self.world, self.device = rank, world, device
         self.optimizers = optimizers
@@ -102,17 +106,27 @@ class WorkerContext:
         """The engine's one SGD loop: for each batch, `loss_of(batch)` (the method's loss on a
         `raydc.engine.stream.Batch`), then zero_grad, backward and step over `optimizers`. A non-finite loss stops
         the run with a NumericalError naming `what` at (epoch, phase), keeping the last good checkpoint."""
+        from raydc.core.precision import autocast, grad_scaler
+
         loss_sum, n_seen, steps = 0.0, 0, 0
+        scaler = grad_scaler(self.precision, self.device.type)
         t0 = time.perf_counter()
         for batch in batches:
-            loss = loss_of(batch)
+            with autocast(self.precision, self.device.type):
+                loss = loss_of(batch)
             if not torch.isfinite(loss):
                 raise NumericalError(epoch, phase, what)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
+            if scaler is None:
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+            else:
+                scaler.scale(loss).backward()
+                for opt in optimizers:
+                    scaler.step(opt)
+                scaler.update()
             loss_sum += loss.detach().item() * len(batch)
             n_seen += len(batch)
             steps += 1
@@ -166,8 +180,10 @@ class RankZeroContext:
     """What a method's `plan`/`finalize`/`assign` may use on rank 0: the feature pool over `shard_dir` and the
     shard actors (`service`), started on first use: a method that never asks pays nothing for them."""
 
-    def __init__(self, cfg: Config, manifest, shard_dir: str, make_service: Callable[[], Any], log):
+    def __init__(self, cfg: Config, manifest, shard_dir: str, make_service: Callable[[], Any], log,
+                 precision: str = "fp32"):
         self.cfg, self.manifest, self.shard_dir, self.log = cfg, manifest, shard_dir, log
+        self.precision = precision  # rank 0's resolved precision: the feature passes run in it too
         self._make_service = make_service
         self._service = None
         self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
@@ -182,6 +198,8 @@ class RankZeroContext:
     def extract(self, spec, **reduction):
         """Every image's features onto the shard actors, reduced as `reduction` says (see
         ClusteringService.extract: pca_dim, whiten, l2_normalize, seed, projection)."""
+        if spec.precision is None:
+            spec = dataclasses.replace(spec, precision=self.precision)
         info = self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
         self._features_clock.update(info.clock)  # Counter.update adds
         return info
@@ -305,7 +323,8 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
             break
         row.update(method.train_round(wctx, model, plan, state, r))
         if rank == 0:
-            row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round})
+            row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round,
+                        **precision_fields(wctx.precision)})
             if rctx is not None:
                 row["memory"] = rctx.memory()
                 if clock := rctx.take_features_clock():
@@ -313,6 +332,14 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
         end_round(r, row, state)
         r += 1
     return r, state
+
+
+def precision_fields(precision: str) -> dict:
+    """What every metrics row says about the arithmetic: the training precision and whether the CPU has bf16
+    instructions (what `auto` decided from), beside the faiss backend the clustering rows name."""
+    from raydc.core.precision import cpu_bf16_supported
+
+    return {"precision": precision, "cpu_bf16": cpu_bf16_supported()}
 
 
 def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int,
@@ -329,7 +356,7 @@ def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, 
         row["features_clock"] = clock
     rctx.release()
     row.update({"round": r, "epoch": method.epoch_of(state, r), "final": True,
-                "time_round": time.perf_counter() - t_final})
+                "time_round": time.perf_counter() - t_final, **precision_fields(rctx.precision)})
     return final, row
 
 
@@ -425,11 +452,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 opt.load_state_dict(ckpt["optimizers"][name])
 
     shard = ray.train.get_dataset_shard("train")
+    # A resumed run keeps the precision its first start resolved (`auto` on another machine could differ).
+    precision = (ckpt or {}).get("precision") or resolve_precision(cfg.train.precision, device.type)
     wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, _log,
-                         method.input_size)
+                         method.input_size, precision=precision)
     rctx = None
     if rank == 0:
-        rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log)
+        rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log,
+                               precision=precision)
         if start:
             run.truncate_metrics(upto_round=start)
             _log(f"resuming from the checkpoint of round {start - 1}: round {start}")
@@ -448,6 +478,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             save_round_checkpoint(tmp, r, {
                 "round": r, "model": WorkerContext.unwrap(model).state_dict(), "state": to_plain(state),
                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()}, "config": loop_cfg["config"],
+                "precision": precision,
             })
             # Ray Train persists it to <run.dir>/checkpoints before report returns: the round's commit point.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -96,10 +96,11 @@ def shard_argmax(view, col: str):
     return None
 
 
-def clustering_row(ctx, col: str, k: int, *, prev=None, majority: bool = False) -> dict:
+def clustering_row(ctx, col: str, k: int, *, prev=None, majority: bool = False, transitions: bool = False) -> dict:
     """Scores of the clustering the shards hold in `col`, from pair counts reduced over the shards (never from
-    gathered labels): sizes; NMI with `prev` (RowBlocks of an earlier clustering) when given; ACC/NMI/ARI (and
-    majority-vote ACC) against the evaluation labels when the shards have them."""
+    gathered labels): sizes; NMI with `prev` (RowBlocks of an earlier clustering) when given, and with
+    `transitions` its splits and merges (`metrics.transition_counts`); ACC/NMI/ARI (and majority-vote ACC)
+    against the evaluation labels when the shards have them."""
     from raydc.core import metrics as M
     from raydc.engine.clustering import TRUE
 
@@ -109,7 +110,10 @@ def clustering_row(ctx, col: str, k: int, *, prev=None, majority: bool = False) 
     sizes = (true if true is not None else service.counts(col, col)).b_sizes(k)
     row.update(M.size_stats_counts(sizes))
     if prev is not None:
-        row["nmi_prev"] = M.nmi_counts(service.counts(prev, col))
+        pairs = service.counts(prev, col)
+        row["nmi_prev"] = M.nmi_counts(pairs)
+        if transitions:
+            row.update({f"{name}_prev": v for name, v in M.transition_counts(pairs).items()})
     if true is not None:
         row.update(M.evaluate_counts(true))
         if majority:

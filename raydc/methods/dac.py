@@ -7,8 +7,18 @@ different" classification on the B x B cosine similarities: pairs at or above u(
 l(lambda) "different", the rest are left out. The selection comes from a pass with the weights fixed and the
 augmentation off (`dac.selection: stopgrad`, the paper's alternating step and the reference code's `predict`),
 or from the training pass itself with its gradient stopped (`same_batch`). The thresholds follow a schedule in
-rounds (`dac.schedule`: the official code's or the paper's, every constant a field Tune can search); the run
-ends when l >= u, when every pair would be selected, or at `train.epochs` rounds.
+rounds (`dac.schedule`: the official MNIST script's single threshold, the official CIFAR script's two, or the
+paper's; every constant a field Tune can search); the run ends when l >= u, when every pair would be selected,
+or at `train.epochs` rounds.
+
+Chunked selection (`dac.chunk_size` > 0, the official MNIST script): the targets of a whole chunk of images
+(1,000, global over the DDP workers) are computed once from its label features, then the network trains
+`dac.local_epochs` passes over the chunk in shuffled batches, each on a fresh augmentation, against the fixed
+sub-blocks of those targets: about 40 steps per selection instead of one, which is what keeps the clusters the
+first rounds find (with one step per selection the loss drifts them apart round after round).
+
+The clusters are read out with batch-statistics BatchNorm (`dac.bn_readout: batch`, the reference's Keras
+mode 2) over fixed groups of consecutive rows (`ExtractorSpec.batch_align`), or with the running averages.
 
 No k-means: the cluster of an image is the argmax of its label feature. Between rounds the engine's feature
 pool computes every image's label feature (every `dac.eval_every` rounds) for the diagnostics: cluster sizes,
@@ -27,8 +37,10 @@ import torch
 import torch.nn as nn
 
 from raydc.core.augment import random_affine, resize_center, to_float
-from raydc.core.dac import (DAC_NET_MIN_SIZE, SCHEDULE_PRESETS, LabelFeatureNet, ThresholdSchedule, dac_convnet,
-                            frozen_bn_stats, pair_loss, select_pairs, similarity_matrix)
+from raydc.core.dac import (DAC_NET_MIN_SIZE, SCHEDULE_PRESETS, SINGLE_THRESHOLD_PRESETS, LabelFeatureNet,
+                            SingleThreshold, ThresholdSchedule, chunk_targets, dac_convnet, pair_loss,
+                            select_pairs, similarity_matrix)
+from raydc.core.precision import autocast, full_precision
 from raydc.core.models import build_convnet
 from raydc.core.sampler import hash_uniforms
 from raydc.core.seeding import derive_seed
@@ -41,21 +53,35 @@ STREAM_DAC_AUGMENT = 40  # hash_uniforms streams 40.. : DAC's augmentation draws
 
 @dataclass
 class DACConfig:
-    """DAC's own fields. Thresholds left null take the preset's value (`raydc.core.dac.SCHEDULE_PRESETS`)."""
+    """DAC's own fields. Fields left null take the schedule preset's value (`raydc.core.dac`)."""
 
-    schedule: Literal["official", "paper"] = "official"
-    upper: float | None = None             # u at round 0
+    # official_mnist: one threshold, MSE over all pairs, chunked selection (vector-1127/DAC MNIST/mnist.py);
+    # official_cifar (alias official): u/l band, BCE on the selected pairs (CIFAR10/cifar10_2.py); paper: the ICCV
+    # paper's u/l schedule.
+    schedule: Literal["official_mnist", "official_cifar", "official", "paper"] = "official_mnist"
+    threshold: float | None = None         # official_mnist: th at round 0 (0.9)
+    threshold_step: float | None = None    # th falls by this after every round (null: (th - floor) / train.epochs)
+    threshold_floor: float | None = None   # ... never below this (0.5)
+    upper: float | None = None             # two-threshold schedules: u at round 0
     lower: float | None = None             # l at round 0
     upper_rate: float | None = None        # u(lambda) = upper - upper_rate * lambda
     lower_rate: float | None = None        # l(lambda) = lower + lower_rate * lambda
     lambda_step: float | None = None       # lambda after round r = r * lambda_step (official: meet at train.epochs)
-    loss: Literal["bce", "mse"] = "bce"    # bce: selected pairs (CIFAR script); mse: all pairs (MNIST script)
+    loss: Literal["bce", "mse"] | None = None  # null: the schedule's (mse for official_mnist, else bce)
     selection: Literal["stopgrad", "same_batch"] = "stopgrad"
+    # Images whose targets are computed together, global over the workers (null: 1,000 for official_mnist, else
+    # 0 = every batch selects its own pairs), and the passes over each chunk before the next selection.
+    chunk_size: int | None = None
+    local_epochs: int | None = None        # null: 5 for official_mnist, else 1
     batch_size: int = 128                  # per worker; the pairs span batch_size x workers images
     max_global_batch: int = 4096           # cap on that B: a few B x B float matrices per step (4096: 64 MiB each)
-    inner_steps: int = 1                   # SGD steps per selection, each on a fresh augmentation of the batch
+    inner_steps: int = 1                   # without chunks: SGD steps per selection, each on a fresh augmentation
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
     lr: float = 0.001                      # RMSprop(0.001), as the reference code
+    # How BatchNorm normalises when the clusters are read out (and the chunk targets selected): batch statistics
+    # over fixed groups of `readout_batch` consecutive rows (the reference's Keras mode 2), or the running averages.
+    bn_readout: Literal["batch", "running"] = "batch"
+    readout_batch: int = 128
     augment: bool = True
     rotation_deg: float = 10.0
     shift: float = 0.1                     # fraction of the image size
@@ -65,11 +91,11 @@ class DACConfig:
     eval_every: int = 1                    # rounds between diagnostic feature passes (0: only the final one)
 
     def validate(self) -> None:
-        for name in ("upper", "lower"):
+        for name in ("upper", "lower", "threshold", "threshold_floor"):
             v = getattr(self, name)
             if v is not None and not -1.0 <= v <= 1.0:
                 raise ConfigError(f"dac.{name}", f"is a cosine similarity threshold in [-1, 1], got {v}")
-        for name in ("upper_rate", "lower_rate", "lambda_step"):
+        for name in ("upper_rate", "lower_rate", "lambda_step", "threshold_step"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"dac.{name}", f"must be >= 0, got {v}")
@@ -79,12 +105,35 @@ class DACConfig:
             raise ConfigError("dac.max_global_batch", f"must be >= 2, got {self.max_global_batch}")
         if self.inner_steps < 1:
             raise ConfigError("dac.inner_steps", f"must be >= 1, got {self.inner_steps}")
+        if self.chunk_size is not None and self.chunk_size < 0:
+            raise ConfigError("dac.chunk_size", f"must be >= 0 (0: no chunks), got {self.chunk_size}")
+        if self.local_epochs is not None and self.local_epochs < 1:
+            raise ConfigError("dac.local_epochs", f"must be >= 1, got {self.local_epochs}")
+        if self.readout_batch < 2:
+            raise ConfigError("dac.readout_batch", f"must be >= 2 (batch statistics need rows), got "
+                                                   f"{self.readout_batch}")
         if self.lr <= 0:
             raise ConfigError("dac.lr", f"must be > 0, got {self.lr}")
         if not 0 < self.zoom_min <= self.zoom_max:
             raise ConfigError("dac.zoom_min", f"needs 0 < zoom_min <= zoom_max, got {self.zoom_min}, {self.zoom_max}")
         if self.eval_every < 0:
             raise ConfigError("dac.eval_every", f"must be >= 0, got {self.eval_every}")
+
+    @property
+    def single_threshold(self) -> bool:
+        return self.schedule in SINGLE_THRESHOLD_PRESETS
+
+    @property
+    def loss_kind(self) -> str:
+        return self.loss or ("mse" if self.single_threshold else "bce")
+
+    @property
+    def chunk(self) -> int:
+        return self.chunk_size if self.chunk_size is not None else (1000 if self.single_threshold else 0)
+
+    @property
+    def passes(self) -> int:
+        return self.local_epochs if self.local_epochs is not None else (5 if self.single_threshold else 1)
 
 
 @dataclass
@@ -100,12 +149,36 @@ class DACState:
     labels_path: str | None = rank0_field()  # the last diagnosed clustering (saved parts), for NMI(t-1, t)
 
 
-def resolve_schedule(opts: DACConfig, epochs: int) -> ThresholdSchedule:
+def resolve_schedule(opts: DACConfig, epochs: int) -> ThresholdSchedule | SingleThreshold:
+    if opts.single_threshold:
+        p = SINGLE_THRESHOLD_PRESETS[opts.schedule]
+        start = opts.threshold if opts.threshold is not None else p["start"]
+        floor = opts.threshold_floor if opts.threshold_floor is not None else p["floor"]
+        step = opts.threshold_step if opts.threshold_step is not None else p["step"]
+        if step is None:  # the MNIST script: th - (0.9 - 0.5) / epoch after each epoch
+            step = (start - floor) / epochs
+        return SingleThreshold(float(start), float(step), float(floor))
     preset = SCHEDULE_PRESETS[opts.schedule]
     vals = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in preset.items()}
     if vals["lambda_step"] is None:  # official: u and l meet after `epochs` rounds
         vals["lambda_step"] = (vals["upper"] - vals["lower"]) / (vals["upper_rate"] + vals["lower_rate"]) / epochs
     return ThresholdSchedule(**{k: float(v) for k, v in vals.items()})
+
+
+@dataclass
+class PairStep:
+    """One SGD step of DAC: the images, the keys of their augmentation, and which pairs of the global batch are
+    "same" and "different" (None with `selection: same_batch`, which selects from the step's own pass)."""
+
+    ids: np.ndarray
+    copy: np.ndarray
+    images: np.ndarray
+    aug_step: int                # which augmentation draw of the round this is (fresh per local epoch)
+    same: torch.Tensor | None = None
+    different: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def _build(spec: dict) -> LabelFeatureNet:
@@ -118,7 +191,7 @@ def _build(spec: dict) -> LabelFeatureNet:
         net = build_convnet(spec["arch"], spec["in_channels"], spec["sobel"], spec["width"], spec["feature_dim"])
         net.reset_head(spec["k"], torch.Generator().manual_seed(0))
         scores = nn.Sequential(net, nn.BatchNorm1d(spec["k"]))
-    return LabelFeatureNet(scores)
+    return LabelFeatureNet(scores, readout_batch=spec.get("readout_batch", 128))
 
 
 class DAC(Method):
@@ -135,7 +208,7 @@ class DAC(Method):
             raise ConfigError("model.input_size", f"{cfg.model.arch} needs >= {DAC_NET_MIN_SIZE} px inputs, "
                                                   f"got {cfg.model.input_size}")
         s = resolve_schedule(d, cfg.train.epochs)
-        if s.upper <= s.lower:
+        if isinstance(s, ThresholdSchedule) and s.upper <= s.lower:
             raise ConfigError("dac.upper", f"u must start above l: upper {s.upper} <= lower {s.lower} "
                                            f"(schedule {d.schedule!r})")
         global_batch = d.batch_size * cfg.train.num_workers
@@ -143,19 +216,26 @@ class DAC(Method):
             raise ConfigError("dac.batch_size", f"{d.batch_size} x {cfg.train.num_workers} workers = {global_batch} "
                                                 f"images per step, over dac.max_global_batch = {d.max_global_batch} "
                                                 f"(each step holds a few {global_batch} x {global_batch} matrices)")
+        workers = cfg.train.num_workers
+        if d.chunk and (d.chunk % workers or d.chunk < global_batch):
+            raise ConfigError("dac.chunk_size", f"{d.chunk} must be a multiple of the {workers} workers and at "
+                                                f"least the global batch {global_batch}")
 
     def check_data(self) -> None:
         super().check_data()
         self.check_batch("dac.batch_size", self.opts.batch_size)
+        if self.opts.chunk:
+            self.check_batch("dac.chunk_size", self.opts.chunk // self.cfg.train.num_workers)
 
-    def schedule(self) -> ThresholdSchedule:
+    def schedule(self) -> ThresholdSchedule | SingleThreshold:
         return resolve_schedule(self.opts, self.cfg.train.epochs)
 
     # ---- model and state ------------------------------------------------------------------------
     def _factory(self):
         m = self.cfg.model
         return functools.partial(_build, {"arch": m.arch, "in_channels": self.in_channels, "sobel": m.sobel,
-                                          "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k})
+                                          "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k,
+                                          "readout_batch": self.opts.readout_batch})
 
     def build_model(self) -> nn.Module:
         return self._factory()()
@@ -168,8 +248,10 @@ class DAC(Method):
 
     def extractor(self, model: nn.Module) -> ExtractorSpec:
         sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return ExtractorSpec(build=self._factory(), state=sd, call="forward", input_size=self.input_size,
-                             channels=self.in_channels)
+        batch = self.opts.bn_readout == "batch"
+        return ExtractorSpec(build=self._factory(), state=sd, call="batch_readout" if batch else "forward",
+                             input_size=self.input_size, channels=self.in_channels,
+                             batch_align=self.opts.readout_batch if batch else 1)
 
     def optimizers(self, model: nn.Module, state: DACState) -> dict:
         d = self.opts
@@ -189,7 +271,8 @@ class DAC(Method):
             raise NumericalError(round_idx, "features", "the label features")
         ctx.service.apply(shard_argmax, "pred")
         row = {"time_features": time.perf_counter() - t,
-               **clustering_row(ctx, "pred", self.cfg.cluster.k, prev=ctx.column_blocks(state.labels_path))}
+               **clustering_row(ctx, "pred", self.cfg.cluster.k, prev=ctx.column_blocks(state.labels_path),
+                                transitions=True)}
         state.labels_path = ctx.save_column("pred", "labels", round_idx)
         if release:
             ctx.release()
@@ -229,42 +312,80 @@ class DAC(Method):
         return random_affine(x, u, rotation_deg=d.rotation_deg, shift=d.shift, zoom=(d.zoom_min, d.zoom_max),
                              flip=d.hflip)
 
+    def _selection_features(self, wctx, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Label features of un-augmented images with the weights fixed, read out as the clusters are
+        (`bn_readout`): the "predict" the targets come from. Never counts as a BatchNorm update."""
+        net = wctx.unwrap(model)
+        with torch.no_grad(), autocast(wctx.precision, wctx.device.type):
+            if self.opts.bn_readout == "batch":
+                return net.batch_readout(x).float()
+            was_training = net.training
+            net.eval()
+            try:
+                return net(x).float()
+            finally:
+                net.train(was_training)
+
+    def _batch_steps(self, wctx, model: nn.Module, round_idx: int, upper: float, lower: float):
+        """Without chunks: each global batch selects its own pairs, then `inner_steps` steps train on them."""
+        d = self.opts
+        for b in wctx.batches(round_idx, batch_size=d.batch_size):
+            same = different = None
+            if d.selection == "stopgrad":
+                x = resize_center(to_float(b.images), self.input_size).to(wctx.device)
+                same, different = chunk_targets(wctx.all_gather(self._selection_features(wctx, model, x)),
+                                                upper, lower)
+            for step in range(d.inner_steps):
+                yield PairStep(b.ids, b.copy, b.images, step, same, different)
+
+    def _chunk_steps(self, wctx, model: nn.Module, round_idx: int, upper: float, lower: float):
+        """The MNIST script's loop: a chunk's targets once, then `local_epochs` shuffled passes over the chunk.
+        Every worker holds chunk / workers of it; the step's global batch is each worker's next `batch_size`
+        rows, whose pairs are the sub-block of the chunk's targets (worker w's row i is row w * n + i of the
+        gathered chunk). The shuffle is a function of (seed, round, chunk, pass), the same on every worker."""
+        d = self.opts
+        local = d.chunk // wctx.world
+        for ci, b in enumerate(wctx.batches(round_idx, batch_size=local)):
+            x = resize_center(to_float(b.images), self.input_size).to(wctx.device)
+            feats = wctx.all_gather(self._selection_features(wctx, model, x))
+            same, different = chunk_targets(feats, upper, lower)
+            n = len(b)
+            for e in range(d.passes):
+                order = np.random.default_rng([self.cfg.train.seed, round_idx, ci, e, 23]).permutation(n)
+                for a in range(0, n, d.batch_size):
+                    idx = order[a:a + d.batch_size]
+                    if len(idx) < 2:
+                        continue
+                    g = torch.as_tensor(np.concatenate([w * n + idx for w in range(wctx.world)]), device=same.device)
+                    yield PairStep(b.ids[idx], b.copy[idx], b.images[idx], e, same[g][:, g], different[g][:, g])
+
     def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DACState, round_idx: int) -> dict:
         d = self.opts
         upper, lower = plan.targets.upper, plan.targets.lower
-        size = self.input_size
+        loss_kind, device_type = d.loss_kind, wctx.device.type
         seen = {"selected": 0.0, "same": 0.0, "steps": 0}
-        current: dict = {}  # the batch being trained on and its selection, across its inner steps
 
-        def repeated(batches):
-            for b in batches:
-                for step in range(d.inner_steps):
-                    current["step"] = step
-                    yield b
-
-        def loss_of(b):
-            ids, rep = b.ids, b.copy
-            x = resize_center(to_float(b.images), size).to(wctx.device)
-            if current["step"] == 0 and d.selection == "stopgrad":
-                with torch.no_grad(), frozen_bn_stats(model):
-                    current["select"] = similarity_matrix(wctx.all_gather(model(x)))
-            feats = wctx.all_gather(model(self._augment(x, ids, rep, round_idx, current["step"])))
-            sim = similarity_matrix(feats)
-            if d.selection == "same_batch":
-                current["select"] = sim.detach()
-            same, different = select_pairs(current["select"], upper, lower)
-            n_pairs = same.numel()
-            seen["selected"] += float((same | different).sum()) / n_pairs
-            seen["same"] += float(same.sum()) / n_pairs
-            seen["steps"] += 1
-            return pair_loss(sim, same, different, d.loss)
+        def loss_of(step: PairStep) -> torch.Tensor:
+            x = resize_center(to_float(step.images), self.input_size).to(wctx.device)
+            feats = wctx.all_gather(model(self._augment(x, step.ids, step.copy, round_idx, step.aug_step)))
+            with full_precision(device_type):
+                sim = similarity_matrix(feats.float())
+                same, different = step.same, step.different
+                if same is None:  # same_batch: the training pass selects its own pairs, gradient stopped
+                    same, different = select_pairs(sim.detach(), upper, lower)
+                n_pairs = same.numel()
+                seen["selected"] += float((same | different).sum()) / n_pairs
+                seen["same"] += float(same.sum()) / n_pairs
+                seen["steps"] += 1
+                return pair_loss(sim, same, different, loss_kind)
 
         model.train()
         torch.manual_seed(derive_seed(self.cfg.train.seed, round_idx, wctx.rank, 19))
-        stats = wctx.sgd_pass(repeated(wctx.batches(round_idx, batch_size=d.batch_size)), [wctx.optimizers["net"]],
-                              loss_of, epoch=round_idx, phase="train", what="the pair loss")
-        steps = max(seen["steps"], 1)
-        return {"loss": stats.loss, "selected_pairs": seen["selected"] / steps, "same_pairs": seen["same"] / steps,
+        steps = (self._chunk_steps if d.chunk else self._batch_steps)(wctx, model, round_idx, upper, lower)
+        stats = wctx.sgd_pass(steps, [wctx.optimizers["net"]], loss_of, epoch=round_idx, phase="train",
+                              what="the pair loss")
+        n_steps = max(seen["steps"], 1)
+        return {"loss": stats.loss, "selected_pairs": seen["selected"] / n_steps, "same_pairs": seen["same"] / n_steps,
                 "global_batch": d.batch_size * wctx.world, "train_images": stats.images, "time_train": stats.seconds,
                 "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
 
