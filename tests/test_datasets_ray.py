@@ -246,3 +246,46 @@ def test_a_cached_dataset_streams_the_same_rows_in_the_same_order(ray_local, sma
     for a, b in zip(streamed, cached):
         assert np.array_equal(a, b)
     assert np.array_equal(np.sort(cached[1]), np.arange(1000))
+
+
+@pytest.mark.ray
+def test_batch_statistics_readout_is_the_same_whatever_the_pool_concurrency_and_batch(ray_local, small_shards):
+    """DAC's batch-statistics readout: each image is normalised with its fixed group of consecutive rows, so
+    its label feature does not depend on how the pool cut the work. Without the alignment it does."""
+    import dataclasses
+    import functools
+
+    import ray
+    import torch
+
+    from raydc.core.dac import LabelFeatureNet, dac_convnet
+    from raydc.engine.feature_pool import PersistentFeaturePool, plan_pieces
+    from raydc.engine.features import ExtractorSpec
+
+    shard_dir, images, _ = small_shards
+    manifest = load_manifest(shard_dir)
+    paths = manifest.shard_paths(shard_dir)
+    pieces = plan_pieces(paths, 16, align=32)
+    assert len(pieces) >= 8 and all(p.start % 32 == 0 for p in pieces)  # cuts on the groups' edges
+    assert sum(p.stop - p.start for p in pieces) == len(images)
+
+    def build():
+        torch.manual_seed(0)
+        return LabelFeatureNet(dac_convnet(1, 10, variant="mnist"), readout_batch=32)
+
+    spec = ExtractorSpec(build=functools.partial(build), state=build().state_dict(), call="batch_readout",
+                         input_size=28, batch_align=32)
+
+    def features(concurrency, batch_size, s):
+        pool = PersistentFeaturePool(manifest, concurrency=concurrency)
+        try:
+            blocks = ray.get(pool.extract(paths, s, batch_size=batch_size))
+        finally:
+            pool.shutdown()
+        ids = np.concatenate([b["id"] for b in blocks])
+        return np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)]
+
+    a, b = features(1, 100, spec), features(2, 256, spec)
+    np.testing.assert_allclose(a, b, atol=2e-4)  # the actors' thread counts differ: float sums, not groups
+    unaligned = dataclasses.replace(spec, batch_align=1)
+    assert np.abs(features(1, 100, unaligned) - features(2, 256, unaligned)).max() > 1e-2

@@ -55,7 +55,8 @@ def plan_pieces(paths: list[str], min_pieces: int, align: int = 1) -> list[Piece
         cuts = max(1, -(-n // target))
         edges = np.linspace(0, n, cuts + 1).round().astype(int)
         if align > 1:
-            inner = np.minimum((edges[1:-1] + align // 2) // align * align, n)
+            inner = (edges[1:-1] + align // 2) // align * align
+            inner = inner[n - inner >= align]  # a row group's partial last group stays with the one before it
             edges = np.unique(np.concatenate([[0], inner, [n]]))
         pieces += [Piece(p, g, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
     return pieces
@@ -120,8 +121,12 @@ class FeatureWorker:
         table = self._row_group(piece.path, piece.row_group).slice(piece.start, piece.stop - piece.start)
         cols = [c for c in ("row", "id", "image", "label") if c in table.column_names]
         outs = []
-        for off in range(0, table.num_rows, batch_size):
-            part = table.slice(off, batch_size)
+        align = max(1, self.spec.batch_align)
+        cuts = list(range(0, table.num_rows, batch_size)) + [table.num_rows]
+        if align > 1 and len(cuts) > 2 and cuts[-1] - cuts[-2] < align:
+            del cuts[-2]  # a partial last group is read out with the group before it, never alone
+        for off, stop in zip(cuts[:-1], cuts[1:]):
+            part = table.slice(off, stop - off)
             batch = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
             outs.append(features_of(self.fn, self.spec, self.manifest, batch, clock=self.clock))
         outs = [o for o in outs if len(o["id"])]
