@@ -201,8 +201,8 @@ class TrainConfig:
         return self.lr * (self.lr_final + (1 - self.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("train.epochs", f"must be >= 1, got {self.epochs}")
+        if self.epochs < 0:  # 0: no training, the frozen network's features are clustered once
+            raise ConfigError("train.epochs", f"must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.lr <= 0:

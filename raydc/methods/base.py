@@ -122,6 +122,7 @@ class Method:
     options: type | None = None           # that section's dataclass
     resumable_fields: tuple[str, ...] = ()  # fields of its own that a resumed run may change (budgets)
     archs: tuple[str, ...] = ("smallconvnet", "alexnet", "vgg16")  # `model.arch` values it can train
+    frozen: bool = False                  # `train.epochs: 0` clusters the untrained (or loaded) network's features
 
     min_input_size: dict[str, int] = {"alexnet": 64, "vgg16": 64}  # `model.arch` -> the smallest side it takes
 
@@ -151,6 +152,9 @@ class Method:
         """Checks that need only the config (run when it is loaded); each error names its field."""
         from raydc.errors import ConfigError
 
+        if cfg.train.epochs == 0 and not cls.frozen:
+            raise ConfigError("train.epochs", f"0 (cluster a frozen network's features, no training) is not a "
+                                              f"schedule {cfg.method} has; use method deepcluster for it")
         if cfg.model.arch not in cls.archs:
             raise ConfigError("model.arch", f"{cfg.model.arch!r} is not a network {cfg.method} trains; "
                                             f"expected one of {', '.join(cls.archs)}")
@@ -195,6 +199,15 @@ class Method:
     def optimizers(self, model: "nn.Module", state: Any) -> dict:
         """Optimizers whose state persists across rounds (checkpointed). Per-round ones are made in train_round."""
         return {}
+
+    def probe_extractor(self, model: "nn.Module"):
+        """What `raydc evaluate --probe` measures: the network's `embed` (the clustered layer of DeepCluster's
+        nets, DEC's encoder) where it has one, else its output (DAC's label features)."""
+        from raydc.engine.features import ExtractorSpec
+
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return ExtractorSpec(build=self._factory(), state=sd, call="embed" if hasattr(model, "embed") else "forward",
+                             input_size=self.input_size, channels=self.in_channels)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
     def plan(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[RoundPlan, dict]:

@@ -113,6 +113,7 @@ class DeepClusterState:
 class DeepCluster(Method):
     name = "deepcluster"
     section, options = "deepcluster", DeepClusterConfig
+    frozen = True  # train.epochs 0: finalize at once, one feature pass + PCA + k-means over the given network
 
     @classmethod
     def validate_config(cls, cfg) -> None:
