@@ -132,3 +132,30 @@ def test_a_pickled_weights_file_is_refused_with_exit_2_and_runs_no_code(rgb_shar
     # the file really runs code when unpickled without weights_only: the refusal above is what stopped it
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+def test_weights_from_an_earlier_run_directory(rgb_shards, tmp_path, one_torch_thread):
+    """`model.weights: <run dir>` loads the run's final network (clustering.pt, as the engine writes it), all
+    but its top layer; a run of another architecture is refused naming the field."""
+    from raydc.config_loader import to_dict
+    from raydc.engine.rundir import RunDir
+
+    first = _method(rgb_shards, "cluster.k=3")
+    torch.manual_seed(1)
+    trained = first.build_model()
+    RunDir(tmp_path / "run").save_clustering({"round": 2, "model": trained.state_dict(), "artifacts": {},
+                                              "config": to_dict(first.cfg)})
+    second = _method(rgb_shards, f"model.weights={tmp_path / 'run'}", "cluster.k=3")
+    torch.manual_seed(2)
+    model = second.build_model()
+    second.load_initial_weights(model)
+    torch.manual_seed(2)
+    fresh = second.build_model()  # seeded from 2 as well: what the network would be without the file
+    assert not torch.equal(fresh.features[0].weight, trained.features[0].weight)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+    other = _method(rgb_shards, f"model.weights={tmp_path / 'run'}", "model.arch=torchvision:resnet18",
+                    "model.input_size=32")
+    with pytest.raises(ConfigError, match="model.weights.*smallconvnet"):
+        other.load_initial_weights(other.build_model())

@@ -55,18 +55,12 @@ def resolve_split(cfg, value: str, flag: str) -> tuple[str, object, str]:
 class _SplitFeatures:
     """One split's features as the pool's blocks in the object store; iterated block by block."""
 
-    def __init__(self, shard_dir: str, manifest, spec, features_cfg):
-        from raydc.engine.feature_pool import PersistentFeaturePool
+    def __init__(self, shard_dir: str, manifest, spec, features_cfg, pool):
+        import ray
 
         t = time.perf_counter()
-        pool = PersistentFeaturePool(manifest.header(), features_cfg.concurrency)
-        try:
-            self.refs = pool.extract(manifest.shard_paths(shard_dir), spec, features_cfg.batch_size)
-            import ray
-
-            ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
-        finally:
-            pool.shutdown()
+        self.refs = pool.extract(manifest.shard_paths(shard_dir), spec, features_cfg.batch_size)
+        ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
         self.seconds = time.perf_counter() - t
         self.count = manifest.count
 
@@ -81,6 +75,24 @@ class _SplitFeatures:
     def gather(self) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = zip(*self.blocks())
         return np.concatenate(xs), np.concatenate(ys)
+
+
+def _split_features(splits, spec, features_cfg) -> list[_SplitFeatures]:
+    """Each (shard dir, manifest)'s features; one pool serves every split whose images decode alike."""
+    from raydc.engine.feature_pool import PersistentFeaturePool
+
+    pools: dict = {}
+    try:
+        out = []
+        for where, manifest in splits:
+            key = (manifest.encoding, tuple(manifest.image_shape or ()), manifest.mode)
+            if key not in pools:
+                pools[key] = PersistentFeaturePool(manifest.header(), features_cfg.concurrency)
+            out.append(_SplitFeatures(where, manifest, spec, features_cfg, pools[key]))
+        return out
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
 
 
 def probe_run(run_dir: str, probe: str, train_split: str = "train", test_split: str = "test") -> dict:
@@ -107,8 +119,7 @@ def probe_run(run_dir: str, probe: str, train_split: str = "train", test_split: 
     num_classes = 1 + max(max(int(c) for c in (m.label_counts or {0: 0})) for m in (train_m, test_m))
 
     init_ray(cfg.ray, train_cpus=0)
-    train = _SplitFeatures(train_dir, train_m, spec, cfg.features)
-    test = _SplitFeatures(test_dir, test_m, spec, cfg.features)
+    train, test = _split_features([(train_dir, train_m), (test_dir, test_m)], spec, cfg.features)
     t = time.perf_counter()
     if probe == "knn":
         x, y = train.gather()
