@@ -68,6 +68,10 @@ def test_backbone_defaults_to_its_own_resolution_and_states_it(rgb_shards):
     assert method.input_size == 224 and method.backbone.feature_dim == 768
     line = method.describe_input()
     assert "the backbone's own" in line and "0.485" in line and "no Sobel" in line
+    method.check_data()
+    with pytest.raises(ConfigError, match="model.input_size.*224"):
+        _method(rgb_shards, "model.arch=torchvision:vit_b_16", "model.input_size=64").check_data()
+    _method(rgb_shards, "model.arch=torchvision:resnet50", "model.input_size=64").check_data()  # convnets: any side
 
 
 def test_a_weights_file_of_another_network_is_refused_naming_the_field(rgb_shards, tmp_path):

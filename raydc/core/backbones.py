@@ -51,6 +51,7 @@ class BackboneInfo:
     input_size: int          # the side it was published for (torchvision: its eval crop)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fixed_size: bool = False  # takes no other side (torchvision's ViTs check it)
 
     def describe(self) -> str:
         return (f"{self.family}:{self.name}: {self.feature_dim}-d features, published for {self.input_size} px, "
@@ -119,8 +120,9 @@ def backbone_info(arch: str) -> BackboneInfo:
     with torch.device("meta"):
         raw = _raw(family, name)
         size, mean, std = _normalisation(family, name, raw)
+        fixed = family == "torchvision" and isinstance(getattr(raw, "image_size", None), int)
         _, dim = _strip_head(family, raw)
-    return BackboneInfo(family, name, dim, size, mean, std)
+    return BackboneInfo(family, name, dim, size, mean, std, fixed)
 
 
 class InputAdapter(nn.Module):

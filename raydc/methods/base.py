@@ -197,6 +197,9 @@ class Method:
         n = self.manifest.count
         if self.cfg.cluster.k > n:
             raise ConfigError("cluster.k", f"{self.cfg.cluster.k} clusters but only {n} images")
+        if self.backbone is not None and self.backbone.fixed_size and self.input_size != self.backbone.input_size:
+            raise ConfigError("model.input_size", f"{self.cfg.model.arch} takes {self.backbone.input_size} px "
+                                                  f"inputs only, got {self.input_size}; leave it unset")
         need = self.min_input_size.get(self.cfg.model.arch)
         if need is not None and self.input_size < need:
             raise ConfigError("model.input_size", f"{self.cfg.model.arch} needs >= {need} px inputs, got "
