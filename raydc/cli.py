@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=common)
     p.add_argument("--run", required=True)
     p.add_argument("--nmi", default="arithmetic", choices=["arithmetic", "geometric", "min", "max"])
-    p.add_argument("--probe", choices=["knn", "linear"], help="instead: a k-NN or linear probe of the run's "
+    p.add_argument("--probe", choices=["knn", "linear", "both"], help="instead: a k-NN or linear probe of the run's "
                    "network, trained on --train-split, scored on --test-split (written to RUN/probes/)")
     p.add_argument("--train-split", default="train", help="train, test, all (of data.source) or a shard directory")
     p.add_argument("--test-split", default="test", help="as --train-split")

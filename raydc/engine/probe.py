@@ -96,10 +96,17 @@ def _split_features(splits, spec, features_cfg) -> list[_SplitFeatures]:
 
 
 def probe_run(run_dir: str, probe: str, train_split: str = "train", test_split: str = "test") -> dict:
+    """One probe's result (see `probe_runs`)."""
+    return probe_runs(run_dir, (probe,), train_split, test_split)[probe]
+
+
+def probe_runs(run_dir: str, probes: tuple[str, ...], train_split: str = "train",
+               test_split: str = "test") -> dict[str, dict]:
+    """Each of `probes` (knn, linear) on one feature pass of each split; every result is also written to
+    the run directory."""
     from raydc import storage
     from raydc.config import Config
     from raydc.config_loader import from_dict
-    from raydc.core.probes import KNNProbe, StreamedLinearProbe, linear_probe_in_memory
     from raydc.data.manifest import load_manifest
     from raydc.engine.evaluate import open_run
     from raydc.engine.runtime import init_ray
@@ -120,29 +127,37 @@ def probe_run(run_dir: str, probe: str, train_split: str = "train", test_split: 
 
     init_ray(cfg.ray, train_cpus=0)
     train, test = _split_features([(train_dir, train_m), (test_dir, test_m)], spec, cfg.features)
-    t = time.perf_counter()
+    results = {}
+    for probe in probes:
+        t = time.perf_counter()
+        out = _score(probe, train, test, num_classes, cfg.train.seed)
+        out = {"probe": probe, "run": str(run.location), "method": cfg.method, "arch": cfg.model.arch,
+               "round": int(saved.get("round", -1)), "layer": spec.call, "train_split": train_name,
+               "test_split": test_name, "train_shards": str(train_dir), "test_shards": str(test_dir),
+               **out, "time_features": round(train.seconds + test.seconds, 3),
+               "time_probe": round(time.perf_counter() - t, 3)}
+        out["path"] = write_result(run, out)
+        results[probe] = out
+    return results
+
+
+def _score(probe: str, train: _SplitFeatures, test: _SplitFeatures, num_classes: int, seed: int) -> dict:
+    from raydc.core.probes import KNNProbe, StreamedLinearProbe, linear_probe_in_memory
+
     if probe == "knn":
         x, y = train.gather()
         knn = KNNProbe(x, y, num_classes=num_classes)
         for bx, by in test.blocks():
             knn.add_test(bx, by)
-        out = knn.result()
-        out["feature_dim"] = int(x.shape[1])
-    elif train.count <= LINEAR_IN_MEMORY_ROWS:
+        return {**knn.result(), "feature_dim": int(x.shape[1])}
+    if probe != "linear":
+        raise UserError(f"unknown probe {probe!r}: knn or linear")
+    if train.count <= LINEAR_IN_MEMORY_ROWS:
         x, y = train.gather()
         tx, ty = test.gather()
-        out = linear_probe_in_memory(x, y, tx, ty, seed=cfg.train.seed)
-        out["feature_dim"] = int(x.shape[1])
-    else:
-        lin = StreamedLinearProbe(num_classes=num_classes, seed=cfg.train.seed).fit(train.blocks)
-        out = lin.score(test.blocks())
-    out = {"probe": probe, "run": str(run.location), "method": cfg.method, "arch": cfg.model.arch,
-           "round": int(saved.get("round", -1)), "layer": spec.call, "train_split": train_name,
-           "test_split": test_name, "train_shards": str(train_dir), "test_shards": str(test_dir),
-           **out, "time_features": round(train.seconds + test.seconds, 3),
-           "time_probe": round(time.perf_counter() - t, 3)}
-    out["path"] = write_result(run, out)
-    return out
+        return {**linear_probe_in_memory(x, y, tx, ty, seed=seed), "feature_dim": int(x.shape[1])}
+    lin = StreamedLinearProbe(num_classes=num_classes, seed=seed).fit(train.blocks)
+    return lin.score(test.blocks())
 
 
 def write_result(run, result: dict) -> str:
@@ -156,8 +171,9 @@ def write_result(run, result: dict) -> str:
 
 
 def probe_command(args) -> int:
-    """`raydc evaluate --probe ...`: prints the result, one `key: value` a line."""
-    out = probe_run(args.run, args.probe, args.train_split, args.test_split)
-    for k, v in out.items():
-        print(f"{k}: {v}")
+    """`raydc evaluate --probe ...`: prints each result, one `key: value` a line."""
+    probes = ("knn", "linear") if args.probe == "both" else (args.probe,)
+    for out in probe_runs(args.run, probes, args.train_split, args.test_split).values():
+        for k, v in out.items():
+            print(f"{k}: {v}")
     return 0
