@@ -84,14 +84,29 @@ def test_a_weights_file_of_another_network_is_refused_naming_the_field(rgb_shard
         method.load_initial_weights(method.build_model())
 
 
-def test_unknown_backbones_and_missing_timm_name_the_field():
+def test_unknown_backbones_and_missing_timm_name_the_field(monkeypatch):
     with pytest.raises(ConfigError, match="model.arch.*resnet19"):
         load_config(None, ["data.shards=x", "model.arch=torchvision:resnet19"])
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match=r"raydc\[timm\]"):
-            load_config(None, ["data.shards=x", "model.arch=timm:resnet18"])
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # `import timm` fails as if not installed
+    with pytest.raises(ConfigError, match=r"model.arch.*raydc\[timm\]"):
+        load_config(None, ["data.shards=x", "model.arch=timm:resnet18"])
+
+
+def test_timm_backbone_from_its_state_dict(rgb_shards, tmp_path, one_torch_thread):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(5)
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "timm-resnet18.pth"
+    torch.save({"state_dict": reference.state_dict()}, path)  # a training checkpoint's wrapper
+    method = _method(rgb_shards, "model.arch=timm:resnet18", f"model.weights={path}", "model.input_size=64")
+    model = method.build_model()
+    method.load_initial_weights(model)
+    reference.reset_classifier(0)
+    x = torch.rand(2, 3, 64, 64)
+    mean = torch.tensor(reference.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(reference.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().embed(x), reference.eval()((x - mean) / std), rtol=1e-5, atol=1e-5)
 
 
 def test_freeze_trunk_keeps_its_weights_and_batchnorm_statistics(rgb_shards, one_torch_thread):
