@@ -192,7 +192,12 @@ class Method:
         """Checks that need the data (run before any worker starts); each error names its field."""
         from raydc.errors import ConfigError
 
-        if self.cfg.model.weights:  # read and fitted now: a bad file fails before any worker starts
+        m = self.cfg.model
+        if (m.weights or m.freeze != "none") and not self.backbones:  # (DEC does not call validate_config's)
+            raise ConfigError("model.weights" if m.weights else "model.freeze",
+                              f"{self.cfg.method} builds its network from scratch; initial weights and freezing "
+                              f"are for deepcluster")
+        if m.weights:  # read and fitted now: a bad file fails before any worker starts
             self.load_initial_weights(self.build_model())
         n = self.manifest.count
         if self.cfg.cluster.k > n:
@@ -256,7 +261,7 @@ class Method:
         from raydc.core.backbones import WeightsError, build_backbone
         from raydc.errors import ConfigError
 
-        got = self.initial_weights()
+        got = self.initial_weights() if self.backbones else None
         if got is None:
             return
         kind, sd = got
