@@ -1,4 +1,4 @@
-"""`raydc evaluate --probe knn|linear`: the k-NN or linear probe of a finished run's network (raydc.core.probes).
+"""`raydc evaluate --probe knn|linear|both`: the k-NN and/or linear probe of a finished run's network (raydc.core.probes).
 
 The run's final network (clustering.pt, loaded without unpickling code) computes the features of a labelled
 training split and a labelled test split through the persistent feature pool, the same actors and eval
@@ -7,8 +7,8 @@ a shard directory, or a torchvision split name (train, test, all) of the run's `
 beside the run's shards (`<data.shards>-<split>`) with the run's class filter and limit. The features stay in
 Ray's object store as the pool's blocks: the k-NN bank (the training split) is gathered on the driver, the test
 split is scored block by block; the linear probe fits in memory below `LINEAR_IN_MEMORY_ROWS` training images
-and streams the blocks through a torch linear layer above it. The result goes to
-`<run>/probes/<probe>-<train>-<test>.json`.
+and streams the blocks through a torch linear layer above it. Both probes share one feature pass. Each result
+goes to `<run>/probes/<probe>-<train>-<test>.json`.
 """
 from __future__ import annotations
 
