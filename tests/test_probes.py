@@ -70,3 +70,26 @@ def test_streamed_linear_probe_separates_the_blobs_from_blocks():
     out = probe.score([(xte[:150], yte[:150]), (xte[150:], yte[150:])])
     assert out["linear_top1"] == 1.0 and out["train_images"] == 400 and out["test_images"] == 300
     assert probe.standardiser.mean[3] == pytest.approx(xtr[:, 3].mean(), rel=1e-5)
+
+
+def test_probe_splits_are_resolved_or_refused_by_flag(tmp_path):
+    """A split name needs the run's data.source; anything else must be a shard directory with labels."""
+    from raydc.config import load_config
+    from raydc.data.prepare import prepare
+    from raydc.engine.probe import resolve_split
+    from raydc.errors import UserError
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "u.npz", images=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8))
+    prepare("npz", tmp_path / "unlabelled", root=tmp_path / "u.npz", progress=False)
+    np.savez(tmp_path / "l.npz", images=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8), labels=np.arange(6) % 2)
+    prepare("npz", tmp_path / "labelled", root=tmp_path / "l.npz", progress=False)
+    cfg = load_config(None, [f"data.shards={tmp_path / 'unlabelled'}"])
+    with pytest.raises(UserError, match="--train-split train.*data.source"):
+        resolve_split(cfg, "train", "--train-split")
+    with pytest.raises(UserError, match="--test-split .*nowhere.*neither a split"):
+        resolve_split(cfg, str(tmp_path / "nowhere"), "--test-split")
+    with pytest.raises(UserError, match="--test-split.*no labels"):
+        resolve_split(cfg, str(tmp_path / "unlabelled"), "--test-split")
+    where, manifest, name = resolve_split(cfg, str(tmp_path / "labelled"), "--train-split")
+    assert manifest.count == 6 and name == "labelled"
