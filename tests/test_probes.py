@@ -91,5 +91,5 @@ def test_probe_splits_are_resolved_or_refused_by_flag(tmp_path):
         resolve_split(cfg, str(tmp_path / "nowhere"), "--test-split")
     with pytest.raises(UserError, match="--test-split.*no labels"):
         resolve_split(cfg, str(tmp_path / "unlabelled"), "--test-split")
-    where, manifest, name = resolve_split(cfg, str(tmp_path / "labelled"), "--train-split")
+    _, manifest, name = resolve_split(cfg, str(tmp_path / "labelled"), "--train-split")
     assert manifest.count == 6 and name == "labelled"

@@ -9,8 +9,8 @@ one block and the d x C weights are ever in memory.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -115,7 +115,7 @@ def linear_probe_in_memory(train_x: np.ndarray, train_y: np.ndarray, test_x: np.
     pred = clf.predict(st.apply(test_x))
     return {"linear_top1": float((pred == np.asarray(test_y)).mean()), "linear_solver": "sklearn-lbfgs",
             "linear_c": c, "linear_iterations": int(np.max(clf.n_iter_)),
-            "train_images": int(len(train_x)), "test_images": int(len(test_x))}
+            "train_images": len(train_x), "test_images": len(test_x)}
 
 
 @dataclass
@@ -132,7 +132,7 @@ class StreamedLinearProbe:
     seed: int = 0
     standardiser: Standardiser = field(default_factory=Standardiser)
 
-    def fit(self, blocks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]) -> "StreamedLinearProbe":
+    def fit(self, blocks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]) -> StreamedLinearProbe:
         import math
 
         import torch
