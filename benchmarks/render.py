@@ -12,7 +12,8 @@ from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
-NAMES = ["kmeans", "reduction", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds", "scale"]
+NAMES = ["kmeans", "reduction", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds", "scale",
+         "probes"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -561,6 +562,35 @@ def _sec_seeds(doc: dict) -> str:
                       "DEC: AE+k-means ACC", "ACC per seed", "min per run"], rows) + "\n")
 
 
+def _sec_probes(doc: dict) -> str:
+    if "runs" not in doc:
+        return ""
+    rows = []
+    for n, r in doc["runs"].items():
+        knn, lin = r["probes"].get("knn", {}), r["probes"].get("linear", {})
+        rows.append([f"`{n}`", r["label"], knn.get("arch", "—"), _f(knn.get("knn_top1_k20")),
+                     _f(knn.get("knn_top1_k200")), _f(lin.get("linear_top1")), _f(r["final"].get("acc")),
+                     _f(r["final"].get("nmi")), _f(knn.get("time_features"))])
+    note = ""
+    runs = doc["runs"]
+    if "deepcluster" in runs and "untrained" in runs:
+        def top(name: str, probe: str, key: str):
+            return runs[name]["probes"].get(probe, {}).get(key)
+
+        dk = top("deepcluster", "knn", "knn_top1_k20") - top("untrained", "knn", "knn_top1_k20")
+        dl = top("deepcluster", "linear", "linear_top1") - top("untrained", "linear", "linear_top1")
+        note = (f"\n\nTrained minus untrained: k-NN (k=20) {dk:+.3f}, linear {dl:+.3f}"
+                + (": at this size training did not improve the features for k-NN." if dk < 0 else ".")
+                + f" Load average {doc['load_average']['before'][0]:.0f}–{doc['load_average']['after'][0]:.0f} "
+                  f"on 2 cores during these runs: the seconds are not comparable with other sections.")
+    return ("## Feature probes (issue #31)\n\n" + doc["data"] + ". `raydc evaluate --probe`: weighted k-NN (cosine, "
+            "votes exp(s / 0.07)) and a logistic regression on standardised features, top-1 accuracy on the "
+            "test images; ACC/NMI are the run's own final clustering of its training images. Produced by "
+            "`python -m benchmarks.run --full --only probes` (`benchmarks/bench_probes.py`)." + note + "\n\n"
+            + _table(["run", "network", "arch", "k-NN k=20", "k-NN k=200", "linear", "clustering ACC",
+                      "clustering NMI", "feature pass s"], rows) + "\n")
+
+
 def _sec_scale(doc: dict, img: str) -> str:
     if "points" not in doc:
         return ""
@@ -676,6 +706,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     if "scale" in d and "points" in d["scale"]:
         plot_scale(d["scale"], out / "scale.png")
         lines.append(_sec_scale(d["scale"], rel("scale.png")))
+    if "probes" in d:
+        lines.append(_sec_probes(d["probes"]))
     lines.append("What these numbers mean, where raydc loses and what would fix it: see `benchmarks/README.md`.")
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path

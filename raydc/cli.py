@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=common)
     p.add_argument("--run", required=True)
     p.add_argument("--nmi", default="arithmetic", choices=["arithmetic", "geometric", "min", "max"])
+    p.add_argument("--probe", choices=["knn", "linear", "both"], help="instead: a k-NN or linear probe of the run's "
+                   "network, trained on --train-split, scored on --test-split (written to RUN/probes/)")
+    p.add_argument("--train-split", default="train", help="train, test, all (of data.source) or a shard directory")
+    p.add_argument("--test-split", default="test", help="as --train-split")
     return parser
 
 
@@ -152,6 +156,10 @@ def _dispatch(args) -> int:
         print("\n".join(str(p) for p in paths))
         return 0
     if args.command == "evaluate":
+        if args.probe:
+            from raydc.engine.probe import probe_command
+
+            return probe_command(args)
         from raydc.engine.evaluate import evaluate_run
 
         for k, v in evaluate_run(args.run, args.nmi).items():

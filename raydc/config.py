@@ -58,6 +58,10 @@ class ModelConfig:
     width: int = 1                         # channel multiplier of smallconvnet
     feature_dim: int = 256                 # penultimate (clustered) layer of smallconvnet
     ae_dims: list[int] = field(default_factory=lambda: [500, 500, 2000, 10])  # DEC encoder after the input
+    # Initial weights: a state dict file (path or URI; torchvision's/timm's published files for a backbone arch),
+    # or an earlier raydc run directory (its final network). Read with weights_only=True, never unpickled.
+    weights: str | None = None
+    freeze: Literal["none", "trunk", "all"] = "none"  # trunk: the conv trunk (a backbone: all of it); all: + FC
 
     def validate(self) -> None:
         if self.input_size is not None and self.input_size < 8:
@@ -205,8 +209,8 @@ class TrainConfig:
         return self.lr * (self.lr_final + (1 - self.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("train.epochs", f"must be >= 1, got {self.epochs}")
+        if self.epochs < 0:  # 0: no training, the frozen network's features are clustered once
+            raise ConfigError("train.epochs", f"must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.lr <= 0:

@@ -48,7 +48,24 @@ class ClusterNet(nn.Module):
         self.feature_dim = feature_dim
         self.top_layer: nn.Linear | None = None
         self.cosine_head = False  # DeepCluster-v2: logits are the L2-normalised embedding against prototypes
+        self.frozen_parts: tuple[str, ...] = ()
         _init_weights(self)
+
+    def freeze(self, what: str) -> None:
+        """`model.freeze`: "trunk" fixes `features` (a backbone: the whole published network), "all" also the
+        classifier; only the top layer is left to learn. A frozen part also stays in eval mode when the
+        network trains, so its batch-norm statistics stay those it was given."""
+        parts = {"none": (), "trunk": ("features",), "all": ("features", "classifier")}[what]
+        for name in parts:
+            getattr(self, name).requires_grad_(False)
+        self.frozen_parts = parts
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ClusterNet":
+        super().train(mode)
+        for name in getattr(self, "frozen_parts", ()):
+            getattr(self, name).eval()
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.sobel is not None:
@@ -69,7 +86,7 @@ class ClusterNet(nn.Module):
         with torch.no_grad():
             head.weight.normal_(0.0, 0.01, generator=generator)
             head.bias.zero_()
-        device = next(self.classifier.parameters()).device
+        device = next(self.features.parameters()).device
         self.top_layer = head.to(device)
         return self.top_layer
 
@@ -150,6 +167,12 @@ def vgg16_bn(in_channels: int = 3, sobel: bool = True) -> ClusterNet:
 
 
 def build_convnet(arch: str, in_channels: int, sobel: bool, width: int = 1, feature_dim: int = 256) -> ClusterNet:
+    """raydc's convnets by name, or a published network (`torchvision:<name>`, `timm:<name>`: raydc.core.backbones,
+    untrained here; `sobel`, `width` and `feature_dim` do not apply to it)."""
+    from raydc.core.backbones import build_backbone, is_backbone
+
+    if is_backbone(arch):
+        return build_backbone(arch, in_channels)
     if arch == "smallconvnet":
         return small_convnet(in_channels, sobel, width, feature_dim)
     if arch == "alexnet":

@@ -442,6 +442,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         state, start = from_plain(type(method.init_state()), ckpt["state"]), ckpt["round"] + 1
     else:
         state, start = method.init_state(), 0
+        method.load_initial_weights(model)  # model.weights: a new run only (a resumed one has its checkpoint)
     if rank != 0:
         state = shared_view(state)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})

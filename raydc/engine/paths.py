@@ -17,7 +17,7 @@ from raydc.errors import ConfigError
 BASE_DIR_ENV = "RAYDC_BASE_DIR"
 # Ray Jobs sets this in the environment of a submitted job's entry point (ray._private.runtime_env.constants).
 _RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-FIELDS = ("data.shards", "run.dir")
+FIELDS = ("data.shards", "run.dir", "model.weights")
 
 
 def is_uri(path: str) -> bool:
@@ -55,3 +55,5 @@ def absolute_paths(cfg) -> None:
     """Make `cfg.data.shards` and `cfg.run.dir` absolute in place (see the module docstring for the rule)."""
     cfg.data.shards = absolute_path("data.shards", cfg.data.shards)
     cfg.run.dir = absolute_path("run.dir", cfg.run.dir)
+    if getattr(cfg.model, "weights", None):
+        cfg.model.weights = absolute_path("model.weights", cfg.model.weights)

@@ -126,6 +126,8 @@ class Method:
     options: type | None = None           # that section's dataclass
     resumable_fields: tuple[str, ...] = ()  # fields of its own that a resumed run may change (budgets)
     archs: tuple[str, ...] = ("smallconvnet", "alexnet", "vgg16")  # `model.arch` values it can train
+    backbones: bool = False               # also `torchvision:<name>` / `timm:<name>` (raydc.core.backbones)
+    frozen: bool = False                  # `train.epochs: 0` clusters the untrained (or loaded) network's features
 
     min_input_size: dict[str, int] = {"alexnet": 64, "vgg16": 64}  # `model.arch` -> the smallest side it takes
 
@@ -134,15 +136,31 @@ class Method:
         self.manifest = manifest
         shape = manifest.image_shape
         self.in_channels = int(shape[2]) if shape else (1 if manifest.mode == "L" else 3)
-        self.input_size, self.input_size_from = resolve_input_size(cfg.model.input_size, manifest)
+        from raydc.core.backbones import backbone_info, is_backbone
+
+        self.backbone = None
+        if is_backbone(cfg.model.arch):
+            self.backbone = backbone_info(cfg.model.arch)
+        if self.backbone is not None and cfg.model.input_size is None:  # the resolution it was published for
+            self.input_size, self.input_size_from = self.backbone.input_size, "backbone"
+        else:
+            self.input_size, self.input_size_from = resolve_input_size(cfg.model.input_size, manifest)
 
     def describe_input(self) -> str:
         """The line a run logs about its input, so a silent upscale (config 28, images 16) is visible."""
         shape = self.manifest.image_shape
         seen = f"{shape[0]}x{shape[1]}x{shape[2]}" if shape else f"mixed sizes, {self.manifest.mode}"
-        how = ("from the manifest" if self.input_size_from == "manifest"
-               else f"model.input_size; the images are {seen}")
-        return f"network input {self.input_size}x{self.input_size}x{self.in_channels} ({how})"
+        how = {"manifest": "from the manifest", "backbone": f"the backbone's own; the images are {seen}"}.get(
+            self.input_size_from, f"model.input_size; the images are {seen}")
+        line = f"network input {self.input_size}x{self.input_size}x{self.in_channels} ({how})"
+        if self.backbone is not None:
+            line += f"; {self.backbone.describe()}" + (", grey repeated to RGB" if self.in_channels == 1 else "")
+            line += ", no Sobel" if self.cfg.model.sobel else ""
+        if self.cfg.model.weights:
+            line += f"; initial weights {self.cfg.model.weights}"
+        if self.cfg.model.freeze != "none":
+            line += f"; frozen: {self.cfg.model.freeze}"
+        return line
 
     @property
     def opts(self):
@@ -155,17 +173,42 @@ class Method:
         """Checks that need only the config (run when it is loaded); each error names its field."""
         from raydc.errors import ConfigError
 
-        if cfg.model.arch not in cls.archs:
+        if cfg.train.epochs == 0 and not cls.frozen:
+            raise ConfigError("train.epochs", f"0 (cluster a frozen network's features, no training) is not a "
+                                              f"schedule {cfg.method} has; use method deepcluster for it")
+        from raydc.core.backbones import backbone_info, is_backbone
+
+        if is_backbone(cfg.model.arch) and cls.backbones:
+            try:
+                backbone_info(cfg.model.arch)
+            except (KeyError, ImportError) as e:
+                raise ConfigError("model.arch", str(e).strip("'\"")) from None
+        elif cfg.model.arch not in cls.archs:
+            more = ", torchvision:<name>, timm:<name>" if cls.backbones else ""
             raise ConfigError("model.arch", f"{cfg.model.arch!r} is not a network {cfg.method} trains; "
-                                            f"expected one of {', '.join(cls.archs)}")
+                                            f"expected one of {', '.join(cls.archs)}{more}")
+        if (cfg.model.weights or cfg.model.freeze != "none") and not cls.backbones:
+            field_name = "model.weights" if cfg.model.weights else "model.freeze"
+            raise ConfigError(field_name, f"{cfg.method} builds its network from scratch; initial weights "
+                                          f"and freezing are for deepcluster")
 
     def check_data(self) -> None:
         """Checks that need the data (run before any worker starts); each error names its field."""
         from raydc.errors import ConfigError
 
+        m = self.cfg.model
+        if (m.weights or m.freeze != "none") and not self.backbones:  # (DEC does not call validate_config's)
+            raise ConfigError("model.weights" if m.weights else "model.freeze",
+                              f"{self.cfg.method} builds its network from scratch; initial weights and freezing "
+                              f"are for deepcluster")
+        if m.weights:  # read and fitted now: a bad file fails before any worker starts
+            self.load_initial_weights(self.build_model())
         n = self.manifest.count
         if self.cfg.cluster.k > n:
             raise ConfigError("cluster.k", f"{self.cfg.cluster.k} clusters but only {n} images")
+        if self.backbone is not None and self.backbone.fixed_size and self.input_size != self.backbone.input_size:
+            raise ConfigError("model.input_size", f"{self.cfg.model.arch} takes {self.backbone.input_size} px "
+                                                  f"inputs only, got {self.input_size}; leave it unset")
         need = self.min_input_size.get(self.cfg.model.arch)
         if need is not None and self.input_size < need:
             raise ConfigError("model.input_size", f"{self.cfg.model.arch} needs >= {need} px inputs, got "
@@ -185,6 +228,60 @@ class Method:
     def build_model(self) -> "nn.Module":
         raise NotImplementedError
 
+    def initial_weights(self) -> tuple[str, dict] | None:
+        """`model.weights` as ("published", the published network's state dict) for a backbone's weights file,
+        or ("network", a state dict of this method's network) for an earlier run or a file of raydc's own net.
+        Never unpickles: every read is torch.load(weights_only=True)."""
+        from raydc import storage
+        from raydc.core.backbones import WeightsError, as_state_dict, safe_load
+        from raydc.errors import ConfigError
+
+        loc = self.cfg.model.weights
+        if not loc:
+            return None
+        try:
+            run_file = storage.join(loc, "clustering.pt")
+            if storage.is_file(run_file):  # an earlier raydc run: its final network
+                saved = safe_load(storage.read_bytes(run_file), run_file)
+                sd = as_state_dict(saved, run_file)
+                arch = (saved.get("config") or {}).get("model", {}).get("arch")
+                if arch != self.cfg.model.arch:
+                    raise ConfigError("model.weights", f"the run {loc} trained {arch!r}, not model.arch "
+                                                       f"{self.cfg.model.arch!r}")
+                return "network", sd
+            if not storage.is_file(loc):
+                raise ConfigError("model.weights", f"{loc} is neither a weights file nor a finished raydc run "
+                                                   f"directory (one with clustering.pt)")
+            sd = as_state_dict(safe_load(storage.read_bytes(loc), loc), loc)
+        except WeightsError as e:
+            raise ConfigError("model.weights", str(e)) from None
+        if self.backbone is not None and "adapter.mean" not in sd:  # not a raydc BackboneNet's own
+            return "published", sd
+        return "network", sd
+
+    def load_initial_weights(self, model: "nn.Module") -> None:
+        """`model.weights` into a freshly built network (a new run; a resumed one loads its checkpoint). The
+        top layer is left as built: the clusters it scored are not this run's."""
+        from raydc.core.backbones import WeightsError, build_backbone
+        from raydc.errors import ConfigError
+
+        got = self.initial_weights() if self.backbones else None
+        if got is None:
+            return
+        kind, sd = got
+        try:
+            if kind == "published":  # the published keys, checked strictly against the published network
+                sd = build_backbone(self.cfg.model.arch, self.in_channels, weights=sd).state_dict()
+            sd = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except (WeightsError, RuntimeError) as e:
+            raise ConfigError("model.weights", f"{self.cfg.model.weights} does not fit {self.cfg.model.arch}: "
+                                               f"{str(e).strip()[:400]}") from None
+        missing = [k for k in missing if not k.startswith("top_layer.")]
+        if missing or unexpected:
+            raise ConfigError("model.weights", f"{self.cfg.model.weights} does not fit {self.cfg.model.arch}: "
+                                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
     def init_state(self) -> Any:
         """A dataclass instance (fields of plain types or numpy arrays)."""
         raise NotImplementedError
@@ -199,6 +296,15 @@ class Method:
     def optimizers(self, model: "nn.Module", state: Any) -> dict:
         """Optimizers whose state persists across rounds (checkpointed). Per-round ones are made in train_round."""
         return {}
+
+    def probe_extractor(self, model: "nn.Module"):
+        """What `raydc evaluate --probe` measures: the network's `embed` (the clustered layer of DeepCluster's
+        nets, DEC's encoder) where it has one, else its output (DAC's label features)."""
+        from raydc.engine.features import ExtractorSpec
+
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return ExtractorSpec(build=self._factory(), state=sd, call="embed" if hasattr(model, "embed") else "forward",
+                             input_size=self.input_size, channels=self.in_channels)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
     def plan(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[RoundPlan, dict]:

@@ -71,6 +71,7 @@ def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> n
     net = build_convnet(cfg_model["arch"], in_channels, cfg_model["sobel"], cfg_model["width"],
                         cfg_model["feature_dim"])
     net.reset_head(k, torch.Generator().manual_seed(0))
+    net.freeze(cfg_model.get("freeze", "none"))
     if cosine:  # prototypes are the centroids, set each round and never learned (swav: "frozen prototypes")
         net.cosine_head = True
         net.top_layer.bias = None
@@ -113,11 +114,19 @@ class DeepClusterState:
 class DeepCluster(Method):
     name = "deepcluster"
     section, options = "deepcluster", DeepClusterConfig
+    backbones = True
+    frozen = True  # train.epochs 0: finalize at once, one feature pass + PCA + k-means over the given network
 
     @classmethod
     def validate_config(cls, cfg) -> None:
         super().validate_config(cfg)
-        feat = FEATURE_DIMS.get(cfg.model.arch, cfg.model.feature_dim)
+        from raydc.core.backbones import backbone_info, is_backbone
+
+        feat = (backbone_info(cfg.model.arch).feature_dim if is_backbone(cfg.model.arch)
+                else FEATURE_DIMS.get(cfg.model.arch, cfg.model.feature_dim))
+        if cfg.model.freeze == "all" and cfg.train.epochs > 0:
+            raise ConfigError("model.freeze", "all leaves only the top layer to train, which changes no feature: "
+                                              "set train.epochs 0 to cluster the frozen network's features")
         if cfg.cluster.pca_dim > feat:
             raise ConfigError("cluster.pca_dim", f"{cfg.cluster.pca_dim} is larger than the feature dimension {feat}")
         if 0 < cfg.features.pca_sample < cfg.cluster.pca_dim:
@@ -143,7 +152,8 @@ class DeepCluster(Method):
 
     def _factory(self):
         c = self.cfg.model
-        model_cfg = {"arch": c.arch, "sobel": c.sobel, "width": c.width, "feature_dim": c.feature_dim}
+        model_cfg = {"arch": c.arch, "sobel": c.sobel, "width": c.width, "feature_dim": c.feature_dim,
+                     "freeze": c.freeze}
         return functools.partial(_build, model_cfg, self.in_channels, self.cfg.cluster.k,
                                  self.opts.variant == "v2")
 
@@ -271,6 +281,8 @@ class DeepCluster(Method):
     # ---- all workers ----------------------------------------------------------------------------
     def optimizers(self, model: nn.Module, state: DeepClusterState) -> dict:
         t = self.cfg.train
+        if not model.body_parameters():  # model.freeze all (train.epochs 0): nothing to optimise
+            return {}
         return {"body": torch.optim.SGD(model.body_parameters(), lr=t.lr, momentum=t.momentum,
                                         weight_decay=t.weight_decay)}
 
