@@ -46,9 +46,10 @@ SEQ_SEARCH_MAX_K = 12
 _INT_MAX = 2**31 - 1
 # Rows widened to float64 at a time in partial_sums: a few MiB, so a chunk is still in cache when it is added.
 _CHUNK_BYTES = 4 << 20
-# The bf16 assignment: candidates re-ranked exactly per point. A bf16 distance is off by its inputs' rounding
-# (8 significant bits) and its own; on the k-means benchmark (N = 100,000, d = 256, k = 1000) the true nearest
-# centroid was at most 5th in bf16 order (benchmarks/RESULTS.md, "bf16 assignment"): 8 leaves a margin.
+# The bf16 assignment: candidates re-ranked exactly per point. A bf16 score is off by its inputs' rounding (8
+# significant bits) and its own, so the float32 nearest can rank a few places down in bf16 order; the k-means
+# benchmark counts, per k, the labels that differ from float32 with 1, 2, 4 and 8 candidates (`bf16_assignment`
+# in benchmarks/results/kmeans.json). 8 is twice the fewest that gave none there.
 BF16_CANDIDATES = 8
 # From this many centroids on, `kmeans(..., assign_precision="auto")` takes the bf16 assignment where the CPU has
 # bf16 instructions: with fewer the GEMM is thin and faiss's own search is as fast (see SEQ_SEARCH_MAX_K).
@@ -221,7 +222,8 @@ class Bf16Assigner:
     float32 and rounds its output to bf16. A faiss heap keeps each row's `candidates` smallest scores; the
     candidates, sorted by index, are re-ranked with exact float32 squared distances (`knn_L2sqr_by_idx`,
     computed as sum((x - c)^2)), so an exact tie goes to the lowest index as in faiss's search.
-    `last_top1_changed` counts the rows whose bf16 nearest was not the re-ranked one, for the record.
+    `last_top1_changed` counts the rows whose bf16 nearest (exact bf16 ties broken by heap position) was not the
+    re-ranked one, for the record.
     """
 
     def __init__(self, x: np.ndarray, candidates: int = BF16_CANDIDATES, block_rows: int = _BF16_BLOCK_ROWS):
