@@ -34,9 +34,10 @@ CONFIGS = {
 }
 
 IMPLS = {
-    "raydc_faiss": "raydc.core.kmeans.kmeans (assign_precision='auto': the bf16 assignment where the CPU has bf16 "
-                   "and k >= BF16_MIN_K, faiss otherwise) in a process of its own",
-    "raydc_faiss_fp32": "raydc.core.kmeans.kmeans(assign_precision='fp32'): faiss's Clustering, in a process of its own",
+    "raydc_faiss": "raydc.core.kmeans.kmeans (assign_precision='auto': faiss, or the bf16 assignment where "
+                   "BF16_AUTO allows it) in a process of its own",
+    "raydc_bf16": "raydc.core.kmeans.kmeans(assign_precision='bf16'): bf16 GEMM + float32 re-rank (Bf16Assigner), "
+                  "in a process of its own",
     "raydc_faiss_in_driver": "raydc.core.kmeans.kmeans in the driver process (beside torch/sklearn pools)",
     "raydc_actor": "ClusteringService(1 actor), mode=single (faiss in a Ray actor)",
     "raydc_distributed": "ClusteringService(2 actors), mode=distributed (Lloyd over Ray)",
@@ -84,9 +85,9 @@ def _impl(name: str, x: np.ndarray, k: int, nit: int, init: np.ndarray) -> dict:
     """One k-means to final labels; returns iterations run and the final objective."""
     from raydc.core import kmeans as km
 
-    if name in ("raydc_faiss", "raydc_faiss_fp32"):
+    if name in ("raydc_faiss", "raydc_bf16"):
         r = km.kmeans(x, k, niter=nit, init_centroids=init, use_gpu="never",
-                      assign_precision="fp32" if name == "raydc_faiss_fp32" else "auto")
+                      assign_precision="bf16" if name == "raydc_bf16" else "auto")
         return {"iterations": len(r.objective), "objective": r.final_objective, "backend": r.backend}
     if name == "raydc_lloyd":
         half = len(x) // 2
@@ -251,7 +252,7 @@ def run(ctx: Context) -> dict:
     import ray
 
     Runner = _runner_cls()
-    isolated = ["raydc_faiss", "raydc_faiss_fp32", "raydc_lloyd", "faiss", "faiss_1thread", "sklearn"]
+    isolated = ["raydc_faiss", "raydc_bf16", "raydc_lloyd", "faiss", "faiss_1thread", "sklearn"]
     runners = {name: Runner.remote() for name in isolated}
     probe = Runner.remote()  # GEMM ceiling and the assignment step, in a process of their own too
     results: dict = {}
@@ -292,7 +293,7 @@ def run(ctx: Context) -> dict:
 
             return {
                 "raydc_faiss": isolated_call("raydc_faiss"),
-                "raydc_faiss_fp32": isolated_call("raydc_faiss_fp32"),
+                "raydc_bf16": isolated_call("raydc_bf16"),
                 "raydc_faiss_in_driver": raydc_faiss_in_driver,
                 "raydc_actor": raydc_actor,
                 "raydc_distributed": raydc_distributed,

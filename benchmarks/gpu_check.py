@@ -69,7 +69,7 @@ def check_kmeans(n: int = 20000, d: int = 64, k: int = 100) -> list[Check]:
     x = (rng.standard_normal((n, d)) + 3 * rng.standard_normal((k, d))[rng.integers(0, k, n)]).astype(np.float32)
     init = sample_init_centroids(x, k, seed=1)
     t0 = time.perf_counter()
-    # faiss on the CPU against faiss on the GPU (not the bf16 Lloyd that "auto" picks on a CPU with bf16).
+    # faiss on the CPU against faiss on the GPU, whatever "auto" picks (see raydc.core.kmeans.BF16_AUTO).
     ref = kmeans(x, k, niter=10, seed=0, init_centroids=init, use_gpu="never", assign_precision="fp32")
     ngpu = faiss_gpu_count()
     if ngpu == 0:

@@ -352,9 +352,10 @@ def _sec_kmeans(doc: dict, img: str) -> str:
 def _bf16_agreement(r: dict) -> str:
     """One line per k: what `raydc_faiss` ran, and the bf16 assignment's labels against faiss's float32 ones."""
     out = []
-    backend = r["impls"].get("raydc_faiss", {}).get("backend")
-    if backend:
-        out.append(f"`raydc_faiss` ran: {backend}.")
+    for name in ("raydc_faiss", "raydc_bf16"):
+        backend = r["impls"].get(name, {}).get("backend")
+        if backend:
+            out.append(f"`{name}` ran: {backend}.")
     a = r.get("bf16_assignment")
     if a:
         per = "; ".join(f"{name} centroids: " + ", ".join(

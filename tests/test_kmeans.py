@@ -313,11 +313,15 @@ def test_bf16_kmeans_is_bitwise_repeatable_and_agrees_with_faiss():
     assert s_bf16.objective[0] == pytest.approx(s_fp32.objective[0], rel=1e-5)
 
 
-def test_assign_precision_choice():
+def test_assign_precision_choice(monkeypatch):
+    from raydc.core import kmeans as km
     from raydc.core.kmeans import BF16_MIN_K, _assign_precision, cpu_bf16_flag
 
     assert _assign_precision("auto", 10, 0) == "fp32"
+    assert _assign_precision("auto", BF16_MIN_K, 0) == ("bf16" if km.BF16_AUTO and cpu_bf16_flag() else "fp32")
+    monkeypatch.setattr(km, "BF16_AUTO", True)
     assert _assign_precision("auto", BF16_MIN_K, 0) == ("bf16" if cpu_bf16_flag() else "fp32")
+    assert _assign_precision("auto", BF16_MIN_K - 1, 0) == "fp32"
     assert _assign_precision("auto", 1000, 1) == "fp32"          # a GPU: faiss's float32 search
     assert _assign_precision("fp32", 1000, 0) == "fp32"
     with pytest.raises(ValueError, match="assign_precision"):

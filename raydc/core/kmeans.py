@@ -11,8 +11,8 @@ both stop before `niter` once the objective repeats exactly (a fixed point; fais
 They differ only in rounding (faiss sums in float32, we sum in float64) and in the random choice made when a
 cluster empties (faiss's RNG is re-seeded with 1234 at every split; ours is a numpy Generator).
 
-On a CPU with bf16 matrix instructions, `kmeans` with many centroids runs `lloyd`'s iteration in-process with
-`Bf16Assigner` instead of faiss's search: the distance GEMM in bfloat16 (torch, oneDNN: AMX where present) picks
+`kmeans(..., assign_precision="bf16")` runs `lloyd`'s iteration in-process with `Bf16Assigner` instead of
+faiss's search (meant for CPUs with bf16 matrix instructions and many centroids, see BF16_AUTO): the distance GEMM in bfloat16 (torch, oneDNN: AMX where present) picks
 each point's `BF16_CANDIDATES` nearest centroids, and an exact float32 distance to each of them (faiss's
 `knn_L2sqr_by_idx`) picks the label. The GEMM is where a k = 1000 iteration spends most of its time; the
 re-rank costs a few candidates per point.
@@ -51,8 +51,13 @@ _CHUNK_BYTES = 4 << 20
 # benchmark counts, per k, the labels that differ from float32 with 1, 2, 4 and 8 candidates (`bf16_assignment`
 # in benchmarks/results/kmeans.json). 8 is twice the fewest that gave none there.
 BF16_CANDIDATES = 8
-# From this many centroids on, `kmeans(..., assign_precision="auto")` takes the bf16 assignment where the CPU has
-# bf16 instructions: with fewer the GEMM is thin and faiss's own search is as fast (see SEQ_SEARCH_MAX_K).
+# Whether `kmeans(..., assign_precision="auto")` takes the bf16 assignment (for k >= BF16_MIN_K, on a CPU with bf16
+# instructions). Off until a full k-means benchmark on an unloaded machine shows the whole iteration faster: the
+# only end-to-end timings so far were taken with the 2 cores oversubscribed many times over, where the bf16 run
+# was slower than faiss's (its many short parallel regions wait on the scheduler), which says nothing either way
+# about an idle machine. assign_precision="bf16" runs it regardless.
+BF16_AUTO = False
+# With fewer centroids the GEMM is thin and faiss's own search is as fast (see SEQ_SEARCH_MAX_K).
 BF16_MIN_K = 64
 _BF16_BLOCK_ROWS = 2048  # rows per GEMM block: a block's bf16 and float32 scores stay within a few MiB
 
@@ -197,7 +202,7 @@ def _assign_precision(precision: str, k: int, ngpu: int) -> str:
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"assign_precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     if precision == "auto":
-        return "bf16" if ngpu == 0 and k >= BF16_MIN_K and cpu_bf16_flag() else "fp32"
+        return "bf16" if BF16_AUTO and ngpu == 0 and k >= BF16_MIN_K and cpu_bf16_flag() else "fp32"
     if precision == "bf16" and ngpu > 0:
         raise ValueError("assign_precision='bf16' is the CPU path: with a GPU, faiss searches in float32")
     return precision
@@ -320,7 +325,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centro
 
     `assign_precision`: "fp32" is faiss's Clustering throughout; "bf16" runs the same Lloyd iteration with
     `Bf16Assigner` (CPU only; float64 centroid sums and numpy's RNG for empty-cluster splits, as `lloyd`);
-    "auto" takes bf16 for k >= BF16_MIN_K on a CPU with bf16 instructions, fp32 elsewhere. Either way the
+    "auto" takes bf16 where BF16_AUTO allows it (k >= BF16_MIN_K, a CPU with bf16 instructions), fp32 elsewhere. Either way the
     labels are the nearest centroid by float32 distance; `backend` says which ran.
     """
     t0 = time.perf_counter()
