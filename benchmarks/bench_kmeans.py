@@ -34,7 +34,10 @@ CONFIGS = {
 }
 
 IMPLS = {
-    "raydc_faiss": "raydc.core.kmeans.kmeans (faiss) in a process of its own",
+    "raydc_faiss": "raydc.core.kmeans.kmeans (assign_precision='auto': faiss, or the bf16 assignment where "
+                   "BF16_AUTO allows it) in a process of its own",
+    "raydc_bf16": "raydc.core.kmeans.kmeans(assign_precision='bf16'): bf16 GEMM + float32 re-rank (Bf16Assigner), "
+                  "in a process of its own",
     "raydc_faiss_in_driver": "raydc.core.kmeans.kmeans in the driver process (beside torch/sklearn pools)",
     "raydc_actor": "ClusteringService(1 actor), mode=single (faiss in a Ray actor)",
     "raydc_distributed": "ClusteringService(2 actors), mode=distributed (Lloyd over Ray)",
@@ -82,9 +85,10 @@ def _impl(name: str, x: np.ndarray, k: int, nit: int, init: np.ndarray) -> dict:
     """One k-means to final labels; returns iterations run and the final objective."""
     from raydc.core import kmeans as km
 
-    if name == "raydc_faiss":
-        r = km.kmeans(x, k, niter=nit, init_centroids=init, use_gpu="never")
-        return {"iterations": len(r.objective), "objective": r.final_objective}
+    if name in ("raydc_faiss", "raydc_bf16"):
+        r = km.kmeans(x, k, niter=nit, init_centroids=init, use_gpu="never",
+                      assign_precision="bf16" if name == "raydc_bf16" else "auto")
+        return {"iterations": len(r.objective), "objective": r.final_objective, "backend": r.backend}
     if name == "raydc_lloyd":
         half = len(x) // 2
         r = km.lloyd([x[:half], x[half:]], k, niter=nit, init_centroids=init)
@@ -125,10 +129,36 @@ def _runner_cls():
         def gemm(self, n: int, d: int, ks: list[int], repeats: int) -> dict:
             return gemm_ceiling(n, d, ks, repeats)
 
+        def bf16_agreement(self, x: np.ndarray, init: np.ndarray, final: np.ndarray) -> dict:
+            return bf16_agreement(x, {"initial": init, "final": final})
+
         def search_paths(self, n: int, ds: list[int], ks: list[int], repeats: int) -> list[dict]:
             return search_path_ratios(n, ds, ks, repeats)
 
     return Runner
+
+
+BF16_CANDIDATE_COUNTS = (1, 2, 4, 8)
+
+
+def bf16_agreement(x: np.ndarray, centroid_sets: dict[str, np.ndarray]) -> dict:
+    """The bf16 assignment against faiss's float32 search, per candidate count: how many labels differ after the
+    re-rank, and how many rows the re-rank changed (the bf16 nearest was not the float32 nearest of the
+    candidates). With 1 candidate there is no re-rank: its differences are the bare bf16 GEMM's."""
+    from raydc.core import kmeans as km
+
+    out = {}
+    for name, c in centroid_sets.items():
+        ref, _ = km.assign(x, c, use_gpu="never")
+        rows = {}
+        for m in BF16_CANDIDATE_COUNTS:
+            a = km.Bf16Assigner(x, candidates=m)
+            lab, _ = a(c)
+            rows[str(m)] = {"labels_differ_from_fp32": int((lab != ref).sum()),
+                            "rows_changed_by_rerank": a.last_top1_changed}
+        out[name] = rows
+    return {"n": int(len(x)), "candidates_used": km.BF16_CANDIDATES, "cpu_bf16": km.cpu_bf16_flag(),
+            "centroids": out}
 
 
 def search_path_ratios(n: int, ds: list[int], ks: list[int], repeats: int) -> list[dict]:
@@ -222,7 +252,7 @@ def run(ctx: Context) -> dict:
     import ray
 
     Runner = _runner_cls()
-    isolated = ["raydc_faiss", "raydc_lloyd", "faiss", "faiss_1thread", "sklearn"]
+    isolated = ["raydc_faiss", "raydc_bf16", "raydc_lloyd", "faiss", "faiss_1thread", "sklearn"]
     runners = {name: Runner.remote() for name in isolated}
     probe = Runner.remote()  # GEMM ceiling and the assignment step, in a process of their own too
     results: dict = {}
@@ -263,6 +293,7 @@ def run(ctx: Context) -> dict:
 
             return {
                 "raydc_faiss": isolated_call("raydc_faiss"),
+                "raydc_bf16": isolated_call("raydc_bf16"),
                 "raydc_faiss_in_driver": raydc_faiss_in_driver,
                 "raydc_actor": raydc_actor,
                 "raydc_distributed": raydc_distributed,
@@ -279,6 +310,13 @@ def run(ctx: Context) -> dict:
 
         # The assignment step alone (faiss flat search, as in every iteration of raydc's k-means).
         assign_s = summarize(ray.get(probe.assign.remote(x_ref, init, cfg["gemm_repeats"])))
+        # The bf16 assignment's labels against float32's, at the shared initial centroids and at the final ones of
+        # a float32 run (k-means' own near-ties: points between two centroids that have settled).
+        final_c = km.kmeans(x, k, niter=niter, init_centroids=init, use_gpu="never", assign_precision="fp32").centroids
+        agreement = ray.get(probe.bf16_agreement.remote(x_ref, init, final_c))
+        ctx.log("    bf16 labels differing from float32, by candidates: " + "; ".join(
+            f"{nm}: " + ", ".join(f"{m}: {v['labels_differ_from_fp32']}" for m, v in rows.items())
+            for nm, rows in agreement["centroids"].items()))
         flops_iter = 2.0 * n * d * k
         ceiling = gemm["shapes"][f"{n}x{d}x{k}"]["gflops"]
         peak = gemm["shapes"]["2048x2048x2048"]["gflops"]
@@ -297,6 +335,8 @@ def run(ctx: Context) -> dict:
                 "objective": last[name]["objective"],
                 "objective_rel_diff_vs_faiss": (last[name]["objective"] - ref_obj) / ref_obj,
             }
+            if "backend" in last[name]:
+                per[name]["backend"] = last[name]["backend"]
         for name in per:
             per[name]["speedup_vs_sklearn"] = ratio(per["sklearn"]["s_per_iter"], per[name]["s_per_iter"])
             per[name]["speedup_vs_faiss"] = ratio(per["faiss"]["s_per_iter"], per[name]["s_per_iter"])
@@ -309,6 +349,7 @@ def run(ctx: Context) -> dict:
                            "fraction_of_gemm_ceiling": assign_gflops / ceiling,
                            "fraction_of_peak": assign_gflops / peak},
             "gemm_ceiling_gflops": ceiling,
+            "bf16_assignment": agreement,
             "ray_load_seconds": {"2_actors": load2_s, "1_actor": load1_s},
         }
         ctx.log("    " + ", ".join(f"{nm} {p['s_per_iter'] * 1e3:.1f} ms/it" for nm, p in per.items())

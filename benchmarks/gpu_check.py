@@ -1,6 +1,6 @@
 """The core's GPU paths against its CPU results on the same input, without Ray (issue #14, item 5).
 
-    python -m benchmarks.gpu_check [--out results.json]
+    python -m benchmarks.gpu_check [--out results.json]      # --against cpu: the CPU against itself (tests)
 
 Each check runs one piece of the pure compute core on the CPU and on CUDA from the same weights and input, and
 reports the largest relative difference (or, for k-means, the share of points assigned alike and the
@@ -8,7 +8,11 @@ objective's relative difference):
 - faiss k-means from the same initial centroids on one GPU and on all GPUs (faiss GPU build only);
 - the DeepCluster feature extractor (`embed`) of the small convnet and of AlexNet-BN;
 - one SGD step of DeepCluster's classification loss, of DEC's autoencoder reconstruction and KL stage, and of
-  DAC's pairwise loss: the loss and the updated weights after the step.
+  DAC's pairwise loss: the loss and the updated weights after the step;
+- bf16 against float32 on the device itself, same weights and input (issue #27): the small convnet's features
+  under `torch.autocast(dtype=torch.bfloat16)`, and one DeepCluster SGD step with the forward under autocast
+  (loss in float32): relative error of the features and of the loss, and the cosine between the two steps'
+  weight updates. bf16 keeps 8 significant bits, so these have tolerances of their own.
 Without CUDA (or without a faiss GPU build) those checks print SKIP with the reason; the CPU side still runs,
 so the script is exercised wherever the tests run. Exit status 1 if any check FAILs.
 
@@ -26,6 +30,9 @@ import numpy as np
 
 # float32 on different kernels (cuDNN convolutions, TF32 off): differences of this order are rounding.
 TOLERANCE = {"features": 1e-3, "step": 1e-3, "kmeans_agree": 0.99, "kmeans_objective": 1e-3}
+# bf16 autocast against float32 on the same device: relative (Frobenius) error of the features and of the loss,
+# and the least cosine between the float32 and the bf16 step's weight updates.
+BF16_TOLERANCE = {"features": 3e-2, "loss": 3e-2, "update_cosine": 0.95}
 
 
 @dataclass
@@ -62,7 +69,8 @@ def check_kmeans(n: int = 20000, d: int = 64, k: int = 100) -> list[Check]:
     x = (rng.standard_normal((n, d)) + 3 * rng.standard_normal((k, d))[rng.integers(0, k, n)]).astype(np.float32)
     init = sample_init_centroids(x, k, seed=1)
     t0 = time.perf_counter()
-    ref = kmeans(x, k, niter=10, seed=0, init_centroids=init, use_gpu="never")
+    # faiss on the CPU against faiss on the GPU, whatever "auto" picks (see raydc.core.kmeans.BF16_AUTO).
+    ref = kmeans(x, k, niter=10, seed=0, init_centroids=init, use_gpu="never", assign_precision="fp32")
     ngpu = faiss_gpu_count()
     if ngpu == 0:
         return [Check("kmeans_gpu", "SKIP", f"CPU reference ran ({ref.backend}); no faiss GPU", time.perf_counter() - t0)]
@@ -193,19 +201,11 @@ def _dec_net():
 
 
 def check_steps(device) -> list[Check]:
-    import torch.nn as nn
-
     from raydc.core.autoencoder import StackedAutoencoder
     from raydc.core.dac import LabelFeatureNet, dac_convnet
-    from raydc.core.models import small_convnet
-
-    def deepcluster_net():
-        m = small_convnet(1, sobel=True)
-        m.top_layer = nn.Linear(m.feature_dim, 10)
-        return m
 
     cases = [
-        ("deepcluster_step", deepcluster_net, _deepcluster_loss),
+        ("deepcluster_step", _deepcluster_net, _deepcluster_loss),
         # Dropout off: CPU and CUDA generators draw different masks, and a check of kernels must not compare them.
         ("dec_reconstruction_step", lambda: StackedAutoencoder(784, [500, 500, 2000, 10], corruption=0.0, seed=0),
          _dec_reconstruction_loss),
@@ -232,6 +232,74 @@ def check_steps(device) -> list[Check]:
     return out
 
 
+def _rel_fro(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
+
+
+def _deepcluster_net():
+    import torch.nn as nn
+
+    from raydc.core.models import small_convnet
+
+    m = small_convnet(1, sobel=True)
+    m.top_layer = nn.Linear(m.feature_dim, 10)
+    return m
+
+
+def _update(before: list[np.ndarray], after: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([(b - a).ravel() for a, b in zip(before, after)]).astype(np.float64)
+
+
+def check_bf16(device) -> list[Check]:
+    """float32 against bf16 autocast on `device` (CUDA; the CPU with --against cpu), same weights and input."""
+    import copy
+
+    import torch
+
+    if device is None:
+        return [Check(name, "SKIP", "no CUDA", 0.0) for name in ("features_small_convnet_bf16", "deepcluster_step_bf16")]
+    out = []
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = _deepcluster_net().to(device).eval()
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        a = model.embed(x).float().cpu().numpy()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            b = model.embed(x).float().cpu().numpy()
+    r = _rel_fro(a, b)
+    out.append(Check("features_small_convnet_bf16", "PASS" if r <= BF16_TOLERANCE["features"] else "FAIL",
+                     f"{device.type}: embedding {a.shape}, bf16 vs float32 rel. error {r:.2e}", time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    fp32 = _deepcluster_net().to(device)
+    bf16 = copy.deepcopy(fp32)
+    before = [p.detach().cpu().numpy().copy() for p in fp32.parameters()]
+
+    def bf16_loss(model, dev):
+        import torch.nn.functional as F
+
+        g = torch.Generator().manual_seed(2)
+        xb, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = model(xb.to(dev))
+        return F.cross_entropy(logits.float(), y.to(dev))
+
+    loss_a, params_a = _step(fp32, _deepcluster_loss, device)
+    loss_b, params_b = _step(bf16, bf16_loss, device)
+    r_loss = abs(loss_a - loss_b) / max(abs(loss_a), 1e-12)
+    ua, ub = _update(before, params_a), _update(before, params_b)
+    cos = float(ua @ ub / max(np.linalg.norm(ua) * np.linalg.norm(ub), 1e-30))
+    ok = r_loss <= BF16_TOLERANCE["loss"] and cos >= BF16_TOLERANCE["update_cosine"]
+    out.append(Check("deepcluster_step_bf16", "PASS" if ok else "FAIL",
+                     f"{device.type}: loss {loss_a:.5f} float32 vs {loss_b:.5f} bf16 (rel. {r_loss:.2e}), "
+                     f"weight updates' cosine {cos:.5f}", time.perf_counter() - t0))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -249,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {env['torch']}, CUDA {env['cuda']}, {env['gpus']} GPU(s)"
           + (f": {env['device_name']}" if env["device_name"] else ""), flush=True)
     checks: list[Check] = []
-    for group in (check_kmeans, lambda: check_features(device), lambda: check_steps(device)):
+    for group in (check_kmeans, lambda: check_features(device), lambda: check_steps(device),
+                  lambda: check_bf16(device)):
         for c in group():
             print(f"{c.status:4s} {c.name}: {c.detail} [{c.seconds:.1f} s]", flush=True)
             checks.append(c)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"env": env, "tolerance": TOLERANCE, "checks": [asdict(c) for c in checks]}, f, indent=1)
+            json.dump({"env": env, "tolerance": TOLERANCE, "bf16_tolerance": BF16_TOLERANCE, "checks": [asdict(c) for c in checks]}, f, indent=1)
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 

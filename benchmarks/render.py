@@ -12,8 +12,8 @@ from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
-NAMES = ["kmeans", "reduction", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds", "scale",
-         "probes"]
+NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds",
+         "scale", "probes"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -194,6 +194,11 @@ def _headlines(d: dict) -> list[str]:
             small.append(f"k={k}: {_x(q['raydc_faiss']['speedup_vs_sklearn'])} / "
                          f"{_x(q['raydc_distributed']['speedup_vs_sklearn'])}")
         out.append("k-means vs sklearn per k (raydc faiss / raydc distributed): " + "; ".join(small) + ".")
+    if "precision" in d:
+        rr = d["precision"]["results"]
+        out.append("**bf16 autocast vs float32** (same process, interleaved; speed-up of a training step / a feature "
+                   "pass): " + "; ".join(f"{n}: {_x(r['train_step']['bf16_speedup'])} / "
+                                         f"{_x(r['feature_pass']['bf16_speedup'])}" for n, r in rr.items()) + ".")
     if "features" in d:
         rr = d["features"]["results"]
         cal = d["features"].get("calibration") or {}
@@ -335,12 +340,48 @@ def _sec_kmeans(doc: dict, img: str) -> str:
             + f"\n\nAssignment step alone (`raydc.core.kmeans.assign`, faiss flat search): {_f(a['seconds']['median'] * 1e3)} ms"
               f" = {_f(a['gflops'])} GFLOP/s = **{_pct(a['fraction_of_gemm_ceiling'])}** of the GEMM ceiling for this shape "
               f"({_f(r['gemm_ceiling_gflops'])} GFLOP/s), {_pct(a['fraction_of_peak'])} of the square-GEMM peak. "
-              f"Loading the points into the shard actors (not timed above): {_f(r['ray_load_seconds']['2_actors'])} s.\n")
+              f"Loading the points into the shard actors (not timed above): {_f(r['ray_load_seconds']['2_actors'])} s.\n"
+            + _bf16_agreement(r))
     parts.append("Implementations: " + "; ".join(f"`{k}` = {v}" for k, v in doc["implementations"].items()) + ".\n")
     parts.append(f"![k-means]({img})\n")
     if doc.get("search_paths"):
         parts.append(_search_paths(doc["search_paths"]))
     return "\n".join(parts)
+
+
+def _bf16_agreement(r: dict) -> str:
+    """One line per k: what `raydc_faiss` ran, and the bf16 assignment's labels against faiss's float32 ones."""
+    out = []
+    for name in ("raydc_faiss", "raydc_bf16"):
+        backend = r["impls"].get(name, {}).get("backend")
+        if backend:
+            out.append(f"`{name}` ran: {backend}.")
+    a = r.get("bf16_assignment")
+    if a:
+        per = "; ".join(f"{name} centroids: " + ", ".join(
+            f"{m} → {v['labels_differ_from_fp32']:,} ({v['rows_changed_by_rerank']:,} rows re-ranked)"
+            for m, v in rows.items()) for name, rows in a["centroids"].items())
+        out.append(f"bf16 assignment (`Bf16Assigner`, CPU flag {a['cpu_bf16']}), labels differing from faiss's float32 "
+                   f"search out of {a['n']:,}, by candidates re-ranked (raydc uses {a['candidates_used']}): {per}.")
+    return ("\n" + " ".join(out) + "\n") if out else ""
+
+
+def _sec_precision(doc: dict) -> str:
+    c = doc["config"]
+    rows = []
+    for name, r in doc["results"].items():
+        for phase in ("train_step", "feature_pass"):
+            p = r[phase]
+            rows.append([f"`{name}`", phase.replace("_", " "),
+                         f"{_f(p['fp32']['images_per_s']['median'])} (IQR {_f(p['fp32']['images_per_s']['iqr'])})",
+                         f"{_f(p['bf16']['images_per_s']['median'])} (IQR {_f(p['bf16']['images_per_s']['iqr'])})",
+                         f"**{_x(p['bf16_speedup'])}**", _f(r["feature_rel_error"]) if phase == "feature_pass" else ""])
+    return (f"## Mixed precision: float32 vs bf16 autocast (issue #27)\n\nBatch {c['batch']}, {c['steps_per_sample']} "
+            f"step(s) per sample, {c['repeats']} repeats after a warm-up, both precisions interleaved in one process on "
+            f"the same weights and inputs; bf16 = {c['bf16']}. CPU bf16 instructions: {c['cpu_bf16']}; torch threads "
+            f"{c['torch_threads']}. Speed-up = {c['speedup']}.\n\n"
+            + _table(["network", "phase", "fp32 images/s", "bf16 images/s", "bf16 speed-up", "feature rel. error"], rows)
+            + "\n\nNetworks: " + "; ".join(f"`{k}` = {v}" for k, v in doc["nets"].items()) + ".\n")
 
 
 def _search_paths(sp: dict) -> str:
@@ -676,6 +717,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_kmeans(d["kmeans"], rel("kmeans.png")))
     if "reduction" in d:
         lines.append(_sec_reduction(d["reduction"]))
+    if "precision" in d:
+        lines.append(_sec_precision(d["precision"]))
     if "features" in d:
         plot_throughput({n: r["images_per_s"] for n, r in d["features"]["results"].items()},
                         "Feature extraction (higher is better)", out / "features.png")

@@ -22,3 +22,9 @@ def test_gpu_check_compares_and_reports(tmp_path):
         assert "0.00e+00" in checks[name]["detail"], checks[name]  # CPU against itself: bit-identical
     assert "loss 0.00000" not in checks["dec_kl_step"]["detail"]  # the KL step has something to compare
     assert checks["kmeans_gpu"]["status"] == "SKIP" or checks["kmeans_gpu_one"]["status"] == "PASS"
+    # bf16 autocast against float32 on the same CPU: close, within the bf16 tolerances, and really different
+    # (an autocast that did nothing would give an error of exactly 0).
+    for name in ("features_small_convnet_bf16", "deepcluster_step_bf16"):
+        assert checks[name]["status"] == "PASS", checks[name]
+    rel = float(checks["features_small_convnet_bf16"]["detail"].rsplit(" ", 1)[1])
+    assert 0 < rel <= 3e-2, checks["features_small_convnet_bf16"]

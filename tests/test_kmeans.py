@@ -255,3 +255,76 @@ def test_few_centroids_take_faiss_direct_distance_loop():
     assert rel_error(km.SEQ_SEARCH_MAX_K) < 1e-4
     assert rel_error(4 * km.SEQ_SEARCH_MAX_K) > 1e-2   # the BLAS path: what the test tells apart
     assert cvar.distance_compute_blas_threshold == before
+
+
+# ---- bf16 assignment (issue #27) ---------------------------------------------------------------------------
+
+
+def _near_ties(n: int = 6000, k: int = 128, d: int = 48, seed: int = 3):
+    """Many centroids close together, points among them: plenty of rows whose two nearest centroids are within
+    bf16's rounding of each other."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((k, d)).astype(np.float32) * 0.3 + 2.0  # off-centre: bigger norms, bigger bf16 error
+    x = (c[rng.integers(0, k, n)] + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
+    return x, c
+
+
+def _exact_nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+
+
+def test_bf16_assignment_reranks_to_the_exact_nearest():
+    from raydc.core.kmeans import Bf16Assigner
+
+    x, c = _near_ties()
+    exact = _exact_nearest(x, c)
+    top1 = Bf16Assigner(x, candidates=1)
+    lab1, _ = top1(c)
+    # One candidate is the bare bf16 GEMM: near-ties go wrong, which is what the re-rank is for.
+    assert (lab1 != exact).sum() > 0
+    a = Bf16Assigner(x)
+    lab, dist = a(c)
+    np.testing.assert_array_equal(lab, exact)
+    assert a.last_top1_changed > 0            # the bf16 nearest was not always the answer
+    d2 = ((x.astype(np.float64) - c[lab].astype(np.float64)) ** 2).sum(1)
+    np.testing.assert_allclose(dist, d2, rtol=1e-5)
+    faiss_lab, _ = assign(x, c, use_gpu="never")
+    np.testing.assert_array_equal(lab, faiss_lab)
+
+
+def test_bf16_kmeans_is_bitwise_repeatable_and_agrees_with_faiss():
+    x, _, _ = _blobs(n=4000, k=80, d=24, spread=3.0, seed=5)
+    init = sample_init_centroids(x, 80, seed=0)
+    a = kmeans(x, 80, niter=8, init_centroids=init, assign_precision="bf16")
+    b = kmeans(x, 80, niter=8, init_centroids=init, assign_precision="bf16")
+    ref = kmeans(x, 80, niter=8, init_centroids=init, assign_precision="fp32")
+    assert "bf16" in a.backend and ref.backend.startswith("faiss-")
+    assert a.centroids.tobytes() == b.centroids.tobytes() and np.array_equal(a.labels, b.labels)
+    assert a.objective == b.objective
+    # Same start, same iteration: equal up to rounding until an empty-cluster split (faiss's RNG and numpy's
+    # choose differently) or a float32 near-tie sends them apart, then equally good.
+    np.testing.assert_allclose(a.objective[:3], ref.objective[:3], rtol=1e-5)
+    assert a.final_objective == pytest.approx(ref.final_objective, rel=1e-3)
+    assert nmi(a.labels, ref.labels) >= 0.95
+    np.testing.assert_array_equal(a.labels, _exact_nearest(x, a.centroids))
+    # Without init_centroids both start from faiss's rows for the seed.
+    s_bf16 = kmeans(x, 80, niter=1, seed=7, assign_precision="bf16")
+    s_fp32 = kmeans(x, 80, niter=1, seed=7, assign_precision="fp32")
+    assert s_bf16.objective[0] == pytest.approx(s_fp32.objective[0], rel=1e-5)
+
+
+def test_assign_precision_choice(monkeypatch):
+    from raydc.core import kmeans as km
+    from raydc.core.kmeans import BF16_MIN_K, _assign_precision, cpu_bf16_flag
+
+    assert _assign_precision("auto", 10, 0) == "fp32"
+    assert _assign_precision("auto", BF16_MIN_K, 0) == ("bf16" if km.BF16_AUTO and cpu_bf16_flag() else "fp32")
+    monkeypatch.setattr(km, "BF16_AUTO", True)
+    assert _assign_precision("auto", BF16_MIN_K, 0) == ("bf16" if cpu_bf16_flag() else "fp32")
+    assert _assign_precision("auto", BF16_MIN_K - 1, 0) == "fp32"
+    assert _assign_precision("auto", 1000, 1) == "fp32"          # a GPU: faiss's float32 search
+    assert _assign_precision("fp32", 1000, 0) == "fp32"
+    with pytest.raises(ValueError, match="assign_precision"):
+        _assign_precision("fp16", 100, 0)
+    with pytest.raises(ValueError, match="GPU"):
+        _assign_precision("bf16", 100, 1)

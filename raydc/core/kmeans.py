@@ -10,9 +10,16 @@ of the assignment made with the centroids at the *start* of iteration i, which i
 both stop before `niter` once the objective repeats exactly (a fixed point; faiss >= 1.15 behaviour).
 They differ only in rounding (faiss sums in float32, we sum in float64) and in the random choice made when a
 cluster empties (faiss's RNG is re-seeded with 1234 at every split; ours is a numpy Generator).
+
+`kmeans(..., assign_precision="bf16")` runs `lloyd`'s iteration in-process with `Bf16Assigner` instead of
+faiss's search (meant for CPUs with bf16 matrix instructions and many centroids, see BF16_AUTO): the distance GEMM in bfloat16 (torch, oneDNN: AMX where present) picks
+each point's `BF16_CANDIDATES` nearest centroids, and an exact float32 distance to each of them (faiss's
+`knn_L2sqr_by_idx`) picks the label. The GEMM is where a k = 1000 iteration spends most of its time; the
+re-rank costs a few candidates per point.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -39,6 +46,20 @@ SEQ_SEARCH_MAX_K = 12
 _INT_MAX = 2**31 - 1
 # Rows widened to float64 at a time in partial_sums: a few MiB, so a chunk is still in cache when it is added.
 _CHUNK_BYTES = 4 << 20
+# The bf16 assignment: candidates re-ranked exactly per point. A bf16 score is off by its inputs' rounding (8
+# significant bits) and its own, so the float32 nearest can rank a few places down in bf16 order; the k-means
+# benchmark counts, per k, the labels that differ from float32 with 1, 2, 4 and 8 candidates (`bf16_assignment`
+# in benchmarks/results/kmeans.json). 8 is twice the fewest that gave none there.
+BF16_CANDIDATES = 8
+# Whether `kmeans(..., assign_precision="auto")` takes the bf16 assignment (for k >= BF16_MIN_K, on a CPU with bf16
+# instructions). Off until a full k-means benchmark on an unloaded machine shows the whole iteration faster: the
+# only end-to-end timings so far were taken with the 2 cores oversubscribed many times over, where the bf16 run
+# was slower than faiss's (its many short parallel regions wait on the scheduler), which says nothing either way
+# about an idle machine. assign_precision="bf16" runs it regardless.
+BF16_AUTO = False
+# With fewer centroids the GEMM is thin and faiss's own search is as fast (see SEQ_SEARCH_MAX_K).
+BF16_MIN_K = 64
+_BF16_BLOCK_ROWS = 2048  # rows per GEMM block: a block's bf16 and float32 scores stay within a few MiB
 
 OnIteration = Callable[[int, float], None]
 
@@ -158,9 +179,139 @@ def _one_run(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | No
     return centroids, lab[:, 0].astype(np.int64), dist[:, 0].copy(), objective, n_split
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_flag() -> str | None:
+    """The CPU's bf16 matrix/dot-product instruction set ("amx_bf16", "avx512_bf16") from /proc/cpuinfo, or None.
+
+    torch's `get_cpu_capability()` reports "AVX512" on AMX machines too, so the kernel's flags are the source."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    for name in ("amx_bf16", "avx512_bf16"):
+                        if name in flags:
+                            return name
+                    return None
+    except OSError:
+        pass
+    return None
+
+
+def _assign_precision(precision: str, k: int, ngpu: int) -> str:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"assign_precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "auto":
+        return "bf16" if BF16_AUTO and ngpu == 0 and k >= BF16_MIN_K and cpu_bf16_flag() else "fp32"
+    if precision == "bf16" and ngpu > 0:
+        raise ValueError("assign_precision='bf16' is the CPU path: with a GPU, faiss searches in float32")
+    return precision
+
+
+def _split_bf16(v: torch.Tensor, parts: int = 3) -> list[torch.Tensor]:
+    """bf16 terms whose float32 sum is v (float64) to about 24 bits: v's float32 value in GEMM columns."""
+    out = []
+    for _ in range(parts):
+        h = v.to(torch.bfloat16)
+        out.append(h)
+        v = v - h.double()
+    return out
+
+
+class Bf16Assigner:
+    """Nearest centroid of each row of a fixed x: a bf16 GEMM picks candidates, float32 distances decide.
+
+    x is converted once (the Lloyd iteration assigns the same points every time): rows [x, 1, 1, 1] in bf16,
+    against centroid rows [-2c, |c|^2 in three bf16 terms], so one GEMM gives |c|^2 - 2 x.c (the squared
+    distance less |x|^2, which does not change the order) with no pass to add the norms. The GEMM accumulates in
+    float32 and rounds its output to bf16. A faiss heap keeps each row's `candidates` smallest scores; the
+    candidates, sorted by index, are re-ranked with exact float32 squared distances (`knn_L2sqr_by_idx`,
+    computed as sum((x - c)^2)), so an exact tie goes to the lowest index as in faiss's search.
+    `last_top1_changed` counts the rows whose bf16 nearest (exact bf16 ties broken by heap position) was not the
+    re-ranked one, for the record.
+    """
+
+    def __init__(self, x: np.ndarray, candidates: int = BF16_CANDIDATES, block_rows: int = _BF16_BLOCK_ROWS):
+        self.x = _as_points(x)
+        n, d = self.x.shape
+        self.candidates = int(candidates)
+        self.block_rows = int(block_rows)
+        xa = torch.empty((n, d + 3), dtype=torch.bfloat16)
+        xa[:, :d] = torch.from_numpy(self.x)
+        xa[:, d:] = 1.0
+        self.xa = xa
+        self.last_top1_changed = 0
+
+    def __call__(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        faiss = import_faiss()
+        c = _as_points(centroids, "centroids")
+        n, d = self.x.shape
+        k = c.shape[0]
+        if c.shape[1] != d:
+            raise ValueError(f"centroids have dimension {c.shape[1]}, points {d}")
+        m = min(self.candidates, k)
+        ct = torch.from_numpy(c)
+        norms = _split_bf16((ct.double() ** 2).sum(1))
+        ca = torch.cat([(-2.0 * ct).to(torch.bfloat16), *(t[:, None] for t in norms)], 1)
+        cat = ca.t()
+        cand = np.empty((n, m), dtype=np.int64)
+        score = np.empty((n, m), dtype=np.float32)
+        heaps = faiss.float_maxheap_array_t()
+        heaps.k, heaps.nh = m, n
+        heaps.val, heaps.ids = faiss.swig_ptr(score), faiss.swig_ptr(cand)
+        heaps.heapify()
+        for i in range(0, n, self.block_rows):
+            s = torch.mm(self.xa[i:i + self.block_rows], cat).float().numpy()
+            heaps.addn(k, faiss.swig_ptr(s), 0, i, s.shape[0])
+        top1 = cand[np.arange(n), score.argmin(1)]
+        cand.sort(axis=1)
+        labels = np.empty(n, dtype=np.int64)
+        dist = np.empty(n, dtype=np.float32)
+        # ld_subset must be given: its default (-1) is not read as "nsubset" by this faiss build.
+        faiss.knn_L2sqr_by_idx(faiss.swig_ptr(self.x), faiss.swig_ptr(c), faiss.swig_ptr(cand), d, n, k, m, 1,
+                               faiss.swig_ptr(dist), faiss.swig_ptr(labels), m)
+        self.last_top1_changed = int((top1 != labels).sum())
+        return labels, dist
+
+
+def faiss_initial_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The k rows faiss's Clustering starts from for `seed` (its training with no iteration)."""
+    faiss = import_faiss()
+    clus = faiss.Clustering(x.shape[1], k)
+    clus.niter, clus.seed, clus.nredo = 0, seed, 1
+    clus.max_points_per_centroid, clus.min_points_per_centroid = 10**9, 1
+    clus.train(x, faiss.IndexFlatL2(x.shape[1]))
+    return faiss.vector_to_array(clus.centroids).reshape(k, x.shape[1]).astype(np.float32, copy=True)
+
+
+def _bf16_run(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None, assigner: Bf16Assigner,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float], int]:
+    """One restart of `_one_run`'s contract with the bf16 assignment: `lloyd`'s iteration on one shard, from
+    faiss's initial centroids for the seed. Everything after the GEMM's candidate choice is exact and in a fixed
+    order (float32 distances, float64 sums added in row order), so the centroids are bitwise reproducible."""
+    centroids = faiss_initial_centroids(x, k, seed) if init is None else init.copy()
+    rng = np.random.default_rng(seed)
+    objective: list[float] = []
+    n_split = 0
+    labels = dist = None
+    for it in range(niter):
+        labels, dist = assigner(centroids)
+        obj = float(dist.sum(dtype=np.float64))
+        objective.append(obj)
+        if it > 0 and obj == objective[-2]:
+            break  # a fixed point: the centroids would not move, and `labels` are already final
+        sums, counts = partial_sums(x, labels, k)
+        centroids, ns = update_centroids(sums, counts, rng)
+        n_split += ns
+        labels = None
+    if labels is None:
+        labels, dist = assigner(centroids)
+    return centroids, labels, dist, objective, n_split
+
+
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centroids: np.ndarray | None = None,
            n_init: int = 1, use_gpu: str = "auto", verbose: bool = False,
-           on_iteration: OnIteration | None = None) -> KMeansResult:
+           on_iteration: OnIteration | None = None, assign_precision: str = "auto") -> KMeansResult:
     """faiss k-means on all points of x (never subsampled), final assignment to the final centroids.
 
     Restarts (`n_init`) are run one by one rather than through faiss's `nredo`, for two reasons: faiss
@@ -171,6 +322,11 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centro
     negative one from the clock.
     faiss has no per-iteration callback: `on_iteration(i, obj)` is called after training, once per recorded
     iteration of the kept restart. `verbose` turns on faiss's own progress lines.
+
+    `assign_precision`: "fp32" is faiss's Clustering throughout; "bf16" runs the same Lloyd iteration with
+    `Bf16Assigner` (CPU only; float64 centroid sums and numpy's RNG for empty-cluster splits, as `lloyd`);
+    "auto" takes bf16 where BF16_AUTO allows it (k >= BF16_MIN_K, a CPU with bf16 instructions), fp32 elsewhere. Either way the
+    labels are the nearest centroid by float32 distance; `backend` says which ran.
     """
     t0 = time.perf_counter()
     x = _as_points(x)
@@ -185,12 +341,17 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centro
         raise ValueError(f"n_init={n_init} with init_centroids would repeat the same run: "
                          "faiss starts every restart from the given centroids")
     ngpu = want_gpu(use_gpu)
+    precision = _assign_precision(assign_precision, k, ngpu)
+    assigner = Bf16Assigner(x) if precision == "bf16" else None
 
     best: tuple | None = None
     best_obj = np.inf
     for r in range(n_init):
         run_seed = (seed + r * _REDO_STRIDE) % (2**31 - 1)
-        res = _one_run(x, k, niter, run_seed, init, ngpu, verbose)
+        if assigner is not None:
+            res = _bf16_run(x, k, niter, run_seed, init, assigner)
+        else:
+            res = _one_run(x, k, niter, run_seed, init, ngpu, verbose)
         obj = float(res[2].sum(dtype=np.float64))
         if n_init > 1:
             log.info("k-means restart %d/%d (seed %d): final objective %.6g", r + 1, n_init, run_seed, obj)
@@ -201,8 +362,12 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centro
     if on_iteration is not None:
         for i, obj in enumerate(objective):
             on_iteration(i, obj)
+    backend = describe_faiss(ngpu)
+    if assigner is not None:
+        backend = (f"Lloyd with bf16 GEMM ({cpu_bf16_flag() or 'no bf16 instructions'}) + float32 re-rank of "
+                   f"{assigner.candidates} candidates, torch {torch.__version__}; {backend}")
     return KMeansResult(centroids=centroids, labels=labels, distances=distances, objective=objective,
-                        n_split=n_split, backend=describe_faiss(ngpu), seconds=time.perf_counter() - t0)
+                        n_split=n_split, backend=backend, seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------
