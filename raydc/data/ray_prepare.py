@@ -157,18 +157,19 @@ def write_part(location: str, index: int, row_start: int, keep: int, out: str,
     channels = 3 if pc.max(table.column("c")).as_py() == 3 else 1
     shape = [*next(iter(sizes)), channels] if len(sizes) == 1 else None
     images = table.column("image").combine_chunks()
+    paths = table.column("path").combine_chunks()
     labels = table.column("label").to_numpy().astype(np.int64) if has_labels else None
     name = SHARD_PATTERN.format(index)
     if storage.is_uri(out):
         stage = Path(tempfile.mkdtemp(prefix="raydc-shard-"))
         try:
             info = write_shard(stage, name, rows, rows, images, labels, encoding="encoded", shape=shape,
-                               channels=channels, image_bytes=images.nbytes, remote=out)
+                               channels=channels, image_bytes=images.nbytes, remote=out, paths=paths)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     else:
         info = write_shard(Path(out), name, rows, rows, images, labels, encoding="encoded", shape=shape,
-                           channels=channels, image_bytes=images.nbytes)
+                           channels=channels, image_bytes=images.nbytes, paths=paths)
     _delete(location)
     counts = {} if labels is None else {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
     return WrittenShard(info, counts, sorted(sizes)[:2], channels == 3)
@@ -246,7 +247,7 @@ def prepare_distributed(root: str, out: str, *, classes: Sequence[int] | None = 
             mode=mode_for_channels(channels), has_labels=layout.has_labels, class_names=layout.class_names,
             label_counts=dict(sorted(label_counts.items())) if layout.has_labels else None, shards=shards,
             skipped=skipped, created_by=f"raydc {raydc.__version__}", format_version=FORMAT_VERSION,
-            split=None, classes=classes, limit=limit)
+            split=None, classes=classes, limit=limit, has_paths=True)
         if remote is None:
             write_manifest(manifest, out_loc)
         else:
