@@ -118,7 +118,7 @@ def _scan_assignments(run: RunDir, manifest, shard_dir: str, per_cluster: int):
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (distances, ids), at most per_cluster
     pair_parts = []
     labels = RowLabels(shard_dir, manifest) if manifest.has_labels else None
-    for b in run.assignment_batches():
+    for b in run.assignment_batches(["row", "id", "cluster", "distance"]):
         row, ids, clusters, dist = b["row"], b["id"], b["cluster"], b["distance"]
         k = int(clusters.max()) + 1 if len(clusters) else 0
         if k > len(sizes):

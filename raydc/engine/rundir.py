@@ -224,7 +224,7 @@ class RunDir:
         for part in self.assignment_parts():
             with storage.open_input_file(part) as f:
                 for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-                    yield {c: b.column(c).to_numpy() for c in b.schema.names}
+                    yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in b.schema.names}
 
     def read_assignments(self, name: str = ASSIGNMENTS_DIR, columns: list[str] | None = None
                          ) -> dict[str, np.ndarray]:
