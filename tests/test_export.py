@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -130,3 +131,48 @@ def test_bad_exports_are_one_line_exit_2_and_write_nothing(photo_run, tmp_path, 
     t = pcsv.read_csv(tmp_path / "old.csv")
     assert t.num_rows == len(_assigned(run)) and t.column("path").null_count == t.num_rows
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "no temporary file left behind"
+
+
+def test_embed_gives_the_features_the_final_round_clustered(photo_run, tmp_path, capsys):
+    """`raydc embed --reduced` on the run's own shards: each row's nearest saved centroid and its distance are
+    the cluster and distance the assignments hold (the k-means ran on exactly these features), rows in order;
+    `--raw` gives the network's features before the PCA, which the saved projection maps onto the reduced ones."""
+    import pyarrow.dataset as pads
+
+    from raydc.config import load_config_text
+    from raydc.engine.features import FeatureReduction, reduce_features
+    from raydc.engine.rundir import load_safe
+    from raydc.methods.deepcluster import _projection_from_plain
+
+    run, _, good, _ = photo_run
+    shards = load_config_text((run.path / "config.yaml").read_text(), "config.yaml").data.shards
+    out = tmp_path / "emb"
+    assert main(["embed", "--run", str(run.path), "--data", shards, "--out", str(out)]) == 0
+    assert f"embedded {len(good)} images (8-d" in capsys.readouterr().out
+    t = pads.dataset(out, format="parquet").to_table()  # as pyarrow.dataset reads it, parts in name order
+    assert t.column_names == ["row", "id", "path", "embedding"]
+    etype = t.schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(etype) and etype.list_size == 8 and etype.value_type == pa.float32()
+    assert t.column("row").to_pylist() == list(range(len(good)))  # row order
+    import ray
+
+    assert ray.data.read_parquet(str(out)).count() == len(good)  # and Ray Data reads it as it is
+    truth = _assigned(run)
+    assert t.column("path").to_pylist() == good  # rows are the files in sorted path order
+    x = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(-1, 8)
+    saved = load_safe(run.clustering_path)
+    centroids = saved["artifacts"]["centroids"].numpy()
+    d2 = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    clusters = [truth[p][1] for p in good]
+    assert d2.argmin(1).tolist() == clusters
+    assert np.allclose(d2.min(1), [truth[p][2] for p in good], rtol=1e-4, atol=1e-5)
+
+    raw = tmp_path / "raw"
+    assert main(["embed", "--run", str(run.path), "--data", shards, "--out", str(raw), "--raw"]) == 0
+    r = pads.dataset(raw).to_table()
+    xr = np.asarray(r.column("embedding").combine_chunks().flatten()).reshape(len(good), -1)
+    assert xr.shape[1] > 8
+    proj = _projection_from_plain(saved["artifacts"]["projection"])
+    assert np.allclose(reduce_features(xr, FeatureReduction(proj, l2_normalize=True)), x, atol=1e-5)
+    assert main(["embed", "--run", str(run.path), "--data", shards, "--out", str(raw)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
