@@ -176,3 +176,24 @@ def test_embed_gives_the_features_the_final_round_clustered(photo_run, tmp_path,
     assert np.allclose(reduce_features(xr, FeatureReduction(proj, l2_normalize=True)), x, atol=1e-5)
     assert main(["embed", "--run", str(run.path), "--data", shards, "--out", str(raw)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_runs_html_report_shows_every_cluster_in_a_browser(photo_run):
+    """report/index.html of the run, in headless Chromium: each cluster's section with its size, its images
+    decoded, the nearest images' file paths, the curves, and the config; the screenshot is kept."""
+    import re
+
+    from tests.browser import artifact_dir, body_attrs, dump_dom, screenshot, sections
+
+    run, _, good, _ = photo_run
+    index = run.path / "report" / "index.html"
+    truth = _assigned(run)
+    sizes = np.bincount([c for _, c, _ in truth.values()])
+    dom = dump_dom(index.as_uri())
+    body = body_attrs(dom)
+    assert int(body["data-images"]) > 0 and body["data-images-ok"] == body["data-images"], body
+    assert sorted(sections(dom)) == [(c, int(n)) for c, n in enumerate(sizes) if n]
+    shown = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)
+    assert {p for p in shown if "/" in p and not p.endswith(".png")} <= set(good) and any(p in good for p in shown)
+    assert 'alt="curves"' in dom and "cluster:" in dom  # the curves picture and the config
+    screenshot(index.as_uri(), artifact_dir() / "report-photos.png")
