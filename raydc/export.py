@@ -182,7 +182,10 @@ def _write_table(run, out: str, fmt: str, sizes: np.ndarray) -> int:
                   else pcsv.CSVWriter(sink, export_schema()))
         try:
             for b in _batches(run, sizes):
-                writer.write_batch(b) if fmt == "csv" else writer.write_batch(b, row_group_size=b.num_rows)
+                if fmt == "csv":
+                    writer.write_batch(b)
+                else:
+                    writer.write_batch(b, row_group_size=b.num_rows)
                 n += b.num_rows
         finally:
             writer.close()

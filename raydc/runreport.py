@@ -124,8 +124,9 @@ def _draw_report(run: RunDir, local: Path, shard_dir: str, manifest, per_cluster
             near = [int(i) for i in chosen.get(c, [])[:per_page] if int(i) in imgs]
             entries.append(ClusterEntry(c, int(counts[c]), [image_uri(imgs[i]) for i in near],
                                         [paths.get(i) for i in near], near, (purity or {}).get(c)))
-        notes = [] if manifest.has_paths else ["These shards carry no source paths (an array source, or folder "
-                                               "shards prepared by an older raydc): images are shown by id."]
+        no_paths = ("These shards carry no source paths (an array source, or folder shards prepared by an older "
+                    "raydc): images are shown by id.")
+        notes = [] if manifest.has_paths else [no_paths]
         notes += [f"warning: {w}" for w in warnings]
         drawn.append(write_index(report_dir, title=f"raydc run {run.name}", config_text=run.read_config_text(),
                                  pictures=[p for p in drawn if p.suffix == ".png"], clusters=entries, notes=notes))
