@@ -16,7 +16,8 @@ from PIL import Image
 
 from raydc.cli import main
 
-pytestmark = pytest.mark.ray
+# A real run costs minutes here: `make test-all` runs this journey; tests/test_export_files.py is the fast check.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def make_photos(root: Path, n: int = 48, seed: int = 3) -> tuple[list[str], list[str]]:

@@ -100,6 +100,7 @@ def test_bad_sample_sources_name_the_fix(ray_local, tmp_path):
         prepare_samples("webdataset", str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
 
 
+@pytest.mark.slow  # a Ray of its own, started by the CLI
 def test_cli_webdataset_on_s3(s3_server, tmp_path):
     """The command a user runs, tar shards in the bucket and shards written there (its own local Ray)."""
     from tests.test_object_storage import _env
