@@ -198,3 +198,17 @@ def test_the_runs_html_report_shows_every_cluster_in_a_browser(photo_run):
     assert {p for p in shown if "/" in p and not p.endswith(".png")} <= set(good) and any(p in good for p in shown)
     assert 'alt="curves"' in dom and "cluster:" in dom  # the curves picture and the config
     screenshot(index.as_uri(), artifact_dir() / "report-photos.png")
+
+
+def test_assign_output_carries_the_paths(photo_run, tmp_path):
+    """`raydc assign` on the run's own shards: its parts hold each image's path beside the cluster."""
+    from raydc.config import load_config_text
+    from raydc.engine.assign import assign_images
+
+    run, _, good, _ = photo_run
+    shards = load_config_text((run.path / "config.yaml").read_text(), "config.yaml").data.shards
+    t = pq.ParquetDataset(assign_images(str(run.path), shards, str(tmp_path / "assigned"))).read().sort_by("row")
+    assert t.column("path").to_pylist() == good
+    truth = _assigned(run)
+    agree = np.mean([truth[p][1] == c for p, c in zip(good, t.column("cluster").to_pylist())])
+    assert agree > 0.9, agree
