@@ -70,6 +70,9 @@ def export_run(run_dir: str, out: str, *, fmt: str = "parquet", copy: bool = Fal
         raise UserError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
     if copy and fmt != "folders":
         raise UserError("--copy applies to --format folders")
+    if fmt == "folders" and storage.is_uri(out):
+        raise UserError(f"--format folders makes links on a local disk; --out {out} is a URI: give a local "
+                        f"folder, or export --format parquet|csv there")
     run, cfg = open_run(run_dir)
     parts = run.assignment_parts()
     if not parts or not storage.is_file(run.clustering_path):

@@ -85,6 +85,7 @@ def test_refusals_are_one_line_exit_2_and_leave_nothing(finished, tmp_path, caps
     (tmp_path / "taken").mkdir()
     refused("--out", str(tmp_path / "taken"), match="already exists")
     refused("--out", str(tmp_path / "x.csv"), "--format", "csv", "--copy", match="--copy applies to")
+    refused("--out", "s3://bucket/by-cluster", "--format", "folders", match="is a URI")
     # A source path escaping the folder is refused before any link is made, and the half-built folder goes.
     bad = run / "assignments" / "part-00001.parquet"
     t = pq.read_table(bad)
