@@ -1,7 +1,7 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
 Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/` (Ray Train's
-storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
+storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id, path,
 cluster, distance`, one part per shard actor, each written by that actor: no process ever holds them all),
 `labels/round=R/` (the same per round, for the next round's comparison and a resume), `report/` (PNGs).
 
