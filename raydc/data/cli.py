@@ -40,7 +40,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                              "or with --distributed 'webdataset' (tar shards) or 'parquet' (tables of image bytes)")
     parser.add_argument("--root", default=None,
                         help="data root for torchvision datasets (default $RAYDC_DATA_ROOT), the image folder for "
-                             "'folder', or the .npz file for 'npz'")
+                             "'folder', the .npz file for 'npz', or the folder, prefix or file of the tar shards or "
+                             "Parquet tables for 'webdataset'/'parquet'")
     parser.add_argument("--out", required=True, help="shard directory to create (Parquet shards + manifest.json)")
     parser.add_argument("--split", default="all", choices=("train", "test", "all", "unlabeled"),
                         help="torchvision split; 'all' is train then test ('unlabeled': stl10 only)")
