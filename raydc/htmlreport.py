@@ -4,8 +4,8 @@ network (pictures and thumbnails are data: URIs, the script is inline).
 The clusters are pages of `PAGE_SIZE`, largest first, rendered by a few lines of script from a JSON block, so
 a run with 10,000 clusters opens as fast as one with 10 (the browser builds one page of DOM at a time). The
 address says where the reader is (`#page=3`, `#cluster=17`), so a page can be linked and a test can open any
-of them. Once a page's images have decoded, `body[data-images-ok]` says how many did, out of
-`body[data-images]`: what the headless-browser test reads.
+of them. Once every image of a page has decoded or failed to, `body[data-images-done]` is set and
+`body[data-images-ok]` says how many decoded, out of `body[data-images]`: what the headless-browser test reads.
 
 Thumbnails are capped in total (`THUMB_BUDGET`): every cluster shows its nearest images, fewer each when k is
 large, so the file stays a few tens of MB at most.
@@ -134,8 +134,10 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow: auto; }}
     const imgs = Array.from(box.querySelectorAll("img"));
     document.body.dataset.images = imgs.length;
     document.body.dataset.imagesOk = 0;
+    delete document.body.dataset.imagesDone;
     Promise.all(imgs.map(im => im.decode().then(() => 1, () => 0))).then(ok => {{
       document.body.dataset.imagesOk = ok.reduce((a, b) => a + b, 0);
+      document.body.dataset.imagesDone = "1";
     }});
     if (focus != null) {{ const el = document.getElementById("cluster-" + focus); if (el) el.scrollIntoView(); }}
   }}

@@ -26,14 +26,21 @@ def chromium() -> str:
 def _run(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="raydc-chromium-") as profile:
         # --no-sandbox: tests may run as root in a container, where Chromium's sandbox cannot start.
+        budget = [] if any(a.startswith("--virtual-time-budget") for a in args) else ["--virtual-time-budget=10000"]
         cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, url]
+               "--no-first-run", f"--user-data-dir={profile}", *budget, *args, url]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
 
 
-def dump_dom(url: str) -> str:
-    """The page's DOM after its script ran and its images decoded."""
-    return _run(url, "--dump-dom").stdout
+def dump_dom(url: str, tries: int = 4) -> str:
+    """The page's DOM after its script ran and every image decoded or failed (the page sets
+    `body[data-images-done]`). Image decoding runs outside Chromium's virtual time, so on a loaded machine a
+    dump can come first: it is taken again, with more time, until the page says it is done."""
+    for attempt in range(tries):
+        dom = _run(url, "--dump-dom", f"--virtual-time-budget={10000 * 2 ** attempt}").stdout
+        if 'data-images-done="1"' in dom:
+            break
+    return dom
 
 
 def screenshot(url: str, out: Path, size: str = "1280,1600") -> Path:

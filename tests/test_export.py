@@ -192,6 +192,7 @@ def test_the_runs_html_report_shows_every_cluster_in_a_browser(photo_run):
     sizes = np.bincount([c for _, c, _ in truth.values()])
     dom = dump_dom(index.as_uri())
     body = body_attrs(dom)
+    assert body.get("data-images-done") == "1", body
     assert int(body["data-images"]) > 0 and body["data-images-ok"] == body["data-images"], body
     assert sorted(sections(dom)) == [(c, int(n)) for c, n in enumerate(sizes) if n]
     shown = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)

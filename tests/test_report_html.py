@@ -32,6 +32,7 @@ def test_every_cluster_is_on_some_page_with_its_images(tmp_path):
         dom = dump_dom(f"{index.as_uri()}#page={p}")
         body = body_attrs(dom)
         assert body["data-page"] == str(p)
+        assert body.get("data-images-done") == "1", body
         assert int(body["data-images"]) > 0 and body["data-images-ok"] == body["data-images"], body
         seen += sections(dom)
         assert "&lt;b&gt;" in dom  # paths are text, never markup
