@@ -8,7 +8,7 @@ export RAYDC_DATA_ROOT := $(DATA_ROOT)
 # Keep Ray's state of each invocation out of /tmp clutter and quiet its usage reporting.
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-all test-multinode bench bench-quick install clean
+.PHONY: browser demo test test-all test-multinode bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raydc train --config jobs/configs/demo.yaml --overwrite
 
-test: $(STAMP)
+# Headless Chromium for the report's browser tests (Debian's package); they skip, saying why, without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium not installed: the report's browser tests will skip"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 tests
 
 test-all: $(STAMP)

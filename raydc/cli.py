@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard directory of the images to assign")
     p.add_argument("--out", help="output Parquet (default: RUN/assign-<shards name>.parquet)")
 
+    from raydc.engine.embed import add_embed_arguments
+    from raydc.export import add_export_arguments
+
+    add_embed_arguments(sub.add_parser("embed", help="the trained network's features of any shards, as Parquet",
+                                       parents=common))
+
+    add_export_arguments(sub.add_parser("export", help="a finished run's clusters as a table or folders of files",
+                                        parents=common))
+
     p = sub.add_parser("report", help="redraw a run's report (montage, curves) from its files", parents=common)
     p.add_argument("--run", required=True)
 
@@ -146,6 +155,14 @@ def _dispatch(args) -> int:
         path = assign_images(args.run, args.data, args.out)
         print(f"assignments written to {path}")
         return 0
+    if args.command == "embed":
+        from raydc.engine.embed import run_embed
+
+        return run_embed(args)
+    if args.command == "export":
+        from raydc.export import run_export
+
+        return run_export(args)
     if args.command == "report":
         from raydc.data.manifest import load_manifest
         from raydc.engine.evaluate import open_run

@@ -12,9 +12,16 @@ import numpy as np
 
 from raydc.core import metrics as M
 from raydc.engine.rundir import RunDir
+from raydc.htmlreport import ClusterEntry, image_uri, thumbs_per_cluster, write_index
 
 
 def images_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = None) -> dict[int, np.ndarray]:
+    return fetch_by_id(shard_dir, manifest, ids, size)[0]
+
+
+def fetch_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = None
+                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """The decoded images of `ids`, and their source paths where the shards keep them."""
     import pyarrow.dataset as pads
 
     from raydc.data.decode import decode_batch
@@ -26,16 +33,18 @@ def images_by_id(shard_dir: str, manifest, ids: np.ndarray, size: int | None = N
     if is_uri(str(shard_dir)):
         fs = resolve(files[0])[0]
         files = [resolve(f)[1] for f in files]
+    columns = ["id", "image"] + (["path"] if manifest.has_paths else [])
     # One fragment and a couple of 2^16-row batches in flight: the scan reads every shard to find a few hundred
     # ids, and pyarrow's default read-ahead (4 files, 16 batches) held ~4 shard files at once on the driver.
     table = pads.dataset(files, format="parquet", filesystem=fs).to_table(
-        columns=["id", "image"], filter=pads.field("id").isin(list(map(int, ids))), batch_size=1 << 16,
+        columns=columns, filter=pads.field("id").isin(list(map(int, ids))), batch_size=1 << 16,
         fragment_readahead=1, batch_readahead=2)
     if table.num_rows == 0:
-        return {}
+        return {}, {}
     batch = {"id": table.column("id").to_numpy(), "image": np.array(table.column("image").to_pylist(), dtype=object)}
     d = decode_batch(batch, manifest, size=size if manifest.image_shape is None else None)
-    return {int(i): img for i, img in zip(d["id"], d["image"])}
+    paths = dict(zip(table.column("id").to_pylist(), table.column("path").to_pylist())) if "path" in columns else {}
+    return {int(i): img for i, img in zip(d["id"], d["image"])}, paths
 
 
 def write_run_report(run_dir: str | Path, shard_dir: str, manifest, *, per_cluster: int = 16,
@@ -89,25 +98,39 @@ def _draw_report(run: RunDir, local: Path, shard_dir: str, manifest, per_cluster
         sizes, chosen, pairs = _scan_assignments(run, manifest, shard_dir, per_cluster)
         counts = sizes
         top = [int(c) for c in np.argsort(-counts)[:max_clusters] if counts[c]]
-        chosen = {c: chosen[c] for c in top if c in chosen}
-        wanted = np.concatenate(list(chosen.values())) if chosen else np.zeros(0, np.int64)
-        imgs = images_by_id(shard_dir, manifest, wanted, size=thumb)
-        montage = {c: np.stack([imgs[int(i)] for i in members if int(i) in imgs])
-                   for c, members in chosen.items() if any(int(i) in imgs for i in members)}
+        nonempty = [int(c) for c in np.flatnonzero(counts)]
+        per_page = thumbs_per_cluster(len(nonempty), per_cluster)
+        wanted = np.unique(np.concatenate([chosen[c] for c in top if c in chosen]
+                                          + [chosen[c][:per_page] for c in nonempty if c in chosen]
+                                          + [np.zeros(0, np.int64)]))
+        imgs, paths = fetch_by_id(shard_dir, manifest, wanted, size=thumb)
+        montage = {c: np.stack([imgs[int(i)] for i in chosen[c] if int(i) in imgs])
+                   for c in top if c in chosen and any(int(i) in imgs for i in chosen[c])}
         if pairs is not None:
             names = manifest.class_names
             purity = {}
             for c, (lab, share) in _majorities(pairs).items():
                 name = names[lab] if names and 0 <= lab < len(names) else str(lab)
                 purity[c] = f"{name} {100 * share:.0f}%"
-        paths = report.write_report(local, rows, sizes=sizes)
+        drawn = report.write_report(local, rows, sizes=sizes)
         if montage:
             path = report_dir / "montage.png"
             report.cluster_montage(montage, path, title=f"{len(montage)} largest clusters: images nearest the centroid",
                                    sizes={c: int(counts[c]) for c in montage}, labels_purity=purity,
                                    max_clusters=max_clusters)
-            paths.append(path)
-        return paths
+            drawn.append(path)
+        entries = []
+        for c in nonempty:
+            near = [int(i) for i in chosen.get(c, [])[:per_page] if int(i) in imgs]
+            entries.append(ClusterEntry(c, int(counts[c]), [image_uri(imgs[i]) for i in near],
+                                        [paths.get(i) for i in near], near, (purity or {}).get(c)))
+        no_paths = ("These shards carry no source paths (an array source, or folder shards prepared by an older "
+                    "raydc): images are shown by id.")
+        notes = [] if manifest.has_paths else [no_paths]
+        notes += [f"warning: {w}" for w in warnings]
+        drawn.append(write_index(report_dir, title=f"raydc run {run.name}", config_text=run.read_config_text(),
+                                 pictures=[p for p in drawn if p.suffix == ".png"], clusters=entries, notes=notes))
+        return drawn
     return report.write_report(local, rows)
 
 
@@ -118,7 +141,7 @@ def _scan_assignments(run: RunDir, manifest, shard_dir: str, per_cluster: int):
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (distances, ids), at most per_cluster
     pair_parts = []
     labels = RowLabels(shard_dir, manifest) if manifest.has_labels else None
-    for b in run.assignment_batches():
+    for b in run.assignment_batches(["row", "id", "cluster", "distance"]):
         row, ids, clusters, dist = b["row"], b["id"], b["cluster"], b["distance"]
         k = int(clusters.max()) + 1 if len(clusters) else 0
         if k > len(sizes):

@@ -154,7 +154,7 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     from tests.test_prepare import make_folder
     from tests.test_prepare_distributed import _rows
 
-    make_folder(tmp_path / "imgs", n=20)
+    valid, _ = make_folder(tmp_path / "imgs", n=20)
     client = s3_server.client()
     for path in sorted((tmp_path / "imgs").rglob("*")):
         if path.is_file():
@@ -172,6 +172,7 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     assert (b.count, b.label_counts, b.class_names) == (a.count, a.label_counts, a.class_names)
     assert sorted(s.path for s in b.skipped) == sorted(s.path for s in a.skipped)
     ta, tb = _rows(tmp_path / "local"), _rows(out)
-    for name in ("row", "id", "image", "label"):
+    for name in ("row", "id", "path", "image", "label"):
         assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
+    assert b.has_paths and tb.column("path").to_pylist() == valid  # relative to the bucket prefix, not a URI
     assert not [k for k in _keys(s3_server, "shards/folder-dist/") if "_staging-" in k]

@@ -163,6 +163,7 @@ def test_folder_source(tmp_path):
     verify_shards(m, out)
     t = read_table(out)
     assert np.array_equal(t["id"].to_numpy(), np.arange(60))
+    assert m.has_paths and t["path"].to_pylist() == valid  # each image's file, relative to the folder
     # Sorted relative-path order, original bytes (no re-encoding), labels from the top-level folder.
     for i, rel in enumerate(valid):
         assert t["image"][i].as_py() == (tmp_path / "imgs" / rel).read_bytes()
@@ -239,6 +240,7 @@ def test_npz_source_with_filters(tmp_path, compressed):
     assert m.image_shape == [12, 10, 1] and m.mode == "L"
     assert m.label_counts == {1: int((labels[keep] == 1).sum()), 3: int((labels[keep] == 3).sum())}
     t = read_table(tmp_path / "s")
+    assert not m.has_paths and "path" not in t.column_names  # array sources have no files to point at
     assert np.array_equal(t["id"].to_numpy(), np.arange(70))
     assert np.array_equal(t["row"].to_numpy(), np.arange(70))
     assert [s.row_start for s in m.shards] == [0, 32, 64]

@@ -31,7 +31,7 @@ def _rows(out) -> pa.Table:
 def _same_dataset(a_dir, b_dir) -> None:
     a, b = load_manifest(a_dir), load_manifest(b_dir)
     for key in ("count", "encoding", "image_shape", "mode", "has_labels", "class_names", "label_counts", "classes",
-                "limit", "source"):
+                "limit", "source", "has_paths"):
         assert getattr(a, key) == getattr(b, key), key
     assert sorted((s.path, s.reason) for s in a.skipped) == sorted((s.path, s.reason) for s in b.skipped)
     assert [s.row_start for s in b.shards] == list(np.cumsum([0] + [s.rows for s in b.shards])[:-1])
@@ -44,10 +44,11 @@ def _same_dataset(a_dir, b_dir) -> None:
 def test_distributed_prepare_gives_the_one_process_rows(ray_local, tmp_path):
     from raydc.data.ray_prepare import STAGING_PREFIX, prepare_distributed
 
-    make_folder(tmp_path / "imgs")
+    valid, _ = make_folder(tmp_path / "imgs")
     prepare("folder", tmp_path / "one", root=tmp_path / "imgs", rows_per_shard=25, progress=False)
     m = prepare_distributed(str(tmp_path / "imgs"), str(tmp_path / "ray"), rows_per_shard=25, progress=False)
-    assert m.count == 60 and len(m.skipped) == 2
+    assert m.count == 60 and len(m.skipped) == 2 and m.has_paths
+    assert _rows(tmp_path / "ray").column("path").to_pylist() == valid  # each image's file, relative to the root
     verify_shards(m, tmp_path / "ray")
     _same_dataset(tmp_path / "one", tmp_path / "ray")
     assert not [p for p in os.listdir(tmp_path / "ray") if p.startswith(STAGING_PREFIX)], "staging left behind"
@@ -58,7 +59,7 @@ def test_distributed_prepare_gives_the_one_process_rows(ray_local, tmp_path):
                         progress=False)
     a, b = load_manifest(tmp_path / "one7"), load_manifest(tmp_path / "ray7")
     assert b.count == 7 and b.label_counts == {1: 7} == a.label_counts
-    for name in ("row", "id", "image", "label"):
+    for name in ("row", "id", "path", "image", "label"):
         assert _rows(tmp_path / "one7").column(name).to_pylist() == _rows(tmp_path / "ray7").column(name).to_pylist()
     # The same overwrite rule as the one-process prepare.
     with pytest.raises(DataError, match="--overwrite"):

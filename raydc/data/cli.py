@@ -9,6 +9,7 @@ import time
 
 from raydc.data.manifest import Manifest, verify_shards
 from raydc.data.prepare import prepare
+from raydc.data.sample_sources import SAMPLE_SOURCES
 from raydc.data.sources import SOURCE_NAMES
 from raydc.errors import UserError
 
@@ -34,11 +35,13 @@ def _positive_int(text: str) -> int:
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, choices=SOURCE_NAMES,
-                        help="torchvision dataset name, 'folder' (an image folder) or 'npz' (images/labels arrays)")
+    parser.add_argument("--source", required=True, choices=SOURCE_NAMES + SAMPLE_SOURCES,
+                        help="torchvision dataset name, 'folder' (an image folder), 'npz' (images/labels arrays), "
+                             "or with --distributed 'webdataset' (tar shards) or 'parquet' (tables of image bytes)")
     parser.add_argument("--root", default=None,
                         help="data root for torchvision datasets (default $RAYDC_DATA_ROOT), the image folder for "
-                             "'folder', or the .npz file for 'npz'")
+                             "'folder', the .npz file for 'npz', or the folder, prefix or file of the tar shards or "
+                             "Parquet tables for 'webdataset'/'parquet'")
     parser.add_argument("--out", required=True, help="shard directory to create (Parquet shards + manifest.json)")
     parser.add_argument("--split", default="all", choices=("train", "test", "all", "unlabeled"),
                         help="torchvision split; 'all' is train then test ('unlabeled': stl10 only)")
@@ -56,6 +59,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="'folder': read, validate and write in parallel as a Ray Data job on the Ray cluster "
                              "(RAY_ADDRESS or --ray-address; a local Ray otherwise); --root may be a URI")
+    parser.add_argument("--image-column", default=None, metavar="NAME",
+                        help="webdataset/parquet: the member or column holding the image (default: the first of "
+                             "jpg, jpeg, png, webp, ...)")
+    parser.add_argument("--key-column", default=None, metavar="NAME",
+                        help="parquet: the column naming each image, kept as its path (default: key, else url)")
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
                         help="with --distributed: the Ray cluster to run on (default: RAY_ADDRESS, else local)")
     parser.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 after writing")
@@ -66,6 +74,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if getattr(args, "distributed", False):
         manifest = _prepare_distributed(args)
+    elif args.source in SAMPLE_SOURCES:
+        raise UserError(f"--source {args.source} is read by Ray Data across the cluster: add --distributed")
     else:
         manifest = prepare(args.source, args.out, root=args.root, split=args.split, classes=args.classes,
                            limit=args.limit, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite,
@@ -85,6 +95,8 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def _prepare_distributed(args: argparse.Namespace) -> Manifest:
+    if args.source in SAMPLE_SOURCES:
+        return _prepare_samples(args)
     if args.source != "folder":
         raise UserError(f"--distributed prepares image folders (--source folder); {args.source!r} is read by one "
                         f"process: drop --distributed")
@@ -100,6 +112,22 @@ def _prepare_distributed(args: argparse.Namespace) -> Manifest:
     return prepare_distributed(args.root, args.out, classes=args.classes, limit=args.limit,
                                rows_per_shard=args.rows_per_shard, overwrite=args.overwrite, strict=args.strict,
                                labels_from_folders=args.labels_from_folders, progress=args.progress)
+
+
+def _prepare_samples(args: argparse.Namespace) -> Manifest:
+    if args.root is None:
+        raise UserError(f"source {args.source!r} needs --root: the folder, prefix or file of its "
+                        f"{'tar shards' if args.source == 'webdataset' else 'Parquet tables'}")
+    if args.classes is not None:
+        raise UserError(f"--classes filters by folder labels; {args.source} samples carry none: drop --classes")
+    from raydc.config import RayConfig
+    from raydc.data.ray_prepare import prepare_samples
+    from raydc.engine.runtime import init_ray
+
+    init_ray(RayConfig(address=args.ray_address), train_cpus=0.0, include_dashboard=False)
+    return prepare_samples(args.source, args.root, args.out, image_column=args.image_column,
+                           key_column=args.key_column, limit=args.limit, rows_per_shard=args.rows_per_shard,
+                           overwrite=args.overwrite, strict=args.strict, progress=args.progress)
 
 
 def summary_line(manifest: Manifest, seconds: float, out: str) -> str:

@@ -57,6 +57,9 @@ class Manifest:
     split: str | None = None
     classes: list[int] | None = None
     limit: int | None = None
+    # Whether the shards carry a `path` column (each image's file relative to `source`). False for array
+    # sources, and for folder shards written before raydc kept paths: those still load, their outputs lack paths.
+    has_paths: bool = False
 
     def shard_paths(self, shard_dir: str | os.PathLike) -> list[str]:
         """Each shard's location: a path, or a URI when the shards live on object storage."""

@@ -4,7 +4,9 @@ Shard format (format_version 2): zstd-compressed Parquet, one row per image, col
 `row` int64 (0..N-1 in write order: the dense index every per-image array of a run is keyed by, so labels and
 targets can be cut into contiguous row ranges and joined back without a table as large as the largest id),
 `id` int64 (the source's own id, any int64 and unique, or the row number when the source has none: what users
-see in the assignments), `image` binary, and `label` int64 when the source has labels (evaluation only:
+see in the assignments), `path` string for sources made of files (the file relative to the source root, so
+every result maps back to a user's file; absent for array sources and for shards written before it existed,
+which the manifest's `has_paths` says), `image` binary, and `label` int64 when the source has labels (evaluation only:
 training never reads it). Each file's schema metadata repeats `raydc.encoding`,
 `raydc.shape` and `raydc.mode` for its own rows, so a shard read on its own is self-describing.
 
@@ -68,9 +70,11 @@ class ShardWriter:
         self.hw: tuple[int, int] | None = None
         self.mixed_sizes = False
         self.any_color = False
+        self.any_paths = False
         self._images: list[bytes] = []
         self._labels: list[int] = []
         self._ids: list[int | None] = []
+        self._paths: list[str | None] = []
         self._all_ids: list[np.ndarray] = []  # every shard's ids: the duplicate check at close
         self._sizes: set[tuple[int, int]] = set()
         self._shard_color = False
@@ -89,6 +93,7 @@ class ShardWriter:
         data = item.image if isinstance(item.image, bytes) else np.ascontiguousarray(item.image).tobytes()
         self._images.append(data)
         self._ids.append(item.id)
+        self._paths.append(item.path)
         if self.has_labels:
             self._labels.append(item.label)  # type: ignore[arg-type]
             self.label_counts[item.label] += 1  # type: ignore[index]
@@ -123,13 +128,18 @@ class ShardWriter:
             from raydc import storage
 
             self._uploaded.append(storage.join(self.remote, name))
+        has_paths = [p is not None for p in self._paths]
+        if any(has_paths) and not all(has_paths):
+            raise DataError("the source gave paths for some images and not for others")
         self.shards.append(write_shard(
             self.out_dir, name, rows, ids, pa.array(self._images, type=pa.binary()),
             np.asarray(self._labels, dtype=np.int64) if self.has_labels else None,
             encoding=self.encoding, shape=shard_shape, channels=channels, image_bytes=self._bytes,
-            remote=self.remote))
+            remote=self.remote, paths=pa.array(self._paths, type=pa.string()) if all(has_paths) else None))
+        self.any_paths = self.any_paths or all(has_paths)
         self.count += n
-        self._images, self._labels, self._ids, self._sizes, self._bytes, self._shard_color = [], [], [], set(), 0, False
+        self._images, self._labels, self._ids, self._paths = [], [], [], []
+        self._sizes, self._bytes, self._shard_color = set(), 0, False
 
     def close(self) -> None:
         self.flush()
@@ -165,16 +175,19 @@ class ShardWriter:
                     fs.delete_file(storage.resolve(target)[1])
                 except (OSError, FileNotFoundError):
                     pass
-        self._images, self._labels, self._ids = [], [], []
+        self._images, self._labels, self._ids, self._paths = [], [], [], []
 
 
 def write_shard(out_dir: Path, name: str, rows: np.ndarray, ids: np.ndarray, images: pa.Array,
                 labels: np.ndarray | None, *, encoding: str, shape: list[int] | None, channels: int,
-                image_bytes: int, remote: str | None = None) -> ShardInfo:
+                image_bytes: int, remote: str | None = None, paths: pa.Array | None = None) -> ShardInfo:
     """Write one shard as `out_dir/name` (tmp, fsync, rename) and return its manifest entry; with `remote` the
     finished file is uploaded there and removed from `out_dir`. Shared by the one-process writer above and the
     Ray tasks of `raydc.data.ray_prepare`, so both produce byte-identical shards from the same rows."""
-    columns = {"row": pa.array(rows), "id": pa.array(ids), "image": images}
+    columns = {"row": pa.array(rows), "id": pa.array(ids)}
+    if paths is not None:
+        columns["path"] = paths
+    columns["image"] = images
     if labels is not None:
         columns["label"] = pa.array(labels)
     table = pa.table(columns).replace_schema_metadata({
@@ -267,7 +280,7 @@ def prepare(source: str | Source, out: str | os.PathLike, *, root: str | os.Path
             label_counts=dict(sorted(writer.label_counts.items())) if src.has_labels else None,
             shards=writer.shards, skipped=list(src.skipped), created_by=f"raydc {raydc.__version__}",
             format_version=FORMAT_VERSION, split=split if src.name in TORCHVISION_SOURCES else None,
-            classes=classes, limit=limit)
+            classes=classes, limit=limit, has_paths=writer.any_paths)
         path = write_manifest(manifest, out_dir)
         if remote is not None:
             storage.write_bytes_atomic(storage.join(remote, MANIFEST_NAME), path.read_bytes())

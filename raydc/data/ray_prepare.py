@@ -56,6 +56,10 @@ class FolderLayout:
     def has_labels(self) -> bool:
         return self.class_names is not None
 
+    @property
+    def name(self) -> str:
+        return "folder"
+
 
 @dataclass
 class PartSummary:
@@ -157,18 +161,19 @@ def write_part(location: str, index: int, row_start: int, keep: int, out: str,
     channels = 3 if pc.max(table.column("c")).as_py() == 3 else 1
     shape = [*next(iter(sizes)), channels] if len(sizes) == 1 else None
     images = table.column("image").combine_chunks()
+    paths = table.column("path").combine_chunks()
     labels = table.column("label").to_numpy().astype(np.int64) if has_labels else None
     name = SHARD_PATTERN.format(index)
     if storage.is_uri(out):
         stage = Path(tempfile.mkdtemp(prefix="raydc-shard-"))
         try:
             info = write_shard(stage, name, rows, rows, images, labels, encoding="encoded", shape=shape,
-                               channels=channels, image_bytes=images.nbytes, remote=out)
+                               channels=channels, image_bytes=images.nbytes, remote=out, paths=paths)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     else:
         info = write_shard(Path(out), name, rows, rows, images, labels, encoding="encoded", shape=shape,
-                           channels=channels, image_bytes=images.nbytes)
+                           channels=channels, image_bytes=images.nbytes, paths=paths)
     _delete(location)
     counts = {} if labels is None else {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
     return WrittenShard(info, counts, sorted(sizes)[:2], channels == 3)
@@ -185,19 +190,20 @@ def _delete(location: str) -> None:
 def prepare_distributed(root: str, out: str, *, classes: Sequence[int] | None = None, limit: int | None = None,
                         rows_per_shard: int = 10_000, overwrite: bool = False, strict: bool = False,
                         labels_from_folders: bool = True, progress: bool = True,
-                        root_help: RootHelp = CLI_HELP) -> Manifest:
+                        root_help: RootHelp = CLI_HELP, layout=None) -> Manifest:
     """Write the image folder `root` as shards under `out` (either may be a URI) on the Ray cluster this
     process is connected to, and return the manifest; the same result, rules and errors as
-    `raydc.data.prepare.prepare(source="folder", ...)`."""
+    `raydc.data.prepare.prepare(source="folder", ...)`. `layout`: an opened
+    `raydc.data.sample_sources.SampleLayout` to read instead of a folder (`prepare_samples`)."""
     import ray
 
     from raydc.data.prepare import _claim_out_dir, _claim_remote_dir, _remove_empty_dirs, check_cut
     from raydc.data.manifest import write_manifest
 
     classes = check_cut(rows_per_shard, limit, classes)
-    layout = open_folder(str(root), labels_from_folders, root_help)
+    layout = layout or open_folder(str(root), labels_from_folders, root_help)
     if classes is not None and not layout.has_labels:
-        raise DataError(f"source 'folder' at {layout.root} has no labels, so it cannot be filtered by classes; "
+        raise DataError(f"source '{layout.name}' at {layout.root} has no labels, so it cannot be filtered by classes; "
                         f"drop --classes (data.classes)")
     remote = str(out).rstrip("/") if storage.is_uri(str(out)) else None
     created = None
@@ -226,7 +232,7 @@ def prepare_distributed(root: str, out: str, *, classes: Sequence[int] | None = 
                 plan.append((s, start, keep))
                 start += keep
         if start == 0:
-            raise DataError(f"no images to write from folder at {layout.root}"
+            raise DataError(f"no images to write from {layout.name} at {layout.root}"
                             + (f" with classes {classes}" if classes is not None else "")
                             + (f" ({len(skipped)} unreadable files skipped)" if skipped else ""))
         written = [storage.join(out_loc, SHARD_PATTERN.format(i)) for i in range(len(plan))]
@@ -241,12 +247,12 @@ def prepare_distributed(root: str, out: str, *, classes: Sequence[int] | None = 
         any_color = any(w.any_color for w in done)
         channels = 3 if any_color else 1
         manifest = Manifest(
-            name="folder", source=layout.root, count=start, encoding="encoded",
+            name=layout.name, source=layout.root, count=start, encoding="encoded",
             image_shape=[*next(iter(sizes)), channels] if len(sizes) == 1 else None,
             mode=mode_for_channels(channels), has_labels=layout.has_labels, class_names=layout.class_names,
             label_counts=dict(sorted(label_counts.items())) if layout.has_labels else None, shards=shards,
             skipped=skipped, created_by=f"raydc {raydc.__version__}", format_version=FORMAT_VERSION,
-            split=None, classes=classes, limit=limit)
+            split=None, classes=classes, limit=limit, has_paths=True)
         if remote is None:
             write_manifest(manifest, out_loc)
         else:
@@ -271,7 +277,16 @@ def prepare_distributed(root: str, out: str, *, classes: Sequence[int] | None = 
     return manifest
 
 
-def _stage(layout: FolderLayout, staging: str, classes: list[int] | None, rows_per_shard: int,
+def prepare_samples(kind: str, root: str, out: str, *, image_column: str | None = None,
+                    key_column: str | None = None, **kwargs) -> Manifest:
+    """WebDataset tars or Parquet tables of image bytes (`raydc.data.sample_sources`) as shards, by the same
+    two passes as a folder; `kwargs` as for `prepare_distributed` (no classes: samples carry no labels)."""
+    from raydc.data.sample_sources import open_samples
+
+    return prepare_distributed(root, out, layout=open_samples(kind, str(root), image_column, key_column), **kwargs)
+
+
+def _stage(layout, staging: str, classes: list[int] | None, rows_per_shard: int,
            progress: bool) -> list[str]:
     """Pass 1 (Ray Data): list, read, validate, write staging parts; returns the parts' locations."""
     import ray
@@ -280,11 +295,21 @@ def _stage(layout: FolderLayout, staging: str, classes: list[int] | None, rows_p
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = progress
+    if layout.name != "folder":
+        from raydc.data.sample_sources import validate_samples
+
+        ds = layout.dataset().map_batches(validate_samples, batch_format="numpy", batch_size=256, fn_kwargs=dict(
+            image_columns=layout.image_columns, key_column=layout.key_column))
+        return _write_staging(ds, staging, rows_per_shard)
     fs, _ = storage.resolve(layout.root)
     extensions = sorted({e.lstrip(".") for e in IMAGE_EXTENSIONS} | {e.lstrip(".").upper() for e in IMAGE_EXTENSIONS})
     ds = ray.data.read_binary_files(layout.fs_root, filesystem=fs, include_paths=True, file_extensions=extensions)
     ds = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=256, zero_copy_batch=True,
                         fn_kwargs=dict(fs_root=layout.fs_root, class_names=layout.class_names, classes=classes))
+    return _write_staging(ds, staging, rows_per_shard)
+
+
+def _write_staging(ds, staging: str, rows_per_shard: int) -> list[str]:
     out_fs, staging_path = storage.resolve(staging)
     storage.makedirs(staging)
     ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=rows_per_shard,

@@ -54,6 +54,7 @@ class Item(NamedTuple):
     label: int | None
     shape: tuple[int, int, int]        # (H, W, C); C is 1 for gray, 3 for colour
     id: int | None = None              # the source's own id (any int64); None: the image's row number
+    path: str | None = None            # the file relative to the source root (folders): how results map back
 
 
 def mode_for_channels(channels: int) -> str:
@@ -363,7 +364,7 @@ class FolderSource(Source):
                                     f"--strict to skip corrupt files") from None
                 self.skipped.append(SkippedFile(rel, reason))
                 continue
-            yield Item(data, label, shape)
+            yield Item(data, label, shape, path=rel)
 
 
 def _reason(e: Exception) -> str:

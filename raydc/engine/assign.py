@@ -3,7 +3,7 @@
 The run's final state (`clustering.pt`: model weights and what the method kept, e.g. DeepCluster's PCA
 projection and centroids) defines the clustering; the method that made the run assigns the new images its own
 way (nearest centroid, argmax q, argmax of the label feature) through the same feature pool and shard actors,
-and each shard actor writes its part of the result (`<out>/part-NNNNN.parquet`: row, id, cluster, distance).
+and each shard actor writes its part of the result (`<out>/part-NNNNN.parquet`: row, id, path, cluster, distance).
 `clustering.pt` is loaded without unpickling code (`RunDir.load_clustering`).
 """
 from __future__ import annotations

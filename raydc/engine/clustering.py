@@ -509,14 +509,15 @@ class ClusteringService:
         """Column `col` of every shard into the object store, by contiguous row range."""
         return RowBlocks.merge(self._get([s.publish.remote(col, dtype, fill) for s in self.shards]), fill)
 
-    def write_parts(self, directory: str, columns: dict[str, str]) -> list[str]:
-        """Each shard writes its rows to `directory`/part-NNNNN.parquet (columns: row, id, then `columns`)."""
+    def write_parts(self, directory: str, columns: dict[str, str], paths: list | None = None) -> list[str]:
+        """Each shard writes its rows to `directory`/part-NNNNN.parquet (columns: row, id[, path], then
+        `columns`; `paths`: see ShardStore.write_part)."""
         from raydc import storage
 
         storage.makedirs(directory)
-        paths = [storage.join(directory, f"part-{i:05d}.parquet") for i in range(len(self.shards))]
-        written = self._get([s.write_part.remote(p, columns) for s, p in zip(self.shards, paths)])
-        return [p for p, n in zip(paths, written) if n]
+        parts = [storage.join(directory, f"part-{i:05d}.parquet") for i in range(len(self.shards))]
+        written = self._get([s.write_part.remote(p, columns, paths) for s, p in zip(self.shards, parts)])
+        return [p for p, n in zip(parts, written) if n]
 
     def read_parts(self, directory: str, column: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
         """Parts written by `write_parts` back into the object store, spread over the shards."""

@@ -147,30 +147,42 @@ class PersistentFeaturePool:
                         for _ in range(concurrency)]
         self._pieces: dict[tuple, list[Piece]] = {}  # the shards do not change during a run
 
-    def extract(self, paths: list[str], spec: ExtractorSpec, batch_size: int, in_flight: int = 2) -> list:
-        """Every image's features, as object refs of numpy blocks in piece order (they stay in the store)."""
-        spec_ref = ray.put(spec)
-        ray.get([w.set_spec.remote([spec_ref]) for w in self.workers])
-        align = max(1, spec.batch_align)
+    def pieces(self, paths: list[str], align: int = 1) -> list[Piece]:
+        """How a pass over `paths` is cut, in order: the i-th block `extract` returns is the i-th piece's rows."""
         key = (*paths, align)
         if key not in self._pieces:  # every shard footer read once per run, not once per pass
             self._pieces[key] = plan_pieces(paths, min_pieces=4 * len(self.workers), align=align)
-        pieces = self._pieces[key]
+        return self._pieces[key]
+
+    def extract(self, paths: list[str], spec: ExtractorSpec, batch_size: int, in_flight: int = 2,
+                sink=None) -> list:
+        """Every image's features, as object refs of numpy blocks in piece order (they stay in the store).
+        With `sink`, each block goes to `sink(index, piece, ref)` as soon as it is done and is not kept here
+        (`raydc embed`: blocks are written while later pieces are embedded, so the store never holds them all)."""
+        spec_ref = ray.put(spec)
+        ray.get([w.set_spec.remote([spec_ref]) for w in self.workers])
+        align = max(1, spec.batch_align)
+        pieces = self.pieces(paths, align)
         batch_size = max(align, batch_size // align * align)  # each call takes whole aligned groups
         out: list = [None] * len(pieces)
         busy: dict = {}  # ref -> worker index
+        index_of: dict = {}  # ref -> piece index
         load = [0] * len(self.workers)
         nxt = 0
         while nxt < len(pieces) or busy:
             while nxt < len(pieces) and min(load) < in_flight:
                 w = int(np.argmin(load))
                 ref = self.workers[w].run.remote(pieces[nxt], batch_size)
-                out[nxt], busy[ref] = ref, w
+                out[nxt], busy[ref], index_of[ref] = ref, w, nxt
                 load[w] += 1
                 nxt += 1
             done, _ = ray.wait(list(busy), num_returns=1, fetch_local=False)
             for ref in done:
                 load[busy.pop(ref)] -= 1
+                i = index_of.pop(ref)
+                if sink is not None:
+                    out[i] = None
+                    sink(i, pieces[i], ref)
         return out  # a worker's error surfaces where the shard actors fetch its block
 
     def pass_clock(self) -> Counter:

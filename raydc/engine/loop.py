@@ -286,8 +286,17 @@ class RankZeroContext:
         return out
 
     def write_assignments(self, final: FinalClustering, directory: str) -> list[str]:
-        """Each shard writes its part of the final clustering: row, id, cluster, distance."""
-        return self.service.write_parts(directory, {"cluster": final.col, "distance": final.distance_col})
+        """Each shard writes its part of the final clustering: row, id, path, cluster, distance (`path` null,
+        said once here, when the shards carry none)."""
+        from raydc.engine.source_paths import path_sources
+
+        sources = path_sources(self.manifest, self.shard_dir)
+        if sources is None:
+            self.log(f"note: the shards in {self.shard_dir} carry no source paths (an array source, or folder "
+                     f"shards prepared before raydc kept paths: re-run `raydc prepare` to get them); "
+                     f"the assignments' `path` column is empty")
+        return self.service.write_parts(directory, {"cluster": final.col, "distance": final.distance_col},
+                                        paths=sources or [])
 
     def shutdown(self) -> None:
         if self._service is not None:

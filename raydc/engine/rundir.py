@@ -1,7 +1,7 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
 Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/` (Ray Train's
-storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
+storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id, path,
 cluster, distance`, one part per shard actor, each written by that actor: no process ever holds them all),
 `labels/round=R/` (the same per round, for the next round's comparison and a resume), `report/` (PNGs).
 
@@ -224,7 +224,7 @@ class RunDir:
         for part in self.assignment_parts():
             with storage.open_input_file(part) as f:
                 for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-                    yield {c: b.column(c).to_numpy() for c in b.schema.names}
+                    yield {c: b.column(c).to_numpy(zero_copy_only=False) for c in b.schema.names}
 
     def read_assignments(self, name: str = ASSIGNMENTS_DIR, columns: list[str] | None = None
                          ) -> dict[str, np.ndarray]:

@@ -312,9 +312,11 @@ class ShardStore:
             values = values.astype(dtype)
         return put_runs(self.rows, values, self._put, fill)
 
-    def write_part(self, path: str, columns: dict[str, str]) -> int:
-        """This shard's rows as one Parquet file, sorted by row: `row`, `id`, then {name: column}. A shard
-        without rows writes nothing and returns 0."""
+    def write_part(self, path: str, columns: dict[str, str], paths: list | None = None) -> int:
+        """This shard's rows as one Parquet file, sorted by row: `row`, `id`, then {name: column}; with `paths`
+        (a list of `raydc.engine.source_paths.PathSource`, possibly empty) a `path` column after `id`, each
+        row's source file read from those shards (null where unknown). A shard without rows writes nothing and
+        returns 0."""
         if not len(self.ids):
             return 0
         import pyarrow as pa
@@ -325,6 +327,10 @@ class ShardStore:
 
         order = np.argsort(self.rows, kind="stable")
         data = {"row": pa.array(self.rows[order]), "id": pa.array(self.ids[order])}
+        if paths is not None:
+            from raydc.engine.source_paths import paths_for_rows
+
+            data["path"] = paths_for_rows(self.rows[order], paths)
         for name, col in columns.items():
             data[name] = pa.array(np.asarray(self._column(col))[order])
         sink = pa.BufferOutputStream()
