@@ -37,6 +37,7 @@ def shards(tmp_path_factory, mnist_root):
 
 def _logging_state():
     import ray._private.worker as w
+    import ray.data  # noqa: F401  (its import sets its loggers up: Ray Data's doing, before any raydc call here)
 
     return ({n: logging.getLogger(n).level for n in ("ray", "ray.data", "ray.train", "ray.tune")},
             w.print_to_stdstream)
