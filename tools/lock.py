@@ -28,10 +28,10 @@ def _applies(req: Requirement, extras: set[str]) -> bool:
 def closure(requirements: list[str]) -> dict[str, str]:
     """{canonical name: installed version} of `requirements` and everything they require, recursively."""
     found: dict[str, str] = {}
-    todo = [(Requirement(r), set()) for r in requirements]
+    todo = [Requirement(r) for r in requirements]
     seen: set[tuple[str, frozenset]] = set()
     while todo:
-        req, _ = todo.pop()
+        req = todo.pop()
         name = canonicalize_name(req.name)
         key = (name, frozenset(req.extras))
         if key in seen:
@@ -47,7 +47,7 @@ def closure(requirements: list[str]) -> dict[str, str]:
         for text in dist.requires or []:
             sub = Requirement(text)
             if _applies(sub, set(req.extras)):
-                todo.append((sub, set()))
+                todo.append(sub)
     return found
 
 
