@@ -38,6 +38,9 @@ def _records(path: Path, message):
 
 def mlflow_runs(uri: str, experiment: str) -> dict[str, object]:
     """{run name: Run} of an experiment."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as raydc.tracking does where it writes
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
