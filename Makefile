@@ -8,12 +8,16 @@ export RAYDC_DATA_ROOT := $(DATA_ROOT)
 # Keep Ray's state of each invocation out of /tmp clutter and quiet its usage reporting.
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: browser demo test test-all test-multinode bench bench-quick install clean
+.PHONY: browser demo test test-all test-multinode bench bench-quick install lock clean
 
-$(STAMP): pyproject.toml
+# The lock file holds the exact versions the tests pass on (pyproject.toml holds ranges); `make lock` rewrites it
+# from the venv after a deliberate upgrade.
+EXTRAS := cpu,test,tune,mlflow
+$(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,test]"
+	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip check
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -40,6 +44,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+lock:
+	$(BIN)/python tools/lock.py $(subst $(comma), ,$(EXTRAS)) > requirements-lock.txt
+
+comma := ,
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

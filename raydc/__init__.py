@@ -5,3 +5,8 @@ from raydc._blas import configure_openblas as _configure_openblas
 _configure_openblas()
 
 __version__ = "0.1.0"
+
+# The Python API (docs/api.md): imported here, cheaply (Ray, torch and the engine load on the first call).
+from raydc.api import Run, load_run, sweep, train  # noqa: E402
+
+__all__ = ["Run", "__version__", "load_run", "sweep", "train"]

@@ -51,7 +51,7 @@ def _common_arguments() -> argparse.ArgumentParser:
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see jobs/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set cluster.k=100 (repeatable)")
+                   help="override a config field, e.g. --set cluster.k=100 (repeatable; every field: `raydc config show`)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in run.dir from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete run.dir and start again")
@@ -60,9 +60,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from raydc.data.cli import add_prepare_arguments
 
+    from raydc.config_doc import add_config_arguments, version_line
+
     parser = argparse.ArgumentParser(prog="raydc", description="Deep clustering of images on Ray")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     common = [_common_arguments()]
+    add_config_arguments(sub.add_parser("config", help="show every config field (default, comment) or its schema",
+                                        parents=common))
 
     add_prepare_arguments(sub.add_parser("prepare", help="write Parquet image shards from a dataset",
                                          parents=common))
@@ -132,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "config":
+        from raydc.config_doc import run_config_show
+
+        return run_config_show(args)
     if args.command == "prepare":
         from raydc.data.cli import run_prepare
 

@@ -248,6 +248,17 @@ class RunConfig:
     montage_per_cluster: int = 16
     keep_checkpoints: int = 2
     progress: bool = True
+    # Where every metrics row also goes (raydc/tracking.py), written by rank 0 alone: "tensorboard" (event files in
+    # <run.dir>/tensorboard) and "mlflow" (pip install 'raydc[mlflow]'), with the config as parameters and the
+    # report's pictures as artefacts.
+    trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    mlflow_uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else a file store in <run.dir>/mlruns
+    experiment: str | None = None          # MLflow experiment; None: "raydc" (a sweep's trials: the sweep's name)
+
+    def validate(self) -> None:
+        from raydc.tracking import check
+
+        check(self)
 
 
 class _ConfigBase:

@@ -202,8 +202,8 @@ def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, swee
     from raydc.sweep.runner import run_sweep
 
     lines: list[str] = []
-    out = run_sweep(str(sweep_files / "base.yaml"), str(sweep_files / "k.yaml"), sweep_dir=str(tmp_path / "sweep"),
-                    log=lines.append)
+    out = run_sweep(str(sweep_files / "base.yaml"), str(sweep_files / "k.yaml"), ["run.trackers=[tensorboard, mlflow]"],
+                    sweep_dir=str(tmp_path / "sweep"), log=lines.append)
     assert [r.status for r in out.records] == ["done"] * 3, [(r.trial_id, r.status, r.error) for r in out.records]
     scores = {r.params["cluster.k"]: r.score("silhouette") for r in out.records}
     assert out.best is not None and out.best.params == {"cluster.k": 3}, scores
@@ -218,6 +218,20 @@ def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, swee
         assert Path(r["run_dir"]).parent == out.sweep_dir / "runs"
     assert (out.sweep_dir / "report" / "selection.png").stat().st_size > 5000
     assert (out.sweep_dir / "tune").is_dir()
+
+    # run.trackers: each trial's rows in its TensorBoard directory and in its MLflow run of the sweep's experiment
+    from tests.tracking_read import mlflow_history, mlflow_runs, tensorboard_scalars
+
+    uri = (out.sweep_dir / "mlruns").as_uri()
+    runs = mlflow_runs(uri, "sweep")
+    assert sorted(runs) == sorted(r.trial_id for r in out.records)
+    for r in out.records:
+        rows = [json.loads(line) for line in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        want = {row["round"]: pytest.approx(row["acc"], rel=1e-6) for row in rows}
+        assert len(want) == 2  # round 0 and the final row
+        assert tensorboard_scalars(Path(r.run_dir) / "tensorboard")["acc"] == want
+        assert mlflow_history(uri, runs[r.trial_id].info.run_id, "acc") == want
+        assert runs[r.trial_id].data.params["cluster.k"] == str(r.params["cluster.k"])
 
     # best.yaml is the winning trial's config with its own run.dir: a plain config `raydc train` takes (its
     # training is any other run's, covered by the engine tests, so it is not repeated here).

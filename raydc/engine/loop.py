@@ -33,6 +33,7 @@ from raydc.engine.stream import decoded_rows, shuffled_batches
 from raydc.errors import NumericalError
 from raydc.methods import build_method
 from raydc.methods.base import FinalClustering, Method, RoundPlan, shared_view
+from raydc.tracking import rank_zero_run
 
 LABEL_FREE_SAMPLE = 5000  # rows of the final features scored without labels (silhouette is O(n^2))
 
@@ -434,7 +435,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from ray.train.collective import broadcast_from_rank_zero
 
     cfg, manifest, method, rank, world, device = worker_setup(loop_cfg["config"])
-    run = RunDir(loop_cfg["run_dir"])
+    run = rank_zero_run(RunDir(loop_cfg["run_dir"]), cfg, rank)  # rank 0: its rows also to run.trackers
     if rank == 0:
         from raydc.engine.memory import start_sampler
 

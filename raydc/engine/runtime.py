@@ -14,6 +14,7 @@ removes the copy at its source, verbose or not.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -156,3 +157,42 @@ def configure_data_context() -> None:
         # turned them off.
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
+
+
+_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.progress")
+_ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH")
+
+
+@contextlib.contextmanager
+def ray_state_kept(verbose_output: bool = False):
+    """Around one Python-API call (raydc.api): whatever `init_ray` changes for a quiet console is put back on
+    the way out (the loggers' levels, the environment, Ray Data's context, the driver's printer of worker output)
+    and a Ray started here is shut down, so a notebook's Ray and its output are as they were, and the next call
+    starts from the same state."""
+    import ray
+    import ray._private.worker as w
+    from ray.data import DataContext
+
+    started = not ray.is_initialized()
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+    env = {name: os.environ.get(name) for name in _ENV}
+    ctx = DataContext.get_current()
+    data = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    printer = getattr(w, "print_to_stdstream", None)
+    if verbose_output:
+        os.environ[VERBOSE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()  # its disconnect removes the worker-output handler init_ray installed
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = data
+        if printer is not None:
+            w.print_to_stdstream = printer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from raydc import tracking
 from raydc.config import Config
 from raydc.config_loader import from_dict, parse_yaml, to_dict
 from raydc.errors import ConfigError, UserError
@@ -48,6 +49,7 @@ RESUMABLE_FIELDS = (
     "cluster.shard_resource",
     "data.cache", "cluster.reduction", "cluster.star_max_mb",
     "cluster.shard_restarts", "cluster.persist_features", "cluster.recovery_timeout_s",
+    "run.trackers", "run.mlflow_uri", "run.experiment",
 )
 
 
@@ -192,7 +194,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     )
     t1 = time.perf_counter()
     try:
-        trainer.fit()
+        run.result = trainer.fit()  # Ray Train's Result, for the Python API (raydc.api.Run.result)
     except Exception as e:
         cause = _user_cause(e)
         if cause is not None:
@@ -201,6 +203,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     log(f"training finished in {time.perf_counter() - t1:.1f}s")
     paths = write_run_report(run.location, cfg.data.shards, manifest, per_cluster=cfg.run.montage_per_cluster)
     log("report: " + ", ".join(str(p) for p in paths))
+    tracking.log_report(cfg, run.location, paths)
     return run
 
 

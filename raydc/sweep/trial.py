@@ -51,6 +51,7 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
 
     from raydc.engine.trainer import run_training
     from raydc.sweep.space import trial_config
+    from raydc.tracking import for_trial
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / "runs" / trial_id
@@ -63,7 +64,7 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
         f.write(json.dumps({"started": time.time(), "action": action, "params": config}) + "\n")
     t0 = time.perf_counter()
     if done is None:
-        cfg = trial_config(base, config, str(run_dir))
+        cfg = for_trial(trial_config(base, config, str(run_dir)), sweep_dir)
         run = run_training(cfg, resume=True, callbacks=[RoundReport()],
                            log=lambda msg: print(f"[trial {trial_id}] {msg}", flush=True))
         done = final_row(run.read_metrics())
