@@ -8,7 +8,7 @@ export RAYDC_DATA_ROOT := $(DATA_ROOT)
 # Keep Ray's state of each invocation out of /tmp clutter and quiet its usage reporting.
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-all test-multinode bench bench-quick install clean
+.PHONY: demo lint test test-all test-multinode bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/raydc train --config jobs/configs/demo.yaml --overwrite
+
+# ruff over the code and tests, mypy over raydc/ (config and the reasons for each exception: pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 tests
@@ -37,4 +42,4 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

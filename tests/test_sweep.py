@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from raydc.config import Config, load_config
+from raydc.config import load_config
 from raydc.config_loader import from_dict
 from raydc.sweep.config import SelectConfig, SweepConfig
 from raydc.sweep.select import TrialRecord, select_best, selection_label
@@ -182,7 +182,8 @@ def sweep_files(tmp_path_factory):
         "method": "deepcluster",
         "data": {"shards": str(d / "shards")},
         "model": {"input_size": SIDE, "feature_dim": 32},
-        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},  # restarts: no local minimum at k=3
+        # restarts: no local minimum at k=3
+        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},
         "features": {"batch_size": 180},
         # A small lr: each trial trains on its own k's pseudo-labels, and a network trained hard on k = 2 learns
         # to merge two groups; the test is about selection, not about how far training moves the features.
@@ -191,8 +192,8 @@ def sweep_files(tmp_path_factory):
         "run": {"montage_per_cluster": 2, "dir": str(d / "unused")},
     }
     (d / "base.yaml").write_text(yaml.safe_dump(base))
-    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3, 5]}}, "search": {"algorithm": "grid"},
-                                              "dir": str(d / "out")}))
+    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3, 5]}},
+                                              "search": {"algorithm": "grid"}, "dir": str(d / "out")}))
     (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
     return d
 

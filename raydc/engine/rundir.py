@@ -1,7 +1,8 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
 Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/` (Ray Train's
-storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
+storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start),
+`clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id,
 cluster, distance`, one part per shard actor, each written by that actor: no process ever holds them all),
 `labels/round=R/` (the same per round, for the next round's comparison and a resume), `report/` (PNGs).
 
@@ -11,8 +12,8 @@ read with `torch.load(weights_only=True)`, whose unpickler refuses everything el
 
 The directory may be a local path or an object-store URI. Every write goes to a temporary file in the same
 directory and is renamed into place (object stores: an upload that appears whole), so a kill at any instant
-leaves either the old or the new file, never half of one. A checkpoint is the commit point of a round: metrics rows past the last checkpoint are
-dropped on resume, because the resumed run will write them again.
+leaves either the old or the new file, never half of one. A checkpoint is the commit point of a round: metrics
+rows past the last checkpoint are dropped on resume, because the resumed run will write them again.
 """
 from __future__ import annotations
 
