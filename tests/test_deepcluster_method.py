@@ -14,8 +14,8 @@ from raydc.core.metrics import PairCounts
 from raydc.engine.loop import quality_regression
 from raydc.errors import ConfigError
 from raydc.methods.deepcluster import DeepCluster, matched_head_rows
+from tests.helpers import classes_of_images
 from tests.inprocess import run_method_in_process
-from tests.test_input_shapes import classes_of_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -151,8 +151,7 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     local disk."""
     from raydc.data.manifest import load_manifest, verify_shards
     from raydc.data.prepare import prepare
-    from tests.test_prepare import make_folder
-    from tests.test_prepare_distributed import _rows
+    from tests.helpers import make_folder, shard_rows
 
     make_folder(tmp_path / "imgs", n=20)
     client = s3_server.client()
@@ -171,7 +170,7 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     verify_shards(b, out)
     assert (b.count, b.label_counts, b.class_names) == (a.count, a.label_counts, a.class_names)
     assert sorted(s.path for s in b.skipped) == sorted(s.path for s in a.skipped)
-    ta, tb = _rows(tmp_path / "local"), _rows(out)
+    ta, tb = shard_rows(tmp_path / "local"), shard_rows(out)
     for name in ("row", "id", "image", "label"):
         assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
     assert not [k for k in _keys(s3_server, "shards/folder-dist/") if "_staging-" in k]

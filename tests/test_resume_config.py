@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from raydc.config import load_config
+from raydc.config_loader import to_dict
 from raydc.engine.rundir import RunDir
 from raydc.engine.trainer import resolve_config
 from raydc.errors import ConfigError
@@ -19,10 +20,15 @@ def _saved(tmp_path, *extra):
     return cfg
 
 
-def test_same_config_resumes_unchanged(tmp_path):
-    _saved(tmp_path)
-    out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=lambda *_: None)
-    assert out.cluster.k == 5
+def test_same_config_resumes_unchanged(tmp_path, monkeypatch):
+    """The run continues from its saved config, not the one given: here the given config names the same shards
+    by a relative path, which compares equal, so nothing is logged and the saved spelling comes back."""
+    saved = _saved(tmp_path, f"data.shards={tmp_path / 'shards' / 'x'}")
+    monkeypatch.chdir(tmp_path)
+    said: list[str] = []
+    out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=said.append)
+    assert out.data.shards == str(tmp_path / "shards" / "x") and said == []
+    assert to_dict(out) == to_dict(saved)
 
 
 def test_budget_may_change_and_is_logged(tmp_path):
