@@ -22,13 +22,14 @@ import io
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from raydc import storage
-from raydc.errors import UserError
+from raydc.errors import DataError, UserError
 
 CHECKPOINT_DIR = "checkpoints"       # Ray Train's storage: <run>/checkpoints/fit-NNN/checkpoint_<timestamp>/
 CHECKPOINT_STATE = "state.pt"        # in each checkpoint directory: the round's model, method state, optimizers
@@ -36,6 +37,28 @@ CHECKPOINT_INFO = "round.json"       # and which round it closes, readable witho
 CLUSTERING_FILE = "clustering.pt"
 ASSIGNMENTS_DIR = "assignments"
 FORMAT = 2  # 1: pickled numpy arrays and dataclasses (before safe loading); 2: tensors and plain values only
+
+
+def parse_metrics(text: str, where: str) -> list[dict]:
+    """The rows of a metrics.jsonl. raydc writes it whole (write, then rename), so a damaged line was made by
+    hand or by a copy cut short: a torn last line is dropped with a warning (the rows before it are whole);
+    damage anywhere else is a DataError naming the line, as the rows after it may be shifted or lost."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise DataError(f"{where} line {n} is not a metrics row ({e}): the file was edited or damaged; "
+                                f"repair or delete that line") from None
+            warnings.warn(f"{where}: ignoring its last line ({n}), which is not a whole metrics row ({e}); "
+                          f"reading the {len(rows)} rows before it", stacklevel=3)
+            break
+        rows.append(row)
+    return rows
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -126,7 +149,7 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         if not storage.is_file(self.metrics_path):
             return []
-        return [json.loads(line) for line in storage.read_text(self.metrics_path).splitlines() if line.strip()]
+        return parse_metrics(storage.read_text(self.metrics_path), self.metrics_path)
 
     def write_metrics(self, rows: list[dict]) -> None:
         storage.write_text_atomic(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
