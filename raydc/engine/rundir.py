@@ -44,7 +44,7 @@ def parse_metrics(text: str, where: str) -> list[dict]:
     hand or by a copy cut short: a torn last line is dropped with a warning (the rows before it are whole);
     damage anywhere else is a DataError naming the line, as the rows after it may be shifted or lost."""
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = []
+    rows: list[dict] = []
     for i, (n, line) in enumerate(lines):
         try:
             row = json.loads(line)
@@ -59,20 +59,6 @@ def parse_metrics(text: str, where: str) -> list[dict]:
             break
         rows.append(row)
     return rows
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # Rows per Parquet row group in the parts shard actors write (assignments, a round's labels), and so per batch
