@@ -116,6 +116,9 @@ def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_loc
     assert any(k.startswith("checkpoints/fit-001/") for k in _keys(s3_server, "runs/dc/"))
 
 
+# A whole DEC run: the run directory on S3 is checked in the fast suite by the DeepCluster run above (same RunDir
+# and storage code); DEC's own files there in test-all.
+@pytest.mark.slow
 def test_a_dec_run_lives_on_s3(shards_local_and_s3, s3_server, ray_local):
     from raydc.engine.evaluate import evaluate_run
     from raydc.engine.rundir import RunDir
