@@ -26,7 +26,7 @@ def shards_local_and_s3(tmp_path_factory, mnist_root, s3_server):
     return local, remote
 
 
-def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_server, mnist_root):
+def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_server, mnist_root, capsys):
     """`raydc prepare --out s3://...`: the same shard bytes and manifest as a local prepare, the same refusal
     to overwrite without --overwrite, and nothing left of a failed one."""
     from raydc.data.manifest import load_manifest, verify_shards
@@ -37,22 +37,22 @@ def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards] and b.count == 300
     verify_shards(b, remote)
     assert read_bytes(join(remote, a.shards[1].file)) == (local / a.shards[1].file).read_bytes()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "raydc.cli", "prepare", "--source", "mnist", "--root", str(mnist_root),
+    from raydc.cli import main  # the command's own entry point, in process: a one-process prepare needs no Ray
+
+    cmd = ["prepare", "--source", "mnist", "--root", str(mnist_root),
            "--split", "test", "--limit", "300", "--rows-per-shard", "150", "--out", remote, "--no-progress"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "already holds a prepared dataset" in p.stderr, p.stderr[-2000:]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "already holds a prepared dataset" in err, err[-2000:]
     other = s3_server.uri("shards/cli150")
     cmd[cmd.index(remote)] = other
-    p = subprocess.run([*cmd, "--verify"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert main([*cmd, "--verify"]) == 0, capsys.readouterr().err[-2000:]
     assert len(load_manifest(other).shards) == 2
     assert sorted(k.rsplit("/", 1)[-1] for k in _keys(s3_server, "shards/cli150/")) == [
         "manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
     empty = s3_server.uri("shards/none")
-    p = subprocess.run([*cmd[:-3], "--classes", "99", "--out", empty], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 2 and not _keys(s3_server, "shards/none/"), p.stderr[-2000:]
+    assert main([*cmd[:-3], "--classes", "99", "--out", empty]) == 2, capsys.readouterr().err[-2000:]
+    assert not _keys(s3_server, "shards/none/")
 
 
 def _train(shards: str, run_dir: str, env: dict, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
