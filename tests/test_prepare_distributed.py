@@ -31,7 +31,7 @@ def _same_dataset(a_dir, b_dir) -> None:
         assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
 
 
-def test_distributed_prepare_gives_the_one_processshard_rows(ray_local, tmp_path):
+def test_distributed_prepare_gives_the_one_process_rows(ray_local, tmp_path):
     from raydc.data.ray_prepare import STAGING_PREFIX, prepare_distributed
 
     make_folder(tmp_path / "imgs")
