@@ -8,7 +8,7 @@ export RAYDC_DATA_ROOT := $(DATA_ROOT)
 # Keep Ray's state of each invocation out of /tmp clutter and quiet its usage reporting.
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: browser demo test test-all test-multinode bench bench-quick install lock clean
+.PHONY: browser demo lint test test-all test-multinode bench bench-quick install lock clean
 
 # The lock file holds the exact versions the tests pass on (pyproject.toml holds ranges); `make lock` rewrites it
 # from the venv after a deliberate upgrade.
@@ -29,6 +29,11 @@ demo: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "chromium not installed: the report's browser tests will skip"
+
+# ruff over the code and tests, mypy over raydc/ (config and the reasons for each exception: pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 tests
@@ -51,4 +56,4 @@ lock:
 comma := ,
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

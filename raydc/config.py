@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from raydc.config_loader import apply_overrides, dump_yaml, from_dict, parse_yaml, read_yaml
 from raydc.errors import ConfigError
@@ -262,10 +262,12 @@ class RunConfig:
 
 
 class _ConfigBase:
+    method: str  # a field of every assembled Config; declared here for the methods below
+
     def validate(self) -> None:
         from raydc.methods import method_class
 
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # self is always the assembled dataclass
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()  # sections left at their defaults were not checked while loading
@@ -282,7 +284,7 @@ def _make_config_class() -> type:
 
     found = methods()
     fields = [
-        ("method", Literal[tuple(found)], field(default="deepcluster")),  # type: ignore[valid-type]
+        ("method", Literal[tuple(found)], field(default="deepcluster")),
         ("data", DataConfig, field(default_factory=DataConfig)),
         ("model", ModelConfig, field(default_factory=ModelConfig)),
         ("cluster", ClusterConfig, field(default_factory=ClusterConfig)),
@@ -299,7 +301,24 @@ def _make_config_class() -> type:
     return cls
 
 
-Config = _make_config_class()
+if TYPE_CHECKING:
+    class Config(_ConfigBase):
+        """What `_make_config_class` builds, spelled out for type checkers: the engine's sections are typed; a
+        method's own section (`cfg.dec`, ...) reads as Any, since the real class gains it at import."""
+
+        method: str
+        data: DataConfig
+        model: ModelConfig
+        cluster: ClusterConfig
+        features: FeatureConfig
+        train: TrainConfig
+        ray: RayConfig
+        run: RunConfig
+
+        def __init__(self, **sections: Any) -> None: ...
+        def __getattr__(self, section: str) -> Any: ...
+else:
+    Config = _make_config_class()
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -1,4 +1,5 @@
-"""Shared fixtures. Ray starts once per test session: `ray.init` costs ~7 s on this machine."""
+"""Shared fixtures. Ray starts once per test session (`ray.init` costs seconds, and each process it starts more):
+every test that needs Ray, CLI subprocesses included (RAY_ADDRESS), joins the session's `ray_local`."""
 from __future__ import annotations
 
 import os
@@ -31,9 +32,15 @@ def mnist_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(request):
+    """The session's one Ray. Started after the S3 test server, so its workers inherit the AWS variables that
+    point at it: the object-storage tests' CLI runs join this Ray (RAY_ADDRESS) rather than each starting one."""
     import ray
 
+    try:
+        request.getfixturevalue("s3_server")
+    except pytest.skip.Exception:
+        pass  # no moto: the S3 tests skip themselves, the rest run on a Ray without the variables
     # 2 cores + 2 logical CPUs for Train workers, as raydc.engine.runtime.local_cpus gives a 2-core machine
     # running two workers: Ray Data's actor pool hangs with only 1 CPU free beside the workers.
 

@@ -49,7 +49,8 @@ def test_shuffled_batches_fixed_size_and_deterministic():
     def rows():
         for s in range(0, 1000, 100):
             ids = np.arange(s, s + 100)
-            yield {"id": ids, "image": np.zeros((100, 2, 2, 1), np.uint8) + (ids % 255).astype(np.uint8)[:, None, None, None]}
+            image = np.zeros((100, 2, 2, 1), np.uint8) + (ids % 255).astype(np.uint8)[:, None, None, None]
+            yield {"id": ids, "image": image}
 
     def run():
         return [b.ids.copy() for b in shuffled_batches(rows(), batch_size=64, seed=3, epoch=1, buffer_batches=2)]
@@ -68,7 +69,9 @@ def test_shuffled_batches_with_repeats():
         yield {"id": np.arange(100) * -7919, "row": np.arange(100), "image": np.zeros((100, 2, 2, 1), np.uint8),
                "target": np.arange(100) * 10}
 
-    counts = lambda r, u: np.where(r["row"] < 50, 2, 0)
+    def counts(r, u):
+        return np.where(r["row"] < 50, 2, 0)
+
     out = list(shuffled_batches(rows(), batch_size=10, seed=0, epoch=0, repeats=counts))
     rows_ = np.concatenate([b.rows for b in out])
     reps = np.concatenate([b.copy for b in out])

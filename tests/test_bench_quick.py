@@ -161,7 +161,8 @@ def test_pca_and_quality_results(quick_results):
     assert fm["rows"] == 2 and fm["last_row"]["acc"] == 0.625 and fm["last_row"]["final"] is True
     assert fm["wall_s_rounds"] == pytest.approx(3.0) and fm["phase_seconds"] == {"train": 1.5}
     assert q["runs"]["mnist"]["rows"] == 1 and q["runs"]["mnist"]["last_row"]["acc"] == 0.25
-    for name in q["runs"]:  # every run it reports comes from a shipped config (`dec_mnist_ft110`: dec_mnist.yaml + --set)
+    # every run it reports comes from a shipped config (`dec_mnist_ft110`: dec_mnist.yaml + --set)
+    for name in q["runs"]:
         assert any(name.startswith(c.stem) for c in (REPO / "jobs" / "configs").glob("*.yaml")), name
     assert q["published"] and "arithmetic" in q["nmi_normalisation"]["raydc"]
 

@@ -31,7 +31,7 @@ def x86(monkeypatch):
 
 @pytest.mark.parametrize("flags, expected", [
     (f"avx avx2 fma {AVX512}", "SkylakeX"),
-    (f"avx avx2 fma avx512f avx512bw avx512vl avx512dq", "Haswell"),   # one avx512 flag missing
+    ("avx avx2 fma avx512f avx512bw avx512vl avx512dq", "Haswell"),   # one avx512 flag missing
     ("avx avx2 fma", "Haswell"),
     ("avx avx2", "Sandybridge"),                                        # no fma: not Haswell
     ("avx", "Sandybridge"),

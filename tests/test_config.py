@@ -79,6 +79,7 @@ def test_errors_raised_in_a_ray_worker_reach_the_driver_intact():
     from raydc.errors import NumericalError
 
     e = pickle.loads(pickle.dumps(ConfigError("cluster.k", "must be >= 2, got 1")))
-    assert isinstance(e, ConfigError) and e.field == "cluster.k" and str(e) == "config field 'cluster.k': must be >= 2, got 1"
+    assert isinstance(e, ConfigError) and e.field == "cluster.k"
+    assert str(e) == "config field 'cluster.k': must be >= 2, got 1"
     n = pickle.loads(pickle.dumps(NumericalError(3, "features", "the network's features")))
     assert (n.epoch, n.phase) == (3, "features") and "epoch 3" in str(n)

@@ -14,8 +14,8 @@ from raydc.config import Config, load_config
 from raydc.config_loader import from_dict
 from raydc.errors import ConfigError
 from raydc.methods.dac import DAC
+from tests.helpers import K, PER_CLUSTER, SIDE, blobs
 from tests.inprocess import run_method_in_process
-from tests.test_dec_method import K, PER_CLUSTER, SIDE, blobs
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
@@ -70,11 +70,18 @@ def test_tiny_run_in_process_clusters_separated_blobs():
 
 
 def test_same_batch_selection_and_mse_run_too():
-    cfg = tiny_config("unused", "unused", selection="same_batch", loss="mse", schedule="paper")
-    cfg.train.epochs = 2
-    _, _, rows, _ = run_method_in_process(DAC, cfg, blobs(), manifest_for())
-    assert [r["upper"] for r in rows[:-1]] == pytest.approx([0.95, 0.95 - 0.0099])
-    assert all(np.isfinite(r["loss"]) for r in rows[:-1])
+    """`dac.loss: mse` trains on another objective than bce: same data, seed and selection, other losses (an
+    ignored `loss` would give bce's rows), each a mean squared error over similarities in [0, 1]."""
+    losses = {}
+    for loss in ("mse", "bce"):
+        cfg = tiny_config("unused", "unused", selection="same_batch", loss=loss, schedule="paper")
+        cfg.train.epochs = 2
+        _, _, rows, _ = run_method_in_process(DAC, cfg, blobs(), manifest_for())
+        assert [r["upper"] for r in rows[:-1]] == pytest.approx([0.95, 0.95 - 0.0099])
+        assert all(np.isfinite(r["loss"]) for r in rows[:-1])
+        losses[loss] = [r["loss"] for r in rows[:-1]]
+    assert all(0 <= v <= 1 for v in losses["mse"]), losses
+    assert all(abs(m - b) > 1e-3 for m, b in zip(losses["mse"], losses["bce"])), losses
 
 
 # ---- through the real engine ----------------------------------------------------------------------------
@@ -121,6 +128,9 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
 
 
 @pytest.mark.ray
+# A second fit: the slowest test of `make test` was this one. Resume = uninterrupted stays in the fast suite for
+# DeepCluster (tests/test_object_storage.py, from S3) and DEC (tests/test_dec_method.py); this one in test-all.
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_gives_the_same_result(tiny_run, tmp_path):
     from raydc.engine.rundir import RunDir
     from raydc.engine.trainer import run_training

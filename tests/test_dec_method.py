@@ -20,23 +20,10 @@ from raydc.core.dec import shard_mass, shard_targets
 from raydc.engine.clustering import ShardView
 from raydc.errors import ConfigError
 from raydc.methods.dec import DEC, ROUND_EPOCHS, AutoencoderChunk
+from tests.helpers import K, PER_CLUSTER, SIDE, blobs
 from tests.inprocess import run_method_in_process
 
-K, SIDE, PER_CLUSTER = 4, 8, 100
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
-
-
-def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """K well-separated classes of 8x8 gray images: a random binary template per class plus pixel noise."""
-    rng = np.random.default_rng(seed)
-    templates = rng.random((K, SIDE, SIDE)) < 0.5
-    labels = np.repeat(np.arange(K), PER_CLUSTER)
-    noise = rng.normal(0, 25, (len(labels), SIDE, SIDE))
-    images = np.clip(30 + 190 * templates[labels] + noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(labels))
-    return images[order], labels[order]
 
 
 def tiny_config(shards: str, run_dir: str, **dec) -> Config:

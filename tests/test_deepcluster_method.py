@@ -14,8 +14,8 @@ from raydc.core.metrics import PairCounts
 from raydc.engine.loop import quality_regression
 from raydc.errors import ConfigError
 from raydc.methods.deepcluster import DeepCluster, matched_head_rows
+from tests.helpers import classes_of_images
 from tests.inprocess import run_method_in_process
-from tests.test_input_shapes import classes_of_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,7 +148,7 @@ def test_set_head_policies():
     with torch.no_grad():
         net.top_layer.weight.copy_(torch.arange(3 * 32, dtype=torch.float32).reshape(3, 32))
         net.top_layer.bias.copy_(torch.tensor([10.0, 11.0, 12.0]))
-    old_w, old_b = net.top_layer.weight.clone(), net.top_layer.bias.clone()
+    old_w = net.top_layer.weight.clone()
     method.set_head(net, _targets(head_rows=np.array([2, 0, 1])), 1)           # head: match
     torch.testing.assert_close(net.top_layer.weight, old_w[[2, 0, 1]])
     assert net.top_layer.bias.tolist() == [12.0, 10.0, 11.0]

@@ -95,6 +95,11 @@ def test_tiny_run_writes_the_run_directory(ray_local, hashed_shards, tmp_path):
         assert (Path(run.report_dir) / png).stat().st_size > 1000, png
     assert (run.path / "config.yaml").exists() and run.checkpoints()
     assert (run.path / "clustering.pt").exists()
+    # config.yaml is the config the workers ran (the one clustering.pt carries), decided once before both
+    from raydc.config_loader import to_dict
+    from raydc.engine.evaluate import open_run
+
+    assert to_dict(open_run(str(run.path))[1]) == run.load_clustering()["config"]
 
     # `raydc assign` on the training images reproduces the run's final assignment (same model, same centroids).
     from raydc.engine.assign import assign_images

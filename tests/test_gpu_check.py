@@ -6,9 +6,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+# Two CPU passes of every check (AlexNet-BN features among them) in a fresh interpreter: among the slowest tests
+# of `make test`, for a script that runs on a GPU machine; run it (`pytest -m slow tests/test_gpu_check.py`) before
+# spending device time.
+@pytest.mark.slow
 def test_gpu_check_compares_and_reports(tmp_path):
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--against", "cpu", "--out", str(out)],

@@ -13,6 +13,7 @@ import pytest
 from raydc.config import load_config
 from raydc.errors import ConfigError
 from raydc.methods import build_method, method_class
+from tests.helpers import classes_of_images
 from tests.inprocess import run_method_in_process
 
 K, PER_CLASS = 3, 40
@@ -29,17 +30,6 @@ METHOD_SETS = {
     "dac": ["cluster.pca_dim=0", "model.sobel=false", "model.feature_dim=32", "train.epochs=2",
             "dac.batch_size=32", "dac.augment=false"],
 }
-
-
-def classes_of_images(side: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """K classes of side x side x channels images: a random binary template per class, plus noise."""
-    rng = np.random.default_rng(seed)
-    templates = rng.random((K, side, side, channels)) < 0.5
-    labels = np.repeat(np.arange(K), PER_CLASS)
-    noise = rng.normal(0, 20, (len(labels), side, side, channels))
-    images = np.clip(40 + 170 * templates[labels] + noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(labels))
-    return images[order], labels[order]
 
 
 def manifest(shape, mode="L", count=K * PER_CLASS):

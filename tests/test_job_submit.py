@@ -1,7 +1,8 @@
 """The README's `ray job submit` section, run as written against a fresh `ray start --head`.
 
 The head is a real local one (127.0.0.1, its own ports, temp dir and HOME, token authentication on as Ray 2.60
-starts it on a machine that has run Ray before), run with --block in its own process group, so the test stops exactly it (never `ray stop`, which
+starts it on a machine that has run Ray before), run with --block in its own process group, so the test stops
+exactly it (never `ray stop`, which
 would kill every Ray on the machine). Its PATH puts this virtualenv last, so a bare `python` there is not
 one with raydc's dependencies: the job must bring them (the README's runtime env). The README's
 client commands run in bash with only its placeholders filled in (head address, token, `/shared`) and, for

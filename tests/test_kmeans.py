@@ -138,6 +138,7 @@ def test_partial_sums_and_reduction():
         partial_sums(x, lab + 5, 9)
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # 5,000 one-row torch calls at the smallest chunk: no thread pool
 def test_partial_sums_add_rows_in_row_order_whatever_the_chunk(monkeypatch):
     # The sums are exact float64 in the rows' order, so sharded and star reductions, and any chunk size, give
     # the same bits; np.add.at is that sequential order. Widely spread magnitudes make reordering visible.

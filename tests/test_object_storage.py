@@ -26,7 +26,7 @@ def shards_local_and_s3(tmp_path_factory, mnist_root, s3_server):
     return local, remote
 
 
-def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_server, mnist_root):
+def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_server, mnist_root, capsys):
     """`raydc prepare --out s3://...`: the same shard bytes and manifest as a local prepare, the same refusal
     to overwrite without --overwrite, and nothing left of a failed one."""
     from raydc.data.manifest import load_manifest, verify_shards
@@ -37,22 +37,22 @@ def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards] and b.count == 300
     verify_shards(b, remote)
     assert read_bytes(join(remote, a.shards[1].file)) == (local / a.shards[1].file).read_bytes()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "raydc.cli", "prepare", "--source", "mnist", "--root", str(mnist_root),
+    from raydc.cli import main  # the command's own entry point, in process: a one-process prepare needs no Ray
+
+    cmd = ["prepare", "--source", "mnist", "--root", str(mnist_root),
            "--split", "test", "--limit", "300", "--rows-per-shard", "150", "--out", remote, "--no-progress"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "already holds a prepared dataset" in p.stderr, p.stderr[-2000:]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "already holds a prepared dataset" in err, err[-2000:]
     other = s3_server.uri("shards/cli150")
     cmd[cmd.index(remote)] = other
-    p = subprocess.run([*cmd, "--verify"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert main([*cmd, "--verify"]) == 0, capsys.readouterr().err[-2000:]
     assert len(load_manifest(other).shards) == 2
     assert sorted(k.rsplit("/", 1)[-1] for k in _keys(s3_server, "shards/cli150/")) == [
         "manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
     empty = s3_server.uri("shards/none")
-    p = subprocess.run([*cmd[:-3], "--classes", "99", "--out", empty], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 2 and not _keys(s3_server, "shards/none/"), p.stderr[-2000:]
+    assert main([*cmd[:-3], "--classes", "99", "--out", empty]) == 2, capsys.readouterr().err[-2000:]
+    assert not _keys(s3_server, "shards/none/")
 
 
 def _train(shards: str, run_dir: str, env: dict, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
@@ -64,10 +64,11 @@ def _train(shards: str, run_dir: str, env: dict, *extra: str, resume: bool = Fal
                           timeout=900)
 
 
-def _env(s3_server) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env)
-    env.pop("RAY_ADDRESS", None)  # a Ray of its own, started with the AWS variables its workers inherit
-    return env
+def _env(s3_server, ray_local) -> dict:
+    """The CLI joins the session's Ray, whose workers inherit the AWS variables (conftest's `ray_local` starts
+    after the S3 server): as a user's cluster started with them."""
+    return dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env,
+                RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
 
 
 def _keys(s3_server, prefix: str) -> list[str]:
@@ -75,7 +76,8 @@ def _keys(s3_server, prefix: str) -> list[str]:
     return [o["Key"][len(prefix):] for o in out.get("Contents", [])]
 
 
-def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_local_and_s3, s3_server, tmp_path):
+def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_local_and_s3, s3_server, ray_local,
+                                                                      tmp_path):
     """Shards and run directory both in the bucket: metrics, checkpoints (Ray Train's storage), labels,
     assignments and the report go there, nothing to local disk. The run stops after 1 epoch and a --resume
     adds a second from the checkpoint read back from S3: every row equals the uninterrupted 2-epoch run on the
@@ -83,7 +85,7 @@ def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_loc
     from raydc.engine.rundir import RunDir
 
     local, remote = shards_local_and_s3
-    env = _env(s3_server)
+    env = _env(s3_server, ray_local)
     run_uri = s3_server.uri("runs/dc")
     p = _train(remote, run_uri, env)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -114,7 +116,10 @@ def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_loc
     assert any(k.startswith("checkpoints/fit-001/") for k in _keys(s3_server, "runs/dc/"))
 
 
-def test_a_dec_run_lives_on_s3(shards_local_and_s3, s3_server):
+# A whole DEC run: the run directory on S3 is checked in the fast suite by the DeepCluster run above (same RunDir
+# and storage code); DEC's own files there in test-all.
+@pytest.mark.slow
+def test_a_dec_run_lives_on_s3(shards_local_and_s3, s3_server, ray_local):
     from raydc.engine.evaluate import evaluate_run
     from raydc.engine.rundir import RunDir
 
@@ -125,7 +130,7 @@ def test_a_dec_run_lives_on_s3(shards_local_and_s3, s3_server):
             "dec.pretrain_batch_size=50", "dec.update_interval=6", "dec.max_iterations=18", "ray.num_cpus=4",
             "run.montage_per_cluster=2"]
     p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
-                       env=_env(s3_server), capture_output=True, text=True, timeout=900)
+                       env=_env(s3_server, ray_local), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     rows = RunDir(run_uri).read_metrics()
     assert rows[-1]["final"] and rows[-1]["acc"] > 0
@@ -145,14 +150,13 @@ def test_a_missing_bucket_names_the_uri_and_exits_2(s3_server, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_server, tmp_path):
+def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_server, ray_local, tmp_path):
     """`raydc prepare --source folder --root s3://... --out s3://... --distributed`: Ray Data lists and reads
     the bucket, the tasks upload the shards, and the rows equal a one-process prepare of the same folder on
     local disk."""
     from raydc.data.manifest import load_manifest, verify_shards
     from raydc.data.prepare import prepare
-    from tests.test_prepare import make_folder
-    from tests.test_prepare_distributed import _rows
+    from tests.helpers import make_folder, shard_rows
 
     valid, _ = make_folder(tmp_path / "imgs", n=20)
     client = s3_server.client()
@@ -163,7 +167,8 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     out = s3_server.uri("shards/folder-dist")
     p = subprocess.run([sys.executable, "-m", "raydc.cli", "prepare", "--source", "folder", "--root",
                         s3_server.uri("folders/imgs"), "--out", out, "--distributed", "--rows-per-shard", "8",
-                        "--no-progress"], cwd=REPO, env=_env(s3_server), capture_output=True, text=True, timeout=600)
+                        "--no-progress"], cwd=REPO, env=_env(s3_server, ray_local), capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "prepared 20 images" in p.stdout and "2 skipped" in p.stdout, p.stdout
     prepare("folder", tmp_path / "local", root=tmp_path / "imgs", rows_per_shard=8, progress=False)
@@ -171,7 +176,7 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     verify_shards(b, out)
     assert (b.count, b.label_counts, b.class_names) == (a.count, a.label_counts, a.class_names)
     assert sorted(s.path for s in b.skipped) == sorted(s.path for s in a.skipped)
-    ta, tb = _rows(tmp_path / "local"), _rows(out)
+    ta, tb = shard_rows(tmp_path / "local"), shard_rows(out)
     for name in ("row", "id", "path", "image", "label"):
         assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
     assert b.has_paths and tb.column("path").to_pylist() == valid  # relative to the bucket prefix, not a URI

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from raydc.data import prepare as prepare_mod
 from raydc.data.cli import add_prepare_arguments, run_prepare
@@ -18,6 +16,7 @@ from raydc.data.manifest import MANIFEST_NAME, load_manifest, verify_shards
 from raydc.data.prepare import prepare, prepare_from_config
 from raydc.data.sources import SOURCE_NAMES, Item, Source
 from raydc.errors import DataError, UserError
+from tests.helpers import image_bytes, make_folder
 
 MNIST_TEST_COUNTS = {0: 980, 1: 1135, 2: 1032, 3: 1010, 4: 982, 5: 892, 6: 958, 7: 1028, 8: 974, 9: 1009}
 
@@ -119,38 +118,6 @@ def test_data_root_from_environment(mnist_root, tmp_path, monkeypatch):
 
 # --- folders ----------------------------------------------------------------------------------------------
 
-def _image_bytes(rng: np.random.Generator, fmt: str, mode: str, size: tuple[int, int]) -> bytes:
-    w, h = size
-    shape = (h, w) if mode == "L" else (h, w, 3)
-    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def make_folder(root: Path, n: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
-    """n valid images of mixed sizes/formats in nested class folders, 2 corrupt ones, and a stray text file.
-    Returns (valid relative paths, corrupt relative paths)."""
-    rng = np.random.default_rng(seed)
-    kinds = [("PNG", "L", ".png"), ("PNG", "RGB", ".PNG"), ("JPEG", "RGB", ".jpg"), ("JPEG", "L", ".jpeg"),
-             ("BMP", "RGB", ".bmp"), ("GIF", "L", ".gif")]
-    valid = []
-    for i in range(n):
-        cls = "cat" if i % 2 == 0 else "dog"
-        sub = ["", "a", "a/deep", "b"][i % 4]
-        fmt, mode, ext = kinds[i % len(kinds)]
-        rel = "/".join(p for p in (cls, sub, f"img{i:03d}{ext}") if p)
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_image_bytes(rng, fmt, mode, (int(rng.integers(12, 40)), int(rng.integers(12, 40)))))
-        valid.append(rel)
-    good_png = _image_bytes(rng, "PNG", "RGB", (32, 32))
-    (root / "dog" / "broken.png").write_bytes(good_png[: len(good_png) // 2])
-    (root / "cat" / "a" / "noise.jpg").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
-    (root / "cat" / "notes.txt").write_text("not an image")
-    return sorted(valid), sorted(["dog/broken.png", "cat/a/noise.jpg"])
-
-
 def test_folder_source(tmp_path):
     valid, corrupt = make_folder(tmp_path / "imgs")
     out = tmp_path / "shards"
@@ -190,7 +157,7 @@ def test_folder_unlabeled_and_uniform(tmp_path):
     rng = np.random.default_rng(1)
     for i in range(5):
         (tmp_path / "flat").mkdir(exist_ok=True)
-        (tmp_path / "flat" / f"{i}.png").write_bytes(_image_bytes(rng, "PNG", "L", (20, 10)))
+        (tmp_path / "flat" / f"{i}.png").write_bytes(image_bytes(rng, "PNG", "L", (20, 10)))
     m = prepare("folder", tmp_path / "s", root=tmp_path / "flat", progress=False)
     assert m.count == 5 and not m.has_labels and m.label_counts is None and m.class_names is None
     assert m.image_shape == [10, 20, 1] and m.mode == "L"
@@ -203,7 +170,7 @@ def test_folder_same_size_mixed_modes_decodes_to_one_shape(tmp_path):
     rng = np.random.default_rng(4)
     (tmp_path / "imgs").mkdir()
     for i, mode in enumerate(["L", "RGB", "L"]):
-        (tmp_path / "imgs" / f"{i}.png").write_bytes(_image_bytes(rng, "PNG", mode, (9, 7)))
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(image_bytes(rng, "PNG", mode, (9, 7)))
     m = prepare("folder", tmp_path / "s", root=tmp_path / "imgs", progress=False)
     assert m.image_shape == [7, 9, 3] and m.mode == "RGB"
 
@@ -211,8 +178,8 @@ def test_folder_same_size_mixed_modes_decodes_to_one_shape(tmp_path):
 def test_folder_labels_with_loose_files_is_an_error(tmp_path):
     rng = np.random.default_rng(2)
     (tmp_path / "imgs" / "a").mkdir(parents=True)
-    (tmp_path / "imgs" / "a" / "x.png").write_bytes(_image_bytes(rng, "PNG", "L", (8, 8)))
-    (tmp_path / "imgs" / "loose.png").write_bytes(_image_bytes(rng, "PNG", "L", (8, 8)))
+    (tmp_path / "imgs" / "a" / "x.png").write_bytes(image_bytes(rng, "PNG", "L", (8, 8)))
+    (tmp_path / "imgs" / "loose.png").write_bytes(image_bytes(rng, "PNG", "L", (8, 8)))
     with pytest.raises(DataError, match="loose.png"):
         prepare("folder", tmp_path / "s", root=tmp_path / "imgs", progress=False)
     m = prepare("folder", tmp_path / "s", root=tmp_path / "imgs", labels_from_folders=False, progress=False)

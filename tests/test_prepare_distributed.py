@@ -7,25 +7,15 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from raydc.data.manifest import load_manifest, verify_shards
 from raydc.data.prepare import prepare
 from raydc.errors import DataError
 from tests.conftest import REPO
-from tests.test_prepare import make_folder
+from tests.helpers import make_folder, shard_rows
 
 pytestmark = pytest.mark.ray
-
-
-def _rows(out) -> pa.Table:
-    from raydc import storage
-
-    m = load_manifest(out)
-    return pa.concat_tables(pq.read_table(storage.open_input_file(storage.join(str(out), s.file)))
-                            .replace_schema_metadata(None) for s in m.shards)
 
 
 def _same_dataset(a_dir, b_dir) -> None:
@@ -35,7 +25,7 @@ def _same_dataset(a_dir, b_dir) -> None:
         assert getattr(a, key) == getattr(b, key), key
     assert sorted((s.path, s.reason) for s in a.skipped) == sorted((s.path, s.reason) for s in b.skipped)
     assert [s.row_start for s in b.shards] == list(np.cumsum([0] + [s.rows for s in b.shards])[:-1])
-    ta, tb = _rows(a_dir), _rows(b_dir)
+    ta, tb = shard_rows(a_dir), shard_rows(b_dir)
     assert ta.column_names == tb.column_names
     for name in ta.column_names:
         assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
@@ -48,7 +38,7 @@ def test_distributed_prepare_gives_the_one_process_rows(ray_local, tmp_path):
     prepare("folder", tmp_path / "one", root=tmp_path / "imgs", rows_per_shard=25, progress=False)
     m = prepare_distributed(str(tmp_path / "imgs"), str(tmp_path / "ray"), rows_per_shard=25, progress=False)
     assert m.count == 60 and len(m.skipped) == 2 and m.has_paths
-    assert _rows(tmp_path / "ray").column("path").to_pylist() == valid  # each image's file, relative to the root
+    assert shard_rows(tmp_path / "ray").column("path").to_pylist() == valid  # each image's file, relative to the root
     verify_shards(m, tmp_path / "ray")
     _same_dataset(tmp_path / "one", tmp_path / "ray")
     assert not [p for p in os.listdir(tmp_path / "ray") if p.startswith(STAGING_PREFIX)], "staging left behind"
@@ -59,8 +49,9 @@ def test_distributed_prepare_gives_the_one_process_rows(ray_local, tmp_path):
                         progress=False)
     a, b = load_manifest(tmp_path / "one7"), load_manifest(tmp_path / "ray7")
     assert b.count == 7 and b.label_counts == {1: 7} == a.label_counts
+    one, ray_ = shard_rows(tmp_path / "one7"), shard_rows(tmp_path / "ray7")
     for name in ("row", "id", "path", "image", "label"):
-        assert _rows(tmp_path / "one7").column(name).to_pylist() == _rows(tmp_path / "ray7").column(name).to_pylist()
+        assert one.column(name).to_pylist() == ray_.column(name).to_pylist()
     # The same overwrite rule as the one-process prepare.
     with pytest.raises(DataError, match="--overwrite"):
         prepare_distributed(str(tmp_path / "imgs"), str(tmp_path / "ray"), progress=False)

@@ -19,7 +19,7 @@ from PIL import Image
 from raydc.data.manifest import load_manifest, verify_shards
 from raydc.errors import DataError
 from tests.conftest import REPO
-from tests.test_prepare_distributed import _rows
+from tests.helpers import shard_rows
 
 pytestmark = pytest.mark.ray
 
@@ -78,7 +78,7 @@ def test_samples_become_shards_keyed_by_their_key(ray_local, tmp_path, kind):
     verify_shards(m, tmp_path / "out")
     assert m.name == kind and m.count == len(good) and m.has_paths and not m.has_labels
     assert sorted(s.path for s in m.skipped) == sorted(bad) and all(s.reason for s in m.skipped)
-    t = _rows(tmp_path / "out")
+    t = shard_rows(tmp_path / "out")
     assert t.column("row").to_pylist() == list(range(len(good)))
     assert sorted(t.column("path").to_pylist()) == sorted(good)  # every good sample once, under its key
     for key, data in zip(t.column("path").to_pylist(), t.column("image").to_pylist()):
@@ -115,7 +115,7 @@ def test_cli_webdataset_on_s3(s3_server, tmp_path):
     p = subprocess.run(cmd, cwd=REPO, env=_env(s3_server), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"prepared {len(good)} images" in p.stdout and f"{len(bad)} skipped" in p.stdout, p.stdout
-    assert sorted(_rows(out).column("path").to_pylist()) == sorted(good)
+    assert sorted(shard_rows(out).column("path").to_pylist()) == sorted(good)
     p = subprocess.run(cmd[:-2] + ["--no-progress"], cwd=REPO, env=_env(s3_server), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "--distributed" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

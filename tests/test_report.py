@@ -104,8 +104,14 @@ def test_metric_curves_skip_missing_keys(tmp_path, monkeypatch):
 
 
 def test_metric_curves_with_nothing_to_plot(tmp_path):
-    _png(metric_curves([], tmp_path / "empty.png"))
-    _png(metric_curves([{"epoch": 0, "loss": float("nan")}], tmp_path / "nan.png"))
+    """No rows, or only non-finite values: no panel (whose axes and tick labels are black), only the gray
+    "no values yet" message. A NaN drawn as a value, or a blank page, fails."""
+    drawn = np.asarray(_png(metric_curves(_rows(), tmp_path / "drawn.png")).convert("L"))
+    assert drawn.min() == 0  # what a panel looks like, in this matplotlib
+    for rows in ([], [{"epoch": 0, "loss": float("nan")}], [{"epoch": 0, "loss": float("inf"), "acc": "n/a"}]):
+        page = np.asarray(_png(metric_curves(rows, tmp_path / "nothing.png")).convert("L"))
+        assert page.min() > 60, rows            # nothing black: no axes
+        assert (page < 200).sum() > 500, rows   # but the message is there
 
 
 def test_size_histogram(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from raydc.config import load_config
+from raydc.config_loader import to_dict
 from raydc.engine.rundir import RunDir
 from raydc.engine.trainer import resolve_config
 from raydc.errors import ConfigError
@@ -19,10 +20,15 @@ def _saved(tmp_path, *extra):
     return cfg
 
 
-def test_same_config_resumes_unchanged(tmp_path):
-    _saved(tmp_path)
-    out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=lambda *_: None)
-    assert out.cluster.k == 5
+def test_same_config_resumes_unchanged(tmp_path, monkeypatch):
+    """The run continues from its saved config, not the one given: here the given config names the same shards
+    by a relative path, which compares equal, so nothing is logged and the saved spelling comes back."""
+    saved = _saved(tmp_path, f"data.shards={tmp_path / 'shards' / 'x'}")
+    monkeypatch.chdir(tmp_path)
+    said: list[str] = []
+    out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=said.append)
+    assert out.data.shards == str(tmp_path / "shards" / "x") and said == []
+    assert to_dict(out) == to_dict(saved)
 
 
 def test_budget_may_change_and_is_logged(tmp_path):
@@ -74,3 +80,32 @@ def test_a_moved_run_directory_resumes_where_it_is(tmp_path):
     shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
     out = resolve_config(_cfg(tmp_path / "moved"), resume=True, log=lambda *_: None)
     assert out.run.dir == str(tmp_path / "moved")
+
+
+# ---- decisions made on the cluster, once, before config.yaml is written --------------------------------------
+def test_feature_gpus_are_decided_on_the_cluster_and_the_given_config_is_left_alone(tmp_path):
+    from raydc.engine.trainer import place_on_cluster
+
+    given = _cfg(tmp_path / "run", "train.num_workers=1")
+    out, use_gpu = place_on_cluster(given, gpus=0)
+    assert (out.features.num_gpus, use_gpu) == (0.0, False)
+    out, use_gpu = place_on_cluster(given, gpus=2)                         # more GPUs than Train workers
+    assert (out.features.num_gpus, use_gpu) == (1.0, True) and given.features.num_gpus == 0.0
+    assert place_on_cluster(given, gpus=1)[0].features.num_gpus == 0.0     # the one GPU goes to training
+    always = _cfg(tmp_path / "run", "features.use_gpu=always")
+    assert place_on_cluster(always, gpus=1)[0].features.num_gpus == 1.0
+    never = _cfg(tmp_path / "run", "features.use_gpu=never", "train.use_gpu=never")
+    assert place_on_cluster(never, gpus=4) == (never, False)
+    chosen = _cfg(tmp_path / "run", "features.num_gpus=0.25")
+    assert place_on_cluster(chosen, gpus=4)[0].features.num_gpus == 0.25
+    with pytest.raises(ConfigError, match=r"train\.use_gpu"):
+        place_on_cluster(_cfg(tmp_path / "run", "train.use_gpu=always"), gpus=0)
+
+
+def test_a_run_saved_with_decided_feature_gpus_resumes_from_the_given_config(tmp_path):
+    """config.yaml holds the decision (1 GPU per feature actor); the same command resumes, and the cluster it
+    resumes on decides again."""
+    _saved(tmp_path, "features.num_gpus=1.0")
+    said = []
+    out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=said.append)
+    assert out.features.num_gpus == 0.0 and any("features.num_gpus" in s for s in said)

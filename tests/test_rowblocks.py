@@ -44,9 +44,9 @@ def test_two_dimensional_values_and_a_bounded_cache():
     out = look(rows)
     np.testing.assert_array_equal(out[rows // 100 != 3], p[rows // 100 != 3])
     assert (out[300:400] == 0.0).all()                 # the missing block's rows: fill
-    assert list(look._held) == [7, 8] and look._bytes == 2 * 100 * 4 * 4  # the two most recent, nothing more
+    assert look.held == [7, 8] and look.held_bytes == 2 * 100 * 4 * 4  # the two most recent, nothing more
     look(np.arange(0, 10))
-    assert list(look._held) == [8, 0]
+    assert look.held == [8, 0]
 
 
 def test_parts_are_written_and_read_back_a_row_group_at_a_time(tmp_path):

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 import yaml
 
-from raydc.config import Config, load_config
+from raydc.config import load_config
 from raydc.config_loader import from_dict
 from raydc.sweep.config import SelectConfig, SweepConfig
 from raydc.sweep.select import TrialRecord, select_best, selection_label
 from tests.conftest import REPO
+from tests.helpers import SIDE_GROUPS as SIDE
+from tests.helpers import three_groups
 
 # ---- selection from final rows -------------------------------------------------------------------------
 
@@ -153,21 +155,6 @@ def test_search_and_scheduler_reach_tune():
 
 # ---- through Ray Tune and the engine --------------------------------------------------------------------
 
-GROUPS, SIDE, PER_GROUP = 3, 16, 60
-
-
-def three_groups(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three well-separated groups of 16x16 gray images (horizontal stripes, vertical stripes, a disc) plus
-    pixel noise: distinct structures, so no two groups are closer than the third, whatever the network."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIDE, :SIDE]
-    templates = np.stack([(yy // 2) % 2 == 0, (xx // 2) % 2 == 0,
-                          (yy - SIDE / 2) ** 2 + (xx - SIDE / 2) ** 2 < (SIDE / 3.2) ** 2])
-    labels = np.repeat(np.arange(GROUPS), PER_GROUP)
-    noise = rng.normal(0, 20, (len(labels), SIDE, SIDE))
-    images = np.clip(30 + 190 * templates[labels] + noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(labels))
-    return images[order], labels[order]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +169,8 @@ def sweep_files(tmp_path_factory):
         "method": "deepcluster",
         "data": {"shards": str(d / "shards")},
         "model": {"input_size": SIDE, "feature_dim": 32},
-        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},  # restarts: no local minimum at k=3
+        # restarts: no local minimum at k=3
+        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},
         "features": {"batch_size": 180},
         # A small lr: each trial trains on its own k's pseudo-labels, and a network trained hard on k = 2 learns
         # to merge two groups; the test is about selection, not about how far training moves the features.
@@ -191,8 +179,8 @@ def sweep_files(tmp_path_factory):
         "run": {"montage_per_cluster": 2, "dir": str(d / "unused")},
     }
     (d / "base.yaml").write_text(yaml.safe_dump(base))
-    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3, 5]}}, "search": {"algorithm": "grid"},
-                                              "dir": str(d / "out")}))
+    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3, 5]}},
+                                              "search": {"algorithm": "grid"}, "dir": str(d / "out")}))
     (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
     return d
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.test_sweep import three_groups
+from tests.helpers import three_groups
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -523,7 +523,8 @@ class ClusteringService:
         """Parts written by `write_parts` back into the object store, spread over the shards."""
         from raydc import storage
 
-        paths = [p for p in storage.list_files(directory, suffix=".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
+        paths = [p for p in storage.list_files(directory, suffix=".parquet")
+                 if p.rsplit("/", 1)[-1].startswith("part-")]
         groups = [paths[i::len(self.shards)] for i in range(len(self.shards))]
         return RowBlocks.merge(self._get([s.read_parts.remote(g, column, dtype, fill)
                                           for s, g in zip(self.shards, groups) if g]), fill)

@@ -548,7 +548,8 @@ def summary_line(row: dict) -> str:
     for key, fmt in (("phase", "{}"), ("loss", "loss {:.4f}"), ("kmeans_objective", "obj {:.5g}"),
                      ("upper", "u {:.3f}"), ("lower", "l {:.3f}"), ("selected_pairs", "pairs {:.1%}"),
                      ("delta_label", "changed {:.2%}"), ("nmi_prev", "NMI(t-1,t) {:.3f}"),
-                     ("acc", "ACC {:.3f}"), ("acc_majority", "majority ACC {:.3f}"), ("nmi", "NMI {:.3f}"), ("ari", "ARI {:.3f}"),
+                     ("acc", "ACC {:.3f}"), ("acc_majority", "majority ACC {:.3f}"), ("nmi", "NMI {:.3f}"),
+                     ("ari", "ARI {:.3f}"),
                      ("n_empty", "empty {}"), ("silhouette", "silhouette {:.3f}"),
                      ("images_per_s_train", "{:.0f} img/s train")):
         if row.get(key) is not None and not (key == "phase" and row[key] == "final"):

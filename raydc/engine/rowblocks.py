@@ -75,6 +75,15 @@ class RowLookup:
         self._held: OrderedDict[int, np.ndarray] = OrderedDict()
         self._bytes = 0
 
+    @property
+    def held(self) -> list[int]:
+        """The blocks the cache holds now, least recently used first: what bounds a worker's memory."""
+        return list(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
     def _block(self, i: int) -> np.ndarray:
         got = self._held.get(i)
         if got is None:

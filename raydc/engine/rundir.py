@@ -1,7 +1,8 @@
 """The run directory: the one place a run's state lives, so that any interruption resumes from it.
 
 Layout: `config.yaml` (resolved), `metrics.jsonl` (one JSON object per epoch), `checkpoints/` (Ray Train's
-storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start), `clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id, path,
+storage: `fit-NNN/checkpoint_<timestamp>/{state.pt,round.json}` and its own bookkeeping, one fit-NNN per start),
+`clustering.pt` (the final model and what `raydc assign` needs), `assignments/part-NNNNN.parquet` (`row, id, path,
 cluster, distance`, one part per shard actor, each written by that actor: no process ever holds them all),
 `labels/round=R/` (the same per round, for the next round's comparison and a resume), `report/` (PNGs).
 
@@ -11,8 +12,8 @@ read with `torch.load(weights_only=True)`, whose unpickler refuses everything el
 
 The directory may be a local path or an object-store URI. Every write goes to a temporary file in the same
 directory and is renamed into place (object stores: an upload that appears whole), so a kill at any instant
-leaves either the old or the new file, never half of one. A checkpoint is the commit point of a round: metrics rows past the last checkpoint are
-dropped on resume, because the resumed run will write them again.
+leaves either the old or the new file, never half of one. A checkpoint is the commit point of a round: metrics
+rows past the last checkpoint are dropped on resume, because the resumed run will write them again.
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ import io
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from raydc import storage
-from raydc.errors import UserError
+from raydc.errors import DataError, UserError
 
 CHECKPOINT_DIR = "checkpoints"       # Ray Train's storage: <run>/checkpoints/fit-NNN/checkpoint_<timestamp>/
 CHECKPOINT_STATE = "state.pt"        # in each checkpoint directory: the round's model, method state, optimizers
@@ -37,18 +39,26 @@ ASSIGNMENTS_DIR = "assignments"
 FORMAT = 2  # 1: pickled numpy arrays and dataclasses (before safe loading); 2: tensors and plain values only
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def parse_metrics(text: str, where: str) -> list[dict]:
+    """The rows of a metrics.jsonl. raydc writes it whole (write, then rename), so a damaged line was made by
+    hand or by a copy cut short: a torn last line is dropped with a warning (the rows before it are whole);
+    damage anywhere else is a DataError naming the line, as the rows after it may be shifted or lost."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows: list[dict] = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise DataError(f"{where} line {n} is not a metrics row ({e}): the file was edited or damaged; "
+                                f"repair or delete that line") from None
+            warnings.warn(f"{where}: ignoring its last line ({n}), which is not a whole metrics row ({e}); "
+                          f"reading the {len(rows)} rows before it", stacklevel=3)
+            break
+        rows.append(row)
+    return rows
 
 
 # Rows per Parquet row group in the parts shard actors write (assignments, a round's labels), and so per batch
@@ -125,7 +135,7 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         if not storage.is_file(self.metrics_path):
             return []
-        return [json.loads(line) for line in storage.read_text(self.metrics_path).splitlines() if line.strip()]
+        return parse_metrics(storage.read_text(self.metrics_path), self.metrics_path)
 
     def write_metrics(self, rows: list[dict]) -> None:
         storage.write_text_atomic(self.metrics_path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from raydc import tracking
 from raydc.config import Config
-from raydc.config_loader import from_dict, parse_yaml, to_dict
+from raydc.config_loader import dump_yaml, from_dict, parse_yaml, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.engine.rundir import RunDir
 
@@ -50,6 +50,9 @@ RESUMABLE_FIELDS = (
     "data.cache", "cluster.reduction", "cluster.star_max_mb",
     "cluster.shard_restarts", "cluster.persist_features", "cluster.recovery_timeout_s",
     "run.trackers", "run.mlflow_uri", "run.experiment",
+    # Decided on the cluster at start when left at 0 (`place_on_cluster`), so the saved value is the decision
+    # on the cluster the run started on; a resume on another cluster decides again.
+    "features.num_gpus",
 )
 
 
@@ -101,6 +104,22 @@ def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
         section, field = key.split(".", 1)
         setattr(getattr(saved, section), field, getattr(getattr(cfg, section), field))
     return saved
+
+
+def place_on_cluster(cfg: Config, gpus: int) -> tuple[Config, bool]:
+    """The decisions that need the cluster, made once, before the config is saved: whether the Train workers
+    use GPUs, and how many GPUs each feature actor takes when `features.num_gpus` is left at 0 (one, under
+    features.use_gpu always or when there are more GPUs than Train workers). Returns (the config to save and
+    hand to the workers, use_gpu); `cfg` itself is left as given."""
+    import copy
+
+    if cfg.train.use_gpu == "always" and gpus == 0:
+        raise ConfigError("train.use_gpu", "is 'always' but the Ray cluster has no GPUs")
+    use_gpu = cfg.train.use_gpu == "always" or (cfg.train.use_gpu == "auto" and gpus > 0)
+    if gpus and cfg.features.use_gpu != "never" and cfg.features.num_gpus == 0:
+        cfg = copy.deepcopy(cfg)
+        cfg.features.num_gpus = 1.0 if cfg.features.use_gpu == "always" or gpus > cfg.train.num_workers else 0.0
+    return cfg, use_gpu
 
 
 def gpus_available() -> int:
@@ -155,21 +174,19 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     manifest = ensure_shards(cfg, log)
     check_against_data(cfg, manifest, log)
     data_bytes = check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before Ray starts
-    run = RunDir(cfg.run.dir)
-    resuming = run.create(cfg.to_yaml(), resume=resume, overwrite=overwrite)
-    log(f"run directory {run.location}" + (" (resuming)" if resuming else ""))
 
     t0 = time.perf_counter()
     init_ray(cfg.ray, train_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
     t_ray = time.perf_counter() - t0
     gpus = gpus_available()
-    use_gpu = cfg.train.use_gpu == "always" or (cfg.train.use_gpu == "auto" and gpus > 0)
-    if cfg.train.use_gpu == "always" and gpus == 0:
-        raise ConfigError("train.use_gpu", "is 'always' but the Ray cluster has no GPUs")
-    if gpus and cfg.features.use_gpu != "never" and cfg.features.num_gpus == 0:
-        cfg.features.num_gpus = 1.0 if cfg.features.use_gpu == "always" or gpus > cfg.train.num_workers else 0.0
+    cfg, use_gpu = place_on_cluster(cfg, gpus)
     log(f"Ray ready in {t_ray:.1f}s: {gpus} GPUs; training on {cfg.train.num_workers} worker(s), "
         f"{'GPU' if use_gpu else 'CPU'}; {manifest.count} images")
+    # The config is complete now: config.yaml and every worker (and so clustering.pt) get this one, unchanged.
+    resolved = to_dict(cfg)
+    run = RunDir(cfg.run.dir)
+    resuming = run.create(dump_yaml(resolved), resume=resume, overwrite=overwrite)
+    log(f"run directory {run.location}" + (" (resuming)" if resuming else ""))
 
     train_data = training_dataset(cfg, data_bytes, log)
     resources = {"CPU": cfg.train.cpus_per_worker, **({cfg.train.worker_resource: 1} if cfg.train.worker_resource
@@ -179,7 +196,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     storage_path, storage_fs, fit_name = run.next_fit_storage()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": run.location, "resume_from": resume_from},
+        train_loop_config={"config": resolved, "run_dir": run.location, "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         datasets={"train": train_data},

@@ -12,7 +12,8 @@ A DEC run has three stages, all inside the one training fit, each round a unit o
    `dec.max_update_epochs` passes over the data when that is set). Rank 0 extracts q for
    every image, gets the global soft cluster mass f with one reduction over the shard actors, has each shard
    build its rows of P with that f and put them in the object store by row range (`RowBlocks`: the streaming
-   split moves rows between workers, so each worker looks up the rows it streams; nothing N x k is gathered). Workers draw rows with Poisson repeats so
+   split moves rows between workers, so each worker looks up the rows it streams; nothing N x k is gathered).
+   Workers draw rows with Poisson repeats so
    that a round is `update_interval` batches in expectation, and minimise KL(P || Q) over the encoder and
    the centres. Training stops when fewer than `dec.tol` of the hard labels changed between two updates (never
    on the first, which compares with k-means' own labels), after exactly `dec.max_iterations` iterations, or

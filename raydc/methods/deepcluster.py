@@ -3,7 +3,8 @@
 Each round (= epoch): features of every image from the current convnet (pre-ReLU penultimate layer, eval
 mode, deterministic transform) -> PCA-256 with whitening (fitted on a sample of `features.pca_sample` images,
 applied by the feature workers) -> L2 -> k-means (20 iterations, no subsampling, a fresh seed per epoch drawn
-from the run seed) -> pseudo-labels, kept on the shard actors and joined to the training stream by row. Training then draws images
+from the run seed) -> pseudo-labels, kept on the shard actors and joined to the training stream by row.
+Training then draws images
 uniformly over the non-empty clusters (each row repeated Poisson(n / (k_nonempty |c|)) times, DeepCluster's
 UnifLabelSampler in expectation, computable while streaming), through a re-initialised top layer with its own
 momentum-free SGD, as in the reference code.

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from raydc.config import Config
+from raydc import storage
 from raydc.config_loader import from_dict, read_yaml
-from raydc.engine.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from raydc.engine.rundir import RunDir
 from raydc.sweep.config import Param, SweepConfig
 from raydc.sweep.select import LabelAgreement, TrialRecord, metric_columns, selection_label
 from raydc.sweep.trial import ATTEMPTS_FILE, final_row
@@ -67,7 +68,7 @@ def write_trials_csv(path: Path, records: list[TrialRecord], sweep: SweepConfig,
         w.writerow([r.trial_id, r.status, int(best is r), *[r.params.get(n) for n in names],
                     *[_fmt(final.get(m)) for m in metrics], rounds, _fmt(r.wall_s), r.attempts, r.run_dir or "",
                     r.error or ""])
-    atomic_write_text(path, buf.getvalue())
+    storage.write_text_atomic(str(path), buf.getvalue())
     return path
 
 
@@ -85,7 +86,7 @@ def write_best_yaml(path: Path, best: TrialRecord, sweep: SweepConfig) -> Path:
     score = best.score(sweep.select.metric)
     header = (f"# Winner of the sweep in {path.parent}: trial {best.trial_id} ({shown}),\n"
               f"# {selection_label(sweep.select)} = {score:.6g}. Train it: raydc train --config {path}\n")
-    atomic_write_text(path, header + cfg.to_yaml())
+    storage.write_text_atomic(str(path), header + cfg.to_yaml())
     return path
 
 
@@ -140,7 +141,7 @@ def plot_selection(report_dir: Path, records: list[TrialRecord], sweep: SweepCon
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     path = report_dir / "selection.png"
-    atomic_write_bytes(path, buf.getvalue())
+    storage.write_bytes_atomic(str(path), buf.getvalue())
     return path
 
 
@@ -159,5 +160,5 @@ def write_summary_json(path: Path, records: list[TrialRecord], sweep: SweepConfi
                           "spearman_with_selection": agreement.spearman,
                           "label_best": agreement.label_best.trial_id,
                           "label_best_params": agreement.label_best.params}
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    storage.write_text_atomic(str(path), json.dumps(data, indent=2) + "\n")
     return path

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from raydc import storage
 from raydc.config import Config, load_config
 from raydc.config_loader import dump_yaml, from_dict, read_yaml, to_dict
-from raydc.engine.rundir import atomic_write_text
 from raydc.errors import ConfigError, UserError
 from raydc.sweep.config import SweepConfig, load_sweep
 from raydc.sweep.select import TrialRecord, label_agreement, select_best, selection_label
@@ -213,8 +213,8 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
     base = to_dict(cfg)
     n_probe = check_space(sweep, base, manifest)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sweep.yaml", dump_yaml(sweep))
-    atomic_write_text(out / "base.yaml", cfg.to_yaml())
+    storage.write_text_atomic(str(out / "sweep.yaml"), dump_yaml(sweep))
+    storage.write_text_atomic(str(out / "base.yaml"), cfg.to_yaml())
     n_trials = grid_size(sweep) * sweep.search.num_samples
     log(f"sweep {out}: {n_trials} trial(s) over {', '.join(sweep.space)}; {n_probe} config(s) checked; "
         f"{selection_label(sweep.select)}")
