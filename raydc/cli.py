@@ -51,7 +51,8 @@ def _common_arguments() -> argparse.ArgumentParser:
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see jobs/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set cluster.k=100 (repeatable; every field: `raydc config show`)")
+                   help="override a config field, e.g. --set cluster.k=100 "
+                        "(repeatable; every field: `raydc config show`)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in run.dir from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete run.dir and start again")

@@ -17,7 +17,7 @@ from raydc.engine.loop import WorkerContext
 from raydc.engine.stream import Batch
 from raydc.methods.dac import DAC
 from tests.inprocess import run_method_in_process
-from tests.test_dec_method import K, PER_CLUSTER, SIDE, blobs
+from tests.helpers import K, PER_CLUSTER, SIDE, blobs
 
 CHUNK, BATCH, PASSES = 40, 8, 3
 
@@ -94,7 +94,7 @@ def _steps(rank: int, world: int, port: int, images: np.ndarray, n_steps: int) -
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     wctx = ChunkWorker(cfg, rank, world, images)
     out = []
-    for i, step in zip(range(n_steps), method._chunk_steps(wctx, ddp, 0, 0.3, 0.3)):
+    for _, step in zip(range(n_steps), method._chunk_steps(wctx, ddp, 0, 0.3, 0.3)):
         x = resize_center(to_float(step.images), SIDE)
         feats = wctx.all_gather(ddp(x))
         model.zero_grad()

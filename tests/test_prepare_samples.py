@@ -103,8 +103,9 @@ def test_bad_sample_sources_name_the_fix(ray_local, tmp_path):
 @pytest.mark.slow  # a Ray of its own, started by the CLI
 def test_cli_webdataset_on_s3(s3_server, tmp_path):
     """The command a user runs, tar shards in the bucket and shards written there (its own local Ray)."""
-    from tests.test_object_storage import _env
+    import os
 
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env)
     good, bad = make_tars(tmp_path / "tars", n=8, per_tar=4)
     client = s3_server.client()
     for p in sorted((tmp_path / "tars").iterdir()):
@@ -112,10 +113,10 @@ def test_cli_webdataset_on_s3(s3_server, tmp_path):
     out = s3_server.uri("shards/wds")
     cmd = [sys.executable, "-m", "raydc.cli", "prepare", "--source", "webdataset", "--root", s3_server.uri("wds"),
            "--out", out, "--distributed", "--no-progress"]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(s3_server), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"prepared {len(good)} images" in p.stdout and f"{len(bad)} skipped" in p.stdout, p.stdout
     assert sorted(shard_rows(out).column("path").to_pylist()) == sorted(good)
-    p = subprocess.run(cmd[:-2] + ["--no-progress"], cwd=REPO, env=_env(s3_server), capture_output=True, text=True,
+    p = subprocess.run(cmd[:-2] + ["--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "--distributed" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -19,7 +19,8 @@ def test_weighted_knn_follows_the_temperature_weights_not_the_majority():
     a majority vote says 1; the weighted vote compares exp(0.996/0.07) = 1.5e6 with exp(0.906/0.07) +
     exp(0.643/0.07) = 4.2e5 + 9.7e3, and says 0. At k = 1 the nearest alone decides (0). The vectors are
     scaled to other lengths: the similarity is the cosine."""
-    train = np.array([_at(0), _at(40), _at(-40), _at(180), _at(170)], np.float32) * np.array([[1], [3], [0.5], [2], [1]])
+    scale = np.array([[1], [3], [0.5], [2], [1]])
+    train = np.array([_at(0), _at(40), _at(-40), _at(180), _at(170)], np.float32) * scale
     labels = np.array([0, 1, 1, 2, 2])
     probe = KNNProbe(train, labels, ks=(1, 3), num_classes=3)
     x = np.array([_at(5)], np.float32) * 7

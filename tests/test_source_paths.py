@@ -52,7 +52,8 @@ def test_path_sources_follow_the_manifest(tmp_path):
     from raydc.data.manifest import Manifest, ShardInfo
 
     m = Manifest("folder", "/x", 9, "encoded", None, "RGB", False,
-                 shards=[ShardInfo("shard-00000.parquet", 5, "", 0, 4), ShardInfo("shard-00001.parquet", 4, "", 5, 8, 5)])
+                 shards=[ShardInfo("shard-00000.parquet", 5, "", 0, 4),
+                         ShardInfo("shard-00001.parquet", 4, "", 5, 8, 5)])
     assert path_sources(m, str(tmp_path)) is None  # a manifest of an older raydc: no has_paths
     m.has_paths = True
     assert path_sources(m, str(tmp_path)) == [PathSource(str(tmp_path / "shard-00000.parquet"), 0, 5),

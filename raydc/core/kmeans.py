@@ -12,8 +12,8 @@ They differ only in rounding (faiss sums in float32, we sum in float64) and in t
 cluster empties (faiss's RNG is re-seeded with 1234 at every split; ours is a numpy Generator).
 
 `kmeans(..., assign_precision="bf16")` runs `lloyd`'s iteration in-process with `Bf16Assigner` instead of
-faiss's search (meant for CPUs with bf16 matrix instructions and many centroids, see BF16_AUTO): the distance GEMM in bfloat16 (torch, oneDNN: AMX where present) picks
-each point's `BF16_CANDIDATES` nearest centroids, and an exact float32 distance to each of them (faiss's
+faiss's search (meant for CPUs with bf16 matrix instructions and many centroids, see BF16_AUTO): the distance GEMM
+in bfloat16 (torch, oneDNN: AMX where present) picks each point's `BF16_CANDIDATES` nearest centroids, and an exact float32 distance to each of them (faiss's
 `knn_L2sqr_by_idx`) picks the label. The GEMM is where a k = 1000 iteration spends most of its time; the
 re-rank costs a few candidates per point.
 """
@@ -325,8 +325,8 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centro
 
     `assign_precision`: "fp32" is faiss's Clustering throughout; "bf16" runs the same Lloyd iteration with
     `Bf16Assigner` (CPU only; float64 centroid sums and numpy's RNG for empty-cluster splits, as `lloyd`);
-    "auto" takes bf16 where BF16_AUTO allows it (k >= BF16_MIN_K, a CPU with bf16 instructions), fp32 elsewhere. Either way the
-    labels are the nearest centroid by float32 distance; `backend` says which ran.
+    "auto" takes bf16 where BF16_AUTO allows it (k >= BF16_MIN_K, a CPU with bf16 instructions), fp32 elsewhere.
+    Either way the labels are the nearest centroid by float32 distance; `backend` says which ran.
     """
     t0 = time.perf_counter()
     x = _as_points(x)

@@ -177,4 +177,5 @@ def add_embed_arguments(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--reduced", dest="raw", action="store_false", default=False,
                    help="the features after the run's PCA projection and L2 normalisation (default)")
-    g.add_argument("--raw", dest="raw", action="store_true", default=False, help="the network's features before any reduction")
+    g.add_argument("--raw", dest="raw", action="store_true", default=False,
+                   help="the network's features before any reduction")

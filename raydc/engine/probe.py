@@ -1,4 +1,5 @@
-"""`raydc evaluate --probe knn|linear|both`: the k-NN and/or linear probe of a finished run's network (raydc.core.probes).
+"""`raydc evaluate --probe knn|linear|both`: the k-NN and/or linear probe of a finished run's network
+(raydc.core.probes).
 
 The run's final network (clustering.pt, loaded without unpickling code) computes the features of a labelled
 training split and a labelled test split through the persistent feature pool, the same actors and eval
