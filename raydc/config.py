@@ -240,6 +240,13 @@ class RunConfig:
     montage_per_cluster: int = 16
     keep_checkpoints: int = 2
     progress: bool = True
+    # A writer's lease on run.dir (raydc.engine.lease) is taken over by the next writer once its heartbeat,
+    # renewed every quarter of this, is older than this: how long a killed run blocks its directory.
+    lease_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        if not self.lease_timeout_s > 0:
+            raise ConfigError("run.lease_timeout_s", f"must be > 0, got {self.lease_timeout_s}")
 
 
 class _ConfigBase:

@@ -8,6 +8,7 @@ from pathlib import Path
 from raydc.config import Config
 from raydc.config_loader import from_dict, parse_yaml, to_dict
 from raydc.errors import ConfigError, UserError
+from raydc.engine.lease import RunLease
 from raydc.engine.rundir import RunDir
 
 
@@ -48,6 +49,7 @@ RESUMABLE_FIELDS = (
     "cluster.shard_resource",
     "data.cache", "cluster.reduction", "cluster.star_max_mb",
     "cluster.shard_restarts", "cluster.persist_features", "cluster.recovery_timeout_s",
+    "run.lease_timeout_s",
 )
 
 
@@ -135,15 +137,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
                  callbacks: list | None = None) -> RunDir:
     """One run, start to report. `callbacks` go to the TorchTrainer's RunConfig (Ray Tune's report callback
     when a sweep drives the run)."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from raydc.engine.datasets import check_shard_footers
-    from raydc.engine.loop import train_loop_per_worker
     from raydc.engine.paths import absolute_paths
-    from raydc.engine.runtime import init_ray, train_run_config_kwargs
-    from raydc.runreport import write_run_report
 
     # Workers run in their own directories: hand them absolute paths (on a cluster: shared storage). Before
     # resolve_config, so --resume looks in the run.dir meant; again after, as the saved config may be relative.
@@ -154,6 +149,22 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     check_against_data(cfg, manifest, log)
     data_bytes = check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before Ray starts
     run = RunDir(cfg.run.dir)
+    # One writer per run directory, from before --overwrite deletes it until the report is drawn.
+    with RunLease(run.location, cfg.run.lease_timeout_s, log=log).held():
+        return _train_holding_lease(cfg, run, manifest, data_bytes, resume=resume, overwrite=overwrite, log=log,
+                                    callbacks=callbacks)
+
+
+def _train_holding_lease(cfg: Config, run: RunDir, manifest, data_bytes: int, *, resume: bool, overwrite: bool,
+                         log, callbacks: list | None) -> RunDir:
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydc.engine.loop import train_loop_per_worker
+    from raydc.engine.runtime import init_ray, train_run_config_kwargs
+    from raydc.runreport import write_run_report
+
     resuming = run.create(cfg.to_yaml(), resume=resume, overwrite=overwrite)
     log(f"run directory {run.location}" + (" (resuming)" if resuming else ""))
 
