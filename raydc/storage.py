@@ -18,11 +18,18 @@ through `runtime_env={"env_vars": ...}`.
   bucket outside `AWS_REGION` still works.
 * Credentials are left to the AWS SDK's chain, which starts with `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/
   `AWS_SESSION_TOKEN` and goes on to `AWS_PROFILE` and an instance role.
+* `RAYDC_STORAGE_RETRY_S` (default 60): how long an S3 request is retried, with exponential backoff, while
+  the store is unreachable (connection refused or reset, a stalled response, 5xx). Retries happen inside the
+  S3 client, so every request of every process is covered: raydc's own reads and writes, Ray Data's shard
+  reads and Ray Train's checkpoint uploads (the filesystem handed to them keeps its retries when pickled to a
+  worker, which pyarrow's own does not). An outage shorter than this costs a wait; a longer one fails the
+  request with a `DataError` that names the store, and the run stops at its last checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import posixpath
 import re
@@ -45,6 +52,9 @@ _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT
 # Any of these lets the AWS SDK find credentials without AWS_ACCESS_KEY_ID.
 _AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
                            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+RETRY_ENV = "RAYDC_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 60.0
+_FIRST_BACKOFF_S = 0.05  # the AWS SDK's default strategy waits 25 ms * 2^n before retry n (n >= 1)
 _OBJECT_STORES = ("s3", "gcs")  # pyarrow type_name of filesystems whose first path segment is a bucket
 _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "HTTP status 403",
            "EXPIRED_TOKEN", "PERMISSION_DENIED", "UNAUTHENTICATED")
@@ -75,7 +85,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         if not bucket:
             raise DataError(f"{location}: an S3 URI needs a bucket, as in s3://BUCKET/prefix")
         with _translated(location):
-            fs = _s3_filesystem(bucket, tuple(os.environ.get(k) for k in _S3_ENV))
+            fs = _s3_filesystem(bucket, tuple(os.environ.get(k) for k in _S3_ENV), retry_budget_s())
         return fs, location[m.end():].rstrip("/")
     with _translated(location):
         return pafs.FileSystem.from_uri(location)
@@ -238,19 +248,60 @@ def makedirs(location: str) -> None:
 # --- internals ---------------------------------------------------------------------------------------------
 
 
+def retry_budget_s() -> float:
+    """`RAYDC_STORAGE_RETRY_S`, checked: how long an unreachable object store is waited for."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise DataError(f"{RETRY_ENV}={raw!r}: give the seconds to retry an unreachable object store, >= 0")
+    return value
+
+
+def retry_attempts(budget_s: float) -> int:
+    """Attempts of the AWS SDK's default strategy (exponential backoff from 50 ms, no cap) whose waits add up
+    to at least `budget_s`: a retry budget of B seconds retries for between B and about 2B."""
+    if budget_s <= 0:
+        return 1
+    return max(2, math.ceil(math.log2(budget_s / (_FIRST_BACKOFF_S / 2) + 2)))
+
+
+class _RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, built with a retry strategy that survives pickling: pyarrow's own `__reduce__`
+    drops `retry_strategy`, so a filesystem handed to Ray Data or Ray Train would reach the workers with the
+    SDK's default of three quick attempts."""
+
+    def __init__(self, retry_s: float, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=retry_attempts(retry_s)),
+                         **kwargs)
+        self._raydc_args = (retry_s, kwargs)
+
+    def __reduce__(self):
+        return _rebuild_s3, self._raydc_args
+
+
+def _rebuild_s3(retry_s: float, kwargs: dict) -> _RetryingS3FileSystem:
+    return _RetryingS3FileSystem(retry_s, **kwargs)
+
+
 @functools.lru_cache(maxsize=32)
-def _s3_filesystem(bucket: str, env: tuple[str | None, ...]) -> pafs.S3FileSystem:
-    """Cached by bucket and the AWS variables (`env`, in `_S3_ENV` order), so a change to the environment gets
-    a fresh client and an unchanged one reuses its region lookup."""
+def _s3_filesystem(bucket: str, env: tuple[str | None, ...], retry_s: float = DEFAULT_RETRY_S
+                   ) -> pafs.S3FileSystem:
+    """Cached by bucket, the AWS variables (`env`, in `_S3_ENV` order) and the retry budget, so a change to the
+    environment gets a fresh client and an unchanged one reuses its region lookup."""
     settings = dict(zip(_S3_ENV, env))
     endpoint = settings["AWS_ENDPOINT_URL_S3"] or settings["AWS_ENDPOINT_URL"]
     if not endpoint:
         fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}")
-        return fs
+        return _RetryingS3FileSystem(retry_s, region=fs.region)
     parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     region = settings["AWS_REGION"] or settings["AWS_DEFAULT_REGION"] or "us-east-1"
-    return pafs.S3FileSystem(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme,
-                             region=region)
+    return _RetryingS3FileSystem(retry_s, endpoint_override=parts.netloc + parts.path.rstrip("/"),
+                                 scheme=parts.scheme, region=region)
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -334,8 +385,10 @@ def _explain(location: str, message: str) -> DataError:
         return DataError(_denied(location, scheme) + cause)
     if "NETWORK_CONNECTION" in message or "curlCode" in message:
         if scheme == "s3":
-            return DataError(f"{location}: cannot reach {_s3_endpoint() or 'AWS S3'}: check the network, and "
-                             f"AWS_ENDPOINT_URL if the bucket is on a non-AWS server{cause}")
+            return DataError(f"{location}: cannot reach {_s3_endpoint() or 'AWS S3'} (retried for "
+                             f"{RETRY_ENV}={retry_budget_s():g}s): check the network, and AWS_ENDPOINT_URL if the "
+                             f"bucket is on a non-AWS server; a run stopped by this continues from its last "
+                             f"checkpoint with --resume{cause}")
         return DataError(f"{location}: cannot reach the {scheme}:// service: check the network{cause}")
     return DataError(f"{location}: {detail}")
 
