@@ -28,11 +28,13 @@ through `runtime_env={"env_vars": ...}`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -134,7 +136,7 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
     visible only when it completes, so it is written in place."""
     fs, path = resolve(location)
     if fs.type_name == "local":
-        with _translated(location):
+        with _translated(location, needed=len(data)):
             _write_local_atomic(path, data)
         return
     with _translated(location, fs, path), fs.open_output_stream(path) as f:
@@ -172,7 +174,12 @@ def open_output_stream(location: str) -> Iterator[pa.NativeFile]:
             fs.create_dir(parent, recursive=True)
         stream = fs.open_output_stream(tmp)
     try:
-        yield stream
+        try:
+            yield stream
+        except OSError as e:  # the writer's own errors stay its own, but for a full disk, said in one line
+            if e.errno in _FULL:
+                raise no_space_error(location) from e
+            raise
         with _translated(location, fs, path):
             stream.close()
             if local:
@@ -342,14 +349,40 @@ def _fsync(path: str, strict: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def _translated(location: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> Iterator[None]:
-    """Turn pyarrow's and the OS's errors for `location` into `DataError`s that say what to do."""
+def _translated(location: str, fs: pafs.FileSystem | None = None, path: str | None = None,
+                needed: int | None = None) -> Iterator[None]:
+    """Turn pyarrow's and the OS's errors for `location` into `DataError`s that say what to do. `needed`: the
+    bytes being written, for the message of a full disk."""
     try:
         yield
     except FileNotFoundError as e:
         raise _not_found(location, fs, path) from e
-    except (OSError, pa.ArrowException) as e:
+    except OSError as e:
+        if e.errno in _FULL:
+            raise no_space_error(location, needed) from e
         raise _explain(location, str(e)) from e
+    except pa.ArrowException as e:
+        raise _explain(location, str(e)) from e
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_error(location: str, needed: int | None = None) -> DataError:
+    """A full disk (or quota) under a local `location`, said in one line with what is free and what the write
+    needed: nothing of the write is left under its real name (writes go to a temporary that is removed)."""
+    if is_uri(location):
+        return DataError(f"{location}: the store refused the write: no space left; free space, then --resume")
+    probe = os.path.abspath(location)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"; this write needs {needed / 2**20:,.2f} MiB" if needed is not None else ""
+    return DataError(f"{location}: no space left on the filesystem holding {probe} ({free}{need}): free space "
+                     f"there or move run.dir, then continue with --resume")
 
 
 def _not_found(location: str, fs: pafs.FileSystem | None, path: str | None) -> NotFound:

@@ -37,17 +37,13 @@ ASSIGNMENTS_DIR = "assignments"
 FORMAT = 2  # 1: pickled numpy arrays and dataclasses (before safe loading); 2: tensors and plain values only
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """`raydc.storage.write_bytes_atomic` for a local Path: the temporary is removed if the write fails (a full
+    disk), and the error names the path."""
+    storage.write_bytes_atomic(str(path), data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -220,10 +220,16 @@ def _user_cause(e: BaseException) -> BaseException | None:
     the CLI prints one clear line rather than three stack traces."""
     from raydc.errors import NumericalError
 
+    import errno
+
+    from raydc.storage import no_space_error
+
     for failure in getattr(e, "worker_failures", {}).values():
         seen = failure
         while seen is not None:
             if isinstance(seen, (UserError, NumericalError)):
                 return seen
+            if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):  # Ray Train's own writes
+                return no_space_error(seen.filename or ".")
             seen = getattr(seen, "cause", None) or seen.__cause__
     return None
