@@ -29,6 +29,7 @@ class FaultProxy:
         self._open: set[socket.socket] = set()
         self._stalled: list[socket.socket] = []
         self.refused = 0                  # connections turned away during outages
+        self._armed: tuple[float, str] | None = None
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True, name="faultproxy").start()
 
@@ -41,6 +42,11 @@ class FaultProxy:
             victims = list(self._open) if mode == "drop" else []
         for s in victims:
             _reset(s)
+
+    def outage_at_next_connection(self, seconds: float, mode: str = "drop") -> None:
+        """The same, starting when the next connection arrives: an outage that surely meets the client, however
+        long it takes to get there."""
+        self._armed = (seconds, mode)
 
     @property
     def down(self) -> bool:
@@ -66,6 +72,9 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._armed is not None:
+                self.outage(*self._armed)
+                self._armed = None
             if self.down:
                 self.refused += 1
                 with self._lock:

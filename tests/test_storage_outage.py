@@ -81,3 +81,19 @@ def test_a_bad_retry_budget_names_the_variable(monkeypatch):
     monkeypatch.setenv(storage.RETRY_ENV, "soon")
     with pytest.raises(DataError, match=storage.RETRY_ENV):
         storage.retry_budget_s()
+
+
+def test_prepare_to_s3_waits_out_a_short_outage(proxied, monkeypatch, mnist_root):
+    """`raydc prepare --out s3://...` while the store is away for a moment: the same shards as without."""
+    from raydc.data.manifest import load_manifest, verify_shards
+    from raydc.data.prepare import prepare
+
+    proxy, server = proxied
+    monkeypatch.setenv(storage.RETRY_ENV, "20")
+    out = server.uri("outage/prepare")
+    proxy.outage_at_next_connection(2.0, "drop")
+    prepare("mnist", out, root=str(mnist_root), split="test", limit=200, rows_per_shard=100, progress=False)
+    assert proxy.refused > 0
+    manifest = load_manifest(out)
+    assert manifest.count == 200 and len(manifest.shards) == 2
+    verify_shards(manifest, out)  # every shard whole: its sha256 as the manifest recorded it
