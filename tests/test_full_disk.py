@@ -82,3 +82,24 @@ def test_the_sweep_outputs_writer_cleans_up_too(small_disk):
     with pytest.raises(DataError, match="no space left"):
         atomic_write_text(target, json.dumps(list(range(100_000))))
     assert target.read_text() == "a\n" and _hidden(small_disk) == []
+
+
+def test_a_full_disk_fails_a_lease_renewal_without_losing_the_lease(small_disk):
+    """The heartbeat writes its new lock content before it touches the lock: on a full disk the renewal fails
+    (the heartbeat thread tries again) and the lease stays whole and this writer's."""
+    from raydc.engine.lease import LeaseHeld, RunLease, lease_location
+
+    run = str(small_disk / "run")
+    a = RunLease(run, 30, log=lambda m: None)
+    a.acquire()
+    before = open(lease_location(run), "rb").read()
+    _fill(small_disk)
+    with pytest.raises(OSError):
+        a.renew()
+    assert open(lease_location(run), "rb").read() == before
+    (small_disk / "filler").unlink()
+    a.renew()  # still ours
+    with pytest.raises(LeaseHeld):
+        RunLease(run, 30, log=lambda m: None).acquire()
+    a.release()
+    assert _hidden(small_disk) == []

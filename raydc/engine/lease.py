@@ -10,7 +10,8 @@ The lease is a small JSON object beside the run directory, `<parent>/.<name>.lea
 (host, process, Ray job id, since when) and a random token. It is created so that two writers cannot both
 succeed:
 
-* local paths: `open(O_CREAT | O_EXCL)`, atomic on local filesystems and on NFSv3+;
+* local paths: a lock file that cannot be created twice (`link(2)` of a written temporary, else
+  `open(O_CREAT | O_EXCL)`), atomic on local filesystems and on NFSv3+;
 * s3://: a PutObject with `If-None-Match: *` (S3 answers 412 to the second writer); renewals and takeovers are
   PutObjects with `If-Match: <ETag>`, a compare-and-swap, so of two processes taking over the same stale lease
   one wins.
@@ -243,23 +244,23 @@ def _store_for(location: str):
 
 
 class _LocalStore:
-    """An O_EXCL lock file. Its tag is the token inside it; a swap renames the file aside first, so of two
-    processes swapping the same stale file only the first finds it, and checks it is the one it judged."""
+    """A lock file that appears whole or not at all: its content is written to a temporary first, which is then
+    hard-linked to the lock's name (`link` fails if the name exists: the O_EXCL of a file with content). Its
+    tag is the token inside it. A swap renames the lock aside first, so of two processes swapping the same
+    stale lock only the first finds it, and checks it is the one it judged. Writing the temporary is the only
+    step that needs space: on a full disk a renewal fails before it touches the lock."""
 
     def __init__(self, path: str):
         self.path = path
 
     def create(self, body: bytes) -> str | None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self._write_temporary(body)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        return _token(body)
+            return self._publish(tmp, body)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def read(self) -> _Seen | None:
         try:
@@ -269,16 +270,17 @@ class _LocalStore:
         except FileNotFoundError:
             return None
         holder = _parse(data)
-        # A torn file (a writer killed between O_EXCL and its write) has no token: its mtime still ages it.
+        # A torn file (only where hard links are missing, see _publish) has no token: its mtime still ages it.
         return _Seen(holder, holder.token if holder else f"torn:{mtime}", max(0.0, time.time() - mtime))
 
     def swap(self, tag: str, body: bytes) -> str | None:
-        aside = f"{self.path}.{uuid.uuid4().hex[:8]}"
+        tmp = self._write_temporary(body)
+        aside = f"{self.path}.{uuid.uuid4().hex[:8]}.old"
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return None
-        try:
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return None
             with open(aside, "rb") as f:
                 data = f.read()
                 mtime = os.fstat(f.fileno()).st_mtime
@@ -287,15 +289,45 @@ class _LocalStore:
                 with contextlib.suppress(FileExistsError):
                     os.link(aside, self.path)
                 return None
-            return self.create(body)
+            return self._publish(tmp, body)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(aside)
+            for name in (tmp, aside):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
 
     def delete(self, tag: str) -> None:
         seen = self.read()
         if seen is not None and seen.tag == tag:
             os.unlink(self.path)
+
+    def _write_temporary(self, body: bytes) -> str:
+        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.new"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def _publish(self, tmp: str, body: bytes) -> str | None:
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return None
+        except OSError:  # a filesystem without hard links (some FUSE mounts): O_EXCL, then the content
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+        return _token(body)
 
 
 class _S3Store:
