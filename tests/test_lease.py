@@ -131,3 +131,18 @@ def test_a_second_train_overwrite_on_a_held_directory_exits_2_and_deletes_nothin
         assert f"pid {os.getpid()}" in err[0] and "wait for it to end" in err[0], err[0]
         assert (run / "metrics.jsonl").read_text() == '{"round": 0}\n'
     assert not os.path.exists(lease_location(str(run)))
+
+
+def test_a_renewal_whose_reply_was_lost_is_still_ours(run_location):
+    """A renewal that reached the store but whose answer a dropped connection lost leaves this writer with an
+    old tag; the next renewal's compare-and-swap fails, and the lease must not be mistaken for lost."""
+    a = _lease(run_location)
+    a.acquire()
+    stale_tag = a._tag
+    a.renew()
+    a._tag = stale_tag  # as if the reply of the renewal above had never come
+    a.renew()
+    assert a.lost is None
+    with pytest.raises(LeaseHeld):
+        _lease(run_location).acquire()
+    a.release()

@@ -151,6 +151,9 @@ class RunLease:
         tag = self._store.swap(self._tag, self._body())
         if tag is None:
             seen = self._store.read()
+            if seen is not None and seen.holder is not None and seen.holder.token == self.token:
+                self._tag = seen.tag  # our own earlier renewal, whose reply a dropped connection lost
+                return
             self.lost = seen.holder if seen and seen.holder else Holder("?", 0, None, 0.0, 0.0, "")
             self._tag = None
             raise LeaseLost(self._lost_message())
@@ -175,18 +178,19 @@ class RunLease:
 
     def _beat(self) -> None:
         period = max(0.05, self.timeout_s / 4)
-        failing_since = None
+        failing_since, warned = None, False
         while not self._stop.wait(period):
             try:
                 self.renew()
-                failing_since = None
+                failing_since, warned = None, False
             except LeaseLost as e:
                 self.log(f"raydc: error: {e}")
                 self.on_lost()
                 return
             except Exception as e:  # noqa: BLE001  (botocore and pyarrow errors alike: the store is unreachable)
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > self.timeout_s:
+                if time.monotonic() - failing_since > self.timeout_s and not warned:
+                    warned = True
                     self.log(f"warning: the lease on {self.run_location} was not renewed for "
                              f"{time.monotonic() - failing_since:.0f}s ({e}); another writer may take it over")
 
