@@ -368,6 +368,18 @@ def _translated(location: str, fs: pafs.FileSystem | None = None, path: str | No
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def as_data_error(location: str, exc: BaseException) -> DataError | None:
+    """A storage failure that happened where raydc.storage did not see it (Ray Train's checkpoint uploads, its
+    controller's state files under `location`) as the `DataError` raydc.storage would have raised: a full disk,
+    an unreachable store. None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return no_space_error(exc.filename if isinstance(exc.filename, str) else location)
+    message = str(exc)
+    if isinstance(exc, (OSError, pa.ArrowException)) and ("NETWORK_CONNECTION" in message or "curlCode" in message):
+        return _explain(location, message)
+    return None
+
+
 def no_space_error(location: str, needed: int | None = None) -> DataError:
     """A full disk (or quota) under a local `location`, said in one line with what is free and what the write
     needed: nothing of the write is left under its real name (writes go to a temporary that is removed)."""

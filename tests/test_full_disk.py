@@ -103,3 +103,16 @@ def test_a_full_disk_fails_a_lease_renewal_without_losing_the_lease(small_disk):
         RunLease(run, 30, log=lambda m: None).acquire()
     a.release()
     assert _hidden(small_disk) == []
+
+
+def test_ray_trains_own_write_on_a_full_disk_becomes_the_same_one_line():
+    """Ray Train writes checkpoints and its controller's state under the run directory itself; a full disk
+    there reaches the driver as a ControllerError (or a worker's failure) around a bare pyarrow OSError."""
+    from ray.train import ControllerError
+
+    from raydc.engine.trainer import _user_cause
+
+    err = ControllerError(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"))
+    cause = _user_cause(err, "/mnt/runs/x")
+    assert isinstance(cause, DataError) and str(cause).startswith("/mnt/runs/x: no space left"), cause
+    assert _user_cause(ControllerError(RuntimeError("something else")), "/mnt/runs/x") is None

@@ -97,3 +97,16 @@ def test_prepare_to_s3_waits_out_a_short_outage(proxied, monkeypatch, mnist_root
     manifest = load_manifest(out)
     assert manifest.count == 200 and len(manifest.shards) == 2
     verify_shards(manifest, out)  # every shard whole: its sha256 as the manifest recorded it
+
+
+def test_ray_trains_own_upload_through_an_outage_becomes_the_same_one_line(monkeypatch):
+    from ray.train import ControllerError
+
+    from raydc.engine.trainer import _user_cause
+
+    monkeypatch.setenv(storage.RETRY_ENV, "5")
+    err = ControllerError(OSError("When uploading part for key 'runs/x/checkpoints/fit-000/x/state.pt': AWS Error "
+                                  "NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Could not connect"))
+    cause = _user_cause(err, "s3://b/runs/x")
+    assert isinstance(cause, DataError) and str(cause).startswith("s3://b/runs/x: cannot reach"), cause
+    assert "RAYDC_STORAGE_RETRY_S=5s" in str(cause) and "--resume" in str(cause)

@@ -205,7 +205,7 @@ def _train_holding_lease(cfg: Config, run: RunDir, manifest, data_bytes: int, *,
     try:
         trainer.fit()
     except Exception as e:
-        cause = _user_cause(e)
+        cause = _user_cause(e, run.location)
         if cause is not None:
             raise UserError(str(cause)) from None
         raise
@@ -215,21 +215,24 @@ def _train_holding_lease(cfg: Config, run: RunDir, manifest, data_bytes: int, *,
     return run
 
 
-def _user_cause(e: BaseException) -> BaseException | None:
+def _user_cause(e: BaseException, run_location: str = ".") -> BaseException | None:
     """A worker's UserError or NumericalError comes back wrapped in Ray's WorkerGroupError: unwrap it so
-    the CLI prints one clear line rather than three stack traces."""
+    the CLI prints one clear line rather than three stack traces. The same for a full disk or an unreachable
+    store met by Ray Train's own writes under the run directory (a worker's checkpoint upload, the controller's
+    state: a ControllerError)."""
     from raydc.errors import NumericalError
+    from raydc.storage import as_data_error
 
-    import errno
-
-    from raydc.storage import no_space_error
-
-    for failure in getattr(e, "worker_failures", {}).values():
+    failures = list(getattr(e, "worker_failures", {}).values())
+    if getattr(e, "controller_failure", None) is not None:
+        failures.append(e.controller_failure)
+    for failure in failures:
         seen = failure
         while seen is not None:
             if isinstance(seen, (UserError, NumericalError)):
                 return seen
-            if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):  # Ray Train's own writes
-                return no_space_error(seen.filename or ".")
+            storage_error = as_data_error(run_location, seen)
+            if storage_error is not None:
+                return storage_error
             seen = getattr(seen, "cause", None) or seen.__cause__
     return None
