@@ -86,7 +86,7 @@ def test_a_short_storage_outage_mid_round_costs_a_wait_and_nothing_else(shards_l
         stop.set()
         refused = proxy.refused
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    assert refused > 0  # the outage happened while the run was talking to the store
+    assert refused > 0, p.stdout[-3000:]  # the outage happened while the run was talking to the store
     _same_run(run_uri, undisturbed)
 
 
@@ -100,9 +100,9 @@ def test_a_long_storage_outage_stops_the_run_and_resume_equals_an_undisturbed_ru
         _when_round_done(run_uri, 0, lambda: proxy.outage(600.0, "drop"), stop)
         p = _train_through(proxy, remote, run_uri, env)
         stop.set()
-        assert proxy.refused > 0
-        proxy.outage(0, "drop")  # the store is back
         out = p.stdout + p.stderr
+        assert proxy.refused > 0, out[-4000:]
+        proxy.outage(0, "drop")  # the store is back
         assert p.returncode == 2, out[-4000:]
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith("raydc: error:") and "cannot reach" in last and "--resume" in last, out[-4000:]
