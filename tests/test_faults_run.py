@@ -31,10 +31,14 @@ EPOCHS = ("train.epochs=2", "run.lease_timeout_s=8")
 def _train(*args, **kwargs) -> subprocess.CompletedProcess:
     """A CLI run, started again when its embedded Ray did not come up (Ray gives its raylet a fixed 30 s, which a
     loaded host can miss); any other failure is the test's."""
+    from raydc import storage
+
     for _ in range(3):
         p = _train_once(*args, **kwargs)
         if "timed out during startup" not in p.stderr:
             return p
+        if not kwargs.get("resume"):
+            storage.delete_dir(args[1])  # what the failed start created, so the next start is a first start
     return p
 
 
