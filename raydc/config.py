@@ -254,10 +254,15 @@ class RunConfig:
     trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
     mlflow_uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else a file store in <run.dir>/mlruns
     experiment: str | None = None          # MLflow experiment; None: "raydc" (a sweep's trials: the sweep's name)
+    # A writer's lease on run.dir (raydc.engine.lease) is taken over by the next writer once its heartbeat,
+    # renewed every quarter of this, is older than this: how long a killed run blocks its directory.
+    lease_timeout_s: float = 60.0
 
     def validate(self) -> None:
         from raydc.tracking import check
 
+        if not self.lease_timeout_s > 0:
+            raise ConfigError("run.lease_timeout_s", f"must be > 0, got {self.lease_timeout_s}")
         check(self)
 
 

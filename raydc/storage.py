@@ -18,14 +18,23 @@ through `runtime_env={"env_vars": ...}`.
   bucket outside `AWS_REGION` still works.
 * Credentials are left to the AWS SDK's chain, which starts with `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/
   `AWS_SESSION_TOKEN` and goes on to `AWS_PROFILE` and an instance role.
+* `RAYDC_STORAGE_RETRY_S` (default 60): how long an S3 request is retried, with exponential backoff, while
+  the store is unreachable (connection refused or reset, a stalled response, 5xx). Retries happen inside the
+  S3 client, so every request of every process is covered: raydc's own reads and writes, Ray Data's shard
+  reads and Ray Train's checkpoint uploads (the filesystem handed to them keeps its retries when pickled to a
+  worker, which pyarrow's own does not). An outage shorter than this costs a wait; a longer one fails the
+  request with a `DataError` that names the store, and the run stops at its last checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import math
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -45,6 +54,9 @@ _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT
 # Any of these lets the AWS SDK find credentials without AWS_ACCESS_KEY_ID.
 _AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
                            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+RETRY_ENV = "RAYDC_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 60.0
+_FIRST_BACKOFF_S = 0.05  # the AWS SDK's default strategy waits 25 ms * 2^n before retry n (n >= 1)
 _OBJECT_STORES = ("s3", "gcs")  # pyarrow type_name of filesystems whose first path segment is a bucket
 _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "HTTP status 403",
            "EXPIRED_TOKEN", "PERMISSION_DENIED", "UNAUTHENTICATED")
@@ -75,7 +87,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         if not bucket:
             raise DataError(f"{location}: an S3 URI needs a bucket, as in s3://BUCKET/prefix")
         with _translated(location):
-            fs = _s3_filesystem(bucket, tuple(os.environ.get(k) for k in _S3_ENV))
+            fs = _s3_filesystem(bucket, tuple(os.environ.get(k) for k in _S3_ENV), retry_budget_s())
         return fs, location[m.end():].rstrip("/")
     with _translated(location):
         return pafs.FileSystem.from_uri(location)
@@ -124,7 +136,7 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
     visible only when it completes, so it is written in place."""
     fs, path = resolve(location)
     if fs.type_name == "local":
-        with _translated(location):
+        with _translated(location, needed=len(data)):
             _write_local_atomic(path, data)
         return
     with _translated(location, fs, path), fs.open_output_stream(path) as f:
@@ -162,7 +174,12 @@ def open_output_stream(location: str) -> Iterator[pa.NativeFile]:
             fs.create_dir(parent, recursive=True)
         stream = fs.open_output_stream(tmp)
     try:
-        yield stream
+        try:
+            yield stream
+        except OSError as e:  # the writer's own errors stay its own, but for a full disk, said in one line
+            if e.errno in _FULL:
+                raise no_space_error(location) from e
+            raise
         with _translated(location, fs, path):
             stream.close()
             if local:
@@ -238,19 +255,60 @@ def makedirs(location: str) -> None:
 # --- internals ---------------------------------------------------------------------------------------------
 
 
+def retry_budget_s() -> float:
+    """`RAYDC_STORAGE_RETRY_S`, checked: how long an unreachable object store is waited for."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise DataError(f"{RETRY_ENV}={raw!r}: give the seconds to retry an unreachable object store, >= 0")
+    return value
+
+
+def retry_attempts(budget_s: float) -> int:
+    """Attempts of the AWS SDK's default strategy (exponential backoff from 50 ms, no cap) whose waits add up
+    to at least `budget_s`: a retry budget of B seconds retries for between B and about 2B."""
+    if budget_s <= 0:
+        return 1
+    return max(2, math.ceil(math.log2(budget_s / (_FIRST_BACKOFF_S / 2) + 2)))
+
+
+class _RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, built with a retry strategy that survives pickling: pyarrow's own `__reduce__`
+    drops `retry_strategy`, so a filesystem handed to Ray Data or Ray Train would reach the workers with the
+    SDK's default of three quick attempts."""
+
+    def __init__(self, retry_s: float, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=retry_attempts(retry_s)),
+                         **kwargs)
+        self._raydc_args = (retry_s, kwargs)
+
+    def __reduce__(self):
+        return _rebuild_s3, self._raydc_args
+
+
+def _rebuild_s3(retry_s: float, kwargs: dict) -> _RetryingS3FileSystem:
+    return _RetryingS3FileSystem(retry_s, **kwargs)
+
+
 @functools.lru_cache(maxsize=32)
-def _s3_filesystem(bucket: str, env: tuple[str | None, ...]) -> pafs.S3FileSystem:
-    """Cached by bucket and the AWS variables (`env`, in `_S3_ENV` order), so a change to the environment gets
-    a fresh client and an unchanged one reuses its region lookup."""
+def _s3_filesystem(bucket: str, env: tuple[str | None, ...], retry_s: float = DEFAULT_RETRY_S
+                   ) -> pafs.S3FileSystem:
+    """Cached by bucket, the AWS variables (`env`, in `_S3_ENV` order) and the retry budget, so a change to the
+    environment gets a fresh client and an unchanged one reuses its region lookup."""
     settings = dict(zip(_S3_ENV, env))
     endpoint = settings["AWS_ENDPOINT_URL_S3"] or settings["AWS_ENDPOINT_URL"]
     if not endpoint:
         fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}")
-        return fs
+        return _RetryingS3FileSystem(retry_s, region=fs.region)
     parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     region = settings["AWS_REGION"] or settings["AWS_DEFAULT_REGION"] or "us-east-1"
-    return pafs.S3FileSystem(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme,
-                             region=region)
+    return _RetryingS3FileSystem(retry_s, endpoint_override=parts.netloc + parts.path.rstrip("/"),
+                                 scheme=parts.scheme, region=region)
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -291,14 +349,52 @@ def _fsync(path: str, strict: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def _translated(location: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> Iterator[None]:
-    """Turn pyarrow's and the OS's errors for `location` into `DataError`s that say what to do."""
+def _translated(location: str, fs: pafs.FileSystem | None = None, path: str | None = None,
+                needed: int | None = None) -> Iterator[None]:
+    """Turn pyarrow's and the OS's errors for `location` into `DataError`s that say what to do. `needed`: the
+    bytes being written, for the message of a full disk."""
     try:
         yield
     except FileNotFoundError as e:
         raise _not_found(location, fs, path) from e
-    except (OSError, pa.ArrowException) as e:
+    except OSError as e:
+        if e.errno in _FULL:
+            raise no_space_error(location, needed) from e
         raise _explain(location, str(e)) from e
+    except pa.ArrowException as e:
+        raise _explain(location, str(e)) from e
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def as_data_error(location: str, exc: BaseException) -> DataError | None:
+    """A storage failure that happened where raydc.storage did not see it (Ray Train's checkpoint uploads, its
+    controller's state files under `location`) as the `DataError` raydc.storage would have raised: a full disk,
+    an unreachable store. None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return no_space_error(exc.filename if isinstance(exc.filename, str) else location)
+    message = str(exc)
+    if isinstance(exc, (OSError, pa.ArrowException)) and ("NETWORK_CONNECTION" in message or "curlCode" in message):
+        return _explain(location, message)
+    return None
+
+
+def no_space_error(location: str, needed: int | None = None) -> DataError:
+    """A full disk (or quota) under a local `location`, said in one line with what is free and what the write
+    needed: nothing of the write is left under its real name (writes go to a temporary that is removed)."""
+    if is_uri(location):
+        return DataError(f"{location}: the store refused the write: no space left; free space, then --resume")
+    probe = os.path.abspath(location)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"; this write needs {needed / 2**20:,.2f} MiB" if needed is not None else ""
+    return DataError(f"{location}: no space left on the filesystem holding {probe} ({free}{need}): free space "
+                     f"there or move run.dir, then continue with --resume")
 
 
 def _not_found(location: str, fs: pafs.FileSystem | None, path: str | None) -> NotFound:
@@ -334,8 +430,10 @@ def _explain(location: str, message: str) -> DataError:
         return DataError(_denied(location, scheme) + cause)
     if "NETWORK_CONNECTION" in message or "curlCode" in message:
         if scheme == "s3":
-            return DataError(f"{location}: cannot reach {_s3_endpoint() or 'AWS S3'}: check the network, and "
-                             f"AWS_ENDPOINT_URL if the bucket is on a non-AWS server{cause}")
+            return DataError(f"{location}: cannot reach {_s3_endpoint() or 'AWS S3'} (retried for "
+                             f"{RETRY_ENV}={retry_budget_s():g}s): check the network, and AWS_ENDPOINT_URL if the "
+                             f"bucket is on a non-AWS server; a run stopped by this continues from its last "
+                             f"checkpoint with --resume{cause}")
         return DataError(f"{location}: cannot reach the {scheme}:// service: check the network{cause}")
     return DataError(f"{location}: {detail}")
 

@@ -52,6 +52,13 @@ def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, shards, tm
     proc, lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=20")
     try:
         _wait_for(lines, proc, "epoch 0 |")
+        # What a user does when a job looks stuck: submit it again. It is refused (raydc.engine.lease), naming
+        # the live run, and writes nothing.
+        second, second_lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=20", "--resume")
+        assert second.wait(timeout=300) == 2, "".join(second_lines)
+        time.sleep(0.5)
+        assert "is being written by another run (host " in "".join(second_lines), second_lines
+        assert f"pid {proc.pid}" in "".join(second_lines), second_lines
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 143, "".join(lines)
     finally:
@@ -67,3 +74,4 @@ def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, shards, tm
                   "Clustering ", "PYTHON worker processes have been started", "Progress bars disabled"):
         assert noise not in out, (noise, out)
     assert (tmp_path / "run" / "checkpoints").is_dir()  # something to resume from
+    assert not (tmp_path / ".run.lease").exists()  # given back on SIGTERM: a --resume need not wait

@@ -9,6 +9,7 @@ from raydc import tracking
 from raydc.config import Config
 from raydc.config_loader import dump_yaml, from_dict, parse_yaml, to_dict
 from raydc.errors import ConfigError, UserError
+from raydc.engine.lease import RunLease
 from raydc.engine.rundir import RunDir
 
 
@@ -53,6 +54,7 @@ RESUMABLE_FIELDS = (
     # Decided on the cluster at start when left at 0 (`place_on_cluster`), so the saved value is the decision
     # on the cluster the run started on; a resume on another cluster decides again.
     "features.num_gpus",
+    "run.lease_timeout_s",
 )
 
 
@@ -156,15 +158,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
                  callbacks: list | None = None) -> RunDir:
     """One run, start to report. `callbacks` go to the TorchTrainer's RunConfig (Ray Tune's report callback
     when a sweep drives the run)."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from raydc.engine.datasets import check_shard_footers
-    from raydc.engine.loop import train_loop_per_worker
     from raydc.engine.paths import absolute_paths
-    from raydc.engine.runtime import init_ray, train_run_config_kwargs
-    from raydc.runreport import write_run_report
 
     # Workers run in their own directories: hand them absolute paths (on a cluster: shared storage). Before
     # resolve_config, so --resume looks in the run.dir meant; again after, as the saved config may be relative.
@@ -174,6 +169,21 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     manifest = ensure_shards(cfg, log)
     check_against_data(cfg, manifest, log)
     data_bytes = check_shard_footers(manifest, cfg.data.shards)  # a damaged shard fails here, before Ray starts
+    # One writer per run directory, from before --overwrite deletes it until the report is drawn.
+    with RunLease(RunDir(cfg.run.dir).location, cfg.run.lease_timeout_s, log=log).held():
+        return _train_holding_lease(cfg, manifest, data_bytes, resume=resume, overwrite=overwrite, log=log,
+                                    callbacks=callbacks)
+
+
+def _train_holding_lease(cfg: Config, manifest, data_bytes: int, *, resume: bool, overwrite: bool,
+                         log, callbacks: list | None) -> RunDir:
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydc.engine.loop import train_loop_per_worker
+    from raydc.engine.runtime import init_ray, train_run_config_kwargs
+    from raydc.runreport import write_run_report
 
     t0 = time.perf_counter()
     init_ray(cfg.ray, train_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
@@ -213,7 +223,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     try:
         run.result = trainer.fit()  # Ray Train's Result, for the Python API (raydc.api.Run.result)
     except Exception as e:
-        cause = _user_cause(e)
+        cause = _user_cause(e, run.location)
         if cause is not None:
             raise UserError(str(cause)) from None
         raise
@@ -224,15 +234,24 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     return run
 
 
-def _user_cause(e: BaseException) -> BaseException | None:
+def _user_cause(e: BaseException, run_location: str = ".") -> BaseException | None:
     """A worker's UserError or NumericalError comes back wrapped in Ray's WorkerGroupError: unwrap it so
-    the CLI prints one clear line rather than three stack traces."""
+    the CLI prints one clear line rather than three stack traces. The same for a full disk or an unreachable
+    store met by Ray Train's own writes under the run directory (a worker's checkpoint upload, the controller's
+    state: a ControllerError)."""
     from raydc.errors import NumericalError
+    from raydc.storage import as_data_error
 
-    for failure in getattr(e, "worker_failures", {}).values():
+    failures = list(getattr(e, "worker_failures", {}).values())
+    if getattr(e, "controller_failure", None) is not None:
+        failures.append(e.controller_failure)
+    for failure in failures:
         seen = failure
         while seen is not None:
             if isinstance(seen, (UserError, NumericalError)):
                 return seen
+            storage_error = as_data_error(run_location, seen)
+            if storage_error is not None:
+                return storage_error
             seen = getattr(seen, "cause", None) or seen.__cause__
     return None

@@ -15,27 +15,27 @@ from typing import Any
 
 from raydc.config import Config
 from raydc import storage
-from raydc.config_loader import from_dict, read_yaml
+from raydc.config_loader import from_dict, parse_yaml
 from raydc.engine.rundir import RunDir
 from raydc.sweep.config import Param, SweepConfig
 from raydc.sweep.select import LabelAgreement, TrialRecord, metric_columns, selection_label
-from raydc.sweep.trial import ATTEMPTS_FILE, final_row
+from raydc.sweep.trial import ATTEMPTS_FILE, final_row, parent_of, under
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
 
 
-def record_from_result(result, sweep_dir: Path, params: list[Param], scheduled: bool) -> TrialRecord:
+def record_from_result(result, sweep_dir: Path | str, params: list[Param], scheduled: bool) -> TrialRecord:
     """One trial's record from its Tune result and its run directory (the run's final row is the truth)."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
     if not trial_id:
         m = _TRIAL_ID.search(Path(result.path).name)
         trial_id = m.group(1) if m else Path(result.path).name
-    run = RunDir(sweep_dir / "runs" / trial_id)
+    run = RunDir(under(sweep_dir, "runs", trial_id))
     rows = run.read_metrics()
     final = final_row(rows)
-    attempts_path = run.path / ATTEMPTS_FILE
-    attempts = len(attempts_path.read_text().splitlines()) if attempts_path.exists() else 0
+    attempts_path = run.join(ATTEMPTS_FILE)
+    attempts = len(storage.read_text(attempts_path).splitlines()) if storage.is_file(attempts_path) else 0
     if result.error is not None:
         status = "error"
     elif metrics.get("final") and final is not None:
@@ -45,7 +45,7 @@ def record_from_result(result, sweep_dir: Path, params: list[Param], scheduled: 
     config = result.config or {}
     return TrialRecord(
         trial_id=trial_id, params={p.name: config.get(p.name) for p in params}, status=status, final=final,
-        wall_s=metrics.get("time_total_s"), run_dir=str(run.path) if run.path.exists() else None,
+        wall_s=metrics.get("time_total_s"), run_dir=run.location if storage.exists(run.location) else None,
         attempts=attempts, error=_first_line(result.error), rows=rows)
 
 
@@ -56,7 +56,8 @@ def _first_line(err) -> str | None:
     return lines[-1][:300] if lines else type(err).__name__
 
 
-def write_trials_csv(path: Path, records: list[TrialRecord], sweep: SweepConfig, best: TrialRecord | None) -> Path:
+def write_trials_csv(path: Path | str, records: list[TrialRecord], sweep: SweepConfig,
+                     best: TrialRecord | None) -> Path | str:
     names = [p.name for p in sweep.params()]
     metrics = metric_columns(records, sweep.select)
     buf = io.StringIO()
@@ -78,20 +79,21 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else v
 
 
-def write_best_yaml(path: Path, best: TrialRecord, sweep: SweepConfig) -> Path:
+def write_best_yaml(path: Path | str, best: TrialRecord, sweep: SweepConfig) -> Path | str:
     """The winner's resolved config with a run.dir of its own, ready for `raydc train --config`."""
-    cfg = from_dict(Config, read_yaml(Path(best.run_dir) / "config.yaml"))
-    cfg.run.dir = str(path.parent / "best")
+    saved = storage.join(best.run_dir, "config.yaml")
+    cfg = from_dict(Config, parse_yaml(storage.read_text(saved), saved))
+    cfg.run.dir = str(under(parent_of(path), "best"))
     shown = ", ".join(f"{k}={v}" for k, v in best.params.items())
     score = best.score(sweep.select.metric)
-    header = (f"# Winner of the sweep in {path.parent}: trial {best.trial_id} ({shown}),\n"
+    header = (f"# Winner of the sweep in {parent_of(path)}: trial {best.trial_id} ({shown}),\n"
               f"# {selection_label(sweep.select)} = {score:.6g}. Train it: raydc train --config {path}\n")
     storage.write_text_atomic(str(path), header + cfg.to_yaml())
     return path
 
 
-def plot_selection(report_dir: Path, records: list[TrialRecord], sweep: SweepConfig,
-                   best: TrialRecord | None) -> Path | None:
+def plot_selection(report_dir: Path | str, records: list[TrialRecord], sweep: SweepConfig,
+                   best: TrialRecord | None) -> Path | str | None:
     """The selection metric (and ACC when labels exist) against each swept parameter, the winner marked."""
     import matplotlib
 
@@ -140,8 +142,8 @@ def plot_selection(report_dir: Path, records: list[TrialRecord], sweep: SweepCon
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    path = report_dir / "selection.png"
-    storage.write_bytes_atomic(str(path), buf.getvalue())
+    path = under(report_dir, "selection.png")
+    storage.write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -149,8 +151,8 @@ def _x(v, numeric_axis: bool, cats: list[str]):
     return v if numeric_axis else cats.index(repr(v))
 
 
-def write_summary_json(path: Path, records: list[TrialRecord], sweep: SweepConfig, best: TrialRecord | None,
-                       agreement: LabelAgreement | None = None) -> Path:
+def write_summary_json(path: Path | str, records: list[TrialRecord], sweep: SweepConfig,
+                       best: TrialRecord | None, agreement: LabelAgreement | None = None) -> Path | str:
     data = {"selection": selection_label(sweep.select), "best": best.trial_id if best else None,
             "best_params": best.params if best else None,
             "best_score": best.score(sweep.select.metric) if best else None,

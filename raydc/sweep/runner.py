@@ -16,11 +16,11 @@ from ray.tune import Callback
 
 from raydc import storage
 from raydc.config import Config, load_config
-from raydc.config_loader import dump_yaml, from_dict, read_yaml, to_dict
+from raydc.config_loader import dump_yaml, from_dict, parse_yaml, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.sweep.config import SweepConfig, load_sweep
 from raydc.sweep.select import TrialRecord, label_agreement, select_best, selection_label
-from raydc.sweep.trial import run_trial
+from raydc.sweep.trial import run_trial, under
 
 TRIAL_ACTOR = run_trial.__name__  # Tune names a function trainable's actor after the function
 
@@ -32,15 +32,15 @@ RESUMABLE = ("resources.max_concurrent_trials", "ray.address", "ray.num_cpus", "
 
 @dataclass
 class SweepOutcome:
-    sweep_dir: Path
+    sweep_dir: Path | str  # a Path on local disk, a URI string on object storage (`dir: s3://...`)
     records: list[TrialRecord]
     best: TrialRecord | None
-    paths: list[Path]
+    paths: list[Path | str]
 
 
 def prepare_inputs(config: str | None, sweep_path: str | None, overrides: list[str], *, supervised: bool,
                    resume: bool, overwrite: bool, sweep_dir: str | None = None, log=print
-                   ) -> tuple[Config, SweepConfig, Path]:
+                   ) -> tuple[Config, SweepConfig, Path | str]:
     """Load and check the base config and the sweep; on resume, the saved copies win (placement aside)."""
     sweep = load_sweep(sweep_path, {"select.supervised": True} if supervised else {})
     if sweep_dir:
@@ -49,27 +49,26 @@ def prepare_inputs(config: str | None, sweep_path: str | None, overrides: list[s
     for name, value in sweep.resources.overrides().items():
         section, field = name.split(".")
         setattr(getattr(cfg, section), field, value)
-    cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
+    if not storage.is_uri(cfg.data.shards):
+        cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
     cfg = from_dict(Config, to_dict(cfg))  # the resources overrides pass the run config's checks too
-    out = Path(sweep.dir).expanduser().resolve()
+    out = sweep.dir.rstrip("/") if storage.is_uri(sweep.dir) else Path(sweep.dir).expanduser().resolve()
     sweep.dir = str(out)
-    saved = out / "sweep.yaml", out / "base.yaml"
-    if resume and saved[0].exists():
-        old_sweep = from_dict(SweepConfig, read_yaml(saved[0]))
-        old_cfg = from_dict(Config, read_yaml(saved[1]))
+    saved = str(under(out, "sweep.yaml")), str(under(out, "base.yaml"))
+    if resume and storage.is_file(saved[0]):
+        old_sweep = from_dict(SweepConfig, parse_yaml(storage.read_text(saved[0]), saved[0]))
+        old_cfg = from_dict(Config, parse_yaml(storage.read_text(saved[1]), saved[1]))
         _compare(to_dict(old_sweep), to_dict(sweep), "", log)
         _compare(to_dict(old_cfg), to_dict(cfg), "base config ", log)
         old_sweep.resources.max_concurrent_trials = sweep.resources.max_concurrent_trials
         old_sweep.select = sweep.select
         old_cfg.ray = cfg.ray
         return old_cfg, old_sweep, out
-    if out.exists() and any(out.iterdir()) and not resume:
+    if storage.list_entries(str(out)) and not resume:
         if not overwrite:
             raise UserError(f"sweep directory {out} already exists: pass --resume to continue it, --overwrite to "
                             f"start again, or set dir in the sweep file")
-        import shutil
-
-        shutil.rmtree(out)
+        storage.delete_dir(str(out))
     return cfg, sweep, out
 
 
@@ -135,7 +134,7 @@ def concurrency(cfg: Config, sweep: SweepConfig) -> int:
     return max(1, n)
 
 
-def _trainable(base: dict, sweep_dir: Path):
+def _trainable(base: dict, sweep_dir: Path | str):
     from ray import tune
 
     # The trial actor only drives its TorchTrainer (whose workers reserve their own CPUs); Tune needs a
@@ -212,9 +211,9 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
     manifest = ensure_shards(cfg, log)  # once, here: parallel trials must not all prepare the same shards
     base = to_dict(cfg)
     n_probe = check_space(sweep, base, manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    storage.write_text_atomic(str(out / "sweep.yaml"), dump_yaml(sweep))
-    storage.write_text_atomic(str(out / "base.yaml"), cfg.to_yaml())
+    storage.makedirs(str(out))
+    storage.write_text_atomic(under(out, "sweep.yaml"), dump_yaml(sweep))
+    storage.write_text_atomic(under(out, "base.yaml"), cfg.to_yaml())
     n_trials = grid_size(sweep) * sweep.search.num_samples
     log(f"sweep {out}: {n_trials} trial(s) over {', '.join(sweep.space)}; {n_probe} config(s) checked; "
         f"{selection_label(sweep.select)}")
@@ -227,20 +226,25 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
     # seconds. A trial is minutes: saving every few seconds costs nothing and loses less on a kill.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     trainable = _trainable(base, out)
-    tune_dir = out / "tune"
+    tune_dir = under(out, "tune")
+    # Tune's experiment on the sweep directory's own storage: on object storage through raydc's filesystem
+    # (endpoint and region from the AWS variables, retries), handed to Tune with the path inside it.
+    tune_fs, tune_root = (None, str(out)) if isinstance(out, Path) else storage.resolve(out)
+    tune_path = str(tune_dir) if tune_fs is None else storage.resolve(tune_dir)[1]
     t0 = time.perf_counter()
     try:
-        if resume and tune.Tuner.can_restore(str(tune_dir)):
+        if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
             log(f"resuming the sweep from {tune_dir}")
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=tune_fs)
         else:
             parallel = concurrency(cfg, sweep)
             log(f"{parallel} trial(s) at a time; each: {cfg.train.num_workers} worker(s) x "
                 f"{cfg.train.cpus_per_worker:g} CPU, GPU {cfg.train.use_gpu}")
             tuner = tune.Tuner(trainable, param_space=tune_space(sweep),
                                tune_config=_tune_config(sweep, parallel),
-                               run_config=tune.RunConfig(name="tune", storage_path=str(out),
+                               run_config=tune.RunConfig(name="tune", storage_path=tune_root,
+                                                         storage_filesystem=tune_fs,
                                                          callbacks=[TrialLines(sweep, n_trials, log)], verbose=1))
         grid = tuner.fit()
         params = sweep.params()
@@ -253,11 +257,11 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
             ray.shutdown()
     best = select_best(records, sweep.select)
     agreement = label_agreement(records, sweep.select)
-    paths = [outputs.write_trials_csv(out / "trials.csv", records, sweep, best),
-             outputs.write_summary_json(out / "summary.json", records, sweep, best, agreement)]
+    paths = [outputs.write_trials_csv(under(out, "trials.csv"), records, sweep, best),
+             outputs.write_summary_json(under(out, "summary.json"), records, sweep, best, agreement)]
     if best is not None:
-        paths.append(outputs.write_best_yaml(out / "best.yaml", best, sweep))
-    plot = outputs.plot_selection(out / "report", records, sweep, best)
+        paths.append(outputs.write_best_yaml(under(out, "best.yaml"), best, sweep))
+    plot = outputs.plot_selection(under(out, "report"), records, sweep, best)
     if plot:
         paths.append(plot)
     counts = {s: sum(r.status == s for r in records) for s in ("done", "stopped", "error", "unfinished")}

@@ -16,9 +16,20 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raydc import storage
 from raydc.engine.rundir import RunDir
 
 ATTEMPTS_FILE = "attempts.log"
+
+
+def under(base: Path | str, *parts: str) -> Path | str:
+    """`base / parts` for the sweep directory, which is a Path on local disk and a URI string on object storage
+    (where `Path` would turn `s3://b/x` into `s3:/b/x`)."""
+    return base.joinpath(*parts) if isinstance(base, Path) else storage.join(base, *parts)
+
+
+def parent_of(location: Path | str) -> Path | str:
+    return location.parent if isinstance(location, Path) else str(location).rstrip("/").rsplit("/", 1)[0]
 
 
 class RoundReport(TuneReportCallback):
@@ -54,14 +65,16 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
     from raydc.tracking import for_trial
 
     trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(sweep_dir) / "runs" / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = storage.join(sweep_dir, "runs", trial_id)  # a local path or a URI, as the sweep directory is
+    storage.makedirs(run_dir)
     done = final_row(RunDir(run_dir).read_metrics())
     # Tune saves its experiment state every few seconds, not on each trial's end: a sweep killed in between
     # restarts a trial whose run had finished. Its final row is the run's result; report it, do not redo it.
     action = "reuse" if done is not None else "resume" if RunDir(run_dir).latest_checkpoint() else "train"
-    with open(run_dir / ATTEMPTS_FILE, "a") as f:
-        f.write(json.dumps({"started": time.time(), "action": action, "params": config}) + "\n")
+    attempts = storage.join(run_dir, ATTEMPTS_FILE)
+    before = storage.read_text(attempts) if storage.is_file(attempts) else ""
+    storage.write_text_atomic(attempts, before + json.dumps({"started": time.time(), "action": action,
+                                                             "params": config}) + "\n")
     t0 = time.perf_counter()
     if done is None:
         cfg = for_trial(trial_config(base, config, str(run_dir)), sweep_dir)
@@ -69,5 +82,5 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
                            log=lambda msg: print(f"[trial {trial_id}] {msg}", flush=True))
         done = final_row(run.read_metrics())
         if done is None:
-            raise RuntimeError(f"run {run.path} ended without a final metrics row")
+            raise RuntimeError(f"run {run.location} ended without a final metrics row")
     tune.report({**numeric(done), "final": 1, "trial_wall_s": time.perf_counter() - t0})

@@ -1,0 +1,148 @@
+"""One writer per run directory (raydc.engine.lease): a second writer is refused and told who holds the
+directory, a holder that stopped heartbeating is taken over, and of two processes taking over the same stale
+lease only one wins; on local disk and on the S3 server (tests/s3server.py), whose conditional PutObject
+(If-None-Match / If-Match) moto 5.2.5 honours as AWS does."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from raydc.engine.lease import LeaseHeld, LeaseLost, RunLease, lease_location
+from tests.conftest import REPO
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_location(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "runs" / "a")
+    server = request.getfixturevalue("s3_server")
+    return server.uri(f"leases/{request.node.name.replace('[', '-').rstrip(']')}-{time.monotonic_ns()}/a")
+
+
+def _lease(loc: str, timeout: float = 30.0, log=None, **kw) -> RunLease:
+    return RunLease(loc, timeout, log=(log if log is not None else (lambda m: None)), **kw)
+
+
+def test_lease_sits_beside_the_run_directory():
+    assert lease_location("s3://b/runs/dc/") == "s3://b/runs/.dc.lease"
+    assert lease_location("/x/runs/dc") == "/x/runs/.dc.lease"
+
+
+def test_a_second_writer_is_refused_naming_the_holder_until_the_first_releases(run_location):
+    a, b = _lease(run_location), _lease(run_location)
+    a.acquire()
+    try:
+        with pytest.raises(LeaseHeld) as e:
+            b.acquire()
+        msg = str(e.value)
+        assert f"host {socket.gethostname()}, pid {os.getpid()}" in msg and "since " in msg, msg
+        assert "run.lease_timeout_s=30s" in msg and "\n" not in msg, msg
+    finally:
+        a.release()
+    b.acquire()  # given back: no wait for the timeout
+    b.release()
+
+
+def test_the_heartbeat_keeps_a_lease_alive_past_its_timeout(run_location):
+    with _lease(run_location, timeout=1.0).held():
+        time.sleep(2.0)  # eight heartbeats; without them the lease would be 2 s old, twice the timeout
+        with pytest.raises(LeaseHeld):
+            _lease(run_location, timeout=1.0).acquire()
+
+
+def test_a_stale_lease_is_taken_over_and_logged_and_its_old_holder_learns_it(run_location):
+    a = _lease(run_location, timeout=1.0)
+    a.acquire()  # no heartbeat thread: a writer killed with SIGKILL
+    time.sleep(2.2)  # S3's Last-Modified has 1 s resolution
+    logged: list[str] = []
+    b = _lease(run_location, timeout=1.0, log=logged.append)
+    b.acquire()
+    assert len(logged) == 1 and "took over the lease" in logged[0] and f"pid {os.getpid()}" in logged[0], logged
+    with pytest.raises(LeaseLost, match="taken over"):
+        a.renew()  # the old writer, back from a pause, stops instead of writing beside the new one
+    a.release()  # not its lease any more: deletes nothing
+    with pytest.raises(LeaseHeld):
+        _lease(run_location, timeout=1.0).acquire()
+    b.release()
+
+
+def test_the_heartbeat_thread_reports_a_lost_lease(run_location):
+    lost = threading.Event()
+    a = _lease(run_location, timeout=0.8, on_lost=lost.set)
+    a.acquire()
+    time.sleep(1.8)
+    b = _lease(run_location, timeout=0.8)
+    b.acquire()
+    a.start_heartbeat()  # its next renewal finds b's lease
+    assert lost.wait(10) and a.lost is not None and a.lost.token == b.token
+    b.release()
+
+
+def test_of_two_writers_taking_over_one_stale_lease_exactly_one_wins(run_location):
+    stale = _lease(run_location, timeout=1.0)
+    stale.acquire()
+    time.sleep(2.2)
+    takers = [_lease(run_location, timeout=1.0) for _ in range(4)]
+    results: list[str] = []
+    go = threading.Barrier(len(takers))
+
+    def take(lease: RunLease) -> None:
+        go.wait()
+        try:
+            lease.acquire()
+            results.append("won")
+        except LeaseHeld:
+            results.append("refused")
+
+    threads = [threading.Thread(target=take, args=(t,)) for t in takers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == ["refused"] * 3 + ["won"], results
+    for t in takers:
+        t.release()
+
+
+def test_a_second_train_overwrite_on_a_held_directory_exits_2_and_deletes_nothing(tmp_path, mnist_root):
+    """The CLI, as a user hits it: the lease is taken before Ray starts (and before --overwrite deletes), so the
+    refusal needs no Ray. A plain second `train --resume` beside a live run: tests/test_cli_run.py."""
+    from raydc.data.prepare import prepare
+
+    shards = tmp_path / "shards"
+    prepare("mnist", shards, root=str(mnist_root), split="test", limit=100, progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 0}\n')
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS="127.0.0.1:1")  # no Ray needed, none reached
+    with _lease(str(run), timeout=30).held():
+        p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", f"--set=data.shards={shards}",
+                            f"--set=run.dir={run}", "--set=cluster.k=4", "--set=train.batch_size=50", "--overwrite"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-2000:])
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("raydc: error: run directory"), p.stderr
+        assert f"pid {os.getpid()}" in err[0] and "wait for it to end" in err[0], err[0]
+        assert (run / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    assert not os.path.exists(lease_location(str(run)))
+
+
+def test_a_renewal_whose_reply_was_lost_is_still_ours(run_location):
+    """A renewal that reached the store but whose answer a dropped connection lost leaves this writer with an
+    old tag; the next renewal's compare-and-swap fails, and the lease must not be mistaken for lost."""
+    a = _lease(run_location)
+    a.acquire()
+    stale_tag = a._tag
+    a.renew()
+    a._tag = stale_tag  # as if the reply of the renewal above had never come
+    a.renew()
+    assert a.lost is None
+    with pytest.raises(LeaseHeld):
+        _lease(run_location).acquire()
+    a.release()
