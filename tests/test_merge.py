@@ -69,7 +69,6 @@ def test_paga_divides_by_what_chance_gives():
     conn = paga_connectivity(edges, np.array([900, 100, 100]))
     assert conn[1, 2] > conn[0, 1] > 0 and conn[0, 2] == 0 and np.all(np.diag(conn) == 0)
     np.testing.assert_allclose(conn, conn.T)
-    assert conn.max() <= 1.0
 
 
 def test_normalized_cut_prefers_the_weak_cut():

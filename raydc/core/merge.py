@@ -111,10 +111,11 @@ def knn_edge_counts(x: np.ndarray, labels: np.ndarray, sample: np.ndarray, sampl
 
 
 def paga_connectivity(edges: np.ndarray, sample_sizes: np.ndarray) -> np.ndarray:
-    """(k, k) symmetric connectivity in [0, 1] from directed k-NN edge counts: the edges between i and j in both
+    """(k, k) symmetric connectivity from directed k-NN edge counts: the edges between i and j in both
     directions over the number expected if each neighbour fell in a cluster in proportion to its share of the
-    sample (PAGA's v1.2 statistic, capped at 1 as PAGA does, so that every pair of fine clusters that really
-    touch counts the same, however dense their border is). The diagonal is 0."""
+    sample (PAGA's v1.2 statistic). Unlike PAGA it is not capped at 1: on MNIST features after two rounds the
+    cap made most pairs of fine clusters look equally linked (ACC 0.75 against 0.79 uncapped). The diagonal
+    is 0."""
     e = np.asarray(edges, np.float64)
     out_deg = e.sum(axis=1)
     p = np.asarray(sample_sizes, np.float64)
@@ -123,7 +124,7 @@ def paga_connectivity(edges: np.ndarray, sample_sizes: np.ndarray) -> np.ndarray
     both = e + e.T
     conn = np.divide(both, expected, out=np.zeros_like(both), where=expected > 0)
     np.fill_diagonal(conn, 0.0)
-    return np.minimum(conn, 1.0)
+    return conn
 
 
 def normalized_cut(w: np.ndarray, groups: np.ndarray) -> float:
@@ -143,7 +144,7 @@ def normalized_cut(w: np.ndarray, groups: np.ndarray) -> float:
 def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 10) -> MergeResult:
     """The group of each of the k fine clusters: candidates from spectral clustering of the connectivity graph
     (Ng-Jordan-Weiss embedding, k-means with `restarts` seeds drawn from `seed`) and from average linkage on
-    1 - connectivity; the candidate with the lowest normalised cut is kept (the first one on a tie), so the
+    1 - connectivity / its maximum; the candidate with the lowest normalised cut is kept (the first one on a tie), so the
     result is a function of (conn, n_groups, seed). Fine clusters without any edge (empty, or no neighbours
     outside themselves) take no part and go to group 0: nothing links them to any group."""
     from scipy.cluster.hierarchy import fcluster, linkage
@@ -172,7 +173,7 @@ def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 
     for r in range(restarts):
         km = KMeans(n_groups, n_init=1, random_state=int(rng.integers(1 << 31)))
         candidates[f"spectral-{r}"] = km.fit(u).labels_.astype(np.int64)
-    dist = squareform(1.0 - wl, checks=False)
+    dist = squareform(1.0 - wl / wl.max(), checks=False)
     candidates["average"] = fcluster(linkage(dist, method="average"), n_groups, criterion="maxclust") - 1
     scores = {name: normalized_cut(wl, g) for name, g in candidates.items()
               if len(np.unique(g)) == n_groups}  # average linkage can give fewer groups on ties
