@@ -3,9 +3,10 @@ the old co-neighbour merge against the k-NN graph one on a set where two classes
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from raydc.core.merge import (coneighbour_counts, graph_merge, knn_edge_counts, normalized_cut,
-                              paga_connectivity, spectral_merge)
+from raydc.core.merge import (coneighbour_counts, fine_graph, graph_merge, knn_edge_counts, modularity,
+                              normalized_cut, paga_connectivity, spectral_merge)
 
 GAP = 0.8  # between the two classes; each fine cluster is 1 wide along its class
 
@@ -24,17 +25,18 @@ def ladder(seed: int = 0, per_class: int = 1500, bridges: int = 6):
     return x, centroids, fine
 
 
-def knn_groups(x, fine, k=20, seed=0, sample=None):
+def knn_groups(x, fine, k=20, seed=0, sample=None, graph="counts", score="modularity"):
     sample = np.arange(len(x)) if sample is None else sample
     ids = np.arange(len(x))
     edges = knn_edge_counts(x, fine, x[sample], fine[sample], k, 15, ids=ids, sample_ids=ids[sample])
-    return graph_merge(paga_connectivity(edges, np.bincount(fine[sample], minlength=k)), 2, seed=seed)
+    return graph_merge(fine_graph(edges, np.bincount(fine[sample], minlength=k), graph), 2, seed=seed, score=score)
 
 
-def test_bridge_points_do_not_join_two_classes_but_the_one_edge_merge_does():
+@pytest.mark.parametrize("graph,score", [("counts", "modularity"), ("paga", "ncut")])
+def test_bridge_points_do_not_join_two_classes_but_the_one_edge_merge_does(graph, score):
     x, centroids, fine = ladder()
     classes = np.repeat([0, 1], 10)  # fine cluster -> its class (centroids 0-9 on stroke 0, 10-19 on stroke 1)
-    new = knn_groups(x, fine).groups
+    new = knn_groups(x, fine, graph=graph, score=score).groups
     assert all(len(set(new[classes == c])) == 1 for c in (0, 1)) and new[0] != new[10], new
     old = spectral_merge(coneighbour_counts(x, centroids), 2)
     # the old merge cuts the ladder across its rails: each of its groups holds fine clusters of both classes
@@ -71,8 +73,11 @@ def test_paga_divides_by_what_chance_gives():
     np.testing.assert_allclose(conn, conn.T)
 
 
-def test_normalized_cut_prefers_the_weak_cut():
+def test_both_scores_prefer_the_weak_cut():
     w = np.zeros((4, 4))
     w[0, 1] = w[1, 0] = w[2, 3] = w[3, 2] = 1.0
     w[1, 2] = w[2, 1] = 0.1
-    assert normalized_cut(w, np.array([0, 0, 1, 1])) < normalized_cut(w, np.array([0, 1, 1, 0]))
+    good, bad = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 0])
+    assert normalized_cut(w, good) < normalized_cut(w, bad)
+    assert modularity(w, good) > modularity(w, bad)
+    np.testing.assert_allclose(modularity(w, np.zeros(4, int)), 0.0, atol=1e-12)  # one group: nothing gained

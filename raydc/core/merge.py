@@ -57,9 +57,10 @@ def spectral_merge(counts: np.ndarray, n_groups: int, seed: int = 0) -> np.ndarr
 # an empty gap in another class. A few such edges, or one k-means near-tie, decide the whole merge (seen on
 # MNIST: 3 and 5 joined, 4 split, 15 points of ACC lost in one run out of four). Here the edges are the points'
 # own nearest neighbours, so two fine clusters are linked only where points lie between them; the counts are
-# divided by what chance would give two clusters of their sizes (PAGA, Wolf et al., Genome Biology 2019), so a
-# large pair of classes touching through a few bridge points stays weakly linked; and the final partition is the
-# best of several by a label-free score rather than whatever one k-means restart gave.
+# weighed against what chance would give two clusters of their sizes (modularity's null model; PAGA, Wolf et
+# al., Genome Biology 2019, divides by the same expectation), so a large pair of classes touching through a few
+# bridge points stays weakly linked; and the final partition is the best of several by that label-free score
+# rather than whatever one k-means restart gave. Which graph and score: benchmarks/results/readout.json.
 #
 # Scale: the neighbours are searched in a fixed-size sample of the points (gathered once, then broadcast), each
 # shard searches its own points against it in bounded batches and returns a k x k count table; the graph step is
@@ -71,9 +72,9 @@ class MergeResult:
     """The group of each fine cluster, and why this partition was kept."""
 
     groups: np.ndarray              # (k,) int64 in 0..n_groups-1
-    score: float                    # normalised cut of the kept partition on the connectivity graph (lower: better)
+    score: float                    # the kept partition's score on the connectivity graph (graph_merge's `score`)
     candidate: str                  # which candidate it was ("spectral-3", "average")
-    scores: dict[str, float] = field(default_factory=dict)  # every candidate's normalised cut
+    scores: dict[str, float] = field(default_factory=dict)  # every candidate's score
 
 
 def knn_edge_counts(x: np.ndarray, labels: np.ndarray, sample: np.ndarray, sample_labels: np.ndarray, k: int,
@@ -113,9 +114,8 @@ def knn_edge_counts(x: np.ndarray, labels: np.ndarray, sample: np.ndarray, sampl
 def paga_connectivity(edges: np.ndarray, sample_sizes: np.ndarray) -> np.ndarray:
     """(k, k) symmetric connectivity from directed k-NN edge counts: the edges between i and j in both
     directions over the number expected if each neighbour fell in a cluster in proportion to its share of the
-    sample (PAGA's v1.2 statistic). Unlike PAGA it is not capped at 1: on MNIST features after two rounds the
-    cap made most pairs of fine clusters look equally linked (ACC 0.75 against 0.79 uncapped). The diagonal
-    is 0."""
+    sample (PAGA's v1.2 statistic). Unlike PAGA it is not capped at 1: with the cap, most pairs of fine clusters
+    of a partly trained network look equally linked. The diagonal is 0."""
     e = np.asarray(edges, np.float64)
     out_deg = e.sum(axis=1)
     p = np.asarray(sample_sizes, np.float64)
@@ -125,6 +125,20 @@ def paga_connectivity(edges: np.ndarray, sample_sizes: np.ndarray) -> np.ndarray
     conn = np.divide(both, expected, out=np.zeros_like(both), where=expected > 0)
     np.fill_diagonal(conn, 0.0)
     return conn
+
+
+def fine_graph(edges: np.ndarray, sample_sizes: np.ndarray, kind: str = "counts") -> np.ndarray:
+    """The k x k graph the merge cuts: "counts", the k-NN edges between two fine clusters in both directions
+    (the spectral embedding's degree normalisation and modularity's null model then weigh them against what
+    the clusters' sizes alone would give), or "paga", each count already divided by that expectation."""
+    if kind == "paga":
+        return paga_connectivity(edges, sample_sizes)
+    if kind != "counts":
+        raise ValueError(f"unknown graph {kind!r}: expected counts or paga")
+    e = np.asarray(edges, np.float64)
+    w = e + e.T
+    np.fill_diagonal(w, 0.0)
+    return w
 
 
 def normalized_cut(w: np.ndarray, groups: np.ndarray) -> float:
@@ -141,10 +155,28 @@ def normalized_cut(w: np.ndarray, groups: np.ndarray) -> float:
     return float(total)
 
 
-def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 10) -> MergeResult:
+def modularity(w: np.ndarray, groups: np.ndarray) -> float:
+    """Newman's modularity of the partition on the weighted graph `w`: the share of edge weight inside groups
+    minus what a random graph with the same degrees would put there (high: better). Like PAGA's statistic, it
+    counts edges against their expected number, so a large pair of groups is not joined for its size alone."""
+    w = np.asarray(w, np.float64)
+    deg = w.sum(axis=1)
+    m2 = deg.sum()
+    if m2 <= 0:
+        return 0.0
+    return float(sum(w[np.ix_(groups == g, groups == g)].sum() / m2 - (deg[groups == g].sum() / m2) ** 2
+                     for g in np.unique(groups)))
+
+
+SCORES = {"ncut": (normalized_cut, 1.0), "modularity": (modularity, -1.0)}  # name -> (score, sign: lower wins)
+
+
+def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 10,
+                score: str = "modularity") -> MergeResult:
     """The group of each of the k fine clusters: candidates from spectral clustering of the connectivity graph
     (Ng-Jordan-Weiss embedding, k-means with `restarts` seeds drawn from `seed`) and from average linkage on
-    1 - connectivity / its maximum; the candidate with the lowest normalised cut is kept (the first one on a tie), so the
+    1 - connectivity / its maximum; the candidate with the best `score` (lowest normalised cut, or highest
+    modularity) is kept (the first one on a tie), so the
     result is a function of (conn, n_groups, seed). Fine clusters without any edge (empty, or no neighbours
     outside themselves) take no part and go to group 0: nothing links them to any group."""
     from scipy.cluster.hierarchy import fcluster, linkage
@@ -161,7 +193,7 @@ def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 
     if live.sum() <= n_groups:  # too few linked clusters to merge: each its own group, the rest in group 0
         groups = np.zeros(k, np.int64)
         groups[np.flatnonzero(live)] = np.arange(live.sum()) % n_groups
-        return MergeResult(groups, normalized_cut(w, groups), "identity")
+        return MergeResult(groups, SCORES[score][0](w, groups), "identity")
     wl = w[np.ix_(live, live)]
     d = wl.sum(axis=1)
     m = wl / np.sqrt(np.outer(d, d))
@@ -175,9 +207,10 @@ def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 
         candidates[f"spectral-{r}"] = km.fit(u).labels_.astype(np.int64)
     dist = squareform(1.0 - wl / wl.max(), checks=False)
     candidates["average"] = fcluster(linkage(dist, method="average"), n_groups, criterion="maxclust") - 1
-    scores = {name: normalized_cut(wl, g) for name, g in candidates.items()
+    fn, sign = SCORES[score]
+    scores = {name: fn(wl, g) for name, g in candidates.items()
               if len(np.unique(g)) == n_groups}  # average linkage can give fewer groups on ties
-    best = min(scores, key=lambda name: (scores[name], list(candidates).index(name)))
+    best = min(scores, key=lambda name: (sign * scores[name], list(candidates).index(name)))
     groups = np.zeros(k, np.int64)
     groups[live] = candidates[best]
     return MergeResult(groups, scores[best], best, scores)

@@ -22,8 +22,8 @@ sections, used as the paper does, and its own `deepcluster` section for what dep
   `final_merge: spectral` gets the final_k clusters by joining the training-k ones along the data's manifolds
   (raydc.core.merge) rather than by k-means at final_k, which cuts curved classes into convex cells.
   `final_merge: knn` joins them along a k-nearest-neighbour graph of the points themselves (each shard's points
-  searched in a fixed-size sample), with PAGA's normalised edge counts and the best of several partitions by
-  normalised cut: a few bridge points or one k-means near-tie no longer decide the merge.
+  searched in a fixed-size sample), edges weighed against their expected number, and the best of several
+  partitions by modularity: a few bridge points or one k-means near-tie no longer decide the merge.
 """
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ class DeepClusterConfig:
     final_merge: Literal["kmeans", "spectral", "knn"] = "kmeans"
     final_neighbors: int = 15              # knn: neighbours of each point, searched in the sample below
     final_sample: int = 20_000             # knn: points gathered on rank 0 and sent to the shards (bounded memory)
-    final_restarts: int = 10               # knn: spectral restarts; the lowest normalised cut is kept
+    final_restarts: int = 10               # knn: spectral restarts; the best `final_score` is kept
+    final_graph: Literal["counts", "paga"] = "counts"  # knn: edge counts, or counts / expected (raydc.core.merge)
+    final_score: Literal["modularity", "ncut"] = "modularity"  # knn: label-free score that picks the partition
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -273,9 +275,9 @@ class DeepCluster(Method):
     def _knn_final(self, ctx, out, final_k: int, round_idx: int):
         """final_k clusters as groups of the training-k ones, joined along the points' k-NN graph: a sample of at
         most `final_sample` points is gathered once and broadcast; each shard counts, for its own points, the
-        fine clusters of their nearest sample points (k x k back); rank 0 normalises the counts (PAGA) and keeps
-        the best of several partitions by normalised cut. Returns the outcome and what the merge chose."""
-        from raydc.core.merge import graph_merge, paga_connectivity
+        fine clusters of their nearest sample points (k x k back); rank 0 keeps the best of several partitions of
+        that graph by a label-free score. Returns the outcome and what the merge chose."""
+        from raydc.core.merge import fine_graph, graph_merge
 
         o = self.opts
         k = len(out.centroids)
@@ -284,11 +286,11 @@ class DeepCluster(Method):
         sample_labels = np.asarray(cols[out.col], np.int64)
         edges = np.sum([e for e in ctx.service.apply(shard_knn_edges, out.col, sample_x, sample_labels, sample_ids,
                                                      k, o.final_neighbors) if e is not None], axis=0)
-        conn = paga_connectivity(edges, np.bincount(sample_labels, minlength=k))
-        merged = graph_merge(conn, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31),
-                             restarts=o.final_restarts)
+        graph = fine_graph(edges, np.bincount(sample_labels, minlength=k), o.final_graph)
+        merged = graph_merge(graph, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31),
+                             restarts=o.final_restarts, score=o.final_score)
         ctx.service.apply(shard_group, out.col, "final", merged.groups)
-        row = {"merge_ncut": merged.score, "merge_candidate": merged.candidate, "merge_sample": int(len(sample_ids))}
+        row = {"merge_score": merged.score, "merge_candidate": merged.candidate, "merge_sample": int(len(sample_ids))}
         return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
                                    sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
 
