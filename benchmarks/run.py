@@ -24,8 +24,8 @@ from benchmarks.common import RESULTS_DIR, Context, _clean, load_average, machin
 
 # Cheapest and Ray-free first; the Ray Train ones last.
 BENCHMARKS = ["quality", "pca", "kmeans", "reduction", "features", "train", "dac", "epoch", "ablations", "seeds",
-              "scale"]
-FULL_ONLY = {"reduction", "dac", "ablations", "seeds", "scale"}  # not in the quick suite (make test runs it) unless named with --only
+              "readout", "scale"]
+FULL_ONLY = {"reduction", "dac", "ablations", "seeds", "readout", "scale"}  # not in the quick suite (make test runs it) unless named with --only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

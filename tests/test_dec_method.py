@@ -141,6 +141,8 @@ def test_huge_tol_stops_at_the_second_update():
     final = rows[-1]
     assert final["phase"] == "final" and final["dec_iterations"] == dec_rows[0]["dec_steps"] > 0
     assert {"ae_kmeans_acc", "ae_kmeans_nmi", "ae_kmeans_ari", "acc", "nmi", "ari"} <= set(final)
+    # the label-free score for choosing k, measured on the embedding before DEC (K separated blobs: reproducible)
+    assert 0.5 < final["ae_kmeans_stability"] <= 1.0, final["ae_kmeans_stability"]
     assert [r["epoch"] for r in rows] == sorted({r["epoch"] for r in rows})  # strictly increasing
     assert sorted(out.ids.tolist()) == list(range(K * PER_CLUSTER))
 
