@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydc.core.merge import (coneighbour_counts, fine_graph, graph_merge, knn_edge_counts, modularity,
-                              normalized_cut, paga_connectivity, spectral_merge)
+from raydc.core.merge import (
+    coneighbour_counts,
+    fine_graph,
+    graph_merge,
+    knn_edge_counts,
+    modularity,
+    normalized_cut,
+    paga_connectivity,
+    spectral_merge,
+)
 
 GAP = 0.8  # between the two classes; each fine cluster is 1 wide along its class
 

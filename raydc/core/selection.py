@@ -38,7 +38,7 @@ def kmeans_stability(x: np.ndarray, k: int, seed: int = 0, pairs: int = 3, fract
 
     x = np.ascontiguousarray(x, np.float32)
     n = len(x)
-    m = int(round(fraction * n))
+    m = round(fraction * n)
     if not 2 <= k <= m:
         return float("nan")
     rng = np.random.default_rng(seed)

@@ -290,7 +290,7 @@ class DeepCluster(Method):
         merged = graph_merge(graph, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31),
                              restarts=o.final_restarts, score=o.final_score)
         ctx.service.apply(shard_group, out.col, "final", merged.groups)
-        row = {"merge_score": merged.score, "merge_candidate": merged.candidate, "merge_sample": int(len(sample_ids))}
+        row = {"merge_score": merged.score, "merge_candidate": merged.candidate, "merge_sample": len(sample_ids)}
         return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
                                    sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
 
