@@ -173,6 +173,7 @@ def collect(ctx: Context, launch: bool) -> dict:
     for seed in SEEDS:
         done = [ctx.work / "readout" / f"demo-{m}-seed{seed}" for m in MERGES]
         done = [d for d in done if _final(d)[0] is not None]
+        done.sort(key=lambda d: not (d / "readout_same_features.json").exists())  # one already measured first
         if not done:
             continue
         ablation["per_run"][str(seed)] = same_features_of_run(done[0], seed)
