@@ -198,7 +198,7 @@ def section(doc: dict) -> str:
             continue
         s = doc["summary"][merge]
         rows.append([f"`final_merge: {merge}`", f"{s['acc']['mean']:.3f} ± {s['acc']['std']:.3f}",
-                     f"{s['acc']['min']:.3f}", " / ".join(f"{r['acc']:.3f}" for r in runs),
+                     f"{s['acc']['min']:.3f}", " / ".join(f"{r['seed']}: {r['acc']:.3f}" for r in runs),
                      " / ".join(f"{r['first_acc']:.3f}" for r in runs),
                      " / ".join(f"{r['train_k_acc_majority']:.3f}" for r in runs)])
     ab = doc["same_features"]
@@ -217,8 +217,8 @@ def section(doc: dict) -> str:
             f"`{doc['config']}` with `{' '.join(doc['sets'])}`, seeds {', '.join(map(str, doc['seeds']))}; the "
             "final round of each run. Both readouts of a seed train the same network (deterministic on CPU: "
             "the majority ACC at k = 100 matches).\n\n" + missing
-            + table(["readout", "ACC mean ± std", "ACC min", "ACC per seed", "ACC round 0 per seed",
-                     "majority ACC at k = 100"], rows)
+            + table(["readout", "ACC mean ± std", "ACC min", "ACC per seed",
+                     "ACC round 0 (k = 100, one-to-one)", "majority ACC at k = 100"], rows)
             + "\n\nSame features, many fine clusterings: each seed's final network, k-means "
             f"k = 100 redrawn with {len(ab['kmeans_seeds'])} seeds, every readout on each "
             f"({n_runs * len(ab['kmeans_seeds'])} merges per row).\n\n"
