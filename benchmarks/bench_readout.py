@@ -119,7 +119,7 @@ def same_features(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     return out
 
 
-def same_features_of_run(run_dir: Path, seed: int) -> dict:
+def same_features_of_run(run_dir: Path, seed: int, measure: bool = True) -> dict | None:
     """`same_features` on a finished run's final network, kept beside the run (`readout_same_features.json`) so
     that a stopped suite does not redo it. Either readout's run of a seed will do: they train the same network."""
     import json
@@ -129,6 +129,8 @@ def same_features_of_run(run_dir: Path, seed: int) -> dict:
         doc = json.loads(cache.read_text())
         if doc.get("kmeans_seeds") == list(KMEANS_SEEDS):
             return doc["acc"]
+    if not measure:
+        return None
     x, y = _features(run_dir)
     acc = same_features(x, y, seed)
     cache.write_text(json.dumps({"kmeans_seeds": list(KMEANS_SEEDS), "acc": acc}))
@@ -143,7 +145,8 @@ def run(ctx: Context) -> dict:
 
 def collect(ctx: Context, launch: bool) -> dict:
     """The runs that exist (and, with `launch`, the missing ones run first), read back; a run that does not
-    exist without `launch` is listed under "missing" and left out of the means."""
+    exist without `launch` is listed under "missing" and left out of the means, and only the same-features
+    ablations already measured are read."""
     from raydc.config import load_config
     from raydc.engine.trainer import run_training
 
@@ -176,7 +179,11 @@ def collect(ctx: Context, launch: bool) -> dict:
         done.sort(key=lambda d: not (d / "readout_same_features.json").exists())  # one already measured first
         if not done:
             continue
-        ablation["per_run"][str(seed)] = same_features_of_run(done[0], seed)
+        acc = same_features_of_run(done[0], seed, measure=launch)
+        if acc is None:
+            missing.append(f"same-features ablation seed {seed}")
+            continue
+        ablation["per_run"][str(seed)] = acc
         ctx.log(f"  same features, seed {seed}: " + ", ".join(
             f"{n} {statistics.fmean(v):.3f}" for n, v in ablation["per_run"][str(seed)].items()))
     pooled = {n: [a for r in ablation["per_run"].values() for a in r[n]] for n in (*READOUTS, "fine_majority")}
