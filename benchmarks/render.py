@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds",
-         "scale", "probes"]
+         "readout", "scale", "probes"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -746,6 +746,10 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_ablations(d["ablations"]))
     if "seeds" in d:
         lines.append(_sec_seeds(d["seeds"]))
+    if "readout" in d:
+        from benchmarks.bench_readout import section
+
+        lines.append(section(d["readout"]))
     if "scale" in d and "points" in d["scale"]:
         plot_scale(d["scale"], out / "scale.png")
         lines.append(_sec_scale(d["scale"], rel("scale.png")))

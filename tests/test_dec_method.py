@@ -128,6 +128,8 @@ def test_huge_tol_stops_at_the_second_update():
     final = rows[-1]
     assert final["phase"] == "final" and final["dec_iterations"] == dec_rows[0]["dec_steps"] > 0
     assert {"ae_kmeans_acc", "ae_kmeans_nmi", "ae_kmeans_ari", "acc", "nmi", "ari"} <= set(final)
+    # the label-free score for choosing k, measured on the embedding before DEC (K separated blobs: reproducible)
+    assert 0.5 < final["ae_kmeans_stability"] <= 1.0, final["ae_kmeans_stability"]
     assert [r["epoch"] for r in rows] == sorted({r["epoch"] for r in rows})  # strictly increasing
     assert sorted(out.ids.tolist()) == list(range(K * PER_CLUSTER))
 
@@ -292,3 +294,21 @@ def test_resume_from_an_earlier_checkpoint_gives_the_same_result(tiny_run, tmp_p
     assert [r["round"] for r in ra] == [r["round"] for r in rb]
     for key in ("loss", "ae_kmeans_acc", "acc"):
         assert [r.get(key) for r in ra] == [r.get(key) for r in rb]
+
+
+def test_the_dec_keras_preset_pretrains_end_to_end_with_sgd_and_no_dropout():
+    """jobs/configs/dec_mnist_keras.yaml: one 300-epoch end-to-end stage (no greedy pairs), SGD lr 1 momentum 0.9
+    in batches of 256, no dropout, VarianceScaling(1/3, fan_in, uniform) weights with zero biases."""
+    from raydc.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(str(REPO / "jobs" / "configs" / "dec_mnist_keras.yaml"))
+    method = DEC(cfg, SimpleNamespace(image_shape=[28, 28, 1], mode="L", count=70_000, has_labels=True))
+    assert [(phase, epochs) for phase, _, epochs in method.stages() if epochs] == [("finetune", 300)]
+    model = method.build_model()
+    assert model.ae.corruption == 0.0 and cfg.dec.pretrain_batch_size == 256
+    opt = method.optimizers(model, method.init_state())["finetune"]
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["lr"] == 1.0 and opt.defaults["momentum"] == 0.9
+    first = model.ae.encoder_layers[0]
+    assert first.weight.abs().max() <= (1.0 / first.in_features) ** 0.5 and not first.bias.any()

@@ -199,6 +199,36 @@ def test_over_clustering_with_the_spectral_merge():
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
 
 
+def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(monkeypatch):
+    """The k-NN readout's only per-point traffic to rank 0 is its sample; the shards send back k x k counts."""
+    from raydc.engine.clustering import ClusteringService
+
+    gathered, returned = [], []
+    sample_features, apply = ClusteringService.sample_features, ClusteringService.apply
+
+    def recording_sample(self, *a, **kw):
+        out = sample_features(self, *a, **kw)
+        gathered.append(len(out[0]))
+        return out
+
+    def recording_apply(self, fn, *args):
+        out = apply(self, fn, *args)
+        returned.extend((fn.__name__, np.shape(r)) for r in out if r is not None)
+        return out
+
+    monkeypatch.setattr(ClusteringService, "sample_features", recording_sample)
+    monkeypatch.setattr(ClusteringService, "apply", recording_apply)
+    method, _, rows, final = run(config("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=knn",
+                                        "deepcluster.final_sample=50", "deepcluster.final_neighbors=5"))
+    last = rows[-1]
+    # the readout's sample comes first; then the engine's own label-free scores draw theirs (LABEL_FREE_SAMPLE)
+    assert gathered[0] == 50 and last["merge_sample"] == 50, gathered
+    assert {shape for name, shape in returned if name == "shard_knn_edges"} == {(9, 9)}, returned
+    groups = final.artifacts["groups"].numpy()
+    assert groups.shape == (9,) and set(groups.tolist()) == {0, 1, 2} and last["final_k"] == 3
+    assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
+
+
 def test_cosine_lr_per_round_and_the_step_floor(rounds):
     cfg = config("train.lr_schedule=cosine", "train.lr_final=0.1", "train.epochs=4", "train.min_steps=7")
     _, _, rows, _ = run(cfg)

@@ -44,11 +44,12 @@ def test_silhouette_is_the_default_and_is_maximised():
     assert selection_label(select) == "label-free selection: silhouette (max)"
 
 
-@pytest.mark.parametrize("metric, want", [("calinski_harabasz", "c"), ("nmi_prev", "a"), ("loss", "b")])
+@pytest.mark.parametrize("metric, want", [("calinski_harabasz", "c"), ("nmi_prev", "a"), ("loss", "b"),
+                                          ("ae_kmeans_stability", "b")])
 def test_each_label_free_score_has_its_direction(metric, want):
-    records = [rec("a", 2, calinski_harabasz=10.0, nmi_prev=0.99, loss=0.7),
-               rec("b", 3, calinski_harabasz=50.0, nmi_prev=0.90, loss=0.2),
-               rec("c", 5, calinski_harabasz=90.0, nmi_prev=0.80, loss=0.4)]
+    records = [rec("a", 2, calinski_harabasz=10.0, nmi_prev=0.99, loss=0.7, ae_kmeans_stability=0.6),
+               rec("b", 3, calinski_harabasz=50.0, nmi_prev=0.90, loss=0.2, ae_kmeans_stability=0.95),
+               rec("c", 5, calinski_harabasz=90.0, nmi_prev=0.80, loss=0.4, ae_kmeans_stability=0.7)]
     assert select_best(records, SelectConfig(metric=metric)).trial_id == want
 
 

@@ -549,6 +549,9 @@ class ClusteringService:
         return float(np.sum(self.apply(_distance_sum, col)))
 
     def apply(self, fn: Callable, *args) -> list:
+        # a large array goes into the object store once, not once per shard (Ray copies a by-value argument
+        # into each task)
+        args = tuple(self._put(a) if isinstance(a, np.ndarray) and a.nbytes > (1 << 20) else a for a in args)
         return self._get([s.apply.remote(fn, *args) for s in self.shards])
 
     def peak_rss(self) -> list[dict]:

@@ -39,6 +39,7 @@ from raydc.core import metrics as M
 from raydc.core.dec import build_dec_net, kl_loss, shard_mass, shard_targets, should_stop
 from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
+from raydc.core.selection import kmeans_stability
 from raydc.engine.features import ExtractorSpec
 from raydc.errors import ConfigError, NumericalError
 from raydc.engine.clustering import TRUE
@@ -71,6 +72,10 @@ class DECConfig:
     collapse_growth: float = 2.0           # stop when the largest cluster's share passes this x its k-means share
     tol: float = 0.001                     # stop when fewer than this fraction of labels change
     max_iterations: int = 20_000
+    # Rows of the autoencoder's embedding on which k-means' stability at cluster.k is measured after pretraining
+    # (raydc.core.selection.kmeans_stability; the final row's `ae_kmeans_stability`, a sweep's label-free
+    # choice of k). 0: not measured.
+    stability_sample: int = 5000
 
     def validate(self) -> None:
         if not 0 <= self.corruption < 1:
@@ -86,6 +91,8 @@ class DECConfig:
                                                      f"{self.collapse_growth}")
         if not 0 <= self.tol < 1:
             raise ConfigError("dec.tol", f"must be in [0, 1), got {self.tol}")
+        if self.stability_sample < 0:
+            raise ConfigError("dec.stability_sample", f"must be >= 0 (0: not measured), got {self.stability_sample}")
         if self.max_iterations < 0:
             raise ConfigError("dec.max_iterations", f"must be >= 0, got {self.max_iterations}")
         for name in ("pretrain_epochs", "finetune_epochs"):
@@ -228,6 +235,13 @@ class DEC(Method):
         if true is not None:
             scores = M.evaluate_counts(true)
             baseline.update({f"ae_kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")})
+        if self.opts.stability_sample:
+            # How reproducible k-means at this k is on the embedding before DEC sharpens it: what a sweep over k
+            # can select on (silhouette on the final, sharpened embedding prefers the smallest k).
+            t = time.perf_counter()
+            _, z, _ = ctx.service.sample_features(self.opts.stability_sample, derive_seed(self.cfg.train.seed, 47))
+            baseline["ae_kmeans_stability"] = kmeans_stability(z, cc.k, seed=derive_seed(self.cfg.train.seed, 53))
+            row["time_stability"] = time.perf_counter() - t
         state.ae_kmeans = baseline
         state.init_largest_share = float(np.max(out.sizes) / max(out.n, 1))
         state.pred_path = ctx.save_column(out.col, "labels", round_idx)

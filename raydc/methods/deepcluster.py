@@ -22,6 +22,9 @@ sections, used as the paper does, and its own `deepcluster` section for what dep
   with `final_k` clusters; the training-k clustering is scored too (majority-vote ACC, as k > classes asks).
   `final_merge: spectral` gets the final_k clusters by joining the training-k ones along the data's manifolds
   (raydc.core.merge) rather than by k-means at final_k, which cuts curved classes into convex cells.
+  `final_merge: knn` joins them along a k-nearest-neighbour graph of the points themselves (each shard's points
+  searched in a fixed-size sample), edges weighed against their expected number, and the best of several
+  partitions by modularity: a few bridge points or one k-means near-tie no longer decide the merge.
 """
 from __future__ import annotations
 
@@ -58,14 +61,23 @@ class DeepClusterConfig:
     head: Literal["reset", "match"] = "reset"  # v1: a fresh N(0, 0.01) head each round, or the last one matched
     final_k: int = 0                       # > 0: the delivered clustering has this many clusters (0: cluster.k)
     # final_k < cluster.k: "kmeans" clusters the final features again with final_k; "spectral" joins the
-    # training-k clusters by spectral clustering of their co-neighbour graph (raydc.core.merge)
-    final_merge: Literal["kmeans", "spectral"] = "kmeans"
+    # training-k clusters by spectral clustering of their co-neighbour graph (raydc.core.merge); "knn" joins
+    # them along the points' own nearest-neighbour graph (raydc.core.merge.graph_merge), label-free
+    final_merge: Literal["kmeans", "spectral", "knn"] = "kmeans"
+    final_neighbors: int = 15              # knn: neighbours of each point, searched in the sample below
+    final_sample: int = 20_000             # knn: points gathered on rank 0 and sent to the shards (bounded memory)
+    final_restarts: int = 10               # knn: spectral restarts; the best `final_score` is kept
+    final_graph: Literal["counts", "paga"] = "counts"  # knn: edge counts, or counts / expected (raydc.core.merge)
+    final_score: Literal["modularity", "ncut"] = "modularity"  # knn: label-free score that picks the partition
 
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError("deepcluster.temperature", f"must be > 0, got {self.temperature}")
         if self.final_k < 0 or self.final_k == 1:
             raise ConfigError("deepcluster.final_k", f"must be 0 (cluster.k) or >= 2, got {self.final_k}")
+        for name in ("final_neighbors", "final_sample", "final_restarts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"deepcluster.{name}", f"must be >= 1, got {getattr(self, name)}")
 
 
 def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> nn.Module:
@@ -237,6 +249,9 @@ class DeepCluster(Method):
             cc = self.cfg.cluster
             if self.opts.final_merge == "spectral":
                 out2 = self._spectral_final(ctx, out, final_k, round_idx)
+            elif self.opts.final_merge == "knn":
+                out2, merge_row = self._knn_final(ctx, out, final_k, round_idx)
+                trained.update(merge_row)
             else:
                 mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
                 out2 = ctx.service.kmeans(final_k, niter=cc.niter, seed=derive_seed(self.cfg.train.seed, round_idx, 29),
@@ -267,6 +282,28 @@ class DeepCluster(Method):
         ctx.service.apply(shard_group, out.col, "final", groups)
         return dataclasses.replace(out, col="final", sizes=np.bincount(groups, weights=out.sizes, minlength=final_k),
                                    objective=[], groups=groups)
+
+    def _knn_final(self, ctx, out, final_k: int, round_idx: int):
+        """final_k clusters as groups of the training-k ones, joined along the points' k-NN graph: a sample of at
+        most `final_sample` points is gathered once and broadcast; each shard counts, for its own points, the
+        fine clusters of their nearest sample points (k x k back); rank 0 keeps the best of several partitions of
+        that graph by a label-free score. Returns the outcome and what the merge chose."""
+        from raydc.core.merge import fine_graph, graph_merge
+
+        o = self.opts
+        k = len(out.centroids)
+        sample_ids, sample_x, cols = ctx.service.sample_features(
+            o.final_sample, derive_seed(self.cfg.train.seed, round_idx, 37), cols=(out.col,))
+        sample_labels = np.asarray(cols[out.col], np.int64)
+        edges = np.sum([e for e in ctx.service.apply(shard_knn_edges, out.col, sample_x, sample_labels, sample_ids,
+                                                     k, o.final_neighbors) if e is not None], axis=0)
+        graph = fine_graph(edges, np.bincount(sample_labels, minlength=k), o.final_graph)
+        merged = graph_merge(graph, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31),
+                             restarts=o.final_restarts, score=o.final_score)
+        ctx.service.apply(shard_group, out.col, "final", merged.groups)
+        row = {"merge_score": merged.score, "merge_candidate": merged.candidate, "merge_sample": len(sample_ids)}
+        return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
+                                   sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
 
     def assign(self, ctx, model: nn.Module, artifacts: dict) -> FinalClustering:
         info = ctx.extract(self.extractor(model), projection=_projection_from_plain(artifacts["projection"]),
@@ -357,6 +394,16 @@ def shard_coneighbours(view, centroids):
 
     return None if view.x is None or len(view.ids) == 0 else coneighbour_counts(np.asarray(view.x, np.float32),
                                                                                    centroids)
+
+
+def shard_knn_edges(view, col: str, sample_x, sample_labels, sample_ids, k: int, n_neighbors: int):
+    """Run on a shard actor: (k, k) counts of this shard's points' nearest sample points, by fine cluster."""
+    from raydc.core.merge import knn_edge_counts
+
+    if view.x is None or len(view.ids) == 0:
+        return None
+    return knn_edge_counts(view.x, view.cols[col], sample_x, sample_labels, k, n_neighbors, ids=view.ids,
+                           sample_ids=sample_ids)
 
 
 def shard_group(view, col: str, out: str, groups: np.ndarray):

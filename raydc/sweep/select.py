@@ -2,8 +2,10 @@
 
 The scores come from each run's final row (`"final": true` in metrics.jsonl): `silhouette` and
 `calinski_harabasz` on a fixed sample of the final clustered features, `nmi_prev` (agreement with the previous
-round's assignment: stability), `loss`. A trial that did not finish, or whose score is missing or not finite,
-cannot win. Ties go to the earlier trial, so a rerun of the same sweep picks the same winner.
+round's assignment: stability), `loss`, and DEC's `ae_kmeans_stability` (how reproducible k-means at the trial's k
+is on the autoencoder's embedding before DEC sharpens it, raydc.core.selection.kmeans_stability: the score for
+choosing DEC's k, where silhouette on the sharpened embedding prefers the smallest k). A trial that did not
+finish, or whose score is missing or not finite, cannot win. Ties go to the earlier trial, so a rerun of the same sweep picks the same winner.
 """
 from __future__ import annotations
 
@@ -55,12 +57,15 @@ def selection_label(select: SelectConfig) -> str:
     return f"{kind}: {select.metric} ({select.direction})"
 
 
+ONLY_WHEN_PRESENT = ("kmeans_objective", "ae_kmeans_stability")  # a column only where some trial reports it
+
+
 def metric_columns(records: list[TrialRecord], select: SelectConfig) -> list[str]:
     """The selection metric first, then every other label-free score, then the labelled ones any trial has."""
     present = {k for r in records if r.final for k in r.final}
     cols = [select.metric]
     for name in (*LABEL_FREE, *SUPERVISED):
-        if name not in cols and (name in present or name in LABEL_FREE and name != "kmeans_objective"):
+        if name not in cols and (name in present or name in LABEL_FREE and name not in ONLY_WHEN_PRESENT):
             cols.append(name)
     return cols
 
