@@ -5,7 +5,8 @@ The scores come from each run's final row (`"final": true` in metrics.jsonl): `s
 round's assignment: stability), `loss`, and DEC's `ae_kmeans_stability` (how reproducible k-means at the trial's k
 is on the autoencoder's embedding before DEC sharpens it, raydc.core.selection.kmeans_stability: the score for
 choosing DEC's k, where silhouette on the sharpened embedding prefers the smallest k). A trial that did not
-finish, or whose score is missing or not finite, cannot win. Ties go to the earlier trial, so a rerun of the same sweep picks the same winner.
+finish, or whose score is missing or not finite, cannot win. Ties go to the earlier trial, so a rerun of the same
+sweep picks the same winner.
 """
 from __future__ import annotations
 
