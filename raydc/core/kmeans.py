@@ -14,8 +14,8 @@ cluster empties (faiss's RNG is re-seeded with 1234 at every split; ours is a nu
 `kmeans(..., assign_precision="bf16")` runs `lloyd`'s iteration in-process with `Bf16Assigner` instead of
 faiss's search (meant for CPUs with bf16 matrix instructions and many centroids, see BF16_AUTO): the distance GEMM
 in bfloat16 (torch, oneDNN: AMX where present) picks each point's `BF16_CANDIDATES` nearest centroids, and an
-exact float32 distance to each of them (faiss's `knn_L2sqr_by_idx`) picks the label. The GEMM is where a k = 1000 iteration spends most of its time; the
-re-rank costs a few candidates per point.
+exact float32 distance to each of them (faiss's `knn_L2sqr_by_idx`) picks the label. The GEMM is where a
+k = 1000 iteration spends most of its time; the re-rank costs a few candidates per point.
 """
 from __future__ import annotations
 
