@@ -44,6 +44,7 @@ def _logging_state():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two tiny runs in one interpreter: minutes on 2 cores (make test-all)
 def test_train_twice_then_load_run_with_trackers(ray_local, shards, tmp_path):
     import ray
 

@@ -8,7 +8,7 @@ import pytest
 
 from raydc.config import load_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a frozen run, then both probes through the CLI (make test-all)
 
 
 @pytest.fixture(scope="module")
