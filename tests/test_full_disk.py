@@ -74,13 +74,13 @@ def test_a_parquet_part_on_a_full_disk_leaves_neither_a_torn_part_nor_a_temporar
 
 
 def test_the_sweep_outputs_writer_cleans_up_too(small_disk):
-    from raydc.engine.rundir import atomic_write_text
+    from raydc.storage import write_text_atomic
 
     target = small_disk / "trials.csv"
-    atomic_write_text(target, "a\n")
+    write_text_atomic(str(target), "a\n")
     _fill(small_disk)
     with pytest.raises(DataError, match="no space left"):
-        atomic_write_text(target, json.dumps(list(range(100_000))))
+        write_text_atomic(str(target), json.dumps(list(range(100_000))))
     assert target.read_text() == "a\n" and _hidden(small_disk) == []
 
 
