@@ -132,12 +132,12 @@ def test_config_show_lists_every_field_with_its_default_and_comment(capsys):
 
 
 def test_config_show_with_a_file_and_a_method_marks_what_differs(capsys):
-    out = _show("--config", str(REPO / "jobs/configs/demo.yaml"), "--set", "cluster.k=7", "--method", "dec",
+    out = _show("--config", str(REPO / "jobs/configs/demo.yaml"), "--set", "cluster.k=70", "--method", "dec",
                 capsys=capsys)
     shown = yaml.safe_load(out)
     assert shown["method"] == "dec" and "dec" in shown and "deepcluster" not in shown
-    assert shown["cluster"]["k"] == 7
-    k_line = next(line for line in out.splitlines() if line.startswith("  k: 7"))
+    assert shown["cluster"]["k"] == 70  # demo.yaml says 100 (and final_k 10): 70 is the override
+    k_line = next(line for line in out.splitlines() if line.startswith("  k: 70"))
     assert "(default: 10)" in k_line
     assert "(default" not in next(line for line in out.splitlines() if line.startswith("  niter:"))
 
