@@ -143,7 +143,7 @@ def plot_selection(report_dir: Path | str, records: list[TrialRecord], sweep: Sw
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     path = under(report_dir, "selection.png")
-    storage.write_bytes_atomic(path, buf.getvalue())
+    storage.write_bytes_atomic(str(path), buf.getvalue())
     return path
 
 

@@ -212,8 +212,8 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
     base = to_dict(cfg)
     n_probe = check_space(sweep, base, manifest)
     storage.makedirs(str(out))
-    storage.write_text_atomic(under(out, "sweep.yaml"), dump_yaml(sweep))
-    storage.write_text_atomic(under(out, "base.yaml"), cfg.to_yaml())
+    storage.write_text_atomic(str(under(out, "sweep.yaml")), dump_yaml(sweep))
+    storage.write_text_atomic(str(under(out, "base.yaml")), cfg.to_yaml())
     n_trials = grid_size(sweep) * sweep.search.num_samples
     log(f"sweep {out}: {n_trials} trial(s) over {', '.join(sweep.space)}; {n_probe} config(s) checked; "
         f"{selection_label(sweep.select)}")
