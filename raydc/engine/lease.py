@@ -250,9 +250,11 @@ def _store_for(location: str):
 class _LocalStore:
     """A lock file that appears whole or not at all: its content is written to a temporary first, which is then
     hard-linked to the lock's name (`link` fails if the name exists: the O_EXCL of a file with content). Its
-    tag is the token inside it. A swap renames the lock aside first, so of two processes swapping the same
-    stale lock only the first finds it, and checks it is the one it judged. Writing the temporary is the only
-    step that needs space: on a full disk a renewal fails before it touches the lock."""
+    tag is the token inside it. A swap (a renewal, a takeover) and a delete hold a second, short-lived lock
+    file (`_exclusive`), check under it that the lock is still the one they judged, and replace it with a
+    rename over it: the lock's name is never missing, so a taker's `create` cannot win beside a swap (renaming
+    the lock aside, as this once did, left a window where two takers both won). Writing the temporary is the
+    only step that needs space: on a full disk a renewal fails before it touches the lock."""
 
     def __init__(self, path: str):
         self.path = path
@@ -279,30 +281,50 @@ class _LocalStore:
 
     def swap(self, tag: str, body: bytes) -> str | None:
         tmp = self._write_temporary(body)
-        aside = f"{self.path}.{uuid.uuid4().hex[:8]}.old"
         try:
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                return None
-            with open(aside, "rb") as f:
-                data = f.read()
-                mtime = os.fstat(f.fileno()).st_mtime
-            holder = _parse(data)
-            if (holder.token if holder else f"torn:{mtime}") != tag:  # not the lease we judged: put it back
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)
-                return None
-            return self._publish(tmp, body)
+            with self._exclusive() as mine:
+                seen = self.read() if mine else None
+                if seen is None or seen.tag != tag:  # gone, or not the lease we judged
+                    return None
+                os.replace(tmp, self.path)  # the name never goes missing, so no `create` can slip in
+                return _token(body)
         finally:
-            for name in (tmp, aside):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def delete(self, tag: str) -> None:
-        seen = self.read()
-        if seen is not None and seen.tag == tag:
-            os.unlink(self.path)
+        with self._exclusive() as mine:
+            seen = self.read() if mine else None
+            if seen is not None and seen.tag == tag:
+                os.unlink(self.path)
+
+    @contextlib.contextmanager
+    def _exclusive(self, wait_s: float = 2.0, stale_s: float = 10.0):
+        """Who may replace or delete the lock: a second lock file, held for the few system calls a swap takes.
+        Readers and `create` ignore it (`create` cannot succeed while the lock exists, and a swap never removes
+        it). One left by a process killed inside a swap is broken once older than `stale_s`. Yields False when
+        another swap held it for all of `wait_s`: the caller treats that as a lost race."""
+        path = f"{self.path}.swap"
+        deadline = time.monotonic() + wait_s
+        fd = None
+        while fd is None:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - os.stat(path).st_mtime > stale_s:
+                        os.unlink(path)
+                        continue
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.005)
+        try:
+            yield True
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _write_temporary(self, body: bytes) -> str:
         tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.new"
