@@ -101,3 +101,21 @@ def three_groups(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     images = np.clip(30 + 190 * templates[labels] + noise, 0, 255).astype(np.uint8)
     order = rng.permutation(len(labels))
     return images[order], labels[order]
+
+
+RAY_START_TIMEOUT = "timed out during startup"
+
+
+def retry_ray_start(start, tries: int = 3, before_retry=None):
+    """A CLI subprocess (`start()` returns its CompletedProcess), started again when its embedded Ray did not come
+    up: Ray gives a new node's raylet a fixed 30 s, which a loaded 2-core host can miss (Ray's limit, not the
+    code under test). Any other failure is returned to the test as it is. `before_retry` undoes what the failed
+    start left (e.g. a run directory a first start created)."""
+    p = start()
+    for _ in range(tries - 1):
+        if RAY_START_TIMEOUT not in (p.stderr or "") + (p.stdout or ""):
+            break
+        if before_retry is not None:
+            before_retry()
+        p = start()
+    return p

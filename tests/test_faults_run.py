@@ -19,7 +19,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.faultproxy import fault_proxy
-from tests.test_object_storage import _env, shards_local_and_s3  # noqa: F401  (a fixture)
+from tests.helpers import retry_ray_start
+from tests.test_object_storage import shards_local_and_s3  # noqa: F401  (a fixture)
 from tests.test_object_storage import _train as _train_once
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -28,17 +29,23 @@ EPOCHS = ("train.epochs=2", "run.lease_timeout_s=8")
 
 
 def _train(*args, **kwargs) -> subprocess.CompletedProcess:
-    """A CLI run, started again when its embedded Ray did not come up (Ray gives its raylet a fixed 30 s, which a
-    loaded host can miss); any other failure is the test's."""
+    """A CLI run with a Ray of its own (see `_own_ray_env`), started again when that Ray did not come up."""
     from raydc import storage
 
-    for _ in range(3):
-        p = _train_once(*args, **kwargs)
-        if "timed out during startup" not in p.stderr:
-            return p
+    def first_start_again():
         if not kwargs.get("resume"):
             storage.delete_dir(args[1])  # what the failed start created, so the next start is a first start
-    return p
+
+    return retry_ray_start(lambda: _train_once(*args, **kwargs), before_retry=first_start_again)
+
+
+def _own_ray_env(s3_server) -> dict:
+    """Each faulted run starts its own Ray rather than joining the session's: the Ray workers must reach the
+    store through the fault proxy the run is given (AWS_ENDPOINT_URL), and a shared Ray's workers inherited the
+    unproxied address when it started."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env)
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def _when_round_done(run_uri: str, round_: int, action, stop: threading.Event) -> threading.Thread:
@@ -79,7 +86,7 @@ def _same_run(a_uri: str, b_uri: str) -> None:
 def undisturbed(shards_local_and_s3, s3_server):  # noqa: F811
     _, remote = shards_local_and_s3
     run_uri = s3_server.uri("faults/undisturbed")
-    p = _train(remote, run_uri, _env(s3_server), *EPOCHS)
+    p = _train(remote, run_uri, _own_ray_env(s3_server), *EPOCHS)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     return run_uri
 
@@ -96,7 +103,7 @@ def test_a_short_storage_outage_mid_round_costs_a_wait_and_nothing_else(shards_l
     stop = threading.Event()
     with fault_proxy(s3_server.endpoint) as proxy:
         _when_round_done(run_uri, 0, lambda: proxy.outage(8.0, "drop"), stop)
-        p = _train_through(proxy, remote, run_uri, dict(_env(s3_server), RAYDC_STORAGE_RETRY_S="60"))
+        p = _train_through(proxy, remote, run_uri, dict(_own_ray_env(s3_server), RAYDC_STORAGE_RETRY_S="60"))
         stop.set()
         refused = proxy.refused
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -108,7 +115,7 @@ def test_a_long_storage_outage_stops_the_run_and_resume_equals_an_undisturbed_ru
                                                                                   s3_server, undisturbed):
     _, remote = shards_local_and_s3
     run_uri = s3_server.uri("faults/long")
-    env = dict(_env(s3_server), RAYDC_STORAGE_RETRY_S="2")
+    env = dict(_own_ray_env(s3_server), RAYDC_STORAGE_RETRY_S="2")
     stop = threading.Event()
     with fault_proxy(s3_server.endpoint) as proxy:
         _when_round_done(run_uri, 0, lambda: proxy.outage(600.0, "drop"), stop)

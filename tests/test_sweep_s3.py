@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import retry_ray_start
 from tests.test_sweep import _sweep_cmd, sweep_files  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # two sweeps in subprocesses with their own Ray
@@ -47,8 +48,8 @@ def test_a_sweep_on_s3_killed_after_one_trial_resumes_from_the_bucket(sweep_file
         storage.read_text(storage.join(r, "metrics.jsonl")).splitlines()[-1]).get("final")]
     assert len(finished) == 1 and not storage.is_file(storage.join(out, "trials.csv")), runs
 
-    resumed = subprocess.run(_sweep_cmd(sweep_files, out, "--resume"), cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=900)
+    resumed = retry_ray_start(lambda: subprocess.run(_sweep_cmd(sweep_files, out, "--resume"), cwd=tmp_path, env=env,
+                                                     capture_output=True, text=True, timeout=900))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming the sweep from {out}/tune" in resumed.stdout, resumed.stdout[-3000:]
     lines = storage.read_text(storage.join(finished[0], "attempts.log")).splitlines()
