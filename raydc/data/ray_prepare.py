@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import raydc
 from raydc import storage
 from raydc.data.manifest import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, SkippedFile
-from raydc.data.sources import CLI_HELP, IMAGE_EXTENSIONS, RootHelp, _reason, mode_for_channels, validate_image
+from raydc.data.sources import CLI_HELP, IMAGE_EXTENSIONS, RootHelp, checked_image, mode_for_channels
 from raydc.errors import DataError
 
 STAGING_PREFIX = "_staging-"
@@ -115,12 +115,7 @@ def validate_batch(batch: pa.Table, fs_root: str, class_names: list[str] | None,
             continue
         if wanted is not None and label not in wanted:
             continue
-        try:
-            h, w, c = validate_image(data)
-            image, error = data, None
-        except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-            h = w = c = 0
-            image, error = None, _reason(e)
+        image, h, w, c, error = checked_image(data)
         for name, value in zip(STAGING_SCHEMA.names, (rel, image, label, h, w, c, error)):
             out[name].append(value)
     return pa.table(out, schema=STAGING_SCHEMA)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydc import storage
-from raydc.data.sources import _reason, validate_image
+from raydc.data.sources import checked_image
 from raydc.errors import DataError
 
 SAMPLE_SOURCES = ("webdataset", "parquet")
@@ -118,12 +118,7 @@ def validate_samples(batch: dict[str, np.ndarray], image_columns: tuple[str, ...
             image, error = None, (f"no image in the sample (members: {', '.join(others) or 'none'}; "
                                   f"looked for {', '.join(image_columns)})")
         else:
-            try:
-                h, w, c = validate_image(data)
-                image, error = data, None
-            except Exception as e:  # noqa: BLE001 - any failure means the sample is unusable
-                h = w = c = 0
-                image, error = None, _reason(e)
+            image, h, w, c, error = checked_image(data)
         for name, value in zip(STAGING_SCHEMA.names, (str(keys[j]), image, None, h, w, c, error)):
             out[name].append(value)
     return pa.table(out, schema=STAGING_SCHEMA)

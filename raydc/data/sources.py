@@ -375,6 +375,16 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def checked_image(data: bytes) -> tuple[bytes | None, int, int, int, str | None]:
+    """(bytes, H, W, C, None) for an image that decodes, (None, 0, 0, 0, reason) for one that does not: a staging
+    row of a prepare pass, where a bad file is skipped and counted rather than failing the run."""
+    try:
+        h, w, c = validate_image(data)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+        return None, 0, 0, 0, _reason(e)
+    return data, h, w, c, None
+
+
 def validate_image(data: bytes) -> tuple[int, int, int]:
     """Decode fully (not just the header) and return (H, W, C) with C as decoding will produce it."""
     from PIL import Image
