@@ -192,15 +192,16 @@ class LabelFeatureNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return label_features(self.scores(x))
 
-    def batch_readout(self, x: Tensor) -> Tensor:
-        """Label features with batch-statistics BatchNorm over fixed groups of consecutive rows; a last group
-        smaller than half a batch joins the one before it (a handful of images has no statistics worth the
-        name). The running averages are left untouched and the module's mode is restored."""
+    def batch_readout(self, x: Tensor, group: int | None = None) -> Tensor:
+        """Label features with batch-statistics BatchNorm over fixed groups of `group` (default
+        `readout_batch`) consecutive rows; a last group smaller than half a group joins the one before it (a
+        handful of images has no statistics worth the name). The running averages are left untouched and the
+        module's mode is restored."""
         was_training = self.training
         self.train()
         try:
             with frozen_bn_stats(self):
-                return torch.cat([self(x[a:b]) for a, b in readout_groups(len(x), self.readout_batch)])
+                return torch.cat([self(x[a:b]) for a, b in readout_groups(len(x), group or self.readout_batch)])
         finally:
             self.train(was_training)
 
