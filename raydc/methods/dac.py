@@ -29,6 +29,12 @@ balanced k-way split allows (0.10 -> 0.13) and every later round merges: one clu
 images while another shrinks to a few hundred (`merges_prev`, `size_histogram`). On 10k images a round is 400
 steps, a seventh of the reference's 70k epoch, so the threshold falls seven times faster per step taken.
 
+Those runs selected their targets with BatchNorm groups of 128. The reference selects with `model.predict(chunk)`
+at Keras' default batch of 32, and that one detail moves the first round more than anything else tried: ACC after
+one round at th 0.9 on those 10k images (seed 31) was 0.687 with groups of 128, 0.824 with 32, while fp32 instead
+of bf16 (0.593) and no augmentation (0.567) did not help (benchmarks/results/dac_ab.json). Hence
+`dac.selection_batch` (null: 32 for official_mnist), separate from the readout's groups of 128.
+
 No k-means: the cluster of an image is the argmax of its label feature. Between rounds the engine's feature
 pool computes every image's label feature (every `dac.eval_every` rounds) for the diagnostics: cluster sizes,
 NMI with the previous round, ACC/NMI/ARI when labels exist. The network and the pair maths are in
