@@ -1,0 +1,57 @@
+"""Collect DAC A/B runs (one change each against the shipped `dac_mnist.yaml`) into one result file.
+
+Each run is a finished run directory; what is compared is the clustering after its first round of training
+(th = 0.9: the row of epoch 1, or the final row of a one-round run), which is where raydc and the reference
+diverge first (the official MNIST log: ACC 0.956 after one epoch of 70,000 images). Usage:
+
+    python -m benchmarks.dac_ab --out benchmarks/results/dac_ab.json \
+        --run "bf16, augmentation (shipped):runs/ab-aug1:b982564" --run "fp32:runs/ab-fp32:b982564" ...
+
+Each --run is LABEL:DIR:COMMIT (the commit the run's worktree was pinned to). The overrides are read back from
+the run's own config.yaml, so the file says what was run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def after_first_round(rows: list[dict]) -> dict:
+    """The row that reports the clustering after round 0's training."""
+    for r in rows:
+        if r.get("epoch") == 1 or (r.get("final") and r.get("epoch", 1) >= 1):
+            return r
+    raise ValueError("the run has no row after its first round")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", required=True, help="LABEL:DIR:COMMIT")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--what", default="DAC, MNIST test 10,000 images, seed 31: one round at th 0.9")
+    args = ap.parse_args(argv)
+    from raydc.config_loader import read_yaml
+    from raydc.engine.rundir import parse_metrics
+
+    runs = []
+    for spec in args.run:
+        label, run_dir, commit = spec.rsplit(":", 2)
+        rows = parse_metrics(Path(run_dir, "metrics.jsonl").read_text(), run_dir)
+        r = after_first_round(rows)
+        cfg = read_yaml(Path(run_dir, "config.yaml"))
+        runs.append({"label": label, "run_dir": os.path.abspath(run_dir), "commit": commit,
+                     "precision": r.get("precision") or rows[0].get("precision"),
+                     "dac": cfg.get("dac"), "train": {k: cfg["train"].get(k) for k in ("seed", "precision", "epochs")},
+                     "acc": r.get("acc"), "nmi": r.get("nmi"), "ari": r.get("ari"),
+                     "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train")})
+        print(f"{label}: ACC {r.get('acc')}, NMI {r.get('nmi'):.3f}")
+    args.out.write_text(json.dumps({"benchmark": "dac_ab", "what": args.what, "machine": platform.node(),
+                                    "runs": runs}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
