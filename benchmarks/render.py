@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds",
-         "readout", "scale", "probes"]
+         "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -689,12 +689,55 @@ def _scale_projection(doc: dict) -> str:
             f"by about 12 k d bytes per iteration at any number of shards (see the reduction section).")
 
 
+def _sec_dac_ab(doc: dict) -> str:
+    """DAC's one-change comparisons after the first round, where raydc and the reference part first."""
+    rows = [[f"`{r['label']}`", r["commit"], _f(r["acc"]), _f(r["nmi"]), _f(r["ari"])] for r in doc["runs"]]
+    return "\n".join([
+        "## DAC: what the first round depends on (issue #26)", "",
+        f"{doc['what']}; each run changes one thing against `jobs/configs/dac_mnist.yaml` (the reference's MNIST "
+        "log reaches ACC 0.956 after its first epoch of 70,000 images). Produced by `python -m benchmarks.dac_ab` "
+        "from the runs' own metrics and configs (results/dac_ab.json).", "",
+        _table(["run", "commit", "ACC after round 1", "NMI", "ARI"], rows), ""])
+
+
+def _sec_output_memory(export: dict | None, embed: dict | None) -> str:
+    """The driver's peak memory of `raydc export` and `raydc embed` against N (issue #29): flat means neither
+    holds anything O(N)."""
+    lines = ["## Driver memory of the outputs: export and embed (issue #29)", "",
+             "Each command runs as a subprocess per N; its peak resident set comes from the kernel (`wait4`), the "
+             "peak private memory (RssAnon) is sampled from outside. MiB."]
+    if export:
+        lines += ["", f"`raydc export` of a synthetic finished run ({export['cpus']} CPUs; "
+                  "`python -m benchmarks.bench_export_memory`, results/export_memory.json):", "",
+                  _table(["N", "format", "peak RSS MiB", "seconds", "output MiB"],
+                         [[f"{r['n']:,}", r["format"], f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['seconds']:.1f}",
+                           f"{r['out_bytes'] / 2**20:.1f}"] for r in export["rows"]])]
+    if embed:
+        lines += ["", f"`raydc embed --run RUN --data SHARDS` over synthetic 8x8 shards, the run an untrained network (train.epochs 0) clustered on "
+                  f"{embed['run_images']:,} of them (`python -m benchmarks.bench_embed_memory`, "
+                  "results/embed_memory.json):", "",
+                  _table(["N", "peak RSS MiB", "peak private MiB", "seconds", "rows written", "dim"],
+                         [[f"{r['n']:,}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
+                           f"{r['peak_anon_bytes'] / 2**20:.0f}", f"{r['seconds']:.1f}", f"{r['rows_out']:,}",
+                           r["dim"]] for r in embed["rows"]])]
+    for name, doc in (("export", export), ("embed", embed)):
+        if doc and len(doc["rows"]) > 1:
+            rows = doc["rows"]
+            a = min(rows, key=lambda r: r["n"])
+            b = max(rows, key=lambda r: r["n"])
+            if b["n"] > a["n"]:
+                grow = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["n"] - a["n"])
+                lines += ["", f"{name}: peak RSS grew {grow:.1f} bytes per image from N = {a['n']:,} to "
+                          f"{b['n']:,} (load average {doc['load_average'][0]:.1f} when it ended)."]
+    return "\n".join(lines) + "\n"
+
+
 def render(out: Path | str = RESULTS_DIR) -> Path:
     out = Path(out).resolve()
     d = _load(out)
     md_path = BENCH_DIR / "RESULTS.md" if out == RESULTS_DIR.resolve() else out / "RESULTS.md"
     rel = (lambda name: f"results/{name}") if md_path.parent != out else (lambda name: name)
-    d_b = {k: v for k, v in d.items() if k != "suite"}
+    d_b = {k: v for k, v in d.items() if k not in ("suite", "export_memory", "embed_memory", "dac_ab")}  # those two: own format
     mode = {v.get("mode") for v in d_b.values()}
     lines = ["# raydc benchmark results", ""]
     if not d_b:
@@ -755,6 +798,10 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_scale(d["scale"], rel("scale.png")))
     if "probes" in d:
         lines.append(_sec_probes(d["probes"]))
+    if "dac_ab" in d:
+        lines.append(_sec_dac_ab(d["dac_ab"]))
+    if "export_memory" in d or "embed_memory" in d:
+        lines.append(_sec_output_memory(d.get("export_memory"), d.get("embed_memory")))
     lines.append("What these numbers mean, where raydc loses and what would fix it: see `benchmarks/README.md`.")
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path
