@@ -139,7 +139,7 @@ class _IdentityLinear(nn.Linear):
             self.bias.zero_()
 
 
-def dac_convnet(in_channels: int, k: int, *, variant: str) -> nn.Sequential:
+def dac_convnet(in_channels: int, k: int, *, variant: str, bn_eps: float = 1e-5) -> nn.Sequential:
     """The reference all-convolutional nets (valid 3x3 convs, BatchNorm, He init), ending in k scores.
 
     mnist (MNIST/mnist.py): 3 x conv-64, pool, BN, 3 x conv-128, pool, BN, conv1x1-k, BN-ReLU, avg-pool, BN,
@@ -170,6 +170,8 @@ def dac_convnet(in_channels: int, k: int, *, variant: str) -> nn.Sequential:
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = bn_eps
     return net
 
 

@@ -101,6 +101,10 @@ class DACConfig:
     # the reference's `model.predict(chunk)`, Keras' default; else readout_batch). It matters: on the 10,000 test
     # images one round at th 0.9 reached ACC 0.82 with groups of 32 against 0.69 with 128 (results/dac_ab.json).
     selection_batch: int | None = None
+    # BatchNorm's epsilon in the reference nets (dac_mnist, dac_cifar). Under batch statistics over small groups
+    # a label dimension that is nearly constant within a group is divided by ~sqrt(eps): a larger eps keeps its
+    # noise from being blown up to unit spread.
+    bn_eps: float = 1e-5
     augment: bool = True
     rotation_deg: float = 10.0
     shift: float = 0.1                     # fraction of the image size
@@ -134,6 +138,8 @@ class DACConfig:
         if self.selection_batch is not None and self.selection_batch < 2:
             raise ConfigError("dac.selection_batch", f"must be >= 2 (batch statistics need rows), got "
                                                      f"{self.selection_batch}")
+        if self.bn_eps <= 0:
+            raise ConfigError("dac.bn_eps", f"must be > 0, got {self.bn_eps}")
         if self.lr <= 0:
             raise ConfigError("dac.lr", f"must be > 0, got {self.lr}")
         if not 0 < self.zoom_min <= self.zoom_max:
@@ -211,7 +217,7 @@ class PairStep:
 
 def _build(spec: dict) -> LabelFeatureNet:
     if spec["arch"].startswith("dac_"):
-        scores = dac_convnet(spec["in_channels"], spec["k"], variant=spec["arch"][4:])
+        scores = dac_convnet(spec["in_channels"], spec["k"], variant=spec["arch"][4:], bn_eps=spec.get("bn_eps", 1e-5))
     else:
         # A k-way head, then BatchNorm as the reference nets end: scores of unit spread from the first step. With
         # the head's small N(0, 0.01) init alone the softmax starts uniform, every pair's similarity is ~1, every
@@ -263,7 +269,7 @@ class DAC(Method):
         m = self.cfg.model
         return functools.partial(_build, {"arch": m.arch, "in_channels": self.in_channels, "sobel": m.sobel,
                                           "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k,
-                                          "readout_batch": self.opts.readout_batch})
+                                          "readout_batch": self.opts.readout_batch, "bn_eps": self.opts.bn_eps})
 
     def build_model(self) -> nn.Module:
         return self._factory()()
