@@ -108,6 +108,22 @@ def test_batch_readout_uses_group_statistics_and_leaves_running_stats_and_mode()
     assert torch.allclose(net.batch_readout(x[:4]), out[:4])
 
 
+def test_selection_groups_are_their_own_and_the_reference_net_takes_its_bn_eps():
+    """The chunk's targets may be selected with smaller BatchNorm groups than the readout's (the reference predicts
+    in batches of 32 and reads out in 128); the groups change the features, and the net's epsilon is settable."""
+    torch.manual_seed(0)
+    net = LabelFeatureNet(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3)), readout_batch=8)
+    x = torch.randn(8, 5)
+    net.train()
+    with frozen_bn_stats(net):
+        by_four = torch.cat([net(x[:4]), net(x[4:])])
+    assert torch.allclose(net.batch_readout(x, 4), by_four)
+    assert not torch.allclose(net.batch_readout(x), by_four, atol=1e-3)  # the default group is readout_batch
+    bns = [m for m in dac_convnet(1, 10, variant="mnist", bn_eps=1e-3).modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 12 and all(m.eps == 1e-3 for m in bns)  # the 12 of the reference MNIST net
+
+
 def test_no_selected_pair_gives_a_zero_loss_with_a_graph():
     s = torch.full((3, 3), 0.6, requires_grad=True)
     same, different = select_pairs(s.detach(), 0.99, 0.1)
