@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                      "precision": r.get("precision") or rows[0].get("precision"),
                      "dac": cfg.get("dac"), "train": {k: cfg["train"].get(k) for k in ("seed", "precision", "epochs")},
                      "acc": r.get("acc"), "nmi": r.get("nmi"), "ari": r.get("ari"),
+                     "acc_by_round": [x.get("acc") for x in rows if x.get("acc") is not None],
                      "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train")})
         print(f"{label}: ACC {r.get('acc')}, NMI {r.get('nmi'):.3f}")
     args.out.write_text(json.dumps({"benchmark": "dac_ab", "what": args.what, "machine": platform.node(),

@@ -691,13 +691,15 @@ def _scale_projection(doc: dict) -> str:
 
 def _sec_dac_ab(doc: dict) -> str:
     """DAC's one-change comparisons after the first round, where raydc and the reference part first."""
-    rows = [[f"`{r['label']}`", r["commit"], _f(r["acc"]), _f(r["nmi"]), _f(r["ari"])] for r in doc["runs"]]
+    rows = [[f"`{r['label']}`", r["commit"], _f(r["acc"]), _f(r["nmi"]), _f(r["ari"]),
+             " → ".join(_f(a) for a in r.get("acc_by_round", [])[1:]) if len(r.get("acc_by_round", [])) > 2 else ""]
+            for r in doc["runs"]]
     return "\n".join([
         "## DAC: what the first round depends on (issue #26)", "",
         f"{doc['what']}; each run changes one thing against `jobs/configs/dac_mnist.yaml` (the reference's MNIST "
         "log reaches ACC 0.956 after its first epoch of 70,000 images). Produced by `python -m benchmarks.dac_ab` "
         "from the runs' own metrics and configs (results/dac_ab.json).", "",
-        _table(["run", "commit", "ACC after round 1", "NMI", "ARI"], rows), ""])
+        _table(["run", "commit", "ACC after round 1", "NMI", "ARI", "ACC after each round (longer runs)"], rows), ""])
 
 
 def _sec_output_memory(export: dict | None, embed: dict | None) -> str:
