@@ -213,3 +213,31 @@ def test_assign_output_carries_the_paths(photo_run, tmp_path):
     truth = _assigned(run)
     agree = np.mean([truth[p][1] == c for p, c in zip(good, t.column("cluster").to_pylist())])
     assert agree > 0.9, agree
+
+
+def test_the_journey_from_a_bucket_with_a_distributed_prepare(s3_server, ray_local, tmp_path, capsys):
+    """The same from object storage: the photo folder in the bucket, a distributed prepare into shards there, a
+    run whose directory is there, and `raydc export` of it: every good file exactly once under its own path with
+    the cluster the assignments hold, the corrupt one absent and counted."""
+    from raydc.data.ray_prepare import prepare_distributed
+    from raydc.engine.trainer import run_training
+
+    good, corrupt = make_photos(tmp_path / "photos")
+    client = s3_server.client()
+    for p in sorted((tmp_path / "photos").rglob("*")):
+        if p.is_file():
+            key = "journey/photos/" + p.relative_to(tmp_path / "photos").as_posix()
+            client.put_object(Bucket=s3_server.bucket, Key=key, Body=p.read_bytes())
+    shards, run_uri = s3_server.uri("journey/shards"), s3_server.uri("journey/run")
+    m = prepare_distributed(s3_server.uri("journey/photos"), shards, rows_per_shard=20, progress=False)
+    assert m.count == len(good) and [s.path for s in m.skipped] == corrupt and m.has_paths
+    run = run_training(tiny_run_config(shards, run_uri))
+    truth = _assigned(run)
+    assert sorted(truth) == good
+    out = tmp_path / "clusters.parquet"
+    assert main(["export", "--run", run_uri, "--out", str(out), "--format", "parquet"]) == 0
+    said = capsys.readouterr().out
+    assert f"exported {len(good)} images" in said and "1 unreadable source file" in said, said
+    t = pq.read_table(out)
+    got = {p: (i, c) for p, i, c in zip(*(t.column(x).to_pylist() for x in ("path", "id", "cluster")))}
+    assert len(got) == t.num_rows == len(good) and got == {p: v[:2] for p, v in truth.items()}

@@ -101,17 +101,21 @@ def test_bad_sample_sources_name_the_fix(ray_local, tmp_path):
 
 
 @pytest.mark.slow  # a Ray of its own, started by the CLI
-def test_cli_webdataset_on_s3(s3_server, tmp_path):
-    """The command a user runs, tar shards in the bucket and shards written there (its own local Ray)."""
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
+def test_cli_samples_on_s3(s3_server, tmp_path, kind):
+    """The command a user runs, tar shards or Parquet tables in the bucket and shards written there (its own
+    local Ray)."""
     import os
 
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env)
-    good, bad = make_tars(tmp_path / "tars", n=8, per_tar=4)
+    env.pop("RAY_ADDRESS", None)
+    src = tmp_path / kind
+    good, bad = make_tars(src, n=8, per_tar=4) if kind == "webdataset" else make_parquet(src)
     client = s3_server.client()
-    for p in sorted((tmp_path / "tars").iterdir()):
-        client.put_object(Bucket=s3_server.bucket, Key=f"wds/{p.name}", Body=p.read_bytes())
-    out = s3_server.uri("shards/wds")
-    cmd = [sys.executable, "-m", "raydc.cli", "prepare", "--source", "webdataset", "--root", s3_server.uri("wds"),
+    for p in sorted(src.iterdir()):
+        client.put_object(Bucket=s3_server.bucket, Key=f"{kind}-src/{p.name}", Body=p.read_bytes())
+    out = s3_server.uri(f"shards/{kind}")
+    cmd = [sys.executable, "-m", "raydc.cli", "prepare", "--source", kind, "--root", s3_server.uri(f"{kind}-src"),
            "--out", out, "--distributed", "--no-progress"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
