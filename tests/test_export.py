@@ -241,3 +241,14 @@ def test_the_journey_from_a_bucket_with_a_distributed_prepare(s3_server, ray_loc
     t = pq.read_table(out)
     got = {p: (i, c) for p, i, c in zip(*(t.column(x).to_pylist() for x in ("path", "id", "cluster")))}
     assert len(got) == t.num_rows == len(good) and got == {p: v[:2] for p, v in truth.items()}
+    # and the features, written into the bucket: one row per good file, under its path, as pyarrow reads them
+    import pyarrow.dataset as pads
+
+    from raydc.storage import resolve
+
+    emb = s3_server.uri("journey/embeddings")
+    assert main(["embed", "--run", run_uri, "--data", shards, "--out", emb]) == 0, capsys.readouterr().err
+    fs, path = resolve(emb)
+    e = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert sorted(e.column("path").to_pylist()) == good
+    assert len({len(v) for v in e.column("embedding").to_pylist()}) == 1
