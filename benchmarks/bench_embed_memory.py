@@ -18,11 +18,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from benchmarks.bench_scale import CONFIG, make_npz
+from benchmarks.common import run_measured
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "embed_memory.json"
@@ -42,28 +41,11 @@ def shards(work: Path, n: int) -> Path:
 
 def measured(cmd: list[str], env: dict, log: Path) -> dict:
     """Peak resident and private bytes of a subprocess's own process and its seconds."""
-    from raydc.engine.memory import read_status
-
-    t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    anon = [0]
-
-    def watch():
-        while proc.poll() is None:
-            try:
-                anon[0] = max(anon[0], read_status(proc.pid)["anon"])
-            except (OSError, KeyError):
-                pass
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+        p = run_measured(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if p.exit_code != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed; see {log}:\n{log.read_text()[-2000:]}")
-    return {"peak_rss_bytes": int(usage.ru_maxrss) * 1024, "peak_anon_bytes": anon[0], "seconds": round(seconds, 1)}
+    return {"peak_rss_bytes": p.peak_rss_bytes, "peak_anon_bytes": p.peak_anon_bytes, "seconds": round(p.seconds, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,11 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import run_measured
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "export_memory.json"
@@ -49,13 +50,12 @@ def make_run(run: Path, n: int, parts: int = 4, k: int = 1000, seed: int = 0) ->
 
 def peak_of(cmd: list[str], env: dict) -> tuple[int, float]:
     """(peak resident bytes, seconds) of a subprocess, from the kernel."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
-    return int(usage.ru_maxrss) * 1024, seconds
+    with tempfile.TemporaryFile() as err:
+        p = run_measured(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        if p.exit_code != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd} failed: {err.read().decode()[-2000:]}")
+    return p.peak_rss_bytes, p.seconds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Context
+from benchmarks.common import Context, run_measured
 
 NAME = "scale"
 NEEDS_RAY = False  # each N runs `raydc train` in a subprocess with a Ray of its own
@@ -90,32 +90,17 @@ def run_one(ctx: Context, n: int) -> dict:
     cmd = [str(Path(sys.executable).parent / "raydc"), "train", "--config", str(config), "--overwrite"]
     for s in overrides(n, shards, run_dir):
         cmd += ["--set", s]
-    log = (ctx.work / "scale" / f"run-{n}.log").open("w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    from raydc.engine.memory import read_status
-
-    driver_anon = [0]
-
-    def watch():  # the driver's private memory, sampled from outside (the kernel keeps no peak of it)
-        while proc.poll() is None:
-            driver_anon[0] = max(driver_anon[0], read_status(proc.pid)["anon"])
-            time.sleep(0.2)
-
-    import threading
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"raydc train for N={n} failed; see {log.name}")
+    log_path = ctx.work / "scale" / f"run-{n}.log"
+    with log_path.open("w") as log:
+        peaks = run_measured(cmd, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
+    if peaks.exit_code != 0:
+        raise RuntimeError(f"raydc train for N={n} failed; see {log_path.name}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     mem = [r["memory"] for r in rows if "memory" in r]
     traffic = next((r["kmeans_bytes_per_iteration"] for r in rows if "kmeans_bytes_per_iteration" in r), None)
     final = rows[-1]
-    return {"n": n, "seconds": seconds,
-            "driver_peak_rss": usage.ru_maxrss * 1024, "driver_peak_anon": driver_anon[0],
+    return {"n": n, "seconds": peaks.seconds,
+            "driver_peak_rss": peaks.peak_rss_bytes, "driver_peak_anon": peaks.peak_anon_bytes,
             "rank0_peak_rss": max(m["rank0_peak_rss"] for m in mem),
             "rank0_peak_anon": max(m["rank0_peak_anon"] for m in mem),
             "coordinator_peak_rss": max(m.get("coordinator_peak_rss", 0) for m in mem),

@@ -33,6 +33,43 @@ RAY_CPUS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
+# a subprocess's peak memory
+
+
+@dataclass(frozen=True)
+class ProcessPeaks:
+    exit_code: int
+    peak_rss_bytes: int    # the kernel's ru_maxrss of the process itself
+    peak_anon_bytes: int   # its private memory (RssAnon), sampled from outside
+    seconds: float
+
+
+def run_measured(cmd: list[str], *, env: dict | None = None, stdout=None, stderr=None,
+                 sample_s: float = 0.2) -> ProcessPeaks:
+    """Run a command to its end and return its peak memory: the resident set from the kernel (`wait4`), the
+    private memory sampled every `sample_s` from /proc (the kernel keeps no peak of it). The memory benchmarks
+    measure the driver this way, each in a process of its own so the peaks do not mix."""
+    import subprocess
+    import threading
+
+    from raydc.engine.memory import read_status
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr)
+    anon = [0]
+
+    def watch():
+        while proc.poll() is None:
+            anon[0] = max(anon[0], read_status(proc.pid)["anon"])
+            time.sleep(sample_s)
+
+    threading.Thread(target=watch, daemon=True).start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return ProcessPeaks(os.waitstatus_to_exitcode(status), int(usage.ru_maxrss) * 1024, anon[0],
+                        time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # statistics and timing
 
 
