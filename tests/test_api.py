@@ -36,11 +36,12 @@ def shards(tmp_path_factory, mnist_root):
 
 
 def _logging_state():
-    import ray._private.worker as w
+    import threading
+
     import ray.data  # noqa: F401  (its import sets its loggers up: Ray Data's doing, before any raydc call here)
 
     return ({n: logging.getLogger(n).level for n in ("ray", "ray.data", "ray.train", "ray.tune")},
-            w.print_to_stdstream)
+            sorted(t.name for t in threading.enumerate() if t.name.startswith("raydc")))
 
 
 @pytest.mark.ray
@@ -58,6 +59,8 @@ def test_train_twice_then_load_run_with_trackers(ray_local, shards, tmp_path):
     assert ray.is_initialized() and _logging_state() == before  # the notebook's Ray, its logging as it was
 
     assert any(line.startswith("training finished in") for line in lines)
+    # the Train workers' round lines reach the caller's log (raydc.engine.console), once each, unprefixed
+    assert sum(line.startswith("epoch 0 |") for line in lines) == 2, lines
     for run, k, rounds in ((first, 4, 2), (second, 3, 1)):
         rows = [json.loads(line) for line in (tmp_path / run.dir.rsplit("/", 1)[-1] / "metrics.jsonl")
                 .read_text().splitlines()]

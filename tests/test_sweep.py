@@ -197,6 +197,8 @@ def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, swee
     scores = {r.params["cluster.k"]: r.score("silhouette") for r in out.records}
     assert out.best is not None and out.best.params == {"cluster.k": 3}, scores
     assert sum("done (" in ln for ln in lines) == 3  # one line per finished trial
+    # each trial's round lines, from its Train worker through the sweep's console (raydc.engine.console)
+    assert sum(ln.startswith("[trial ") and "] epoch 0 |" in ln for ln in lines) == 3, lines
     assert any(ln.startswith("best: cluster.k=3 | silhouette") and "label-free selection" in ln for ln in lines)
     assert any(ln.startswith("labels (evaluation only): acc would pick") for ln in lines)
 

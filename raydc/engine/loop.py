@@ -28,6 +28,7 @@ from raydc.config import Config
 from raydc.config_loader import from_dict
 from raydc.core.precision import resolve_precision
 from raydc.core.seeding import derive_seed
+from raydc.engine.console import LineSink
 from raydc.engine.rundir import RunDir, from_plain, to_plain
 from raydc.engine.stream import decoded_rows, shuffled_batches
 from raydc.errors import NumericalError
@@ -385,10 +386,6 @@ def quality_regression(rows: list[dict], final: dict, tolerance: float = 0.005) 
             f"{first.get('epoch')} (ACC {first['acc']:.3f}): training lowered the quality")
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def _torch_threads(cfg: Config) -> int:
     if cfg.train.torch_threads > 0:
         return cfg.train.torch_threads
@@ -435,6 +432,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from ray.train.collective import broadcast_from_rank_zero
 
     cfg, manifest, method, rank, world, device = worker_setup(loop_cfg["config"])
+    # The run's lines go to the driver's console (raydc.engine.console); printed when no driver listens.
+    _log = loop_cfg.get("log") or LineSink()
     run = rank_zero_run(RunDir(loop_cfg["run_dir"]), cfg, rank)  # rank 0: its rows also to run.trackers
     if rank == 0:
         from raydc.engine.memory import start_sampler

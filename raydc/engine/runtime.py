@@ -4,9 +4,10 @@
 laptop nothing is running: we start an embedded local Ray (CPU only is fine). Ray Data's `preserve_order` is
 switched on so a run with the same seed reads rows in the same order (determinism on CPU, and exact resume).
 
-Output: by default a run prints its own lines only (one per round from the Train worker, the driver's few);
-Ray's chatter (Train controller and worker-start messages, Ray Data, faiss and other actors' output, raylet
-warnings, dedup notes) shows with `--verbose` or RAYDC_VERBOSE=1. Worker lines used to appear twice: Ray Train
+Output: by default a run prints its own lines only (one per round from the Train worker, the driver's few): Ray
+does not forward the workers' output (`log_to_driver=False`) and the run's lines come through
+`raydc.engine.console`. Ray's chatter (Train controller and worker-start messages, Ray Data, faiss and other
+actors' output, dedup notes) shows with `--verbose` or RAYDC_VERBOSE=1. Worker lines used to appear twice: Ray Train
 V2 patches `print` in its workers to log to the root logger, whose console handler writes to stderr, and tees
 to the original `print` as well because Ray replaced `sys.stdout` in every worker; with `log_to_driver` both
 copies reach the driver. RAY_TRAIN_ENABLE_PRINT_PATCH=0 (propagated by Train to its controller and workers)
@@ -18,16 +19,11 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 
 from raydc.config import RayConfig
 
 VERBOSE_ENV = "RAYDC_VERBOSE"
-# Actors whose stdout is the run's own output; everything else is Ray's or a library's chatter.
-_OWN_OUTPUT_ACTORS = ("RayTrainWorker",)
-
-
 def verbose() -> bool:
     """True when the user asked for Ray's own output: `--verbose` sets RAYDC_VERBOSE, which `ray job submit`
     users can set themselves (`--runtime-env-json '{"env_vars": {"RAYDC_VERBOSE": "1"}}'`)."""
@@ -61,10 +57,10 @@ def local_cpus(cfg: RayConfig, train_cpus: float) -> int:
 
 
 def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = None,
-             include_dashboard: bool | None = None, own_output: tuple[str, ...] = _OWN_OUTPUT_ACTORS) -> None:
-    """Start or join Ray. `quiet` (default: not `verbose()`) keeps Ray's output off the console but for the
-    stdout of the actors named in `own_output` (a sweep's own lines come from its trial actors, not from the
-    Train workers). `include_dashboard` only applies to a Ray started here."""
+             include_dashboard: bool | None = None) -> None:
+    """Start or join Ray. `quiet` (default: not `verbose()`) keeps the workers' and actors' output off this
+    process's console (`log_to_driver=False`): the run's own lines reach it through `raydc.engine.console`.
+    `include_dashboard` only applies to a Ray started here."""
     import logging
 
     import ray
@@ -74,7 +70,7 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = No
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         # The dashboard brings the state API that Ray Train's placement-group cleaner and Tune's early stopping use.
-        kwargs = dict(log_to_driver=True, configure_logging=not quiet)
+        kwargs = dict(log_to_driver=not quiet, configure_logging=not quiet)
         if quiet:
             # ray.init's own notices (token authentication, dashboard URL) go through the `ray` logger.
             logging.getLogger("ray").setLevel(logging.ERROR)
@@ -88,62 +84,10 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = No
                      **kwargs)
         if sigterm not in (None, signal.SIG_DFL, signal.SIG_IGN):
             signal.signal(signal.SIGTERM, sigterm)
-        if quiet:
-            _forward_own_output_only(own_output)
     if quiet:
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     configure_data_context()
-
-
-def _own_output(data: dict, actors: tuple[str, ...] = _OWN_OUTPUT_ACTORS) -> bool:
-    return not data.get("is_err") and str(data.get("actor_name") or "").startswith(actors)
-
-
-def _forward_own_output_only(actors: tuple[str, ...] = _OWN_OUTPUT_ACTORS) -> None:
-    """Replace Ray's worker-log printer in this driver with one that prints only the Train workers' stdout,
-    without Ray's `(RayTrainWorker pid=...)` prefix: that is where the per-round line comes from. Stderr of every
-    worker (warnings, Ray Train's logger) and all other actors, tasks and the raylet are left out; a failure
-    still reaches the user through the exception `fit()` raises. Ray's internal hook is used because Ray has
-    no public filter; if it moves, Ray's default (prefixed, complete) output stays."""
-    try:
-        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-
-    def print_own(data: dict) -> None:
-        if _own_output(data, actors):
-            lines = data.get("lines") or []
-            if lines:
-                sys.stdout.write("".join(f"{line}\n" for line in lines))
-                sys.stdout.flush()
-
-    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", ())):
-        return  # log_to_driver is off, or Ray changed how it prints: leave it alone
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", print_own)
-    _drop_worker_start_warnings()
-
-
-def _drop_worker_start_warnings() -> None:
-    """Errors the cluster pushes to the driver (a worker killed for memory, a node lost) are printed by
-    `ray._private.worker.print_to_stdstream` and stay visible; only the raylet's "N PYTHON worker processes
-    have been started" warning, which every run on a small machine triggers (the feature pool, shard actors
-    and Ray Data all start workers at once), is dropped."""
-    import ray._private.worker as w
-
-    original = getattr(w, "print_to_stdstream", None)
-    if original is None or getattr(original, "_raydc_quiet", False):
-        return
-
-    def print_to_stdstream(data, *args, **kwargs):
-        if data.get("pid") == "raylet" and any("PYTHON worker processes have been started" in str(line)
-                                               for line in data.get("lines") or ()):
-            return
-        return original(data, *args, **kwargs)
-
-    print_to_stdstream._raydc_quiet = True
-    w.print_to_stdstream = print_to_stdstream
 
 
 def configure_data_context() -> None:
@@ -166,11 +110,9 @@ _ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH")
 @contextlib.contextmanager
 def ray_state_kept(verbose_output: bool = False):
     """Around one Python-API call (raydc.api): whatever `init_ray` changes for a quiet console is put back on
-    the way out (the loggers' levels, the environment, Ray Data's context, the driver's printer of worker output)
-    and a Ray started here is shut down, so a notebook's Ray and its output are as they were, and the next call
-    starts from the same state."""
+    the way out (the loggers' levels, the environment, Ray Data's context) and a Ray started here is shut down,
+    so a notebook's Ray and its output are as they were, and the next call starts from the same state."""
     import ray
-    import ray._private.worker as w
     from ray.data import DataContext
 
     started = not ray.is_initialized()
@@ -178,14 +120,13 @@ def ray_state_kept(verbose_output: bool = False):
     env = {name: os.environ.get(name) for name in _ENV}
     ctx = DataContext.get_current()
     data = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
-    printer = getattr(w, "print_to_stdstream", None)
     if verbose_output:
         os.environ[VERBOSE_ENV] = "1"
     try:
         yield
     finally:
         if started and ray.is_initialized():
-            ray.shutdown()  # its disconnect removes the worker-output handler init_ray installed
+            ray.shutdown()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         for name, value in env.items():
@@ -194,5 +135,3 @@ def ray_state_kept(verbose_output: bool = False):
             else:
                 os.environ[name] = value
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = data
-        if printer is not None:
-            w.print_to_stdstream = printer

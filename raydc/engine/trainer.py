@@ -155,9 +155,10 @@ def training_dataset(cfg: Config, data_bytes: int, log=print):
 
 
 def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print,
-                 callbacks: list | None = None) -> RunDir:
+                 callbacks: list | None = None, lines=None) -> RunDir:
     """One run, start to report. `callbacks` go to the TorchTrainer's RunConfig (Ray Tune's report callback
-    when a sweep drives the run)."""
+    when a sweep drives the run). The workers' lines go to `lines` (a `raydc.engine.console.LineSink`, what a
+    sweep's trial hands on), else through a console of this process's own to `log`."""
     from raydc.engine.datasets import check_shard_footers
     from raydc.engine.paths import absolute_paths
 
@@ -172,17 +173,18 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     # One writer per run directory, from before --overwrite deletes it until the report is drawn.
     with RunLease(RunDir(cfg.run.dir).location, cfg.run.lease_timeout_s, log=log).held():
         return _train_holding_lease(cfg, manifest, data_bytes, resume=resume, overwrite=overwrite, log=log,
-                                    callbacks=callbacks)
+                                    callbacks=callbacks, lines=lines)
 
 
 def _train_holding_lease(cfg: Config, manifest, data_bytes: int, *, resume: bool, overwrite: bool,
-                         log, callbacks: list | None) -> RunDir:
+                         log, callbacks: list | None, lines=None) -> RunDir:
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydc.engine.console import open_console
     from raydc.engine.loop import train_loop_per_worker
-    from raydc.engine.runtime import init_ray, train_run_config_kwargs
+    from raydc.engine.runtime import init_ray, train_run_config_kwargs, verbose
     from raydc.runreport import write_run_report
 
     t0 = time.perf_counter()
@@ -204,29 +206,35 @@ def _train_holding_lease(cfg: Config, manifest, data_bytes: int, *, resume: bool
     resume_from = run.latest_checkpoint() if resuming else None
     run.prune_checkpoints(keep=cfg.run.keep_checkpoints)
     storage_path, storage_fs, fit_name = run.next_fit_storage()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": resolved, "run_dir": run.location, "resume_from": resume_from},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        datasets={"train": train_data},
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        # Ray Train keeps the round checkpoints (and hands the newest to a restarted worker group) in
-        # <run.dir>/checkpoints/fit-NNN, on whatever storage the run directory is.
-        run_config=RunConfig(name=fit_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             callbacks=callbacks, checkpoint_config=CheckpointConfig(
-                                 num_to_keep=max(1, cfg.run.keep_checkpoints)),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             **train_run_config_kwargs()),
-    )
-    t1 = time.perf_counter()
+    console = None if lines is not None else open_console(log, quiet=not verbose())  # the round lines, to `log`
     try:
-        run.result = trainer.fit()  # Ray Train's Result, for the Python API (raydc.api.Run.result)
-    except Exception as e:
-        cause = _user_cause(e, run.location)
-        if cause is not None:
-            raise UserError(str(cause)) from None
-        raise
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": resolved, "run_dir": run.location, "resume_from": resume_from,
+                               "log": lines if lines is not None else console.sink if console else None},
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            datasets={"train": train_data},
+            dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+            # Ray Train keeps the round checkpoints (and hands the newest to a restarted worker group) in
+            # <run.dir>/checkpoints/fit-NNN, on whatever storage the run directory is.
+            run_config=RunConfig(name=fit_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 callbacks=callbacks, checkpoint_config=CheckpointConfig(
+                                     num_to_keep=max(1, cfg.run.keep_checkpoints)),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 **train_run_config_kwargs()),
+        )
+        t1 = time.perf_counter()
+        try:
+            run.result = trainer.fit()  # Ray Train's Result, for the Python API (raydc.api.Run.result)
+        except Exception as e:
+            cause = _user_cause(e, run.location)
+            if cause is not None:
+                raise UserError(str(cause)) from None
+            raise
+    finally:
+        if console is not None:
+            console.close()  # every line the workers put is handed to `log` before the report's lines
     log(f"training finished in {time.perf_counter() - t1:.1f}s")
     paths = write_run_report(run.location, cfg.data.shards, manifest, per_cluster=cfg.run.montage_per_cluster)
     log("report: " + ", ".join(str(p) for p in paths))

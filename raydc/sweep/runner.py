@@ -22,7 +22,6 @@ from raydc.sweep.config import SweepConfig, load_sweep
 from raydc.sweep.select import TrialRecord, label_agreement, select_best, selection_label
 from raydc.sweep.trial import run_trial, under
 
-TRIAL_ACTOR = run_trial.__name__  # Tune names a function trainable's actor after the function
 
 # What a resumed sweep may take from the new files: where and how many at once, and how the winner is picked
 # (selection reads the finished rows; it changes no trial). Anything else would make it another sweep.
@@ -103,10 +102,9 @@ def start_ray(cfg: Config, sweep: SweepConfig) -> bool:
     train_cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
     joined = ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # The console gets the sweep's own lines (Tune's table, one line per trial) and each trial's "[trial ...]"
-    # lines from its trial actor; Ray Train's, Ray Data's and faiss's output from the trials' actors only with
+    # lines (raydc.engine.console); Ray Train's, Ray Data's and faiss's output from the trials' actors only with
     # --verbose.
-    init_ray(cfg.ray, train_cpus=train_cpus, include_dashboard=sweep.scheduler.name == "asha",
-             own_output=(TRIAL_ACTOR,))
+    init_ray(cfg.ray, train_cpus=train_cpus, include_dashboard=sweep.scheduler.name == "asha")
     return not joined
 
 
@@ -134,12 +132,13 @@ def concurrency(cfg: Config, sweep: SweepConfig) -> int:
     return max(1, n)
 
 
-def _trainable(base: dict, sweep_dir: Path | str):
+def _trainable(base: dict, sweep_dir: Path | str, lines=None):
     from ray import tune
 
     # The trial actor only drives its TorchTrainer (whose workers reserve their own CPUs); Tune needs a
     # non-zero request, and a whole CPU here would be a CPU taken from a 2-core machine for nothing.
-    return tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir)), {"CPU": 0.01})
+    return tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir),
+                                                         lines=lines), {"CPU": 0.01})
 
 
 def _tune_config(sweep: SweepConfig, max_concurrent: int):
@@ -202,6 +201,8 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
               log=print) -> SweepOutcome:
     from ray import tune
 
+    from raydc.engine.console import open_console
+    from raydc.engine.runtime import verbose
     from raydc.engine.trainer import ensure_shards
     from raydc.sweep import outputs
     from raydc.sweep.space import check_space, grid_size, tune_space
@@ -219,13 +220,14 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
         f"{selection_label(sweep.select)}")
 
     started_local = start_ray(cfg, sweep)
+    console = open_console(log, quiet=not verbose())  # each trial's lines, to `log`
     # Per-round rows lack the final-only scores (the search metric) and round 0 lacks nmi_prev; Tune would
     # otherwise refuse those results. ASHA skips a result without its metric; the searcher reads the last one.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's experiment state is what --resume restores; by default it is saved at an adaptive period of tens of
     # seconds. A trial is minutes: saving every few seconds costs nothing and loses less on a kill.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    trainable = _trainable(base, out)
+    trainable = _trainable(base, out, console.sink if console else None)
     tune_dir = under(out, "tune")
     # Tune's experiment on the sweep directory's own storage: on object storage through raydc's filesystem
     # (endpoint and region from the AWS variables, retries), handed to Tune with the path inside it.
@@ -251,6 +253,8 @@ def run_sweep(config: str | None, sweep_path: str | None, overrides: list[str] =
         records = sorted((outputs.record_from_result(r, out, params, sweep.scheduler.name != "none") for r in grid),
                          key=lambda r: r.trial_id)
     finally:
+        if console is not None:
+            console.close()
         if started_local:
             import ray
 

@@ -17,6 +17,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raydc import storage
+from raydc.engine.console import LineSink
 from raydc.engine.rundir import RunDir
 
 ATTEMPTS_FILE = "attempts.log"
@@ -57,7 +58,7 @@ def numeric(row: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
+def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str, lines: LineSink | None = None) -> None:
     from ray import tune
 
     from raydc.engine.trainer import run_training
@@ -78,8 +79,9 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep_dir: str) -> None:
     t0 = time.perf_counter()
     if done is None:
         cfg = for_trial(trial_config(base, config, str(run_dir)), sweep_dir)
-        run = run_training(cfg, resume=True, callbacks=[RoundReport()],
-                           log=lambda msg: print(f"[trial {trial_id}] {msg}", flush=True))
+        # The trial's lines and its Train workers' go straight to the sweep's console, prefixed.
+        log = (lines or LineSink()).with_prefix(f"[trial {trial_id}] ")
+        run = run_training(cfg, resume=True, callbacks=[RoundReport()], log=log, lines=log)
         done = final_row(run.read_metrics())
         if done is None:
             raise RuntimeError(f"run {run.location} ended without a final metrics row")
