@@ -8,7 +8,8 @@ diverge first (the official MNIST log: ACC 0.956 after one epoch of 70,000 image
         --run "bf16, augmentation (shipped):runs/ab-aug1:b982564" --run "fp32:runs/ab-fp32:b982564" ...
 
 Each --run is LABEL:DIR:COMMIT (the commit the run's worktree was pinned to). The overrides are read back from
-the run's own config.yaml, so the file says what was run.
+the run's own config.yaml, so the file says what was run. `--append` adds the runs to the file's existing ones
+(a run left going is collected as far as it got).
 """
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", required=True, help="LABEL:DIR:COMMIT")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--what", default="DAC, MNIST test 10,000 images, seed 31: one round at th 0.9")
+    ap.add_argument("--append", action="store_true", help="keep the file's runs and add these")
     args = ap.parse_args(argv)
     from raydc.config_loader import read_yaml
     from raydc.engine.rundir import parse_metrics
 
-    runs = []
+    old = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
+    runs = list(old["runs"]) if old else []
     for spec in args.run:
         label, run_dir, commit = spec.rsplit(":", 2)
         rows = parse_metrics(Path(run_dir, "metrics.jsonl").read_text(), run_dir)
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                      "acc_by_round": [x.get("acc") for x in rows if x.get("acc") is not None],
                      "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train")})
         print(f"{label}: ACC {r.get('acc')}, NMI {r.get('nmi'):.3f}")
-    args.out.write_text(json.dumps({"benchmark": "dac_ab", "what": args.what, "machine": platform.node(),
+    what = old["what"] if old else args.what
+    args.out.write_text(json.dumps({"benchmark": "dac_ab", "what": what, "machine": platform.node(),
                                     "runs": runs}, indent=1) + "\n")
     return 0
 
