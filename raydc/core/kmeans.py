@@ -52,10 +52,10 @@ _CHUNK_BYTES = 4 << 20
 # in benchmarks/results/kmeans.json). 8 is twice the fewest that gave none there.
 BF16_CANDIDATES = 8
 # Whether `kmeans(..., assign_precision="auto")` takes the bf16 assignment (for k >= BF16_MIN_K, on a CPU with bf16
-# instructions). Off until a full k-means benchmark on an unloaded machine shows the whole iteration faster: the
-# only end-to-end timings so far were taken with the 2 cores oversubscribed many times over, where the bf16 run
-# was slower than faiss's (its many short parallel regions wait on the scheduler), which says nothing either way
-# about an idle machine. assign_precision="bf16" runs it regardless.
+# instructions). Off: measured on an unloaded machine with AMX, the whole bf16 iteration was slower than faiss's
+# float32 one at k = 100 and k = 1000 (benchmarks/RESULTS.md, k-means: `raydc_bf16`). The bf16 GEMM itself is
+# the cheap part there; choosing the candidates from its k scores per row (a heap or a top-k) and widening them
+# cost more than the float32 GEMM saves. assign_precision="bf16" runs it regardless.
 BF16_AUTO = False
 # With fewer centroids the GEMM is thin and faiss's own search is as fast (see SEQ_SEARCH_MAX_K).
 BF16_MIN_K = 64
