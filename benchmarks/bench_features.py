@@ -39,7 +39,7 @@ def _spec():
     import torch
 
     from raydc.core.models import build_convnet
-    from raydc.engine.features import ExtractorSpec
+    from raydc.core.extractor import ExtractorSpec
 
     torch.manual_seed(0)
     build = functools.partial(build_convnet, "smallconvnet", 1, True)

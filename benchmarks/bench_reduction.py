@@ -105,7 +105,7 @@ def _two_level(ctx: Context, cfg: dict) -> list[dict]:
     from benchmarks.bench_kmeans import gaussian_mixture
     from raydc.core.metrics import nmi
     from raydc.engine.clustering import local_service
-    from raydc.engine.rowblocks import RowLookup
+    from raydc.engine.row_lookup import RowLookup
 
     n, d = cfg["tl_n"], cfg["tl_d"]
     x = gaussian_mixture(n, d, 200, seed=2, spread=2.0)

@@ -74,7 +74,7 @@ def _train_loop(conf: dict) -> None:
 
         plan = RoundPlan(targets=PairThresholds(*method.schedule().at(cfg.train.epochs // 2)))
     else:
-        from raydc.engine.rowblocks import RowBlocks
+        from raydc.core.rowblocks import RowBlocks
 
         labels, sizes = _labels(manifest.count)  # one in-process block over every row (rows are 0..N-1)
         blocks = RowBlocks(np.array([0]), np.array([manifest.count]), [labels.astype(np.int32)])
@@ -146,7 +146,7 @@ def plain_pass(method, model, images: np.ndarray, labels: np.ndarray, batch_size
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from raydc.engine.stream import Augment, to_model_input
+    from raydc.core.stream import Augment, to_model_input
 
     t = method.cfg.train
     aug = Augment(method.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min,
@@ -235,7 +235,7 @@ def run(ctx: Context) -> dict:
         "config": {**cfg_b, "images": manifest.count, "k": K, "torch_threads_plain": torch.get_num_threads(),
                    "ray_side": "minimal TorchTrainer loop calling raydc.methods.deepcluster.DeepCluster.train_round "
                                "(the production per-epoch training code) with fixed random pseudo-labels",
-                   "plain_side": "DataLoader(TensorDataset) + raydc.engine.stream.to_model_input, same model and "
+                   "plain_side": "DataLoader(TensorDataset) + raydc.core.stream.to_model_input, same model and "
                                  "optimizers"},
         "results": {**ray_rows, "plain_loop": {"images_per_s": plain_ips, "seconds_per_pass": summarize(
             [s for s, _ in plain]), "images_per_pass": plain[0][1], "ratio_vs_plain": 1.0}},

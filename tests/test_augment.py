@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from raydc.core.augment import random_resized_crop, resize_center, to_float
-from raydc.engine.stream import _repeat_index, shuffled_batches, to_model_input, Augment
+from raydc.core.stream import _repeat_index, shuffled_batches, to_model_input, Augment
 
 
 def test_full_crop_without_flip_is_identity():

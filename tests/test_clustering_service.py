@@ -47,7 +47,7 @@ def load(service, x, y, blocks=7, ids=None):
 
 def column_by_row(service, col, n):
     """The column gathered through the object store by row (the test's view; the engine never does this)."""
-    from raydc.engine.rowblocks import RowLookup
+    from raydc.engine.row_lookup import RowLookup
 
     return RowLookup(service.publish(col))(np.arange(n))
 

@@ -17,7 +17,7 @@ from raydc.config_loader import from_dict
 from raydc.core.augment import to_float
 from raydc.core.dec import soft_assignment, target_distribution
 from raydc.core.dec import shard_mass, shard_targets
-from raydc.engine.clustering import ShardView
+from raydc.methods.api import ShardView
 from raydc.errors import ConfigError
 from raydc.methods.dec import DEC, ROUND_EPOCHS, AutoencoderChunk
 from tests.helpers import K, PER_CLUSTER, SIDE, blobs

@@ -141,7 +141,7 @@ def test_embed_gives_the_features_the_final_round_clustered(photo_run, tmp_path,
     import pyarrow.dataset as pads
 
     from raydc.config import load_config_text
-    from raydc.engine.features import FeatureReduction, reduce_features
+    from raydc.core.extractor import FeatureReduction, reduce_features
     from raydc.engine.rundir import load_safe
     from raydc.methods.deepcluster import _projection_from_plain
 

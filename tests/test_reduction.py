@@ -99,7 +99,7 @@ def test_blocks_go_to_the_shard_on_their_node_while_that_stays_balanced():
 
 
 def test_two_level_kmeans_moves_each_super_cluster_to_one_shard_and_clusters_within_it():
-    from raydc.engine.rowblocks import RowLookup
+    from raydc.engine.row_lookup import RowLookup
 
     rng = np.random.default_rng(4)
     n, d, k = 6000, 8, 120

@@ -1,10 +1,11 @@
-"""Per-image values kept as blocks of contiguous rows (raydc.engine.rowblocks), in process."""
+"""Per-image values kept as blocks of contiguous rows (raydc.core.rowblocks), in process."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from raydc.engine.rowblocks import RowBlocks, RowLookup, contiguous_runs, put_runs
+from raydc.core.rowblocks import RowBlocks, contiguous_runs, put_runs
+from raydc.engine.row_lookup import RowLookup
 
 
 def test_runs_split_where_rows_are_not_consecutive():

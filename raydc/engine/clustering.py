@@ -6,7 +6,7 @@ the blocks, run k-means (one actor with faiss while the points fit in one proces
 centroids go out, per-cluster sums and counts come back, and empty clusters are split exactly as the
 in-process reference `raydc.core.kmeans.lloyd` does), and keep each image's cluster as a column of their own.
 What leaves them is small: sizes (k), pair counts against the labels or the previous round (<= k x C), a bounded
-sample, `RowBlocks` indexes (the values themselves stay in the object store, see raydc.engine.rowblocks), and
+sample, `RowBlocks` indexes (the values themselves stay in the object store, see raydc.core.rowblocks), and
 Parquet parts each shard writes itself (labels per round, the final assignments).
 
 The shards' side lives in `raydc.engine.shard_store` (`ShardStore`, run as the `FeatureShard` actor or in
@@ -26,34 +26,14 @@ import ray
 from raydc.core import kmeans as km
 from raydc.core.metrics import PairCounts
 from raydc.core.pca import PCAProjection, pca_from_moments, reduce_moments
-from raydc.engine.rowblocks import RowBlocks
+from raydc.core.rowblocks import RowBlocks
 from raydc.engine.shard_placement import ShardPlacement, ShardRecovery, _lost, _placement_group
-from raydc.engine.shard_store import TRUE, FeatureShard, LocalShard, ShardStore, ShardView
+from raydc.engine.shard_store import FeatureShard, LocalShard, ShardStore, ShardView
+from raydc.methods.api import TRUE, ClusterOutcome, ExtractInfo
 
 __all__ = ["TRUE", "ClusterCoordinator", "ClusterOutcome", "ClusteringService", "CoordinatorProxy", "ExtractInfo",
            "FeatureShard", "LloydState", "LocalShard", "ShardPlacement", "ShardRecovery", "ShardStore", "ShardView",
            "local_service"]
-
-@dataclass
-class ClusterOutcome:
-    """One k-means of every image. The images' clusters stay on the shards as column `col` (and the squared
-    distances as `col`_distance); this holds only what is O(k)."""
-
-    centroids: np.ndarray
-    sizes: np.ndarray
-    objective: list[float]
-    n_split: int
-    backend: str
-    mode: str
-    col: str = "cluster"
-    projection: PCAProjection | None = None
-    groups: np.ndarray | None = None  # a merged clustering: the group of each centroid (the column holds groups)
-    bytes_per_iteration: dict | None = None  # distributed Lloyd: payload bytes out to and back from the shards
-
-    @property
-    def n(self) -> int:
-        return int(self.sizes.sum())
-
 
 @dataclass
 class LloydState:
@@ -83,20 +63,6 @@ class LloydState:
         c = other.copy()
         self.centroids, self.rng, self.it, self.objective, self.n_split, self.done = (
             c.centroids, c.rng, c.it, c.objective, c.n_split, c.done)
-
-
-@dataclass
-class ExtractInfo:
-    n: int
-    dim: int
-    finite: bool
-    projection: PCAProjection | None = None
-    pca_rows: int = 0                  # images the PCA was fitted on
-    pca_seconds: float = 0.0           # the sample pass and the fit (N <= pca_sample: the fit and projection)
-    # Where the feature passes' time went, in seconds: `pool` (the driver waiting for the pool's pieces), `load`
-    # (the shard actors fetching and checking the blocks), and the pool actors' own read/decode/embed/busy
-    # seconds summed over actors (persistent pool only). The profile behind the epoch benchmark's features share.
-    clock: Counter = field(default_factory=Counter)
 
 
 def _pool_kind(f) -> str:
@@ -230,7 +196,7 @@ class ClusteringService:
         `features.pca_sample` images (raw features, sample-sized), the shards reduce it to moments and the
         projection is fitted from their sum; the full pass then projects inside the pool's workers. A given
         `projection` (`raydc assign`: the run's own) is applied without fitting."""
-        from raydc.engine.features import FeatureReduction
+        from raydc.core.extractor import FeatureReduction
 
         import time
 

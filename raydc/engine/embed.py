@@ -51,7 +51,7 @@ class _RecordingContext:
 def extraction(method, model, artifacts: dict, cfg, manifest, reduced: bool):
     """The ExtractorSpec the run's assign uses, its reduction set as the run's final features had it
     (`reduced`) or none (raw)."""
-    from raydc.engine.features import FeatureReduction
+    from raydc.core.extractor import FeatureReduction
 
     try:
         method.assign(_RecordingContext(cfg, manifest), model, artifacts)

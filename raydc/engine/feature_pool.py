@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from raydc.engine.features import ExtractorSpec, features_of
+from raydc.core.extractor import ExtractorSpec
+from raydc.engine.features import features_of
 
 
 @dataclass(frozen=True)

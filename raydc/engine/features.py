@@ -13,42 +13,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import numpy as np
 
-
-@dataclass
-class FeatureReduction:
-    """What the pool's workers do to the network's features before they leave: project with a PCA fitted on a
-    sample (None: no PCA), L2-normalise, cast. `keep_fraction` < 1 keeps a uniform sample of the rows instead
-    of all of them, drawn per row from (seed, id) so it does not depend on how the work was cut."""
-
-    projection: Any = None            # raydc.core.pca.PCAProjection
-    l2_normalize: bool = False
-    dtype: str = "float32"
-    keep_fraction: float = 1.0
-    seed: int = 0
-
-
-@dataclass
-class ExtractorSpec:
-    """What the pool runs: `build()` makes the module, `state` are its weights, `call` names the method
-    that maps a float NCHW batch to features (DeepCluster: `embed`; DEC: `embed` or `soft_assign`; DAC: its
-    label features, `forward`)."""
-
-    build: Callable[[], Any]
-    state: dict
-    call: str = "embed"
-    input_size: int = 28
-    channels: int | None = None
-    reduction: FeatureReduction | None = None
-    precision: str | None = None   # the autocast dtype (raydc.core.precision); None: the run's
-    # Rows that must reach `call` together, cut at multiples of this within each Parquet row group: a network
-    # that normalises with its batch's statistics (DAC's readout) then sees the same batches on every pass,
-    # whatever the pool's concurrency or batch size, so a resumed run and `raydc assign` give the same clusters.
-    batch_align: int = 1
+from raydc.core.extractor import ExtractorSpec, keep_mask, reduce_features
 
 
 class FeatureExtractor:
@@ -71,28 +39,6 @@ class FeatureExtractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return features_of(self.fn, self.spec, self.manifest, batch, device=self.device)
-
-
-def keep_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Which rows a sampling pass keeps: a function of (seed, id) only."""
-    from raydc.core.sampler import hash_uniforms
-
-    return hash_uniforms(ids, seed, 0, 97) < fraction
-
-
-def reduce_features(feats: np.ndarray, r: FeatureReduction | None) -> np.ndarray:
-    from raydc.core.pca import l2_normalize
-
-    if r is None:
-        return feats
-    if not np.isfinite(feats).all():  # NaN rows reach the shard, whose check names the round (NumericalError)
-        dim = r.projection.matrix.shape[1] if r.projection is not None else feats.shape[1]
-        return np.full((len(feats), dim), np.nan, r.dtype)
-    if r.projection is not None:
-        feats = r.projection.apply(feats, l2_normalize=r.l2_normalize)
-    elif r.l2_normalize:
-        feats = l2_normalize(feats)
-    return feats.astype(r.dtype, copy=False)
 
 
 def features_of(fn, spec: ExtractorSpec, manifest, batch: dict[str, np.ndarray], device=None,

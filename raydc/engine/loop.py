@@ -17,7 +17,6 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -30,23 +29,15 @@ from raydc.core.precision import resolve_precision
 from raydc.core.seeding import derive_seed
 from raydc.engine.console import LineSink
 from raydc.engine.rundir import RunDir, from_plain, to_plain
-from raydc.engine.stream import decoded_rows, shuffled_batches
+from raydc.core.stream import decoded_rows, shuffled_batches
 from raydc.errors import NumericalError
 from raydc.methods import build_method
+from raydc.core.extractor import ExtractorSpec
+from raydc.methods.api import ExtractInfo, PassStats, RoundContext, ShardService, TrainContext
 from raydc.methods.base import FinalClustering, Method, RoundPlan, shared_view
 from raydc.tracking import rank_zero_run
 
 LABEL_FREE_SAMPLE = 5000  # rows of the final features scored without labels (silhouette is O(n^2))
-
-
-@dataclass
-class PassStats:
-    """One SGD pass, summed over every worker."""
-
-    loss: float      # mean loss per image
-    images: int
-    steps: int       # this worker's steps: the same on every worker
-    seconds: float   # this worker's wall time
 
 
 class WorkerContext:
@@ -71,24 +62,28 @@ class WorkerContext:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def lookup(self, blocks):
-        """A per-row reader of a method's sharded targets (raydc.engine.rowblocks), None for None."""
-        from raydc.engine.rowblocks import RowLookup
+        """A per-row reader of a method's sharded targets (raydc.core.rowblocks), None for None."""
+        from raydc.engine.row_lookup import RowLookup
 
         return None if blocks is None else RowLookup(blocks)
 
-    def batches(self, round_idx: int, *, targets=None, repeats=None, batch_size: int | None = None,
+    def start_round(self, round_idx: int) -> None:
+        """The round the progress lines name (the loop's, whatever passes a method makes within it)."""
+        self._round = round_idx
+
+    def batches(self, pass_id: int, *, targets=None, repeats=None, batch_size: int | None = None,
                 shuffle: bool = True, max_steps: int | None = None):
         """Fixed-size `Batch`es (ids, rows, copy index, uint8 images, and each row's value in `targets`, a
-        RowBlocks, when given); all workers stop at the same step (DDP needs equal step counts; streaming
-        splits give equal rows but resampling does not), at the latest after `max_steps`."""
-        self._round = round_idx
+        RowBlocks, when given), shuffled by (seed, `pass_id`); all workers stop at the same step (DDP needs equal
+        step counts; streaming splits give equal rows but resampling does not), at the latest after
+        `max_steps`."""
         self._t0 = time.perf_counter()
         fixed = self.manifest.image_shape is not None
         rows = decoded_rows(self.shard, self.manifest, read_batch_size=1024,
                             size=None if fixed else self.input_size, channels=self.in_channels,
                             targets=self.lookup(targets))
         gen = shuffled_batches(rows, batch_size=batch_size or self.cfg.train.batch_size, seed=self.cfg.train.seed,
-                               epoch=round_idx, repeats=repeats, shuffle=shuffle)
+                               epoch=pass_id, repeats=repeats, shuffle=shuffle)
         steps = 0
         for item in gen:
             if (max_steps is not None and steps >= max_steps) or not self._all_have(True):
@@ -103,19 +98,24 @@ class WorkerContext:
         for _ in gen:  # drain: the streaming split expects every split to finish its pass
             pass
 
-    def sgd_pass(self, batches, optimizers: list, loss_of: Callable[..., torch.Tensor], *, epoch: int,
+    def sgd_pass(self, batches, optimizers: list, loss_of: Callable[..., Any], *, epoch: int,
                  phase: str, what: str) -> PassStats:
         """The engine's one SGD loop: for each batch, `loss_of(batch)` (the method's loss on a
-        `raydc.engine.stream.Batch`), then zero_grad, backward and step over `optimizers`. A non-finite loss stops
-        the run with a NumericalError naming `what` at (epoch, phase), keeping the last good checkpoint."""
+        `raydc.core.stream.Batch`, or `(loss, {name: value})` with per-step figures to average), then zero_grad,
+        backward and step over `optimizers`. A non-finite loss stops the run with a NumericalError naming `what`
+        at (epoch, phase), keeping the last good checkpoint."""
         from raydc.core.precision import autocast, grad_scaler
 
         loss_sum, n_seen, steps = 0.0, 0, 0
+        figures: Counter = Counter()
         scaler = grad_scaler(self.precision, self.device.type)
         t0 = time.perf_counter()
         for batch in batches:
             with autocast(self.precision, self.device.type):
                 loss = loss_of(batch)
+            if isinstance(loss, tuple):
+                loss, step_figures = loss
+                figures.update(step_figures)
             if not torch.isfinite(loss):
                 raise NumericalError(epoch, phase, what)
             for opt in optimizers:
@@ -135,7 +135,8 @@ class WorkerContext:
             self.progress(steps, n_seen, loss_sum / max(n_seen, 1))
         seconds = time.perf_counter() - t0
         total_loss, total_images = self.all_reduce_sum([loss_sum, n_seen])
-        return PassStats(total_loss / max(total_images, 1), int(total_images), steps, seconds)
+        return PassStats(total_loss / max(total_images, 1), int(total_images), steps, seconds,
+                         {k: v / max(steps, 1) for k, v in figures.items()})
 
     def _all_have(self, have: bool) -> bool:
         if self.world == 1:
@@ -191,18 +192,22 @@ class RankZeroContext:
         self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
         self._features_clock: Counter = Counter()
 
-    @property
-    def service(self):
+    def _coordinator(self) -> Any:
+        """The shard actors' proxy with all its calls (the engine's); methods see the `ShardService` part."""
         if self._service is None:
             self._service = self._make_service()
         return self._service
 
-    def extract(self, spec, **reduction):
+    @property
+    def service(self) -> ShardService:
+        return self._coordinator()
+
+    def extract(self, spec: ExtractorSpec, **reduction) -> ExtractInfo:
         """Every image's features onto the shard actors, reduced as `reduction` says (see
         ClusteringService.extract: pca_dim, whiten, l2_normalize, seed, projection)."""
         if spec.precision is None:
             spec = dataclasses.replace(spec, precision=self.precision)
-        info = self.service.extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
+        info = self._coordinator().extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
         self._features_clock.update(info.clock)  # Counter.update adds
         return info
 
@@ -225,7 +230,7 @@ class RankZeroContext:
         base = storage.join(self.cfg.run.dir, name)
         out = storage.join(base, f"round={round_idx:04d}")
         storage.delete_dir(out)  # a redone round (after a resume) writes its parts afresh
-        self.service.write_parts(out, {"value": col})
+        self._coordinator().write_parts(out, {"value": col})
         # Every kept checkpoint points at one of the newest keep_checkpoints + 1 dirs; the final clustering's
         # write comes after the last checkpoint, hence + 2.
         keep = self.cfg.run.keep_checkpoints + 2
@@ -246,7 +251,7 @@ class RankZeroContext:
             if not storage.exists(path) or not storage.list_files(path, suffix=".parquet"):
                 raise UserError(f"the checkpoint's saved clustering {path} is missing: the run directory lost "
                                 f"files since it was written; start the run again with --overwrite")
-            got = self.service.read_parts(path, "value")
+            got = self._coordinator().read_parts(path, "value")
             self._published = {path: got}
         return got
 
@@ -266,7 +271,7 @@ class RankZeroContext:
 
         if self._service is None:
             return {}
-        ids, x, cols = self.service.sample_features(LABEL_FREE_SAMPLE, derive_seed(self.cfg.train.seed, 23),
+        ids, x, cols = self._coordinator().sample_features(LABEL_FREE_SAMPLE, derive_seed(self.cfg.train.seed, 23),
                                                     (final.col,))
         if len(ids) == 0 or final.col not in cols:
             return {}
@@ -297,13 +302,18 @@ class RankZeroContext:
             self.log(f"note: the shards in {self.shard_dir} carry no source paths (an array source, or folder "
                      f"shards prepared before raydc kept paths: re-run `raydc prepare` to get them); "
                      f"the assignments' `path` column is empty")
-        return self.service.write_parts(directory, {"cluster": final.col, "distance": final.distance_col},
+        return self._coordinator().write_parts(directory, {"cluster": final.col, "distance": final.distance_col},
                                         paths=sources or [])
 
     def shutdown(self) -> None:
         if self._service is not None:
             self._service.shutdown()
             self._service = None
+
+
+def _contexts_keep_the_contract(rctx: RankZeroContext, wctx: WorkerContext) -> tuple[RoundContext, TrainContext]:
+    """Never called: mypy checks here that the engine's contexts are what raydc.methods.api promises methods."""
+    return rctx, wctx
 
 
 def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx: WorkerContext,
@@ -332,6 +342,7 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
             if rank == 0:
                 log(f"round {r}: {plan.stop}")
             break
+        wctx.start_round(r)
         row.update(method.train_round(wctx, model, plan, state, r))
         if rank == 0:
             row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round,

@@ -8,7 +8,6 @@ the same class is called directly through `LocalShard`, so both run the same cod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -16,21 +15,10 @@ import ray
 from raydc.core import kmeans as km
 from raydc.core.metrics import PairCounts
 from raydc.core.pca import Moments, PCAProjection
-from raydc.engine.rowblocks import RowBlocks, RowLookup, put_runs
+from raydc.core.rowblocks import RowBlocks, put_runs
+from raydc.engine.row_lookup import RowLookup
+from raydc.methods.api import TRUE, ShardView
 
-TRUE = "true"  # the column name of the evaluation labels in `counts`
-
-
-@dataclass
-class ShardView:
-    """What a method's function run on a shard (`ClusteringService.apply`) sees. It may add per-row columns to
-    `cols` (they stay on the shard) and should return something small."""
-
-    rows: np.ndarray
-    ids: np.ndarray
-    x: np.ndarray | None
-    true: np.ndarray | None
-    cols: dict[str, np.ndarray]
 
 
 class ShardStore:
@@ -159,7 +147,7 @@ class ShardStore:
 
     def project(self, proj: PCAProjection | None, l2: bool, dtype: str) -> bool:
         """Reduce held raw features in place (the small-N path of `extract`, where the sample is everything)."""
-        from raydc.engine.features import FeatureReduction, reduce_features
+        from raydc.core.extractor import FeatureReduction, reduce_features
 
         if self.x is not None and len(self.x):
             self.x = np.ascontiguousarray(reduce_features(np.asarray(self.x, np.float32),

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch.nn as nn
+
+    from raydc.core.extractor import ExtractorSpec
+    from raydc.methods.api import RoundContext, ShardView, TrainContext
 
     from raydc.config import Config
 
@@ -84,7 +87,7 @@ def shared_view(state: Any) -> Any:
     return dataclasses.replace(state, **rank0)
 
 
-def shard_argmax(view, col: str):
+def shard_argmax(view: "ShardView", col: str) -> None:
     """Run on a shard actor: each held row's largest column of the extracted features (DEC's q, DAC's label
     features) as column `col`, and 1 - that value as `col`_distance."""
     if view.x is None or len(view.ids) == 0:
@@ -96,13 +99,14 @@ def shard_argmax(view, col: str):
     return None
 
 
-def clustering_row(ctx, col: str, k: int, *, prev=None, majority: bool = False, transitions: bool = False) -> dict:
+def clustering_row(ctx: "RoundContext", col: str, k: int, *, prev=None, majority: bool = False,
+                   transitions: bool = False) -> dict:
     """Scores of the clustering the shards hold in `col`, from pair counts reduced over the shards (never from
     gathered labels): sizes; NMI with `prev` (RowBlocks of an earlier clustering) when given, and with
     `transitions` its splits and merges (`metrics.transition_counts`); ACC/NMI/ARI (and majority-vote ACC)
     against the evaluation labels when the shards have them."""
     from raydc.core import metrics as M
-    from raydc.engine.clustering import TRUE
+    from raydc.methods.api import TRUE
 
     service = ctx.service
     row: dict[str, Any] = {}
@@ -122,6 +126,7 @@ def clustering_row(ctx, col: str, k: int, *, prev=None, majority: bool = False, 
 
 
 class Method:
+    name: str = ""                        # the `method:` value that selects it (raydc.methods finds it by this)
     section: str | None = None            # the config section this method owns (`cfg.<section>`)
     options: type | None = None           # that section's dataclass
     resumable_fields: tuple[str, ...] = ()  # fields of its own that a resumed run may change (budgets)
@@ -225,8 +230,6 @@ class Method:
                                           f"over {self.cfg.train.num_workers} workers)")
 
     # ---- model and state ------------------------------------------------------------------------
-    def build_model(self) -> "nn.Module":
-        raise NotImplementedError
 
     def initial_weights(self) -> tuple[str, dict] | None:
         """`model.weights` as ("published", the published network's state dict) for a backbone's weights file,
@@ -297,30 +300,45 @@ class Method:
         """Optimizers whose state persists across rounds (checkpointed). Per-round ones are made in train_round."""
         return {}
 
-    def probe_extractor(self, model: "nn.Module"):
-        """What `raydc evaluate --probe` measures: the network's `embed` (the clustered layer of DeepCluster's
-        nets, DEC's encoder) where it has one, else its output (DAC's label features)."""
-        from raydc.engine.features import ExtractorSpec
-
-        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return ExtractorSpec(build=self._factory(), state=sd, call="embed" if hasattr(model, "embed") else "forward",
-                             input_size=self.input_size, channels=self.in_channels)
-
-    # ---- rank 0 ---------------------------------------------------------------------------------
-    def plan(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[RoundPlan, dict]:
+    def network_factory(self) -> Callable[[], "nn.Module"]:
+        """A picklable function that builds this method's network: the Train workers, the feature pool's actors
+        and `raydc assign` each build their copy from it, then load the weights."""
         raise NotImplementedError
 
-    def finalize(self, ctx, model: "nn.Module", state: Any, round_idx: int) -> tuple[FinalClustering, dict]:
+    def build_model(self) -> "nn.Module":
+        return self.network_factory()()
+
+    def extractor_of(self, model: "nn.Module", call: str, **spec) -> "ExtractorSpec":
+        """What a feature pass runs: this network with `model`'s current weights (a copy on the CPU), mapping
+        images through its `call` method at the method's input size."""
+        from raydc.core.extractor import ExtractorSpec
+
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return ExtractorSpec(build=self.network_factory(), state=sd, call=call, input_size=self.input_size,
+                             channels=self.in_channels, **spec)
+
+    def probe_extractor(self, model: "nn.Module") -> "ExtractorSpec":
+        """What `raydc evaluate --probe` measures: the network's `embed` (the clustered layer of DeepCluster's
+        nets, DEC's encoder) where it has one, else its output (DAC's label features)."""
+        return self.extractor_of(model, "embed" if hasattr(model, "embed") else "forward")
+
+    # ---- rank 0 ---------------------------------------------------------------------------------
+    def plan(self, ctx: "RoundContext", model: "nn.Module", state: Any, round_idx: int) -> tuple[RoundPlan, dict]:
+        raise NotImplementedError
+
+    def finalize(self, ctx: "RoundContext", model: "nn.Module",
+                 state: Any, round_idx: int) -> tuple[FinalClustering, dict]:
         """After the last round: the final clustering (its columns on the shards) and its metrics row. Leave the
         clustered features on the shard actors (the engine scores a sample of them without labels, has each
         shard write its assignments, then releases them)."""
         raise NotImplementedError
 
-    def assign(self, ctx, model: "nn.Module", artifacts: dict) -> FinalClustering:
+    def assign(self, ctx: "RoundContext", model: "nn.Module", artifacts: dict) -> FinalClustering:
         """`raydc assign`: put the images `ctx` reads into the final clustering that `artifacts` (what `finalize`
         kept) and `model` define; the clusters stay on the shards, in the columns the result names."""
         raise NotImplementedError
 
     # ---- all workers ----------------------------------------------------------------------------
-    def train_round(self, wctx, model: "nn.Module", plan: RoundPlan, state: Any, round_idx: int) -> dict:
+    def train_round(self, wctx: "TrainContext", model: "nn.Module", plan: RoundPlan,
+                    state: Any, round_idx: int) -> dict:
         raise NotImplementedError

@@ -61,8 +61,9 @@ from raydc.core.precision import autocast, full_precision
 from raydc.core.models import build_convnet
 from raydc.core.sampler import hash_uniforms
 from raydc.core.seeding import derive_seed
-from raydc.engine.features import ExtractorSpec
+from raydc.core.extractor import ExtractorSpec
 from raydc.errors import ConfigError, NumericalError
+from raydc.methods.api import RoundContext, TrainContext
 from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field, shard_argmax
 
 STREAM_DAC_AUGMENT = 40  # hash_uniforms streams 40.. : DAC's augmentation draws, apart from the engine's
@@ -266,14 +267,11 @@ class DAC(Method):
         return resolve_schedule(self.opts, self.cfg.train.epochs)
 
     # ---- model and state ------------------------------------------------------------------------
-    def _factory(self):
+    def network_factory(self):
         m = self.cfg.model
         return functools.partial(_build, {"arch": m.arch, "in_channels": self.in_channels, "sobel": m.sobel,
                                           "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k,
                                           "readout_batch": self.opts.readout_batch, "bn_eps": self.opts.bn_eps})
-
-    def build_model(self) -> nn.Module:
-        return self._factory()()
 
     def init_state(self) -> DACState:
         return DACState()
@@ -282,11 +280,9 @@ class DAC(Method):
         return round_idx >= self.cfg.train.epochs or self.schedule().finished(round_idx)
 
     def extractor(self, model: nn.Module) -> ExtractorSpec:
-        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         batch = self.opts.bn_readout == "batch"
-        return ExtractorSpec(build=self._factory(), state=sd, call="batch_readout" if batch else "forward",
-                             input_size=self.input_size, channels=self.in_channels,
-                             batch_align=self.opts.readout_batch if batch else 1)
+        return self.extractor_of(model, "batch_readout" if batch else "forward",
+                                 batch_align=self.opts.readout_batch if batch else 1)
 
     def optimizers(self, model: nn.Module, state: DACState) -> dict:
         d = self.opts
@@ -298,7 +294,7 @@ class DAC(Method):
         return {"net": torch.optim.SGD(params, lr=d.lr, momentum=0.9)}
 
     # ---- rank 0 ---------------------------------------------------------------------------------
-    def _diagnose(self, ctx, model: nn.Module, state: DACState, round_idx: int, *, release: bool):
+    def _diagnose(self, ctx: RoundContext, model: nn.Module, state: DACState, round_idx: int, *, release: bool):
         """Every image's label feature -> its cluster, and the round's clustering diagnostics."""
         t = time.perf_counter()
         info = ctx.extract(self.extractor(model))
@@ -313,7 +309,7 @@ class DAC(Method):
             ctx.release()
         return FinalClustering("pred", "pred_distance"), row
 
-    def plan(self, ctx, model: nn.Module, state: DACState, round_idx: int) -> tuple[RoundPlan, dict]:
+    def plan(self, ctx: RoundContext, model: nn.Module, state: DACState, round_idx: int) -> tuple[RoundPlan, dict]:
         u, l = self.schedule().at(round_idx)
         row = {"upper": u, "lower": l}
         every = self.opts.eval_every
@@ -321,14 +317,14 @@ class DAC(Method):
             row.update(self._diagnose(ctx, model, state, round_idx, release=True)[1])
         return RoundPlan(targets=PairThresholds(u, l)), row
 
-    def finalize(self, ctx, model: nn.Module, state: DACState, round_idx: int):
+    def finalize(self, ctx: RoundContext, model: nn.Module, state: DACState, round_idx: int):
         final, row = self._diagnose(ctx, model, state, round_idx, release=False)
         u, l = self.schedule().at(round_idx)
         done = "l >= u: every pair selected" if self.schedule().finished(round_idx) else "train.epochs rounds"
         row.update({"upper": u, "lower": l, "stop_reason": done})
         return final, row
 
-    def assign(self, ctx, model: nn.Module, artifacts: dict):
+    def assign(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
         """A new image's cluster is the argmax of its label feature, its distance 1 - that entry."""
         info = ctx.extract(self.extractor(model))
         if not info.finite:
@@ -347,7 +343,7 @@ class DAC(Method):
         return random_affine(x, u, rotation_deg=d.rotation_deg, shift=d.shift, zoom=(d.zoom_min, d.zoom_max),
                              flip=d.hflip)
 
-    def _selection_features(self, wctx, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _selection_features(self, wctx: TrainContext, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Label features of un-augmented images with the weights fixed, read out as the clusters are
         (`bn_readout`): the "predict" the targets come from. Never counts as a BatchNorm update."""
         net = wctx.unwrap(model)
@@ -361,7 +357,7 @@ class DAC(Method):
             finally:
                 net.train(was_training)
 
-    def _batch_steps(self, wctx, model: nn.Module, round_idx: int, upper: float, lower: float):
+    def _batch_steps(self, wctx: TrainContext, model: nn.Module, round_idx: int, upper: float, lower: float):
         """Without chunks: each global batch selects its own pairs, then `inner_steps` steps train on them."""
         d = self.opts
         for b in wctx.batches(round_idx, batch_size=d.batch_size):
@@ -373,7 +369,7 @@ class DAC(Method):
             for step in range(d.inner_steps):
                 yield PairStep(b.ids, b.copy, b.images, step, same, different)
 
-    def _chunk_steps(self, wctx, model: nn.Module, round_idx: int, upper: float, lower: float):
+    def _chunk_steps(self, wctx: TrainContext, model: nn.Module, round_idx: int, upper: float, lower: float):
         """The MNIST script's loop: a chunk's targets once, then `local_epochs` shuffled passes over the chunk.
         Every worker holds chunk / workers of it; the step's global batch is each worker's next `batch_size`
         rows, whose pairs are the sub-block of the chunk's targets (worker w's row i is row w * n + i of the
@@ -394,13 +390,13 @@ class DAC(Method):
                     g = torch.as_tensor(np.concatenate([w * n + idx for w in range(wctx.world)]), device=same.device)
                     yield PairStep(b.ids[idx], b.copy[idx], b.images[idx], e, same[g][:, g], different[g][:, g])
 
-    def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DACState, round_idx: int) -> dict:
+    def train_round(self, wctx: TrainContext, model: nn.Module, plan: RoundPlan,
+                    state: DACState, round_idx: int) -> dict:
         d = self.opts
         upper, lower = plan.targets.upper, plan.targets.lower
         loss_kind, device_type = d.loss_kind, wctx.device.type
-        seen = {"selected": 0.0, "same": 0.0, "steps": 0}
 
-        def loss_of(step: PairStep) -> torch.Tensor:
+        def loss_of(step: PairStep) -> tuple[torch.Tensor, dict]:
             x = resize_center(to_float(step.images), self.input_size).to(wctx.device)
             feats = wctx.all_gather(model(self._augment(x, step.ids, step.copy, round_idx, step.aug_step)))
             with full_precision(device_type):
@@ -409,18 +405,17 @@ class DAC(Method):
                 if same is None:  # same_batch: the training pass selects its own pairs, gradient stopped
                     same, different = select_pairs(sim.detach(), upper, lower)
                 n_pairs = same.numel()
-                seen["selected"] += float((same | different).sum()) / n_pairs
-                seen["same"] += float(same.sum()) / n_pairs
-                seen["steps"] += 1
-                return pair_loss(sim, same, different, loss_kind)
+                return pair_loss(sim, same, different, loss_kind), {
+                    "selected_pairs": float((same | different).sum()) / n_pairs,
+                    "same_pairs": float(same.sum()) / n_pairs}
 
         model.train()
         torch.manual_seed(derive_seed(self.cfg.train.seed, round_idx, wctx.rank, 19))
         steps = (self._chunk_steps if d.chunk else self._batch_steps)(wctx, model, round_idx, upper, lower)
         stats = wctx.sgd_pass(steps, [wctx.optimizers["net"]], loss_of, epoch=round_idx, phase="train",
                               what="the pair loss")
-        n_steps = max(seen["steps"], 1)
-        return {"loss": stats.loss, "selected_pairs": seen["selected"] / n_steps, "same_pairs": seen["same"] / n_steps,
+        return {"loss": stats.loss, "selected_pairs": stats.step_means.get("selected_pairs", 0.0),
+                "same_pairs": stats.step_means.get("same_pairs", 0.0),
                 "global_batch": d.batch_size * wctx.world, "train_images": stats.images, "time_train": stats.seconds,
                 "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
 

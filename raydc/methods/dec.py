@@ -40,10 +40,10 @@ from raydc.core.dec import build_dec_net, kl_loss, shard_mass, shard_targets, sh
 from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
 from raydc.core.selection import kmeans_stability
-from raydc.engine.features import ExtractorSpec
+from raydc.core.extractor import ExtractorSpec
 from raydc.errors import ConfigError, NumericalError
-from raydc.engine.clustering import TRUE
-from raydc.engine.rowblocks import RowBlocks
+from raydc.methods.api import TRUE, RoundContext, TrainContext
+from raydc.core.rowblocks import RowBlocks
 from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field, shard_argmax
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
@@ -156,14 +156,11 @@ class DEC(Method):
         self.check_batch("dec.pretrain_batch_size", self.opts.pretrain_batch_size)
 
     # ---- model and state ------------------------------------------------------------------------
-    def _factory(self):
+    def network_factory(self):
         d = self.opts
         return functools.partial(build_dec_net, {"input_dim": self.input_dim, "dims": list(self.cfg.model.ae_dims),
                                                  "corruption": d.corruption, "k": self.cfg.cluster.k,
                                                  "alpha": d.alpha, "seed": self.cfg.train.seed})
-
-    def build_model(self) -> nn.Module:
-        return self._factory()()
 
     def stages(self) -> list[tuple[str, int, int]]:
         """The autoencoder schedule: (phase, layer, epochs) for each greedy pair, then fine-tuning. Stages of 0
@@ -186,12 +183,10 @@ class DEC(Method):
         return int(state.ae_epochs + state.n_updates)
 
     def extractor(self, model: nn.Module, call: str) -> ExtractorSpec:
-        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return ExtractorSpec(build=self._factory(), state=sd, call=call, input_size=self.input_size,
-                             channels=self.in_channels)
+        return self.extractor_of(model, call)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
-    def plan(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
+    def plan(self, ctx: RoundContext, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         stages = self.stages()
         while state.stage < len(stages) and state.stage_epoch >= stages[state.stage][2]:
             state.stage, state.stage_epoch = state.stage + 1, 0  # a finished (or emptied) stage
@@ -214,7 +209,8 @@ class DEC(Method):
             row["layer"] = layer
         return RoundPlan(targets=AutoencoderChunk(phase, layer, start, n, total)), row
 
-    def _kmeans_init(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
+    def _kmeans_init(self, ctx: RoundContext, model: nn.Module,
+                     state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         """Embed every image, k-means the embedding (the AE + k-means baseline), then the first target P from
         the same embedding with the k-means centres: no second pass over the images."""
         cc = self.cfg.cluster
@@ -253,7 +249,7 @@ class DEC(Method):
             plan.targets.centres = centres
         return plan, row
 
-    def _update(self, ctx, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
+    def _update(self, ctx: RoundContext, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
         t = time.perf_counter()
         info = ctx.extract(self.extractor(model, "soft_assign"))
         if not info.finite:
@@ -261,7 +257,7 @@ class DEC(Method):
         row: dict[str, Any] = {"phase": DEC_PHASE, "time_features": time.perf_counter() - t}
         return self._targets(ctx, state, round_idx, None, n=info.n, row=row), row
 
-    def _targets(self, ctx, state: DECState, round_idx: int, centres: np.ndarray | None, n: int, row: dict
+    def _targets(self, ctx: RoundContext, state: DECState, round_idx: int, centres: np.ndarray | None, n: int, row: dict
                  ) -> RoundPlan:
         """P from the q held by the shard actors (or from z and `centres`): one reduction for the global mass f,
         then each shard's rows of P; the stopping rule on the change of hard labels since the last update.
@@ -301,7 +297,7 @@ class DEC(Method):
         ctx.release()
         return RoundPlan(targets=targets)
 
-    def finalize(self, ctx, model: nn.Module, state: DECState, round_idx: int):
+    def finalize(self, ctx: RoundContext, model: nn.Module, state: DECState, round_idx: int):
         """Hard labels argmax q of the final model. The update that decided to stop already computed them from
         this very model (no training since), so they are reused rather than extracted again."""
         g, row = self._last_update, {}
@@ -321,7 +317,7 @@ class DEC(Method):
         row.update(clustering_row(ctx, "pred", self.cfg.cluster.k))
         return final, row
 
-    def assign(self, ctx, model: nn.Module, artifacts: dict):
+    def assign(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
         """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run."""
         info = ctx.extract(self.extractor(model, "soft_assign"))
         if not info.finite:
@@ -345,13 +341,14 @@ class DEC(Method):
         opts["dec"] = torch.optim.SGD(model.dec_parameters(), lr=d.lr, momentum=d.momentum)
         return opts
 
-    def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DECState, round_idx: int) -> dict:
+    def train_round(self, wctx: TrainContext, model: nn.Module, plan: RoundPlan,
+                    state: DECState, round_idx: int) -> dict:
         torch.manual_seed(derive_seed(self.cfg.train.seed, round_idx, wctx.rank, 17))  # dropout
         if isinstance(plan.targets, AutoencoderChunk):
             return self._train_autoencoder(wctx, model, plan.targets, state, round_idx)
         return self._train_dec(wctx, model, plan.targets, state, round_idx)
 
-    def _use_optimizer(self, wctx, name: str):
+    def _use_optimizer(self, wctx: TrainContext, name: str):
         """The phase's optimizer; finished phases' optimizer state is dropped (it is never used again and would
         only fatten every checkpoint)."""
         for other, opt in wctx.optimizers.items():
@@ -359,13 +356,13 @@ class DEC(Method):
                 opt.state.clear()
         return wctx.optimizers[name]
 
-    def _inputs(self, wctx, ids, rep, imgs, round_idx: int) -> torch.Tensor:
-        from raydc.engine.stream import to_model_input
+    def _inputs(self, wctx: TrainContext, ids, rep, imgs, round_idx: int) -> torch.Tensor:
+        from raydc.core.stream import to_model_input
 
         return to_model_input(ids, rep, imgs, seed=self.cfg.train.seed, epoch=round_idx, augment=None,
                               size=self.input_size).to(wctx.device)
 
-    def _train_autoencoder(self, wctx, model: nn.Module, chunk: AutoencoderChunk, state: DECState,
+    def _train_autoencoder(self, wctx: TrainContext, model: nn.Module, chunk: AutoencoderChunk, state: DECState,
                            round_idx: int) -> dict:
         d = self.opts
         pretrain = chunk.phase == PRETRAIN
@@ -400,7 +397,8 @@ class DEC(Method):
         per_pass = n / (d.batch_size * self.cfg.train.num_workers)
         return max(1, min(d.update_interval, int(np.ceil(d.max_update_epochs * per_pass))))
 
-    def _train_dec(self, wctx, model: nn.Module, targets: DECTargets, state: DECState, round_idx: int) -> dict:
+    def _train_dec(self, wctx: TrainContext, model: nn.Module, targets: DECTargets,
+                   state: DECState, round_idx: int) -> dict:
         d = self.opts
         net = wctx.unwrap(model)
         if targets.centres is not None:  # the k-means round: every rank starts from the same centres

@@ -41,12 +41,13 @@ import torch.nn.functional as F
 
 from raydc.core.models import build_convnet
 from raydc.core.pca import PCAProjection
-from raydc.engine.rowblocks import RowBlocks
+from raydc.core.rowblocks import RowBlocks
 from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
-from raydc.engine.features import ExtractorSpec
-from raydc.engine.stream import Augment, to_model_input
+from raydc.core.extractor import ExtractorSpec
+from raydc.core.stream import Augment, to_model_input
 from raydc.errors import ConfigError, NumericalError
+from raydc.methods.api import ClusterOutcome, RoundContext, TrainContext
 from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field
 
 FEATURE_DIMS = {"alexnet": 4096, "vgg16": 4096}  # fixed penultimate widths; smallconvnet's is model.feature_dim
@@ -160,10 +161,7 @@ class DeepCluster(Method):
         super().check_data()
         self.check_batch("train.batch_size", self.cfg.train.batch_size)
 
-    def build_model(self) -> nn.Module:
-        return self._factory()()
-
-    def _factory(self):
+    def network_factory(self):
         c = self.cfg.model
         model_cfg = {"arch": c.arch, "sobel": c.sobel, "width": c.width, "feature_dim": c.feature_dim,
                      "freeze": c.freeze}
@@ -177,12 +175,10 @@ class DeepCluster(Method):
         return round_idx >= self.cfg.train.epochs
 
     def extractor(self, model: nn.Module) -> ExtractorSpec:
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return ExtractorSpec(build=self._factory(), state=sd, call="embed", input_size=self.input_size,
-                             channels=self.in_channels)
+        return self.extractor_of(model, "embed")
 
     # ---- rank 0 ---------------------------------------------------------------------------------
-    def cluster(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
+    def cluster(self, ctx: RoundContext, model: nn.Module, state: DeepClusterState, round_idx: int):
         """features -> PCA -> k-means for the model as it is now; returns (outcome, metrics, the clusters as
         RowBlocks). The clusters are also saved (labels/round=R) and the state points at them; the shards keep
         the features and the clusters until the caller releases them."""
@@ -213,7 +209,7 @@ class DeepCluster(Method):
         row["images_per_s_features"] = info.n / max(times["time_features"] + times["time_pca"], 1e-9)
         return out, row, blocks
 
-    def cluster_metrics(self, ctx, out, previous: RowBlocks | None) -> dict:
+    def cluster_metrics(self, ctx: RoundContext, out: ClusterOutcome, previous: RowBlocks | None) -> dict:
         row = {
             "kmeans_objective": float(out.objective[-1]) if out.objective else float("nan"),
             "kmeans_objective_curve": [float(o) for o in out.objective],
@@ -224,7 +220,8 @@ class DeepCluster(Method):
         row.update(clustering_row(ctx, out.col, self.cfg.cluster.k, prev=previous, majority=True))
         return row
 
-    def plan(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int) -> tuple[RoundPlan, dict]:
+    def plan(self, ctx: RoundContext, model: nn.Module,
+             state: DeepClusterState, round_idx: int) -> tuple[RoundPlan, dict]:
         previous = ctx.column_blocks(state.labels_path)  # held here, so its blocks outlive the new round's
         out, row, blocks = self.cluster(ctx, model, state, round_idx)
         targets = PseudoLabels(blocks, np.asarray(out.sizes), out.n)
@@ -237,7 +234,7 @@ class DeepCluster(Method):
         ctx.release()
         return RoundPlan(targets=targets), row
 
-    def finalize(self, ctx, model: nn.Module, state: DeepClusterState, round_idx: int):
+    def finalize(self, ctx: RoundContext, model: nn.Module, state: DeepClusterState, round_idx: int):
         out, row, _ = self.cluster(ctx, model, state, round_idx)
         final_k = self.opts.final_k
         if final_k and final_k != self.cfg.cluster.k:
@@ -271,7 +268,7 @@ class DeepCluster(Method):
                      "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}
         return FinalClustering(out.col, out.col + "_distance", artifacts), row
 
-    def _spectral_final(self, ctx, out, final_k: int, round_idx: int):
+    def _spectral_final(self, ctx: RoundContext, out: ClusterOutcome, final_k: int, round_idx: int):
         """final_k clusters as groups of the training-k ones: co-neighbour counts summed over the shards (k x k),
         spectral clustering of that graph on rank 0. Each image keeps its distance to its fine centroid."""
         from raydc.core.merge import spectral_merge
@@ -283,7 +280,7 @@ class DeepCluster(Method):
         return dataclasses.replace(out, col="final", sizes=np.bincount(groups, weights=out.sizes, minlength=final_k),
                                    objective=[], groups=groups)
 
-    def _knn_final(self, ctx, out, final_k: int, round_idx: int):
+    def _knn_final(self, ctx: RoundContext, out: ClusterOutcome, final_k: int, round_idx: int):
         """final_k clusters as groups of the training-k ones, joined along the points' k-NN graph: a sample of at
         most `final_sample` points is gathered once and broadcast; each shard counts, for its own points, the
         fine clusters of their nearest sample points (k x k back); rank 0 keeps the best of several partitions of
@@ -305,7 +302,7 @@ class DeepCluster(Method):
         return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
                                    sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
 
-    def assign(self, ctx, model: nn.Module, artifacts: dict) -> FinalClustering:
+    def assign(self, ctx: RoundContext, model: nn.Module, artifacts: dict) -> FinalClustering:
         info = ctx.extract(self.extractor(model), projection=_projection_from_plain(artifacts["projection"]),
                            l2_normalize=self.cfg.cluster.l2_normalize)
         if not info.finite:
@@ -347,7 +344,8 @@ class DeepCluster(Method):
                 net.top_layer.weight.copy_(torch.randn(net.top_layer.weight.shape, generator=g) * 0.01)
                 net.top_layer.bias.zero_()
 
-    def train_round(self, wctx, model: nn.Module, plan: RoundPlan, state: DeepClusterState, round_idx: int) -> dict:
+    def train_round(self, wctx: TrainContext, model: nn.Module, plan: RoundPlan,
+                    state: DeepClusterState, round_idx: int) -> dict:
         t = self.cfg.train
         targets: PseudoLabels = plan.targets
         sizes = targets.sizes

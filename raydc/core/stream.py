@@ -48,7 +48,8 @@ class Batch:
 
 def decoded_rows(iterator, manifest, *, read_batch_size: int, size: int | None, channels: int | None,
                  targets: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded read batches; `targets(rows)` joins each row's per-image target (a RowLookup) as it streams."""
+    """Decoded read batches; `targets(rows)` joins each row's per-image target (a callable of rows, such as
+    `raydc.engine.row_lookup.RowLookup`) as it streams."""
     from raydc.data.decode import decode_batch
 
     for batch in iterator.iter_batches(batch_size=read_batch_size, batch_format="numpy"):
