@@ -1,7 +1,7 @@
 """Feature extraction: raydc's Ray Data actor pool (`extract_features`, concurrency 1 and 2) against a plain
 `torch.no_grad()` loop over the same decoded images, the same network and weights, the same batch size.
 
-Two pools: `persistent_cN`, raydc's default on CPU (`raydc.engine.feature_pool`: actors started once per
+Two pools: `persistent_cN`, raydc's default on CPU (`raydc.engine.persistent_pool`: actors started once per
 run, each pass ships only the weights) and `ray_pool_cN`, the Ray Data pool (`features.pool: ray_data`, the
 GPU default). Each `extract_features` call is what one DeepCluster epoch pays with the latter: it builds a fresh actor pool (process start,
 imports, weights from the object store), reads and decodes the Parquet shards, runs the network and leaves
@@ -82,7 +82,7 @@ def _wait_for_pool_exit(timeout_s: float = 30.0) -> None:
 def run(ctx: Context) -> dict:
     import ray
 
-    from raydc.engine.features import extract_features
+    from raydc.engine.ray_data_pool import extract_features
 
     cfg = CONFIGS[ctx.mode]
     ctx.ensure_ray()
@@ -105,7 +105,7 @@ def run(ctx: Context) -> dict:
 
     # The persistent pool (raydc's default on CPU): actors started once per run; its first pass (actor start
     # included) is timed on its own, the later passes are what each epoch pays.
-    from raydc.engine.feature_pool import PersistentFeaturePool
+    from raydc.engine.persistent_pool import PersistentFeaturePool
 
     paths = manifest.shard_paths(shard_dir)
     persistent, first_pass = {}, {}

@@ -59,7 +59,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raydc.data.cli import add_prepare_arguments
+    from raydc.data.commands import add_prepare_arguments
 
     from raydc.config_doc import add_config_arguments, version_line
 
@@ -143,7 +143,7 @@ def _dispatch(args) -> int:
 
         return run_config_show(args)
     if args.command == "prepare":
-        from raydc.data.cli import run_prepare
+        from raydc.data.commands import run_prepare
 
         return run_prepare(args)
     if args.command == "train":
@@ -176,7 +176,7 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from raydc.data.manifest import load_manifest
         from raydc.engine.evaluate import open_run
-        from raydc.runreport import write_run_report
+        from raydc.run_report import write_run_report
 
         run, cfg = open_run(args.run)
         paths = write_run_report(run.location, cfg.data.shards, load_manifest(cfg.data.shards))

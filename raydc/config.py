@@ -151,7 +151,7 @@ class FeatureConfig:
     num_gpus: float = 0.0                  # per actor; 'auto' placement is decided by use_gpu below
     batch_size: int = 512
     use_gpu: Literal["auto", "never", "always"] = "auto"
-    # persistent: actors started once per run, time-sharing the training's CPUs (see engine/feature_pool.py);
+    # persistent: actors started once per run, time-sharing the training's CPUs (see engine/persistent_pool.py);
     # ray_data: a Ray Data map_batches pool started each pass (GPU actors need it); auto: persistent on CPU.
     pool: Literal["auto", "persistent", "ray_data"] = "auto"
     # PCA is fitted on a uniform sample of this many images (0: all of them), as DeeperCluster does: the pool's

@@ -174,9 +174,9 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
 
     from raydc.core.models import small_convnet
     from raydc.data.manifest import load_manifest
-    from raydc.engine.feature_pool import PersistentFeaturePool, plan_pieces
+    from raydc.engine.persistent_pool import PersistentFeaturePool, plan_pieces
     from raydc.core.extractor import ExtractorSpec
-    from raydc.engine.features import extract_features
+    from raydc.engine.ray_data_pool import extract_features
 
     shard_dir, images, _ = small_shards
     manifest = load_manifest(shard_dir)
@@ -260,7 +260,7 @@ def test_batch_statistics_readout_is_the_same_whatever_the_pool_concurrency_and_
     import torch
 
     from raydc.core.dac import LabelFeatureNet, dac_convnet
-    from raydc.engine.feature_pool import PersistentFeaturePool, plan_pieces
+    from raydc.engine.persistent_pool import PersistentFeaturePool, plan_pieces
     from raydc.core.extractor import ExtractorSpec
 
     shard_dir, images, _ = small_shards

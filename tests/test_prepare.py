@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydc.data import prepare as prepare_mod
-from raydc.data.cli import add_prepare_arguments, run_prepare
+from raydc.data.commands import add_prepare_arguments, run_prepare
 from raydc.data.manifest import MANIFEST_NAME, load_manifest, verify_shards
 from raydc.data.prepare import prepare, prepare_from_config
 from raydc.data.sources import SOURCE_NAMES, Item, Source

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydc import report
-from raydc.report import cluster_montage, metric_curves, phase_breakdown_plot, size_histogram_plot, write_report
+from raydc import plots
+from raydc.plots import cluster_montage, metric_curves, phase_breakdown_plot, size_histogram_plot, write_report
 
 RNG = np.random.default_rng(0)
 
@@ -82,7 +82,7 @@ def test_montage_rejects_bad_input(tmp_path):
 
 def test_metric_curves_skip_missing_keys(tmp_path, monkeypatch):
     drawn: list[str] = []
-    real_series = report._series
+    real_series = plots._series
 
     def spy(rows, key):
         xs, ys = real_series(rows, key)
@@ -90,7 +90,7 @@ def test_metric_curves_skip_missing_keys(tmp_path, monkeypatch):
             drawn.append(key)
         return xs, ys
 
-    monkeypatch.setattr(report, "_series", spy)
+    monkeypatch.setattr(plots, "_series", spy)
     out = metric_curves(_rows(), tmp_path / "curves.png", title="t")
     assert drawn == ["loss", "kmeans_objective", "nmi_prev"]  # acc/nmi/ari absent: no labels in this run
     one_row = _png(out)
@@ -125,7 +125,7 @@ def test_size_histogram(tmp_path):
 
 
 def test_phase_breakdown(tmp_path):
-    assert report._phases(_rows()) == ["time_features", "time_kmeans", "time_train"]
+    assert plots._phases(_rows()) == ["time_features", "time_kmeans", "time_train"]
     _png(phase_breakdown_plot(_rows(), tmp_path / "p.png"))
     _png(phase_breakdown_plot([{"epoch": 0, "loss": 1.0}], tmp_path / "none.png"))
     _no_tmp(tmp_path)
@@ -137,10 +137,10 @@ def test_phase_bars_are_as_tall_as_the_round():
     rows = [{"epoch": 0, "time_features": 1.0, "time_kmeans": 0.5, "time_train": 4.0, "time_round": 6.0},
             {"epoch": 1, "time_features": 1.0, "time_kmeans": 0.5, "time_train": 4.5, "time_round": 6.0},
             {"epoch": 2, "final": True, "time_features": 2.0}]  # a final row without time_round
-    layers = report.phase_stack(rows)
+    layers = plots.phase_stack(rows)
     assert list(layers) == ["time_features", "time_kmeans", "time_train", "other"]
     np.testing.assert_allclose(layers["other"], [0.5, 0.0, 0.0])
-    fig = report._phase_figure(rows, "t")
+    fig = plots._phase_figure(rows, "t")
     (ax,) = fig.axes
     tops = {}
     for bar in ax.patches:
@@ -169,5 +169,5 @@ def test_failed_write_leaves_no_tmp(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        report._write_atomic(tmp_path / "x.png", boom)
+        plots._write_atomic(tmp_path / "x.png", boom)
     assert not list(tmp_path.iterdir())

@@ -240,13 +240,13 @@ class ClusteringService:
         return info
 
     def _run_pool(self, spec, shard_dir: str, manifest, f) -> list:
-        from raydc.engine.features import extract_features
+        from raydc.engine.ray_data_pool import extract_features
 
         if _pool_kind(f) == "ray_data":
             return extract_features(shard_dir, manifest, spec, concurrency=f.concurrency, num_cpus=f.num_cpus,
                                     num_gpus=f.num_gpus, batch_size=f.batch_size)
         from raydc.engine.datasets import check_shard_footers
-        from raydc.engine.feature_pool import PersistentFeaturePool
+        from raydc.engine.persistent_pool import PersistentFeaturePool
 
         if self.pool is None or self.pool.concurrency != f.concurrency:
             if self.pool is not None:

@@ -106,7 +106,7 @@ def embed_images(run_dir: str, shard_dir: str, out: str, *, reduced: bool = True
     from raydc.config_loader import from_dict
     from raydc.data.manifest import load_manifest
     from raydc.engine.datasets import check_shard_footers
-    from raydc.engine.feature_pool import PersistentFeaturePool
+    from raydc.engine.persistent_pool import PersistentFeaturePool
     from raydc.engine.rundir import RunDir
     from raydc.engine.runtime import init_ray
     from raydc.methods import build_method

@@ -27,7 +27,7 @@ def open_run(run_dir: str):
 
 def evaluate_run(run_dir: str, nmi_method: str = "arithmetic") -> dict:
     from raydc.data.manifest import load_manifest
-    from raydc.runreport import RowLabels
+    from raydc.run_report import RowLabels
 
     run, cfg = open_run(run_dir)
     manifest = load_manifest(cfg.data.shards)

@@ -80,7 +80,7 @@ class _SplitFeatures:
 
 def _split_features(splits, spec, features_cfg) -> list[_SplitFeatures]:
     """Each (shard dir, manifest)'s features; one pool serves every split whose images decode alike."""
-    from raydc.engine.feature_pool import PersistentFeaturePool
+    from raydc.engine.persistent_pool import PersistentFeaturePool
 
     pools: dict = {}
     try:

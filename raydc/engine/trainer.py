@@ -185,7 +185,7 @@ def _train_holding_lease(cfg: Config, manifest, data_bytes: int, *, resume: bool
     from raydc.engine.console import open_console
     from raydc.engine.loop import train_loop_per_worker
     from raydc.engine.runtime import init_ray, train_run_config_kwargs, verbose
-    from raydc.runreport import write_run_report
+    from raydc.run_report import write_run_report
 
     t0 = time.perf_counter()
     init_ray(cfg.ray, train_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)

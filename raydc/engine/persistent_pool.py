@@ -25,7 +25,7 @@ import numpy as np
 import ray
 
 from raydc.core.extractor import ExtractorSpec
-from raydc.engine.features import features_of
+from raydc.engine.ray_data_pool import features_of
 
 
 @dataclass(frozen=True)

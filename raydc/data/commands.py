@@ -146,7 +146,7 @@ def label_line(manifest: Manifest) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m raydc.data.cli ...`) with the same error handling as `raydc prepare`."""
+    """Standalone entry (`python -m raydc.data.commands ...`) with the same error handling as `raydc prepare`."""
     import sys
 
     parser = argparse.ArgumentParser(prog="raydc prepare", description="Convert images to raydc Parquet shards")

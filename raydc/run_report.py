@@ -82,7 +82,7 @@ WARNINGS_FILE = "WARNINGS.txt"
 def _draw_report(run: RunDir, local: Path, shard_dir: str, manifest, per_cluster: int, max_clusters: int,
                  thumb: int) -> list[Path]:
     """The report of `run` drawn under the local directory `local` (the run's own, or a staging copy)."""
-    from raydc import report
+    from raydc import plots
 
     rows = run.read_metrics()
     report_dir = local / "report"
@@ -112,10 +112,10 @@ def _draw_report(run: RunDir, local: Path, shard_dir: str, manifest, per_cluster
             for c, (lab, share) in _majorities(pairs).items():
                 name = names[lab] if names and 0 <= lab < len(names) else str(lab)
                 purity[c] = f"{name} {100 * share:.0f}%"
-        drawn = report.write_report(local, rows, sizes=sizes)
+        drawn = plots.write_report(local, rows, sizes=sizes)
         if montage:
             path = report_dir / "montage.png"
-            report.cluster_montage(montage, path, title=f"{len(montage)} largest clusters: images nearest the centroid",
+            plots.cluster_montage(montage, path, title=f"{len(montage)} largest clusters: images nearest the centroid",
                                    sizes={c: int(counts[c]) for c in montage}, labels_purity=purity,
                                    max_clusters=max_clusters)
             drawn.append(path)
@@ -131,7 +131,7 @@ def _draw_report(run: RunDir, local: Path, shard_dir: str, manifest, per_cluster
         drawn.append(write_index(report_dir, title=f"raydc run {run.name}", config_text=run.read_config_text(),
                                  pictures=[p for p in drawn if p.suffix == ".png"], clusters=entries, notes=notes))
         return drawn
-    return report.write_report(local, rows)
+    return plots.write_report(local, rows)
 
 
 def _scan_assignments(run: RunDir, manifest, shard_dir: str, per_cluster: int):
