@@ -22,7 +22,11 @@ from raydc.methods.api import TRUE, ShardView
 
 
 class ShardStore:
-    """One slice of the images between phases: rows, ids, features, evaluation labels and result columns."""
+    """One slice of the images between phases: rows, ids, features, evaluation labels and result columns.
+
+    Why one class of this size: it is the body of one actor, and every method is one remote call on the data
+    that actor holds (load, k-means steps, counts, parts); splitting it would split the state each call needs
+    across actors, or add a layer of forwarding that every per-shard call pays for."""
 
     def __init__(self, threads: int = 0, in_ray: bool = True, recovery_dir: str | None = None, index: int = 0):
         from raydc.core.faiss_backend import use_all_cores
