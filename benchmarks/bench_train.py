@@ -56,7 +56,8 @@ def _train_loop(conf: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raydc.engine.loop import WorkerContext, worker_setup
+    from raydc.engine.contexts import WorkerContext
+    from raydc.engine.loop import worker_setup
     from raydc.methods.base import RoundPlan
     from raydc.methods.deepcluster import PseudoLabels
 

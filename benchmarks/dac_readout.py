@@ -39,7 +39,7 @@ def readouts(run_dir: str) -> dict:
     from raydc.core import metrics as M
     from raydc.core.augment import resize_center, to_float
     from raydc.data.manifest import load_manifest
-    from raydc.engine.loop import load_round_checkpoint
+    from raydc.engine.round_checkpoint import load_round_checkpoint
     from raydc.engine.rundir import RunDir, load_safe
     from raydc.methods import build_method
 

@@ -13,7 +13,8 @@ import torch
 from raydc.core.augment import resize_center, to_float
 from raydc.engine.clustering import ClusteringService, LocalShard, ShardStore
 from raydc.core.extractor import keep_mask, reduce_features
-from raydc.engine.loop import RankZeroContext, WorkerContext, finish, run_rounds
+from raydc.engine.contexts import RankZeroContext, WorkerContext
+from raydc.engine.loop import finish, run_rounds
 from raydc.core.stream import shuffled_batches
 
 PIECES = 4  # blocks of contiguous rows, spread round-robin over the shards as the real pool's pieces are

@@ -13,7 +13,7 @@ import torch
 from raydc.config import Config
 from raydc.config_loader import from_dict
 from raydc.core.dac import LabelFeatureNet, pair_loss, similarity_matrix
-from raydc.engine.loop import WorkerContext
+from raydc.engine.contexts import WorkerContext
 from raydc.core.stream import Batch
 from raydc.methods.dac import DAC
 from tests.inprocess import run_method_in_process

@@ -189,7 +189,7 @@ def _pair_step(rank: int, world: int, port: int, x: torch.Tensor, out: dict) -> 
     import torch.distributed as dist
 
     from raydc.config import load_config
-    from raydc.engine.loop import WorkerContext
+    from raydc.engine.contexts import WorkerContext
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

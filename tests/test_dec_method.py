@@ -171,7 +171,7 @@ def _update_with_q(method: DEC, q: np.ndarray, state, prev: np.ndarray):
     import tempfile
 
     from raydc.engine.clustering import local_service
-    from raydc.engine.loop import RankZeroContext
+    from raydc.engine.contexts import RankZeroContext
 
     ids = np.arange(len(q))
     service = local_service(2)

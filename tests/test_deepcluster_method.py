@@ -11,7 +11,7 @@ import torch
 
 from raydc.config import load_config
 from raydc.core.metrics import PairCounts
-from raydc.engine.loop import quality_regression
+from raydc.engine.summary import quality_regression
 from raydc.errors import ConfigError
 from raydc.methods.deepcluster import DeepCluster, matched_head_rows
 from tests.helpers import classes_of_images
@@ -244,9 +244,12 @@ def test_cosine_lr_per_round_and_the_step_floor(rounds):
 
 def test_quality_regression_is_said_only_when_the_final_is_worse():
     rows = [{"epoch": 0, "acc": 0.62}, {"epoch": 1, "acc": 0.7}]
-    worse = quality_regression(rows, {"final": True, "acc": 0.47})
+    worse = quality_regression(rows, 0.47)
     assert "0.470" in worse and "0.620" in worse and "epoch 0" in worse
-    assert quality_regression(rows, {"final": True, "acc": 0.618}) is None  # within the tolerance
-    assert quality_regression([{"epoch": 0}], {"final": True, "acc": 0.1}) is None  # no labels: nothing to say
+    assert quality_regression(rows, 0.618) is None  # within the tolerance
+    assert quality_regression([{"epoch": 0}], 0.1) is None  # no labels: nothing to say
     dec_rows = [{"epoch": 5, "phase": "pretrain"}, {"epoch": 6, "acc": 0.59}]  # DEC: its AE + k-means start
-    assert "epoch 6" in quality_regression(dec_rows, {"final": True, "acc": 0.42})
+    assert "epoch 6" in quality_regression(dec_rows, 0.42)
+    # an over-clustered DeepCluster run is compared at its training k, the k its round 0 had
+    method = DeepCluster(config(), manifest())
+    assert method.comparable_final_acc({"final": True, "acc": 0.9, "train_k_acc": 0.5}) == 0.5

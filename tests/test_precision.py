@@ -46,7 +46,7 @@ def test_bf16_autocast_lowers_the_network_but_not_the_label_features_or_similari
 
 def test_the_engine_sgd_pass_runs_the_loss_under_the_workers_precision():
     from raydc.config import load_config
-    from raydc.engine.loop import WorkerContext
+    from raydc.engine.contexts import WorkerContext
 
     cfg = load_config(None, ["data.shards=unused"])
     seen = {}

@@ -39,7 +39,7 @@ def test_state_round_trips_through_a_safe_checkpoint(tmp_path):
     opt.step()
     from ray.train import Checkpoint
 
-    from raydc.engine.loop import load_round_checkpoint, save_round_checkpoint
+    from raydc.engine.round_checkpoint import load_round_checkpoint, save_round_checkpoint
 
     save_round_checkpoint(str(tmp_path), 0, {
         "round": 0, "model": model.state_dict(), "state": to_plain(state),
@@ -56,7 +56,7 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     from ray.train import Checkpoint
 
-    from raydc.engine.loop import load_round_checkpoint
+    from raydc.engine.round_checkpoint import load_round_checkpoint
 
     run = RunDir(tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint_1"

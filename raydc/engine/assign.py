@@ -18,7 +18,7 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> str:
     from raydc import storage
     from raydc.data.manifest import load_manifest
     from raydc.engine.clustering import ClusteringService, ShardPlacement
-    from raydc.engine.loop import RankZeroContext
+    from raydc.engine.contexts import RankZeroContext
     from raydc.engine.rundir import RunDir
     from raydc.engine.runtime import init_ray
     from raydc.methods import build_method

@@ -135,6 +135,8 @@ class Method:
     frozen: bool = False                  # `train.epochs: 0` clusters the untrained (or loaded) network's features
 
     min_input_size: dict[str, int] = {"alexnet": 64, "vgg16": 64}  # `model.arch` -> the smallest side it takes
+    # Its own figures in the round's line, (row key, format), before the shared ones (raydc.engine.summary).
+    summary_fields: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, cfg: "Config", manifest):
         self.cfg = cfg
@@ -291,6 +293,11 @@ class Method:
 
     def is_done(self, state: Any, round_idx: int) -> bool:
         raise NotImplementedError
+
+    def comparable_final_acc(self, final_row: dict) -> float | None:
+        """The final row's ACC in the terms of the run's first clustering (the engine warns when it is lower):
+        the same number of clusters, scored the same way."""
+        return final_row.get("acc")
 
     def epoch_of(self, state: Any, round_idx: int) -> int:
         """The `epoch` number written to metrics.jsonl for this round."""

@@ -232,6 +232,7 @@ def _build(spec: dict) -> LabelFeatureNet:
 
 class DAC(Method):
     name = "dac"
+    summary_fields = (("upper", "u {:.3f}"), ("lower", "l {:.3f}"), ("selected_pairs", "pairs {:.1%}"))
     section, options = "dac", DACConfig
     archs = ("dac_mnist", "dac_cifar", "smallconvnet", "alexnet", "vgg16")
     min_input_size = {**Method.min_input_size, "dac_mnist": DAC_NET_MIN_SIZE, "dac_cifar": DAC_NET_MIN_SIZE}

@@ -136,6 +136,7 @@ class DECState:
 class DEC(Method):
     name = "dec"
     section, options = "dec", DECConfig
+    summary_fields = (("phase", "{}"), ("kmeans_objective", "obj {:.5g}"), ("delta_label", "changed {:.2%}"))
     resumable_fields = ("dec.max_iterations", "dec.tol", "dec.pretrain_epochs", "dec.finetune_epochs")
 
     def __init__(self, cfg, manifest):

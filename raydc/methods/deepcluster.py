@@ -128,6 +128,7 @@ class DeepClusterState:
 class DeepCluster(Method):
     name = "deepcluster"
     section, options = "deepcluster", DeepClusterConfig
+    summary_fields = (("kmeans_objective", "obj {:.5g}"),)
     backbones = True
     frozen = True  # train.epochs 0: finalize at once, one feature pass + PCA + k-means over the given network
 
@@ -167,6 +168,11 @@ class DeepCluster(Method):
                      "freeze": c.freeze}
         return functools.partial(_build, model_cfg, self.in_channels, self.cfg.cluster.k,
                                  self.opts.variant == "v2")
+
+    def comparable_final_acc(self, final_row: dict) -> float | None:
+        """Like with like: an over-clustered run's final row is at final_k; its training-k score is what round
+        0 had."""
+        return final_row.get("train_k_acc", final_row.get("acc"))
 
     def init_state(self) -> DeepClusterState:
         return DeepClusterState()
