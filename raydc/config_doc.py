@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from raydc.config_loader import _type_name, to_dict
+from raydc.config_loader import type_name, to_dict
 
 
 @cache
@@ -97,7 +97,7 @@ def _line(name: str, value: Any, default: Any, tp: Any, comment: str, indent: st
         comment = ""
     notes = [comment] if comment else []
     if tp is not None:
-        notes.append(f"[{_type_name(tp)}]")
+        notes.append(f"[{type_name(tp)}]")
     if value != default:
         notes.append(f"(default: {_scalar(default)})")
     return "\n".join(above + [f"{head.ljust(width)} # {' '.join(notes)}" if notes else head])

@@ -19,52 +19,52 @@ from raydc.errors import ConfigError, UserError
 T = TypeVar("T")
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " | ".join(type_name(a) for a in get_args(tp))
     if origin in (list, tuple):
         args = get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
+        return f"list of {type_name(args[0])}" if args else "list"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, field: str) -> Any:
+def coerce(value: Any, tp: Any, field: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ConfigError(field, f"got {value!r}, expected one of {_type_name(tp)}")
+        raise ConfigError(field, f"got {value!r}, expected one of {type_name(tp)}")
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None:
             if type(None) in args:
                 return None
-            raise ConfigError(field, f"must not be null (expected {_type_name(tp)})")
+            raise ConfigError(field, f"must not be null (expected {type_name(tp)})")
         errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, field)
+                return coerce(value, arg, field)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(field, f"got {value!r}, expected {_type_name(tp)}")
+        raise ConfigError(field, f"got {value!r}, expected {type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(field, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, field)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(field, f"got {value!r}, expected {_type_name(tp)}")
+            raise ConfigError(field, f"got {value!r}, expected {type_name(tp)}")
         (item_tp,) = get_args(tp)[:1] or (Any,)
-        items = [_coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -109,7 +109,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         field = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], field)
+        kwargs[name] = coerce(value, hints[name], field)
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -146,21 +146,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+def set_field(data: dict, path: typing.Sequence[str], value: Any) -> dict:
+    """A copy of `data` with the field at `path` (["cluster", "k"]) set to `value`; the sections on the way are
+    copied (the given mapping is left as it was) and made when absent or null."""
     data = dict(data)
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(path), f"'{part}' is not a section")
+        child = dict(child)
+        node[part] = child
+        node = child
+    node[path[-1]] = value
+    return data
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(".".join(path), f"'{part}' is not a section")
-            child = dict(child)
-            node[part] = child
-            node = child
-        node[path[-1]] = value
+        data = set_field(data, path, value)
     return data
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_type_hints
 
 from raydc.config import Config
-from raydc.config_loader import _coerce, _type_name, from_dict, read_yaml
+from raydc.config_loader import coerce, type_name, from_dict, read_yaml
 from raydc.errors import ConfigError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -191,22 +191,22 @@ def parse_param(name: str, spec: Any) -> Param:
     if kind in ("grid", "choice"):
         if not values:
             raise ConfigError(where, "is empty: give at least one value")
-        values = [_coerce(v, tp, f"{where}[{i}]") for i, v in enumerate(values)]
+        values = [coerce(v, tp, f"{where}[{i}]") for i, v in enumerate(values)]
         if len({repr(v) for v in values}) != len(values):
             raise ConfigError(where, f"has repeated values: {values}")
         return Param(name, kind, values)
     if len(values) != 2:
         raise ConfigError(where, f"expected [low, high], got {values!r}")
     want = int if kind == "randint" else float
-    lo, hi = (_coerce(v, want, f"{where}[{i}]") for i, v in enumerate(values))
+    lo, hi = (coerce(v, want, f"{where}[{i}]") for i, v in enumerate(values))
     if kind != "randint":
         try:  # a continuous distribution draws non-integers: the field must take them (an int field does not)
-            _coerce(0.5, tp, where)
+            coerce(0.5, tp, where)
         except ConfigError:
-            raise ConfigError(where, f"draws real numbers but {name} is {_type_name(tp)}: "
+            raise ConfigError(where, f"draws real numbers but {name} is {type_name(tp)}: "
                                      f"use randint or grid") from None
     for i, v in enumerate((lo, hi)):
-        _coerce(v, tp, f"{where}[{i}]")
+        coerce(v, tp, f"{where}[{i}]")
         if not math.isfinite(v):
             raise ConfigError(f"{where}[{i}]", f"must be finite, got {v}")
     if not lo < hi:

@@ -7,12 +7,11 @@ any trial starts: a bad combination costs seconds, not a failed trial an hour in
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Any
 
 from raydc.config import Config
-from raydc.config_loader import from_dict
+from raydc.config_loader import from_dict, set_field
 from raydc.errors import ConfigError
 from raydc.sweep.config import Param, SweepConfig
 
@@ -20,30 +19,17 @@ from raydc.sweep.config import Param, SweepConfig
 MAX_PROBE_COMBINATIONS = 512
 
 
-def set_dotted(data: dict, name: str, value: Any) -> dict:
-    out = copy.deepcopy(data)
-    node = out
-    parts = name.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):  # absent, or null in the YAML
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
-    return out
-
-
 def trial_config(base: dict, values: dict[str, Any], run_dir: str) -> Config:
     """The full run config of one trial. Errors name the field and the trial's values."""
     data = base
     for name, value in values.items():
-        data = set_dotted(data, name, value)
-    data = set_dotted(data, "run.dir", run_dir)
+        data = set_field(data, name.split("."), value)
+    data = set_field(data, ["run", "dir"], run_dir)
     try:
         return from_dict(Config, data)
     except ConfigError as e:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-        raise ConfigError(e.field, f"{str(e).split(': ', 1)[1]} (in the trial with {shown})") from None
+        raise ConfigError(e.field, f"{e.detail} (in the trial with {shown})") from None
 
 
 def probe_values(params: list[Param]) -> list[dict[str, Any]]:
@@ -69,7 +55,7 @@ def check_space(sweep: SweepConfig, base: dict, manifest=None) -> int:
                 check_against_data(cfg, manifest)
             except ConfigError as e:
                 shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-                raise ConfigError(e.field, f"{str(e).split(': ', 1)[1]} (in the trial with {shown})") from None
+                raise ConfigError(e.field, f"{e.detail} (in the trial with {shown})") from None
     return len(probes)
 
 
