@@ -136,7 +136,8 @@ def test_mixed_size_folder_runs_through_the_engine(ray_local, mixed_folder_shard
 
     cfg = config(method, f"data.shards={mixed_folder_shards}", f"run.dir={tmp_path / 'run'}",
                  "model.input_size=20", "features.batch_size=32", "run.montage_per_cluster=4",
-                 "train.batch_size=16", "dac.batch_size=16", "dec.batch_size=16", "dec.pretrain_batch_size=16")
+                 "train.batch_size=16", "dac.batch_size=16", "dac.chunk_size=32", "dec.batch_size=16",
+                 "dec.pretrain_batch_size=16")
     lines: list[str] = []
     run = run_training(cfg, log=lines.append)
     assert "network input 20x20x3 (model.input_size; the images are mixed sizes, RGB)" in lines

@@ -72,6 +72,25 @@ def test_a_stale_lease_is_taken_over_and_logged_and_its_old_holder_learns_it(run
     b.release()
 
 
+def test_a_lease_whose_process_is_gone_from_this_host_is_taken_at_once(run_location, tmp_path):
+    """`kill -9` of a run, then `--resume` right away: the holder's pid no longer exists on this host, so the
+    lease is taken without waiting out the heartbeat timeout. A holder on another host still needs it."""
+    holder = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from raydc.engine.lease import RunLease; "
+        "RunLease(sys.argv[1], 600.0, log=lambda m: None).acquire(); os._exit(0)"), run_location],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert holder.returncode == 0
+    logged: list[str] = []
+    b = _lease(run_location, timeout=600.0, log=logged.append)
+    b.acquire()  # the lease is seconds old, its timeout 10 minutes
+    assert len(logged) == 1 and "its process is gone from this host" in logged[0], logged
+    b.release()
+    from raydc.engine.lease import Holder
+
+    gone = Holder(socket.gethostname(), 2**22 + 7, None, 0.0, 0.0, "t")  # above the kernel's pid_max default
+    assert gone.dead_here() and not Holder("another-host", gone.pid, None, 0.0, 0.0, "t").dead_here()
+
+
 def test_the_heartbeat_thread_reports_a_lost_lease(run_location):
     lost = threading.Event()
     a = _lease(run_location, timeout=0.8, on_lost=lost.set)

@@ -19,7 +19,8 @@ succeed:
 A heartbeat thread renews it every quarter of `run.lease_timeout_s`. A lease whose heartbeat is older than that
 timeout belongs to a writer that died without giving it back (SIGKILL, a lost node): the next writer takes it
 over and logs who held it. Age is measured on one clock where the store allows: the local file's mtime against
-this host's clock, an object's Last-Modified against the S3 server's own Date header.
+this host's clock, an object's Last-Modified against the S3 server's own Date header. A holder that ran on this
+host and whose pid no longer exists (`kill -9`, then `--resume` at once) is taken over without that wait.
 
 Other URI schemes (gs://, hdfs://) get no lease, and the run says so once: pyarrow exposes no conditional write
 for them.
@@ -77,6 +78,20 @@ class Holder:
         return Holder(str(d["host"]), int(d["pid"]), d.get("job"), float(d["since"]), float(d["heartbeat"]),
                       str(d["token"]))
 
+    def dead_here(self) -> bool:
+        """True only when the holder ran on this host and no process has its pid now (a run killed with -9, or
+        a machine rebooted): its lease can be taken at once instead of after the heartbeat timeout. A pid in use
+        may be another process that reused the number, so a live pid proves nothing and the timeout decides."""
+        if self.host != socket.gethostname() or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive under another user
+            return False
+        return False
+
     def describe(self) -> str:
         job = f", Ray job {self.job}" if self.job else ""
         return f"host {self.host}, pid {self.pid}{job}, since {_iso(self.since)}"
@@ -133,14 +148,16 @@ class RunLease:
             seen = self._store.read()
             if seen is None:
                 continue
-            if seen.age_s <= self.timeout_s:  # an unreadable one too: its writer may be between create and write
+            dead = seen.holder is not None and seen.holder.dead_here()
+            if seen.age_s <= self.timeout_s and not dead:  # an unreadable one too: its writer may be mid-write
                 raise LeaseHeld(self._held_message(seen))
             tag = self._store.swap(seen.tag, mine)
             if tag is not None:
                 self._tag = tag
                 who = seen.holder.describe() if seen.holder else "an unreadable lease"
-                self.log(f"took over the lease on {self.run_location} from {who}: no heartbeat for "
-                         f"{seen.age_s:.0f}s (run.lease_timeout_s={self.timeout_s:g})")
+                why = ("its process is gone from this host" if dead else
+                       f"no heartbeat for {seen.age_s:.0f}s (run.lease_timeout_s={self.timeout_s:g})")
+                self.log(f"took over the lease on {self.run_location} from {who}: {why}")
                 return
         raise LeaseHeld(self._held_message(self._store.read()))
 
@@ -222,8 +239,8 @@ class RunLease:
         stop = f"`ray job stop {h.job}`" if h.job else f"kill {h.pid} on {h.host}"
         return (f"run directory {self.run_location} is being written by another run ({h.describe()}, last "
                 f"heartbeat {seen.age_s:.0f}s ago): wait for it to end, stop it ({stop}), or choose another "
-                f"run.dir; a lease with no heartbeat for run.lease_timeout_s={self.timeout_s:g}s is taken over "
-                f"({self.location})")
+                f"run.dir; a lease with no heartbeat for run.lease_timeout_s={self.timeout_s:g}s, or whose process "
+                f"is gone from this host, is taken over ({self.location})")
 
     def _lost_message(self) -> str:
         who = self.lost.describe() if self.lost else "another writer"
