@@ -12,6 +12,7 @@ import torch
 
 from raydc.core.augment import resize_center, to_float
 from raydc.engine.clustering import ClusteringService, LocalShard, ShardStore
+from raydc.engine.feature_pass import FeaturePass
 from raydc.core.extractor import keep_mask, reduce_features
 from raydc.engine.contexts import RankZeroContext, WorkerContext
 from raydc.engine.loop import finish, run_rounds
@@ -26,6 +27,14 @@ class InProcessService(ClusteringService):
     def __init__(self, ids, images, labels, num_shards: int = 2):
         super().__init__(num_shards, log=lambda m: None,
                          shards=[LocalShard(ShardStore(in_ray=False)) for _ in range(num_shards)])
+        self.features = InProcessPass(self.shard_set, ids, images, labels)
+
+
+class InProcessPass(FeaturePass):
+    """The engine's feature pass (sampled PCA, projection, loading the shards) whose pool is a forward pass."""
+
+    def __init__(self, shard_set, ids, images, labels):
+        super().__init__(shard_set)
         self.ids, self.images, self.labels = ids, images, labels
         self.rows = np.arange(len(ids), dtype=np.int64)
 

@@ -253,5 +253,6 @@ def test_access_denied(s3_server, monkeypatch, key):
 def test_unreachable_endpoint(s3_server, monkeypatch):
     endpoint = _closed_port_endpoint()
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("RAYDC_STORAGE_RETRY_S", "2")  # the default waits a minute before saying so
     e = _error(storage.exists, s3_server.uri("x"))
     assert f"cannot reach {endpoint}" in str(e)
