@@ -52,6 +52,20 @@ def test_bad_config_names_the_field_at_load(sets, field):
         load_config(None, ["method=dac", "data.shards=x", "cluster.pca_dim=0", *sets])
 
 
+def test_shared_sgd_settings_a_dac_run_would_ignore_are_named():
+    from raydc.engine.trainer import check_against_data
+
+    said: list[str] = []
+    check_against_data(tiny_config("unused", "unused"), manifest_for(), said.append)
+    assert not any(line.startswith("note:") for line in said), said  # tiny_config sets none of them
+    cfg = tiny_config("unused", "unused")
+    cfg.train.lr, cfg.train.batch_size = 0.5, 64
+    said.clear()
+    check_against_data(cfg, manifest_for(), said.append)
+    assert said[-1] == ("note: train.batch_size, train.lr do not apply to dac and are ignored (its own settings "
+                        "are under `dac:`)"), said
+
+
 def test_tiny_run_in_process_clusters_separated_blobs():
     cfg = tiny_config("unused", "unused")
     method, state, rows, final = run_method_in_process(DAC, cfg, blobs(), manifest_for())

@@ -38,6 +38,11 @@ def check_against_data(cfg: Config, manifest, log=None) -> None:
     method.check_data()
     if log is not None:
         log(method.describe_input())
+        ignored = method.ignored_settings()
+        if ignored:
+            log(f"note: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
+                f"{cfg.method} and {'is' if len(ignored) == 1 else 'are'} ignored (its own settings are under "
+                f"`{method.section}:`)")
 
 
 # Fields a resumed run may take from the new config: budgets (how long to go on) and where/how to run, none of

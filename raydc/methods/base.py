@@ -137,6 +137,9 @@ class Method:
     min_input_size: dict[str, int] = {"alexnet": 64, "vgg16": 64}  # `model.arch` -> the smallest side it takes
     # Its own figures in the round's line, (row key, format), before the shared ones (raydc.engine.summary).
     summary_fields: tuple[tuple[str, str], ...] = ()
+    # Shared config fields this method never reads (its own section has its equivalents): a run that sets one
+    # is told it is ignored, rather than left to wonder why it changed nothing.
+    ignored_fields: tuple[str, ...] = ()
 
     def __init__(self, cfg: "Config", manifest):
         self.cfg = cfg
@@ -152,6 +155,17 @@ class Method:
             self.input_size, self.input_size_from = self.backbone.input_size, "backbone"
         else:
             self.input_size, self.input_size_from = resolve_input_size(cfg.model.input_size, manifest)
+
+    def ignored_settings(self) -> list[str]:
+        """The `ignored_fields` this run's config sets away from their defaults."""
+        from raydc.config import Config
+
+        default, out = Config(), []
+        for name in self.ignored_fields:
+            section, field_name = name.split(".")
+            if getattr(getattr(self.cfg, section), field_name) != getattr(getattr(default, section), field_name):
+                out.append(name)
+        return out
 
     def describe_input(self) -> str:
         """The line a run logs about its input, so a silent upscale (config 28, images 16) is visible."""

@@ -233,6 +233,11 @@ def _build(spec: dict) -> LabelFeatureNet:
 class DAC(Method):
     name = "dac"
     summary_fields = (("upper", "u {:.3f}"), ("lower", "l {:.3f}"), ("selected_pairs", "pairs {:.1%}"))
+    # DeepCluster's SGD settings: this method's batch sizes, optimizer and augmentation are in its own section
+    ignored_fields = ("train.batch_size", "train.lr", "train.momentum", "train.weight_decay", "train.head_lr",
+                      "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
+                      "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
+                      "train.hflip")
     section, options = "dac", DACConfig
     archs = ("dac_mnist", "dac_cifar", "smallconvnet", "alexnet", "vgg16")
     min_input_size = {**Method.min_input_size, "dac_mnist": DAC_NET_MIN_SIZE, "dac_cifar": DAC_NET_MIN_SIZE}

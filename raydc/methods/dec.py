@@ -137,6 +137,11 @@ class DEC(Method):
     name = "dec"
     section, options = "dec", DECConfig
     summary_fields = (("phase", "{}"), ("kmeans_objective", "obj {:.5g}"), ("delta_label", "changed {:.2%}"))
+    # DeepCluster's SGD settings: this method's batch sizes, optimizer and augmentation are in its own section
+    ignored_fields = ("train.batch_size", "train.lr", "train.momentum", "train.weight_decay", "train.head_lr",
+                      "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
+                      "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
+                      "train.hflip")
     resumable_fields = ("dec.max_iterations", "dec.tol", "dec.pretrain_epochs", "dec.finetune_epochs")
 
     def __init__(self, cfg, manifest):
