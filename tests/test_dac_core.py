@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydc.core.augment import random_affine
+from raydc.core.augment import brightness_shift, random_affine
 from raydc.core.dac import (SCHEDULE_PRESETS, LabelFeatureNet, SingleThreshold, ThresholdSchedule, chunk_targets,
                             dac_convnet, frozen_bn_stats, label_features, pair_loss, readout_groups, select_pairs,
                             similarity_matrix)
@@ -173,6 +173,22 @@ def test_random_affine_centre_draws_are_the_identity_and_others_move_pixels():
     assert (moved - x).abs().mean() > 0.05
     flipped = random_affine(x, np.array([[0.5, 0.5, 0.5, 0.5, 0.0]] * 3), zoom=(1.0, 1.0), flip=True)
     torch.testing.assert_close(flipped, x.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_the_reference_augmentation_in_full_nearest_per_axis_zoom_and_brightness():
+    x = torch.zeros(2, 1, 12, 12)
+    x[:, :, 4:8, 3:9] = 1.0
+    # the y zoom drawn apart: zoom in on y only leaves the horizontal extent of the bar, not its height
+    u = np.array([[0.5, 0.5, 0.5, 0.0, 0.5, 1.0 - 1e-9]] * 2)  # x zoom 1 (range bottom), y zoom 1.6 (magnify)
+    z = random_affine(x, u, zoom=(1.0, 1.6), mode="nearest", zoom_per_axis=True)
+    rows, cols = (z[0, 0] > 0.5).any(1).sum().item(), (z[0, 0] > 0.5).any(0).sum().item()
+    assert cols == 6 and rows > 4, (rows, cols)
+    assert set(z.unique().tolist()) <= {0.0, 1.0}  # order-0 sampling makes no new values
+    assert not torch.equal(random_affine(x, u, zoom=(1.0, 1.6)), z)  # bilinear blends at the edges
+    # per-image brightness, clipped to each image's own range
+    b = brightness_shift(x + 0.5, np.array([0.0, 1.0 - 1e-9]), 0.05)
+    assert torch.allclose(b[0].min(), torch.tensor(0.5)) and torch.allclose(b[0].max(), torch.tensor(1.45))
+    assert torch.allclose(b[1].min(), torch.tensor(0.55)) and torch.allclose(b[1].max(), torch.tensor(1.5))
 
 
 @pytest.mark.parametrize("variant,size", [("mnist", 28), ("cifar", 32)])

@@ -70,24 +70,37 @@ def random_resized_crop(x: torch.Tensor, uniforms: np.ndarray, size: int, scale_
 
 
 def random_affine(x: torch.Tensor, uniforms: np.ndarray, *, rotation_deg: float = 10.0, shift: float = 0.1,
-                  zoom: tuple[float, float] = (0.95, 1.05), flip: bool = False) -> torch.Tensor:
+                  zoom: tuple[float, float] = (0.95, 1.05), flip: bool = False, mode: str = "bilinear",
+                  zoom_per_axis: bool = False) -> torch.Tensor:
     """DAC's augmentation (Keras ImageDataGenerator: rotation, shifts, zoom, optional horizontal flip) as one
     affine resampling per batch, same size out as in.
 
-    `uniforms` is (N, 5) in [0, 1): angle, x shift, y shift, zoom, flip. Shifts are fractions of the image
-    size (normalised coordinates span 2, hence the factor 2); a zoom z > 1 magnifies, i.e. samples a 1/z box.
-    Borders repeat the edge pixel, as Keras' default fill mode 'nearest' does.
+    `uniforms` is (N, 5) in [0, 1): angle, x shift, y shift, zoom, flip; (N, 6) with `zoom_per_axis`, the sixth
+    the y zoom (Keras draws the two axes' zooms apart). Shifts are fractions of the image size (normalised
+    coordinates span 2, hence the factor 2); a zoom z > 1 magnifies, i.e. samples a 1/z box. Borders repeat the
+    edge pixel, as Keras' default fill mode 'nearest' does; `mode="nearest"` also samples as the reference's
+    `ndi.affine_transform(order=0)` does.
     """
-    u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64)[:, :5], dtype=torch.float32)
+    u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64)[:, :6], dtype=torch.float32)
     n = x.shape[0]
     angle = (2 * u[:, 0] - 1) * math.radians(rotation_deg)
     tx = (2 * u[:, 1] - 1) * 2 * shift
     ty = (2 * u[:, 2] - 1) * 2 * shift
-    s = 1.0 / (zoom[0] + (zoom[1] - zoom[0]) * u[:, 3])
+    sx = 1.0 / (zoom[0] + (zoom[1] - zoom[0]) * u[:, 3])
+    sy = 1.0 / (zoom[0] + (zoom[1] - zoom[0]) * u[:, 5]) if zoom_per_axis else sx
     f = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones(n)
-    cos, sin = torch.cos(angle) * s, torch.sin(angle) * s
+    cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * f, -sin, tx
-    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * f, cos, ty
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * sx * f, -sin * sy, tx
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * sx * f, cos * sy, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="border", align_corners=False)
+
+
+def brightness_shift(x: torch.Tensor, uniforms: np.ndarray, amount: float) -> torch.Tensor:
+    """Keras' `channel_shift_range` on grey images: each image plus one draw from [-amount, amount), clipped to
+    the image's own range (its min and max before the shift). `uniforms` is (N,) in [0, 1)."""
+    u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64), dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    lo = x.amin(dim=tuple(range(1, x.dim())), keepdim=True)
+    hi = x.amax(dim=tuple(range(1, x.dim())), keepdim=True)
+    return torch.minimum(torch.maximum(x + (2 * u - 1) * amount, lo), hi)

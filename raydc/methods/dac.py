@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from raydc.core.augment import random_affine, resize_center, to_float
+from raydc.core.augment import brightness_shift, random_affine, resize_center, to_float
 from raydc.core.dac import (DAC_NET_MIN_SIZE, SCHEDULE_PRESETS, SINGLE_THRESHOLD_PRESETS, LabelFeatureNet,
                             SingleThreshold, ThresholdSchedule, chunk_targets, dac_convnet, pair_loss,
                             select_pairs, similarity_matrix)
@@ -113,6 +113,12 @@ class DACConfig:
     zoom_min: float = 0.95
     zoom_max: float = 1.05
     hflip: bool = False                    # the reference flips colour images only (CIFAR), never digits
+    # The reference's augmentation in full (its myImage.py): order-0 (nearest) resampling instead of bilinear,
+    # the x and y zoom drawn apart, and a per-image brightness shift in [-brightness, brightness) clipped to the
+    # image's range (Keras' channel_shift_range 0.05). Off by default until an A/B says they matter.
+    interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    zoom_per_axis: bool = False
+    brightness: float = 0.0
     eval_every: int = 1                    # rounds between diagnostic feature passes (0: only the final one)
 
     def validate(self) -> None:
@@ -144,6 +150,8 @@ class DACConfig:
             raise ConfigError("dac.bn_eps", f"must be > 0, got {self.bn_eps}")
         if self.lr <= 0:
             raise ConfigError("dac.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.brightness < 1:
+            raise ConfigError("dac.brightness", f"is a shift of [0, 1] pixel values, in [0, 1); got {self.brightness}")
         if not 0 < self.zoom_min <= self.zoom_max:
             raise ConfigError("dac.zoom_min", f"needs 0 < zoom_min <= zoom_max, got {self.zoom_min}, {self.zoom_max}")
         if self.eval_every < 0:
@@ -345,9 +353,12 @@ class DAC(Method):
             return x
         keyed = ids.astype(np.int64) * 64 + np.minimum(rep, 63)
         stream = STREAM_DAC_AUGMENT + 8 * step
-        u = np.stack([hash_uniforms(keyed, self.cfg.train.seed, round_idx, stream + j) for j in range(5)], axis=1)
-        return random_affine(x, u, rotation_deg=d.rotation_deg, shift=d.shift, zoom=(d.zoom_min, d.zoom_max),
-                             flip=d.hflip)
+        draws = 7 if (d.zoom_per_axis or d.brightness) else 5  # the first five are the same either way
+        u = np.stack([hash_uniforms(keyed, self.cfg.train.seed, round_idx, stream + j) for j in range(draws)],
+                     axis=1)
+        x = random_affine(x, u, rotation_deg=d.rotation_deg, shift=d.shift, zoom=(d.zoom_min, d.zoom_max),
+                          flip=d.hflip, mode=d.interpolation, zoom_per_axis=d.zoom_per_axis)
+        return brightness_shift(x, u[:, 6], d.brightness) if d.brightness else x
 
     def _selection_features(self, wctx: TrainContext, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Label features of un-augmented images with the weights fixed, read out as the clusters are
