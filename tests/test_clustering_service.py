@@ -120,7 +120,7 @@ def test_single_actor_mode_is_faiss(service):
 def test_sharded_moments_give_the_whole_data_pca(service):
     x, y = blobs(d=48, seed=2)
     load(service, x, y)
-    moments = service.shard_set._get([s.moments.remote() for s in service.shards])
+    moments = service.shard_set.get([s.moments.remote() for s in service.shards])
     proj = pca_from_moments(reduce_moments([m for m in moments if m is not None]), 16, whiten=True)
     ref = fit_pca(x, 16, whiten=True)
     cos = np.abs(np.sum(proj.matrix / np.linalg.norm(proj.matrix, axis=0)

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from raydc.core.pca import PCAProjection, pca_from_moments, reduce_moments
-from raydc.engine.shard_set import OnShards, ShardSet
+from raydc.engine.shard_set import ShardSet
 from raydc.methods.api import ExtractInfo
 
 
@@ -22,18 +22,12 @@ def _pool_kind(f) -> str:
 
 
 
-class FeaturePass(OnShards):
+class FeaturePass:
     """Runs a method's `ExtractorSpec` over every image into the shard set; owns the pool between passes."""
 
     def __init__(self, shard_set: ShardSet):
-        super().__init__(shard_set)
+        self.set = shard_set  # the shard actors and their bookkeeping this job reads and updates
         self.pool = None  # the persistent feature pool, started on the first pass
-
-    def load(self, block_refs: list) -> dict:
-        return self.set.load(block_refs)
-
-    def release(self) -> None:
-        self.set.release()
 
     def extract(self, spec, shard_dir: str, manifest, features_cfg, *, pca_dim: int = 0, whiten: bool = False,
                 l2_normalize: bool = False, seed: int = 0, projection: PCAProjection | None = None) -> ExtractInfo:
@@ -56,15 +50,15 @@ class FeaturePass(OnShards):
             if not info["finite"]:
                 return ExtractInfo(info["n"], info["dim"], False, clock=clock)
             t_fit = time.perf_counter()
-            parts = [m for m in self._get([s.moments.remote() for s in self.shards]) if m is not None]
+            parts = [m for m in self.set.get([s.moments.remote() for s in self.set.shards]) if m is not None]
             moments = reduce_moments(parts)
             pca_rows = int(moments.n)
             proj = pca_from_moments(moments, pca_dim, whiten=whiten)
             if frac >= 1.0:  # the sample is every image (N <= pca_sample): project what the shards hold
-                finite = all(self._get([s.project.remote(proj, l2_normalize, f.dtype) for s in self.shards]))
-                self.dim = pca_dim
+                finite = all(self.set.get([s.project.remote(proj, l2_normalize, f.dtype) for s in self.set.shards]))
+                self.set.dim = pca_dim
                 return ExtractInfo(info["n"], pca_dim, finite, proj, pca_rows, time.perf_counter() - t_fit, clock)
-            self.release()
+            self.set.release()
         pca_seconds = time.perf_counter() - t0
         spec = dataclasses.replace(spec, reduction=FeatureReduction(projection=proj, l2_normalize=l2_normalize,
                                                                     dtype=f.dtype))
@@ -78,7 +72,7 @@ class FeaturePass(OnShards):
         t0 = time.perf_counter()
         refs = self._run_pool(spec, shard_dir, manifest, f)
         t1 = time.perf_counter()
-        info = self.load(refs)
+        info = self.set.load(refs)
         clock["pool"] += t1 - t0
         clock["load"] += time.perf_counter() - t1
         if _pool_kind(f) == "persistent" and self.pool is not None:  # (a test's in-process pool has no clock)

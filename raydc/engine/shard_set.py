@@ -18,7 +18,7 @@ from raydc.engine.shard_placement import ShardPlacement, ShardRecovery, _placeme
 from raydc.engine.shard_store import FeatureShard
 from raydc.methods.api import ShardView
 
-__all__ = ["ShardSet", "OnShards"]
+__all__ = ["ShardSet"]
 
 
 class ShardSet:
@@ -50,7 +50,7 @@ class ShardSet:
                 if self.pg is not None else None).remote(0, True, rec.directory, i) for i in range(num_shards)]
         self.shards = shards
         self.shard_nodes = self.nodes()
-        self._get([s.set_peers.remote(self.shard_nodes.count(n)) for s, n in zip(self.shards, self.shard_nodes)])
+        self.get([s.set_peers.remote(self.shard_nodes.count(n)) for s, n in zip(self.shards, self.shard_nodes)])
         self.use_gpu = use_gpu
         self.log = log
         self.n = 0
@@ -58,7 +58,7 @@ class ShardSet:
         self.sizes: list[int] = []
         self.single = False
 
-    def _get(self, refs):
+    def get(self, refs):
         """ray.get that never hangs on a lost shard: while a shard actor is not alive (its node gone, Ray
         restarting it in its placement group bundle) the wait is bounded by `recovery.timeout_s`, then a clear
         error says which shard and why."""
@@ -98,7 +98,7 @@ class ShardSet:
                 out.append((i, st))
         return out
 
-    def _put(self, value):
+    def put(self, value):
         return value if self.local else ray.put(value)
 
     def await_shards(self) -> None:
@@ -130,7 +130,7 @@ class ShardSet:
             owner = assign_blocks(nodes, sizes, self.shard_nodes)
             local = sum(self.shard_nodes[o] in n for o, n in zip(owner, nodes)) / len(block_refs)
         groups = [[r for r, o in zip(block_refs, owner) if o == i] for i in range(len(self.shards))]
-        infos = self._get([s.load.remote(g) for s, g in zip(self.shards, groups)])
+        infos = self.get([s.load.remote(g) for s, g in zip(self.shards, groups)])
         self.sizes = [i["n"] for i in infos]
         self.n = sum(self.sizes)
         self.dim = max(i["dim"] for i in infos)
@@ -148,7 +148,7 @@ class ShardSet:
         for i, s in enumerate(self.shards):
             local = picks[(picks >= bounds[i]) & (picks < bounds[i + 1])] - bounds[i]
             if len(local):
-                out.append(self._get(s.rows_at.remote(local)))
+                out.append(self.get(s.rows_at.remote(local)))
         rows = np.concatenate(out)
         return rows[rng.permutation(len(rows))]
 
@@ -156,18 +156,18 @@ class ShardSet:
     def counts(self, a, b) -> PairCounts | None:
         """(a, b) pair counts summed over the shards; a and b are column names, TRUE, or RowBlocks. None when
         a shard lacks one of them (no evaluation labels, say)."""
-        parts = self._get([s.counts.remote(a, b) for s in self.shards])
+        parts = self.get([s.counts.remote(a, b) for s in self.shards])
         if any(p is None for p in parts):
             return None
         merged = PairCounts.merge(parts)
         return merged if merged.n else None
 
     def _sizes_now(self) -> list[int]:
-        return self._get([s.size.remote() for s in self.shards])
+        return self.get([s.size.remote() for s in self.shards])
 
     def publish(self, col: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
         """Column `col` of every shard into the object store, by contiguous row range."""
-        return RowBlocks.merge(self._get([s.publish.remote(col, dtype, fill) for s in self.shards]), fill)
+        return RowBlocks.merge(self.get([s.publish.remote(col, dtype, fill) for s in self.shards]), fill)
 
     def write_parts(self, directory: str, columns: dict[str, str], paths: list | None = None) -> list[str]:
         """Each shard writes its rows to `directory`/part-NNNNN.parquet (columns: row, id[, path], then
@@ -176,7 +176,7 @@ class ShardSet:
 
         storage.makedirs(directory)
         parts = [storage.join(directory, f"part-{i:05d}.parquet") for i in range(len(self.shards))]
-        written = self._get([s.write_part.remote(p, columns, paths) for s, p in zip(self.shards, parts)])
+        written = self.get([s.write_part.remote(p, columns, paths) for s, p in zip(self.shards, parts)])
         return [p for p, n in zip(parts, written) if n]
 
     def read_parts(self, directory: str, column: str, dtype: str | None = None, fill: Any = -1) -> RowBlocks:
@@ -186,7 +186,7 @@ class ShardSet:
         paths = [p for p in storage.list_files(directory, suffix=".parquet")
                  if p.rsplit("/", 1)[-1].startswith("part-")]
         groups = [paths[i::len(self.shards)] for i in range(len(self.shards))]
-        return RowBlocks.merge(self._get([s.read_parts.remote(g, column, dtype, fill)
+        return RowBlocks.merge(self.get([s.read_parts.remote(g, column, dtype, fill)
                                           for s, g in zip(self.shards, groups) if g]), fill)
 
     def sample_features(self, n: int, seed: int, cols: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -200,7 +200,7 @@ class ShardSet:
         bounds = np.cumsum([0] + sizes)
         refs = [s.sample.remote(picks[(picks >= lo) & (picks < hi)] - lo, cols)
                 for s, lo, hi in zip(self.shards, bounds[:-1], bounds[1:]) if ((picks >= lo) & (picks < hi)).any()]
-        parts = self._get(refs)
+        parts = self.get(refs)
         values = {c: np.concatenate([p[2][c] for p in parts]) for c in cols if all(c in p[2] for p in parts)}
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), values
 
@@ -211,20 +211,20 @@ class ShardSet:
     def apply(self, fn: Callable, *args) -> list:
         # a large array goes into the object store once, not once per shard (Ray copies a by-value argument
         # into each task)
-        args = tuple(self._put(a) if isinstance(a, np.ndarray) and a.nbytes > (1 << 20) else a for a in args)
-        return self._get([s.apply.remote(fn, *args) for s in self.shards])
+        args = tuple(self.put(a) if isinstance(a, np.ndarray) and a.nbytes > (1 << 20) else a for a in args)
+        return self.get([s.apply.remote(fn, *args) for s in self.shards])
 
     def peak_rss(self) -> list[dict]:
         from raydc.engine.memory import peak
 
-        return self._get([s.peak_rss.remote() for s in self.shards]) + [{"coordinator": True, **peak()}]
+        return self.get([s.peak_rss.remote() for s in self.shards]) + [{"coordinator": True, **peak()}]
 
     def release(self) -> None:
-        self._get([s.clear.remote() for s in self.shards])
+        self.get([s.clear.remote() for s in self.shards])
 
     def nodes(self) -> list[str]:
         """The node id of each shard actor."""
-        return self._get([s.node.remote() for s in self.shards])
+        return self.get([s.node.remote() for s in self.shards])
 
     def shutdown(self) -> None:
         if not self.local:
@@ -242,51 +242,3 @@ class ShardSet:
 
 def _distance_sum(view: ShardView, col: str) -> float:
     return float(np.asarray(view.cols[col], np.float64).sum()) if len(view.ids) else 0.0
-
-
-class OnShards:
-    """A job over a `ShardSet` (the feature pass, k-means): reads and updates the set's bookkeeping through
-    the same names the set has, so each job reads as if it held the shards itself."""
-
-    def __init__(self, shard_set: ShardSet):
-        self.set = shard_set
-
-    shards = property(lambda self: self.set.shards)
-    local = property(lambda self: self.set.local)
-    recovery = property(lambda self: self.set.recovery)
-    use_gpu = property(lambda self: self.set.use_gpu)
-    log = property(lambda self: self.set.log)
-
-    @property
-    def n(self) -> int:
-        return self.set.n
-
-    @property
-    def dim(self) -> int:
-        return self.set.dim
-
-    @dim.setter
-    def dim(self, value: int) -> None:
-        self.set.dim = value
-
-    @property
-    def sizes(self) -> list[int]:
-        return self.set.sizes
-
-    @sizes.setter
-    def sizes(self, value: list[int]) -> None:
-        self.set.sizes = value
-
-    @property
-    def single(self) -> bool:
-        return self.set.single
-
-    @single.setter
-    def single(self, value: bool) -> None:
-        self.set.single = value
-
-    def _get(self, refs):
-        return self.set._get(refs)
-
-    def _put(self, value):
-        return self.set._put(value)

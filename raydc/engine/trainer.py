@@ -212,11 +212,12 @@ def _train_holding_lease(cfg: Config, manifest, data_bytes: int, *, resume: bool
     run.prune_checkpoints(keep=cfg.run.keep_checkpoints)
     storage_path, storage_fs, fit_name = run.next_fit_storage()
     console = None if lines is not None else open_console(log, quiet=not verbose())  # the round lines, to `log`
+    sink = lines if lines is not None else console.sink if console is not None else None
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": resolved, "run_dir": run.location, "resume_from": resume_from,
-                               "log": lines if lines is not None else console.sink if console else None},
+                               "log": sink},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             datasets={"train": train_data},

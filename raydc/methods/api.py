@@ -1,6 +1,6 @@
 """The contract between a method and the engine: what a method may call, and the values that pass between them.
 
-A method (one file in this package) never imports `raydc.engine`: it is handed a `RoundContext` on rank 0 (the
+A method (one file in this package) never imports the engine package: it is handed a `RoundContext` on rank 0 (the
 feature pass, the shard actors' columns, saved columns) and a `TrainContext` on every Train worker (its batches,
 the one SGD loop, collectives), and it builds plain values (`raydc.core.extractor.ExtractorSpec`,
 `raydc.core.rowblocks.RowBlocks`) that the engine knows how to run or move. The Protocols below are the

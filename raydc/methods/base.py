@@ -135,7 +135,7 @@ class Method:
     frozen: bool = False                  # `train.epochs: 0` clusters the untrained (or loaded) network's features
 
     min_input_size: dict[str, int] = {"alexnet": 64, "vgg16": 64}  # `model.arch` -> the smallest side it takes
-    # Its own figures in the round's line, (row key, format), before the shared ones (raydc.engine.summary).
+    # Its own figures in the round's line, (row key, format), before the shared ones the engine formats.
     summary_fields: tuple[tuple[str, str], ...] = ()
     # Shared config fields this method never reads (its own section has its equivalents): a run that sets one
     # is told it is ignored, rather than left to wonder why it changed nothing.

@@ -19,6 +19,12 @@ from raydc.sweep.config import Param, SweepConfig
 MAX_PROBE_COMBINATIONS = 512
 
 
+def _in_trial(e: ConfigError, values: dict[str, Any]) -> ConfigError:
+    """The same error, saying which trial's values gave it."""
+    shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+    return ConfigError(e.field, f"{e.detail} (in the trial with {shown})")
+
+
 def trial_config(base: dict, values: dict[str, Any], run_dir: str) -> Config:
     """The full run config of one trial. Errors name the field and the trial's values."""
     data = base
@@ -28,8 +34,7 @@ def trial_config(base: dict, values: dict[str, Any], run_dir: str) -> Config:
     try:
         return from_dict(Config, data)
     except ConfigError as e:
-        shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-        raise ConfigError(e.field, f"{e.detail} (in the trial with {shown})") from None
+        raise _in_trial(e, values) from None
 
 
 def probe_values(params: list[Param]) -> list[dict[str, Any]]:
@@ -54,8 +59,7 @@ def check_space(sweep: SweepConfig, base: dict, manifest=None) -> int:
             try:
                 check_against_data(cfg, manifest)
             except ConfigError as e:
-                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-                raise ConfigError(e.field, f"{e.detail} (in the trial with {shown})") from None
+                raise _in_trial(e, values) from None
     return len(probes)
 
 
