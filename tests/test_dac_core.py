@@ -256,3 +256,21 @@ def test_two_ddp_workers_with_the_gather_equal_one_worker_with_the_doubled_batch
             np.testing.assert_allclose(g2, g1.numpy(), rtol=1e-4, atol=1e-6)
     # the selection really spans both halves: without the gather each worker would see an 8 x 8 block only
     assert any(np.abs(g).sum() > 0 for g in results[0][2])
+
+
+def test_fixed_bn_affine_stays_at_one_and_zero_through_a_step_while_the_convs_learn():
+    """`dac.bn_affine: false` (the TensorFlow port's BatchNorm): scale and shift never move, the rest does."""
+    torch.manual_seed(0)
+    for affine in (False, True):
+        net = LabelFeatureNet(dac_convnet(1, 10, variant="mnist", bn_affine=affine))
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt = torch.optim.RMSprop(net.parameters(), lr=1e-2)
+        feats = net(torch.randn(16, 1, 28, 28))
+        loss = pair_loss(similarity_matrix(feats), *select_pairs(similarity_matrix(feats).detach(), 0.9, 0.9), "mse")
+        loss.backward()
+        opt.step()
+        moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+        bn_names = {f"scores.{i}.{w}" for i, m in enumerate(net.scores)
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for w in ("weight", "bias")}
+        assert len(bn_names) == 24 and "scores.0.weight" in moved
+        assert (bn_names & moved == set()) if not affine else bn_names <= moved

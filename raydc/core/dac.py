@@ -139,14 +139,16 @@ class _IdentityLinear(nn.Linear):
             self.bias.zero_()
 
 
-def dac_convnet(in_channels: int, k: int, *, variant: str, bn_eps: float = 1e-5) -> nn.Sequential:
+def dac_convnet(in_channels: int, k: int, *, variant: str, bn_eps: float = 1e-5,
+                bn_affine: bool = True) -> nn.Sequential:
     """The reference all-convolutional nets (valid 3x3 convs, BatchNorm, He init), ending in k scores.
 
     mnist (MNIST/mnist.py): 3 x conv-64, pool, BN, 3 x conv-128, pool, BN, conv1x1-k, BN-ReLU, avg-pool, BN,
     then two identity-initialised k x k dense layers each with BN and ReLU. cifar (CIFAR10/cifar10_2.py): the
     same trunk without the BN after the pools, and no ReLU after the last dense layer. The reference pools the
     last map with a fixed window (2 on 28 px, 3 on 32 px); an adaptive average pool gives the same 1 x 1 there
-    and also takes other sizes >= 22 px.
+    and also takes other sizes >= 22 px. `bn_affine=False` keeps every BatchNorm's scale and shift at 1 and 0
+    (still in the state dict, so checkpoints of either kind load alike).
     """
     if variant not in ("mnist", "cifar"):
         raise ValueError(f"unknown DAC net variant {variant!r}")
@@ -172,6 +174,9 @@ def dac_convnet(in_channels: int, k: int, *, variant: str, bn_eps: float = 1e-5)
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eps = bn_eps
+            if not bn_affine:
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
     return net
 
 

@@ -107,6 +107,11 @@ class DACConfig:
     # BatchNorm's epsilon in the reference nets (dac_mnist, dac_cifar). Keras' larger default (1e-3) was tried
     # against torch's over 4 rounds on the 10k test images and was not better (results/dac_ab.json).
     bn_eps: float = 1e-5
+    # Whether BatchNorm's scale and shift train (the reference Keras nets: yes). With them fixed at 1 and 0 every
+    # score stays standardised over the batch, so no cluster's output can be shifted off or scaled up: the
+    # TensorFlow port HongtaoYang/DAC-tensorflow fixes them and reports (its issue 2) that training them costs a
+    # lot of accuracy.
+    bn_affine: bool = True
     augment: bool = True
     rotation_deg: float = 10.0
     shift: float = 0.1                     # fraction of the image size
@@ -228,7 +233,8 @@ class PairStep:
 
 def _build(spec: dict) -> LabelFeatureNet:
     if spec["arch"].startswith("dac_"):
-        scores = dac_convnet(spec["in_channels"], spec["k"], variant=spec["arch"][4:], bn_eps=spec.get("bn_eps", 1e-5))
+        scores = dac_convnet(spec["in_channels"], spec["k"], variant=spec["arch"][4:], bn_eps=spec.get("bn_eps", 1e-5),
+                             bn_affine=spec.get("bn_affine", True))
     else:
         # A k-way head, then BatchNorm as the reference nets end: scores of unit spread from the first step. With
         # the head's small N(0, 0.01) init alone the softmax starts uniform, every pair's similarity is ~1, every
@@ -286,7 +292,8 @@ class DAC(Method):
         m = self.cfg.model
         return functools.partial(_build, {"arch": m.arch, "in_channels": self.in_channels, "sobel": m.sobel,
                                           "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k,
-                                          "readout_batch": self.opts.readout_batch, "bn_eps": self.opts.bn_eps})
+                                          "readout_batch": self.opts.readout_batch, "bn_eps": self.opts.bn_eps,
+                                          "bn_affine": self.opts.bn_affine})
 
     def init_state(self) -> DACState:
         return DACState()
