@@ -12,8 +12,8 @@ from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
-NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations", "seeds",
-         "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab"]
+NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
+         "seeds", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab", "probe_table"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -632,6 +632,24 @@ def _sec_probes(doc: dict) -> str:
                       "clustering NMI", "feature pass s"], rows) + "\n")
 
 
+def _sec_probe_table(doc: dict) -> str:
+    rows = []
+    for r in doc["runs"]:
+        knn, lin = r["probes"].get("knn", {}), r["probes"].get("linear", {})
+        rows.append([r["label"], r["method"], r["arch"], r["trained_on"], f"{r['train_split']} → {r['test_split']}",
+                     _f(knn.get("knn_top1_k20")), _f(knn.get("knn_top1_k200")), _f(lin.get("linear_top1")),
+                     _f(r["final"].get("acc")), _f(r["final"].get("nmi")), r["commit"]])
+    return ("## Feature probes of the shipped configs' networks (issue #31)\n\nEach row is a finished run "
+            "directory, probed with `raydc evaluate --probe both`: a weighted k-NN (cosine, votes exp(s / 0.07), "
+            "k = 20 and 200) and a logistic regression on standardised features, fit on the labelled train split, "
+            "top-1 accuracy on the test split. \"trained on\" is what the network saw without labels (a run on "
+            "all 70,000 images has seen the test images, as the clustering papers' runs have); ACC/NMI are the "
+            "run's own final clustering of those images. Collected by `python -m benchmarks.probe_table` "
+            "(results/probe_table.json) from runs trained in worktrees pinned to the commit shown.\n\n"
+            + _table(["run", "method", "arch", "trained on", "probe split", "k-NN k=20", "k-NN k=200", "linear",
+                      "clustering ACC", "clustering NMI", "commit"], rows) + "\n")
+
+
 def _sec_scale(doc: dict, img: str) -> str:
     if "points" not in doc:
         return ""
@@ -743,7 +761,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     d = _load(out)
     md_path = BENCH_DIR / "RESULTS.md" if out == RESULTS_DIR.resolve() else out / "RESULTS.md"
     rel = (lambda name: f"results/{name}") if md_path.parent != out else (lambda name: name)
-    d_b = {k: v for k, v in d.items() if k not in ("suite", "export_memory", "embed_memory", "dac_ab")}  # those two: own format
+    d_b = {k: v for k, v in d.items() if k not in ("suite", "export_memory", "embed_memory", "dac_ab",
+                                                   "probe_table")}  # collected from runs: their own format
     mode = {v.get("mode") for v in d_b.values()}
     lines = ["# raydc benchmark results", ""]
     if not d_b:
@@ -804,6 +823,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_scale(d["scale"], rel("scale.png")))
     if "probes" in d:
         lines.append(_sec_probes(d["probes"]))
+    if "probe_table" in d:
+        lines.append(_sec_probe_table(d["probe_table"]))
     if "dac_ab" in d:
         lines.append(_sec_dac_ab(d["dac_ab"]))
     if "export_memory" in d or "embed_memory" in d:
