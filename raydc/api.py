@@ -104,7 +104,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def resolve_config(config_or_path, overrides: dict[str, Any]):
     """A Config from a YAML path, a mapping or a Config, with keyword overrides; checked like a file is."""
-    from raydc.config import Config
+    from raydc.config import Config, with_method_defaults
     from raydc.config_loader import from_dict, read_yaml, to_dict
 
     if isinstance(config_or_path, (str, os.PathLike)):
@@ -118,7 +118,7 @@ def resolve_config(config_or_path, overrides: dict[str, Any]):
     else:
         raise UserError(f"raydc.train takes a YAML path, a mapping or a raydc Config, not "
                         f"{type(config_or_path).__name__}")
-    return from_dict(Config, _merge(data, _overrides(overrides)))
+    return from_dict(Config, with_method_defaults(_merge(data, _overrides(overrides))))
 
 
 def train(config_or_path=None, *, resume: bool = False, overwrite: bool = False, verbose: bool = False,

@@ -329,7 +329,26 @@ else:
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, overrides)
-    return from_dict(Config, data)
+    return from_dict(Config, with_method_defaults(data))
+
+
+def with_method_defaults(data: dict) -> dict:
+    """`data` (a config as read, before it is checked) with its method's own values for the shared fields it
+    leaves out (`Method.shared_defaults`). A copy: the caller's mapping is not changed. An unknown method is
+    left for `from_dict` to name."""
+    from raydc.methods import methods
+
+    cls = methods().get(data.get("method", "deepcluster")) if isinstance(data, dict) else None
+    if cls is None or not cls.shared_defaults:
+        return data
+    out = dict(data)
+    for dotted, value in cls.shared_defaults.items():
+        section, name = dotted.split(".")
+        if out.get(section) is None:
+            out[section] = {}
+        if isinstance(out[section], dict) and name not in out[section]:
+            out[section] = {**out[section], name: value}
+    return out
 
 
 def load_config_text(text: str, where: str) -> Config:

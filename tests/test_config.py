@@ -83,3 +83,25 @@ def test_errors_raised_in_a_ray_worker_reach_the_driver_intact():
     assert str(e) == "config field 'cluster.k': must be >= 2, got 1"
     n = pickle.loads(pickle.dumps(NumericalError(3, "features", "the network's features")))
     assert (n.epoch, n.phase) == (3, "features") and "epoch 3" in str(n)
+
+
+def test_a_method_supplies_its_own_value_for_a_shared_field_the_config_leaves_out():
+    """DEC and DAC never run PCA: their configs need not say `cluster.pca_dim: 0` (Method.shared_defaults), the
+    shared default stays DeepCluster's, and a value the config does state is still judged by the method."""
+    import raydc
+
+    default = Config().cluster.pca_dim
+    assert default != 0  # else this test could not tell the method's value from the shared one
+    for method in ("dec", "dac"):
+        assert load_config(None, [f"method={method}", "data.shards=x"]).cluster.pca_dim == 0
+        assert raydc.api.resolve_config({"method": method, "data": {"shards": "x"}}, {}).cluster.pca_dim == 0
+    with pytest.raises(ConfigError) as e:  # DEC refuses a PCA; DAC names it as ignored (tests/test_dac_method.py)
+        load_config(None, ["method=dec", "data.shards=x", "cluster.pca_dim=32"]).validate()
+    assert e.value.field == "cluster.pca_dim"
+    assert load_config(None, ["data.shards=x"]).cluster.pca_dim == default
+    given = {"method": "dec", "data": {"shards": "x"}}
+    raydc.api.resolve_config(given, {})
+    assert given == {"method": "dec", "data": {"shards": "x"}}  # the caller's mapping is left as it was
+    for name in ("dec_mnist.yaml", "dac_mnist.yaml"):  # the shipped configs rely on it
+        assert "pca_dim" not in (REPO / "jobs" / "configs" / name).read_text()
+        assert load_config(str(REPO / "jobs" / "configs" / name)).cluster.pca_dim == 0

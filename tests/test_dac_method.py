@@ -49,7 +49,7 @@ def manifest_for():
 ])
 def test_bad_config_names_the_field_at_load(sets, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, ["method=dac", "data.shards=x", "cluster.pca_dim=0", *sets])
+        load_config(None, ["method=dac", "data.shards=x", *sets])
 
 
 def test_shared_sgd_settings_a_dac_run_would_ignore_are_named():
@@ -64,6 +64,10 @@ def test_shared_sgd_settings_a_dac_run_would_ignore_are_named():
     check_against_data(cfg, manifest_for(), said.append)
     assert said[-1] == ("note: train.batch_size, train.lr do not apply to dac and are ignored (its own settings "
                         "are under `dac:`)"), said
+    cfg.cluster.pca_dim = 32  # DAC's own value is 0 (Method.shared_defaults): a PCA it would never run
+    said.clear()
+    check_against_data(cfg, manifest_for(), said.append)
+    assert said[-1].startswith("note: cluster.pca_dim, train.batch_size, train.lr do not apply to dac"), said
 
 
 def test_tiny_run_in_process_clusters_separated_blobs():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
@@ -140,6 +140,10 @@ class Method:
     # Shared config fields this method never reads (its own section has its equivalents): a run that sets one
     # is told it is ignored, rather than left to wonder why it changed nothing.
     ignored_fields: tuple[str, ...] = ()
+    # The method's own values for shared fields a config leaves out ("section.field": value), applied while the
+    # config is read (raydc.config.with_method_defaults): DEC and DAC never run PCA, so their configs need not
+    # say `cluster.pca_dim: 0`. A value the config states is kept, and the method's checks still judge it.
+    shared_defaults: ClassVar[dict[str, object]] = {}
 
     def __init__(self, cfg: "Config", manifest):
         self.cfg = cfg
@@ -163,7 +167,8 @@ class Method:
         default, out = Config(), []
         for name in self.ignored_fields:
             section, field_name = name.split(".")
-            if getattr(getattr(self.cfg, section), field_name) != getattr(getattr(default, section), field_name):
+            unset = self.shared_defaults.get(name, getattr(getattr(default, section), field_name))
+            if getattr(getattr(self.cfg, section), field_name) != unset:
                 out.append(name)
         return out
 

@@ -138,6 +138,7 @@ class DEC(Method):
     section, options = "dec", DECConfig
     summary_fields = (("phase", "{}"), ("kmeans_objective", "obj {:.5g}"), ("delta_label", "changed {:.2%}"))
     # DeepCluster's SGD settings: this method's batch sizes, optimizer and augmentation are in its own section
+    shared_defaults = {"cluster.pca_dim": 0}  # clusters its own 10-d embedding, never a PCA of the features
     ignored_fields = ("train.batch_size", "train.lr", "train.momentum", "train.weight_decay", "train.head_lr",
                       "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
