@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from raydc.config_loader import apply_overrides, dump_yaml, from_dict, parse_yaml, read_yaml
+from raydc.config_loader import apply_overrides, dump_yaml, from_dict, parse_yaml, read_yaml, resumable
 from raydc.errors import ConfigError
 
 SOURCES = ("mnist", "fashionmnist", "cifar10", "usps", "stl10", "folder", "npz")
@@ -34,7 +34,7 @@ class DataConfig:
     download: bool = False                 # opt in to torchvision downloads
     # Read the shards' rows into Ray's object store once, before the fit, and train every pass from there: "auto"
     # when they take at most a quarter of the cluster's object store, "always", or "never" (stream every pass).
-    cache: Literal["auto", "always", "never"] = "auto"
+    cache: Literal["auto", "always", "never"] = resumable("auto")
 
     def validate(self) -> None:
         if not self.shards:
@@ -90,15 +90,15 @@ class ClusterConfig:
     # Where the shard actors go: a placement group of one bundle per shard reserving `shard_memory_mb` of each
     # node's memory, spread over the nodes ("spread": best effort; "strict_spread": one shard per node or fail;
     # "pack"; "none": Ray's default scheduling, no placement group).
-    placement: Literal["spread", "strict_spread", "pack", "none"] = "spread"
-    shard_memory_mb: int = 256
-    shard_resource: str | None = None      # a custom resource each shard's bundle takes one unit of (shard nodes)
+    placement: Literal["spread", "strict_spread", "pack", "none"] = resumable("spread")
+    shard_memory_mb: int = resumable(256)
+    shard_resource: str | None = resumable(None)  # a custom resource each shard's bundle takes (shard nodes)
     # Distributed Lloyd's reduction of the per-cluster sums. star: all shards' k x d sums to the coordinator (one
     # round trip per iteration); sharded: a reduce-scatter among the shards (two round trips, and no process
     # receives more than about 12 k d bytes per iteration at any number of shards); auto: star while the
     # coordinator would receive at most star_max_mb per iteration. Both give the same centroids to the bit.
-    reduction: Literal["auto", "star", "sharded"] = "auto"
-    star_max_mb: int = 64
+    reduction: Literal["auto", "star", "sharded"] = resumable("auto")
+    star_max_mb: int = resumable(64)
     # Two-level k-means (DeeperCluster's): super_k super clusters (0: sqrt(k)), then k-means within each with a
     # share of k proportional to its size. auto: from hierarchical_min_k clusters on, where one k x N assignment
     # per iteration is the cost that no longer fits a round.
@@ -109,9 +109,9 @@ class ClusterConfig:
     # features it held from the run directory's shards/ (persist_features; one write of the reduced features per
     # round), and the k-means resumes from the coordinator's last centroids. recovery_timeout_s bounds the wait
     # for a lost shard to come back: past it the round fails with a clear error instead of hanging.
-    shard_restarts: int = 3
-    persist_features: bool = True
-    recovery_timeout_s: float = 300.0
+    shard_restarts: int = resumable(3)
+    persist_features: bool = resumable(True)
+    recovery_timeout_s: float = resumable(300.0)
 
     def kmeans_args(self) -> dict:
         """The keywords of `ClusteringService.kmeans` that choose how a large k-means runs."""
@@ -146,10 +146,10 @@ class ClusterConfig:
 class FeatureConfig:
     """The actor pool that computes features between epochs."""
 
-    concurrency: int = 1                   # actors in the pool
+    concurrency: int = resumable(1)  # actors in the pool
     num_cpus: float = 0.5                  # per actor; fractional so reads are never starved
-    num_gpus: float = 0.0                  # per actor; 'auto' placement is decided by use_gpu below
-    batch_size: int = 512
+    num_gpus: float = resumable(0.0)  # per actor; 'auto' placement is decided by use_gpu below
+    batch_size: int = resumable(512)
     use_gpu: Literal["auto", "never", "always"] = "auto"
     # persistent: actors started once per run, time-sharing the training's CPUs (see engine/persistent_pool.py);
     # ray_data: a Ray Data map_batches pool started each pass (GPU actors need it); auto: persistent on CPU.
@@ -172,7 +172,7 @@ class FeatureConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = resumable(10)
     batch_size: int = 256                  # per worker
     lr: float = 0.05
     momentum: float = 0.9
@@ -196,10 +196,10 @@ class TrainConfig:
     # similarity matrices, k-means and PCA stay float32. A resumed run keeps the precision it started with.
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     seed: int = 31
-    max_failures: int = 0                  # Ray Train retries after a worker dies
+    max_failures: int = resumable(0)  # Ray Train retries after a worker dies
     # A custom resource each Train worker takes one unit of: the worker group only on nodes started with it
     # (`ray start --resources='{"trainer": 1}'`: the GPU nodes, say, leaving the others to the shards)
-    worker_resource: str | None = None
+    worker_resource: str | None = resumable(None)
 
     def lr_at(self, round_idx: int) -> float:
         """The body's lr in round `round_idx` of `epochs`: constant, or a cosine from lr towards lr * lr_final."""
@@ -235,28 +235,28 @@ class TrainConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = None             # None: connect to a running cluster if any, else start a local one
-    num_cpus: int | None = None            # only for a local Ray started by raydc
+    address: str | None = resumable(None)  # None: connect to a running cluster if any, else start a local one
+    num_cpus: int | None = resumable(None)  # only for a local Ray started by raydc
     # A custom resource only some nodes have (`ray start --resources='{"coordinator": 1}'`): the coordinator actor,
     # which owns the shard actors and the feature pool, runs there (on-demand nodes of a cluster with spot workers).
-    coordinator_resource: str | None = None
+    coordinator_resource: str | None = resumable(None)
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    montage_per_cluster: int = 16
-    keep_checkpoints: int = 2
-    progress: bool = True
+    montage_per_cluster: int = resumable(16)
+    keep_checkpoints: int = resumable(2)
+    progress: bool = resumable(True)
     # Where every metrics row also goes (raydc/tracking.py), written by rank 0 alone: "tensorboard" (event files in
     # <run.dir>/tensorboard) and "mlflow" (pip install 'raydc[mlflow]'), with the config as parameters and the
     # report's pictures as artefacts.
-    trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
-    mlflow_uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else a file store in <run.dir>/mlruns
-    experiment: str | None = None          # MLflow experiment; None: "raydc" (a sweep's trials: the sweep's name)
+    trackers: list[Literal["tensorboard", "mlflow"]] = resumable(default_factory=list)
+    mlflow_uri: str | None = resumable(None)  # None: $MLFLOW_TRACKING_URI, else a file store in <run.dir>/mlruns
+    experiment: str | None = resumable(None)  # MLflow experiment; None: "raydc" (a sweep's trials: the sweep's name)
     # A writer's lease on run.dir (raydc.engine.lease) is taken over by the next writer once its heartbeat,
     # renewed every quarter of this, is older than this: how long a killed run blocks its directory.
-    lease_timeout_s: float = 60.0
+    lease_timeout_s: float = resumable(60.0)
 
     def validate(self) -> None:
         from raydc.tracking import check

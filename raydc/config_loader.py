@@ -191,3 +191,46 @@ def parse_yaml(text: str, where: str | Path) -> dict:
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+RESUMABLE = "resumable"  # the metadata key `resumable()` sets
+
+
+def resumable(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that a resumed run or sweep may take from the new config: a budget (how long to go on) or
+    where and how to run, nothing that changes what the finished rounds computed. Declared beside the field so
+    that a new budget is one edit; `resumable_keys` finds them, method sections included."""
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={RESUMABLE: True})
+    return dataclasses.field(default=default, metadata={RESUMABLE: True})
+
+
+def resumable_keys(cls: type) -> frozenset[str]:
+    """The dotted names of `cls`'s resumable fields, down through its sections (fields whose default factory is
+    itself a config dataclass)."""
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(RESUMABLE):
+            keys.add(f.name)
+        factory = f.default_factory
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            keys |= {f"{f.name}.{k}" for k in resumable_keys(factory)}
+    return frozenset(keys)
+
+
+def flatten(d: dict, prefix: str = "", opaque: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{"a.b": value} for a nested mapping; the keys in `opaque` stay whole (a sweep's `space`)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in opaque:
+            out.update(flatten(v, f"{prefix}{k}.", opaque))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(saved: dict, given: dict, opaque: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, given value) for every field the two configs (as dicts) disagree on, in key
+    order: what `--resume` of a run and of a sweep checks against their resumable fields."""
+    a, b = flatten(saved, opaque=opaque), flatten(given, opaque=opaque)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from raydc.config import load_config
+from raydc.config import Config, load_config
 from raydc.config_loader import to_dict
 from raydc.engine.rundir import RunDir
 from raydc.engine.trainer import resolve_config
@@ -40,7 +40,7 @@ def test_budget_may_change_and_is_logged(tmp_path):
 
 
 def test_a_method_adds_its_own_budgets(tmp_path):
-    """DEC's budgets (`DEC.resumable_fields`) may change on a DEC run, shortening the autoencoder stage too;
+    """DEC's budgets (declared `resumable` in DECConfig) may change on a DEC run, shortening the autoencoder stage too;
     on a DeepCluster run they are not among the fields that may change."""
     dec = ["method=dec", "cluster.pca_dim=0"]
     _saved(tmp_path, *dec)
@@ -109,3 +109,22 @@ def test_a_run_saved_with_decided_feature_gpus_resumes_from_the_given_config(tmp
     said = []
     out = resolve_config(_cfg(tmp_path / "run"), resume=True, log=said.append)
     assert out.features.num_gpus == 0.0 and any("features.num_gpus" in s for s in said)
+
+
+def test_the_resumable_fields_are_the_ones_declared_beside_them():
+    """`resumable(...)` beside a field is the whole declaration: engine, method and sweep sections alike; a field
+    not declared so (what a round computes from) is not resumable."""
+    from raydc.config_loader import config_diff, resumable_keys
+    from raydc.sweep.config import SweepConfig
+
+    keys = resumable_keys(Config)
+    assert {"train.epochs", "ray.address", "features.batch_size", "run.trackers", "dec.max_iterations",
+            "dec.tol"} <= keys
+    assert not {"train.lr", "train.seed", "cluster.k", "dec.alpha", "dac.lr", "data.shards"} & keys
+    assert resumable_keys(SweepConfig) == {"resources.max_concurrent_trials", "select.metric", "select.mode",
+                                           "select.supervised"}
+    saved = {"train": {"epochs": 2, "lr": 0.1}, "space": {"cluster.k": {"grid": [2]}}}
+    given = {"train": {"epochs": 3, "lr": 0.1}, "space": {"cluster.k": {"grid": [3]}}}
+    assert config_diff(saved, given, opaque=("space",)) == [("space", {"cluster.k": {"grid": [2]}},
+                                                             {"cluster.k": {"grid": [3]}}),
+                                                            ("train.epochs", 2, 3)]

@@ -164,3 +164,41 @@ def test_shipped_sweep_files_load():
             continue  # the DAC sweep needs DAC's config section
         s = load_sweep(str(path))
         check_space(s, {"data": {"shards": "/tmp/none"}})
+
+
+def test_a_resumed_sweep_may_change_only_its_resumable_fields(tmp_path):
+    """`--resume` takes the saved inputs; the new files may change how many trials run at once and how the
+    winner is picked (declared `resumable`), and of the base config only where Ray runs: a changed space or a
+    changed budget of the trials is refused, naming the field."""
+    from raydc.config import load_config
+    from raydc.config_loader import dump_yaml
+    from raydc.sweep.runner import prepare_inputs
+
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    shards.mkdir()
+    out.mkdir()
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"shards": str(shards)}, "train": {"epochs": 2}}))
+    sweep_file = tmp_path / "sweep.yaml"
+
+    def write_sweep(**extra):
+        sweep_file.write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(out), **extra}))
+
+    write_sweep()
+    (out / "sweep.yaml").write_text(dump_yaml(load_sweep(str(sweep_file), {})))
+    (out / "base.yaml").write_text(load_config(str(base)).to_yaml())
+
+    def resume(*overrides):
+        return prepare_inputs(str(base), str(sweep_file), list(overrides), supervised=False, resume=True,
+                              overwrite=False, log=lambda *_: None)
+
+    write_sweep(resources={"max_concurrent_trials": 2}, select={"metric": "calinski_harabasz"})
+    cfg, sw, _ = resume("ray.num_cpus=3")
+    assert (sw.resources.max_concurrent_trials, sw.select.metric, cfg.ray.num_cpus) == (2, "calinski_harabasz", 3)
+    with pytest.raises(ConfigError) as e:
+        resume("train.epochs=3")  # resumable for a run, but every trial of a sweep must train alike
+    assert field_of(e) == "train.epochs"
+    write_sweep(space={"cluster.k": {"grid": [2, 4]}})
+    with pytest.raises(ConfigError) as e:
+        resume()
+    assert field_of(e) == "space"

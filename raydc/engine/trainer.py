@@ -7,7 +7,7 @@ from pathlib import Path
 
 from raydc import tracking
 from raydc.config import Config
-from raydc.config_loader import dump_yaml, from_dict, parse_yaml, to_dict
+from raydc.config_loader import config_diff, dump_yaml, from_dict, parse_yaml, resumable_keys, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.engine.lease import RunLease
 from raydc.engine.rundir import RunDir
@@ -45,49 +45,24 @@ def check_against_data(cfg: Config, manifest, log=None) -> None:
                 f"`{method.section}:`)")
 
 
-# Fields a resumed run may take from the new config: budgets (how long to go on) and where/how to run, none of
-# which changes what the finished rounds computed. Anything else would make the resumed run a different run.
-# Each method adds its own budget fields (`Method.resumable_fields`, e.g. dec.max_iterations).
-RESUMABLE_FIELDS = (
-    "train.epochs", "ray.address", "ray.num_cpus", "features.concurrency", "features.batch_size",
-    "run.progress", "run.keep_checkpoints", "run.montage_per_cluster", "train.max_failures",
-    "ray.coordinator_resource", "train.worker_resource", "cluster.placement", "cluster.shard_memory_mb",
-    "cluster.shard_resource",
-    "data.cache", "cluster.reduction", "cluster.star_max_mb",
-    "cluster.shard_restarts", "cluster.persist_features", "cluster.recovery_timeout_s",
-    "run.trackers", "run.mlflow_uri", "run.experiment",
-    # Decided on the cluster at start when left at 0 (`place_on_cluster`), so the saved value is the decision
-    # on the cluster the run started on; a resume on another cluster decides again.
-    "features.num_gpus",
-    "run.lease_timeout_s",
-)
-
-
-def resumable_fields(method_name: str) -> tuple[str, ...]:
-    from raydc.methods import method_class
-
-    return RESUMABLE_FIELDS + method_class(method_name).resumable_fields
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _abs(p: str) -> str:
     return str(Path(p).expanduser().resolve())
 
 
+def resumable_for(method_name: str) -> frozenset[str]:
+    """The fields a resumed run of `method_name` may change: the engine's resumable fields and its own section's,
+    not another method's (on a DeepCluster run, `dec.max_iterations` is no budget of anything)."""
+    from raydc.methods import methods
+
+    others = {c.section for name, c in methods().items() if name != method_name and c.section}
+    return frozenset(k for k in resumable_keys(Config) if k.split(".", 1)[0] not in others)
+
+
 def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
     """On --resume the run's saved config wins: the same run must continue. The given config may change only
-    RESUMABLE_FIELDS (extend or shorten a budget, move to another cluster); any other difference is an error
-    naming the field, rather than a silently ignored --set."""
+    the fields declared `resumable` (raydc.config_loader: budgets, and where and how to run, which change
+    nothing the finished rounds computed); any other difference is an error naming the field, rather than a
+    silently ignored --set."""
     if not resume:
         return cfg
     run = RunDir(cfg.run.dir)
@@ -96,18 +71,16 @@ def resolve_config(cfg: Config, *, resume: bool, log=print) -> Config:
         return cfg
     saved_path = run.join("config.yaml")
     saved = from_dict(Config, parse_yaml(saved_text, saved_path))
-    a, b = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
-    a["data.shards"], b["data.shards"] = _abs(a["data.shards"]), _abs(b["data.shards"])
-    a["run.dir"] = b["run.dir"]  # a run directory may have been moved or copied: it is where it is now
+    a, b = to_dict(saved), to_dict(cfg)
+    a["data"]["shards"], b["data"]["shards"] = _abs(a["data"]["shards"]), _abs(b["data"]["shards"])
+    a["run"]["dir"] = b["run"]["dir"]  # a run directory may have been moved or copied: it is where it is now
     saved.run.dir = cfg.run.dir
-    allowed = resumable_fields(saved.method)
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key):
-            continue
+    allowed = resumable_for(saved.method)
+    for key, old, new in config_diff(a, b):
         if key not in allowed:
-            raise ConfigError(key, f"is {b.get(key)!r} but the run being resumed has {a.get(key)!r} "
-                                   f"({saved_path}); only {', '.join(allowed)} may change on --resume")
-        log(f"resume: {key} {a.get(key)!r} -> {b.get(key)!r}")
+            raise ConfigError(key, f"is {new!r} but the run being resumed has {old!r} ({saved_path}); only "
+                                   f"{', '.join(sorted(allowed))} may change on --resume")
+        log(f"resume: {key} {old!r} -> {new!r}")
         section, field = key.split(".", 1)
         setattr(getattr(saved, section), field, getattr(getattr(cfg, section), field))
     return saved

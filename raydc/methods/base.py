@@ -129,7 +129,6 @@ class Method:
     name: str = ""                        # the `method:` value that selects it (raydc.methods finds it by this)
     section: str | None = None            # the config section this method owns (`cfg.<section>`)
     options: type | None = None           # that section's dataclass
-    resumable_fields: tuple[str, ...] = ()  # fields of its own that a resumed run may change (budgets)
     archs: tuple[str, ...] = ("smallconvnet", "alexnet", "vgg16")  # `model.arch` values it can train
     backbones: bool = False               # also `torchvision:<name>` / `timm:<name>` (raydc.core.backbones)
     frozen: bool = False                  # `train.epochs: 0` clusters the untrained (or loaded) network's features

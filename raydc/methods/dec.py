@@ -41,6 +41,7 @@ from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
 from raydc.core.selection import kmeans_stability
 from raydc.core.extractor import ExtractorSpec
+from raydc.config_loader import resumable
 from raydc.errors import ConfigError, NumericalError
 from raydc.methods.api import TRUE, RoundContext, TrainContext
 from raydc.core.rowblocks import RowBlocks
@@ -56,8 +57,8 @@ class DECConfig:
     """Deep Embedded Clustering (Xie et al. 2016); defaults follow the paper and its reference code."""
 
     corruption: float = 0.2                # dropout on each layer's input during pretraining
-    pretrain_epochs: int = 50              # greedy layer-wise, per layer
-    finetune_epochs: int = 100             # end-to-end autoencoder
+    pretrain_epochs: int = resumable(50)   # greedy layer-wise, per layer
+    finetune_epochs: int = resumable(100)  # end-to-end autoencoder
     pretrain_lr: float = 0.1
     pretrain_momentum: float = 0.9
     pretrain_optimizer: Literal["sgd", "adam"] = "sgd"
@@ -70,8 +71,8 @@ class DECConfig:
     update_interval: int = 160             # iterations between target recomputations
     max_update_epochs: float = 0.0         # > 0: at most this many passes over the data per update (0: no cap)
     collapse_growth: float = 2.0           # stop when the largest cluster's share passes this x its k-means share
-    tol: float = 0.001                     # stop when fewer than this fraction of labels change
-    max_iterations: int = 20_000
+    tol: float = resumable(0.001)          # stop when fewer than this fraction of labels change
+    max_iterations: int = resumable(20_000)
     # Rows of the autoencoder's embedding on which k-means' stability at cluster.k is measured after pretraining
     # (raydc.core.selection.kmeans_stability; the final row's `ae_kmeans_stability`, a sweep's label-free
     # choice of k). 0: not measured.
@@ -143,7 +144,6 @@ class DEC(Method):
                       "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
                       "train.hflip")
-    resumable_fields = ("dec.max_iterations", "dec.tol", "dec.pretrain_epochs", "dec.finetune_epochs")
 
     def __init__(self, cfg, manifest):
         super().__init__(cfg, manifest)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_type_hints
 
 from raydc.config import Config
-from raydc.config_loader import coerce, type_name, from_dict, read_yaml
+from raydc.config_loader import coerce, from_dict, read_yaml, resumable, type_name
 from raydc.errors import ConfigError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -86,7 +86,7 @@ class SchedulerConfig:
 class ResourcesConfig:
     """Placement. Per-trial workers and GPUs override the base config's `train.*` for every trial."""
 
-    max_concurrent_trials: int | None = None   # None: 1 on an embedded local Ray, else what the cluster fits
+    max_concurrent_trials: int | None = resumable(None)  # None: 1 on an embedded local Ray, else what fits
     num_workers: int | None = None             # train.num_workers of each trial
     cpus_per_worker: float | None = None       # train.cpus_per_worker
     use_gpu: Literal["auto", "never", "always"] | None = None   # train.use_gpu (a GPU per worker)
@@ -109,9 +109,9 @@ class ResourcesConfig:
 class SelectConfig:
     """How the winner is chosen. Label-free by default: a sweep on unlabeled images must still pick."""
 
-    metric: str = "silhouette"
-    mode: Literal["min", "max"] | None = None  # None: the metric's natural direction
-    supervised: bool = False                   # allow acc/nmi/ari (needs labels; the summary says so)
+    metric: str = resumable("silhouette")
+    mode: Literal["min", "max"] | None = resumable(None)  # None: the metric's natural direction
+    supervised: bool = resumable(False)        # allow acc/nmi/ari (needs labels; the summary says so)
 
     def validate(self) -> None:
         known = {**LABEL_FREE, **SUPERVISED}

@@ -16,17 +16,11 @@ from ray.tune import Callback
 
 from raydc import storage
 from raydc.config import Config, load_config
-from raydc.config_loader import dump_yaml, from_dict, parse_yaml, to_dict
+from raydc.config_loader import config_diff, dump_yaml, from_dict, parse_yaml, resumable_keys, to_dict
 from raydc.errors import ConfigError, UserError
 from raydc.sweep.config import SweepConfig, load_sweep
 from raydc.sweep.select import TrialRecord, label_agreement, select_best, selection_label
 from raydc.sweep.trial import run_trial, under
-
-
-# What a resumed sweep may take from the new files: where and how many at once, and how the winner is picked
-# (selection reads the finished rows; it changes no trial). Anything else would make it another sweep.
-RESUMABLE = ("resources.max_concurrent_trials", "ray.address", "ray.num_cpus", "select.metric", "select.mode",
-             "select.supervised")
 
 
 @dataclass
@@ -57,8 +51,10 @@ def prepare_inputs(config: str | None, sweep_path: str | None, overrides: list[s
     if resume and storage.is_file(saved[0]):
         old_sweep = from_dict(SweepConfig, parse_yaml(storage.read_text(saved[0]), saved[0]))
         old_cfg = from_dict(Config, parse_yaml(storage.read_text(saved[1]), saved[1]))
-        _compare(to_dict(old_sweep), to_dict(sweep), "", log)
-        _compare(to_dict(old_cfg), to_dict(cfg), "base config ", log)
+        _compare(to_dict(old_sweep), to_dict(sweep), resumable_keys(SweepConfig), "", log)
+        # of the base config only where Ray runs: every other field, budgets too, is part of what each trial is
+        placement = frozenset(k for k in resumable_keys(Config) if k.startswith("ray."))
+        _compare(to_dict(old_cfg), to_dict(cfg), placement, "base config ", log)
         old_sweep.resources.max_concurrent_trials = sweep.resources.max_concurrent_trials
         old_sweep.select = sweep.select
         old_cfg.ray = cfg.ray
@@ -71,23 +67,13 @@ def prepare_inputs(config: str | None, sweep_path: str | None, overrides: list[s
     return cfg, sweep, out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "space":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _compare(saved: dict, given: dict, what: str, log) -> None:
-    a, b = _flatten(saved), _flatten(given)
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or key in RESUMABLE:
-            continue
-        raise ConfigError(key, f"{what}is {b.get(key)!r} but the sweep being resumed has {a.get(key)!r}; only "
-                               f"{', '.join(RESUMABLE)} may change on --resume")
+def _compare(saved: dict, given: dict, allowed: frozenset[str], what: str, log) -> None:
+    """A resumed sweep may take from the new files only their `resumable` fields (where and how many trials run
+    at once, how the winner is picked: selection reads finished rows and changes no trial)."""
+    for key, old, new in config_diff(saved, given, opaque=("space",)):
+        if key not in allowed:
+            raise ConfigError(key, f"{what}is {new!r} but the sweep being resumed has {old!r}; only "
+                                   f"{', '.join(sorted(allowed))} may change on --resume")
 
 
 def start_ray(cfg: Config, sweep: SweepConfig) -> bool:
