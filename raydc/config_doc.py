@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from raydc.config_loader import type_name, to_dict
+from raydc.config_loader import RESUMABLE, to_dict, type_name
 
 
 @cache
@@ -85,11 +85,13 @@ def show(cfg, *, method: str | None = None, width: int = 44) -> str:
         defaults = type(section)()
         for sf in dataclasses.fields(section):
             lines.append(_line(sf.name, to_dict(getattr(section, sf.name)), to_dict(getattr(defaults, sf.name)),
-                               hints.get(sf.name), comments.get(sf.name, ""), "  ", width))
+                               hints.get(sf.name), comments.get(sf.name, ""), "  ", width,
+                               resumable=bool(sf.metadata.get(RESUMABLE))))
     return "\n".join(lines) + "\n"
 
 
-def _line(name: str, value: Any, default: Any, tp: Any, comment: str, indent: str, width: int) -> str:
+def _line(name: str, value: Any, default: Any, tp: Any, comment: str, indent: str, width: int,
+          resumable: bool = False) -> str:
     head = f"{indent}{name}: {_scalar(value)}"
     above = []
     if len(comment) > 60:  # a paragraph (a comment block in the source): above the field, as there
@@ -100,6 +102,8 @@ def _line(name: str, value: Any, default: Any, tp: Any, comment: str, indent: st
         notes.append(f"[{type_name(tp)}]")
     if value != default:
         notes.append(f"(default: {_scalar(default)})")
+    if resumable:
+        notes.append("(may change on --resume)")
     return "\n".join(above + [f"{head.ljust(width)} # {' '.join(notes)}" if notes else head])
 
 

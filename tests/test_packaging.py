@@ -140,6 +140,10 @@ def test_config_show_with_a_file_and_a_method_marks_what_differs(capsys):
     k_line = next(line for line in out.splitlines() if line.startswith("  k: 70"))
     assert "(default: 10)" in k_line
     assert "(default" not in next(line for line in out.splitlines() if line.startswith("  niter:"))
+    # the fields a --resume may change say so, the rest do not
+    assert "(may change on --resume)" in next(line for line in out.splitlines() if line.startswith("  epochs:"))
+    assert "(may change on --resume)" in next(line for line in out.splitlines() if line.startswith("  tol:"))
+    assert "--resume" not in next(line for line in out.splitlines() if line.startswith("  lr:"))
 
 
 def test_json_schema_describes_and_checks_the_config(capsys):
