@@ -123,7 +123,7 @@ def _runner_cls():
         def assign(self, x: np.ndarray, c: np.ndarray, repeats: int) -> list[float]:
             from raydc.core import kmeans as km
 
-            km.assign(x, c, use_gpu="never")
+            km.nearest_centroids(x, c, use_gpu="never")
             return [_timed_assign(km, x, c) for _ in range(repeats)]
 
         def gemm(self, n: int, d: int, ks: list[int], repeats: int) -> dict:
@@ -149,7 +149,7 @@ def bf16_agreement(x: np.ndarray, centroid_sets: dict[str, np.ndarray]) -> dict:
 
     out = {}
     for name, c in centroid_sets.items():
-        ref, _ = km.assign(x, c, use_gpu="never")
+        ref, _ = km.nearest_centroids(x, c, use_gpu="never")
         rows = {}
         for m in BF16_CANDIDATE_COUNTS:
             a = km.Bf16Assigner(x, candidates=m)
@@ -376,5 +376,5 @@ def run(ctx: Context) -> dict:
 
 def _timed_assign(km, x, c) -> float:
     t0 = time.perf_counter()
-    km.assign(x, c, use_gpu="never")
+    km.nearest_centroids(x, c, use_gpu="never")
     return time.perf_counter() - t0

@@ -87,13 +87,13 @@ def check_kmeans(n: int = 20000, d: int = 64, k: int = 100) -> list[Check]:
                          time.perf_counter() - t0))
     # A distributed Lloyd step's assignment on the GPU index each process keeps (emptied and refilled per
     # step): twice with different centroids, each against the CPU's.
-    from raydc.core.kmeans import assign
+    from raydc.core.kmeans import nearest_centroids
 
     t0 = time.perf_counter()
     worst = 1.0
     for c in (init, ref.centroids):
-        lab_cpu, _ = assign(x, c, use_gpu="never")
-        lab_gpu, _ = assign(x, c, use_gpu="always")
+        lab_cpu, _ = nearest_centroids(x, c, use_gpu="never")
+        lab_gpu, _ = nearest_centroids(x, c, use_gpu="always")
         worst = min(worst, float((lab_cpu == lab_gpu).mean()))
     out.append(Check("assign_gpu_reused_index", "PASS" if worst >= TOLERANCE["kmeans_agree"] else "FAIL",
                      f"{ngpu} GPU(s), one index refilled: at least {worst:.4%} of points assigned as on CPU",

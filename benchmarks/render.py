@@ -337,7 +337,7 @@ def _sec_kmeans(doc: dict, img: str) -> str:
         parts.append(f"### k = {k}\n\n" + _table(
             ["implementation", "iters", "ms/it", "IQR ms/it", "vs sklearn", "vs faiss", "GFLOP/s", "of GEMM ceiling",
              "objective vs faiss"], rows)
-            + f"\n\nAssignment step alone (`raydc.core.kmeans.assign`, faiss flat search): {_f(a['seconds']['median'] * 1e3)} ms"
+            + f"\n\nAssignment step alone (`raydc.core.kmeans.nearest_centroids`, faiss flat search): {_f(a['seconds']['median'] * 1e3)} ms"
               f" = {_f(a['gflops'])} GFLOP/s = **{_pct(a['fraction_of_gemm_ceiling'])}** of the GEMM ceiling for this shape "
               f"({_f(r['gemm_ceiling_gflops'])} GFLOP/s), {_pct(a['fraction_of_peak'])} of the square-GEMM peak. "
               f"Loading the points into the shard actors (not timed above): {_f(r['ray_load_seconds']['2_actors'])} s.\n"

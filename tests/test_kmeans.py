@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydc.core.kmeans import (SPLIT_EPS, KMeansResult, assign, kmeans, lloyd, partial_sums,
+from raydc.core.kmeans import (SPLIT_EPS, KMeansResult, kmeans, lloyd, nearest_centroids, partial_sums,
                                sample_init_centroids, update_centroids)
 from raydc.core.metrics import nmi
 from raydc.errors import UserError
@@ -68,7 +68,7 @@ def test_init_centroids_are_used():
     x, _, centers = _blobs(n=800, k=5, d=4)
     init = centers + 0.25
     r = kmeans(x, 5, niter=1, init_centroids=init)
-    lab, dist = assign(x, init)
+    lab, dist = nearest_centroids(x, init)
     assert r.objective[0] == pytest.approx(float(dist.sum(dtype=np.float64)), rel=1e-5)
 
 
@@ -79,9 +79,9 @@ def test_kmeans_never_subsamples():
     x, _, centers = _blobs(n=300 * k, k=k, d=d, seed=4)
     init = centers + 0.1
     r = kmeans(x, k, niter=1, init_centroids=init)
-    _, dist = assign(x, init)
+    _, dist = nearest_centroids(x, init)
     assert r.objective[0] == pytest.approx(float(dist.sum(dtype=np.float64)), rel=1e-5)
-    lab0, _ = assign(x, init)
+    lab0, _ = nearest_centroids(x, init)
     sums, counts = partial_sums(x, lab0, k)
     np.testing.assert_allclose(r.centroids, sums / counts[:, None], rtol=1e-5, atol=1e-5)
 
@@ -249,7 +249,7 @@ def test_few_centroids_take_faiss_direct_distance_loop():
     def rel_error(k: int) -> float:
         c = (rng.standard_normal((k, 64)) * 100).astype(np.float32)
         x = np.repeat(c, 400, axis=0) + np.float32(1e-2) * rng.standard_normal((400 * k, 64)).astype(np.float32)
-        lab, dist = assign(x, c, use_gpu="never")
+        lab, dist = nearest_centroids(x, c, use_gpu="never")
         true = ((x.astype(np.float64) - c[lab].astype(np.float64)) ** 2).sum(1)
         return float(np.median(np.abs(dist - true) / true))
 
@@ -289,7 +289,7 @@ def test_bf16_assignment_reranks_to_the_exact_nearest():
     assert a.last_top1_changed > 0            # the bf16 nearest was not always the answer
     d2 = ((x.astype(np.float64) - c[lab].astype(np.float64)) ** 2).sum(1)
     np.testing.assert_allclose(dist, d2, rtol=1e-5)
-    faiss_lab, _ = assign(x, c, use_gpu="never")
+    faiss_lab, _ = nearest_centroids(x, c, use_gpu="never")
     np.testing.assert_array_equal(lab, faiss_lab)
 
 

@@ -2,7 +2,7 @@
 
 `kmeans` is DeepCluster's `run_kmeans`: `faiss.Clustering` with subsampling disabled, a flat L2 index
 (multi-GPU when present), then a final `index.search` against the last centroids. `lloyd` runs the same
-iteration from `assign` / `partial_sums` / `update_centroids`, the pieces the Ray engine spreads over shard
+iteration from `nearest_centroids` / `partial_sums` / `update_centroids`, the pieces the Ray engine spreads over shard
 actors: the driver only ever holds k x d centroids and sums.
 
 The two agree from the same initial centroids: faiss's iteration_stats[i].obj is the sum of squared distances
@@ -382,7 +382,7 @@ def sample_init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(x[idx], dtype=np.float32)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def nearest_centroids(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Exact nearest centroid (labels int64) and squared L2 distance (float32) with a faiss flat index.
 
     This is the same search faiss runs inside Clustering.train, so a shard's distances are the ones faiss
@@ -403,7 +403,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple
 
 
 def nearest_two(x: np.ndarray, centroids: np.ndarray, use_gpu: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nearest and second-nearest centroid (int64 each), with the same flat index as `assign`."""
+    """Each row's nearest and second-nearest centroid (int64 each), with the same flat index as `nearest_centroids`."""
     x = _as_points(x)
     c = _as_points(centroids, "centroids")
     if x.shape[0] == 0:
@@ -591,7 +591,7 @@ def lloyd(shards: Sequence[np.ndarray], k: int, *, niter: int = 20, init_centroi
         counts = np.zeros(k, dtype=np.int64)
         obj = 0.0
         for s in shards:
-            lab, dist = assign(s, centroids, use_gpu="never")
+            lab, dist = nearest_centroids(s, centroids, use_gpu="never")
             obj += float(dist.sum(dtype=np.float64))
             ps, pc = partial_sums(s, lab, k)
             sums += ps
@@ -603,7 +603,7 @@ def lloyd(shards: Sequence[np.ndarray], k: int, *, niter: int = 20, init_centroi
             break  # a fixed point: faiss >= 1.15 stops here too (early_stop_threshold = 0)
         centroids, ns = update_centroids(sums, counts, rng)
         n_split += ns
-    parts = [assign(s, centroids, use_gpu="never") for s in shards]
+    parts = [nearest_centroids(s, centroids, use_gpu="never") for s in shards]
     labels = np.concatenate([p[0] for p in parts])
     distances = np.concatenate([p[1] for p in parts])
     return KMeansResult(centroids=centroids, labels=labels, distances=distances, objective=objective,

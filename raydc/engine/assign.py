@@ -45,7 +45,7 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> str:
     else:
         path = run.join(f"assign-{shard_dir.rstrip('/').rsplit('/', 1)[-1]}")
     try:
-        final = method.assign(ctx, model, saved["artifacts"])
+        final = method.place_new_images(ctx, model, saved["artifacts"])
         storage.delete_dir(path)  # the parts of an earlier assign into the same place
         ctx.write_assignments(final, path)
     finally:

@@ -72,8 +72,8 @@ class ClusteringService:
     def kmeans(self, k: int, **kwargs) -> ClusterOutcome:
         return self.kmeans_over.kmeans(k, **kwargs)
 
-    def assign_to(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
-        return self.kmeans_over.assign_to(centroids, col)
+    def label_nearest(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
+        return self.kmeans_over.label_nearest(centroids, col)
 
     # ---- per-image results, kept on the shards
     def counts(self, a, b) -> PairCounts | None:

@@ -162,7 +162,7 @@ class WorkerContext:
 
 
 class RankZeroContext:
-    """What a method's `plan`/`finalize`/`assign` may use on rank 0: the feature pool over `shard_dir` and the
+    """What a method's `plan`/`finalize`/`place_new_images` may use on rank 0: the feature pool over `shard_dir` and the
     shard actors (`service`), started on first use: a method that never asks pays nothing for them."""
 
     def __init__(self, cfg: Config, manifest, shard_dir: str, make_service: Callable[[], Any], log,

@@ -1,7 +1,7 @@
 """`raydc embed`: the trained network's features for any shards, as Parquet a user (or Ray Data) reads as is.
 
 The features are the ones the run clustered: `raydc assign`'s extraction (the method's own network call and,
-with `reduced`, its saved PCA projection, L2 normalisation and dtype), found by letting the method's `assign`
+with `reduced`, its saved PCA projection, L2 normalisation and dtype), found by letting the method's `place_new_images`
 make its first `extract` call against a context that only records it. `raw` drops the reduction. (DEC
 assigns through q = soft_assign(z); its embedding is z, the features its k-means clustered, so embed asks
 for `embed` there.)
@@ -39,7 +39,7 @@ class _Recorded(Exception):
 
 
 class _RecordingContext:
-    """What `Method.assign` is handed to learn how it extracts: its first `extract` call is the answer."""
+    """What `Method.place_new_images` is handed to learn how it extracts: its first `extract` call is the answer."""
 
     def __init__(self, cfg, manifest):
         self.cfg, self.manifest = cfg, manifest
@@ -54,7 +54,7 @@ def extraction(method, model, artifacts: dict, cfg, manifest, reduced: bool):
     from raydc.core.extractor import FeatureReduction
 
     try:
-        method.assign(_RecordingContext(cfg, manifest), model, artifacts)
+        method.place_new_images(_RecordingContext(cfg, manifest), model, artifacts)
     except _Recorded as r:
         spec, how = r.spec, r.reduction
     else:

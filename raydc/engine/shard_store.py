@@ -194,7 +194,7 @@ class ShardStore:
             return np.zeros((k, d)), np.zeros(k, np.int64), 0.0
         self._threads(alone=False)
         x = np.asarray(self.x, np.float32)
-        labels, dist = km.assign(x, centroids, use_gpu=use_gpu)
+        labels, dist = km.nearest_centroids(x, centroids, use_gpu=use_gpu)
         sums, counts = km.partial_sums(x, labels, len(centroids))
         return sums, counts, float(dist.sum(dtype=np.float64))
 
@@ -210,7 +210,7 @@ class ShardStore:
         if len(self.ids):
             self._threads(alone=False)
             x = np.asarray(self.x, np.float32)
-            labels, dist = km.assign(x, centroids, use_gpu=use_gpu)
+            labels, dist = km.nearest_centroids(x, centroids, use_gpu=use_gpu)
             sums, counts = km.partial_sums(x, labels, k)
             obj = float(dist.sum(dtype=np.float64))
         else:  # more shards than feature blocks: an empty shard contributes nothing
@@ -255,7 +255,7 @@ class ShardStore:
             xs = np.asarray(self.x[m], np.float32)
             if k_c == 1:  # a small super cluster keeps its own mean (faiss wants k >= 2)
                 cent = xs.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
-                lab, dd = km.assign(xs, cent, use_gpu=use_gpu)
+                lab, dd = km.nearest_centroids(xs, cent, use_gpu=use_gpu)
                 labels[m], dist[m] = offset, dd
                 out[c] = (cent, np.array([len(m)]), 0)
                 continue
@@ -265,14 +265,14 @@ class ShardStore:
         self.cols[col], self.cols[col + "_distance"] = labels, dist
         return out
 
-    def assign(self, centroids: np.ndarray, use_gpu: str, col: str) -> np.ndarray:
+    def label_nearest(self, centroids: np.ndarray, use_gpu: str, col: str) -> np.ndarray:
         """Nearest centroid of every row, kept as column `col` (and `col`_distance); returns the sizes."""
         k = len(centroids)
         if not len(self.ids):
             self.cols[col], self.cols[col + "_distance"] = np.zeros(0, np.int64), np.zeros(0, np.float32)
             return np.zeros(k, np.int64)
         self._threads(alone=False)
-        labels, dist = km.assign(np.asarray(self.x, np.float32), centroids, use_gpu=use_gpu)
+        labels, dist = km.nearest_centroids(np.asarray(self.x, np.float32), centroids, use_gpu=use_gpu)
         self.cols[col], self.cols[col + "_distance"] = labels.astype(np.int64), dist
         return np.bincount(labels, minlength=k)
 

@@ -79,7 +79,7 @@ class ShardedKMeans:
             res = self.set.get(self.set.shards[0].kmeans.remote(k, niter, seed, n_init, self.set.use_gpu,
                                                                 init_centroids, col))
             for s in self.set.shards[1:]:  # the empty shards get empty columns, so every shard has `col`
-                self.set.get(s.assign.remote(res["centroids"], self.set.use_gpu, col))
+                self.set.get(s.label_nearest.remote(res["centroids"], self.set.use_gpu, col))
             return ClusterOutcome(res["centroids"], res["sizes"], res["objective"], res["n_split"], res["backend"],
                                   "single", col)
         return self._distributed(k, niter=niter, seed=seed, init_centroids=init_centroids, col=col,
@@ -150,7 +150,7 @@ class ShardedKMeans:
             checkpoint = state.copy()
             try:
                 traffic = step(state, niter, checkpoint)
-                sizes = self.assign_to(state.centroids, col)
+                sizes = self.label_nearest(state.centroids, col)
                 break
             except Exception as e:  # noqa: BLE001 - only losses (`_lost`) are resumed, the rest re-raised
                 if self.set.local or not _lost(e) or recoveries >= self.set.recovery.max_restarts:
@@ -236,7 +236,8 @@ class ShardedKMeans:
                 "coordinator_received": coord_in, "shard_received_max": int(shard_in.max()),
                 "centroids_out": 0, "checkpoint_every": int(self.set.recovery.checkpoint_every)}
 
-    def assign_to(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
+    def label_nearest(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
         """Nearest-centroid assignment of every held row, kept on the shards as `col`; returns the sizes."""
         c_ref = self.set.put(np.ascontiguousarray(centroids, np.float32))
-        return np.sum(self.set.get([s.assign.remote(c_ref, self.set.use_gpu, col) for s in self.set.shards]), axis=0)
+        sizes = self.set.get([s.label_nearest.remote(c_ref, self.set.use_gpu, col) for s in self.set.shards])
+        return np.sum(sizes, axis=0)

@@ -114,12 +114,12 @@ class ShardService(Protocol):
     def choose_mode(self, mode: str, single_max_bytes: int) -> str:
         """`auto` -> `single` (one process) or `distributed` (Lloyd over the shards) for the features held."""
 
-    def assign_to(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
+    def label_nearest(self, centroids: np.ndarray, col: str = "cluster") -> np.ndarray:
         """Every held row's nearest centroid as column `col`; the cluster sizes."""
 
 
 class RoundContext(Protocol):
-    """What a method's `plan`, `finalize` and `assign` get on rank 0."""
+    """What a method's `plan`, `finalize` and `place_new_images` get on rank 0."""
 
     @property
     def service(self) -> ShardService: ...

@@ -358,7 +358,7 @@ class Method:
         shard write its assignments, then releases them)."""
         raise NotImplementedError
 
-    def assign(self, ctx: "RoundContext", model: "nn.Module", artifacts: dict) -> FinalClustering:
+    def place_new_images(self, ctx: "RoundContext", model: "nn.Module", artifacts: dict) -> FinalClustering:
         """`raydc assign`: put the images `ctx` reads into the final clustering that `artifacts` (what `finalize`
         kept) and `model` define; the clusters stay on the shards, in the columns the result names."""
         raise NotImplementedError

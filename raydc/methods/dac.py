@@ -349,7 +349,7 @@ class DAC(Method):
         row.update({"upper": u, "lower": l, "stop_reason": done})
         return final, row
 
-    def assign(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
+    def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
         """A new image's cluster is the argmax of its label feature, its distance 1 - that entry."""
         info = ctx.extract(self.extractor(model))
         if not info.finite:

@@ -324,7 +324,7 @@ class DEC(Method):
         row.update(clustering_row(ctx, "pred", self.cfg.cluster.k))
         return final, row
 
-    def assign(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
+    def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
         """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run."""
         info = ctx.extract(self.extractor(model, "soft_assign"))
         if not info.finite:

@@ -308,12 +308,12 @@ class DeepCluster(Method):
         return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
                                    sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
 
-    def assign(self, ctx: RoundContext, model: nn.Module, artifacts: dict) -> FinalClustering:
+    def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict) -> FinalClustering:
         info = ctx.extract(self.extractor(model), projection=_projection_from_plain(artifacts["projection"]),
                            l2_normalize=self.cfg.cluster.l2_normalize)
         if not info.finite:
             raise NumericalError(0, "assign", "the network's features for these images")
-        ctx.service.assign_to(artifacts["centroids"].numpy(), "cluster")
+        ctx.service.label_nearest(artifacts["centroids"].numpy(), "cluster")
         if artifacts.get("groups") is not None:  # a spectral merge: the fine centroid's group is the cluster
             ctx.service.apply(shard_group, "cluster", "final", artifacts["groups"].numpy())
             return FinalClustering("final", "final_distance")
