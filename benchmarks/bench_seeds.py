@@ -58,17 +58,17 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def run(ctx: Context) -> dict:
+def run_settings(ctx: Context, settings: dict, subdir: str) -> dict:
+    """Each setting over its seeds (`"seeds"` in the setting, else SEEDS), missing runs trained under
+    `ctx.work / subdir`, finished ones read back."""
     from raydc.config import load_config
     from raydc.engine.trainer import run_training
 
-    if ctx.quick:
-        return {"skipped": "full mode only: each setting is 3 runs of minutes each"}
     out: dict = {"seeds": list(SEEDS), "settings": {}}
-    for name, s in SETTINGS.items():
+    for name, s in settings.items():
         per_seed = []
-        for seed in SEEDS:
-            run_dir = ctx.work / "seeds" / f"{name}-seed{seed}"
+        for seed in s.get("seeds", SEEDS):
+            run_dir = ctx.work / subdir / f"{name}-seed{seed}"
             final, first, seconds, _ = final_rows(run_dir)
             if final is None:
                 ctx.ensure_ray()
@@ -85,5 +85,11 @@ def run(ctx: Context) -> dict:
         summary = {k: _mean_std([r[k] for r in per_seed]) for k in (*KEYS, "first_acc", "seconds")
                    if all(r.get(k) is not None for r in per_seed)}
         out["settings"][name] = {**{k: s[k] for k in ("method", "data", "config", "sets")},
-                                 "runs": per_seed, "summary": summary}
+                                 "seeds": list(s.get("seeds", SEEDS)), "runs": per_seed, "summary": summary}
     return out
+
+
+def run(ctx: Context) -> dict:
+    if ctx.quick:
+        return {"skipped": "full mode only: each setting is 3 runs of minutes each"}
+    return run_settings(ctx, SETTINGS, "seeds")

@@ -1,0 +1,28 @@
+"""DeepCluster's shipped 70,000-image configs over seeds (issue #30): the final round of `mnist.yaml` over five
+seeds and `fmnist.yaml` over three, mean +- std and the minimum, beside the first clustering's ACC.
+
+The same procedure as `bench_seeds.py` (each run's final row, never a best round; finished runs read back, so a
+stopped suite resumes), in a file of its own: these runs take minutes each and are repeated when the
+DeepCluster readout changes, not with the small settings.
+"""
+from __future__ import annotations
+
+from benchmarks.bench_seeds import run_settings
+from benchmarks.common import Context
+
+NAME = "seeds70k"
+NEEDS_RAY = False  # started only when a run is missing
+
+SETTINGS = {
+    "deepcluster_mnist70k": {"config": "mnist.yaml", "sets": [], "seeds": (31, 32, 33, 34, 35),
+                             "method": "DeepCluster",
+                             "data": "MNIST, all 70,000 images, k = 100 joined to 10 (mnist.yaml)"},
+    "deepcluster_fmnist70k": {"config": "fmnist.yaml", "sets": [], "seeds": (31, 32, 33), "method": "DeepCluster",
+                              "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml)"},
+}
+
+
+def run(ctx: Context) -> dict:
+    if ctx.quick:
+        return {"skipped": "full mode only: eight runs of minutes each"}
+    return run_settings(ctx, SETTINGS, "seeds70k")
