@@ -569,6 +569,12 @@ def _sec_quality(doc: dict, img: str | None) -> str:
     return s
 
 
+def _mean_std(values: list[float]) -> dict:
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 def _pm(stat: dict | None) -> str:
     return "—" if not stat else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
@@ -723,7 +729,26 @@ def _sec_dac_ab(doc: dict) -> str:
         "seed and config by as much as the largest difference here, so read these as leads. Precision is not what "
         "separates raydc from the reference (float32, Theano): the float32 rows end their first round below the "
         "bf16 ones at both sizes.", "",
-        _table(["run", "commit", "ACC after round 1", "NMI", "ARI", "ACC after each round (longer runs)"], rows), ""])
+        _table(["run", "commit", "ACC after round 1", "NMI", "ARI", "ACC after each round (longer runs)"], rows), "",
+        *_dac_groups(doc)])
+
+
+def _dac_groups(doc: dict) -> list[str]:
+    """The same change over seeds 31-33: final ACC mean ± std and the lowest, and whether any run fell below
+    an earlier round of its own (the drift issue #26 is about)."""
+    if not doc.get("groups"):
+        return []
+    by_label = {r["label"]: r for r in doc["runs"]}
+    rows = []
+    for g in doc["groups"]:
+        runs = [by_label[name] for name in g["runs"]]
+        final = [r["acc_by_round"][-1] for r in runs]
+        drop = max(max(r["acc_by_round"][1:]) - r["acc_by_round"][-1] for r in runs)
+        rows.append([g["name"], " / ".join(_f(a) for a in final), _pm(_mean_std(final)), _f(min(final)),
+                     _f(drop)])
+    return ["Over seeds 31, 32, 33 (10,000 test images, 4 rounds: th 0.9 → 0.5 by 0.1), final rounds:", "",
+            _table(["setting", "final ACC per seed", "mean ± std", "min", "largest fall from a run's best round"],
+                   rows), ""]
 
 
 def _sec_output_memory(export: dict | None, embed: dict | None) -> str:
