@@ -146,9 +146,9 @@ class ClusterConfig:
 class FeatureConfig:
     """The actor pool that computes features between epochs."""
 
-    concurrency: int = resumable(1)  # actors in the pool
+    concurrency: int = resumable(1)        # actors in the pool
     num_cpus: float = 0.5                  # per actor; fractional so reads are never starved
-    num_gpus: float = resumable(0.0)  # per actor; 'auto' placement is decided by use_gpu below
+    num_gpus: float = resumable(0.0)       # per actor; 'auto' placement is decided by use_gpu below
     batch_size: int = resumable(512)
     use_gpu: Literal["auto", "never", "always"] = "auto"
     # persistent: actors started once per run, time-sharing the training's CPUs (see engine/persistent_pool.py);
@@ -196,7 +196,7 @@ class TrainConfig:
     # similarity matrices, k-means and PCA stay float32. A resumed run keeps the precision it started with.
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     seed: int = 31
-    max_failures: int = resumable(0)  # Ray Train retries after a worker dies
+    max_failures: int = resumable(0)       # Ray Train retries after a worker dies
     # A custom resource each Train worker takes one unit of: the worker group only on nodes started with it
     # (`ray start --resources='{"trainer": 1}'`: the GPU nodes, say, leaving the others to the shards)
     worker_resource: str | None = resumable(None)

@@ -111,7 +111,7 @@ class SelectConfig:
 
     metric: str = resumable("silhouette")
     mode: Literal["min", "max"] | None = resumable(None)  # None: the metric's natural direction
-    supervised: bool = resumable(False)        # allow acc/nmi/ari (needs labels; the summary says so)
+    supervised: bool = resumable(False)    # allow acc/nmi/ari (needs labels; the summary says so)
 
     def validate(self) -> None:
         known = {**LABEL_FREE, **SUPERVISED}
