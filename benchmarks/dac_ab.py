@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                      "dac": cfg.get("dac"), "train": {k: cfg["train"].get(k) for k in ("seed", "precision", "epochs")},
                      "acc": r.get("acc"), "nmi": r.get("nmi"), "ari": r.get("ari"),
                      "acc_by_round": [x.get("acc") for x in rows if x.get("acc") is not None],
-                     "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train")})
+                     "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train"),
+                     "rounds": sum(1 for x in rows if not x.get("final")),
+                     "wall_s_rounds": round(sum(float(x.get("time_round") or 0) for x in rows), 1)})
         print(f"{label}: ACC {r.get('acc')}, NMI {r.get('nmi'):.3f}")
     what = old["what"] if old else args.what
     args.out.write_text(json.dumps({"benchmark": "dac_ab", "what": what, "machine": platform.node(),

@@ -718,7 +718,8 @@ def _scale_projection(doc: dict) -> str:
 def _sec_dac_ab(doc: dict) -> str:
     """DAC's one-change comparisons after the first round, where raydc and the reference part first."""
     rows = [[f"`{r['label']}`", r["commit"], _f(r["acc"]), _f(r["nmi"]), _f(r["ari"]),
-             " → ".join(_f(a) for a in r.get("acc_by_round", [])[1:]) if len(r.get("acc_by_round", [])) > 2 else ""]
+             " → ".join(_f(a) for a in r.get("acc_by_round", [])[1:]) if len(r.get("acc_by_round", [])) > 2 else "",
+             _f(r["wall_s_rounds"] / 60) if r.get("wall_s_rounds") else "—"]
             for r in doc["runs"]]
     return "\n".join([
         "## DAC: what the first round depends on (issue #26)", "",
@@ -729,7 +730,8 @@ def _sec_dac_ab(doc: dict) -> str:
         "seed and config by as much as the largest difference here, so read these as leads. Precision is not what "
         "separates raydc from the reference (float32, Theano): the float32 rows end their first round below the "
         "bf16 ones at both sizes.", "",
-        _table(["run", "commit", "ACC after round 1", "NMI", "ARI", "ACC after each round (longer runs)"], rows), "",
+        _table(["run", "commit", "ACC after round 1", "NMI", "ARI", "ACC after each round (longer runs)",
+                "minutes in rounds"], rows), "",
         *_dac_groups(doc)])
 
 
