@@ -169,3 +169,14 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_same_result(tiny_run, tmp_pa
     assert [r["round"] for r in ra] == [r["round"] for r in rb]
     for key in ("loss", "selected_pairs", "acc", "nmi_prev"):
         assert [r.get(key) for r in ra] == [r.get(key) for r in rb], key
+
+
+def test_the_probe_reads_the_label_features_as_the_clusters_are_read():
+    """`raydc evaluate --probe` on a DAC run: batch-statistics readout when the run clustered with it (eval-mode
+    BatchNorm would use running averages the clusters never saw), the plain forward under `running`."""
+    for readout, call in (("batch", "batch_readout"), ("running", "forward")):
+        method = DAC(tiny_config("unused", "unused", bn_readout=readout), manifest_for())
+        model = method.build_model()
+        spec = method.probe_extractor(model)
+        run = method.extractor(model)
+        assert spec.call == run.call == call and spec.batch_align == run.batch_align

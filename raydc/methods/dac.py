@@ -330,6 +330,11 @@ class DAC(Method):
             return {"net": torch.optim.Adam(params, lr=d.lr)}
         return {"net": torch.optim.SGD(params, lr=d.lr, momentum=0.9)}
 
+    def probe_extractor(self, model: nn.Module) -> ExtractorSpec:
+        """The label features read out as the clusters are (`bn_readout`): with batch statistics, the running
+        averages the base's plain forward would use are not what the run clustered by."""
+        return self.extractor(model)
+
     # ---- rank 0 ---------------------------------------------------------------------------------
     def _diagnose(self, ctx: RoundContext, model: nn.Module, state: DACState, round_idx: int, *, release: bool):
         """Every image's label feature -> its cluster, and the round's clustering diagnostics."""
