@@ -748,7 +748,8 @@ def _dac_groups(doc: dict) -> list[str]:
         drop = max(max(r["acc_by_round"][1:]) - r["acc_by_round"][-1] for r in runs)
         rows.append([g["name"], " / ".join(_f(a) for a in final), _pm(_mean_std(final)), _f(min(final)),
                      _f(drop)])
-    return ["Over seeds 31, 32, 33 (10,000 test images, 4 rounds: th 0.9 → 0.5 by 0.1), final rounds:", "",
+    return ["Over seeds 31, 32, 33 on the 10,000 test images (4 rounds: th 0.9 → 0.5 by 0.1, unless the setting "
+            "says 20), final rounds:", "",
             _table(["setting", "final ACC per seed", "mean ± std", "min", "largest fall from a run's best round"],
                    rows), ""]
 
