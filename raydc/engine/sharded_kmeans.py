@@ -114,7 +114,7 @@ class ShardedKMeans:
         groups = [{int(c): (int(k_of[c]), int(offsets[c]), derive_seed(seed, int(c), 71))
                    for c in np.flatnonzero((owner_of == j) & (k_of > 0))} for j in range(len(self.set.shards))]
         parts = self.set.get([s.sub_kmeans.remote(g, niter, self.set.use_gpu, "super", col)
-                           for s, g in zip(self.set.shards, groups)])
+                              for s, g in zip(self.set.shards, groups)])
         d = first.centroids.shape[1]
         centroids, sizes, n_split = np.zeros((k, d), np.float32), np.zeros(k, np.int64), first.n_split
         for part in parts:
@@ -123,7 +123,7 @@ class ShardedKMeans:
                 n_split += split
         objective = self.set.column_total(col + "_distance")
         self.set.log(f"  two-level k-means: {k1} super clusters, then {k} clusters within them "
-                 f"({time.perf_counter() - t0:.1f} s)")
+                     f"({time.perf_counter() - t0:.1f} s)")
         return ClusterOutcome(centroids, sizes, [objective], n_split,
                               f"two-level: {first.backend} into {k1}, then faiss within each", "hierarchical", col,
                               bytes_per_iteration=first.bytes_per_iteration)
@@ -157,7 +157,7 @@ class ShardedKMeans:
                     raise
                 recoveries += 1
                 self.set.log(f"  k-means: a shard was lost at iteration {state.it + 1} ({type(e).__name__}); "
-                         f"resuming from iteration {checkpoint.it + 1} once the shards are back")
+                             f"resuming from iteration {checkpoint.it + 1} once the shards are back")
                 self.set.await_shards()
                 state = checkpoint
         traffic["recoveries"] = recoveries
@@ -167,7 +167,7 @@ class ShardedKMeans:
 
     def _log_iteration(self, it: int, niter: int, objective: float, split: int) -> None:
         self.set.log(f"  k-means iter {it + 1}/{niter}: objective {objective:.6g}"
-                 + (f", split {split} empty" if split else ""))
+                     + (f", split {split} empty" if split else ""))
 
     def _lloyd_star(self, st: "LloydState", niter: int, checkpoint: "LloydState") -> dict:
         """Centroids out through the object store, every shard's k x d sums back to this process. The
@@ -211,7 +211,7 @@ class ShardedKMeans:
 
         while st.it < niter and not st.done:
             steps = self.set.get([s.lloyd_step.remote(chunk_refs, plan, bounds, self.set.use_gpu, i)
-                               for i, s in enumerate(shards)])
+                                  for i, s in enumerate(shards)])
             if st.record(float(sum(x[1] for x in steps))):
                 break  # a fixed point: the centroids of this step are the result
             reduced = self.set.get([s.lloyd_reduce.remote([x[0][j] for x in steps], j) for j, s in enumerate(shards)])

@@ -262,11 +262,9 @@ class DAC(Method):
     name = "dac"
     summary_fields = (("upper", "u {:.3f}"), ("lower", "l {:.3f}"), ("selected_pairs", "pairs {:.1%}"))
     shared_defaults = {"cluster.pca_dim": 0}  # clusters its own label features, never a PCA of the features
-    # No PCA, and DeepCluster's SGD settings: this method's batch sizes, optimizer and augmentation are in its own
-    # section
+    # No PCA, and DeepCluster's SGD settings: this method's batch sizes, optimizer and augmentation are its own
     ignored_fields = ("cluster.pca_dim", "train.batch_size", "train.lr", "train.momentum", "train.weight_decay",
-                      "train.head_lr",
-                      "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
+                      "train.head_lr", "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
                       "train.hflip")
     section, options = "dac", DACConfig

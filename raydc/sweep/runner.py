@@ -51,10 +51,10 @@ def prepare_inputs(config: str | None, sweep_path: str | None, overrides: list[s
     if resume and storage.is_file(saved[0]):
         old_sweep = from_dict(SweepConfig, parse_yaml(storage.read_text(saved[0]), saved[0]))
         old_cfg = from_dict(Config, parse_yaml(storage.read_text(saved[1]), saved[1]))
-        _compare(to_dict(old_sweep), to_dict(sweep), resumable_keys(SweepConfig), "", log)
+        _compare(to_dict(old_sweep), to_dict(sweep), resumable_keys(SweepConfig), "")
         # of the base config only where Ray runs: every other field, budgets too, is part of what each trial is
         placement = frozenset(k for k in resumable_keys(Config) if k.startswith("ray."))
-        _compare(to_dict(old_cfg), to_dict(cfg), placement, "base config ", log)
+        _compare(to_dict(old_cfg), to_dict(cfg), placement, "base config ")
         old_sweep.resources.max_concurrent_trials = sweep.resources.max_concurrent_trials
         old_sweep.select = sweep.select
         old_cfg.ray = cfg.ray
@@ -67,7 +67,7 @@ def prepare_inputs(config: str | None, sweep_path: str | None, overrides: list[s
     return cfg, sweep, out
 
 
-def _compare(saved: dict, given: dict, allowed: frozenset[str], what: str, log) -> None:
+def _compare(saved: dict, given: dict, allowed: frozenset[str], what: str) -> None:
     """A resumed sweep may take from the new files only their `resumable` fields (where and how many trials run
     at once, how the winner is picked: selection reads finished rows and changes no trial)."""
     for key, old, new in config_diff(saved, given, opaque=("space",)):
