@@ -21,3 +21,17 @@ def test_missing_or_foreign_run_directory_is_named(command, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(run) in err and says in err, err
         assert "config file" not in err, err
+
+
+def test_help_answers_without_importing_torch_or_ray():
+    """`raydc --help` is what a user types first: it must not pay for torch's and Ray's imports (seconds)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys\nfrom raydc.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('IMPORTED', sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--resume" in p.stdout and p.stdout.strip().endswith("IMPORTED []"), p.stdout[-500:]

@@ -20,8 +20,10 @@ import logging
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
-from raydc.config import RayConfig
+if TYPE_CHECKING:  # the CLI imports this module for --help: no torch (raydc.config's method sections) there
+    from raydc.config import RayConfig
 
 VERBOSE_ENV = "RAYDC_VERBOSE"
 def verbose() -> bool:
