@@ -30,7 +30,8 @@ def test_help_answers_without_importing_torch_or_ray():
 
     from tests.conftest import REPO
 
-    code = ("import sys\nfrom raydc.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom raydc.cli import main\n"
+            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
             "print('IMPORTED', sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
