@@ -9,7 +9,7 @@ diverge first (the official MNIST log: ACC 0.956 after one epoch of 70,000 image
 
 Each --run is LABEL:DIR:COMMIT (the commit the run's worktree was pinned to). The overrides are read back from
 the run's own config.yaml, so the file says what was run. `--append` adds the runs to the file's existing ones
-(a run left going is collected as far as it got).
+(a run left going is collected as far as it got; collecting the same run directory again replaces its row).
 """
 from __future__ import annotations
 
@@ -45,14 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         rows = parse_metrics(Path(run_dir, "metrics.jsonl").read_text(), run_dir)
         r = after_first_round(rows)
         cfg = read_yaml(Path(run_dir, "config.yaml"))
-        runs.append({"label": label, "run_dir": os.path.abspath(run_dir), "commit": commit,
-                     "precision": r.get("precision") or rows[0].get("precision"),
-                     "dac": cfg.get("dac"), "train": {k: cfg["train"].get(k) for k in ("seed", "precision", "epochs")},
-                     "acc": r.get("acc"), "nmi": r.get("nmi"), "ari": r.get("ari"),
-                     "acc_by_round": [x.get("acc") for x in rows if x.get("acc") is not None],
-                     "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train"),
-                     "rounds": sum(1 for x in rows if not x.get("final")),
-                     "wall_s_rounds": round(sum(float(x.get("time_round") or 0) for x in rows), 1)})
+        row = {"label": label, "run_dir": os.path.abspath(run_dir), "commit": commit,
+                "precision": r.get("precision") or rows[0].get("precision"),
+                "dac": cfg.get("dac"), "train": {k: cfg["train"].get(k) for k in ("seed", "precision", "epochs")},
+                "acc": r.get("acc"), "nmi": r.get("nmi"), "ari": r.get("ari"),
+                "acc_by_round": [x.get("acc") for x in rows if x.get("acc") is not None],
+                "round0_loss": rows[0].get("loss"), "round0_images_per_s": rows[0].get("images_per_s_train"),
+                "rounds": sum(1 for x in rows if not x.get("final")),
+                "wall_s_rounds": round(sum(float(x.get("time_round") or 0) for x in rows), 1)}
+        # a run collected again (one left going, read after more rounds) replaces its row where it stood
+        same = [i for i, old_row in enumerate(runs) if old_row["run_dir"] == row["run_dir"]]
+        if same:
+            runs[same[0]] = row
+        else:
+            runs.append(row)
         print(f"{label}: ACC {r.get('acc')}, NMI {r.get('nmi'):.3f}")
     what = old["what"] if old else args.what
     doc = {"benchmark": "dac_ab", "what": what, "machine": platform.node(), "runs": runs}
