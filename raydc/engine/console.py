@@ -37,11 +37,20 @@ class LineSink:
         return LineSink(self.queue, self.prefix + prefix)
 
 
+@dataclass(frozen=True)
+class _EndOfLines:
+    """Put by `Console.close` behind every line the workers put: the driver's thread stops when it takes it."""
+
+
 class Console:
     """The driver's end: a queue actor (no CPU reserved) and a daemon thread that hands every line to `log`, in
-    the order each worker put them. `close` hands over what is left, then removes the actor."""
+    the order each worker put them. `close` hands over what is left, then removes the actor.
 
-    def __init__(self, log: Callable[[str], Any], poll_s: float = 0.25):
+    The thread waits inside the queue actor's `get` (an asyncio wait there, no polling): a short timeout would
+    be a remote call several times a second for the whole run, in the driver and in the queue actor, which on a
+    loaded machine cost more CPU than the run's own output. `close` ends the wait with an end marker."""
+
+    def __init__(self, log: Callable[[str], Any], poll_s: float = 30.0):
         from ray.util.queue import Queue
 
         self._log, self._poll_s = log, poll_s
@@ -64,14 +73,21 @@ class Console:
                 continue
             except Exception:  # Ray shut down under us: nothing more can arrive
                 return
+            if isinstance(line, _EndOfLines):
+                return
             self._log(line)
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            self._queue.put_nowait(_EndOfLines())  # FIFO: behind every line already put
+        except Exception:  # Ray already shut down: the thread has returned or will on its next get
+            pass
         self._thread.join(timeout=10)
         try:
             for line in self._queue.get_nowait_batch(self._queue.qsize()):
-                self._log(line)
+                if not isinstance(line, _EndOfLines):
+                    self._log(line)
             self._queue.shutdown()
         except Exception:  # Ray already shut down: the actor went with it
             pass
