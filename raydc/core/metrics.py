@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 NMI_METHODS = ("arithmetic", "geometric", "min", "max")
 
@@ -176,6 +175,9 @@ def acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def _acc(t: _Contingency) -> float:
     w = t.dense()
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize is a tenth of a second for every
+    # Ray worker that imports this module, and only the evaluation calls it
+
     r, c = linear_sum_assignment(w, maximize=True)
     return float(w[r, c].sum() / t.n)
 

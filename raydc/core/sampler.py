@@ -10,7 +10,6 @@ uniform derived from (seed, epoch, row id) by `hash_uniforms`, whichever worker 
 from __future__ import annotations
 
 import numpy as np
-from scipy import special
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK64 = (1 << 64) - 1
@@ -72,6 +71,8 @@ def poisson_ppf(u: np.ndarray, lam: np.ndarray) -> np.ndarray:
     live = (lam > 0) & (u > 0)
     if not live.any():
         return out
+    from scipy import special  # here, not at the top: every Ray worker that imports the sampler would pay for it
+
     ul, ll = np.broadcast_to(u, out.shape)[live], np.broadcast_to(lam, out.shape)[live]
     m = np.ceil(special.pdtrik(ul, ll))
     below = np.maximum(m - 1, 0)
