@@ -12,6 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object-storage tests talk to
 
 
+# The longest files of the fast suite, longest first (as `make test`'s --durations lists them). `make test` hands
+# whole files to two pytest-xdist workers in collection order (--no-loadscope-reorder): starting with these keeps
+# the last minutes from being one two-minute file running beside an idle worker.
+LONGEST_FIRST = ("test_multinode.py", "test_sweep.py", "test_object_storage.py", "test_engine_deepcluster.py",
+                 "test_dac_method.py", "test_cli_run.py", "test_datasets_ray.py", "test_input_shapes.py",
+                 "test_dec_method.py", "test_prepare_distributed.py", "test_lease.py", "test_clustering_service.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
 def data_root() -> Path | None:
     """The dataset root for tests: $RAYDC_DATA_ROOT, else ../shared/data beside the checkout (CI's layout)."""
     env = os.environ.get("RAYDC_DATA_ROOT")
@@ -60,3 +73,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards_local_and_s3(tmp_path_factory, mnist_root, s3_server):
+    """300 MNIST test digits as shards twice: on local disk and in the S3 test bucket."""
+    from raydc.data.prepare import prepare
+
+    local = tmp_path_factory.mktemp("s3shards") / "mnist300"
+    prepare("mnist", local, root=str(mnist_root), split="test", limit=300, rows_per_shard=100, progress=False)
+    remote = s3_server.uri("shards/mnist300")
+    prepare("mnist", remote, root=str(mnist_root), split="test", limit=300, rows_per_shard=100, progress=False)
+    return local, remote
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory):
+    """Three groups of tiny images as shards, a DeepCluster base config and the sweep files over k."""
+    import numpy as np
+    import yaml
+
+    from tests.helpers import SIDE_GROUPS as SIDE
+    from tests.helpers import three_groups
+    from raydc.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("sweep")
+    images, labels = three_groups()
+    np.savez(d / "src.npz", images=images, labels=labels)
+    prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=90, progress=False)
+    base = {
+        "method": "deepcluster",
+        "data": {"shards": str(d / "shards")},
+        "model": {"input_size": SIDE, "feature_dim": 32},
+        # restarts: no local minimum at k=3
+        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},
+        "features": {"batch_size": 180},
+        # A small lr: each trial trains on its own k's pseudo-labels, and a network trained hard on k = 2 learns
+        # to merge two groups; the test is about selection, not about how far training moves the features.
+        "train": {"epochs": 1, "batch_size": 30, "lr": 0.01, "crop": False, "hflip": False, "torch_threads": 1,
+                  "seed": 3},
+        "run": {"montage_per_cluster": 2, "dir": str(d / "unused")},
+    }
+    (d / "base.yaml").write_text(yaml.safe_dump(base))
+    # Two trials, one on each side of the right k: the scores' directions and every other k are the selection
+    # tests' above; this one is about Tune, the engine and the files a sweep writes (each trial is a whole run).
+    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [3, 5]}},
+                                              "search": {"algorithm": "grid"}, "dir": str(d / "out")}))
+    (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
+    return d

@@ -4,9 +4,14 @@ be moved, renamed or deleted without breaking another."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The DEC/DAC method tests' blobs: K classes of SIDE x SIDE gray images, PER_CLUSTER of each.
 K, SIDE, PER_CLUSTER = 4, 8, 100
@@ -119,3 +124,33 @@ def retry_ray_start(start, tries: int = 3, before_retry=None):
             before_retry()
         p = start()
     return p
+
+
+# ---- runs through the CLI, on the S3 test server ------------------------------------------------------------
+def cli_train(shards: str, run_dir: str, env: dict, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
+    """A tiny DeepCluster run through `raydc train` in a subprocess (the object-storage and fault tests' run)."""
+    sets = [f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=4", "cluster.pca_dim=8",
+            "features.pca_sample=150", "train.epochs=1", "train.batch_size=50", "train.crop_scale_min=0.5",
+            "train.hflip=false", "features.batch_size=100", "run.montage_per_cluster=2", "ray.num_cpus=4", *extra]
+    return subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets],
+                           *(["--resume"] if resume else [])], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def s3_env(s3_server, ray_local) -> dict:
+    """The CLI joins the session's Ray, whose workers inherit the AWS variables (conftest's `ray_local` starts
+    after the S3 server): as a user's cluster started with them."""
+    return dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env,
+                RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+
+
+def s3_keys(s3_server, prefix: str) -> list[str]:
+    """The keys under `prefix` in the test bucket, relative to it."""
+    out = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)
+    return [o["Key"][len(prefix):] for o in out.get("Contents", [])]
+
+
+def sweep_cmd(files: Path, out: Path, *extra: str) -> list[str]:
+    """`raydc sweep` over k in {2, 3} on conftest's `sweep_files`, as a user types it."""
+    return [sys.executable, "-m", "raydc.cli", "sweep", "--config", str(files / "base.yaml"),
+            "--sweep", str(files / "k23.yaml"), "--dir", str(out), "--set", "ray.num_cpus=3", *extra]

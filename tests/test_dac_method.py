@@ -147,7 +147,7 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
 
 @pytest.mark.ray
 # A second fit: the slowest test of `make test` was this one. Resume = uninterrupted stays in the fast suite for
-# DeepCluster (tests/test_object_storage.py, from S3) and DEC (tests/test_dec_method.py); this one in test-all.
+# DEC (tests/test_dec_method.py, one round redone); this one, and DeepCluster's, in test-all.
 @pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_gives_the_same_result(tiny_run, tmp_path):
     from raydc.engine.rundir import RunDir

@@ -277,16 +277,21 @@ def test_batch_statistics_readout_is_the_same_whatever_the_pool_concurrency_and_
     spec = ExtractorSpec(build=functools.partial(build), state=build().state_dict(), call="batch_readout",
                          input_size=28, batch_align=32)
 
-    def features(concurrency, batch_size, s):
+    unaligned = dataclasses.replace(spec, batch_align=1)
+
+    def features(concurrency, batch_size):
+        """Both specs through one pool (a pool's actors start once per concurrency, not once per pass)."""
         pool = PersistentFeaturePool(manifest, concurrency=concurrency)
+        out = []
         try:
-            blocks = ray.get(pool.extract(paths, s, batch_size=batch_size))
+            for s in (spec, unaligned):
+                blocks = ray.get(pool.extract(paths, s, batch_size=batch_size))
+                ids = np.concatenate([b["id"] for b in blocks])
+                out.append(np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)])
         finally:
             pool.shutdown()
-        ids = np.concatenate([b["id"] for b in blocks])
-        return np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)]
+        return out
 
-    a, b = features(1, 100, spec), features(2, 256, spec)
+    (a, a_unaligned), (b, b_unaligned) = features(1, 100), features(2, 256)
     np.testing.assert_allclose(a, b, atol=2e-4)  # the actors' thread counts differ: float sums, not groups
-    unaligned = dataclasses.replace(spec, batch_align=1)
-    assert np.abs(features(1, 100, unaligned) - features(2, 256, unaligned)).max() > 1e-2
+    assert np.abs(a_unaligned - b_unaligned).max() > 1e-2

@@ -19,9 +19,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.faultproxy import fault_proxy
+from tests.helpers import cli_train as _train_once
 from tests.helpers import retry_ray_start
-from tests.test_object_storage import shards_local_and_s3  # noqa: F401  (a fixture)
-from tests.test_object_storage import _train as _train_once
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -83,7 +82,7 @@ def _same_run(a_uri: str, b_uri: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def undisturbed(shards_local_and_s3, s3_server):  # noqa: F811
+def undisturbed(shards_local_and_s3, s3_server):
     _, remote = shards_local_and_s3
     run_uri = s3_server.uri("faults/undisturbed")
     p = _train(remote, run_uri, _own_ray_env(s3_server), *EPOCHS)
@@ -96,7 +95,7 @@ def _train_through(proxy, shards: str, run_uri: str, env: dict, *extra: str, res
     return _train(shards, run_uri, env, *EPOCHS, *extra, resume=resume)
 
 
-def test_a_short_storage_outage_mid_round_costs_a_wait_and_nothing_else(shards_local_and_s3, s3_server,  # noqa: F811
+def test_a_short_storage_outage_mid_round_costs_a_wait_and_nothing_else(shards_local_and_s3, s3_server,
                                                                          undisturbed):
     _, remote = shards_local_and_s3
     run_uri = s3_server.uri("faults/short")
@@ -111,7 +110,7 @@ def test_a_short_storage_outage_mid_round_costs_a_wait_and_nothing_else(shards_l
     _same_run(run_uri, undisturbed)
 
 
-def test_a_long_storage_outage_stops_the_run_and_resume_equals_an_undisturbed_run(shards_local_and_s3,  # noqa: F811
+def test_a_long_storage_outage_stops_the_run_and_resume_equals_an_undisturbed_run(shards_local_and_s3,
                                                                                   s3_server, undisturbed):
     _, remote = shards_local_and_s3
     run_uri = s3_server.uri("faults/long")
@@ -133,7 +132,7 @@ def test_a_long_storage_outage_stops_the_run_and_resume_equals_an_undisturbed_ru
 
 
 def test_a_full_disk_stops_the_run_with_the_path_and_resume_after_freeing_space_equals_an_undisturbed_run(
-        shards_local_and_s3, s3_server, undisturbed, tmp_path):  # noqa: F811
+        shards_local_and_s3, s3_server, undisturbed, tmp_path):
     local, _ = shards_local_and_s3
     disk = tmp_path / "disk"
     disk.mkdir()

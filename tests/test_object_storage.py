@@ -11,19 +11,9 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import cli_train, s3_env, s3_keys
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def shards_local_and_s3(tmp_path_factory, mnist_root, s3_server):
-    from raydc.data.prepare import prepare
-
-    local = tmp_path_factory.mktemp("s3shards") / "mnist300"
-    prepare("mnist", local, root=str(mnist_root), split="test", limit=300, rows_per_shard=100, progress=False)
-    remote = s3_server.uri("shards/mnist300")
-    prepare("mnist", remote, root=str(mnist_root), split="test", limit=300, rows_per_shard=100, progress=False)
-    return local, remote
 
 
 def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_server, mnist_root, capsys):
@@ -48,48 +38,32 @@ def test_prepare_writes_shards_to_s3_as_it_does_to_disk(shards_local_and_s3, s3_
     cmd[cmd.index(remote)] = other
     assert main([*cmd, "--verify"]) == 0, capsys.readouterr().err[-2000:]
     assert len(load_manifest(other).shards) == 2
-    assert sorted(k.rsplit("/", 1)[-1] for k in _keys(s3_server, "shards/cli150/")) == [
+    assert sorted(k.rsplit("/", 1)[-1] for k in s3_keys(s3_server, "shards/cli150/")) == [
         "manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
     empty = s3_server.uri("shards/none")
     assert main([*cmd[:-3], "--classes", "99", "--out", empty]) == 2, capsys.readouterr().err[-2000:]
-    assert not _keys(s3_server, "shards/none/")
+    assert not s3_keys(s3_server, "shards/none/")
 
 
-def _train(shards: str, run_dir: str, env: dict, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
-    sets = [f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=4", "cluster.pca_dim=8",
-            "features.pca_sample=150", "train.epochs=1", "train.batch_size=50", "train.crop_scale_min=0.5",
-            "train.hflip=false", "features.batch_size=100", "run.montage_per_cluster=2", "ray.num_cpus=4", *extra]
-    return subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets],
-                           *(["--resume"] if resume else [])], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+@pytest.fixture(scope="module")
+def run_on_s3(shards_local_and_s3, s3_server, ray_local):
+    """One epoch of DeepCluster with shards and run directory both in the bucket (the CLI, joined to the session's
+    Ray): the run the tests below read, and the slow one resumes."""
+    _, remote = shards_local_and_s3
+    env = s3_env(s3_server, ray_local)
+    run_uri = s3_server.uri("runs/dc")
+    p = cli_train(remote, run_uri, env)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    return run_uri, env
 
 
-def _env(s3_server, ray_local) -> dict:
-    """The CLI joins the session's Ray, whose workers inherit the AWS variables (conftest's `ray_local` starts
-    after the S3 server): as a user's cluster started with them."""
-    return dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", **s3_server.env,
-                RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-
-
-def _keys(s3_server, prefix: str) -> list[str]:
-    out = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)
-    return [o["Key"][len(prefix):] for o in out.get("Contents", [])]
-
-
-def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_local_and_s3, s3_server, ray_local,
-                                                                      tmp_path):
-    """Shards and run directory both in the bucket: metrics, checkpoints (Ray Train's storage), labels,
-    assignments and the report go there, nothing to local disk. The run stops after 1 epoch and a --resume
-    adds a second from the checkpoint read back from S3: every row equals the uninterrupted 2-epoch run on the
-    local copy of the shards with a local run directory, streamed rather than cached."""
+def test_a_run_on_s3_writes_everything_to_the_bucket_and_nothing_to_local_disk(run_on_s3, s3_server):
+    """Metrics, checkpoints (Ray Train's storage), labels, assignments and the report go to the bucket, written by
+    the driver, the Train workers, the feature pool and the shard actors alike; nothing lands on local disk."""
     from raydc.engine.rundir import RunDir
 
-    local, remote = shards_local_and_s3
-    env = _env(s3_server, ray_local)
-    run_uri = s3_server.uri("runs/dc")
-    p = _train(remote, run_uri, env)
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    keys = _keys(s3_server, "runs/dc/")
+    run_uri, _ = run_on_s3
+    keys = s3_keys(s3_server, "runs/dc/")
     for expected in ("config.yaml", "metrics.jsonl", "clustering.pt", "report/curves.png", "report/montage.png"):
         assert expected in keys, (expected, keys)
     assert any(k.startswith("checkpoints/fit-000/checkpoint_") and k.endswith("/state.pt") for k in keys), keys
@@ -99,12 +73,25 @@ def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_loc
     assert sorted(remote_run.read_assignments()["id"].tolist()) == list(range(300))
     assert not (REPO / "s3:").exists()  # a URI taken for a relative local path would land here
 
-    p = _train(remote, run_uri, env, "train.epochs=2", resume=True)  # a second fit: checkpoints/fit-001
+
+# Two more runs (~2 min of the fast suite's 6 on 2 cores): `make test-all`. The run above keeps the S3 paths in
+# the fast suite; the resume reads Ray Train's checkpoint back from the bucket.
+@pytest.mark.slow
+def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(run_on_s3, shards_local_and_s3, s3_server,
+                                                                      tmp_path):
+    """The run above stopped after 1 epoch; a --resume adds a second from the checkpoint read back from S3: every
+    row equals the uninterrupted 2-epoch run on the local copy of the shards with a local run directory, streamed
+    rather than cached."""
+    from raydc.engine.rundir import RunDir
+
+    local, remote = shards_local_and_s3
+    run_uri, env = run_on_s3
+    p = cli_train(remote, run_uri, env, "train.epochs=2", resume=True)  # a second fit: checkpoints/fit-001
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert "resuming" in p.stdout + p.stderr
     # The S3 run keeps its rows in the object store (data.cache: auto, 300 tiny images); this one streams them
     # from the shards every pass: the cache must not change a single number.
-    p = _train(str(local), str(tmp_path / "local"), env, "train.epochs=2", "data.cache=never")
+    p = cli_train(str(local), str(tmp_path / "local"), env, "train.epochs=2", "data.cache=never")
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     a, b = RunDir(run_uri).read_metrics(), RunDir(tmp_path / "local").read_metrics()
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [0, 1, 2] and a[-1]["final"]
@@ -113,7 +100,7 @@ def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(shards_loc
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5), (ra["epoch"], key)
     assert RunDir(run_uri).checkpoint_round() == 1
-    assert any(k.startswith("checkpoints/fit-001/") for k in _keys(s3_server, "runs/dc/"))
+    assert any(k.startswith("checkpoints/fit-001/") for k in s3_keys(s3_server, "runs/dc/"))
 
 
 # A whole DEC run: the run directory on S3 is checked in the fast suite by the DeepCluster run above (same RunDir
@@ -130,12 +117,12 @@ def test_a_dec_run_lives_on_s3(shards_local_and_s3, s3_server, ray_local):
             "dec.pretrain_batch_size=50", "dec.update_interval=6", "dec.max_iterations=18", "ray.num_cpus=4",
             "run.montage_per_cluster=2"]
     p = subprocess.run([sys.executable, "-m", "raydc.cli", "train", *[f"--set={s}" for s in sets]], cwd=REPO,
-                       env=_env(s3_server, ray_local), capture_output=True, text=True, timeout=900)
+                       env=s3_env(s3_server, ray_local), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     rows = RunDir(run_uri).read_metrics()
     assert rows[-1]["final"] and rows[-1]["acc"] > 0
     assert evaluate_run(run_uri)["acc"] == pytest.approx(rows[-1]["acc"])  # `raydc evaluate --run s3://...`
-    keys = _keys(s3_server, "runs/dec/")
+    keys = s3_keys(s3_server, "runs/dec/")
     assert "clustering.pt" in keys and any(k.startswith("assignments/part-") for k in keys), keys
 
 
@@ -167,7 +154,7 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     out = s3_server.uri("shards/folder-dist")
     p = subprocess.run([sys.executable, "-m", "raydc.cli", "prepare", "--source", "folder", "--root",
                         s3_server.uri("folders/imgs"), "--out", out, "--distributed", "--rows-per-shard", "8",
-                        "--no-progress"], cwd=REPO, env=_env(s3_server, ray_local), capture_output=True, text=True,
+                        "--no-progress"], cwd=REPO, env=s3_env(s3_server, ray_local), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "prepared 20 images" in p.stdout and "2 skipped" in p.stdout, p.stdout
@@ -180,4 +167,4 @@ def test_distributed_prepare_reads_a_folder_on_s3_and_writes_shards_there(s3_ser
     for name in ("row", "id", "path", "image", "label"):
         assert ta.column(name).to_pylist() == tb.column(name).to_pylist(), name
     assert b.has_paths and tb.column("path").to_pylist() == valid  # relative to the bucket prefix, not a URI
-    assert not [k for k in _keys(s3_server, "shards/folder-dist/") if "_staging-" in k]
+    assert not [k for k in s3_keys(s3_server, "shards/folder-dist/") if "_staging-" in k]

@@ -11,21 +11,17 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
 from raydc.config import load_config
 from raydc.config_loader import from_dict
 from raydc.sweep.config import SelectConfig, SweepConfig
 from raydc.sweep.select import TrialRecord, select_best, selection_label
 from tests.conftest import REPO
-from tests.helpers import SIDE_GROUPS as SIDE
-from tests.helpers import three_groups
+from tests.helpers import sweep_cmd
 
 # ---- selection from final rows -------------------------------------------------------------------------
 
@@ -158,34 +154,6 @@ def test_search_and_scheduler_reach_tune():
 
 
 
-@pytest.fixture(scope="module")
-def sweep_files(tmp_path_factory):
-    from raydc.data.prepare import prepare
-
-    d = tmp_path_factory.mktemp("sweep")
-    images, labels = three_groups()
-    np.savez(d / "src.npz", images=images, labels=labels)
-    prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=90, progress=False)
-    base = {
-        "method": "deepcluster",
-        "data": {"shards": str(d / "shards")},
-        "model": {"input_size": SIDE, "feature_dim": 32},
-        # restarts: no local minimum at k=3
-        "cluster": {"k": 3, "pca_dim": 0, "niter": 20, "n_init": 5, "num_shards": 1},
-        "features": {"batch_size": 180},
-        # A small lr: each trial trains on its own k's pseudo-labels, and a network trained hard on k = 2 learns
-        # to merge two groups; the test is about selection, not about how far training moves the features.
-        "train": {"epochs": 1, "batch_size": 30, "lr": 0.01, "crop": False, "hflip": False, "torch_threads": 1,
-                  "seed": 3},
-        "run": {"montage_per_cluster": 2, "dir": str(d / "unused")},
-    }
-    (d / "base.yaml").write_text(yaml.safe_dump(base))
-    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3, 5]}},
-                                              "search": {"algorithm": "grid"}, "dir": str(d / "out")}))
-    (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
-    return d
-
-
 @pytest.mark.ray
 def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, sweep_files, tmp_path):
     from raydc.sweep.runner import run_sweep
@@ -193,17 +161,17 @@ def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, swee
     lines: list[str] = []
     out = run_sweep(str(sweep_files / "base.yaml"), str(sweep_files / "k.yaml"), ["run.trackers=[tensorboard, mlflow]"],
                     sweep_dir=str(tmp_path / "sweep"), log=lines.append)
-    assert [r.status for r in out.records] == ["done"] * 3, [(r.trial_id, r.status, r.error) for r in out.records]
+    assert [r.status for r in out.records] == ["done"] * 2, [(r.trial_id, r.status, r.error) for r in out.records]
     scores = {r.params["cluster.k"]: r.score("silhouette") for r in out.records}
     assert out.best is not None and out.best.params == {"cluster.k": 3}, scores
-    assert sum("done (" in ln for ln in lines) == 3  # one line per finished trial
+    assert sum("done (" in ln for ln in lines) == 2  # one line per finished trial
     # each trial's round lines, from its Train worker through the sweep's console (raydc.engine.console)
-    assert sum(ln.startswith("[trial ") and "] epoch 0 |" in ln for ln in lines) == 3, lines
+    assert sum(ln.startswith("[trial ") and "] epoch 0 |" in ln for ln in lines) == 2, lines
     assert any(ln.startswith("best: cluster.k=3 | silhouette") and "label-free selection" in ln for ln in lines)
     assert any(ln.startswith("labels (evaluation only): acc would pick") for ln in lines)
 
     rows = list(csv.DictReader((out.sweep_dir / "trials.csv").open()))
-    assert sorted(int(r["cluster.k"]) for r in rows) == [2, 3, 5]
+    assert sorted(int(r["cluster.k"]) for r in rows) == [3, 5]
     for r in rows:  # labels exist in these shards: recorded for every trial, not used to select
         assert r["status"] == "done" and float(r["acc"]) > 0 and float(r["wall_s"]) > 0 and r["attempts"] == "1"
         assert Path(r["run_dir"]).parent == out.sweep_dir / "runs"
@@ -233,11 +201,6 @@ def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, swee
     assert cfg == winner
 
 
-def _sweep_cmd(files: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "raydc.cli", "sweep", "--config", str(files / "base.yaml"),
-            "--sweep", str(files / "k23.yaml"), "--dir", str(out), "--set", "ray.num_cpus=3", *extra]
-
-
 def _attempts(run_dir: Path) -> list[str]:
     return [json.loads(line)["action"] for line in (run_dir / "attempts.log").read_text().splitlines()]
 
@@ -252,7 +215,7 @@ def test_sigkill_then_resume_reruns_only_unfinished_trials(sweep_files, tmp_path
                RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_sweep_cmd(sweep_files, out), env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(sweep_cmd(sweep_files, out), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.time() + 400
@@ -276,7 +239,7 @@ def test_sigkill_then_resume_reruns_only_unfinished_trials(sweep_files, tmp_path
     assert len(finished) == 1
     assert not (out / "trials.csv").exists()
 
-    resumed = subprocess.run(_sweep_cmd(sweep_files, out, "--resume"), env=env, capture_output=True, text=True,
+    resumed = subprocess.run(sweep_cmd(sweep_files, out, "--resume"), env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming the sweep" in resumed.stdout

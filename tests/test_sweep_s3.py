@@ -14,13 +14,12 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import retry_ray_start
-from tests.test_sweep import _sweep_cmd, sweep_files  # noqa: F401  (a fixture)
+from tests.helpers import retry_ray_start, sweep_cmd
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # two sweeps in subprocesses with their own Ray
 
 
-def test_a_sweep_on_s3_killed_after_one_trial_resumes_from_the_bucket(sweep_files, s3_server, tmp_path):  # noqa: F811
+def test_a_sweep_on_s3_killed_after_one_trial_resumes_from_the_bucket(sweep_files, s3_server, tmp_path):
     from raydc import storage
 
     out = s3_server.uri("sweeps/k23")
@@ -28,7 +27,7 @@ def test_a_sweep_on_s3_killed_after_one_trial_resumes_from_the_bucket(sweep_file
     env.pop("RAY_ADDRESS", None)
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_sweep_cmd(sweep_files, out), cwd=tmp_path, env=env, stdout=log,
+        proc = subprocess.Popen(sweep_cmd(sweep_files, out), cwd=tmp_path, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 500
@@ -48,7 +47,7 @@ def test_a_sweep_on_s3_killed_after_one_trial_resumes_from_the_bucket(sweep_file
         storage.read_text(storage.join(r, "metrics.jsonl")).splitlines()[-1]).get("final")]
     assert len(finished) == 1 and not storage.is_file(storage.join(out, "trials.csv")), runs
 
-    resumed = retry_ray_start(lambda: subprocess.run(_sweep_cmd(sweep_files, out, "--resume"), cwd=tmp_path, env=env,
+    resumed = retry_ray_start(lambda: subprocess.run(sweep_cmd(sweep_files, out, "--resume"), cwd=tmp_path, env=env,
                                                      capture_output=True, text=True, timeout=900))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming the sweep from {out}/tune" in resumed.stdout, resumed.stdout[-3000:]
