@@ -15,9 +15,9 @@ pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object
 # The longest files of the fast suite, longest first (as `make test`'s --durations lists them). `make test` hands
 # whole files to two pytest-xdist workers in collection order (--no-loadscope-reorder): starting with these keeps
 # the last minutes from being one two-minute file running beside an idle worker.
-LONGEST_FIRST = ("test_multinode.py", "test_sweep.py", "test_object_storage.py", "test_engine_deepcluster.py",
-                 "test_dac_method.py", "test_cli_run.py", "test_datasets_ray.py", "test_input_shapes.py",
-                 "test_dec_method.py", "test_prepare_distributed.py", "test_lease.py", "test_clustering_service.py")
+LONGEST_FIRST = ("test_multinode.py", "test_object_storage.py", "test_dec_method.py", "test_dac_method.py",
+                 "test_engine_deepcluster.py", "test_sweep.py", "test_cli_run.py", "test_datasets_ray.py",
+                 "test_input_shapes.py", "test_lease.py", "test_prepare_distributed.py", "test_clustering_service.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -115,9 +115,5 @@ def sweep_files(tmp_path_factory):
         "run": {"montage_per_cluster": 2, "dir": str(d / "unused")},
     }
     (d / "base.yaml").write_text(yaml.safe_dump(base))
-    # Two trials, one on each side of the right k: the scores' directions and every other k are the selection
-    # tests' above; this one is about Tune, the engine and the files a sweep writes (each trial is a whole run).
-    (d / "k.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [3, 5]}},
-                                              "search": {"algorithm": "grid"}, "dir": str(d / "out")}))
     (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
     return d

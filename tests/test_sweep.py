@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raydc.config import load_config
 from raydc.config_loader import from_dict
@@ -155,23 +156,33 @@ def test_search_and_scheduler_reach_tune():
 
 
 @pytest.mark.ray
-def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, sweep_files, tmp_path):
+@pytest.mark.parametrize("grid", [
+    # One trial in the fast suite: Tune, the engine inside a trial, the console, trackers and the sweep's files
+    # (the scores' directions and the choice among trials are the selection tests' above).
+    pytest.param([3], id="one-trial"),
+    # The choice through Tune among three whole runs (~2 min on 2 cores): `make test-all`.
+    pytest.param([2, 3, 5], id="three-trials", marks=pytest.mark.slow),
+])
+def test_tiny_sweep_picks_k3_without_labels_and_writes_best_yaml(ray_local, sweep_files, tmp_path, grid):
     from raydc.sweep.runner import run_sweep
 
+    sweep_file = tmp_path / "k.yaml"
+    sweep_file.write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": grid}}, "search": {"algorithm": "grid"}}))
     lines: list[str] = []
-    out = run_sweep(str(sweep_files / "base.yaml"), str(sweep_files / "k.yaml"), ["run.trackers=[tensorboard, mlflow]"],
+    out = run_sweep(str(sweep_files / "base.yaml"), str(sweep_file), ["run.trackers=[tensorboard, mlflow]"],
                     sweep_dir=str(tmp_path / "sweep"), log=lines.append)
-    assert [r.status for r in out.records] == ["done"] * 2, [(r.trial_id, r.status, r.error) for r in out.records]
+    n = len(grid)
+    assert [r.status for r in out.records] == ["done"] * n, [(r.trial_id, r.status, r.error) for r in out.records]
     scores = {r.params["cluster.k"]: r.score("silhouette") for r in out.records}
     assert out.best is not None and out.best.params == {"cluster.k": 3}, scores
-    assert sum("done (" in ln for ln in lines) == 2  # one line per finished trial
+    assert sum("done (" in ln for ln in lines) == n  # one line per finished trial
     # each trial's round lines, from its Train worker through the sweep's console (raydc.engine.console)
-    assert sum(ln.startswith("[trial ") and "] epoch 0 |" in ln for ln in lines) == 2, lines
+    assert sum(ln.startswith("[trial ") and "] epoch 0 |" in ln for ln in lines) == n, lines
     assert any(ln.startswith("best: cluster.k=3 | silhouette") and "label-free selection" in ln for ln in lines)
     assert any(ln.startswith("labels (evaluation only): acc would pick") for ln in lines)
 
     rows = list(csv.DictReader((out.sweep_dir / "trials.csv").open()))
-    assert sorted(int(r["cluster.k"]) for r in rows) == [3, 5]
+    assert sorted(int(r["cluster.k"]) for r in rows) == grid
     for r in rows:  # labels exist in these shards: recorded for every trial, not used to select
         assert r["status"] == "done" and float(r["acc"]) > 0 and float(r["wall_s"]) > 0 and r["attempts"] == "1"
         assert Path(r["run_dir"]).parent == out.sweep_dir / "runs"
