@@ -36,12 +36,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # Two pytest-xdist workers, each with its own session Ray; whole files go to one worker, so module fixtures are
-# built once. One process leaves part of both cores idle between Ray's start-ups; two fill those gaps. The files
-# go out longest first (tests/conftest.py, LONGEST_FIRST), not reordered by xdist.
+# built once. One process leaves part of both cores idle between Ray's start-ups; two fill those gaps.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 -n $(TEST_WORKERS) --dist loadfile \
-		--no-loadscope-reorder tests
+	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -12,19 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object-storage tests talk to
 
 
-# The longest files of the fast suite, longest first (as `make test`'s --durations lists them). `make test` hands
-# whole files to two pytest-xdist workers in collection order (--no-loadscope-reorder): starting with these keeps
-# the last minutes from being one two-minute file running beside an idle worker.
-LONGEST_FIRST = ("test_multinode.py", "test_object_storage.py", "test_dec_method.py", "test_dac_method.py",
-                 "test_engine_deepcluster.py", "test_sweep.py", "test_cli_run.py", "test_datasets_ray.py",
-                 "test_input_shapes.py", "test_lease.py", "test_prepare_distributed.py", "test_clustering_service.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
-
-
 def data_root() -> Path | None:
     """The dataset root for tests: $RAYDC_DATA_ROOT, else ../shared/data beside the checkout (CI's layout)."""
     env = os.environ.get("RAYDC_DATA_ROOT")
