@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO  # noqa: F401  (one definition; test files import it from here)
 
 pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object-storage tests talk to
 
