@@ -12,6 +12,13 @@ V2 patches `print` in its workers to log to the root logger, whose console handl
 to the original `print` as well because Ray replaced `sys.stdout` in every worker; with `log_to_driver` both
 copies reach the driver. RAY_TRAIN_ENABLE_PRINT_PATCH=0 (propagated by Train to its controller and workers)
 removes the copy at its source, verbose or not.
+
+One notice is not covered by `log_to_driver`: the raylet's "N PYTHON worker processes have been started ...,
+which is 6x the maximum expected startup concurrency". A run starts a dozen short-lived actors (Train's
+controller, its workers, the feature pool, Ray Data's coordinators), and on a 2-core machine that crosses the
+raylet's threshold every time. Ray publishes it to every driver on the error channel, whose listener prints
+regardless of `log_to_driver`. Quiet mode drops that one message (`_drop_worker_pool_notice`) and keeps every
+other raylet error (a task killed for memory, a dead node).
 """
 from __future__ import annotations
 
@@ -86,6 +93,7 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = No
                      **kwargs)
         if sigterm not in (None, signal.SIG_DFL, signal.SIG_IGN):
             signal.signal(signal.SIGTERM, sigterm)
+    _quiet_raylet_notices(quiet)
     if quiet:
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -105,6 +113,30 @@ def configure_data_context() -> None:
     ctx.print_on_execution_start = False
 
 
+WORKER_POOL_NOTICE = "PYTHON worker processes have been started"
+
+
+def _drop_worker_pool_notice(print_to_stdstream):
+    """Wrap Ray's error-channel printer: the worker-pool size notice is dropped, every other line printed."""
+    def printer(data, ignore_prefix: bool):
+        lines = [line for line in data.get("lines", [])
+                 if not (data.get("pid") == "raylet" and WORKER_POOL_NOTICE in line)]
+        if lines:
+            print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+    printer.raydc_original = print_to_stdstream
+    return printer
+
+
+def _quiet_raylet_notices(on: bool) -> None:
+    """`ray._private.worker.listen_error_messages` looks `print_to_stdstream` up in its module on every message,
+    so swapping the module's name filters the error channel without touching the log channel (bound at connect)."""
+    from ray._private import worker
+
+    current = worker.print_to_stdstream
+    original = getattr(current, "raydc_original", current)
+    worker.print_to_stdstream = _drop_worker_pool_notice(original) if on else original
+
+
 _LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.progress")
 _ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH")
 
@@ -122,6 +154,8 @@ def ray_state_kept(verbose_output: bool = False):
     env = {name: os.environ.get(name) for name in _ENV}
     ctx = DataContext.get_current()
     data = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    from ray._private import worker
+    printer = worker.print_to_stdstream
     if verbose_output:
         os.environ[VERBOSE_ENV] = "1"
     try:
@@ -137,3 +171,4 @@ def ray_state_kept(verbose_output: bool = False):
             else:
                 os.environ[name] = value
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = data
+        worker.print_to_stdstream = printer
