@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -329,3 +331,17 @@ def test_assign_precision_choice(monkeypatch):
         _assign_precision("fp16", 100, 0)
     with pytest.raises(ValueError, match="GPU"):
         _assign_precision("bf16", 100, 1)
+
+
+def test_a_shard_process_loads_torch_only_when_it_needs_it_and_then_with_its_threads():
+    """The shard actors run faiss: importing their module and taking the cores must not load torch (seconds of
+    CPU in every shard process of every run). When torch does load (the exact float64 sums, the bf16 path), it
+    runs on the cores `use_all_cores` took, not the OMP_NUM_THREADS=1 Ray gives a 0-CPU actor."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import raydc.engine.shard_store; from raydc.core.faiss_backend import use_all_cores, "
+            "import_torch; use_all_cores(2); print('torch' in sys.modules, import_torch().get_num_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "2"], out.stderr

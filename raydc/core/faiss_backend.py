@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from types import ModuleType
 
 import raydc  # noqa: F401  (sets OPENBLAS_CORETYPE before faiss loads its OpenBLAS)
@@ -18,6 +19,7 @@ from raydc.errors import UserError
 log = logging.getLogger(__name__)
 
 _warned_gpu_build_without_gpu = False
+_THREADS: int | None = None  # set by use_all_cores; torch, when it loads later, takes it (import_torch)
 
 
 def import_faiss() -> ModuleType:
@@ -106,7 +108,21 @@ def use_all_cores(n: int | None = None) -> int:
         threadpool_limits(n)  # the OpenBLAS/OpenMP pools already loaded (numpy, scipy, faiss's own)
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         pass
+    global _THREADS
+    _THREADS = n
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
+def import_torch():
+    """torch, imported on first use, with the thread count `use_all_cores` chose for this process.
+
+    Why lazily: a shard actor or the coordinator that only runs faiss would otherwise load torch (seconds of CPU
+    per process, a dozen processes per run) for nothing. Imported later, torch would start with the
+    OMP_NUM_THREADS=1 Ray gives a 0-CPU actor, so the count is applied here."""
     import torch
 
-    torch.set_num_threads(n)
-    return n
+    if _THREADS is not None and torch.get_num_threads() != _THREADS:
+        torch.set_num_threads(_THREADS)
+    return torch
