@@ -75,6 +75,19 @@ def shards_local_and_s3(tmp_path_factory, mnist_root, s3_server):
 
 
 @pytest.fixture(scope="module")
+def mixed_folder_shards(tmp_path_factory):
+    """72 RGB PNGs of three colours at mixed sizes (tests.helpers.mixed_size_folder), prepared as shards: the
+    manifest has no single image shape, so a run must be given `model.input_size`."""
+    from raydc.data.prepare import prepare
+    from tests.helpers import mixed_size_folder
+
+    d = tmp_path_factory.mktemp("mixed")
+    m = prepare("folder", d / "shards", root=mixed_size_folder(d), rows_per_shard=30, progress=False)
+    assert m.image_shape is None and m.count == 72
+    return d / "shards"
+
+
+@pytest.fixture(scope="module")
 def sweep_files(tmp_path_factory):
     """Three groups of tiny images as shards, a DeepCluster base config and the sweep files over k."""
     import numpy as np

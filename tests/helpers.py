@@ -76,6 +76,25 @@ def make_folder(root: Path, n: int = 60, seed: int = 0) -> tuple[list[str], list
     return sorted(valid), sorted(["dog/broken.png", "cat/a/noise.jpg"])
 
 
+def mixed_size_folder(root: Path, per_class: int = 24, seed: int = 2) -> Path:
+    """Three classes of RGB PNGs (one bright colour channel each) at random sizes from 12 to 47 px a side, as a
+    folder of class sub-folders under `root`/imgs. Returns that folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls, name in enumerate(["red", "green", "blue"]):
+        (root / "imgs" / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(12, 48)), int(rng.integers(12, 48))
+            img = np.full((h, w, 3), 30, np.uint8)
+            img[..., cls] = 220
+            img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img, "RGB").save(buf, format="PNG")
+            (root / "imgs" / name / f"{i:02d}.png").write_bytes(buf.getvalue())
+    return root / "imgs"
+
+
 def shard_rows(out):
     """Every row of the shard directory (local path or URI) `out`, in manifest order, as one pyarrow Table."""
     import pyarrow as pa

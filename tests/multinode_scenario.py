@@ -124,11 +124,11 @@ def _lose_a_node(cluster, workers, ray) -> dict:
 
     out: dict = {}
     rng = np.random.default_rng(1)
-    n, d, k = 90_000, 64, 1000  # uniform points: Lloyd is far from its fixed point after niter steps
+    n, d, k = 45_000, 64, 1000  # uniform points: Lloyd is far from its fixed point after niter steps
     x = rng.random((n, d), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         proxy = CoordinatorProxy(3, placement=ShardPlacement("strict_spread", 32 << 20, "shard_slot"),
-                                 resource="coordinator", recovery=ShardRecovery(tmp, 3, timeout_s=30.0))
+                                 resource="coordinator", recovery=ShardRecovery(tmp, 3, timeout_s=15.0))
         proxy.load([ray.put({"row": r, "id": r, "feature": x[r]}) for r in np.array_split(np.arange(n), 6)])
         init = km.sample_init_centroids(x, k, seed=0)
         args = dict(niter=30, seed=0, mode="distributed", init_centroids=init, reduction="sharded")

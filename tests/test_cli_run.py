@@ -1,5 +1,6 @@
 """`raydc train` as a user runs it, in a subprocess joined to the session's Ray (as a job on a shared cluster
-would be): what it prints by default, and how it ends on SIGTERM."""
+would be): what it prints by default, and how it ends on SIGTERM. The images are a folder of mixed sizes (the
+engine's resize path through a real round; the whole run on them is test_input_shapes' slow test)."""
 from __future__ import annotations
 
 import os
@@ -16,21 +17,13 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, mnist_root):
-    from raydc.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "mnist300"
-    prepare("mnist", out, root=str(mnist_root), split="test", limit=300, progress=False)
-    return out
-
-
 def _train(ray_local, shards, run_dir, *extra: str) -> tuple[subprocess.Popen, list[str]]:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO),
                RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     env.pop("RAYDC_VERBOSE", None)
-    sets = [f"--set={s}" for s in (f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=4", "cluster.pca_dim=8",
-                                   "train.batch_size=64", "features.batch_size=150", "run.montage_per_cluster=2")]
+    sets = [f"--set={s}" for s in (f"data.shards={shards}", f"run.dir={run_dir}", "cluster.k=3", "cluster.pca_dim=8",
+                                   "model.input_size=20", "train.batch_size=32", "features.batch_size=36",
+                                   "run.montage_per_cluster=2")]
     proc = subprocess.Popen([sys.executable, "-m", "raydc.cli", "train", *sets, *extra], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -46,15 +39,16 @@ def _wait_for(lines: list[str], proc: subprocess.Popen, prefix: str, timeout: fl
         time.sleep(0.5)
 
 
-def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, shards, tmp_path):
+def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, mixed_folder_shards, tmp_path):
     """Also the default output: the per-round line once, unprefixed, and none of Ray's chatter (it was every
     worker line twice, TrainController start-up lines, a TrainingReport dump per round, faiss's log)."""
-    proc, lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=20")
+    shards = mixed_folder_shards
+    proc, lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=200")
     try:
         _wait_for(lines, proc, "epoch 0 |")
         # What a user does when a job looks stuck: submit it again. It is refused (raydc.engine.lease), naming
         # the live run, and writes nothing.
-        second, second_lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=20", "--resume")
+        second, second_lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=200", "--resume")
         assert second.wait(timeout=300) == 2, "".join(second_lines)
         time.sleep(0.5)
         assert "is being written by another run (host " in "".join(second_lines), second_lines
@@ -70,6 +64,7 @@ def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, shards, tm
     assert "terminated (SIGTERM); resume with --resume" in out, out
     assert "Traceback" not in out, out
     assert sum(line.startswith("epoch 0 |") for line in lines) == 1, out
+    assert "network input 20x20x3 (model.input_size; the images are mixed sizes, RGB)\n" in lines, out
     for noise in ("RayTrainWorker pid=", "TrainController", "Reporting training result", "TrainingReport(",
                   "Clustering ", "PYTHON worker processes have been started", "Progress bars disabled"):
         assert noise not in out, (noise, out)

@@ -3,7 +3,6 @@
 network cannot take is an error naming the field (never a shape traceback from deep inside a worker)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,34 +87,6 @@ def test_a_network_too_big_for_the_images_names_the_field(method, sets):
 
 
 # ---- a folder of mixed sizes through the real engine ------------------------------------------------------
-def _png(rng, size: tuple[int, int], cls: int) -> bytes:
-    from PIL import Image
-
-    w, h = size
-    img = np.full((h, w, 3), 30, np.uint8)
-    img[..., cls] = 220  # one colour channel per class, on images of every size
-    img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def mixed_folder_shards(tmp_path_factory):
-    from raydc.data.prepare import prepare
-
-    d = tmp_path_factory.mktemp("mixed")
-    rng = np.random.default_rng(2)
-    for cls, name in enumerate(["red", "green", "blue"]):
-        (d / "imgs" / name).mkdir(parents=True)
-        for i in range(24):
-            size = (int(rng.integers(12, 48)), int(rng.integers(12, 48)))
-            (d / "imgs" / name / f"{i:02d}.png").write_bytes(_png(rng, size, cls))
-    m = prepare("folder", d / "shards", root=d / "imgs", rows_per_shard=30, progress=False)
-    assert m.image_shape is None and m.count == 72
-    return d / "shards"
-
-
 def test_mixed_size_folder_without_a_size_fails_before_any_work(mixed_folder_shards, tmp_path):
     from raydc.engine.trainer import run_training
 
@@ -126,11 +97,9 @@ def test_mixed_size_folder_without_a_size_fails_before_any_work(mixed_folder_sha
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("method", [
-    "deepcluster",
-    pytest.param("dec", marks=pytest.mark.slow),
-    pytest.param("dac", marks=pytest.mark.slow),
-])
+@pytest.mark.slow  # a whole run per method (~1 min each on 2 cores); the fast suite's CLI test runs DeepCluster's
+# first round on this folder (tests/test_cli_run.py)
+@pytest.mark.parametrize("method", ["deepcluster", "dec", "dac"])
 def test_mixed_size_folder_runs_through_the_engine(ray_local, mixed_folder_shards, tmp_path, method):
     from raydc.engine.trainer import run_training
 
