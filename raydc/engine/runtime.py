@@ -33,6 +33,12 @@ if TYPE_CHECKING:  # the CLI imports this module for --help: no torch (raydc.con
     from raydc.config import RayConfig
 
 VERBOSE_ENV = "RAYDC_VERBOSE"
+# Ray Train's controller takes a worker's `ray.train.report` only when it polls the workers, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker's second report waits until the first is
+# taken (a queue of one). raydc reports once per round, so every round of a small run lasted at least one poll
+# interval and the run's end waited for another. A user's own setting wins; Train propagates it to its
+# controller and workers. Each poll is one small call per worker.
+HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 def verbose() -> bool:
     """True when the user asked for Ray's own output: `--verbose` sets RAYDC_VERBOSE, which `ray job submit`
     users can set themselves (`--runtime-env-json '{"env_vars": {"RAYDC_VERBOSE": "1"}}'`)."""
@@ -76,6 +82,7 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = No
 
     quiet = not verbose() if quiet is None else quiet
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the doubled lines: see the module docstring
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         # The dashboard brings the state API that Ray Train's placement-group cleaner and Tune's early stopping use.
@@ -138,7 +145,7 @@ def _quiet_raylet_notices(on: bool) -> None:
 
 
 _LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.progress")
-_ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH")
+_ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH", HEALTH_CHECK_ENV)
 
 
 @contextlib.contextmanager

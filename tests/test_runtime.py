@@ -1,8 +1,13 @@
-"""Quiet mode's one filter on Ray's error channel: the raylet's worker-pool size notice is dropped (it reached the
-CLI's output on 2-core machines, CI included), every other raylet error still reaches the user."""
+"""What `init_ray` sets up around Ray: quiet mode's one filter on Ray's error channel (the raylet's worker-pool size
+notice is dropped: it reached the CLI's output on 2-core machines, CI included; every other raylet error still
+reaches the user), and Ray Train's poll interval (a round of a small run waited for the controller's poll)."""
 from __future__ import annotations
 
-from raydc.engine.runtime import _quiet_raylet_notices
+import os
+
+import pytest
+
+from raydc.engine.runtime import HEALTH_CHECK_ENV, _quiet_raylet_notices
 
 
 def _print(text: str) -> None:
@@ -35,3 +40,18 @@ def test_quiet_mode_drops_the_worker_pool_notice_and_keeps_other_raylet_errors(c
         assert "13 PYTHON worker processes have been started" in capsys.readouterr().out
     finally:
         worker.print_to_stdstream = found
+
+
+@pytest.mark.ray
+def test_ray_train_polls_its_workers_often_unless_the_user_chose_an_interval(ray_local, monkeypatch):
+    from raydc.config import RayConfig
+    from raydc.engine.runtime import init_ray, ray_state_kept
+
+    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
+    with ray_state_kept():
+        init_ray(RayConfig())
+        assert float(os.environ[HEALTH_CHECK_ENV]) < 2.0  # Ray Train's default is 2 s
+    assert HEALTH_CHECK_ENV not in os.environ  # the Python API leaves the environment as it found it
+    monkeypatch.setenv(HEALTH_CHECK_ENV, "3")
+    init_ray(RayConfig())
+    assert os.environ[HEALTH_CHECK_ENV] == "3"
