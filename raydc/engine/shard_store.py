@@ -90,11 +90,10 @@ class ShardStore:
             self.threads_now = use_all_cores(want)
 
     def threads(self) -> dict:
-        from raydc.core.faiss_backend import import_faiss
+        """The thread counts faiss and torch run with here (torch loaded for the answer, as the sums load it)."""
+        from raydc.core.faiss_backend import import_faiss, import_torch
 
-        import torch
-
-        return {"faiss": import_faiss().omp_get_max_threads(), "torch": torch.get_num_threads(),
+        return {"faiss": import_faiss().omp_get_max_threads(), "torch": import_torch().get_num_threads(),
                 "cores": self.cores, "busy_peers": self.busy_peers}
 
     def peak_rss(self) -> dict:
