@@ -124,7 +124,7 @@ def _lose_a_node(cluster, workers, ray) -> dict:
 
     out: dict = {}
     rng = np.random.default_rng(1)
-    n, d, k = 45_000, 64, 1000  # uniform points: Lloyd is far from its fixed point after niter steps
+    n, d, k = 90_000, 64, 1000  # uniform points: Lloyd is far from its fixed point after niter steps
     x = rng.random((n, d), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         proxy = CoordinatorProxy(3, placement=ShardPlacement("strict_spread", 32 << 20, "shard_slot"),

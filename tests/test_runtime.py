@@ -7,37 +7,35 @@ import os
 
 import pytest
 
-from raydc.engine.runtime import HEALTH_CHECK_ENV, _quiet_raylet_notices
+from raydc.engine.runtime import HEALTH_CHECK_ENV, _drop_worker_pool_notice, _quiet_raylet_notices
+
+NOTICE = ("WARNING: 12 PYTHON worker processes have been started on node: 06e1 with address: 192.0.2.2, which is "
+          "6x the maximum expected startup concurrency (2).")
 
 
-def _print(text: str) -> None:
-    from ray._private import worker
+def test_the_filter_drops_the_worker_pool_notice_and_passes_every_other_raylet_line():
+    got: list[tuple[dict, bool]] = []
+    printer = _drop_worker_pool_notice(lambda data, ignore_prefix: got.append((data, ignore_prefix)))
+    printer({"lines": [NOTICE], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert got == []  # nothing left to print: Ray's printer is not called at all
+    oom = "Task was killed due to the node running low on memory."
+    printer({"lines": [NOTICE, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    printer({"lines": [NOTICE], "pid": 4242, "is_err": False}, ignore_prefix=True)  # a worker's own line: kept
+    assert got == [({"lines": [oom], "pid": "raylet", "is_err": False}, False),
+                   ({"lines": [NOTICE], "pid": 4242, "is_err": False}, True)]
 
-    worker.print_to_stdstream({"lines": [text], "pid": "raylet", "is_err": False}, ignore_prefix=False)
 
-
-def test_quiet_mode_drops_the_worker_pool_notice_and_keeps_other_raylet_errors(capsys):
+def test_quiet_mode_wraps_rays_printer_once_and_verbose_puts_it_back():
     from ray._private import worker
 
     found = worker.print_to_stdstream  # a quiet run earlier in this process may have wrapped it already
     original = getattr(found, "raydc_original", found)
-    notice = ("WARNING: 12 PYTHON worker processes have been started on node: 06e1 with address: 192.0.2.2, "
-              "which is 6x the maximum expected startup concurrency (2).")
     try:
         _quiet_raylet_notices(True)
         _quiet_raylet_notices(True)  # twice (two runs in one interpreter): still one wrapper over Ray's own
-        assert worker.print_to_stdstream.raydc_original is original
-        _print(notice)
-        _print("Task was killed due to the node running low on memory (test_runtime_quiet).")
-        out = capsys.readouterr().out
-        assert "PYTHON worker processes" not in out
-        assert "killed due to the node running low on memory (test_runtime_quiet)" in out
-    finally:
+        assert worker.print_to_stdstream is not original and worker.print_to_stdstream.raydc_original is original
         _quiet_raylet_notices(False)
-    try:
         assert worker.print_to_stdstream is original
-        _print(notice.replace("12", "13"))  # verbose: Ray's printer, the notice shown
-        assert "13 PYTHON worker processes have been started" in capsys.readouterr().out
     finally:
         worker.print_to_stdstream = found
 
