@@ -11,6 +11,10 @@ from tests.helpers import REPO  # noqa: F401  (one definition; test files import
 
 pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object-storage tests talk to
 
+# Ray Train starts an actor per run that watches for spot-instance preemption notices; no node of a test cluster is
+# ever preempted, and the actor is one more process start per run. Subprocesses (CLI runs) inherit the setting.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 def data_root() -> Path | None:
     """The dataset root for tests: $RAYDC_DATA_ROOT, else ../shared/data beside the checkout (CI's layout)."""
