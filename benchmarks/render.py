@@ -235,12 +235,44 @@ def _headlines(d: dict) -> list[str]:
                    f"{_x(p['fit_speedup_vs_faiss']['raydc_sharded'])} faiss.PCAMatrix; subspace max angle vs faiss "
                    f"{_f(a['faiss_PCAMatrix']['max_principal_angle_deg'])}°, vs sklearn "
                    f"{_f(a['sklearn_PCA']['max_principal_angle_deg'])}°.")
-    if "quality" in d:
-        runs = d["quality"]["runs"]
-        have = [f"{n}: ACC {_f(r['last_row'].get('acc'))}, NMI {_f(r['last_row'].get('nmi'))} ({r['status']})"
-                for n, r in runs.items() if "last_row" in r]
-        out.append("**Quality**: " + ("; ".join(have) if have else "no run directories found under runs/") + ".")
+    quality = _headline_quality(d)
+    if quality:
+        out.append("**Quality, final rounds**: " + "; ".join(quality) + ".")
     return out
+
+
+def _headline_quality(d: dict) -> list[str]:
+    """The last round of every finished run the results hold: the settings over seeds (mean ± std, and the
+    lowest), DAC's runs through a whole schedule (dac_ab.json), then the single runs of the quality table. A run
+    still in progress is left out: its last row is not a final round."""
+    have = []
+    for n, s in (d.get("seeds") or {}).get("settings", {}).items():
+        acc = [r["acc"] for r in s["runs"] if r.get("acc") is not None]
+        if acc:
+            have.append(f"`{n}` ({s['data']}) ACC {_pm(s['summary'].get('acc'))} over {len(acc)} seeds, "
+                        f"min {_f(min(acc))}")
+    dac = (d.get("dac_ab") or {})
+
+    def whole(r: dict) -> bool:  # round 0 and every round of a 20-round schedule: the final row is the last
+        return r.get("rounds", 0) >= 20 and len(r.get("acc_by_round") or []) == r["rounds"] + 1
+
+    by_label = {r["label"]: r for r in dac.get("runs", [])}
+    grouped = set()
+    for g in dac.get("groups", []):
+        runs = [by_label[n] for n in g["runs"] if n in by_label]
+        if runs and all(whole(r) for r in runs):
+            final = [r["acc_by_round"][-1] for r in runs]
+            grouped.update(g["runs"])
+            have.append(f"DAC, MNIST test 10k, the shipped schedule (dac_ab.json) ACC {_pm(_mean_std(final))} over "
+                        f"{len(final)} seeds, min {_f(min(final))}")
+    for r in dac.get("runs", []):
+        if whole(r) and r["label"] not in grouped and r["label"].startswith("70k"):
+            have.append(f"DAC, MNIST 70k, seed {r['train'].get('seed', '?')} (dac_ab.json) ACC "
+                        f"{_f(r['acc_by_round'][-1])} after {r['rounds']} rounds")
+    for n, r in (d.get("quality") or {}).get("runs", {}).items():
+        if "last_row" in r and r["status"].startswith("finished"):
+            have.append(f"`{n}` ACC {_f(r['last_row'].get('acc'))}, NMI {_f(r['last_row'].get('nmi'))}")
+    return have
 
 
 def _goals(d: dict) -> str:
@@ -805,7 +837,7 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
               "are there). Numbers are medians; ratios compare implementations measured in the same run, "
               "interleaved, which is what survives the noise of a shared 2-core machine.", "",
               _machine({**d_b, **({"suite": d['suite']} if 'suite' in d else {})}), "", "## Headline ratios", ""]
-    lines += [f"- {h}" for h in _headlines(d_b)]
+    lines += [f"- {h}" for h in _headlines({**d_b, "dac_ab": d.get("dac_ab")} if "dac_ab" in d else d_b)]
     lines.append("")
     goals = _goals(d_b)
     if goals:
