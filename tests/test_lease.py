@@ -50,10 +50,12 @@ def test_a_second_writer_is_refused_naming_the_holder_until_the_first_releases(r
 
 
 def test_the_heartbeat_keeps_a_lease_alive_past_its_timeout(run_location):
-    with _lease(run_location, timeout=1.0).held():
-        time.sleep(2.0)  # eight heartbeats; without them the lease would be 2 s old, twice the timeout
+    # A 2 s timeout: a heartbeat every 0.5 s, so only a stall of the heartbeat thread over 2 s (the suite's heaviest
+    # load once stalled it past a 1 s timeout) lets the lease look stale.
+    with _lease(run_location, timeout=2.0).held():
+        time.sleep(4.0)  # eight heartbeats; without them the lease would be 4 s old, twice the timeout
         with pytest.raises(LeaseHeld):
-            _lease(run_location, timeout=1.0).acquire()
+            _lease(run_location, timeout=2.0).acquire()
 
 
 def test_a_stale_lease_is_taken_over_and_logged_and_its_old_holder_learns_it(run_location):
