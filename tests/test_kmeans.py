@@ -341,7 +341,10 @@ def test_a_shard_process_loads_torch_only_when_it_needs_it_and_then_with_its_thr
     import sys
 
     code = ("import sys; import raydc.engine.shard_store; from raydc.core.faiss_backend import use_all_cores, "
-            "import_torch; use_all_cores(2); print('torch' in sys.modules, import_torch().get_num_threads())")
+            "import_torch; use_all_cores(2); print('torch' in sys.modules, {}.get_num_threads())")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "2"], out.stderr
+    # through raydc's import_torch (the sums, the bf16 path), and a plain import (a method's function on a shard)
+    for torch_of in ("import_torch()", "__import__('torch')"):
+        out = subprocess.run([sys.executable, "-c", code.format(torch_of)], env=env, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.split() == ["False", "2"], (torch_of, out.stderr)

@@ -112,6 +112,8 @@ def use_all_cores(n: int | None = None) -> int:
     _THREADS = n
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
+    else:  # a module that imports torch later (a method's shard function) starts with n threads, not Ray's 1
+        os.environ["OMP_NUM_THREADS"] = str(n)
     return n
 
 
