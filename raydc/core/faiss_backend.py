@@ -120,9 +120,9 @@ def use_all_cores(n: int | None = None) -> int:
 def import_torch():
     """torch, imported on first use, with the thread count `use_all_cores` chose for this process.
 
-    Why lazily: a shard actor or the coordinator that only runs faiss would otherwise load torch (seconds of CPU
-    per process, a dozen processes per run) for nothing. Imported later, torch would start with the
-    OMP_NUM_THREADS=1 Ray gives a 0-CPU actor, so the count is applied here."""
+    Why lazily: a shard actor that only runs faiss would otherwise load torch (seconds of CPU in every shard
+    process of every run) for nothing. Imported later, torch would start with the OMP_NUM_THREADS=1 Ray gives a
+    0-CPU actor, so the count is applied here (and `use_all_cores` sets the variable for a plain import)."""
     import torch
 
     if _THREADS is not None and torch.get_num_threads() != _THREADS:

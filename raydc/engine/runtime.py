@@ -39,6 +39,8 @@ VERBOSE_ENV = "RAYDC_VERBOSE"
 # interval and the run's end waited for another. A user's own setting wins; Train propagates it to its
 # controller and workers. Each poll is one small call per worker.
 HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
+
 def verbose() -> bool:
     """True when the user asked for Ray's own output: `--verbose` sets RAYDC_VERBOSE, which `ray job submit`
     users can set themselves (`--runtime-env-json '{"env_vars": {"RAYDC_VERBOSE": "1"}}'`)."""
@@ -154,6 +156,7 @@ def ray_state_kept(verbose_output: bool = False):
     the way out (the loggers' levels, the environment, Ray Data's context) and a Ray started here is shut down,
     so a notebook's Ray and its output are as they were, and the next call starts from the same state."""
     import ray
+    from ray._private import worker
     from ray.data import DataContext
 
     started = not ray.is_initialized()
@@ -161,8 +164,7 @@ def ray_state_kept(verbose_output: bool = False):
     env = {name: os.environ.get(name) for name in _ENV}
     ctx = DataContext.get_current()
     data = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
-    from ray._private import worker
-    printer = worker.print_to_stdstream
+    printer = worker.print_to_stdstream  # quiet mode's filter on Ray's error channel, or Ray's own
     if verbose_output:
         os.environ[VERBOSE_ENV] = "1"
     try:
