@@ -97,7 +97,7 @@ def test_mixed_size_folder_without_a_size_fails_before_any_work(mixed_folder_sha
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # a whole run per method (~1 min each on 2 cores); the fast suite's CLI test runs DeepCluster's
+@pytest.mark.slow  # a whole run per method; the fast suite's CLI test runs DeepCluster's
 # first round on this folder (tests/test_cli_run.py)
 @pytest.mark.parametrize("method", ["deepcluster", "dec", "dac"])
 def test_mixed_size_folder_runs_through_the_engine(ray_local, mixed_folder_shards, tmp_path, method):
