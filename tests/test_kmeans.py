@@ -340,11 +340,13 @@ def test_a_shard_process_loads_torch_only_when_it_needs_it_and_then_with_its_thr
     import subprocess
     import sys
 
-    code = ("import sys; import raydc.engine.shard_store; from raydc.core.faiss_backend import use_all_cores, "
-            "import_torch; use_all_cores(2); print('torch' in sys.modules, {}.get_num_threads())")
+    code = ("import sys; import numpy as np; import raydc.engine.shard_store; "
+            "from raydc.core.faiss_backend import use_all_cores; use_all_cores(2); loaded = 'torch' in sys.modules; "
+            "{}; print(loaded, sys.modules['torch'].get_num_threads())")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # through raydc's import_torch (the sums, the bf16 path), and a plain import (a method's function on a shard)
-    for torch_of in ("import_torch()", "__import__('torch')"):
-        out = subprocess.run([sys.executable, "-c", code.format(torch_of)], env=env, capture_output=True, text=True,
+    # through the exact sums (core.kmeans imports torch there), and a plain import (a method's function on a shard)
+    for load in ("from raydc.core.kmeans import partial_sums; partial_sums(np.ones((4, 2), np.float32), "
+                 "np.zeros(4, np.int64), 1)", "import torch"):
+        out = subprocess.run([sys.executable, "-c", code.format(load)], env=env, capture_output=True, text=True,
                              check=True)
-        assert out.stdout.split() == ["False", "2"], (torch_of, out.stderr)
+        assert out.stdout.split() == ["False", "2"], (load, out.stderr)

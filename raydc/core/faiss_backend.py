@@ -19,7 +19,6 @@ from raydc.errors import UserError
 log = logging.getLogger(__name__)
 
 _warned_gpu_build_without_gpu = False
-_THREADS: int | None = None  # set by use_all_cores; torch, when it loads later, takes it (import_torch)
 
 
 def import_faiss() -> ModuleType:
@@ -108,23 +107,10 @@ def use_all_cores(n: int | None = None) -> int:
         threadpool_limits(n)  # the OpenBLAS/OpenMP pools already loaded (numpy, scipy, faiss's own)
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         pass
-    global _THREADS
-    _THREADS = n
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
-    else:  # a module that imports torch later (a method's shard function) starts with n threads, not Ray's 1
+    else:
+        # torch is imported only where it is used (the exact sums, the bf16 path, a method's function on a shard):
+        # a shard actor that only runs faiss never pays its import. When it does load, it reads this, not Ray's 1.
         os.environ["OMP_NUM_THREADS"] = str(n)
     return n
-
-
-def import_torch():
-    """torch, imported on first use, with the thread count `use_all_cores` chose for this process.
-
-    Why lazily: a shard actor that only runs faiss would otherwise load torch (seconds of CPU in every shard
-    process of every run) for nothing. Imported later, torch would start with the OMP_NUM_THREADS=1 Ray gives a
-    0-CPU actor, so the count is applied here (and `use_all_cores` sets the variable for a plain import)."""
-    import torch
-
-    if _THREADS is not None and torch.get_num_threads() != _THREADS:
-        torch.set_num_threads(_THREADS)
-    return torch

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from raydc.core.faiss_backend import describe_faiss, import_faiss, import_torch, want_gpu
+from raydc.core.faiss_backend import describe_faiss, import_faiss, want_gpu
 from raydc.core.pca import check_finite
 
 if TYPE_CHECKING:  # torch is imported where it is used: a shard actor that only runs faiss never loads it
@@ -212,7 +212,8 @@ def _assign_precision(precision: str, k: int, ngpu: int) -> str:
 
 def _split_bf16(v: torch.Tensor, parts: int = 3) -> list[torch.Tensor]:
     """bf16 terms whose float32 sum is v (float64) to about 24 bits: v's float32 value in GEMM columns."""
-    torch = import_torch()
+    import torch
+
     out = []
     for _ in range(parts):
         h = v.to(torch.bfloat16)
@@ -239,7 +240,8 @@ class Bf16Assigner:
         n, d = self.x.shape
         self.candidates = int(candidates)
         self.block_rows = int(block_rows)
-        torch = import_torch()
+        import torch
+
         xa = torch.empty((n, d + 3), dtype=torch.bfloat16)
         xa[:, :d] = torch.from_numpy(self.x)
         xa[:, d:] = 1.0
@@ -254,7 +256,8 @@ class Bf16Assigner:
         if c.shape[1] != d:
             raise ValueError(f"centroids have dimension {c.shape[1]}, points {d}")
         m = min(self.candidates, k)
-        torch = import_torch()
+        import torch
+
         ct = torch.from_numpy(c)
         norms = _split_bf16((ct.double() ** 2).sum(1))
         ca = torch.cat([(-2.0 * ct).to(torch.bfloat16), *(t[:, None] for t in norms)], 1)
@@ -369,8 +372,10 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init_centro
             on_iteration(i, obj)
     backend = describe_faiss(ngpu)
     if assigner is not None:
+        import torch
+
         backend = (f"Lloyd with bf16 GEMM ({cpu_bf16_flag() or 'no bf16 instructions'}) + float32 re-rank of "
-                   f"{assigner.candidates} candidates, torch {import_torch().__version__}; {backend}")
+                   f"{assigner.candidates} candidates, torch {torch.__version__}; {backend}")
     return KMeansResult(centroids=centroids, labels=labels, distances=distances, objective=objective,
                         n_split=n_split, backend=backend, seconds=time.perf_counter() - t0)
 
@@ -437,7 +442,8 @@ def partial_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray,
         raise ValueError(f"labels must lie in [0, {k}), got range [{labels.min()}, {labels.max()}]")
     n, d = x.shape
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    torch = import_torch()
+    import torch
+
     sums = torch.zeros((k, d), dtype=torch.float64)
     step = max(1, _CHUNK_BYTES // max(1, 8 * d))
     for i in range(0, n, step):

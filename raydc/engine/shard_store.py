@@ -91,9 +91,11 @@ class ShardStore:
 
     def threads(self) -> dict:
         """The thread counts faiss and torch run with here (torch loaded for the answer, as the sums load it)."""
-        from raydc.core.faiss_backend import import_faiss, import_torch
+        import torch
 
-        return {"faiss": import_faiss().omp_get_max_threads(), "torch": import_torch().get_num_threads(),
+        from raydc.core.faiss_backend import import_faiss
+
+        return {"faiss": import_faiss().omp_get_max_threads(), "torch": torch.get_num_threads(),
                 "cores": self.cores, "busy_peers": self.busy_peers}
 
     def peak_rss(self) -> dict:
