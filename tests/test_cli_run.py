@@ -42,13 +42,13 @@ def _wait_for(lines: list[str], proc: subprocess.Popen, prefix: str, timeout: fl
 def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, mixed_folder_shards, tmp_path):
     """Also the default output: the per-round line once, unprefixed, and none of Ray's chatter (it was every
     worker line twice, TrainController start-up lines, a TrainingReport dump per round, faiss's log)."""
-    shards = mixed_folder_shards
-    proc, lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=200")
+    proc, lines = _train(ray_local, mixed_folder_shards, tmp_path / "run", "--set=train.epochs=200")
     try:
         _wait_for(lines, proc, "epoch 0 |")
         # What a user does when a job looks stuck: submit it again. It is refused (raydc.engine.lease), naming
         # the live run, and writes nothing.
-        second, second_lines = _train(ray_local, shards, tmp_path / "run", "--set=train.epochs=200", "--resume")
+        second, second_lines = _train(ray_local, mixed_folder_shards, tmp_path / "run", "--set=train.epochs=200",
+                                      "--resume")
         assert second.wait(timeout=300) == 2, "".join(second_lines)
         time.sleep(0.5)
         assert "is being written by another run (host " in "".join(second_lines), second_lines
