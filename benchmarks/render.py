@@ -13,7 +13,8 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
-         "seeds", "seeds70k", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab", "probe_table"]
+         "seeds", "seeds70k", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab", "probe_table",
+         "sweep_table"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -687,6 +688,31 @@ def _sec_probe_table(doc: dict) -> str:
                       "clustering ACC", "clustering NMI", "commit"], rows) + "\n")
 
 
+def _sec_sweep_table(doc: dict) -> str:
+    """Each collected sweep: its trials, the label-free pick, and ACC beside it (evaluation only)."""
+    parts = ["## Sweeps: the label-free pick (issue #30)\n\nEach table is a finished `raydc sweep`, collected by "
+             "`python -m benchmarks.sweep_table` (results/sweep_table.json) from a worktree pinned to the commit "
+             "shown. The winner is chosen by the selection metric alone; ACC/NMI are read afterwards from the "
+             "shards' labels, and the Spearman correlation says how well the metric ranks the trials by ACC.\n"]
+    for s in doc["sweeps"]:
+        metric = s["selection"].split(": ", 1)[-1].split(" ")[0]
+        names = list(s["trials"][0]["params"]) if s["trials"] else []
+        rows = [[*[str(t["params"][n]).removesuffix(".0") for n in names], _f(t.get(metric)),
+                 _f(t.get("silhouette")), _f(t.get("acc")), _f(t.get("nmi")), t["status"],
+                 _f((t.get("wall_s") or 0) / 60), "**picked**" if t["trial_id"] == s["best"] else ""]
+                for t in s["trials"]]
+        lab = s.get("labels") or {}
+        rho = lab.get("spearman_with_selection")
+        acc_pick = ", ".join(f"{k}={v}" for k, v in (lab.get("label_best_params") or {}).items())
+        parts.append(f"### {s['label']} (commit {s['commit']})\n\n{s['selection']}: picked "
+                     + ", ".join(f"{k}={v}" for k, v in (s["best_params"] or {}).items())
+                     + (f"; ACC would pick {acc_pick}" if acc_pick else "")
+                     + (f"; Spearman(metric, ACC) over {lab.get('trials')} trials = {rho:+.2f}" if rho is not None
+                        else "") + ".\n\n"
+                     + _table([*names, metric, "silhouette", "ACC", "NMI", "status", "min", ""], rows) + "\n")
+    return "\n".join(parts)
+
+
 def _sec_scale(doc: dict, img: str) -> str:
     if "points" not in doc:
         return ""
@@ -821,7 +847,7 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     md_path = BENCH_DIR / "RESULTS.md" if out == RESULTS_DIR.resolve() else out / "RESULTS.md"
     rel = (lambda name: f"results/{name}") if md_path.parent != out else (lambda name: name)
     d_b = {k: v for k, v in d.items() if k not in ("suite", "export_memory", "embed_memory", "dac_ab",
-                                                   "probe_table")}  # collected from runs: their own format
+                                                   "probe_table", "sweep_table")}  # collected from runs
     mode = {v.get("mode") for v in d_b.values()}
     lines = ["# raydc benchmark results", ""]
     if not d_b:
@@ -889,6 +915,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_probes(d["probes"]))
     if "probe_table" in d:
         lines.append(_sec_probe_table(d["probe_table"]))
+    if "sweep_table" in d:
+        lines.append(_sec_sweep_table(d["sweep_table"]))
     if "dac_ab" in d:
         lines.append(_sec_dac_ab(d["dac_ab"]))
     if "export_memory" in d or "embed_memory" in d:

@@ -323,13 +323,26 @@ if TYPE_CHECKING:
         def __init__(self, **sections: Any) -> None: ...
         def __getattr__(self, section: str) -> Any: ...
 else:
-    Config = _make_config_class()
+    def __getattr__(name: str) -> Any:
+        """`Config` is assembled on first use, not at import. Assembling it imports every method, and with them
+        torch; a process that only unpickles a section (the clustering coordinator is sent `features`) or reads a
+        field check then stays without torch."""
+        if name == "Config":
+            return _config_class()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _config_class() -> type[Config]:
+    cls = globals().get("Config")
+    if cls is None:
+        cls = globals()["Config"] = _make_config_class()
+    return cls
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, overrides)
-    return from_dict(Config, with_method_defaults(data))
+    return from_dict(_config_class(), with_method_defaults(data))
 
 
 def with_method_defaults(data: dict) -> dict:
@@ -353,4 +366,4 @@ def with_method_defaults(data: dict) -> dict:
 
 def load_config_text(text: str, where: str) -> Config:
     """A config from its YAML text (a run directory's saved config, which may live on object storage)."""
-    return from_dict(Config, parse_yaml(text, where))
+    return from_dict(_config_class(), parse_yaml(text, where))

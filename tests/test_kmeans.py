@@ -140,7 +140,6 @@ def test_partial_sums_and_reduction():
         partial_sums(x, lab + 5, 9)
 
 
-@pytest.mark.usefixtures("one_torch_thread")  # 5,000 one-row torch calls at the smallest chunk: no thread pool
 def test_partial_sums_add_rows_in_row_order_whatever_the_chunk(monkeypatch):
     # The sums are exact float64 in the rows' order, so sharded and star reductions, and any chunk size, give
     # the same bits; np.add.at is that sequential order. Widely spread magnitudes make reordering visible.
@@ -335,18 +334,21 @@ def test_assign_precision_choice(monkeypatch):
 
 def test_a_shard_process_loads_torch_only_when_it_needs_it_and_then_with_its_threads():
     """The shard actors run faiss: importing their module and taking the cores must not load torch (seconds of
-    CPU in every shard process of every run). When torch does load (the exact float64 sums, the bf16 path), it
-    runs on the cores `use_all_cores` took, not the OMP_NUM_THREADS=1 Ray gives a 0-CPU actor."""
+    CPU in every shard process of every run), and neither must the distributed Lloyd's exact float64 sums. When
+    torch does load (the bf16 path, a method's function), it runs on the cores `use_all_cores` took, not the
+    OMP_NUM_THREADS=1 Ray gives a 0-CPU actor."""
     import subprocess
     import sys
 
     code = ("import sys; import numpy as np; import raydc.engine.shard_store; "
+            "from raydc.core.kmeans import partial_sums; partial_sums(np.ones((4, 2), np.float32), "
+            "np.zeros(4, np.int64), 1); "
             "from raydc.core.faiss_backend import use_all_cores; use_all_cores(2); loaded = 'torch' in sys.modules; "
             "{}; print(loaded, sys.modules['torch'].get_num_threads())")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # through the exact sums (core.kmeans imports torch there), and a plain import (a method's function on a shard)
-    for load in ("from raydc.core.kmeans import partial_sums; partial_sums(np.ones((4, 2), np.float32), "
-                 "np.zeros(4, np.int64), 1)", "import torch"):
+    # through the bf16 assignment (core.kmeans imports torch there), and a plain import (a method's function)
+    for load in ("from raydc.core.kmeans import Bf16Assigner; Bf16Assigner(np.ones((4, 2), np.float32))",
+                 "import torch"):
         out = subprocess.run([sys.executable, "-c", code.format(load)], env=env, capture_output=True, text=True,
                              check=True)
         assert out.stdout.split() == ["False", "2"], (load, out.stderr)

@@ -39,6 +39,9 @@ class ExtractorSpec:
     # that normalises with its batch's statistics (DAC's readout) then sees the same batches on every pass,
     # whatever the pool's concurrency or batch size, so a resumed run and `raydc assign` give the same clusters.
     batch_align: int = 1
+    # Set only while the spec travels through the clustering coordinator (raydc.engine.sealed_spec): the builder
+    # and weights behind an object-store reference, `build` and `state` empty until a pool worker opens it.
+    network: Any = None
 
 
 def keep_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

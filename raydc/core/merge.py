@@ -214,3 +214,26 @@ def graph_merge(conn: np.ndarray, n_groups: int, seed: int = 0, restarts: int = 
     groups = np.zeros(k, np.int64)
     groups[live] = candidates[best]
     return MergeResult(groups, scores[best], best, scores)
+
+
+# ---- the per-shard halves, run by the shard actors where the rows live (a view in, a small array out). Here and
+# not in the method's file: a function is pickled by reference to its module, and this one loads no torch.
+def shard_coneighbours(view, centroids):
+    """Run on a shard actor: this shard's co-neighbour counts (k x k) for the spectral merge."""
+    return None if view.x is None or len(view.ids) == 0 else coneighbour_counts(np.asarray(view.x, np.float32),
+                                                                                   centroids)
+
+
+def shard_knn_edges(view, col: str, sample_x, sample_labels, sample_ids, k: int, n_neighbors: int):
+    """Run on a shard actor: (k, k) counts of this shard's points' nearest sample points, by fine cluster."""
+    if view.x is None or len(view.ids) == 0:
+        return None
+    return knn_edge_counts(view.x, view.cols[col], sample_x, sample_labels, k, n_neighbors, ids=view.ids,
+                           sample_ids=sample_ids)
+
+
+def shard_group(view, col: str, out: str, groups: np.ndarray):
+    """Run on a shard actor: column `out` = the group of each row's fine cluster; the distance stays the one to
+    the fine centroid."""
+    view.cols[out] = np.asarray(groups, np.int64)[view.cols[col]]
+    view.cols[out + "_distance"] = view.cols[col + "_distance"]

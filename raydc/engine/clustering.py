@@ -162,6 +162,12 @@ class CoordinatorProxy:
             resources={resource: 0.001} if resource else None).remote(num_shards, num_gpus, use_gpu, placement,
                                                                       recovery)
 
+    def extract(self, spec, *args, **kwargs) -> ExtractInfo:
+        """The feature pass, its network sealed (raydc.engine.sealed_spec): the coordinator never opens it."""
+        from raydc.engine.sealed_spec import seal_spec
+
+        return ray.get(self.handle.call.remote("extract", seal_spec(spec), *args, **kwargs))
+
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)

@@ -26,6 +26,7 @@ import ray
 
 from raydc.core.extractor import ExtractorSpec
 from raydc.engine.ray_data_pool import features_of
+from raydc.engine.sealed_spec import open_spec
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class FeatureWorker:
         self.clock: Counter = Counter()  # this pass's seconds: read, decode, embed, busy (whole `run` calls)
 
     def set_spec(self, spec_ref: list) -> bool:
-        spec: ExtractorSpec = ray.get(spec_ref[0])
+        spec: ExtractorSpec = open_spec(ray.get(spec_ref[0]))
         try:  # the same network as last pass: only the weights change
             if self.model is None:
                 raise RuntimeError("no model yet")

@@ -26,7 +26,9 @@ class FeatureExtractor:
         import ray
         import torch
 
-        spec: ExtractorSpec = ray.get(spec_ref[0]) if isinstance(spec_ref, list) else spec_ref
+        from raydc.engine.sealed_spec import open_spec
+
+        spec: ExtractorSpec = open_spec(ray.get(spec_ref[0]) if isinstance(spec_ref, list) else spec_ref)
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raydc.core.merge import shard_coneighbours, shard_group, shard_knn_edges
 from raydc.core.models import build_convnet
 from raydc.core.pca import PCAProjection
 from raydc.core.rowblocks import RowBlocks
@@ -390,31 +391,6 @@ class DeepCluster(Method):
                               epoch=round_idx, phase="train", what="the loss")
         return {"loss": stats.loss, "train_images": stats.images, "train_steps": stats.steps, "lr": lr,
                 "time_train": stats.seconds, "images_per_s_train": stats.images / max(stats.seconds, 1e-9)}
-
-
-def shard_coneighbours(view, centroids):
-    """Run on a shard actor: this shard's co-neighbour counts (k x k) for the spectral merge."""
-    from raydc.core.merge import coneighbour_counts
-
-    return None if view.x is None or len(view.ids) == 0 else coneighbour_counts(np.asarray(view.x, np.float32),
-                                                                                   centroids)
-
-
-def shard_knn_edges(view, col: str, sample_x, sample_labels, sample_ids, k: int, n_neighbors: int):
-    """Run on a shard actor: (k, k) counts of this shard's points' nearest sample points, by fine cluster."""
-    from raydc.core.merge import knn_edge_counts
-
-    if view.x is None or len(view.ids) == 0:
-        return None
-    return knn_edge_counts(view.x, view.cols[col], sample_x, sample_labels, k, n_neighbors, ids=view.ids,
-                           sample_ids=sample_ids)
-
-
-def shard_group(view, col: str, out: str, groups: np.ndarray):
-    """Run on a shard actor: column `out` = the group of each row's fine cluster; the distance stays the one to
-    the fine centroid."""
-    view.cols[out] = np.asarray(groups, np.int64)[view.cols[col]]
-    view.cols[out + "_distance"] = view.cols[col + "_distance"]
 
 
 def _projection_to_plain(p: PCAProjection | None) -> dict | None:
