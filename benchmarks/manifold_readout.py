@@ -32,16 +32,17 @@ import numpy as np
 
 def load_features(run_dir: Path, shards: Path, work: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, features, labels) of every image: the run's reduced features, joined to the shards' labels."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = work / (run_dir.name + "-embed")
     if not out.exists():
         subprocess.run([sys.executable, "-m", "raydc.cli", "embed", "--run", str(run_dir), "--data", str(shards),
                         "--out", str(out)], check=True)
-    t = pq.read_table(out)
+    t = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))])
     ids = t.column("id").to_numpy()
     x = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    lab = pq.read_table(shards, columns=["id", "label"])
+    lab = pa.concat_tables([pq.read_table(f, columns=["id", "label"]) for f in sorted(shards.glob("*.parquet"))])
     by_id = dict(zip(lab.column("id").to_numpy().tolist(), lab.column("label").to_numpy().tolist()))
     return ids, x, np.array([by_id[i] for i in ids.tolist()], np.int64)
 
