@@ -14,7 +14,7 @@ from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
          "seeds", "seeds70k", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab", "probe_table",
-         "sweep_table"]
+         "sweep_table", "manifold_readout"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -688,6 +688,33 @@ def _sec_probe_table(doc: dict) -> str:
                       "clustering ACC", "clustering NMI", "commit"], rows) + "\n")
 
 
+def _sec_manifold_readout(doc: dict) -> str:
+    """Readouts of the same final features, per run, and their mean +- std and minimum over a data set's runs."""
+    import statistics
+
+    names = list(doc["runs"][0]["readouts"]) if doc["runs"] else []
+    rows = [[r["label"], _f(r["shipped"]["acc"]), _f(r["shipped"].get("train_k_acc_majority")),
+             *[_f(r["readouts"][n]["acc"]) for n in names], r["commit"]] for r in doc["runs"]]
+    for data in dict.fromkeys(r["label"].split(",")[0] for r in doc["runs"]):
+        runs = [r for r in doc["runs"] if r["label"].split(",")[0] == data]
+
+        def stat(values: list) -> str:
+            values = [v for v in values if v is not None]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.fmean(values):.3f} ± {sd:.3f} (min {min(values):.3f})" if values else "—"
+        rows.append([f"**{data}, {len(runs)} run{'s' if len(runs) > 1 else ''}**", stat([r["shipped"]["acc"] for r in runs]),
+                     stat([r["shipped"].get("train_k_acc_majority") for r in runs]),
+                     *[stat([r["readouts"][n]["acc"] for r in runs]) for n in names], ""])
+    return ("## DeepCluster's readout on the same final features (issue #30)\n\nEach finished run's final network "
+            "embeds every image once (`raydc embed`); the readouts below cluster those features without labels "
+            f"(`benchmarks/manifold_readout.py`: UMAP to 10 dimensions on a {doc['sample']:,}-image sample, a "
+            "Gaussian mixture or k-means there, the other images placed by a vote of their 10 nearest sample "
+            "images; and k-means at the delivered k). \"shipped\" is the run's own final ACC (the k-NN-graph "
+            "merge of its 100 trained clusters); \"majority at k=100\" is the best any merge of those clusters "
+            "could do. ACC only scores.\n\n"
+            + _table(["run", "shipped", "majority at k=100", *names, "commit"], rows) + "\n")
+
+
 def _sec_sweep_table(doc: dict) -> str:
     """Each collected sweep: its trials, the label-free pick, and ACC beside it (evaluation only)."""
     parts = ["## Sweeps: the label-free pick (issue #30)\n\nEach table is a finished `raydc sweep`, collected by "
@@ -847,7 +874,7 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     md_path = BENCH_DIR / "RESULTS.md" if out == RESULTS_DIR.resolve() else out / "RESULTS.md"
     rel = (lambda name: f"results/{name}") if md_path.parent != out else (lambda name: name)
     d_b = {k: v for k, v in d.items() if k not in ("suite", "export_memory", "embed_memory", "dac_ab",
-                                                   "probe_table", "sweep_table")}  # collected from runs
+                                                   "probe_table", "sweep_table", "manifold_readout")}  # from runs
     mode = {v.get("mode") for v in d_b.values()}
     lines = ["# raydc benchmark results", ""]
     if not d_b:
@@ -915,6 +942,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_probes(d["probes"]))
     if "probe_table" in d:
         lines.append(_sec_probe_table(d["probe_table"]))
+    if "manifold_readout" in d:
+        lines.append(_sec_manifold_readout(d["manifold_readout"]))
     if "sweep_table" in d:
         lines.append(_sec_sweep_table(d["sweep_table"]))
     if "dac_ab" in d:
