@@ -14,7 +14,7 @@ from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
          "seeds", "seeds70k", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab", "probe_table",
-         "sweep_table", "manifold_readout"]
+         "sweep_table", "manifold_readout", "baselines"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -688,6 +688,59 @@ def _sec_probe_table(doc: dict) -> str:
                       "clustering ACC", "clustering NMI", "commit"], rows) + "\n")
 
 
+def _sec_time_to_quality(d: dict) -> str:
+    """Minutes to the final round of each shipped 70k config, with its final ACC, beside what a user might try
+    first (scikit-learn's k-means, UMAP + k-means, on the raw pixels). Each row says its file and machine."""
+    import statistics
+
+    def minutes(values: list[float]) -> str:
+        values = [v / 60 for v in values]
+        return _f(values[0]) if len(values) == 1 else (f"{_f(statistics.median(values))} "
+                                                       f"({_f(min(values))}–{_f(max(values))})")
+
+    def accs(values: list[float]) -> str:
+        if len(values) == 1:
+            return _f(values[0])
+        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f})"
+
+    def machine(doc: dict) -> str:
+        m = doc.get("machine")
+        return (m.get("cpu_model", "") if isinstance(m, dict) else str(m or "")) or "—"
+
+    rows = []
+    for name, s in (d.get("seeds70k") or {}).get("settings", {}).items():
+        runs = s["runs"]
+        rows.append([f"`{s['config']}`", s["method"], s["data"], str(len(runs)),
+                     minutes([r["seconds"] for r in runs]), accs([r["acc"] for r in runs]),
+                     f"seeds70k.json ({machine(d['seeds70k'])})"])
+    for key in ("dec_mnist", "dec_fmnist"):  # runs of an earlier commit, read back by the quality benchmark
+        r = (d.get("quality") or {}).get("runs", {}).get(key)
+        if r and r.get("status") == "finished" and r.get("wall_s_rounds"):
+            rows.append([f"`{r['dir']}` (earlier run)", r["method"], r["data"], "1", minutes([r["wall_s_rounds"]]),
+                         _f(r["last_row"]["acc"]), f"quality.json ({machine(d['quality'])})"])
+    for r in (d.get("dac_ab") or {}).get("runs", []):
+        if r["label"].startswith("70k") and r.get("rounds") == 20:
+            rows.append(["`dac_mnist.yaml`", "DAC", "MNIST, 70,000 images, k = 10, 20 rounds", "1",
+                         minutes([r["wall_s_rounds"]]) + " (cores shared)", _f(r["acc_by_round"][-1]),
+                         f"dac_ab.json ({machine(d['dac_ab'])})"])
+    base = d.get("baselines")
+    for data, v in (base or {}).get("data", {}).items():
+        for name, what in (("sklearn_kmeans", "scikit-learn k-means, raw pixels"),
+                           ("umap_kmeans", "UMAP + k-means, raw pixels")):
+            runs = v["runs"][name]
+            rows.append(["—", what, f"{data}, k = {base['k']}", str(len(runs)), minutes([r["seconds"] for r in runs]),
+                         accs([r["acc"] for r in runs]), f"baselines.json ({machine(base)})"])
+    if not rows:
+        return ""
+    return ("## Time to quality (issue #27)\n\nMinutes of a run's rounds, from its first round to its final row "
+            "(the sum of `time_round` in metrics.jsonl: Ray's start and the fit's start-up, about half a minute, "
+            "are not in it), median and range over seeds, and the final round's ACC (mean ± std and the minimum "
+            "over seeds). The baselines run on the same images in one process (`benchmarks/baselines.py`). "
+            "Rows come from different files and machines, named in the last column: compare minutes within a "
+            "machine. \"cores shared\": other jobs ran beside that run, so its minutes are an upper bound.\n\n"
+            + _table(["config", "method", "data", "runs", "minutes", "final ACC", "from"], rows) + "\n")
+
+
 def _sec_manifold_readout(doc: dict) -> str:
     """Readouts of the same final features, per run, and their mean +- std and minimum over a data set's runs."""
     import statistics
@@ -874,7 +927,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     md_path = BENCH_DIR / "RESULTS.md" if out == RESULTS_DIR.resolve() else out / "RESULTS.md"
     rel = (lambda name: f"results/{name}") if md_path.parent != out else (lambda name: name)
     d_b = {k: v for k, v in d.items() if k not in ("suite", "export_memory", "embed_memory", "dac_ab",
-                                                   "probe_table", "sweep_table", "manifold_readout")}  # from runs
+                                                   "probe_table", "sweep_table", "manifold_readout",
+                                                   "baselines")}  # collected from runs: their own format
     mode = {v.get("mode") for v in d_b.values()}
     lines = ["# raydc benchmark results", ""]
     if not d_b:
@@ -892,6 +946,9 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     if quality:
         lines.append("- **Quality, final rounds**: " + "; ".join(quality) + ".")
     lines.append("")
+    ttq = _sec_time_to_quality(d)
+    if ttq:
+        lines.append(ttq)
     goals = _goals(d_b)
     if goals:
         lines.append(goals)

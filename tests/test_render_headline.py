@@ -23,3 +23,22 @@ def test_only_final_rounds_reach_the_headline():
     assert "DAC, MNIST 70k, seed 31 (dac_ab.json) ACC 0.977 after 20 rounds" in line
     assert line.count("DAC, MNIST 70k") == 1  # the stopped 70k run's last row is no final round
     assert "over 2 seeds, min 0.94" in line
+
+
+def test_the_time_to_quality_table_lists_each_seeded_config_and_the_baselines():
+    from benchmarks.render import _sec_time_to_quality
+
+    seeds70k = {"machine": {"cpu_model": "AMD EPYC"}, "settings": {"deepcluster_mnist70k": {
+        "config": "mnist.yaml", "method": "DeepCluster", "data": "MNIST 70k",
+        "runs": [{"seed": 31, "seconds": 360.0, "acc": 0.95}, {"seed": 32, "seconds": 420.0, "acc": 0.96},
+                 {"seed": 33, "seconds": 600.0, "acc": 0.97}]}}}
+    baselines = {"machine": "x86_64", "k": 10, "data": {"MNIST 70k": {"runs": {
+        "sklearn_kmeans": [{"seed": 0, "seconds": 30.0, "acc": 0.54}],
+        "umap_kmeans": [{"seed": 0, "seconds": 240.0, "acc": 0.82}, {"seed": 1, "seconds": 246.0, "acc": 0.84}]}}}}
+    text = _sec_time_to_quality({"seeds70k": seeds70k, "baselines": baselines})
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows[0] == ("| `mnist.yaml` | DeepCluster | MNIST 70k | 3 | 7 (6–10) | 0.960 ± 0.010 (min 0.950) "
+                       "| seeds70k.json (AMD EPYC) |")
+    assert rows[1].startswith("| — | scikit-learn k-means, raw pixels | MNIST 70k, k = 10 | 1 | 0.5 | 0.54 |")
+    assert "| 2 | 4.05 (4–4.1) | 0.830 ± 0.014 (min 0.820) |" in rows[2]
+    assert _sec_time_to_quality({}) == ""
