@@ -39,7 +39,7 @@ lint: $(STAMP)
 # built once. One process leaves part of both cores idle between Ray's start-ups; two fill those gaps.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=30 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
