@@ -229,6 +229,42 @@ def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(monkeypatch)
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
 
 
+def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(monkeypatch):
+    """The manifold readout gathers only its sample to rank 0; each shard sends back its k cluster sizes; the
+    sample and its clusters are the artifacts `raydc assign` votes with; the same seed gives the same partition."""
+    from raydc.engine.clustering import ClusteringService
+
+    gathered, returned = [], []
+    sample_features, apply = ClusteringService.sample_features, ClusteringService.apply
+
+    def recording_sample(self, *a, **kw):
+        out = sample_features(self, *a, **kw)
+        gathered.append(len(out[0]))
+        return out
+
+    def recording_apply(self, fn, *args):
+        out = apply(self, fn, *args)
+        returned.extend((fn.__name__, np.shape(r)) for r in out if r is not None)
+        return out
+
+    monkeypatch.setattr(ClusteringService, "sample_features", recording_sample)
+    monkeypatch.setattr(ClusteringService, "apply", recording_apply)
+    sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
+            "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4")
+    _, _, rows, final = run(config(*sets))
+    last = rows[-1]
+    assert gathered[0] == 60 and last["merge_sample"] == 60 and last["kmeans_backend"] == "umap+gmm", gathered
+    assert {shape for name, shape in returned if name == "shard_vote"} == {(3,)}, returned
+    assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)
+    assert final.labels.max() < 3 and last["final_k"] == 3 and sum(last["size_histogram"]) == N
+    assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
+    # the same partition again (the in-process training's last bits may differ between runs, and the mixture
+    # may then name the clusters in another order)
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(run(config(*sets))[3].labels, final.labels) == 1.0
+
+
 def test_cosine_lr_per_round_and_the_step_floor(rounds):
     cfg = config("train.lr_schedule=cosine", "train.lr_final=0.1", "train.epochs=4", "train.min_steps=7")
     _, _, rows, _ = run(cfg)

@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raydc.core.merge import shard_coneighbours, shard_group, shard_knn_edges
+from raydc.config_loader import resumable
+from raydc.core.merge import shard_coneighbours, shard_group, shard_knn_edges, shard_vote
 from raydc.core.models import build_convnet
 from raydc.core.pca import PCAProjection
 from raydc.core.rowblocks import RowBlocks
@@ -61,25 +62,41 @@ class DeepClusterConfig:
     variant: Literal["v1", "v2"] = "v1"
     temperature: float = 0.1               # v2: logits = cos(embedding, prototype) / temperature
     head: Literal["reset", "match"] = "reset"  # v1: a fresh N(0, 0.01) head each round, or the last one matched
-    final_k: int = 0                       # > 0: the delivered clustering has this many clusters (0: cluster.k)
+    # The final readout (final_k < cluster.k) changes nothing the rounds computed, so a finished or interrupted run
+    # may be resumed with another one (`--resume --set deepcluster.final_merge=umap`): only the final step reruns.
+    final_k: int = resumable(0)            # > 0: the delivered clustering has this many clusters (0: cluster.k)
     # final_k < cluster.k: "kmeans" clusters the final features again with final_k; "spectral" joins the
     # training-k clusters by spectral clustering of their co-neighbour graph (raydc.core.merge); "knn" joins
-    # them along the points' own nearest-neighbour graph (raydc.core.merge.graph_merge), label-free
-    final_merge: Literal["kmeans", "spectral", "knn"] = "kmeans"
-    final_neighbors: int = 15              # knn: neighbours of each point, searched in the sample below
-    final_sample: int = 20_000             # knn: points gathered on rank 0 and sent to the shards (bounded memory)
-    final_restarts: int = 10               # knn: spectral restarts; the best `final_score` is kept
-    final_graph: Literal["counts", "paga"] = "counts"  # knn: edge counts, or counts / expected (raydc.core.merge)
-    final_score: Literal["modularity", "ncut"] = "modularity"  # knn: label-free score that picks the partition
+    # them along the points' own nearest-neighbour graph (raydc.core.merge.graph_merge), label-free; "umap"
+    # finds final_k clusters on a UMAP of a sample (raydc.core.merge.manifold_clusters, N2D) and gives every
+    # image the cluster of most of its nearest sample images (needs umap-learn: pip install 'raydc[umap]')
+    final_merge: Literal["kmeans", "spectral", "knn", "umap"] = resumable("kmeans")
+    final_neighbors: int = resumable(15)   # knn: neighbours of each point, searched in the sample below
+    final_sample: int = resumable(20_000)  # knn, umap: points gathered on rank 0 and sent to the shards (bounded)
+    final_restarts: int = resumable(10)    # knn: spectral restarts; the best `final_score` is kept
+    final_graph: Literal["counts", "paga"] = resumable("counts")  # knn: edge counts, or counts / expected
+    final_score: Literal["modularity", "ncut"] = resumable("modularity")  # knn: the label-free partition score
+    final_umap_dims: int = resumable(10)   # umap: dimensions of the embedding the mixture is fitted in
+    final_umap_neighbors: int = resumable(20)  # umap: UMAP's n_neighbors (its graph over the sample)
+    final_vote: int = resumable(10)        # umap: sample neighbours whose clusters vote for each image
 
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError("deepcluster.temperature", f"must be > 0, got {self.temperature}")
         if self.final_k < 0 or self.final_k == 1:
             raise ConfigError("deepcluster.final_k", f"must be 0 (cluster.k) or >= 2, got {self.final_k}")
-        for name in ("final_neighbors", "final_sample", "final_restarts"):
+        for name in ("final_neighbors", "final_sample", "final_restarts", "final_vote"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"deepcluster.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.final_umap_dims < 2 or self.final_umap_neighbors < 2:
+            raise ConfigError("deepcluster.final_umap_dims" if self.final_umap_dims < 2
+                              else "deepcluster.final_umap_neighbors", "must be >= 2")
+        if self.final_merge == "umap":
+            import importlib.util
+
+            if importlib.util.find_spec("umap") is None:
+                raise ConfigError("deepcluster.final_merge", "umap needs umap-learn, which is not installed: "
+                                  "pip install 'raydc[umap]'")
 
 
 def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> nn.Module:
@@ -244,6 +261,7 @@ class DeepCluster(Method):
     def finalize(self, ctx: RoundContext, model: nn.Module, state: DeepClusterState, round_idx: int):
         out, row, _ = self.cluster(ctx, model, state, round_idx)
         final_k = self.opts.final_k
+        vote: dict = {}  # the umap readout's sample and clusters, kept for `raydc assign`
         if final_k and final_k != self.cfg.cluster.k:
             # Over-clustering: the training-k clustering is scored (majority vote is its fair ACC), then the same
             # projected features, still on the shard actors, are clustered with final_k for the user.
@@ -255,6 +273,9 @@ class DeepCluster(Method):
                 out2 = self._spectral_final(ctx, out, final_k, round_idx)
             elif self.opts.final_merge == "knn":
                 out2, merge_row = self._knn_final(ctx, out, final_k, round_idx)
+                trained.update(merge_row)
+            elif self.opts.final_merge == "umap":
+                out2, merge_row, vote = self._umap_final(ctx, final_k, round_idx)
                 trained.update(merge_row)
             else:
                 mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
@@ -271,6 +292,7 @@ class DeepCluster(Method):
                         "time_final_k": time.perf_counter() - t})
         artifacts = {"projection": _projection_to_plain(out.projection),
                      "groups": None if out.groups is None else torch.tensor(out.groups),
+                     **vote,
                      # a copy: the array is read-only, and torch.from_numpy would share it
                      "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}
         return FinalClustering(out.col, out.col + "_distance", artifacts), row
@@ -309,11 +331,38 @@ class DeepCluster(Method):
         return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
                                    sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
 
+    def _umap_final(self, ctx: RoundContext, final_k: int, round_idx: int):
+        """final_k clusters found on a manifold of the final features: a sample of at most `final_sample` images
+        is gathered once, clustered on rank 0 (UMAP + Gaussian mixture, raydc.core.merge.manifold_clusters), and
+        broadcast; each shard gives its rows the cluster most of their `final_vote` nearest sample images hold.
+        Returns the outcome, what the readout recorded, and the sample `raydc assign` votes with."""
+        from raydc.core.merge import manifold_clusters
+
+        o = self.opts
+        _, sample_x, _ = ctx.service.sample_features(o.final_sample, derive_seed(self.cfg.train.seed, round_idx, 37))
+        sample_x = np.ascontiguousarray(sample_x, np.float32)
+        t = time.perf_counter()
+        sample_labels = manifold_clusters(sample_x, final_k, dims=o.final_umap_dims, n_neighbors=o.final_umap_neighbors,
+                                          seed=derive_seed(self.cfg.train.seed, round_idx, 41) % (1 << 31))
+        t_fit = time.perf_counter() - t
+        sizes = np.sum(ctx.service.apply(shard_vote, "final", sample_x, sample_labels, final_k, o.final_vote), axis=0)
+        centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
+                              else np.zeros(sample_x.shape[1], np.float32) for c in range(final_k)])
+        out = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
+                             backend="umap+gmm", mode="sample", col="final")
+        row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
+        vote = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
+        return out, row, vote
+
     def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict) -> FinalClustering:
         info = ctx.extract(self.extractor(model), projection=_projection_from_plain(artifacts["projection"]),
                            l2_normalize=self.cfg.cluster.l2_normalize)
         if not info.finite:
             raise NumericalError(0, "assign", "the network's features for these images")
+        if artifacts.get("vote_sample") is not None:  # the umap readout: the same vote over the same sample
+            ctx.service.apply(shard_vote, "final", artifacts["vote_sample"].numpy(), artifacts["vote_labels"].numpy(),
+                              len(artifacts["centroids"]), self.opts.final_vote)
+            return FinalClustering("final", "final_distance")
         ctx.service.label_nearest(artifacts["centroids"].numpy(), "cluster")
         if artifacts.get("groups") is not None:  # a spectral merge: the fine centroid's group is the cluster
             ctx.service.apply(shard_group, "cluster", "final", artifacts["groups"].numpy())

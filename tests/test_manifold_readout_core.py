@@ -1,0 +1,50 @@
+"""The manifold readout's pure parts (raydc.core.merge): the vote that places every image from a sample, and
+the UMAP + mixture clustering of the sample."""
+from __future__ import annotations
+
+import numpy as np
+
+from raydc.core.merge import manifold_clusters, vote_labels
+
+
+def _blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.eye(4, 8, dtype=np.float32)
+    truth = rng.integers(0, 4, n)
+    x = centres[truth] + 0.05 * rng.standard_normal((n, 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), truth
+
+
+def test_each_image_takes_the_cluster_most_of_its_nearest_sample_images_hold():
+    x, truth = _blobs(400)
+    sample = np.random.default_rng(1).choice(400, 80, replace=False)
+    labels = (truth[sample] + 1) % 4          # any naming of the sample's clusters carries over
+    labels[:3] = (labels[:3] + 1) % 4         # three wrong sample labels are outvoted by their neighbours
+    placed, distance = vote_labels(x, x[sample], labels, 4, n_neighbors=10, batch=64)
+    assert np.array_equal(placed, (truth + 1) % 4)
+    assert distance.dtype == np.float32 and distance.min() >= 0 and np.median(distance) == 0
+    nearest, d1 = vote_labels(x[sample], x[sample], labels, 4, n_neighbors=1)  # one neighbour: itself
+    assert np.array_equal(nearest, labels) and not d1.any()
+
+
+def test_a_tie_goes_to_the_nearer_neighbours():
+    sample = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.5], [3.0, 3.5]], np.float32)
+    labels = np.array([1, 0, 1, 0])
+    placed, distance = vote_labels(np.array([[0.1, 0.0]], np.float32), sample, labels, 2, n_neighbors=4)
+    assert placed.tolist() == [1] and distance.tolist() == [0.5]
+
+
+def test_arcs_that_come_close_near_the_pole_are_found_and_the_seed_fixes_the_result():
+    """Three thin arcs on a sphere that come close near the pole (curved, as a trained network's classes are): the
+    readout recovers each arc, and the seed fixes the result."""
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 1.3, 600)
+    arc = rng.integers(0, 3, 600)
+    angle = arc * (2 * np.pi / 3)
+    x = np.stack([np.cos(t) * np.cos(angle), np.cos(t) * np.sin(angle), np.sin(t) * np.ones_like(t)], axis=1)
+    x = np.concatenate([x, 0.01 * rng.standard_normal((600, 5))], axis=1).astype(np.float32)
+    got = manifold_clusters(x, 3, dims=4, n_neighbors=15, seed=5)
+    table = np.zeros((3, 3), int)
+    np.add.at(table, (arc, got), 1)
+    assert table.max(axis=1).sum() >= 0.98 * 600, table  # each arc is (almost) one cluster
+    assert np.array_equal(manifold_clusters(x, 3, dims=4, n_neighbors=15, seed=5), got)
