@@ -8,8 +8,8 @@ normalised, as the run clustered them), and each readout is computed from those 
 - `kmeans`: faiss k-means at the delivered k on the features (10 restarts, best objective);
 - `umap_gmm` / `umap_kmeans`: UMAP (10 dimensions, 20 neighbours, min_dist 0, cosine) fitted on a uniform
   sample of `--sample` images, a Gaussian mixture (full covariance, 5 initialisations) or k-means on it, and
-  every other image placed by a vote of its 10 nearest sample images in feature space (bounded: the sample is
-  all that is ever fitted, the placement is one k-NN search per image, as the shard actors would run it).
+  every other image placed by a vote of its 10 nearest sample images in feature space
+  (`raydc.core.merge.vote_labels`, which the shard actors run for `deepcluster.final_merge: umap`).
 
 Labels only score the results. The run's own final ACC (its shipped readout) is beside them. Usage (umap-learn
 on the path; it is not a dependency of raydc):
@@ -47,28 +47,13 @@ def load_features(run_dir: Path, shards: Path, work: Path) -> tuple[np.ndarray, 
     return ids, x, np.array([by_id[i] for i in ids.tolist()], np.int64)
 
 
-def place_by_vote(x: np.ndarray, sample_x: np.ndarray, sample_labels: np.ndarray, k: int, n_neighbors: int = 10
-                  ) -> np.ndarray:
-    """Each image's cluster: the most common among its nearest sample images (inner product on L2-normalised
-    features = cosine); ties to the nearest."""
-    from raydc.core.faiss_backend import import_faiss
-
-    faiss = import_faiss()
-    index = faiss.IndexFlatIP(sample_x.shape[1])
-    index.add(np.ascontiguousarray(sample_x))
-    _, nn = index.search(np.ascontiguousarray(x), n_neighbors)
-    votes = np.zeros((len(x), k), np.float64)
-    for j in range(n_neighbors):  # earlier neighbours weigh a little more, so a tie goes to the nearest
-        np.add.at(votes, (np.arange(len(x)), sample_labels[nn[:, j]]), 1.0 + 1e-3 * (n_neighbors - j))
-    return votes.argmax(axis=1)
-
-
 def readouts(x: np.ndarray, k: int, sample: int, seed: int) -> dict[str, tuple[np.ndarray, float]]:
     import umap
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
     from raydc.core.kmeans import kmeans
+    from raydc.core.merge import vote_labels
 
     out: dict[str, tuple[np.ndarray, float]] = {}
     t = time.perf_counter()
@@ -84,7 +69,7 @@ def readouts(x: np.ndarray, k: int, sample: int, seed: int) -> dict[str, tuple[n
                       ("umap_kmeans", lambda: KMeans(k, n_init=10, random_state=seed).fit_predict(z))):
         t = time.perf_counter()
         sample_labels = np.asarray(fit(), np.int64)
-        labels = place_by_vote(x, x[idx], sample_labels, k)
+        labels = vote_labels(x, x[idx], sample_labels, k, n_neighbors=10)[0]
         labels[idx] = sample_labels  # the sample keeps the clusters fitted on it
         out[name] = (labels, t_umap + time.perf_counter() - t)
     return out
