@@ -710,7 +710,8 @@ def _sec_time_to_quality(d: dict) -> str:
     rows = []
     for name, s in (d.get("seeds70k") or {}).get("settings", {}).items():
         runs = s["runs"]
-        rows.append([f"`{s['config']}`", s["method"], s["data"], str(len(runs)),
+        sets = "".join(f" `{x}`" for x in s.get("sets", []))
+        rows.append([f"`{s['config']}`{sets}", s["method"], s["data"], str(len(runs)),
                      minutes([r["seconds"] for r in runs]), accs([r["acc"] for r in runs]),
                      f"seeds70k.json ({machine(d['seeds70k'])})"])
     for key in ("dec_mnist", "dec_fmnist"):  # runs of an earlier commit, read back by the quality benchmark
@@ -734,7 +735,7 @@ def _sec_time_to_quality(d: dict) -> str:
         return ""
     return ("## Time to quality (issue #27)\n\nMinutes of a run's rounds, from its first round to its final row "
             "(the sum of `time_round` in metrics.jsonl: Ray's start and the fit's start-up, about half a minute, "
-            "are not in it), median and range over seeds, and the final round's ACC (mean ± std and the minimum "
+            "are not in it; a re-read final step counts once), median and range over seeds, and the final round's ACC (mean ± std and the minimum "
             "over seeds). The baselines run on the same images in one process (`benchmarks/baselines.py`). "
             "Rows come from different files and machines, named in the last column: compare minutes within a "
             "machine. \"cores shared\": other jobs ran beside that run, so its minutes are an upper bound.\n\n"

@@ -231,7 +231,7 @@ def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(monkeypatch)
 
 def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(monkeypatch):
     """The manifold readout gathers only its sample to rank 0; each shard sends back its k cluster sizes; the
-    sample and its clusters are the artifacts `raydc assign` votes with; the same seed gives the same partition."""
+    sample and its clusters are the artifacts `raydc assign` votes with."""
     from raydc.engine.clustering import ClusteringService
 
     gathered, returned = [], []
@@ -258,11 +258,7 @@ def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(monke
     assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)
     assert final.labels.max() < 3 and last["final_k"] == 3 and sum(last["size_histogram"]) == N
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
-    # the same partition again (the in-process training's last bits may differ between runs, and the mixture
-    # may then name the clusters in another order)
-    from sklearn.metrics import adjusted_rand_score
-
-    assert adjusted_rand_score(run(config(*sets))[3].labels, final.labels) == 1.0
+    # (that a seed fixes the readout's result: tests/test_manifold_readout_core.py)
 
 
 def test_cosine_lr_per_round_and_the_step_floor(rounds):
