@@ -252,8 +252,9 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
     from sklearn.mixture import GaussianMixture
 
     sample = np.ascontiguousarray(sample, np.float32)
+    # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
     z = umap.UMAP(n_components=dims, n_neighbors=min(n_neighbors, len(sample) - 1), min_dist=0.0, metric="cosine",
-                  random_state=seed).fit_transform(sample)
+                  random_state=seed, n_jobs=1).fit_transform(sample)
     mixture = GaussianMixture(k, covariance_type="full", n_init=n_init, random_state=seed).fit(z)
     return mixture.predict(z).astype(np.int64)
 
