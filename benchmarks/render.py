@@ -244,7 +244,8 @@ def _headline_quality(d: dict) -> list[str]:
     lowest), DAC's runs through a whole schedule (dac_ab.json), then the single runs of the quality table. A run
     still in progress is left out: its last row is not a final round."""
     have = []
-    for n, s in (d.get("seeds") or {}).get("settings", {}).items():
+    settings = {**(d.get("seeds70k") or {}).get("settings", {}), **(d.get("seeds") or {}).get("settings", {})}
+    for n, s in settings.items():
         acc = [r["acc"] for r in s["runs"] if r.get("acc") is not None]
         if acc:
             have.append(f"`{n}` ({s['data']}) ACC {_pm(s['summary'].get('acc'))} over {len(acc)} seeds, "
@@ -267,9 +268,11 @@ def _headline_quality(d: dict) -> list[str]:
         if whole(r) and r["label"] not in grouped and r["label"].startswith("70k"):
             have.append(f"DAC, MNIST 70k, seed {r['train'].get('seed', '?')} (dac_ab.json) ACC "
                         f"{_f(r['acc_by_round'][-1])} after {r['rounds']} rounds")
-    for n, r in (d.get("quality") or {}).get("runs", {}).items():
-        if "last_row" in r and r["status"].startswith("finished"):
-            have.append(f"`{n}` ACC {_f(r['last_row'].get('acc'))}, NMI {_f(r['last_row'].get('nmi'))}")
+    single = [f"`{n}` ACC {_f(r['last_row'].get('acc'))}, NMI {_f(r['last_row'].get('nmi'))}"
+              for n, r in (d.get("quality") or {}).get("runs", {}).items()
+              if "last_row" in r and r["status"].startswith("finished")]
+    if single:  # one seed each, some at older commits: after the settings measured over seeds
+        have.append("single earlier runs (quality.json, one seed each, the code of their day): " + ", ".join(single))
     return have
 
 

@@ -23,6 +23,7 @@ def test_only_final_rounds_reach_the_headline():
     assert "DAC, MNIST 70k, seed 31 (dac_ab.json) ACC 0.977 after 20 rounds" in line
     assert line.count("DAC, MNIST 70k") == 1  # the stopped 70k run's last row is no final round
     assert "over 2 seeds, min 0.94" in line
+    assert line.index("over 2 seeds") < line.index("single earlier runs") < line.index("`done` ACC 0.8")
 
 
 def test_the_time_to_quality_table_lists_each_seeded_config_and_the_baselines():
