@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import machine_info
 
 
 def load_pixels(shards: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydc.core.metrics import acc, nmi
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    doc: dict = {"benchmark": "baselines", "machine": platform.processor(), "cpus": os.cpu_count(), "k": args.k,
+    doc: dict = {"benchmark": "baselines", "machine": machine_info(), "k": args.k,
                  "what": "scikit-learn KMeans (k-means++, n_init 10, lloyd) on raw pixels in [0, 1]; UMAP (10 "
                          "dimensions, 20 neighbours, min_dist 0, euclidean, all images) then the same KMeans",
                  "data": {}}

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import machine_info
 
 
 def load_features(run_dir: Path, shards: Path, work: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(label, "shipped", f"{row['shipped']['acc']:.4f}",
               " ".join(f"{n} {r['acc']:.4f}" for n, r in row["readouts"].items()), flush=True)
-        args.out.write_text(json.dumps({"benchmark": "manifold_readout", "machine": platform.processor(),
+        args.out.write_text(json.dumps({"benchmark": "manifold_readout", "machine": machine_info(),
                                         "sample": args.sample, "k": args.k, "runs": rows}, indent=1) + "\n")
     return 0
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 from pathlib import Path
+
+from benchmarks.common import machine_info
 
 SCORES = ("silhouette", "calinski_harabasz", "ae_kmeans_stability", "nmi_prev", "loss", "acc", "nmi", "ari")
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
     entry = collect(args.sweep, args.label, args.commit)
     sweeps = [s for s in (old["sweeps"] if old else []) if s["label"] != args.label] + [entry]
-    args.out.write_text(json.dumps({"benchmark": "sweep_table", "machine": platform.processor() or platform.node(),
+    args.out.write_text(json.dumps({"benchmark": "sweep_table", "machine": machine_info(),
                                     "sweeps": sweeps}, indent=1) + "\n")
     print(f"{args.label}: best {entry['best_params']} ({entry['selection']})")
     return 0
