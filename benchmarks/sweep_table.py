@@ -35,9 +35,9 @@ def collect(sweep_dir: Path, label: str, commit: str) -> dict:
     sweep = (sweep_dir / "sweep.yaml").read_text() if (sweep_dir / "sweep.yaml").exists() else ""
     params = [c for c in (rows[0] if rows else {}) if "." in c]  # swept fields are dotted config paths
     trials = [{"trial_id": r.get("trial_id"), "status": r.get("status"),
-               "params": {p: _number(r[p]) if _number(r[p]) is not None else r[p] for p in params},
+               "params": {p: r[p] if (v := _number(r[p])) is None else v for p in params},
                "wall_s": _number(r.get("wall_s")),
-               **{s: _number(r.get(s)) for s in SCORES if _number(r.get(s)) is not None}} for r in rows]
+               **{s: v for s in SCORES if (v := _number(r.get(s))) is not None}} for r in rows]
     return {"label": label, "commit": commit, "sweep_dir": str(sweep_dir.resolve()), "sweep_yaml": sweep,
             "selection": summary["selection"], "best": summary["best"], "best_params": summary["best_params"],
             "best_score": summary["best_score"], "labels": summary.get("labels"), "trials": trials}

@@ -199,11 +199,14 @@ def test_over_clustering_with_the_spectral_merge():
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
 
 
-def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(monkeypatch):
-    """The k-NN readout's only per-point traffic to rank 0 is its sample; the shards send back k x k counts."""
+@pytest.fixture
+def traffic(monkeypatch) -> tuple[list, list]:
+    """What a final readout moves: the size of each sample gathered to rank 0, and (function name, shape) of each
+    shard's result of `apply`."""
     from raydc.engine.clustering import ClusteringService
 
-    gathered, returned = [], []
+    gathered: list = []
+    returned: list = []
     sample_features, apply = ClusteringService.sample_features, ClusteringService.apply
 
     def recording_sample(self, *a, **kw):
@@ -218,6 +221,12 @@ def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(monkeypatch)
 
     monkeypatch.setattr(ClusteringService, "sample_features", recording_sample)
     monkeypatch.setattr(ClusteringService, "apply", recording_apply)
+    return gathered, returned
+
+
+def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(traffic):
+    """The k-NN readout's only per-point traffic to rank 0 is its sample; the shards send back k x k counts."""
+    gathered, returned = traffic
     method, _, rows, final = run(config("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=knn",
                                         "deepcluster.final_sample=50", "deepcluster.final_neighbors=5"))
     last = rows[-1]
@@ -229,26 +238,10 @@ def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(monkeypatch)
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
 
 
-def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(monkeypatch):
+def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traffic):
     """The manifold readout gathers only its sample to rank 0; each shard sends back its k cluster sizes; the
     sample and its clusters are the artifacts `raydc assign` votes with."""
-    from raydc.engine.clustering import ClusteringService
-
-    gathered, returned = [], []
-    sample_features, apply = ClusteringService.sample_features, ClusteringService.apply
-
-    def recording_sample(self, *a, **kw):
-        out = sample_features(self, *a, **kw)
-        gathered.append(len(out[0]))
-        return out
-
-    def recording_apply(self, fn, *args):
-        out = apply(self, fn, *args)
-        returned.extend((fn.__name__, np.shape(r)) for r in out if r is not None)
-        return out
-
-    monkeypatch.setattr(ClusteringService, "sample_features", recording_sample)
-    monkeypatch.setattr(ClusteringService, "apply", recording_apply)
+    gathered, returned = traffic
     sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
             "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4")
     _, _, rows, final = run(config(*sets))
