@@ -19,9 +19,10 @@ NEEDS_RAY = False  # started only when a run is missing (finished runs are read 
 SEEDS = (31, 32, 33)
 
 SETTINGS = {
-    # demo.yaml as it was when measured (k = 10, no merge); it now trains k = 100 and merges (bench_readout)
-    "deepcluster_demo": {"config": "demo.yaml", "sets": ["cluster.k=10", "deepcluster.final_k=0"],
-                         "method": "DeepCluster", "data": "MNIST test, 10,000 images, k=10"},
+    # demo.yaml as it was when measured (k = 10, no merge); it now trains k = 100 and merges (bench_demo)
+    "deepcluster_demo_k10": {"config": "demo.yaml", "sets": ["cluster.k=10", "deepcluster.final_k=0"],
+                             "method": "DeepCluster",
+                             "data": "MNIST test, 10,000 images, k=10, no readout (demo.yaml before f2870be)"},
     "deepcluster_fmnist3": {"config": "fmnist3.yaml", "sets": [], "method": "DeepCluster",
                             "data": "Fashion-MNIST classes 0-2, 5,000 images, k=3"},
     "dec_demo": {"config": "dec_mnist.yaml",

@@ -13,8 +13,8 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
-         "seeds", "seeds70k", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab", "probe_table",
-         "sweep_table", "manifold_readout", "baselines"]
+         "seeds", "seeds70k", "demo", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab",
+         "probe_table", "sweep_table", "manifold_readout", "baselines"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -244,7 +244,8 @@ def _headline_quality(d: dict) -> list[str]:
     lowest), DAC's runs through a whole schedule (dac_ab.json), then the single runs of the quality table. A run
     still in progress is left out: its last row is not a final round."""
     have = []
-    settings = {**(d.get("seeds70k") or {}).get("settings", {}), **(d.get("seeds") or {}).get("settings", {})}
+    settings = {**(d.get("seeds70k") or {}).get("settings", {}), **(d.get("demo") or {}).get("settings", {}),
+                **(d.get("seeds") or {}).get("settings", {})}
     for n, s in settings.items():
         acc = [r["acc"] for r in s["runs"] if r.get("acc") is not None]
         if acc:
@@ -711,12 +712,13 @@ def _sec_time_to_quality(d: dict) -> str:
         return (m.get("cpu_model", "") if isinstance(m, dict) else str(m or "")) or "—"
 
     rows = []
-    for name, s in (d.get("seeds70k") or {}).get("settings", {}).items():
-        runs = s["runs"]
-        sets = "".join(f" `{x}`" for x in s.get("sets", []))
-        rows.append([f"`{s['config']}`{sets}", s["method"], s["data"], str(len(runs)),
-                     minutes([r["seconds"] for r in runs]), accs([r["acc"] for r in runs]),
-                     f"seeds70k.json ({machine(d['seeds70k'])})"])
+    for bench in ("seeds70k", "demo"):
+        for name, s in (d.get(bench) or {}).get("settings", {}).items():
+            runs = s["runs"]
+            sets = "".join(f" `{x}`" for x in s.get("sets", []))
+            rows.append([f"`{s['config']}`{sets}", s["method"], s["data"], str(len(runs)),
+                         minutes([r["seconds"] for r in runs]), accs([r["acc"] for r in runs]),
+                         f"{bench}.json ({machine(d[bench])})"])
     for key in ("dec_mnist", "dec_fmnist"):  # runs of an earlier commit, read back by the quality benchmark
         r = (d.get("quality") or {}).get("runs", {}).get(key)
         if r and r.get("status") == "finished" and r.get("wall_s_rounds"):
@@ -992,6 +994,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_seeds(d["seeds"]))
     if "seeds70k" in d:
         lines.append(_sec_seeds(d["seeds70k"], "DeepCluster's 70,000-image configs over seeds (issue #30)"))
+    if "demo" in d:
+        lines.append(_sec_seeds(d["demo"], "`make demo` over seeds (issue #30)"))
     if "readout" in d:
         from benchmarks.bench_readout import section
 

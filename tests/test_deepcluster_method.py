@@ -243,9 +243,11 @@ def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traff
     sample and its clusters are the artifacts `raydc assign` votes with."""
     gathered, returned = traffic
     sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
-            "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4")
+            "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4",
+            "deepcluster.final_umap_restarts=2")
     _, _, rows, final = run(config(*sets))
     last = rows[-1]
+    assert 0.0 <= last["readout_agreement"] <= 1.0  # two restarts: the kept one's agreement is recorded
     assert gathered[0] == 60 and last["merge_sample"] == 60 and last["kmeans_backend"] == "umap+gmm", gathered
     assert {shape for name, shape in returned if name == "shard_vote"} == {(3,)}, returned
     assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)

@@ -48,3 +48,30 @@ def test_arcs_that_come_close_near_the_pole_are_found_and_the_seed_fixes_the_res
     np.add.at(table, (arc, got), 1)
     assert table.max(axis=1).sum() >= 0.98 * 600, table  # each arc is (almost) one cluster
     assert np.array_equal(manifold_clusters(x, 3, dims=4, n_neighbors=15, seed=5), got)
+
+
+def test_the_restart_most_in_agreement_with_the_others_is_kept():
+    """Three restarts give one partition (two of them under other cluster ids) and a fourth splits a cluster: the
+    kept one is from the three, and the odd one has the lowest agreement."""
+    from raydc.core.merge import consensus_partition
+
+    base = np.repeat(np.arange(4), 25)
+    relabelled = (base + 1) % 4  # the same partition, other ids
+    odd = base.copy()
+    odd[:50] = np.tile([0, 1], 25)  # clusters 0 and 1 mixed
+    best, agreement = consensus_partition([odd, base, relabelled, base.copy()])
+    assert best in (1, 2, 3) and agreement.argmin() == 0
+    assert agreement[1] == agreement[2] == agreement[3] > agreement[0]
+    best, agreement = consensus_partition([odd])
+    assert best == 0 and list(agreement) == [1.0]
+
+
+def test_one_restart_is_the_plain_readout_and_more_keep_one_of_theirs():
+    from raydc.core.merge import manifold_consensus
+
+    x, _ = _blobs(150)
+    one, agreement = manifold_consensus(x, 4, restarts=1, dims=2, n_neighbors=10, seed=5)
+    assert np.array_equal(one, manifold_clusters(x, 4, dims=2, n_neighbors=10, seed=5)) and list(agreement) == [1.0]
+    kept, agreement = manifold_consensus(x, 4, restarts=3, dims=2, n_neighbors=10, seed=5)
+    assert len(agreement) == 3
+    assert any(np.array_equal(kept, manifold_clusters(x, 4, dims=2, n_neighbors=10, seed=5 + r)) for r in range(3))

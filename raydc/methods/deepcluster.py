@@ -79,13 +79,16 @@ class DeepClusterConfig:
     final_umap_dims: int = resumable(10)   # umap: dimensions of the embedding the mixture is fitted in
     final_umap_neighbors: int = resumable(20)  # umap: UMAP's n_neighbors (its graph over the sample)
     final_vote: int = resumable(10)        # umap: sample neighbours whose clusters vote for each image
+    # umap: restarts of UMAP + mixture on the one sample (seeds seed, seed + 1, ...); the one that agrees most
+    # with the others (mean ARI) is kept, label-free (raydc.core.merge.manifold_consensus). Each costs a UMAP fit.
+    final_umap_restarts: int = resumable(1)
 
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError("deepcluster.temperature", f"must be > 0, got {self.temperature}")
         if self.final_k < 0 or self.final_k == 1:
             raise ConfigError("deepcluster.final_k", f"must be 0 (cluster.k) or >= 2, got {self.final_k}")
-        for name in ("final_neighbors", "final_sample", "final_restarts", "final_vote"):
+        for name in ("final_neighbors", "final_sample", "final_restarts", "final_vote", "final_umap_restarts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"deepcluster.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.final_umap_dims < 2 or self.final_umap_neighbors < 2:
@@ -336,14 +339,15 @@ class DeepCluster(Method):
         is gathered once, clustered on rank 0 (UMAP + Gaussian mixture, raydc.core.merge.manifold_clusters), and
         broadcast; each shard gives its rows the cluster most of their `final_vote` nearest sample images hold.
         Returns the outcome, what the readout recorded, and the sample `raydc assign` votes with."""
-        from raydc.core.merge import manifold_clusters
+        from raydc.core.merge import manifold_consensus
 
         o = self.opts
         _, sample_x, _ = ctx.service.sample_features(o.final_sample, derive_seed(self.cfg.train.seed, round_idx, 37))
         sample_x = np.ascontiguousarray(sample_x, np.float32)
         t = time.perf_counter()
-        sample_labels = manifold_clusters(sample_x, final_k, dims=o.final_umap_dims, n_neighbors=o.final_umap_neighbors,
-                                          seed=derive_seed(self.cfg.train.seed, round_idx, 41) % (1 << 31))
+        sample_labels, agreement = manifold_consensus(
+            sample_x, final_k, restarts=o.final_umap_restarts, dims=o.final_umap_dims,
+            n_neighbors=o.final_umap_neighbors, seed=derive_seed(self.cfg.train.seed, round_idx, 41) % (1 << 31))
         t_fit = time.perf_counter() - t
         sizes = np.sum(ctx.service.apply(shard_vote, "final", sample_x, sample_labels, final_k, o.final_vote), axis=0)
         centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
@@ -351,6 +355,8 @@ class DeepCluster(Method):
         out = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
                              backend="umap+gmm", mode="sample", col="final")
         row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
+        if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
+            row["readout_agreement"] = float(agreement.max())
         vote = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
         return out, row, vote
 
