@@ -29,6 +29,12 @@ SETTINGS = {
                                    "seeds": (31, 32, 33), "method": "DeepCluster",
                                    "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM "
                                            "(final_merge umap)"},
+    # the umap readout again, five restarts on its sample and the most agreed one kept (label-free)
+    "deepcluster_fmnist70k_umap5": {"config": "fmnist.yaml",
+                                    "sets": ["deepcluster.final_merge=umap", "deepcluster.final_umap_restarts=5"],
+                                    "seeds": (31, 32, 33), "method": "DeepCluster",
+                                    "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM, "
+                                            "the most agreed of 5 restarts (final_umap_restarts 5)"},
 }
 
 
