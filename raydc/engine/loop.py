@@ -216,7 +216,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 rctx.write_assignments(final, str(run.assignments_dir))
 
             final, row = finish(method, rctx, WorkerContext.unwrap(model), state, r, write)
-            warning = quality_regression(run.read_metrics(), method.comparable_final_acc(row))
+            key, value = method.comparable_final(row)
+            warning = quality_regression(run.read_metrics(), value, key=key)
             if warning:
                 row["quality_warning"] = warning
             run.save_clustering({"round": r, "model": WorkerContext.unwrap(model).state_dict(),

@@ -24,15 +24,18 @@ def summary_line(row: dict, method_fields: Sequence[tuple[str, str]] = ()) -> st
     return " | ".join(parts)
 
 
-def quality_regression(rows: list[dict], final_acc: float | None, tolerance: float = 0.005) -> str | None:
+def quality_regression(rows: list[dict], final_acc: float | None, tolerance: float = 0.005,
+                       key: str = "acc") -> str | None:
     """A sentence when the final clustering scores below the first clustering the run made (round 0's, or
     DEC's AE + k-means start): training made things worse, which a user must hear rather than find later.
     Evaluation only (the labels' ACC, when the shards have labels), and it never changes the result.
-    `final_acc` is the method's like-with-like figure (`Method.comparable_final_acc`)."""
-    first = next((r for r in rows if r.get("acc") is not None and not r.get("final")), None)
+    `final_acc` and `key` are the method's like-with-like figure and the first row's column it compares with
+    (`Method.comparable_final`)."""
+    first = next((r for r in rows if r.get(key) is not None and not r.get("final")), None)
     if first is None or final_acc is None:
         return None
-    if final_acc >= first["acc"] - tolerance:
+    if final_acc >= first[key] - tolerance:
         return None
-    return (f"the final clustering (ACC {final_acc:.3f}) is worse than the run's first one at epoch "
-            f"{first.get('epoch')} (ACC {first['acc']:.3f}): training lowered the quality")
+    what = "majority ACC" if key == "acc_majority" else "ACC"
+    return (f"the final clustering ({what} {final_acc:.3f}) is worse than the run's first one at epoch "
+            f"{first.get('epoch')} ({what} {first[key]:.3f}): training lowered the quality")

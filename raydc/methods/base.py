@@ -312,10 +312,10 @@ class Method:
     def is_done(self, state: Any, round_idx: int) -> bool:
         raise NotImplementedError
 
-    def comparable_final_acc(self, final_row: dict) -> float | None:
-        """The final row's ACC in the terms of the run's first clustering (the engine warns when it is lower):
-        the same number of clusters, scored the same way."""
-        return final_row.get("acc")
+    def comparable_final(self, final_row: dict) -> tuple[str, float | None]:
+        """(a column of the run's first clustering's row, the final row's figure in its terms): the engine warns
+        when the final is lower. The same number of clusters, scored the same way."""
+        return "acc", final_row.get("acc")
 
     def epoch_of(self, state: Any, round_idx: int) -> int:
         """The `epoch` number written to metrics.jsonl for this round."""
