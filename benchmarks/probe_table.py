@@ -21,6 +21,13 @@ import platform
 from pathlib import Path
 
 
+def _arch(cfg: dict) -> str:
+    """DEC's network is its autoencoder (model.ae_dims); model.arch is not used by it."""
+    if cfg["method"] == "dec":
+        return "autoencoder d-" + "-".join(str(d) for d in cfg["model"]["ae_dims"])
+    return cfg["model"]["arch"]
+
+
 def collect(label: str, run_dir: str, commit: str, train_split: str, test_split: str) -> dict:
     from raydc.config_loader import read_yaml
     from raydc.engine.probe import probe_runs
@@ -32,7 +39,7 @@ def collect(label: str, run_dir: str, commit: str, train_split: str, test_split:
     probes = probe_runs(run_dir, ("knn", "linear"), train_split, test_split)
     drop = ("probe", "path", "run", "method", "arch", "train_shards", "test_shards")
     return {"label": label, "run_dir": str(Path(run_dir).resolve()), "commit": commit,
-            "method": cfg["method"], "arch": cfg["model"]["arch"], "weights": cfg["model"].get("weights"),
+            "method": cfg["method"], "arch": _arch(cfg), "weights": cfg["model"].get("weights"),
             "trained_on": f"{cfg['data'].get('source')} {cfg['data'].get('split')}",
             "epochs": cfg["train"]["epochs"], "seed": cfg["train"]["seed"],
             "final": {k: final.get(k) for k in ("acc", "nmi", "ari", "epoch")},

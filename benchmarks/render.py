@@ -14,7 +14,7 @@ from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
          "seeds", "seeds70k", "demo", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab",
-         "probe_table", "sweep_table", "manifold_readout", "baselines"]
+         "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "baselines"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -774,6 +774,31 @@ def _sec_manifold_readout(doc: dict) -> str:
             + _table(["run", "shipped", "majority at k=100", *names, "commit"], rows) + "\n")
 
 
+def _sec_readout_restarts(doc: dict) -> str:
+    """The umap readout over its own seeds on each run's fixed features, and which restart each label-free score
+    would keep (ACC only scores)."""
+    import statistics
+
+    rows = []
+    for r in doc["runs"]:
+        rs = r["restarts"]
+        acc = [x["acc"] for x in rs]
+
+        def kept(score: str) -> str:
+            return _f(max(rs, key=lambda x: x[score])["acc"])
+        rows.append([r["label"], " / ".join(_f(a) for a in acc),
+                     f"{statistics.fmean(acc):.3f} ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else _f(acc[0]),
+                     _f(max(acc) - min(acc)), kept("consensus"), kept("silhouette"), kept("log_likelihood")])
+    return ("## The umap readout over its own seeds (issue #30)\n\nEach run's final features (`raydc embed`), one "
+            f"uniform sample of {doc['sample']:,} images, then the readout restarted with UMAP and mixture seeds "
+            "0, 1, ... on that sample (`benchmarks/readout_restarts.py`). The last three columns are the ACC of the "
+            "restart each label-free score would keep: the most agreed with the others (mean ARI: what "
+            "`deepcluster.final_umap_restarts` keeps), the highest silhouette in feature space, the highest "
+            "mixture likelihood.\n\n"
+            + _table(["run", "ACC per restart", "mean ± std", "range", "kept by agreement", "by silhouette",
+                      "by likelihood"], rows) + "\n")
+
+
 def _sec_sweep_table(doc: dict) -> str:
     """Each collected sweep: its trials, the label-free pick, and ACC beside it (evaluation only)."""
     parts = ["## Sweeps: the label-free pick (issue #30)\n\nEach table is a finished `raydc sweep`, collected by "
@@ -1009,6 +1034,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_probe_table(d["probe_table"]))
     if "manifold_readout" in d:
         lines.append(_sec_manifold_readout(d["manifold_readout"]))
+    if "readout_restarts" in d:
+        lines.append(_sec_readout_restarts(d["readout_restarts"]))
     if "sweep_table" in d:
         lines.append(_sec_sweep_table(d["sweep_table"]))
     if "dac_ab" in d:
