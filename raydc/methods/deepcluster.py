@@ -276,13 +276,9 @@ class DeepCluster(Method):
                        if key in row}
             t = time.perf_counter()
             cc = self.cfg.cluster
-            if self.opts.final_merge == "spectral":
-                out2 = self._spectral_final(ctx, out, final_k, round_idx)
-            elif self.opts.final_merge == "knn":
-                out2, merge_row = self._knn_final(ctx, out, final_k, round_idx)
-                trained.update(merge_row)
-            elif self.opts.final_merge == "umap":
-                out2, merge_row, vote = self._umap_final(ctx, final_k, round_idx)
+            readout = _READOUTS.get(self.opts.final_merge)
+            if readout is not None:
+                out2, merge_row, vote = readout(ctx, self.opts, self.cfg.train.seed, out, final_k, round_idx)
                 trained.update(merge_row)
             else:
                 mode = ctx.service.choose_mode(cc.mode, cc.single_max_bytes)
@@ -303,66 +299,6 @@ class DeepCluster(Method):
                      # a copy: the array is read-only, and torch.from_numpy would share it
                      "centroids": torch.tensor(np.asarray(out.centroids), dtype=torch.float32)}
         return FinalClustering(out.col, out.col + "_distance", artifacts), row
-
-    def _spectral_final(self, ctx: RoundContext, out: ClusterOutcome, final_k: int, round_idx: int):
-        """final_k clusters as groups of the training-k ones: co-neighbour counts summed over the shards (k x k),
-        spectral clustering of that graph on rank 0. Each image keeps its distance to its fine centroid."""
-        from raydc.core.merge import spectral_merge
-
-        centroids = np.ascontiguousarray(out.centroids, np.float32)
-        counts = np.sum([c for c in ctx.service.apply(shard_coneighbours, centroids) if c is not None], axis=0)
-        groups = spectral_merge(counts, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31))
-        ctx.service.apply(shard_group, out.col, "final", groups)
-        return dataclasses.replace(out, col="final", sizes=np.bincount(groups, weights=out.sizes, minlength=final_k),
-                                   objective=[], groups=groups)
-
-    def _knn_final(self, ctx: RoundContext, out: ClusterOutcome, final_k: int, round_idx: int):
-        """final_k clusters as groups of the training-k ones, joined along the points' k-NN graph: a sample of at
-        most `final_sample` points is gathered once and broadcast; each shard counts, for its own points, the
-        fine clusters of their nearest sample points (k x k back); rank 0 keeps the best of several partitions of
-        that graph by a label-free score. Returns the outcome and what the merge chose."""
-        from raydc.core.merge import fine_graph, graph_merge
-
-        o = self.opts
-        k = len(out.centroids)
-        sample_ids, sample_x, cols = ctx.service.sample_features(
-            o.final_sample, derive_seed(self.cfg.train.seed, round_idx, 37), cols=(out.col,))
-        sample_labels = np.asarray(cols[out.col], np.int64)
-        edges = np.sum([e for e in ctx.service.apply(shard_knn_edges, out.col, sample_x, sample_labels, sample_ids,
-                                                     k, o.final_neighbors) if e is not None], axis=0)
-        graph = fine_graph(edges, np.bincount(sample_labels, minlength=k), o.final_graph)
-        merged = graph_merge(graph, final_k, seed=derive_seed(self.cfg.train.seed, round_idx, 31) % (1 << 31),
-                             restarts=o.final_restarts, score=o.final_score)
-        ctx.service.apply(shard_group, out.col, "final", merged.groups)
-        row = {"merge_score": merged.score, "merge_candidate": merged.candidate, "merge_sample": len(sample_ids)}
-        return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
-                                   sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row
-
-    def _umap_final(self, ctx: RoundContext, final_k: int, round_idx: int):
-        """final_k clusters found on a manifold of the final features: a sample of at most `final_sample` images
-        is gathered once, clustered on rank 0 (UMAP + Gaussian mixture, raydc.core.merge.manifold_clusters), and
-        broadcast; each shard gives its rows the cluster most of their `final_vote` nearest sample images hold.
-        Returns the outcome, what the readout recorded, and the sample `raydc assign` votes with."""
-        from raydc.core.merge import manifold_consensus
-
-        o = self.opts
-        _, sample_x, _ = ctx.service.sample_features(o.final_sample, derive_seed(self.cfg.train.seed, round_idx, 37))
-        sample_x = np.ascontiguousarray(sample_x, np.float32)
-        t = time.perf_counter()
-        sample_labels, agreement = manifold_consensus(
-            sample_x, final_k, restarts=o.final_umap_restarts, dims=o.final_umap_dims,
-            n_neighbors=o.final_umap_neighbors, seed=derive_seed(self.cfg.train.seed, round_idx, 41) % (1 << 31))
-        t_fit = time.perf_counter() - t
-        sizes = np.sum(ctx.service.apply(shard_vote, "final", sample_x, sample_labels, final_k, o.final_vote), axis=0)
-        centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
-                              else np.zeros(sample_x.shape[1], np.float32) for c in range(final_k)])
-        out = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
-                             backend="umap+gmm", mode="sample", col="final")
-        row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
-        if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
-            row["readout_agreement"] = float(agreement.max())
-        vote = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
-        return out, row, vote
 
     def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict) -> FinalClustering:
         info = ctx.extract(self.extractor(model), projection=_projection_from_plain(artifacts["projection"]),
@@ -466,3 +402,75 @@ def _projection_from_plain(d: dict | None) -> PCAProjection | None:
 
 
 METHOD = DeepCluster
+
+
+# ---- final readouts: final_k clusters from an over-clustered run's last round ---------------------------------
+# Each gets (rank 0's context, the method's options, train.seed, the training-k outcome, final_k, the round) and
+# returns (the final outcome, what it adds to the final row, artifacts kept in clustering.pt).
+
+
+def _spectral_final(ctx: RoundContext, o: DeepClusterConfig, seed: int, out: ClusterOutcome, final_k: int,
+                    round_idx: int) -> tuple[ClusterOutcome, dict, dict]:
+    """final_k clusters as groups of the training-k ones: co-neighbour counts summed over the shards (k x k),
+    spectral clustering of that graph on rank 0. Each image keeps its distance to its fine centroid."""
+    from raydc.core.merge import spectral_merge
+
+    centroids = np.ascontiguousarray(out.centroids, np.float32)
+    counts = np.sum([c for c in ctx.service.apply(shard_coneighbours, centroids) if c is not None], axis=0)
+    groups = spectral_merge(counts, final_k, seed=derive_seed(seed, round_idx, 31) % (1 << 31))
+    ctx.service.apply(shard_group, out.col, "final", groups)
+    return dataclasses.replace(out, col="final", sizes=np.bincount(groups, weights=out.sizes, minlength=final_k),
+                               objective=[], groups=groups), {}, {}
+
+
+def _knn_final(ctx: RoundContext, o: DeepClusterConfig, seed: int, out: ClusterOutcome, final_k: int,
+               round_idx: int) -> tuple[ClusterOutcome, dict, dict]:
+    """final_k clusters as groups of the training-k ones, joined along the points' k-NN graph: a sample of at
+    most `final_sample` points is gathered once and broadcast; each shard counts, for its own points, the
+    fine clusters of their nearest sample points (k x k back); rank 0 keeps the best of several partitions of
+    that graph by a label-free score. Returns the outcome and what the merge chose."""
+    from raydc.core.merge import fine_graph, graph_merge
+
+    k = len(out.centroids)
+    sample_ids, sample_x, cols = ctx.service.sample_features(
+        o.final_sample, derive_seed(seed, round_idx, 37), cols=(out.col,))
+    sample_labels = np.asarray(cols[out.col], np.int64)
+    edges = np.sum([e for e in ctx.service.apply(shard_knn_edges, out.col, sample_x, sample_labels, sample_ids,
+                                                 k, o.final_neighbors) if e is not None], axis=0)
+    graph = fine_graph(edges, np.bincount(sample_labels, minlength=k), o.final_graph)
+    merged = graph_merge(graph, final_k, seed=derive_seed(seed, round_idx, 31) % (1 << 31),
+                         restarts=o.final_restarts, score=o.final_score)
+    ctx.service.apply(shard_group, out.col, "final", merged.groups)
+    row = {"merge_score": merged.score, "merge_candidate": merged.candidate, "merge_sample": len(sample_ids)}
+    return dataclasses.replace(out, col="final", objective=[], groups=merged.groups,
+                               sizes=np.bincount(merged.groups, weights=out.sizes, minlength=final_k)), row, {}
+
+
+def _umap_final(ctx: RoundContext, o: DeepClusterConfig, seed: int, out: ClusterOutcome, final_k: int,
+                round_idx: int) -> tuple[ClusterOutcome, dict, dict]:
+    """final_k clusters found on a manifold of the final features: a sample of at most `final_sample` images
+    is gathered once, clustered on rank 0 (UMAP + Gaussian mixture, raydc.core.merge.manifold_clusters), and
+    broadcast; each shard gives its rows the cluster most of their `final_vote` nearest sample images hold.
+    Returns the outcome, what the readout recorded, and the sample `raydc assign` votes with."""
+    from raydc.core.merge import manifold_consensus
+
+    _, sample_x, _ = ctx.service.sample_features(o.final_sample, derive_seed(seed, round_idx, 37))
+    sample_x = np.ascontiguousarray(sample_x, np.float32)
+    t = time.perf_counter()
+    sample_labels, agreement = manifold_consensus(
+        sample_x, final_k, restarts=o.final_umap_restarts, dims=o.final_umap_dims,
+        n_neighbors=o.final_umap_neighbors, seed=derive_seed(seed, round_idx, 41) % (1 << 31))
+    t_fit = time.perf_counter() - t
+    sizes = np.sum(ctx.service.apply(shard_vote, "final", sample_x, sample_labels, final_k, o.final_vote), axis=0)
+    centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
+                          else np.zeros(sample_x.shape[1], np.float32) for c in range(final_k)])
+    found = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
+                           backend="umap+gmm", mode="sample", col="final")
+    row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
+    if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
+        row["readout_agreement"] = float(agreement.max())
+    vote = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
+    return found, row, vote
+
+
+_READOUTS = {"spectral": _spectral_final, "knn": _knn_final, "umap": _umap_final}
