@@ -238,6 +238,16 @@ def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(traffic):
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
 
 
+def test_over_clustering_with_the_spectral_merge_groups_the_training_clusters(traffic):
+    """The co-neighbour readout: the shards send k x k counts, each training cluster joins one group."""
+    _, returned = traffic
+    _, _, rows, final = run(config("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=spectral"))
+    assert {shape for name, shape in returned if name == "shard_coneighbours"} == {(9, 9)}, returned
+    groups = final.artifacts["groups"].numpy()
+    assert groups.shape == (9,) and set(groups.tolist()) == {0, 1, 2} and rows[-1]["final_k"] == 3
+    assert rows[-1]["acc"] > 0.9, rows[-1]["acc"]
+
+
 def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traffic):
     """The manifold readout gathers only its sample to rank 0; each shard sends back its k cluster sizes; the
     sample and its clusters are the artifacts `raydc assign` votes with."""
