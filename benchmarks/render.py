@@ -788,7 +788,7 @@ def _sec_readout_restarts(doc: dict) -> str:
             return _f(max(rs, key=lambda x: x[score])["acc"])
         rows.append([r["label"], " / ".join(_f(a) for a in acc),
                      f"{statistics.fmean(acc):.3f} ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else _f(acc[0]),
-                     _f(max(acc) - min(acc)), kept("consensus"), kept("silhouette"), kept("log_likelihood")])
+                     f"{max(acc) - min(acc):.4f}", kept("consensus"), kept("silhouette"), kept("log_likelihood")])
     return ("## The umap readout over its own seeds (issue #30)\n\nEach run's final features (`raydc embed`), one "
             f"uniform sample of {doc['sample']:,} images, then the readout restarted with UMAP and mixture seeds "
             "0, 1, ... on that sample (`benchmarks/readout_restarts.py`). The last three columns are the ACC of the "
