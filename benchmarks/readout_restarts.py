@@ -27,10 +27,10 @@ from benchmarks.common import machine_info
 
 def restarts(x: np.ndarray, y: np.ndarray, k: int, n_restarts: int, sample: int) -> list[dict]:
     import umap
-    from sklearn.metrics import adjusted_rand_score, silhouette_score
+    from sklearn.metrics import silhouette_score
     from sklearn.mixture import GaussianMixture
 
-    from raydc.core.merge import vote_labels
+    from raydc.core.merge import consensus_partition, vote_labels
     from raydc.core.metrics import acc, nmi
 
     rng = np.random.default_rng(0)
@@ -42,16 +42,16 @@ def restarts(x: np.ndarray, y: np.ndarray, k: int, n_restarts: int, sample: int)
         z = umap.UMAP(n_components=10, n_neighbors=20, min_dist=0.0, metric="cosine", random_state=s,
                       n_jobs=1).fit_transform(x[idx])
         g = GaussianMixture(k, covariance_type="full", n_init=5, random_state=s).fit(z)
-        lab = vote_labels(x, x[idx], g.predict(z), k, 10)[0]
-        lab[idx] = g.predict(z)
+        sample_labels = g.predict(z)
+        lab = vote_labels(x, x[idx], sample_labels, k, 10)[0]
+        lab[idx] = sample_labels
         labels.append(lab)
         rows.append({"seed": s, "acc": float(acc(y, lab)), "nmi": float(nmi(y, lab)),
                      "log_likelihood": float(g.score(z)),
                      "silhouette": float(silhouette_score(x[ev], lab[ev], metric="cosine")),
                      "seconds": round(time.perf_counter() - t, 1)})
-    for i, r in enumerate(rows):
-        r["consensus"] = float(np.mean([adjusted_rand_score(labels[i], labels[j])
-                                        for j in range(len(labels)) if j != i]))
+    for r, agreement in zip(rows, consensus_partition(labels)[1]):
+        r["consensus"] = float(agreement)
     return rows
 
 
