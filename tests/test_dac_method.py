@@ -87,6 +87,19 @@ def test_tiny_run_in_process_clusters_separated_blobs():
                                                                       "train.epochs rounds")
 
 
+def test_zero_epochs_reads_out_the_untrained_network():
+    """`train.epochs: 0` is the untrained baseline (the probe table's "untrained" row): no training step, the
+    given weights read out as clusters. A DAC that trained anyway, or refused epochs 0, fails here."""
+    cfg = tiny_config("unused", "unused", schedule="official_mnist")
+    cfg.train.epochs = 0
+    method, _, rows, final = run_method_in_process(DAC, cfg, blobs(), manifest_for())
+    assert len(rows) == 1 and rows[0]["final"]  # no training round before the readout
+    assert rows[0]["stop_reason"].startswith("train.epochs 0")
+    assert 0 < rows[0]["acc"] <= 1
+    assert sorted(final.ids.tolist()) == list(range(K * PER_CLUSTER))
+    load_config(None, ["method=dac", "data.shards=x", "train.epochs=0"])  # accepted at load
+
+
 def test_same_batch_selection_and_mse_run_too():
     """`dac.loss: mse` trains on another objective than bce: same data, seed and selection, other losses (an
     ignored `loss` would give bce's rows), each a mean squared error over similarities in [0, 1]."""

@@ -219,12 +219,13 @@ def resolve_schedule(opts: DACConfig, epochs: int) -> ThresholdSchedule | Single
         floor = opts.threshold_floor if opts.threshold_floor is not None else p["floor"]
         step = opts.threshold_step if opts.threshold_step is not None else p["step"]
         if step is None:  # the MNIST script: th - (0.9 - 0.5) / epoch after each epoch
-            step = (start - floor) / epochs
+            step = (start - floor) / max(epochs, 1)  # train.epochs 0 reads out at round 0: any step will do
         return SingleThreshold(float(start), float(step), float(floor))
     preset = SCHEDULE_PRESETS[opts.schedule]
     vals = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in preset.items()}
     if vals["lambda_step"] is None:  # official: u and l meet after `epochs` rounds
-        vals["lambda_step"] = (vals["upper"] - vals["lower"]) / (vals["upper_rate"] + vals["lower_rate"]) / epochs
+        vals["lambda_step"] = ((vals["upper"] - vals["lower"]) / (vals["upper_rate"] + vals["lower_rate"])
+                               / max(epochs, 1))
     return ThresholdSchedule(**{k: float(v) for k, v in vals.items()})
 
 
@@ -268,6 +269,9 @@ class DAC(Method):
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
                       "train.hflip")
     section, options = "dac", DACConfig
+    # train.epochs 0: the untrained network's label features read out as clusters, the baseline the probe table
+    # and a trained run's first round are compared with
+    frozen = True
     archs = ("dac_mnist", "dac_cifar", "smallconvnet", "alexnet", "vgg16")
     min_input_size = {**Method.min_input_size, "dac_mnist": DAC_NET_MIN_SIZE, "dac_cifar": DAC_NET_MIN_SIZE}
 
@@ -361,7 +365,12 @@ class DAC(Method):
     def finalize(self, ctx: RoundContext, model: nn.Module, state: DACState, round_idx: int):
         final, row = self._diagnose(ctx, model, state, round_idx, release=False)
         u, l = self.schedule().at(round_idx)
-        done = "l >= u: every pair selected" if self.schedule().finished(round_idx) else "train.epochs rounds"
+        if self.cfg.train.epochs == 0:
+            done = "train.epochs 0: the network as given, untrained"
+        elif self.schedule().finished(round_idx):
+            done = "l >= u: every pair selected"
+        else:
+            done = "train.epochs rounds"
         row.update({"upper": u, "lower": l, "stop_reason": done})
         return final, row
 
