@@ -5,6 +5,8 @@ replaced by a direct forward pass over in-memory images. Fast enough for many me
 has its own end-to-end tests."""
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 
 import numpy as np
@@ -16,6 +18,8 @@ from raydc.engine.feature_pass import FeaturePass
 from raydc.core.extractor import keep_mask, reduce_features
 from raydc.engine.contexts import RankZeroContext, WorkerContext
 from raydc.engine.loop import finish, run_rounds
+from raydc.engine.round_checkpoint import load_round_checkpoint, save_round_checkpoint
+from raydc.engine.rundir import from_plain, to_plain
 from raydc.core.stream import shuffled_batches
 
 PIECES = 4  # blocks of contiguous rows, spread round-robin over the shards as the real pool's pieces are
@@ -74,10 +78,15 @@ class FakeWorker(WorkerContext):
             yield item
 
 
-def run_method_in_process(method_cls, cfg, data, manifest, ids=None):
+def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoints: str | None = None,
+                          resume_from: str | None = None):
     """(method, final state, every metrics row with the final one last, {id: cluster} of the final clustering
     as two arrays `(ids, clusters)`). `data` is (uint8 images N x H x W [x C], labels); `ids` default 0..N-1.
-    The run directory (the saved label parts) is a fresh temporary one unless `cfg.run.dir` is absolute."""
+    The run directory (the saved label parts) is a fresh temporary one unless `cfg.run.dir` is absolute.
+
+    `checkpoints`: each round's checkpoint saved under it (`round-R`) as the engine saves it for Ray Train (the
+    same file and fields); `resume_from`: one such directory to continue from, restored as the engine's loop
+    restores it (model, method state, optimizers; the next round after it)."""
     import os
 
     images, labels = data
@@ -86,17 +95,34 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None):
         images = images[..., None]
     if not os.path.isabs(cfg.run.dir):
         cfg.run.dir = tempfile.mkdtemp(prefix="raydc-inprocess-")
+        atexit.register(shutil.rmtree, cfg.run.dir, ignore_errors=True)  # the tests read it before they end
     method = method_cls(cfg, manifest)
     torch.manual_seed(cfg.train.seed)
     model = method.build_model()
-    state = method.init_state()
-    wctx = FakeWorker(cfg, manifest, ids, images, method.optimizers(model, state), method.in_channels,
-                      method.input_size)
+    state, start = method.init_state(), 0
+    ckpt = load_round_checkpoint(None, resume_from) if resume_from else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        state, start = from_plain(type(state), ckpt["state"]), ckpt["round"] + 1
+    optimizers = method.optimizers(model, state)
+    for name, opt in optimizers.items():
+        if ckpt is not None and name in ckpt["optimizers"]:
+            opt.load_state_dict(ckpt["optimizers"][name])
+    wctx = FakeWorker(cfg, manifest, ids, images, optimizers, method.in_channels, method.input_size)
     service = InProcessService(ids, images, labels)
     rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None)
     rows: list[dict] = []
-    r, state = run_rounds(method, model, state, 0, wctx=wctx, rctx=rctx, broadcast=lambda plan: plan,
-                          end_round=lambda r, row, state: rows.append(row), log=lambda m: None)
+
+    def end_round(r: int, row: dict, state) -> None:
+        rows.append(row)
+        if checkpoints is not None:
+            d = os.path.join(checkpoints, f"round-{r}")
+            os.makedirs(d)
+            save_round_checkpoint(d, r, {"round": r, "model": model.state_dict(), "state": to_plain(state),
+                                         "optimizers": {n: o.state_dict() for n, o in optimizers.items()}})
+
+    r, state = run_rounds(method, model, state, start, wctx=wctx, rctx=rctx, broadcast=lambda plan: plan,
+                          end_round=end_round, log=lambda m: None)
     out: dict = {}
 
     def keep(final):

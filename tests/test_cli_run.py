@@ -39,6 +39,9 @@ def _wait_for(lines: list[str], proc: subprocess.Popen, prefix: str, timeout: fl
         time.sleep(0.5)
 
 
+# Slow (a whole CLI run to its first round, as the fault runs of tests/test_faults_run.py): the fast suite's CLI
+# runs are the S3 run and the sweep.
+@pytest.mark.slow
 def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, mixed_folder_shards, tmp_path):
     """Also the default output: the per-round line once, unprefixed, and none of Ray's chatter (it was every
     worker line twice, TrainController start-up lines, a TrainingReport dump per round, faiss's log)."""

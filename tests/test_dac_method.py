@@ -125,10 +125,12 @@ def tiny_run(tmp_path_factory, ray_local):
     images, labels = blobs()
     np.savez(d / "src.npz", images=images, labels=labels)
     prepare("npz", d / "shards", root=d / "src.npz", rows_per_shard=150, progress=False)
-    # The MNIST recipe end to end: one threshold, MSE, chunks of 128 x 2 local epochs, batch-statistics readout.
+    # The MNIST recipe end to end: one threshold, MSE, chunks of 128 x 2 local epochs, batch-statistics readout,
+    # on two DDP workers (gloo): Ray Data's streaming split, the chunk's targets gathered over both workers, the
+    # broadcast plan and the synchronised stop, with every pair of a step spanning the global batch.
     cfg = tiny_config(str(d / "shards"), str(d / "run"), augment=True, schedule="official_mnist", chunk_size=128,
                       local_epochs=2, readout_batch=32)
-    cfg.train.epochs = 3
+    cfg.train.epochs, cfg.train.num_workers, cfg.train.cpus_per_worker = 3, 2, 0.5
     run = run_training(cfg, log=lambda *a: None)
     return cfg, run, d / "shards"
 

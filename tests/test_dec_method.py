@@ -231,7 +231,12 @@ def tiny_run(tmp_path_factory, ray_local):
     return cfg, run
 
 
+# DEC through Ray Train (its phases on the Train workers, its k-means init on the shard actors) and its resume
+# from Ray Train's checkpoint: `make test-all`. The fast suite runs DEC's rounds through the engine's own control
+# flow in process (above; tests/test_resume_in_process.py for resume = uninterrupted), and the Ray path itself
+# through DAC's and DeepCluster's runs.
 @pytest.mark.ray
+@pytest.mark.slow
 def test_end_to_end_run_directory(tiny_run):
     cfg, run = tiny_run
     rows = run.read_metrics()
@@ -257,6 +262,7 @@ def test_end_to_end_run_directory(tiny_run):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_assign_and_evaluate_after_a_dec_run(tiny_run, tmp_path):
     """`raydc assign` crashed on every DEC run (it assumed centroids): DEC now assigns by argmax q itself, and on
     the training images it reproduces the run's own final assignment and distances."""
@@ -276,6 +282,7 @@ def test_assign_and_evaluate_after_a_dec_run(tiny_run, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_resume_from_an_earlier_checkpoint_gives_the_same_result(tiny_run, tmp_path):
     from raydc.engine.rundir import RunDir
     from raydc.engine.trainer import run_training

@@ -54,6 +54,9 @@ def tiny_config(shards: Path, run_dir: Path, *extra: str):
         "features.batch_size=200", "run.montage_per_cluster=4", *extra])
 
 
+# Slow: the fast suite's Ray Train runs with two DDP workers are DAC's (tests/test_dac_method.py), and its
+# DeepCluster runs through Ray are the S3 run, the one-trial sweep and the multi-node scenario's k-means.
+@pytest.mark.slow
 def test_tiny_run_writes_the_run_directory(ray_local, hashed_shards, tmp_path):
     """Two DDP workers (gloo): covers the streaming split, the synchronised stop and the broadcast, with ids
     that are random int64 (the run keys everything by row; the user sees their own ids)."""

@@ -54,7 +54,7 @@ def run_on_s3(shards_local_and_s3, s3_server, ray_local):
     run_uri = s3_server.uri("runs/dc")
     p = cli_train(remote, run_uri, env)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    return run_uri, env
+    return run_uri, env, p.stdout + p.stderr
 
 
 def test_a_run_on_s3_writes_everything_to_the_bucket_and_nothing_to_local_disk(run_on_s3, s3_server):
@@ -62,7 +62,7 @@ def test_a_run_on_s3_writes_everything_to_the_bucket_and_nothing_to_local_disk(r
     the driver, the Train workers, the feature pool and the shard actors alike; nothing lands on local disk."""
     from raydc.engine.rundir import RunDir
 
-    run_uri, _ = run_on_s3
+    run_uri, _, _ = run_on_s3
     keys = s3_keys(s3_server, "runs/dc/")
     for expected in ("config.yaml", "metrics.jsonl", "clustering.pt", "report/curves.png", "report/montage.png"):
         assert expected in keys, (expected, keys)
@@ -72,6 +72,20 @@ def test_a_run_on_s3_writes_everything_to_the_bucket_and_nothing_to_local_disk(r
     assert remote_run.checkpoint_round() == 0 and [r["epoch"] for r in remote_run.read_metrics()] == [0, 1]
     assert sorted(remote_run.read_assignments()["id"].tolist()) == list(range(300))
     assert not (REPO / "s3:").exists()  # a URI taken for a relative local path would land here
+
+
+def test_the_default_output_is_one_line_per_round_and_none_of_rays_chatter(run_on_s3):
+    """`raydc train`'s console without --verbose: each round's line once, unprefixed, and none of what Ray prints
+    by default (every worker line twice, TrainController start-up lines, a TrainingReport dump per round, faiss's
+    log). The SIGTERM run of tests/test_cli_run.py checks the same on a run it stops."""
+    _, _, out = run_on_s3
+    lines = out.splitlines()
+    assert "Traceback" not in out, out
+    assert sum(line.startswith("epoch 0 |") for line in lines) == 1, out
+    assert sum(line.startswith("final |") for line in lines) == 1, out
+    for noise in ("RayTrainWorker pid=", "TrainController", "Reporting training result", "TrainingReport(",
+                  "Clustering ", "PYTHON worker processes have been started", "Progress bars disabled"):
+        assert noise not in out, (noise, out)
 
 
 # Two more runs (~2 min of the fast suite's 6 on 2 cores): `make test-all`. The run above keeps the S3 paths in
@@ -85,7 +99,7 @@ def test_a_run_on_s3_resumes_from_s3_and_equals_the_run_on_local_disk(run_on_s3,
     from raydc.engine.rundir import RunDir
 
     local, remote = shards_local_and_s3
-    run_uri, env = run_on_s3
+    run_uri, env, _ = run_on_s3
     p = cli_train(remote, run_uri, env, "train.epochs=2", resume=True)  # a second fit: checkpoints/fit-001
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert "resuming" in p.stdout + p.stderr
