@@ -130,7 +130,7 @@ def tiny_run(tmp_path_factory, ray_local):
     # broadcast plan and the synchronised stop, with every pair of a step spanning the global batch.
     cfg = tiny_config(str(d / "shards"), str(d / "run"), augment=True, schedule="official_mnist", chunk_size=128,
                       local_epochs=2, readout_batch=32)
-    cfg.train.epochs, cfg.train.num_workers, cfg.train.cpus_per_worker = 3, 2, 0.5
+    cfg.train.epochs, cfg.train.num_workers, cfg.train.cpus_per_worker = 2, 2, 0.5
     run = run_training(cfg, log=lambda *a: None)
     return cfg, run, d / "shards"
 
@@ -144,7 +144,7 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
 
     cfg, run, shards = tiny_run
     rows = run.read_metrics()
-    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[-1]["final"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
     for r in rows[:-1]:
         assert {"loss", "upper", "lower", "selected_pairs", "time_train", "time_features", "acc"} <= set(r)
     assert rows[-1]["acc"] > 0.6
