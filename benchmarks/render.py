@@ -263,7 +263,8 @@ def _headline_quality(d: dict) -> list[str]:
         if runs and all(whole(r) for r in runs):
             final = [r["acc_by_round"][-1] for r in runs]
             grouped.update(g["runs"])
-            have.append(f"DAC, MNIST test 10k, the shipped schedule (dac_ab.json) ACC {_pm(_mean_std(final))} over "
+            have.append(f"DAC, MNIST test 10k, {g.get('headline', 'the shipped schedule')} (dac_ab.json) ACC "
+                        f"{_pm(_mean_std(final))} over "
                         f"{len(final)} seeds, min {_f(min(final))}")
     for r in dac.get("runs", []):
         if whole(r) and r["label"] not in grouped and r["label"].startswith("70k"):
@@ -914,8 +915,8 @@ def _dac_groups(doc: dict) -> list[str]:
         drop = max(max(r["acc_by_round"][1:]) - r["acc_by_round"][-1] for r in runs)
         rows.append([g["name"], " / ".join(_f(a) for a in final), _pm(_mean_std(final)), _f(min(final)),
                      _f(drop)])
-    return ["Over seeds 31, 32, 33 on the 10,000 test images (4 rounds: th 0.9 → 0.5 by 0.1, unless the setting "
-            "says 20), final rounds:", "",
+    return ["Over seeds 31, 32, 33 (unless the setting names fewer) on the 10,000 test images (4 rounds: th 0.9 → "
+            "0.5 by 0.1, unless the setting says 20), final rounds:", "",
             _table(["setting", "final ACC per seed", "mean ± std", "min", "largest fall from a run's best round"],
                    rows), ""]
 
