@@ -18,8 +18,8 @@ from raydc.engine.feature_pass import FeaturePass
 from raydc.core.extractor import keep_mask, reduce_features
 from raydc.engine.contexts import RankZeroContext, WorkerContext
 from raydc.engine.loop import finish, run_rounds
-from raydc.engine.round_checkpoint import load_round_checkpoint, save_round_checkpoint
-from raydc.engine.rundir import from_plain, to_plain
+from raydc.engine.round_checkpoint import (checkpoint_contents, load_round_checkpoint, restore_model_and_state,
+                                          restore_optimizers, save_round_checkpoint)
 from raydc.core.stream import shuffled_batches
 
 PIECES = 4  # blocks of contiguous rows, spread round-robin over the shards as the real pool's pieces are
@@ -84,9 +84,9 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     as two arrays `(ids, clusters)`). `data` is (uint8 images N x H x W [x C], labels); `ids` default 0..N-1.
     The run directory (the saved label parts) is a fresh temporary one unless `cfg.run.dir` is absolute.
 
-    `checkpoints`: each round's checkpoint saved under it (`round-R`) as the engine saves it for Ray Train (the
-    same file and fields); `resume_from`: one such directory to continue from, restored as the engine's loop
-    restores it (model, method state, optimizers; the next round after it)."""
+    `checkpoints`: each round's checkpoint saved under it (`round-R`) by the engine's own functions, as its loop
+    saves them for Ray Train; `resume_from`: one such directory to continue from, restored by the functions the
+    loop restores with (model, method state, optimizers; the next round after it)."""
     import os
 
     images, labels = data
@@ -102,12 +102,10 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     state, start = method.init_state(), 0
     ckpt = load_round_checkpoint(None, resume_from) if resume_from else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        state, start = from_plain(type(state), ckpt["state"]), ckpt["round"] + 1
+        state, start = restore_model_and_state(ckpt, model, type(state))
     optimizers = method.optimizers(model, state)
-    for name, opt in optimizers.items():
-        if ckpt is not None and name in ckpt["optimizers"]:
-            opt.load_state_dict(ckpt["optimizers"][name])
+    if ckpt is not None:
+        restore_optimizers(ckpt, optimizers)
     wctx = FakeWorker(cfg, manifest, ids, images, optimizers, method.in_channels, method.input_size)
     service = InProcessService(ids, images, labels)
     rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None)
@@ -118,8 +116,7 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
         if checkpoints is not None:
             d = os.path.join(checkpoints, f"round-{r}")
             os.makedirs(d)
-            save_round_checkpoint(d, r, {"round": r, "model": model.state_dict(), "state": to_plain(state),
-                                         "optimizers": {n: o.state_dict() for n, o in optimizers.items()}})
+            save_round_checkpoint(d, r, checkpoint_contents(r, model, state, optimizers))
 
     r, state = run_rounds(method, model, state, start, wctx=wctx, rctx=rctx, broadcast=lambda plan: plan,
                           end_round=end_round, log=lambda m: None)

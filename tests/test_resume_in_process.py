@@ -1,6 +1,7 @@
-"""Resume = uninterrupted for each method, in process: every round's checkpoint saved as the engine saves it for
-Ray Train (`save_round_checkpoint`: model, method state through `to_plain`, optimizers), then a run continued from
-an earlier one, restored as the engine's loop restores it, must give the same rows and clusters to the bit. The
+"""Resume = uninterrupted for each method, in process: every round's checkpoint saved by the functions the engine's
+loop saves with for Ray Train (`checkpoint_contents`: model, method state through `to_plain`, optimizers), then a
+run continued from an earlier one, restored by the loop's own `restore_model_and_state` and `restore_optimizers`,
+must give the same rows and clusters to the bit. The
 Ray path (Ray Train's checkpoint storage, a new worker group, S3) is `make test-all`'s: the resume tests of
 test_engine_deepcluster, test_dec_method, test_dac_method and test_object_storage."""
 from __future__ import annotations

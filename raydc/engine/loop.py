@@ -26,11 +26,12 @@ from raydc.config_loader import from_dict
 from raydc.core.precision import resolve_precision
 from raydc.core.seeding import derive_seed
 from raydc.engine.console import LineSink
-from raydc.engine.rundir import RunDir, from_plain, to_plain
+from raydc.engine.rundir import RunDir
 from raydc.methods import build_method
 from raydc.methods.base import FinalClustering, Method, RoundPlan, shared_view
 from raydc.engine.contexts import RankZeroContext, WorkerContext
-from raydc.engine.round_checkpoint import load_round_checkpoint, save_round_checkpoint
+from raydc.engine.round_checkpoint import (checkpoint_contents, load_round_checkpoint, restore_model_and_state,
+                                          restore_optimizers, save_round_checkpoint)
 from raydc.engine.summary import quality_regression, summary_line
 from raydc.tracking import rank_zero_run
 
@@ -160,8 +161,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     # to resume from, else none.
     ckpt = load_round_checkpoint(ray.train.get_checkpoint(), loop_cfg.get("resume_from"))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        state, start = from_plain(type(method.init_state()), ckpt["state"]), ckpt["round"] + 1
+        state, start = restore_model_and_state(ckpt, model, type(method.init_state()))
     else:
         state, start = method.init_state(), 0
         method.load_initial_weights(model)  # model.weights: a new run only (a resumed one has its checkpoint)
@@ -170,9 +170,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizers = method.optimizers(WorkerContext.unwrap(model), state)
     if ckpt is not None:
-        for name, opt in optimizers.items():
-            if name in ckpt.get("optimizers", {}):
-                opt.load_state_dict(ckpt["optimizers"][name])
+        restore_optimizers(ckpt, optimizers)
 
     shard = ray.train.get_dataset_shard("train")
     # A resumed run keeps the precision its first start resolved (`auto` on another machine could differ).
@@ -198,11 +196,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             return
         run.append_metrics(row)
         with tempfile.TemporaryDirectory(prefix="raydc-ckpt-") as tmp:
-            save_round_checkpoint(tmp, r, {
-                "round": r, "model": WorkerContext.unwrap(model).state_dict(), "state": to_plain(state),
-                "optimizers": {n: o.state_dict() for n, o in optimizers.items()}, "config": loop_cfg["config"],
-                "precision": precision,
-            })
+            save_round_checkpoint(tmp, r, checkpoint_contents(r, WorkerContext.unwrap(model), state, optimizers,
+                                                              config=loop_cfg["config"], precision=precision))
             # Ray Train persists it to <run.dir>/checkpoints before report returns: the round's commit point.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         _log(summary_line(row, method.summary_fields))

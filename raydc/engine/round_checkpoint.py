@@ -28,3 +28,28 @@ def load_round_checkpoint(checkpoint, fallback: str | None = None) -> dict | Non
     if fallback is not None:
         return load_safe(storage.join(fallback, CHECKPOINT_STATE))
     return None
+
+
+def checkpoint_contents(round_idx: int, model, state, optimizers: dict, **extra) -> dict:
+    """What a round's checkpoint holds: the weights, the method's state as plain data (`to_plain`: no pickled
+    objects), each optimizer's state, and what the caller adds (the config, the resolved precision)."""
+    from raydc.engine.rundir import to_plain
+
+    return {"round": round_idx, "model": model.state_dict(), "state": to_plain(state),
+            "optimizers": {n: o.state_dict() for n, o in optimizers.items()}, **extra}
+
+
+def restore_model_and_state(ckpt: dict, model, state_type: type):
+    """The weights loaded into `model`, and (the method's state, the round to run next) from a checkpoint."""
+    from raydc.engine.rundir import from_plain
+
+    model.load_state_dict(ckpt["model"])
+    return from_plain(state_type, ckpt["state"]), ckpt["round"] + 1
+
+
+def restore_optimizers(ckpt: dict, optimizers: dict) -> None:
+    """Each optimizer's saved state (momentum, RMSprop's averages, step counts) back into the new optimizers,
+    built over the restored weights: without it a resumed run's next step differs from the uninterrupted one."""
+    for name, opt in optimizers.items():
+        if name in ckpt.get("optimizers", {}):
+            opt.load_state_dict(ckpt["optimizers"][name])
