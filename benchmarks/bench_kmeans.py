@@ -161,6 +161,75 @@ def bf16_agreement(x: np.ndarray, centroid_sets: dict[str, np.ndarray]) -> dict:
             "centroids": out}
 
 
+_BOUND_MARGIN = 1e-3
+# Squared distances this close (relative) are a tie at float32's rounding of the GEMM-based search: which of
+# the two centroids faiss's search returns there depends on its blocking, not on the data.
+_NEAR_TIE = 1e-4
+
+
+def bound_pruning(x: np.ndarray, k: int, niter: int, init: np.ndarray) -> dict:
+    """How much of Lloyd's assignment exact pruning could skip on these data: Hamerly's bounds (2010) along the
+    same Lloyd run (`raydc.core.kmeans` primitives, float32 nearest two by faiss). Each row keeps an upper bound on
+    the distance to its centroid and a lower bound on the distance to any other; after an update they widen by the
+    centroids' moves, and a row whose upper bound stays below max(lower bound, half the distance from its centroid
+    to the nearest other centroid) provably keeps its label, so its search is skipped. The fraction of rows
+    skipped per iteration bounds the speed-up any exact bound-based assignment (Hamerly, Elkan's with one bound,
+    Yinyang with one group) can get over the full search here. Rows whose bounds fail are searched in full, so
+    the labels are Lloyd's own: every iteration compares them with a full search, counting the rows that differ
+    and, of those, the ones whose label is farther (float64) than the full search's by more than a near-tie."""
+    from raydc.core import kmeans as km
+
+    faiss = km.import_faiss()
+    d = x.shape[1]
+
+    def nearest_two(rows: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = faiss.IndexFlatL2(d)
+        index.add(c)
+        with km._search_path(len(c), 0):  # the path nearest_centroids takes: the same rounding at near-ties
+            dist, lab = index.search(rows, 2)
+        return np.sqrt(np.maximum(dist, 0)), lab
+
+    c = init.copy()
+    rng = np.random.default_rng(0)
+    dist, lab = nearest_two(x, c)
+    labels, upper, lower = lab[:, 0].copy(), dist[:, 0].copy(), dist[:, 1].copy()
+    skipped, differ, wrong = [], 0, 0
+    for _ in range(niter - 1):
+        sums, counts = km.partial_sums(x, labels, k)
+        new, _ = km.update_centroids(sums, counts, rng)
+        move = np.sqrt(((new.astype(np.float64) - c) ** 2).sum(1)).astype(np.float32)
+        c = new
+        cdist, _ = nearest_two(c, c)  # row 0 is the centroid itself
+        half_gap = 0.5 * cdist[:, 1]
+        top = int(np.argmax(move))
+        upper += move[labels]
+        lower -= np.where(labels == top, np.partition(move, -2)[-2], move[top])
+        # a relative margin above float32 rounding of the bounds and of faiss's distances: near-ties are searched
+        keep = upper * (1 + _BOUND_MARGIN) <= np.maximum(half_gap[labels], lower)
+        check = ~keep
+        idx = np.nonzero(check)[0]
+        exact = np.sqrt(((x[idx] - c[labels[idx]]) ** 2).sum(1))  # tighten the upper bound first
+        upper[idx] = exact
+        idx = idx[exact * (1 + _BOUND_MARGIN) > np.maximum(half_gap[labels[idx]], lower[idx])]
+        keep[np.setdiff1d(np.nonzero(check)[0], idx)] = True
+        if len(idx):
+            dist, lab = nearest_two(x[idx], c)
+            labels[idx], upper[idx], lower[idx] = lab[:, 0], dist[:, 0], dist[:, 1]
+        skipped.append(float(keep.mean()))
+        full, _ = km.nearest_centroids(x, c, use_gpu="never")
+        rows = np.nonzero(full != labels)[0]
+        differ += len(rows)
+        if len(rows):  # a difference is an error unless the two centroids are equally near in float64
+            ours = ((x[rows].astype(np.float64) - c[labels[rows]]) ** 2).sum(1)
+            theirs = ((x[rows].astype(np.float64) - c[full[rows]]) ** 2).sum(1)
+            wrong += int((ours - theirs > _NEAR_TIE * theirs).sum())
+    mean_skip = float(np.mean(skipped)) if skipped else 0.0
+    return {"method": "Hamerly's bounds along Lloyd (raydc primitives), float32", "skipped_per_iteration": skipped,
+            "mean_skipped": mean_skip, "max_skipped": max(skipped, default=0.0),
+            "assignment_speedup_bound": 1.0 / max(1e-9, 1.0 - mean_skip), "labels_differ_from_full_search": differ,
+            "labels_farther_than_full_search": wrong}
+
+
 def search_path_ratios(n: int, ds: list[int], ks: list[int], repeats: int) -> list[dict]:
     """faiss's flat search (k = 1) on its BLAS path and on its direct distance loop, interleaved, at 1 thread
     and at every core: the measurement behind `raydc.core.kmeans.SEQ_SEARCH_MAX_K`."""
@@ -317,6 +386,10 @@ def run(ctx: Context) -> dict:
         ctx.log("    bf16 labels differing from float32, by candidates: " + "; ".join(
             f"{nm}: " + ", ".join(f"{m}: {v['labels_differ_from_fp32']}" for m, v in rows.items())
             for nm, rows in agreement["centroids"].items()))
+        pruning = bound_pruning(x, k, niter, init)
+        ctx.log(f"    Hamerly's bounds would skip {pruning['mean_skipped']:.1%} of the searches per iteration "
+                f"(at most {pruning['max_skipped']:.1%}); labels differing from a full search: "
+                f"{pruning['labels_differ_from_full_search']}")
         flops_iter = 2.0 * n * d * k
         ceiling = gemm["shapes"][f"{n}x{d}x{k}"]["gflops"]
         peak = gemm["shapes"]["2048x2048x2048"]["gflops"]
@@ -350,6 +423,7 @@ def run(ctx: Context) -> dict:
                            "fraction_of_peak": assign_gflops / peak},
             "gemm_ceiling_gflops": ceiling,
             "bf16_assignment": agreement,
+            "bound_pruning": pruning,
             "ray_load_seconds": {"2_actors": load2_s, "1_actor": load1_s},
         }
         ctx.log("    " + ", ".join(f"{nm} {p['s_per_iter'] * 1e3:.1f} ms/it" for nm, p in per.items())

@@ -12,6 +12,10 @@ process's. Bytes per k-means iteration are the payloads of the distributed Lloyd
 Images are 10 noisy prototypes (so k-means has something to find), ids random int64 (hashed ids, negatives
 included), prepared by `raydc prepare --source npz`. The round is kept cheap where it does not touch memory:
 a 16-d feature, PCA to 8 fitted on a 20,000-image sample, 20,000 training images, k = 10, 5 iterations.
+
+`run_frozen` (benchmark `scale_frozen`, issue #31) is the same round with `train.epochs 0`: no training, one feature
+pass of the network as built, PCA and the distributed k-means, the final assignment and report. That is the
+frozen-feature path a user runs over 10^9 images, so it must be flat in N the same way.
 """
 from __future__ import annotations
 
@@ -82,15 +86,17 @@ def overrides(n: int, shards: Path, run_dir: Path) -> list[str]:
     return [f"data.shards={shards}", f"run.dir={run_dir}", f"train.reassign={min(1.0, 20_000 / max(n, 1)):.6f}"]
 
 
-def run_one(ctx: Context, n: int) -> dict:
+def run_one(ctx: Context, n: int, frozen: bool = False) -> dict:
     shards = shards_for(ctx, n)
-    run_dir = ctx.work / "scale" / f"run-{n}"
-    config = ctx.work / "scale" / "scale.yaml"
+    work = ctx.work / ("scale-frozen" if frozen else "scale")
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = work / f"run-{n}"
+    config = work / "scale.yaml"
     config.write_text(CONFIG)
     cmd = [str(Path(sys.executable).parent / "raydc"), "train", "--config", str(config), "--overwrite"]
-    for s in overrides(n, shards, run_dir):
+    for s in overrides(n, shards, run_dir) + (["train.epochs=0"] if frozen else []):
         cmd += ["--set", s]
-    log_path = ctx.work / "scale" / f"run-{n}.log"
+    log_path = work / f"run-{n}.log"
     with log_path.open("w") as log:
         peaks = run_measured(cmd, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
     if peaks.exit_code != 0:
@@ -119,15 +125,24 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 
 def run(ctx: Context) -> dict:
+    return _measure(ctx, frozen=False)
+
+
+def run_frozen(ctx: Context) -> dict:
+    return _measure(ctx, frozen=True)
+
+
+def _measure(ctx: Context, frozen: bool) -> dict:
     sizes = QUICK_SIZES if ctx.quick else FULL_SIZES
     points = []
     for n in sizes:
-        saved = ctx.work / "scale" / f"point-{n}.json"  # a stopped suite resumes with the sizes it has not run
+        # a stopped suite resumes with the sizes it has not run
+        saved = ctx.work / ("scale-frozen" if frozen else "scale") / f"point-{n}.json"
         if saved.exists():
             p = json.loads(saved.read_text())
         else:
-            ctx.log(f"  scale N={n:,}: preparing and running one round")
-            p = run_one(ctx, n)
+            ctx.log(f"  scale N={n:,}: preparing and running one {'frozen ' if frozen else ''}round")
+            p = run_one(ctx, n, frozen)
             saved.write_text(json.dumps(p))
         points.append(p)
         ctx.log(f"  N={n:,}: driver {p['driver_peak_rss'] / 2**20:.0f} MiB, rank 0 {p['rank0_peak_rss'] / 2**20:.0f} "
@@ -146,4 +161,5 @@ def run(ctx: Context) -> dict:
               ("driver_peak_anon", "rank0_peak_anon", "coordinator_peak_anon", "driver_peak_rss", "rank0_peak_rss",
                "coordinator_peak_rss")}
     return {"sizes": list(sizes), "shards": SHARDS, "side": SIDE, "points": points, "loglog_slopes": fits,
-            "shard_bytes_per_image": per_image, "bytes_per_image": growth, "pca_dim": 8, "config": CONFIG}
+            "shard_bytes_per_image": per_image, "bytes_per_image": growth, "pca_dim": 8, "config": CONFIG,
+            "frozen": frozen}

@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
-         "seeds", "seeds70k", "demo", "readout", "scale", "probes", "export_memory", "embed_memory", "dac_ab",
+         "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen", "probes", "export_memory", "embed_memory", "dac_ab",
          "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "baselines"]
 
 
@@ -103,7 +103,8 @@ def plot_scale(doc: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("images N")
     ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(f"One DeepCluster round, {doc['shards']} shard actors (flat is the goal, shards excepted)")
+    what = "One frozen-feature round (train.epochs 0)" if doc.get("frozen") else "One DeepCluster round"
+    ax.set_title(f"{what}, {doc['shards']} shard actors (flat is the goal, shards excepted)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -376,12 +377,26 @@ def _sec_kmeans(doc: dict, img: str) -> str:
               f" = {_f(a['gflops'])} GFLOP/s = **{_pct(a['fraction_of_gemm_ceiling'])}** of the GEMM ceiling for this shape "
               f"({_f(r['gemm_ceiling_gflops'])} GFLOP/s), {_pct(a['fraction_of_peak'])} of the square-GEMM peak. "
               f"Loading the points into the shard actors (not timed above): {_f(r['ray_load_seconds']['2_actors'])} s.\n"
-            + _bf16_agreement(r))
+            + _bound_pruning(r) + _bf16_agreement(r))
     parts.append("Implementations: " + "; ".join(f"`{k}` = {v}" for k, v in doc["implementations"].items()) + ".\n")
     parts.append(f"![k-means]({img})\n")
     if doc.get("search_paths"):
         parts.append(_search_paths(doc["search_paths"]))
     return "\n".join(parts)
+
+
+def _bound_pruning(r: dict) -> str:
+    """What exact pruning could save on these data (bench_kmeans.bound_pruning)."""
+    b = r.get("bound_pruning")
+    if not b:
+        return ""
+    it = b["skipped_per_iteration"]
+    return (f"\nExact pruning on these data: Hamerly's bounds along the same Lloyd run skip {_pct(b['mean_skipped'])} of "
+            f"the rows' searches per iteration on average (from {_pct(min(it, default=0))} to "
+            f"{_pct(b['max_skipped'])} over iterations 2-{len(it) + 1}), so an exact bound-based assignment could be at "
+            f"most {b['assignment_speedup_bound']:.2f}× the full search here, before its own bookkeeping; labels "
+            f"differing from a full search over all iterations: {b['labels_differ_from_full_search']:,}, of which "
+            f"{b.get('labels_farther_than_full_search', 0):,} farther than a float32 near-tie.\n")
 
 
 def _bf16_agreement(r: dict) -> str:
@@ -839,9 +854,16 @@ def _sec_scale(doc: dict, img: str) -> str:
     sl = doc["loglog_slopes"]
     per = doc["shard_bytes_per_image"]
     growth = doc.get("bytes_per_image", {})
-    return ("## Memory against N (issue #12)\n\n"
-            f"One DeepCluster round on synthetic {doc['side']}x{doc['side']} images, {doc['shards']} shard actors "
-            "(`benchmarks/bench_scale.py`). Peak private memory (RssAnon, sampled) in MiB, with the peak resident "
+    if doc.get("frozen"):
+        head = ("## Memory against N, frozen-feature path (issue #31)\n\n"
+                "The same round with `train.epochs 0`: no training, one feature pass of the network as built, PCA, "
+                f"the distributed k-means, the final assignment and report, on the same synthetic {doc['side']}x"
+                f"{doc['side']} images and {doc['shards']} shard actors (`benchmarks/bench_scale_frozen.py`). Peak")
+    else:
+        head = ("## Memory against N (issue #12)\n\n"
+                f"One DeepCluster round on synthetic {doc['side']}x{doc['side']} images, {doc['shards']} shard actors "
+                "(`benchmarks/bench_scale.py`). Peak")
+    return (head + " private memory (RssAnon, sampled) in MiB, with the peak resident "
             "set (VmHWM, which also counts the object store's shared pages a process has read) in brackets. "
             "Log-log slopes against N (0 = flat, 1 = linear): "
             + ", ".join(f"{k.replace('_peak', '')} {v:.2f}" for k, v in sl.items())
@@ -849,7 +871,8 @@ def _sec_scale(doc: dict, img: str) -> str:
             + ", ".join(f"{k.replace('_peak', '')} {v:.1f} B" for k, v in growth.items())
             + f"; a shard actor's private memory grows by {per:.0f} bytes per image it holds.\n\n"
             + _table(["N", "driver", "rank 0", "coordinator", "shard actors", "k-means bytes per iteration",
-                      "min"], rows) + f"\n\n![memory]({img})\n\n" + _scale_projection(doc) + "\n")
+                      "min"], rows) + f"\n\n![memory]({img})\n\n"
+            + ("" if doc.get("frozen") else _scale_projection(doc)) + "\n")
 
 
 def _scale_projection(doc: dict) -> str:
@@ -1029,6 +1052,9 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
     if "scale" in d and "points" in d["scale"]:
         plot_scale(d["scale"], out / "scale.png")
         lines.append(_sec_scale(d["scale"], rel("scale.png")))
+    if "scale_frozen" in d and "points" in d["scale_frozen"]:
+        plot_scale(d["scale_frozen"], out / "scale_frozen.png")
+        lines.append(_sec_scale(d["scale_frozen"], rel("scale_frozen.png")))
     if "probes" in d:
         lines.append(_sec_probes(d["probes"]))
     if "probe_table" in d:

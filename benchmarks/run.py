@@ -24,9 +24,10 @@ from benchmarks.common import RESULTS_DIR, Context, _clean, load_average, machin
 
 # Cheapest and Ray-free first; the Ray Train ones last.
 BENCHMARKS = ["quality", "pca", "kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "ablations",
-              "seeds", "seeds70k", "demo", "readout", "scale", "probes"]
+              "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen", "probes"]
 # not in the quick suite (make test runs it) unless named with --only
-FULL_ONLY = {"reduction", "precision", "dac", "ablations", "seeds", "seeds70k", "demo", "readout", "scale", "probes"}
+FULL_ONLY = {"reduction", "precision", "dac", "ablations", "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen",
+             "probes"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
