@@ -71,7 +71,7 @@ def plot_kmeans(doc: dict, path: Path) -> None:
 
     plt = _plt()
     ks = list(doc["results"])
-    impls = list(doc["implementations"])
+    impls = [name for name in doc["implementations"] if all(name in doc["results"][k]["impls"] for k in ks)]
     fig, ax = plt.subplots(figsize=(9, 4.2))
     w = 0.8 / len(impls)
     for i, name in enumerate(impls):
@@ -359,7 +359,10 @@ def _sec_kmeans(doc: dict, img: str) -> str:
     c = doc["config"]
     parts = [f"## k-means\n\nN={c['n']:,}, d={c['d']}, {c['niter']} iterations, {c['repeats']} repeats after a warm-up, "
              f"interleaved. Data: {c['data']}. Init: {c['init']}. s/it = {c['s_per_iter']}. Speed-up = "
-             f"{c['speedup']}.\n"]
+             f"{c['speedup']}."
+             + (" `raydc_bf16` is not timed: this CPU has no bf16 instructions, so torch would emulate them (many times "
+                "slower than float32, which says nothing about the bf16 path); its labels are still compared below."
+                if c.get("raydc_bf16_timed") is False else "") + "\n"]
     g = doc["gemm"]
     parts.append("fp32 GEMM ceiling (`torch.mm`, {} threads): ".format(g["threads"]) + ", ".join(
         f"{k}: {_f(v['gflops'])} GFLOP/s" for k, v in g["shapes"].items()) + ".\n")
