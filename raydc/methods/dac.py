@@ -46,10 +46,11 @@ three seeds ended at 0.969 / 0.946 / 0.873, each within 0.008 of its best round 
 the old preset; seed 33 ends with two clusters that each hold half the 8s and half the 9s: a split along another
 axis than the digit, which fixing BatchNorm does not prevent). Those runs were bf16; in fp32 the same preset ended
 seeds 31, 32 and 33 at 0.977 / 0.978 / 0.977 (dac_ab.json), so the bf16 network forward, whose scores feed the
-thresholded similarities, is the likely cause of seed 33's split (not yet rerun in bf16 to prove it). The mechanism: after the last dense layer the scores
-go through BatchNorm, ReLU and the softmax; with a trainable shift and scale a cluster's score can be moved up or
-off for every image at once, which is how one cluster swallows another's images; with them fixed, every score has
-mean 0 and variance 1 over each batch, a standing balance constraint. The shipped presets use both; the field
+thresholded similarities, is the likely cause of seed 33's split (not yet rerun in bf16 to prove it). The
+mechanism: after the last dense layer the scores go through BatchNorm, ReLU and the softmax; with a trainable shift
+and scale a cluster's score can be moved up or off for every image at once, which is how one cluster swallows
+another's images; with them fixed, every score has mean 0 and variance 1 over each batch, a standing balance
+constraint. The shipped presets use both; the field
 defaults stay the reference's.
 
 No k-means: the cluster of an image is the argmax of its label feature. Between rounds the engine's feature
