@@ -449,10 +449,11 @@ def partial_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray,
     sums_t = np.zeros((d, k), dtype=np.float64)  # one row per feature: bincount's output, contiguous
     # At least k rows a chunk, so the k running sums carried in front of each chunk stay a small share of it.
     step = max(k, _CHUNK_BYTES // max(1, 8 * d))
-    owners = buf = None
+    owners = np.empty(0, dtype=np.int64)
+    buf = np.empty((d, 0), dtype=np.float64)
     for i in range(0, n, step):
         rows = labels[i:i + step]
-        if owners is None or len(owners) != k + len(rows):
+        if len(owners) != k + len(rows):  # the first chunk and a shorter last one
             owners = np.concatenate([np.arange(k, dtype=np.int64), rows])
             buf = np.empty((d, k + len(rows)), dtype=np.float64)
         else:
