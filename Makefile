@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 # The lock file holds the exact versions the tests pass on (pyproject.toml holds ranges); `make lock` rewrites it
 # from the venv after a deliberate upgrade.
-EXTRAS := cpu,test,tune,mlflow,umap
+EXTRAS := cpu,test,tune,mlflow,umap,timm
 $(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
