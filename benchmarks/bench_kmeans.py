@@ -206,12 +206,12 @@ def bound_pruning(x: np.ndarray, k: int, niter: int, init: np.ndarray) -> dict:
         lower -= np.where(labels == top, np.partition(move, -2)[-2], move[top])
         # a relative margin above float32 rounding of the bounds and of faiss's distances: near-ties are searched
         keep = upper * (1 + _BOUND_MARGIN) <= np.maximum(half_gap[labels], lower)
-        check = ~keep
-        idx = np.nonzero(check)[0]
-        exact = np.sqrt(((x[idx] - c[labels[idx]]) ** 2).sum(1))  # tighten the upper bound first
-        upper[idx] = exact
-        idx = idx[exact * (1 + _BOUND_MARGIN) > np.maximum(half_gap[labels[idx]], lower[idx])]
-        keep[np.setdiff1d(np.nonzero(check)[0], idx)] = True
+        loose = np.nonzero(~keep)[0]
+        exact = np.sqrt(((x[loose] - c[labels[loose]]) ** 2).sum(1))  # tighten the upper bound first
+        upper[loose] = exact
+        fails = exact * (1 + _BOUND_MARGIN) > np.maximum(half_gap[labels[loose]], lower[loose])
+        keep[loose[~fails]] = True
+        idx = loose[fails]
         if len(idx):
             dist, lab = nearest_two(x[idx], c)
             labels[idx], upper[idx], lower[idx] = lab[:, 0], dist[:, 0], dist[:, 1]

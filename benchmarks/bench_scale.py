@@ -86,9 +86,14 @@ def overrides(n: int, shards: Path, run_dir: Path) -> list[str]:
     return [f"data.shards={shards}", f"run.dir={run_dir}", f"train.reassign={min(1.0, 20_000 / max(n, 1)):.6f}"]
 
 
+def _work_dir(ctx: Context, frozen: bool) -> Path:
+    """Where a variant keeps its run directories, logs and finished points (the shards are shared)."""
+    return ctx.work / ("scale-frozen" if frozen else "scale")
+
+
 def run_one(ctx: Context, n: int, frozen: bool = False) -> dict:
     shards = shards_for(ctx, n)
-    work = ctx.work / ("scale-frozen" if frozen else "scale")
+    work = _work_dir(ctx, frozen)
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / f"run-{n}"
     config = work / "scale.yaml"
@@ -137,7 +142,7 @@ def _measure(ctx: Context, frozen: bool) -> dict:
     points = []
     for n in sizes:
         # a stopped suite resumes with the sizes it has not run
-        saved = ctx.work / ("scale-frozen" if frozen else "scale") / f"point-{n}.json"
+        saved = _work_dir(ctx, frozen) / f"point-{n}.json"
         if saved.exists():
             p = json.loads(saved.read_text())
         else:
