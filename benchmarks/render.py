@@ -271,6 +271,8 @@ def _headline_quality(d: dict) -> list[str]:
         if whole(r) and r["label"] not in grouped and r["label"].startswith("70k"):
             have.append(f"DAC, MNIST 70k, seed {r['train'].get('seed', '?')} (dac_ab.json) ACC "
                         f"{_f(r['acc_by_round'][-1])} after {r['rounds']} rounds")
+        elif whole(r) and r["label"] not in grouped and r["label"].startswith("Fashion-MNIST"):
+            have.append(f"DAC, {r['label']} (dac_ab.json) ACC {_f(r['acc_by_round'][-1])} (one seed)")
     single = [f"`{n}` ACC {_f(r['last_row'].get('acc'))}, NMI {_f(r['last_row'].get('nmi'))}"
               for n, r in (d.get("quality") or {}).get("runs", {}).items()
               if "last_row" in r and r["status"].startswith("finished")]
