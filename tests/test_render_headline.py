@@ -15,7 +15,9 @@ def test_only_final_rounds_reach_the_headline():
         "quality": {"runs": {"done": {"status": "finished", "last_row": {"acc": 0.8, "nmi": 0.7}},
                              "going": {"status": "in progress", "last_row": {"acc": 0.99, "nmi": 0.99}}}},
         "dac_ab": {"runs": [_dac("70k images, the preset", whole), _dac("70k images, stopped", [0.2, 0.95, 0.96]),
-                            _dac("10k a", [0.2] * 20 + [0.96]), _dac("10k b", [0.2] * 20 + [0.94], 32)],
+                            _dac("10k a", [0.2] * 20 + [0.96]), _dac("10k b", [0.2] * 20 + [0.94], 32),
+                            _dac("Fashion-MNIST test 10k, seed 31", [0.2] * 20 + [0.493]),
+                            _dac("Fashion-MNIST test 10k, stopped", [0.2, 0.45, 0.61])],
                    "groups": [{"name": "10k", "runs": ["10k a", "10k b"]}]},
     }
     line = "; ".join(_headline_quality(d))
@@ -23,6 +25,8 @@ def test_only_final_rounds_reach_the_headline():
     assert "DAC, MNIST 70k, seed 31 (dac_ab.json) ACC 0.977 after 20 rounds" in line
     assert line.count("DAC, MNIST 70k") == 1  # the stopped 70k run's last row is no final round
     assert "over 2 seeds, min 0.94" in line
+    assert "DAC, Fashion-MNIST test 10k, seed 31 (dac_ab.json) ACC 0.493 (one seed)" in line
+    assert "0.61" not in line  # nor the stopped Fashion-MNIST run's
     assert line.index("over 2 seeds") < line.index("single earlier runs") < line.index("`done` ACC 0.8")
 
 
