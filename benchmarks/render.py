@@ -14,7 +14,7 @@ from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
          "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen", "probes", "export_memory", "embed_memory", "dac_ab",
-         "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "baselines"]
+         "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "baselines", "confusion"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -910,6 +910,25 @@ def _scale_projection(doc: dict) -> str:
             f"by about 12 k d bytes per iteration at any number of shards (see the reduction section).")
 
 
+def _sec_confusion(doc: dict) -> str:
+    """What each finished run's final clusters get wrong: the largest groups of a class in another class's
+    cluster, and the classes that keep less than half of their images in their own cluster."""
+    rows = []
+    for r in doc["runs"]:
+        n = r["n"]
+        worst = "; ".join(f"{m['images']:,} {m['class']} in {m['in_cluster_of']}'s ({100 * m['share_of_all']:.1f} %)"
+                          for m in r["largest_misplaced"][:3])
+        weak = ", ".join(f"{c} {v:.2f}" for c, v in r["class_share_in_own_cluster"].items() if v < 0.5) or "none"
+        rows.append([r["label"], f"{n:,}", _f(r["acc"]), worst, weak, r["commit"]])
+    return "\n".join([
+        "## What the final clusters confuse (issues #26, #30)", "",
+        "Each finished run's final clusters against the labels, matched one to one as ACC matches them "
+        "(`python -m benchmarks.confusion`, results/confusion.json, which also holds every class-by-cluster count). "
+        "\"X in Y's\": images of class X in the cluster matched to class Y, and their share of all images.", "",
+        _table(["run", "images", "ACC", "largest misplaced groups", "classes with under half in their own cluster",
+                "commit"], rows), ""])
+
+
 def _sec_dac_ab(doc: dict) -> str:
     """DAC's one-change comparisons after the first round, where raydc and the reference part first."""
     rows = [[f"`{r['label']}`", r["commit"], _f(r["acc"]), _f(r["nmi"]), _f(r["ari"]),
@@ -1068,6 +1087,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_manifold_readout(d["manifold_readout"]))
     if "readout_restarts" in d:
         lines.append(_sec_readout_restarts(d["readout_restarts"]))
+    if "confusion" in d:
+        lines.append(_sec_confusion(d["confusion"]))
     if "sweep_table" in d:
         lines.append(_sec_sweep_table(d["sweep_table"]))
     if "dac_ab" in d:

@@ -1,0 +1,96 @@
+"""What the final clusters of finished runs confuse: each class's share in the cluster matched to it, and the
+largest groups of a class that sit in another class's cluster.
+
+A final ACC says how much is wrong, not what. Two runs at 0.967 can miss in the same place (one sub-population
+glued to another class) or in many, and only the first is something a readout could be asked to fix. Clusters
+are matched to classes one to one as ACC does (Hungarian); labels only score. Usage:
+
+    python -m benchmarks.confusion --out benchmarks/results/confusion.json \
+        --run "LABEL:RUN_DIR:SHARDS:COMMIT" ...
+
+`--append` keeps the file's rows (a label given again replaces its row).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashionmnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
+}
+
+
+def _column(files: list[Path], names: list[str]) -> dict[str, np.ndarray]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.concat_tables([pq.read_table(f, columns=names) for f in files])
+    return {n: t.column(n).to_numpy() for n in names}
+
+
+def confusion(run_dir: Path, shards: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(classes x clusters counts, each class's matched cluster) from the run's assignments and the shards'
+    labels, joined on the image id."""
+    from scipy.optimize import linear_sum_assignment
+
+    got = _column(sorted((run_dir / "assignments").glob("*.parquet")), ["id", "cluster"])
+    lab = _column(sorted(shards.glob("*.parquet")), ["id", "label"])
+    order = np.argsort(lab["id"])
+    pos = np.searchsorted(lab["id"], got["id"], sorter=order)
+    y = lab["label"][order[pos]].astype(np.int64)
+    cl = got["cluster"].astype(np.int64)
+    counts = np.zeros((int(y.max()) + 1, max(int(cl.max()) + 1, int(y.max()) + 1)), np.int64)
+    np.add.at(counts, (y, cl), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    matched = np.full(counts.shape[0], -1, np.int64)
+    matched[rows] = cols
+    return counts, matched
+
+
+def summarise(counts: np.ndarray, matched: np.ndarray, names: list[str], top: int = 4) -> dict:
+    n = int(counts.sum())
+    owner = {int(c): i for i, c in enumerate(matched)}  # cluster -> the class it is matched to
+    own = [int(counts[i, matched[i]]) for i in range(len(matched))]
+    wrong = [(int(counts[i, c]), i, int(c)) for i in range(counts.shape[0]) for c in range(counts.shape[1])
+             if c != matched[i] and counts[i, c] > 0]
+    wrong.sort(reverse=True)
+    return {
+        "acc": sum(own) / n,
+        "n": n,
+        "class_share_in_own_cluster": {names[i]: own[i] / max(int(counts[i].sum()), 1) for i in range(len(own))},
+        "largest_misplaced": [{"class": names[i], "in_cluster_of": names[owner[c]] if c in owner else f"cluster {c}",
+                               "images": v, "share_of_all": v / n} for v, i, c in wrong[:top]],
+        "cluster_sizes": counts.sum(axis=0).tolist(),
+        "counts": counts.tolist(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raydc.config_loader import read_yaml
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", required=True, help="LABEL:RUN_DIR:SHARDS:COMMIT")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--append", action="store_true")
+    args = ap.parse_args(argv)
+    doc = json.loads(args.out.read_text()) if args.append and args.out.exists() else {"runs": []}
+    for spec in args.run:
+        label, run_dir, shards, commit = spec.rsplit(":", 3)
+        source = read_yaml(Path(run_dir, "config.yaml"))["data"]["source"]
+        counts, matched = confusion(Path(run_dir), Path(shards))
+        row = {"label": label, "run_dir": run_dir, "commit": commit, "source": source,
+               **summarise(counts, matched, CLASS_NAMES.get(source, [str(i) for i in range(len(matched))]))}
+        doc["runs"] = [r for r in doc["runs"] if r["label"] != label] + [row]
+        worst = ", ".join(f"{m['images']} {m['class']} in {m['in_cluster_of']}" for m in row["largest_misplaced"])
+        print(f"{label}: ACC {row['acc']:.4f}; largest misplaced: {worst}")
+    doc["benchmark"] = "confusion"
+    args.out.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
