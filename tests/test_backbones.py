@@ -178,3 +178,94 @@ def test_weights_from_an_earlier_run_directory(rgb_shards, tmp_path, one_torch_t
                     "model.input_size=32")
     with pytest.raises(ConfigError, match="model.weights.*smallconvnet"):
         other.load_initial_weights(other.build_model())
+
+
+def _resnet18_file(tmp_path, seed: int = 3):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    reference = resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    reference.fc = torch.nn.Identity()
+    return path, reference.eval()
+
+
+def _torchvision_features(reference, x):
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return reference((x - mean) / std)
+
+
+def test_dac_trains_its_head_on_a_frozen_backbone_from_a_file(rgb_shards, tmp_path, one_torch_thread):
+    """DAC with `model.arch: torchvision:resnet18`: the file's weights go under DAC's label-feature head, and with
+    `model.freeze: trunk` a training step moves the head and leaves every backbone weight and batch-norm
+    statistic as the file gave them."""
+    path, reference = _resnet18_file(tmp_path)
+    method = _method(rgb_shards, "method=dac", "model.arch=torchvision:resnet18", f"model.weights={path}",
+                     "model.input_size=64", "model.freeze=trunk", "dac.batch_size=4")
+    model = method.build_model()
+    torch.manual_seed(4)
+    method.load_initial_weights(model)
+    trunk = model.scores[0]
+    x = torch.rand(6, 3, 64, 64)
+    trunk.eval()
+    torch.testing.assert_close(trunk.embed(x), _torchvision_features(reference, x), rtol=1e-5, atol=1e-5)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    assert not trunk.features.training  # frozen parts stay in eval mode: their statistics do not move
+    opt = method.optimizers(model, method.init_state())["net"]
+    s = model(x) @ model(x).T
+    loss = ((s - torch.eye(6)) ** 2).mean()
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("scores.0.top_layer.", "scores.1.")) for k in moved), sorted(moved)[:5]
+
+    # a DeepCluster run's network of the same backbone starts DAC's too (its head stays DAC's own)
+    from raydc.config_loader import to_dict
+    from raydc.engine.rundir import RunDir
+
+    dc = _method(rgb_shards, "model.arch=torchvision:resnet18", "model.input_size=64")
+    torch.manual_seed(5)
+    dc_net = dc.build_model()
+    RunDir(tmp_path / "dc").save_clustering({"round": 1, "model": dc_net.state_dict(), "artifacts": {},
+                                             "config": to_dict(dc.cfg)})
+    again = _method(rgb_shards, "method=dac", "model.arch=torchvision:resnet18", f"model.weights={tmp_path / 'dc'}",
+                    "model.input_size=64", "dac.batch_size=4")
+    started = again.build_model()
+    again.load_initial_weights(started)
+    for k, v in dc_net.state_dict().items():
+        if not k.startswith("top_layer."):
+            assert torch.equal(started.scores[0].state_dict()[k], v), k
+
+
+def test_dec_clusters_a_frozen_backbones_features_through_its_autoencoder(rgb_shards, tmp_path, one_torch_thread):
+    """DEC with a backbone: the autoencoder's input is the file's ResNet-18 features (512-d), the backbone gets no
+    gradient and stays in eval mode; without freezing, or with weights but no backbone, the config is refused
+    naming the field."""
+    from raydc.core.augment import MEAN, STD
+
+    path, reference = _resnet18_file(tmp_path)
+    method = _method(rgb_shards, "method=dec", "cluster.pca_dim=0", "model.arch=torchvision:resnet18",
+                     f"model.weights={path}", "model.input_size=64", "model.freeze=all", "model.ae_dims=[32,8]")
+    assert method.input_dim == 512
+    model = method.build_model()
+    method.load_initial_weights(model)
+    x01 = torch.rand(6, 3, 64, 64)
+    x = (x01 - MEAN) / STD  # the engine's normalised input
+    model.train()
+    assert not model.front.training
+    torch.testing.assert_close(model.inputs(x), _torchvision_features(reference, x01), rtol=1e-4, atol=1e-4)
+    assert model.embed(x).shape == (6, 8)
+    model(x, task="finetune").backward()
+    assert all(p.grad is None for p in model.front.parameters())
+    assert any(p.grad is not None for p in model.ae.parameters())
+
+    with pytest.raises(ConfigError, match="model.freeze"):
+        _method(rgb_shards, "method=dec", "cluster.pca_dim=0", "model.arch=torchvision:resnet18")
+    with pytest.raises(ConfigError, match="model.weights"):
+        _method(rgb_shards, "method=dec", "cluster.pca_dim=0", f"model.weights={path}")

@@ -158,15 +158,26 @@ def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # three runs (~2-3 min on a quiet 2-core machine); `make test-all` or `pytest -m slow`
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_shards, tmp_path):
+@pytest.mark.parametrize("start", ["random", "backbone_file"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(ray_local, tiny_shards, tmp_path, start):
     """SIGKILL a `raydc train` in the middle of epoch 1, resume, and compare with an uninterrupted run of the
     same seed: same assignments, same per-epoch metrics. The killed run joins this session's Ray cluster
     (as a job on a shared cluster would), so the kill takes its driver and, with it, the job's Train workers,
-    feature pool and shard actors; the resumed run starts from the last checkpoint in the run directory."""
+    feature pool and shard actors; the resumed run starts from the last checkpoint in the run directory.
+    `backbone_file`: the network is a torchvision ResNet-18 started from a state-dict file (issue #31), so a
+    resume that loaded the file again over the checkpoint's trained weights would end elsewhere."""
     from raydc.engine.rundir import RunDir
     from raydc.engine.trainer import run_training
 
     extra = ["train.epochs=3"]
+    if start == "backbone_file":
+        import torch
+        from torchvision.models import resnet18
+
+        torch.manual_seed(7)
+        torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+        extra += ["model.arch=torchvision:resnet18", f"model.weights={tmp_path / 'resnet18.pth'}",
+                  "model.input_size=32"]
     ref = run_training(tiny_config(tiny_shards, tmp_path / "ref", *extra))
 
     killed = tmp_path / "killed"

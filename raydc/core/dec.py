@@ -157,26 +157,49 @@ class DECNet(nn.Module):
     feature pool can call `embed` (z) or `soft_assign` (q) on it by name.
 
     Inputs are the engine's normalised NCHW floats, (x/255 - MEAN)/STD; DEC's autoencoder works on pixels in
-    [0, 1], flattened. `pixels` undoes the normalisation, and every path into the autoencoder goes through it.
+    [0, 1], flattened. `inputs` undoes the normalisation, and every path into the autoencoder goes through it.
+
+    With `backbone` (`torchvision:<name>`, `timm:<name>`), the autoencoder's input is that published network's
+    pooled features instead of the pixels: the backbone is frozen (no gradient, always in eval mode, so its
+    batch-norm statistics stay the published ones), and the autoencoder reconstructs its features. Its weights
+    come from `model.weights` like any backbone's.
     """
 
-    def __init__(self, input_dim: int, dims: list[int], corruption: float, k: int, alpha: float, seed: int):
+    def __init__(self, input_dim: int, dims: list[int], corruption: float, k: int, alpha: float, seed: int,
+                 backbone: str | None = None, in_channels: int = 1):
         from raydc.core.autoencoder import StackedAutoencoder
 
         super().__init__()
+        self.front = None
+        if backbone is not None:
+            from raydc.core.backbones import build_backbone
+
+            self.front = build_backbone(backbone, in_channels)
+            self.front.requires_grad_(False)
+            self.front.eval()
         self.ae = StackedAutoencoder(input_dim, dims, corruption, seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the centres' placeholder init; k-means overwrites them anyway
             self.cluster = ClusteringLayer(k, dims[-1], alpha)
 
-    @staticmethod
-    def pixels(x: Tensor) -> Tensor:
+    def train(self, mode: bool = True) -> "DECNet":
+        super().train(mode)
+        if self.front is not None:
+            self.front.eval()
+        return self
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """What the autoencoder sees: the pixels in [0, 1], flattened, or the frozen backbone's features."""
         from raydc.core.augment import MEAN, STD
 
-        return (x * STD + MEAN).flatten(1)
+        x = x * STD + MEAN
+        if self.front is None:
+            return x.flatten(1)
+        with torch.no_grad():
+            return self.front.embed(x).float()
 
     def embed(self, x: Tensor) -> Tensor:
-        return self.ae.encode(self.pixels(x))
+        return self.ae.encode(self.inputs(x))
 
     def soft_assign(self, x: Tensor) -> Tensor:
         return self.cluster(self.embed(x))
@@ -186,9 +209,9 @@ class DECNet(nn.Module):
         if task == "soft_assign":
             return self.soft_assign(x)
         if task == "layerwise":
-            return self.ae.layerwise_loss(self.pixels(x), layer)
+            return self.ae.layerwise_loss(self.inputs(x), layer)
         if task == "finetune":
-            return self.ae.finetune_loss(self.pixels(x))
+            return self.ae.finetune_loss(self.inputs(x))
         raise ValueError(f"unknown task {task!r}")
 
     def dec_parameters(self) -> list[nn.Parameter]:

@@ -125,6 +125,11 @@ def clustering_row(ctx: "RoundContext", col: str, k: int, *, prev=None, majority
     return row
 
 
+def _in_top_layer(key: str) -> bool:
+    """A state-dict key of the clustering head (`top_layer`, at any depth): never carried into a new run."""
+    return "top_layer" in key.split(".")
+
+
 class Method:
     name: str = ""                        # the `method:` value that selects it (raydc.methods finds it by this)
     section: str | None = None            # the config section this method owns (`cfg.<section>`)
@@ -214,8 +219,8 @@ class Method:
                                             f"expected one of {', '.join(cls.archs)}{more}")
         if (cfg.model.weights or cfg.model.freeze != "none") and not cls.backbones:
             field_name = "model.weights" if cfg.model.weights else "model.freeze"
-            raise ConfigError(field_name, f"{cfg.method} builds its network from scratch; initial weights "
-                                          f"and freezing are for deepcluster")
+            raise ConfigError(field_name, f"{cfg.method} builds its network from scratch; it takes no initial "
+                                          f"weights or freezing")
 
     def check_data(self) -> None:
         """Checks that need the data (run before any worker starts); each error names its field."""
@@ -224,8 +229,8 @@ class Method:
         m = self.cfg.model
         if (m.weights or m.freeze != "none") and not self.backbones:  # (DEC does not call validate_config's)
             raise ConfigError("model.weights" if m.weights else "model.freeze",
-                              f"{self.cfg.method} builds its network from scratch; initial weights and freezing "
-                              f"are for deepcluster")
+                              f"{self.cfg.method} builds its network from scratch; it takes no initial weights "
+                              f"or freezing")
         if m.weights:  # read and fitted now: a bad file fails before any worker starts
             self.load_initial_weights(self.build_model())
         n = self.manifest.count
@@ -282,6 +287,10 @@ class Method:
             return "published", sd
         return "network", sd
 
+    def weights_target(self, model: "nn.Module") -> "nn.Module":
+        """The module of this method's network that `model.weights` (a published backbone's file) loads into."""
+        return model
+
     def load_initial_weights(self, model: "nn.Module") -> None:
         """`model.weights` into a freshly built network (a new run; a resumed one loads its checkpoint). The
         top layer is left as built: the clusters it scored are not this run's."""
@@ -292,15 +301,18 @@ class Method:
         if got is None:
             return
         kind, sd = got
+        # an earlier run of this method holds the whole network; a published file or another method's run
+        # (DeepCluster's backbone under DAC's head) the part `weights_target` names
+        target = model if kind == "network" and set(sd) & set(model.state_dict()) else self.weights_target(model)
         try:
             if kind == "published":  # the published keys, checked strictly against the published network
                 sd = build_backbone(self.cfg.model.arch, self.in_channels, weights=sd).state_dict()
-            sd = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
-            missing, unexpected = model.load_state_dict(sd, strict=False)
+            sd = {k: v for k, v in sd.items() if not _in_top_layer(k)}
+            missing, unexpected = target.load_state_dict(sd, strict=False)
         except (WeightsError, RuntimeError) as e:
             raise ConfigError("model.weights", f"{self.cfg.model.weights} does not fit {self.cfg.model.arch}: "
                                                f"{str(e).strip()[:400]}") from None
-        missing = [k for k in missing if not k.startswith("top_layer.")]
+        missing = [k for k in missing if not _in_top_layer(k)]
         if missing or unexpected:
             raise ConfigError("model.weights", f"{self.cfg.model.weights} does not fit {self.cfg.model.arch}: "
                                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")

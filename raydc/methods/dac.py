@@ -256,8 +256,12 @@ def _build(spec: dict) -> LabelFeatureNet:
         # A k-way head, then BatchNorm as the reference nets end: scores of unit spread from the first step. With
         # the head's small N(0, 0.01) init alone the softmax starts uniform, every pair's similarity is ~1, every
         # pair is "same", and training collapses everything into one cluster.
+        # A published backbone (`torchvision:<name>`, `timm:<name>`) is built the same way: its pooled features
+        # feed the k-way head; `model.freeze: trunk` (or `all`: a backbone's classifier is the identity) keeps the
+        # published network as it is and trains only the head, DAC on frozen features.
         net = build_convnet(spec["arch"], spec["in_channels"], spec["sobel"], spec["width"], spec["feature_dim"])
         net.reset_head(spec["k"], torch.Generator().manual_seed(0))
+        net.freeze(spec.get("freeze", "none"))
         scores = nn.Sequential(net, nn.BatchNorm1d(spec["k"]))
     return LabelFeatureNet(scores, readout_batch=spec.get("readout_batch", 128))
 
@@ -276,6 +280,7 @@ class DAC(Method):
     # and a trained run's first round are compared with
     frozen = True
     archs = ("dac_mnist", "dac_cifar", "smallconvnet", "alexnet", "vgg16")
+    backbones = True
     min_input_size = {**Method.min_input_size, "dac_mnist": DAC_NET_MIN_SIZE, "dac_cifar": DAC_NET_MIN_SIZE}
 
     @classmethod
@@ -314,7 +319,14 @@ class DAC(Method):
         return functools.partial(_build, {"arch": m.arch, "in_channels": self.in_channels, "sobel": m.sobel,
                                           "width": m.width, "feature_dim": m.feature_dim, "k": self.cfg.cluster.k,
                                           "readout_batch": self.opts.readout_batch, "bn_eps": self.opts.bn_eps,
-                                          "bn_affine": self.opts.bn_affine})
+                                          "bn_affine": self.opts.bn_affine, "freeze": m.freeze})
+
+    def weights_target(self, model: nn.Module) -> nn.Module:
+        """A backbone's published weights go into the convnet under the label-feature head."""
+        if self.cfg.model.arch.startswith("dac_"):
+            return model
+        assert isinstance(model, LabelFeatureNet) and isinstance(model.scores, nn.Sequential)
+        return model.scores[0]
 
     def init_state(self) -> DACState:
         return DACState()

@@ -145,17 +145,38 @@ class DEC(Method):
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
                       "train.hflip")
 
+    # `model.arch: torchvision:<name>` / `timm:<name>`: the autoencoder clusters that frozen network's features
+    # (DECNet's `front`) instead of pixels; any other `model.arch` is not read (DEC's net is `model.ae_dims`).
+    backbones = True
+
     def __init__(self, cfg, manifest):
         super().__init__(cfg, manifest)
-        self.input_dim = self.input_size ** 2 * self.in_channels
+        self.input_dim = (self.backbone.feature_dim if self.backbone is not None
+                          else self.input_size ** 2 * self.in_channels)
         self._last_update: dict | None = None  # rank 0: the update that said stop, reused by finalize
 
     @classmethod
     def validate_config(cls, cfg) -> None:
-        """`model.arch` is not checked: DEC's network is its autoencoder (`model.ae_dims`)."""
+        """`model.arch` is checked only when it names a published backbone: DEC's own network is its autoencoder
+        (`model.ae_dims`)."""
+        from raydc.core.backbones import backbone_info, is_backbone
+
         if cfg.cluster.pca_dim:
             raise ConfigError("cluster.pca_dim", f"must be 0 for DEC (it clusters its own embedding), "
                                                  f"got {cfg.cluster.pca_dim}")
+        if not is_backbone(cfg.model.arch):
+            if cfg.model.weights or cfg.model.freeze != "none":
+                raise ConfigError("model.weights" if cfg.model.weights else "model.freeze",
+                                  "DEC takes initial weights and freezing only for a published backbone in "
+                                  "front of its autoencoder (model.arch: torchvision:<name> or timm:<name>)")
+            return
+        try:
+            backbone_info(cfg.model.arch)
+        except (KeyError, ImportError) as e:
+            raise ConfigError("model.arch", str(e).strip("'\"")) from None
+        if cfg.model.freeze == "none":
+            raise ConfigError("model.freeze", "DEC clusters a frozen backbone's features through its autoencoder "
+                                              "and never trains the backbone: set model.freeze to trunk or all")
 
     def check_data(self) -> None:
         super().check_data()
@@ -165,9 +186,16 @@ class DEC(Method):
     # ---- model and state ------------------------------------------------------------------------
     def network_factory(self):
         d = self.opts
-        return functools.partial(build_dec_net, {"input_dim": self.input_dim, "dims": list(self.cfg.model.ae_dims),
-                                                 "corruption": d.corruption, "k": self.cfg.cluster.k,
-                                                 "alpha": d.alpha, "seed": self.cfg.train.seed})
+        spec = {"input_dim": self.input_dim, "dims": list(self.cfg.model.ae_dims), "corruption": d.corruption,
+                "k": self.cfg.cluster.k, "alpha": d.alpha, "seed": self.cfg.train.seed}
+        if self.backbone is not None:
+            spec.update(backbone=self.cfg.model.arch, in_channels=self.in_channels)
+        return functools.partial(build_dec_net, spec)
+
+    def weights_target(self, model: nn.Module) -> nn.Module:
+        """A backbone's published weights go into the frozen network in front of the autoencoder."""
+        front = getattr(model, "front", None)
+        return front if isinstance(front, nn.Module) else model
 
     def stages(self) -> list[tuple[str, int, int]]:
         """The autoencoder schedule: (phase, layer, epochs) for each greedy pair, then fine-tuning. Stages of 0
