@@ -103,6 +103,8 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     ckpt = load_round_checkpoint(None, resume_from) if resume_from else None
     if ckpt is not None:
         state, start = restore_model_and_state(ckpt, model, type(state))
+    else:
+        method.load_initial_weights(model)  # model.weights: a new run only, as the engine's loop
     optimizers = method.optimizers(model, state)
     if ckpt is not None:
         restore_optimizers(ckpt, optimizers)

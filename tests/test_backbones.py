@@ -245,8 +245,8 @@ def test_dac_trains_its_head_on_a_frozen_backbone_from_a_file(rgb_shards, tmp_pa
 
 def test_dec_clusters_a_frozen_backbones_features_through_its_autoencoder(rgb_shards, tmp_path, one_torch_thread):
     """DEC with a backbone: the autoencoder's input is the file's ResNet-18 features (512-d), the backbone gets no
-    gradient and stays in eval mode; without freezing, or with weights but no backbone, the config is refused
-    naming the field."""
+    gradient and stays in eval mode; without freezing, the config is refused naming the field, and a backbone's
+    file with no backbone named is refused when it is loaded into the autoencoder."""
     from raydc.core.augment import MEAN, STD
 
     path, reference = _resnet18_file(tmp_path)
@@ -267,5 +267,17 @@ def test_dec_clusters_a_frozen_backbones_features_through_its_autoencoder(rgb_sh
 
     with pytest.raises(ConfigError, match="model.freeze"):
         _method(rgb_shards, "method=dec", "cluster.pca_dim=0", "model.arch=torchvision:resnet18")
-    with pytest.raises(ConfigError, match="model.weights"):
-        _method(rgb_shards, "method=dec", "cluster.pca_dim=0", f"model.weights={path}")
+    # the network saved whole (an earlier DEC run's own file: its keys under `front.`) starts another k whole
+    own = tmp_path / "dec_net.pt"
+    torch.save(model.state_dict(), own)
+    again = _method(rgb_shards, "method=dec", "cluster.pca_dim=0", "model.arch=torchvision:resnet18",
+                    f"model.weights={own}", "model.input_size=64", "model.freeze=all", "model.ae_dims=[32,8]",
+                    "cluster.k=4")
+    started = again.build_model()
+    again.load_initial_weights(started)
+    for key, value in model.state_dict().items():
+        if not key.startswith("cluster."):
+            assert torch.equal(started.state_dict()[key], value), key
+    no_backbone = _method(rgb_shards, "method=dec", "cluster.pca_dim=0", f"model.weights={path}")
+    with pytest.raises(ConfigError, match="model.weights"):  # a ResNet's file is not an autoencoder's
+        no_backbone.load_initial_weights(no_backbone.build_model())

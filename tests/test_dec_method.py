@@ -320,3 +320,64 @@ def test_the_dec_keras_preset_pretrains_end_to_end_with_sgd_and_no_dropout(prese
     assert opt.defaults["lr"] == 1.0 and opt.defaults["momentum"] == 0.9
     first = model.ae.encoder_layers[0]
     assert first.weight.abs().max() <= (1.0 / first.in_features) ** 0.5 and not first.bias.any()
+
+
+# ---- a pretrained start ---------------------------------------------------------------------------------
+def _dec_net_file(tmp_path, k: int, seed: int = 99) -> tuple[Path, dict]:
+    """A DEC network's state dict, saved as a user would save one: the autoencoder plus its k centres."""
+    cfg = tiny_config("unused", "unused")
+    cfg.cluster.k, cfg.train.seed = k, seed
+    torch.manual_seed(seed)
+    net = DEC(cfg, manifest_for()).build_model()
+    path = tmp_path / "dec_net.pt"
+    torch.save(net.state_dict(), path)
+    return path, net.state_dict()
+
+
+def test_a_pretrained_autoencoder_starts_a_run_at_another_k(tmp_path):
+    """model.weights without a backbone: the autoencoder comes from the file and the centres do not (the file's
+    are for k = 3, this run's for k = 5), so a sweep over k can pretrain once."""
+    path, saved = _dec_net_file(tmp_path, k=3)
+    cfg = tiny_config("unused", "unused")
+    cfg.cluster.k, cfg.model.weights = 5, str(path)
+    method = DEC(cfg, manifest_for())
+    method.validate_config(cfg)
+    model = method.build_model()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    method.load_initial_weights(model)
+    got = model.state_dict()
+    for key, value in saved.items():
+        if key.startswith("ae."):
+            assert torch.equal(got[key], value), key
+    assert got["cluster.centers"].shape == (5, 4) and torch.equal(got["cluster.centers"], fresh["cluster.centers"])
+    assert not torch.equal(got["ae.encoder_layers.0.weight"], fresh["ae.encoder_layers.0.weight"])
+
+
+def test_a_pretrained_start_skips_pretraining_and_clusters_the_files_embedding(tmp_path):
+    """With both pretraining budgets at 0 the run's first round is the k-means start, and it clusters the file's
+    embedding: the same seed without the file (its own random autoencoder) starts from another objective."""
+    path, _ = _dec_net_file(tmp_path, k=K)
+    data = blobs()
+    starts = []
+    for weights in (str(path), None):
+        cfg = tiny_config("unused", "unused", pretrain_epochs=0, finetune_epochs=0, max_iterations=0)
+        cfg.model.weights = weights
+        _, _, rows, _ = run_in_process(cfg, data)
+        assert not {"pretrain", "finetune"} & {r.get("phase") for r in rows}
+        assert rows[-1]["stop_reason"].startswith("max_iterations")
+        starts.append(rows[-1]["ae_kmeans_objective"])
+    assert starts[0] != starts[1]
+
+
+def test_a_pretrained_start_refuses_what_does_not_fit(tmp_path):
+    """An autoencoder of other sizes, and freezing with no backbone to freeze, are refused naming the field."""
+    path, _ = _dec_net_file(tmp_path, k=K)
+    cfg = tiny_config("unused", "unused")
+    cfg.model.ae_dims, cfg.model.weights = [32, 8], str(path)
+    method = DEC(cfg, manifest_for())
+    with pytest.raises(ConfigError, match="model.weights"):
+        method.load_initial_weights(method.build_model())
+    cfg = tiny_config("unused", "unused")
+    cfg.model.freeze = "trunk"
+    with pytest.raises(ConfigError, match="model.freeze"):
+        DEC.validate_config(cfg)

@@ -283,13 +283,19 @@ class Method:
             sd = as_state_dict(safe_load(storage.read_bytes(loc), loc), loc)
         except WeightsError as e:
             raise ConfigError("model.weights", str(e)) from None
-        if self.backbone is not None and "adapter.mean" not in sd:  # not a raydc BackboneNet's own
+        own = any(k == "adapter.mean" or k.endswith(".adapter.mean") for k in sd)  # a raydc network's own
+        if self.backbone is not None and not own:
             return "published", sd
         return "network", sd
 
     def weights_target(self, model: "nn.Module") -> "nn.Module":
         """The module of this method's network that `model.weights` (a published backbone's file) loads into."""
         return model
+
+    def is_head_key(self, key: str) -> bool:
+        """A state-dict key of the part that scores this run's clusters: never carried into a new run, whose k
+        and clusters are its own."""
+        return _in_top_layer(key)
 
     def load_initial_weights(self, model: "nn.Module") -> None:
         """`model.weights` into a freshly built network (a new run; a resumed one loads its checkpoint). The
@@ -307,12 +313,12 @@ class Method:
         try:
             if kind == "published":  # the published keys, checked strictly against the published network
                 sd = build_backbone(self.cfg.model.arch, self.in_channels, weights=sd).state_dict()
-            sd = {k: v for k, v in sd.items() if not _in_top_layer(k)}
+            sd = {k: v for k, v in sd.items() if not self.is_head_key(k)}
             missing, unexpected = target.load_state_dict(sd, strict=False)
         except (WeightsError, RuntimeError) as e:
             raise ConfigError("model.weights", f"{self.cfg.model.weights} does not fit {self.cfg.model.arch}: "
                                                f"{str(e).strip()[:400]}") from None
-        missing = [k for k in missing if not _in_top_layer(k)]
+        missing = [k for k in missing if not self.is_head_key(k)]
         if missing or unexpected:
             raise ConfigError("model.weights", f"{self.cfg.model.weights} does not fit {self.cfg.model.arch}: "
                                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")

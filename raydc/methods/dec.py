@@ -19,6 +19,11 @@ A DEC run has three stages, all inside the one training fit, each round a unit o
    on the first, which compares with k-means' own labels), after exactly `dec.max_iterations` iterations, or
    when the collapse guard sees the largest cluster pass `dec.collapse_growth` times its share after k-means.
 
+A pretrained start: `model.weights` names an earlier DEC run's directory (or a file of its network) with the same
+`model.ae_dims`. Its clustering layer is dropped (its k is not this run's); with `dec.pretrain_epochs: 0` and
+`dec.finetune_epochs: 0` the run goes straight to k-means on that embedding. A sweep over k pretrains once this
+way (jobs/sweeps/k_dec_pretrained.yaml): k never changes pretraining, and every trial scores the same embedding.
+
 The network and the target maths are in `raydc.core.dec`; this file is the schedule around them.
 Randomness: one seed (`train.seed`) drives the weight init, k-means, the shuffles and Poisson draws (hashed per
 image id and pass), and dropout (torch is re-seeded each round from (seed, round, rank)), so a resumed run
@@ -165,10 +170,11 @@ class DEC(Method):
             raise ConfigError("cluster.pca_dim", f"must be 0 for DEC (it clusters its own embedding), "
                                                  f"got {cfg.cluster.pca_dim}")
         if not is_backbone(cfg.model.arch):
-            if cfg.model.weights or cfg.model.freeze != "none":
-                raise ConfigError("model.weights" if cfg.model.weights else "model.freeze",
-                                  "DEC takes initial weights and freezing only for a published backbone in "
-                                  "front of its autoencoder (model.arch: torchvision:<name> or timm:<name>)")
+            # model.weights without a backbone: an autoencoder of the same ae_dims (an earlier DEC run's
+            # directory, or a file of its network), so a sweep over k pretrains once (k never changes pretraining)
+            if cfg.model.freeze != "none":
+                raise ConfigError("model.freeze", "DEC freezes only a published backbone in front of its "
+                                                  "autoencoder (model.arch: torchvision:<name> or timm:<name>)")
             return
         try:
             backbone_info(cfg.model.arch)
@@ -191,6 +197,10 @@ class DEC(Method):
         if self.backbone is not None:
             spec.update(backbone=self.cfg.model.arch, in_channels=self.in_channels)
         return functools.partial(build_dec_net, spec)
+
+    def is_head_key(self, key: str) -> bool:
+        """The clustering layer's centres belong to the earlier run's k; this run sets its own from k-means."""
+        return key.split(".")[0] == "cluster" or super().is_head_key(key)
 
     def weights_target(self, model: nn.Module) -> nn.Module:
         """A backbone's published weights go into the frozen network in front of the autoencoder."""
