@@ -305,8 +305,8 @@ def test_resume_from_an_earlier_checkpoint_gives_the_same_result(tiny_run, tmp_p
 
 @pytest.mark.parametrize("preset", ["dec_mnist_keras.yaml", "dec_fmnist_keras.yaml"])
 def test_the_dec_keras_preset_pretrains_end_to_end_with_sgd_and_no_dropout(preset):
-    """jobs/configs/dec_{mnist,fmnist}_keras.yaml: one 300-epoch end-to-end stage (no greedy pairs), SGD lr 1 momentum 0.9
-    in batches of 256, no dropout, VarianceScaling(1/3, fan_in, uniform) weights with zero biases."""
+    """jobs/configs/dec_{mnist,fmnist}_keras.yaml: one 300-epoch end-to-end stage (no greedy pairs), SGD lr 1
+    momentum 0.9 in batches of 256, no dropout, VarianceScaling(1/3, fan_in, uniform) weights with zero biases."""
     from raydc.config import load_config
     from tests.conftest import REPO
 
