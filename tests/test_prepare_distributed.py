@@ -70,8 +70,9 @@ def test_distributed_strict_names_the_corrupt_file_and_leaves_nothing(ray_local,
     assert not (tmp_path / "out").exists(), "a failed prepare must not leave the directory it created"
 
 
+@pytest.mark.slow  # starts a Ray of its own (~20 s); the distributed prepare itself is in the fast suite above
 def test_cli_distributed_prepare(tmp_path):
-    """The command a user runs (its own local Ray), and its refusal of sources it does not distribute."""
+    """The command a user runs, on its own local Ray."""
     make_folder(tmp_path / "imgs", n=12)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
@@ -80,6 +81,12 @@ def test_cli_distributed_prepare(tmp_path):
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "prepared 12 images" in p.stdout and "2 skipped" in p.stdout, p.stdout
+
+
+def test_cli_refuses_to_distribute_a_source_it_cannot(tmp_path):
+    """Only folders are prepared by Ray tasks: any other source is refused before Ray starts, exit code 2."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
     p = subprocess.run([sys.executable, "-m", "raydc.cli", "prepare", "--source", "mnist", "--out",
                         str(tmp_path / "m"), "--distributed"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=120)
