@@ -35,20 +35,13 @@ def _column(files: list[Path], names: list[str]) -> dict[str, np.ndarray]:
 def confusion(run_dir: Path, shards: Path) -> tuple[np.ndarray, np.ndarray]:
     """(classes x clusters counts, each class's matched cluster) from the run's assignments and the shards'
     labels, joined on the image id."""
-    from scipy.optimize import linear_sum_assignment
+    from raydc.core.metrics import matched_confusion
 
     got = _column(sorted((run_dir / "assignments").glob("*.parquet")), ["id", "cluster"])
     lab = _column(sorted(shards.glob("*.parquet")), ["id", "label"])
     order = np.argsort(lab["id"])
     pos = np.searchsorted(lab["id"], got["id"], sorter=order)
-    y = lab["label"][order[pos]].astype(np.int64)
-    cl = got["cluster"].astype(np.int64)
-    counts = np.zeros((int(y.max()) + 1, max(int(cl.max()) + 1, int(y.max()) + 1)), np.int64)
-    np.add.at(counts, (y, cl), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    matched = np.full(counts.shape[0], -1, np.int64)
-    matched[rows] = cols
-    return counts, matched
+    return matched_confusion(lab["label"][order[pos]].astype(np.int64), got["cluster"].astype(np.int64))
 
 
 def summarise(counts: np.ndarray, matched: np.ndarray, names: list[str], top: int = 4) -> dict:

@@ -117,3 +117,22 @@ def test_input_checks():
         acc(np.zeros(3, dtype=int), np.zeros(4, dtype=int))
     with pytest.raises(ValueError, match="integer"):
         nmi(np.zeros(3), np.zeros(3, dtype=int))
+
+
+def test_matched_confusion_names_classes_and_clusters_by_their_own_ids():
+    """Rows are the class values, columns the cluster ids (square when there are fewer clusters than classes),
+    and the matched cells add up to the Hungarian ACC; uint8 labels do not wrap."""
+    from raydc.core.metrics import matched_confusion
+
+    y = np.array([0] * 5 + [1] * 5 + [2] * 5, np.uint8)
+    c = np.array([1] * 5 + [0] * 4 + [1] + [1] * 5, np.uint8)  # classes 0 and 2 share cluster 1
+    counts, matched = matched_confusion(y, c)
+    assert counts.shape == (3, 3) and counts.sum() == 15
+    assert counts[1, 0] == 4 and counts[1, 1] == 1 and counts[0, 1] == 5 and counts[2, 1] == 5
+    assert matched[1] == 0 and {matched[0], matched[2]} == {1, 2}
+    assert counts[np.arange(3), matched].sum() / 15 == pytest.approx(acc(y, c))
+    big = np.full(300, 250, np.uint8)
+    counts, matched = matched_confusion(big, big)
+    assert counts[250, 250] == 300 and matched[250] == 250
+    with pytest.raises(ValueError):
+        matched_confusion(np.array([0, 1]), np.array([0]))

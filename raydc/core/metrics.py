@@ -182,6 +182,26 @@ def _acc(t: _Contingency) -> float:
     return float(w[r, c].sum() / t.n)
 
 
+def matched_confusion(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, matched): the classes x clusters table indexed by the label values themselves (so a row is
+    class `i` and a column cluster `c`, as a report names them; square at least, so every class can be
+    matched), and each class's cluster under the Hungarian map `acc` scores (-1: none). What a reader of a
+    run asks next: which classes share a cluster."""
+    from scipy.optimize import linear_sum_assignment
+
+    y = _as_labels(y_true, "y_true").astype(np.int64)  # uint8 labels times the width would wrap
+    c = _as_labels(y_pred, "y_pred").astype(np.int64)
+    if y.shape != c.shape or y.size == 0 or min(int(y.min()), int(c.min())) < 0:
+        raise ValueError("matched_confusion takes two equally long, non-empty labellings of ids >= 0")
+    n_classes = int(y.max()) + 1
+    n_cols = max(int(c.max()) + 1, n_classes)
+    counts = np.bincount(y * n_cols + c, minlength=n_classes * n_cols).reshape(n_classes, n_cols)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    matched = np.full(n_classes, -1, np.int64)
+    matched[rows] = cols
+    return counts.astype(np.int64), matched
+
+
 def majority_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Accuracy of the many-to-one map sending each cluster to its majority class (for K > C).
 
