@@ -8,7 +8,9 @@ are matched to classes one to one as ACC does (Hungarian); labels only score. Us
     python -m benchmarks.confusion --out benchmarks/results/confusion.json \
         --run "LABEL:RUN_DIR:SHARDS:COMMIT" ...
 
-`--append` keeps the file's rows (a label given again replaces its row).
+`--append` keeps the file's rows (a label given again replaces its row). `--config NAME` marks a run as a
+shipped config's full run (`dec_mnist_keras.yaml`): the row then also carries the run's minutes in rounds and
+its final NMI/ARI, and RESULTS' time-to-quality table lists it.
 """
 from __future__ import annotations
 
@@ -62,6 +64,18 @@ def summarise(counts: np.ndarray, matched: np.ndarray, names: list[str], top: in
     }
 
 
+def _run_summary(run_dir: Path) -> dict:
+    """The run's method, minutes in rounds (the sum of `time_round`: start-up and the gaps between a stop and
+    a resume are not in it) and its final row's scores."""
+    from raydc.config_loader import read_yaml
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = rows[-1]
+    return {"method": read_yaml(run_dir / "config.yaml")["method"],
+            "wall_s_rounds": sum(r.get("time_round") or 0.0 for r in rows),
+            "final": {k: final.get(k) for k in ("acc", "nmi", "ari", "stop_reason")}}
+
+
 def main(argv: list[str] | None = None) -> int:
     from raydc.config_loader import read_yaml
 
@@ -69,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", required=True, help="LABEL:RUN_DIR:SHARDS:COMMIT")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--append", action="store_true")
+    ap.add_argument("--config", help="the shipped config the run(s) ran, for the time-to-quality table")
     args = ap.parse_args(argv)
     doc = json.loads(args.out.read_text()) if args.append and args.out.exists() else {"runs": []}
     for spec in args.run:
@@ -77,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         counts, matched = confusion(Path(run_dir), Path(shards))
         row = {"label": label, "run_dir": run_dir, "commit": commit, "source": source,
                **summarise(counts, matched, CLASS_NAMES.get(source, [str(i) for i in range(len(matched))]))}
+        if args.config:
+            row.update(config=args.config, **_run_summary(Path(run_dir)))
         doc["runs"] = [r for r in doc["runs"] if r["label"] != label] + [row]
         worst = ", ".join(f"{m['images']} {m['class']} in {m['in_cluster_of']}" for m in row["largest_misplaced"])
         print(f"{label}: ACC {row['acc']:.4f}; largest misplaced: {worst}")

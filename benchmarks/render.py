@@ -750,6 +750,11 @@ def _sec_time_to_quality(d: dict) -> str:
             rows.append(["`dac_mnist.yaml`", "DAC", "MNIST, 70,000 images, k = 10, 20 rounds", "1",
                          minutes([r["wall_s_rounds"]]) + " (cores shared)", _f(r["acc_by_round"][-1]),
                          f"dac_ab.json ({machine(d['dac_ab'])})"])
+    for r in (d.get("confusion") or {}).get("runs", []):  # a shipped config's full run, collected with --config
+        if r.get("config") and r.get("wall_s_rounds"):
+            rows.append([f"`{r['config']}`", {"dec": "DEC", "dac": "DAC"}.get(r["method"], r["method"]), r["label"],
+                         "1", minutes([r["wall_s_rounds"]]), _f(r["final"]["acc"]),
+                         f"confusion.json ({machine(d['confusion'])})"])
     base = d.get("baselines")
     for data, v in (base or {}).get("data", {}).items():
         for name, what in (("sklearn_kmeans", "scikit-learn k-means, raw pixels"),
