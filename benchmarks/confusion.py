@@ -65,14 +65,11 @@ def summarise(counts: np.ndarray, matched: np.ndarray, names: list[str], top: in
 
 
 def _run_summary(run_dir: Path) -> dict:
-    """The run's method, minutes in rounds (the sum of `time_round`: start-up and the gaps between a stop and
-    a resume are not in it) and its final row's scores."""
-    from raydc.config_loader import read_yaml
-
+    """The run's minutes in rounds (the sum of `time_round`: start-up and the gaps between a stop and a resume
+    are not in it) and its final row's scores."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = rows[-1]
-    return {"method": read_yaml(run_dir / "config.yaml")["method"],
-            "wall_s_rounds": sum(r.get("time_round") or 0.0 for r in rows),
+    return {"wall_s_rounds": sum(r.get("time_round") or 0.0 for r in rows),
             "final": {k: final.get(k) for k in ("acc", "nmi", "ari", "stop_reason")}}
 
 
@@ -88,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = json.loads(args.out.read_text()) if args.append and args.out.exists() else {"runs": []}
     for spec in args.run:
         label, run_dir, shards, commit = spec.rsplit(":", 3)
-        source = read_yaml(Path(run_dir, "config.yaml"))["data"]["source"]
+        run_cfg = read_yaml(Path(run_dir, "config.yaml"))
+        source = run_cfg["data"]["source"]
         counts, matched = confusion(Path(run_dir), Path(shards))
         row = {"label": label, "run_dir": run_dir, "commit": commit, "source": source,
                **summarise(counts, matched, CLASS_NAMES.get(source, [str(i) for i in range(len(matched))]))}
         if args.config:
-            row.update(config=args.config, **_run_summary(Path(run_dir)))
+            row.update(config=args.config, method=run_cfg["method"], **_run_summary(Path(run_dir)))
         doc["runs"] = [r for r in doc["runs"] if r["label"] != label] + [row]
         worst = ", ".join(f"{m['images']} {m['class']} in {m['in_cluster_of']}" for m in row["largest_misplaced"])
         print(f"{label}: ACC {row['acc']:.4f}; largest misplaced: {worst}")

@@ -125,9 +125,16 @@ def clustering_row(ctx: "RoundContext", col: str, k: int, *, prev=None, majority
     return row
 
 
-def _in_top_layer(key: str) -> bool:
-    """A state-dict key of the clustering head (`top_layer`, at any depth): never carried into a new run."""
-    return "top_layer" in key.split(".")
+def check_backbone_arch(arch: str) -> None:
+    """A `torchvision:<name>` / `timm:<name>` that can be built here (the name exists, timm is installed), or
+    an error naming `model.arch`."""
+    from raydc.core.backbones import backbone_info
+    from raydc.errors import ConfigError
+
+    try:
+        backbone_info(arch)
+    except (KeyError, ImportError) as e:
+        raise ConfigError("model.arch", str(e).strip("'\"")) from None
 
 
 class Method:
@@ -206,13 +213,10 @@ class Method:
         if cfg.train.epochs == 0 and not cls.frozen:
             raise ConfigError("train.epochs", f"0 (cluster a frozen network's features, no training) is not a "
                                               f"schedule {cfg.method} has; use method deepcluster for it")
-        from raydc.core.backbones import backbone_info, is_backbone
+        from raydc.core.backbones import is_backbone
 
         if is_backbone(cfg.model.arch) and cls.backbones:
-            try:
-                backbone_info(cfg.model.arch)
-            except (KeyError, ImportError) as e:
-                raise ConfigError("model.arch", str(e).strip("'\"")) from None
+            check_backbone_arch(cfg.model.arch)
         elif cfg.model.arch not in cls.archs:
             more = ", torchvision:<name>, timm:<name>" if cls.backbones else ""
             raise ConfigError("model.arch", f"{cfg.model.arch!r} is not a network {cfg.method} trains; "
@@ -294,8 +298,8 @@ class Method:
 
     def is_head_key(self, key: str) -> bool:
         """A state-dict key of the part that scores this run's clusters: never carried into a new run, whose k
-        and clusters are its own."""
-        return _in_top_layer(key)
+        and clusters are its own. DeepCluster's `top_layer`, at any depth (under DAC's head too)."""
+        return "top_layer" in key.split(".")
 
     def load_initial_weights(self, model: "nn.Module") -> None:
         """`model.weights` into a freshly built network (a new run; a resumed one loads its checkpoint). The

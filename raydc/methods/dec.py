@@ -50,7 +50,8 @@ from raydc.config_loader import resumable
 from raydc.errors import ConfigError, NumericalError
 from raydc.methods.api import TRUE, RoundContext, TrainContext
 from raydc.core.rowblocks import RowBlocks
-from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field, shard_argmax
+from raydc.methods.base import (FinalClustering, Method, RoundPlan, check_backbone_arch, clustering_row, rank0_field,
+                                shard_argmax)
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
 
@@ -164,7 +165,7 @@ class DEC(Method):
     def validate_config(cls, cfg) -> None:
         """`model.arch` is checked only when it names a published backbone: DEC's own network is its autoencoder
         (`model.ae_dims`)."""
-        from raydc.core.backbones import backbone_info, is_backbone
+        from raydc.core.backbones import is_backbone
 
         if cfg.cluster.pca_dim:
             raise ConfigError("cluster.pca_dim", f"must be 0 for DEC (it clusters its own embedding), "
@@ -176,10 +177,7 @@ class DEC(Method):
                 raise ConfigError("model.freeze", "DEC freezes only a published backbone in front of its "
                                                   "autoencoder (model.arch: torchvision:<name> or timm:<name>)")
             return
-        try:
-            backbone_info(cfg.model.arch)
-        except (KeyError, ImportError) as e:
-            raise ConfigError("model.arch", str(e).strip("'\"")) from None
+        check_backbone_arch(cfg.model.arch)
         if cfg.model.freeze == "none":
             raise ConfigError("model.freeze", "DEC clusters a frozen backbone's features through its autoencoder "
                                               "and never trains the backbone: set model.freeze to trunk or all")
