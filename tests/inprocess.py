@@ -130,12 +130,29 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
         out.update(ids=got_ids[order], labels=cols[final.col][order], distances=cols[final.distance_col][order])
 
     final, row = finish(method, rctx, model, state, r, keep)
-    return method, state, rows + [row], Assigned(final, **out)
+    return method, state, rows + [row], Assigned(final, model=model, **out)
 
 
 class Assigned:
-    """The final clustering as the tests read it: ids (sorted), their clusters and distances."""
+    """The final clustering as the tests read it: ids (sorted), their clusters and distances, and the final
+    network (what `raydc assign` loads with the artifacts)."""
 
-    def __init__(self, final, ids, labels, distances):
+    def __init__(self, final, ids, labels, distances, model=None):
         self.final, self.ids, self.labels, self.distances = final, ids, labels, distances
-        self.artifacts = final.artifacts
+        self.artifacts, self.model = final.artifacts, model
+
+
+def assign_in_process(method, model, artifacts: dict, data, ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """`raydc assign`'s step in process: images put into a finished run's clustering by the method's
+    `place_new_images`, over shards of their own. Returns (ids sorted, their clusters)."""
+    images, labels = data
+    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    if images.ndim == 3:
+        images = images[..., None]
+    service = InProcessService(ids, images, labels)
+    rctx = RankZeroContext(method.cfg, method.manifest, "unused", lambda: service, lambda m: None)
+    model.eval()
+    final = method.place_new_images(rctx, model, artifacts)
+    got_ids, _, cols = service.sample_features(len(ids), 0, (final.col,))
+    order = np.argsort(got_ids)
+    return got_ids[order], cols[final.col][order]

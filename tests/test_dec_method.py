@@ -21,7 +21,7 @@ from raydc.methods.api import ShardView
 from raydc.errors import ConfigError
 from raydc.methods.dec import DEC, ROUND_EPOCHS, AutoencoderChunk
 from tests.helpers import K, PER_CLUSTER, SIDE, blobs
-from tests.inprocess import run_method_in_process
+from tests.inprocess import assign_in_process, run_method_in_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
@@ -381,3 +381,39 @@ def test_a_pretrained_start_refuses_what_does_not_fit(tmp_path):
     cfg.model.freeze = "trunk"
     with pytest.raises(ConfigError, match="model.freeze"):
         DEC.validate_config(cfg)
+
+
+# ---- the umap readout (N2D) -----------------------------------------------------------------------------
+def test_the_umap_readout_clusters_the_embedding_and_assign_places_images_by_the_same_vote():
+    """`dec.readout: umap`: the delivered clusters come from UMAP + mixture on a sample of z, with argmax q's
+    scores kept beside them; only the sample reaches rank 0; and putting the run's own images through
+    `place_new_images` (what `raydc assign` runs) gives each the cluster the run gave it."""
+    data = blobs()
+    cfg = tiny_config("unused", "unused", readout="umap", readout_sample=150, readout_neighbors=10,
+                      readout_dims=4, readout_vote=5, readout_restarts=2, max_iterations=8)
+    method, _, rows, final = run_in_process(cfg, data)
+    last = rows[-1]
+    assert last["readout"] == "umap" and last["merge_sample"] == 150 and 0.0 <= last["readout_agreement"] <= 1.0
+    assert {"dec_acc", "dec_nmi", "dec_ari", "acc", "nmi"} <= set(last), sorted(last)
+    assert final.final.col == "final" and final.artifacts["vote_sample"].shape == (150, 4)
+    assert final.artifacts["centres"].shape == (K, 4)  # argmax q stays available to the user
+    assert sum(last["size_histogram"]) == len(data[1]) and final.labels.max() < K
+    assert last["acc"] > 0.9, last  # four well-separated template classes
+    ids, labels = assign_in_process(method, final.model, final.artifacts, data)
+    assert np.array_equal(ids, final.ids) and np.array_equal(labels, final.labels)
+
+
+def test_the_q_readout_is_the_default_and_assign_still_uses_argmax_q():
+    """Without the field a run delivers argmax q (the paper's DEC) and keeps no sample; assign agrees with it."""
+    data = blobs()
+    method, _, rows, final = run_in_process(tiny_config("unused", "unused", max_iterations=8), data)
+    assert final.final.col == "pred" and "vote_sample" not in final.artifacts and "dec_acc" not in rows[-1]
+    _, labels = assign_in_process(method, final.model, final.artifacts, data)
+    assert np.array_equal(labels, final.labels)
+
+
+@pytest.mark.parametrize("field,value", [("readout_sample", 0), ("readout_dims", 1), ("readout_neighbors", 1),
+                                         ("readout_vote", 0), ("readout_restarts", 0), ("readout", "tsne")])
+def test_bad_readout_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"dec.{field}"):
+        tiny_config("unused", "unused", **{field: value}).validate()

@@ -241,9 +241,10 @@ def shard_group(view, col: str, out: str, groups: np.ndarray):
 
 # ---- the manifold readout (N2D, McConville et al. 2020): clusters found on a UMAP of a sample, the rest voted ----
 def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors: int = 20, seed: int = 0,
-                      n_init: int = 5) -> np.ndarray:
-    """Cluster ids (len(sample),) of a sample: UMAP to `dims` dimensions (min_dist 0, cosine), then a full-
-    covariance Gaussian mixture there. Only the sample is ever fitted, so the cost does not grow with N.
+                      n_init: int = 5, metric: str = "cosine") -> np.ndarray:
+    """Cluster ids (len(sample),) of a sample: UMAP to `dims` dimensions (min_dist 0, `metric`: cosine for a
+    network's normalised features, euclidean for an autoencoder's embedding as N2D), then a full-covariance
+    Gaussian mixture there. Only the sample is ever fitted, so the cost does not grow with N.
 
     Why: the features of a trained network lie on curved, touching class manifolds; k-means cuts them with
     planes, and merging fine clusters can do no better than the fine clusters' purity. UMAP with min_dist 0
@@ -253,7 +254,7 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
 
     sample = np.ascontiguousarray(sample, np.float32)
     # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
-    z = umap.UMAP(n_components=dims, n_neighbors=min(n_neighbors, len(sample) - 1), min_dist=0.0, metric="cosine",
+    z = umap.UMAP(n_components=dims, n_neighbors=min(n_neighbors, len(sample) - 1), min_dist=0.0, metric=metric,
                   random_state=seed, n_jobs=1).fit_transform(sample)
     mixture = GaussianMixture(k, covariance_type="full", n_init=n_init, random_state=seed).fit(z)
     return mixture.predict(z).astype(np.int64)
@@ -280,11 +281,11 @@ def consensus_partition(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
 
 
 def manifold_consensus(sample: np.ndarray, k: int, *, restarts: int, dims: int = 10, n_neighbors: int = 20,
-                       seed: int = 0, n_init: int = 5) -> tuple[np.ndarray, np.ndarray]:
+                       seed: int = 0, n_init: int = 5, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
     """`manifold_clusters` with seeds seed, seed + 1, ... on the same sample, the most agreed partition kept
     (`consensus_partition`). Returns (its cluster ids, every restart's mean agreement with the others)."""
     parts = [manifold_clusters(sample, k, dims=dims, n_neighbors=n_neighbors, seed=(seed + r) % (1 << 31),
-                               n_init=n_init) for r in range(restarts)]
+                               n_init=n_init, metric=metric) for r in range(restarts)]
     best, agreement = consensus_partition(parts)
     return parts[best], agreement
 

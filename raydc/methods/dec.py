@@ -24,6 +24,11 @@ A pretrained start: `model.weights` names an earlier DEC run's directory (or a f
 `dec.finetune_epochs: 0` the run goes straight to k-means on that embedding. A sweep over k pretrains once this
 way (jobs/sweeps/k_dec_pretrained.yaml): k never changes pretraining, and every trial scores the same embedding.
 
+The readout (`dec.readout`): the paper delivers argmax q. `umap` instead clusters a UMAP of a sample of the final
+embedding z with a Gaussian mixture and votes every image onto it (raydc.methods.readout, as DeepCluster's
+`final_merge: umap`); on a pretrained autoencoder (`dec.max_iterations: 0`) that is N2D (McConville et al. 2020),
+which reads the autoencoder's curved class manifolds that k-means, and so DEC's k-means start, cut with planes.
+
 The network and the target maths are in `raydc.core.dec`; this file is the schedule around them.
 Randomness: one seed (`train.seed`) drives the weight init, k-means, the shuffles and Poisson draws (hashed per
 image id and pass), and dropout (torch is re-seeded each round from (seed, round, rank)), so a resumed run
@@ -52,6 +57,7 @@ from raydc.methods.api import TRUE, RoundContext, TrainContext
 from raydc.core.rowblocks import RowBlocks
 from raydc.methods.base import (FinalClustering, Method, RoundPlan, check_backbone_arch, clustering_row, rank0_field,
                                 shard_argmax)
+from raydc.methods.readout import ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
 
@@ -83,6 +89,19 @@ class DECConfig:
     # (raydc.core.selection.kmeans_stability; the final row's `ae_kmeans_stability`, a sweep's label-free
     # choice of k). 0: not measured.
     stability_sample: int = 5000
+    # The clustering a run delivers. "q": argmax of DEC's soft assignment (the paper). "umap": clusters found on a
+    # UMAP of a sample of the final embedding z by a Gaussian mixture, every image voted onto them by its nearest
+    # sample images (N2D, McConville et al. 2020; raydc.methods.readout); with `max_iterations: 0` that is N2D on
+    # the pretrained autoencoder. The final row keeps argmax q's scores as dec_acc / dec_nmi / dec_ari. It changes
+    # nothing the rounds computed, so a finished run can be resumed with another readout: only the final step
+    # reruns. Needs umap-learn (pip install 'raydc[umap]').
+    readout: Literal["q", "umap"] = resumable("q")
+    readout_sample: int = resumable(20_000)  # umap: images gathered on rank 0 and broadcast to the shards
+    readout_dims: int = resumable(10)        # umap: dimensions the mixture is fitted in (N2D: the number of clusters)
+    readout_neighbors: int = resumable(20)   # umap: UMAP's n_neighbors (N2D: 20)
+    readout_vote: int = resumable(10)        # umap: nearest sample images whose clusters vote for each image
+    readout_restarts: int = resumable(1)     # umap: UMAP + mixture seeds; the most agreed partition is kept
+    readout_metric: Literal["euclidean", "cosine"] = resumable("euclidean")  # umap: in z (N2D: euclidean)
 
     def validate(self) -> None:
         if not 0 <= self.corruption < 1:
@@ -105,6 +124,14 @@ class DECConfig:
         for name in ("pretrain_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dec.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("readout_sample", "readout_vote", "readout_restarts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dec.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("readout_dims", "readout_neighbors"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"dec.{name}", f"must be >= 2, got {getattr(self, name)}")
+        if self.readout == "umap":
+            check_umap_installed("dec.readout")
 
 
 @dataclass
@@ -353,15 +380,42 @@ class DEC(Method):
             row["time_features"] = time.perf_counter() - t
         else:
             row.update({key: v for key, v in g["row"].items() if key.startswith("time_") or key == "nmi_prev"})
+        k = self.cfg.cluster.k
         final = FinalClustering("pred", "pred_distance", {"centres": model.cluster.centers.detach().cpu().clone()})
         row.update({"phase": "final", "stop_reason": state.stop_reason, "delta_label": state.delta_label,
                     "dec_iterations": state.dec_iter, "dec_updates": state.n_updates})
         row.update(state.ae_kmeans or {})
-        row.update(clustering_row(ctx, "pred", self.cfg.cluster.k))
+        q_row = clustering_row(ctx, "pred", k)
+        if self.opts.readout == "q":
+            row.update(q_row)
+            return final, row
+        # The manifold readout of the final embedding; argmax q's scores stay in the row beside it.
+        row.update({f"dec_{key}": q_row[key] for key in ("acc", "nmi", "ari") if key in q_row})
+        t = time.perf_counter()
+        info = ctx.extract(self.extractor(model, "embed"))
+        if not info.finite:
+            raise NumericalError(self.epoch_of(state, round_idx), "features", "the final embedding z")
+        seed = self.cfg.train.seed
+        out, readout_row, vote = manifold_readout(ctx, k, self._manifold_opts(), sample_seed=derive_seed(seed, 59),
+                                                  fit_seed=derive_seed(seed, 61) % (1 << 31))
+        final = FinalClustering(out.col, out.col + "_distance", {**final.artifacts, **vote})
+        row.update(readout_row)
+        row.update({"readout": "umap", "time_readout": time.perf_counter() - t, **clustering_row(ctx, out.col, k)})
         return final, row
 
+    def _manifold_opts(self) -> ManifoldReadout:
+        d = self.opts
+        return ManifoldReadout(sample=d.readout_sample, dims=d.readout_dims, neighbors=d.readout_neighbors,
+                               vote=d.readout_vote, restarts=d.readout_restarts, metric=d.readout_metric)
+
     def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
-        """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run."""
+        """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run; or,
+        after the umap readout, the vote of its nearest sample images in z over the run's own sample."""
+        if has_vote(artifacts):
+            info = ctx.extract(self.extractor(model, "embed"))
+            if not info.finite:
+                raise NumericalError(0, "assign", "the embedding z of these images")
+            return place_by_vote(ctx, artifacts, self.cfg.cluster.k, self.opts.readout_vote)
         info = ctx.extract(self.extractor(model, "soft_assign"))
         if not info.finite:
             raise NumericalError(0, "assign", "the soft assignments q of these images")

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raydc.config_loader import resumable
-from raydc.core.merge import shard_coneighbours, shard_group, shard_knn_edges, shard_vote
+from raydc.core.merge import shard_coneighbours, shard_group, shard_knn_edges
 from raydc.core.models import build_convnet
 from raydc.core.pca import PCAProjection
 from raydc.core.rowblocks import RowBlocks
@@ -51,6 +51,7 @@ from raydc.core.stream import Augment, to_model_input
 from raydc.errors import ConfigError, NumericalError
 from raydc.methods.api import ClusterOutcome, RoundContext, TrainContext
 from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field
+from raydc.methods.readout import ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote
 
 FEATURE_DIMS = {"alexnet": 4096, "vgg16": 4096}  # fixed penultimate widths; smallconvnet's is model.feature_dim
 
@@ -95,11 +96,7 @@ class DeepClusterConfig:
             raise ConfigError("deepcluster.final_umap_dims" if self.final_umap_dims < 2
                               else "deepcluster.final_umap_neighbors", "must be >= 2")
         if self.final_merge == "umap":
-            import importlib.util
-
-            if importlib.util.find_spec("umap") is None:
-                raise ConfigError("deepcluster.final_merge", "umap needs umap-learn, which is not installed: "
-                                  "pip install 'raydc[umap]'")
+            check_umap_installed("deepcluster.final_merge")
 
 
 def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> nn.Module:
@@ -305,10 +302,8 @@ class DeepCluster(Method):
                            l2_normalize=self.cfg.cluster.l2_normalize)
         if not info.finite:
             raise NumericalError(0, "assign", "the network's features for these images")
-        if artifacts.get("vote_sample") is not None:  # the umap readout: the same vote over the same sample
-            ctx.service.apply(shard_vote, "final", artifacts["vote_sample"].numpy(), artifacts["vote_labels"].numpy(),
-                              len(artifacts["centroids"]), self.opts.final_vote)
-            return FinalClustering("final", "final_distance")
+        if has_vote(artifacts):  # the umap readout: the same vote over the same sample
+            return place_by_vote(ctx, artifacts, len(artifacts["centroids"]), self.opts.final_vote)
         ctx.service.label_nearest(artifacts["centroids"].numpy(), "cluster")
         if artifacts.get("groups") is not None:  # a spectral merge: the fine centroid's group is the cluster
             ctx.service.apply(shard_group, "cluster", "final", artifacts["groups"].numpy())
@@ -448,29 +443,14 @@ def _knn_final(ctx: RoundContext, o: DeepClusterConfig, seed: int, out: ClusterO
 
 def _umap_final(ctx: RoundContext, o: DeepClusterConfig, seed: int, out: ClusterOutcome, final_k: int,
                 round_idx: int) -> tuple[ClusterOutcome, dict, dict]:
-    """final_k clusters found on a manifold of the final features: a sample of at most `final_sample` images
-    is gathered once, clustered on rank 0 (UMAP + Gaussian mixture, raydc.core.merge.manifold_clusters), and
-    broadcast; each shard gives its rows the cluster most of their `final_vote` nearest sample images hold.
-    Returns the outcome, what the readout recorded, and the sample `raydc assign` votes with."""
-    from raydc.core.merge import manifold_consensus
-
-    _, sample_x, _ = ctx.service.sample_features(o.final_sample, derive_seed(seed, round_idx, 37))
-    sample_x = np.ascontiguousarray(sample_x, np.float32)
-    t = time.perf_counter()
-    sample_labels, agreement = manifold_consensus(
-        sample_x, final_k, restarts=o.final_umap_restarts, dims=o.final_umap_dims,
-        n_neighbors=o.final_umap_neighbors, seed=derive_seed(seed, round_idx, 41) % (1 << 31))
-    t_fit = time.perf_counter() - t
-    sizes = np.sum(ctx.service.apply(shard_vote, "final", sample_x, sample_labels, final_k, o.final_vote), axis=0)
-    centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
-                          else np.zeros(sample_x.shape[1], np.float32) for c in range(final_k)])
-    found = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
-                           backend="umap+gmm", mode="sample", col="final")
-    row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
-    if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
-        row["readout_agreement"] = float(agreement.max())
-    vote = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
-    return found, row, vote
+    """final_k clusters found on a manifold of the final features (raydc.methods.readout.manifold_readout): a
+    sample of at most `final_sample` images clustered on rank 0 by UMAP + Gaussian mixture, every image voted
+    onto the sample's clusters on its shard. Returns the outcome, what the readout recorded, and the sample
+    `raydc assign` votes with."""
+    opts = ManifoldReadout(sample=o.final_sample, dims=o.final_umap_dims, neighbors=o.final_umap_neighbors,
+                           vote=o.final_vote, restarts=o.final_umap_restarts, metric="cosine")
+    return manifold_readout(ctx, final_k, opts, sample_seed=derive_seed(seed, round_idx, 37),
+                            fit_seed=derive_seed(seed, round_idx, 41) % (1 << 31))
 
 
 _READOUTS = {"spectral": _spectral_final, "knn": _knn_final, "umap": _umap_final}

@@ -1,0 +1,77 @@
+"""Label-free final readouts that more than one method offers (no `METHOD` here: not a method of its own).
+
+The manifold readout (N2D, McConville et al. 2020): a bounded sample of the final features is embedded by UMAP
+(min_dist 0) and clustered there by a Gaussian mixture on rank 0; every image then takes the cluster most of its
+nearest sample images hold, on the shard actor that holds it. Only the sample is ever fitted, so the cost on
+rank 0 does not grow with N, and `raydc assign` places a new image by the same vote over the same sample.
+
+DeepCluster reads its over-clustered features out this way (`deepcluster.final_merge: umap`); DEC reads out its
+autoencoder's embedding (`dec.readout: umap`), which with `dec.max_iterations: 0` is N2D itself.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raydc.core.merge import manifold_consensus, shard_vote
+from raydc.errors import ConfigError
+from raydc.methods.api import ClusterOutcome, RoundContext
+from raydc.methods.base import FinalClustering
+
+
+@dataclass(frozen=True)
+class ManifoldReadout:
+    """The readout's knobs, as each method's config section names them."""
+
+    sample: int = 20_000     # images gathered on rank 0 and broadcast to the shards (bounded at any N)
+    dims: int = 10           # UMAP dimensions the mixture is fitted in
+    neighbors: int = 20      # UMAP's n_neighbors
+    vote: int = 10           # nearest sample images whose clusters vote for each image
+    restarts: int = 1        # UMAP + mixture seeds seed, seed + 1, ...; the most agreed partition is kept
+    metric: str = "cosine"   # UMAP's metric in feature space
+
+
+def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample_seed: int, fit_seed: int,
+                     col: str = "final") -> tuple[ClusterOutcome, dict, dict]:
+    """k clusters of the features the shards hold, into column `col` (and `col`_distance: 1 - the share of the
+    neighbours that voted for the cluster). Returns the outcome (centroids: each cluster's mean sample
+    feature), what the final row records, and the artifacts `place_by_vote` needs."""
+    _, sample_x, _ = ctx.service.sample_features(opts.sample, sample_seed)
+    sample_x = np.ascontiguousarray(sample_x, np.float32)
+    t = time.perf_counter()
+    sample_labels, agreement = manifold_consensus(sample_x, k, restarts=opts.restarts, dims=opts.dims,
+                                                  n_neighbors=opts.neighbors, seed=fit_seed, metric=opts.metric)
+    t_fit = time.perf_counter() - t
+    sizes = np.sum(ctx.service.apply(shard_vote, col, sample_x, sample_labels, k, opts.vote), axis=0)
+    centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
+                          else np.zeros(sample_x.shape[1], np.float32) for c in range(k)])
+    found = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
+                           backend="umap+gmm", mode="sample", col=col)
+    row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
+    if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
+        row["readout_agreement"] = float(agreement.max())
+    artifacts = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
+    return found, row, artifacts
+
+
+def check_umap_installed(field: str) -> None:
+    """The readout needs umap-learn, an optional extra: say so at config time, naming the field that asked."""
+    import importlib.util
+
+    if importlib.util.find_spec("umap") is None:
+        raise ConfigError(field, "umap needs umap-learn, which is not installed: pip install 'raydc[umap]'")
+
+
+def has_vote(artifacts: dict) -> bool:
+    """Whether a run's clustering.pt artifacts hold a manifold readout's sample."""
+    return artifacts.get("vote_sample") is not None
+
+
+def place_by_vote(ctx: RoundContext, artifacts: dict, k: int, vote: int, col: str = "final") -> FinalClustering:
+    """New images (their features already on the shards) into the run's manifold clusters: the same vote over
+    the same sample the run used, so an image the run held lands where the run put it."""
+    ctx.service.apply(shard_vote, col, artifacts["vote_sample"].numpy(), artifacts["vote_labels"].numpy(), k, vote)
+    return FinalClustering(col, col + "_distance")
