@@ -8,9 +8,10 @@ are matched to classes one to one as ACC does (Hungarian); labels only score. Us
     python -m benchmarks.confusion --out benchmarks/results/confusion.json \
         --run "LABEL:RUN_DIR:SHARDS:COMMIT" ...
 
-`--append` keeps the file's rows (a label given again replaces its row). `--config NAME` marks a run as a
-shipped config's full run (`dec_mnist_keras.yaml`): the row then also carries the run's minutes in rounds and
-its final NMI/ARI, and RESULTS' time-to-quality table lists it.
+`--append` keeps the file's rows (a label given again replaces its row). Each row also carries the run's
+minutes in rounds and its final row's scores (for DEC: the AE + k-means start, argmax q and the readout).
+`--config NAME` marks a run as a shipped config's full run (`dec_mnist_keras.yaml`), which RESULTS'
+time-to-quality table lists.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def _run_summary(run_dir: Path) -> dict:
     are not in it) and its final row's scores."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = rows[-1]
+    keys = ("acc", "nmi", "ari", "stop_reason", "readout", "ae_kmeans_acc", "dec_acc", "dec_nmi")
     return {"wall_s_rounds": sum(r.get("time_round") or 0.0 for r in rows),
-            "final": {k: final.get(k) for k in ("acc", "nmi", "ari", "stop_reason")}}
+            "final": {k: final.get(k) for k in keys if final.get(k) is not None}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         counts, matched = confusion(Path(run_dir), Path(shards))
         row = {"label": label, "run_dir": run_dir, "commit": commit, "source": source,
                **summarise(counts, matched, CLASS_NAMES.get(source, [str(i) for i in range(len(matched))]))}
+        row.update(method=run_cfg["method"], **_run_summary(Path(run_dir)))
         if args.config:
-            row.update(config=args.config, method=run_cfg["method"], **_run_summary(Path(run_dir)))
+            row["config"] = args.config
         doc["runs"] = [r for r in doc["runs"] if r["label"] != label] + [row]
         worst = ", ".join(f"{m['images']} {m['class']} in {m['in_cluster_of']}" for m in row["largest_misplaced"])
         print(f"{label}: ACC {row['acc']:.4f}; largest misplaced: {worst}")

@@ -934,6 +934,35 @@ def _sec_confusion(doc: dict) -> str:
                 "commit"], rows), ""])
 
 
+def _sec_dec_readout(doc: dict) -> str:
+    """DEC's finished runs by what they deliver: the autoencoder's k-means start, DEC's argmax q, and the readout
+    the run delivered (argmax q, or UMAP + mixture on z: N2D when no DEC step ran)."""
+    rows = []
+    for r in doc["runs"]:
+        f = r.get("final") or {}
+        if r.get("method") != "dec" or "ae_kmeans_acc" not in f:
+            continue
+        readout = f.get("readout", "q")
+        q_acc = f.get("dec_acc", f.get("acc")) if readout != "q" else f.get("acc")
+        rows.append([r["label"], _f(f["ae_kmeans_acc"]), _f(q_acc),
+                     "UMAP + mixture (dec.readout umap)" if readout == "umap" else "argmax q (the paper)",
+                     _f(f.get("acc")), _f(f.get("nmi")), _f(r["wall_s_rounds"] / 60), r["commit"]])
+    if not rows:
+        return ""
+    return "\n".join([
+        "## DEC's readout: argmax q or UMAP + mixture (issue #30)", "",
+        "Finished DEC runs on all 70,000 images, one seed each. \"AE + k-means\" is the k-means start on the "
+        "pretrained autoencoder's embedding; \"argmax q\" what DEC's own clusters score (the k-means start itself "
+        "when the run made no DEC step, `dec.max_iterations 0`); the delivered ACC is the readout's. UMAP + mixture "
+        "on an autoencoder with no DEC step is N2D (McConville et al. 2020). Minutes are the sum of the run's rounds: a "
+        "run that started from an earlier run's autoencoder (`model.weights`) does not count that pretraining; a "
+        "finished run re-read with another readout (`--resume --set dec.readout=umap`, on a copy) counts its "
+        "rounds and the re-read. From results/confusion.json "
+        "(`python -m benchmarks.confusion`).", "",
+        _table(["run", "AE + k-means ACC", "argmax q ACC", "delivered by", "delivered ACC", "NMI",
+                "minutes in rounds", "commit"], rows), ""])
+
+
 def _sec_dac_ab(doc: dict) -> str:
     """DAC's one-change comparisons after the first round, where raydc and the reference part first."""
     rows = [[f"`{r['label']}`", r["commit"], _f(r["acc"]), _f(r["nmi"]), _f(r["ari"]),
@@ -1094,6 +1123,7 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_readout_restarts(d["readout_restarts"]))
     if "confusion" in d:
         lines.append(_sec_confusion(d["confusion"]))
+        lines.append(_sec_dec_readout(d["confusion"]))
     if "sweep_table" in d:
         lines.append(_sec_sweep_table(d["sweep_table"]))
     if "dac_ab" in d:

@@ -47,3 +47,19 @@ def test_the_time_to_quality_table_lists_each_seeded_config_and_the_baselines():
     assert rows[1].startswith("| — | scikit-learn k-means, raw pixels | MNIST 70k, k = 10 | 1 | 0.5 | 0.54 |")
     assert "| 2 | 4.05 (4–4.1) | 0.830 ± 0.014 (min 0.820) |" in rows[2]
     assert _sec_time_to_quality({}) == ""
+
+
+def test_the_dec_readout_table_shows_the_start_argmax_q_and_what_was_delivered():
+    from benchmarks.render import _sec_dec_readout
+
+    runs = [{"label": "DEC, paper readout", "method": "dec", "commit": "a", "wall_s_rounds": 600.0,
+             "final": {"acc": 0.95, "nmi": 0.89, "ae_kmeans_acc": 0.908}},
+            {"label": "N2D", "method": "dec", "commit": "b", "wall_s_rounds": 60.0,
+             "final": {"acc": 0.972, "nmi": 0.928, "ae_kmeans_acc": 0.882, "dec_acc": 0.881, "readout": "umap"}},
+            {"label": "DAC", "method": "dac", "commit": "c", "wall_s_rounds": 60.0, "final": {"acc": 0.9}},
+            {"label": "DEC, collected before the summary", "method": "dec", "commit": "d", "final": {"acc": 0.5}}]
+    text = _sec_dec_readout({"runs": runs})
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| DEC, paper readout | 0.908 | 0.95 | argmax q (the paper) | 0.95 | 0.89 | 10 | a |",
+                    "| N2D | 0.882 | 0.881 | UMAP + mixture (dec.readout umap) | 0.972 | 0.928 | 1 | b |"]
+    assert _sec_dec_readout({"runs": runs[2:]}) == ""
