@@ -121,3 +121,30 @@ def sweep_files(tmp_path_factory):
     (d / "base.yaml").write_text(yaml.safe_dump(base))
     (d / "k23.yaml").write_text(yaml.safe_dump({"space": {"cluster.k": {"grid": [2, 3]}}, "dir": str(d / "out")}))
     return d
+
+
+@pytest.fixture
+def traffic(monkeypatch) -> tuple[list, list]:
+    """What a final readout moves: the size of each sample gathered to rank 0, and (function name, shape) of each
+    shard's result of `apply`."""
+    import numpy as np
+
+    from raydc.engine.clustering import ClusteringService
+
+    gathered: list = []
+    returned: list = []
+    sample_features, apply = ClusteringService.sample_features, ClusteringService.apply
+
+    def recording_sample(self, *a, **kw):
+        out = sample_features(self, *a, **kw)
+        gathered.append(len(out[0]))
+        return out
+
+    def recording_apply(self, fn, *args):
+        out = apply(self, fn, *args)
+        returned.extend((fn.__name__, np.shape(r)) for r in out if r is not None)
+        return out
+
+    monkeypatch.setattr(ClusteringService, "sample_features", recording_sample)
+    monkeypatch.setattr(ClusteringService, "apply", recording_apply)
+    return gathered, returned

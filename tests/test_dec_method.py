@@ -383,26 +383,6 @@ def test_a_pretrained_start_refuses_what_does_not_fit(tmp_path):
         DEC.validate_config(cfg)
 
 
-# ---- the umap readout (N2D) -----------------------------------------------------------------------------
-def test_the_umap_readout_clusters_the_embedding_and_assign_places_images_by_the_same_vote():
-    """`dec.readout: umap`: the delivered clusters come from UMAP + mixture on a sample of z, with argmax q's
-    scores kept beside them; only the sample reaches rank 0; and putting the run's own images through
-    `place_new_images` (what `raydc assign` runs) gives each the cluster the run gave it."""
-    data = blobs()
-    cfg = tiny_config("unused", "unused", readout="umap", readout_sample=150, readout_neighbors=10,
-                      readout_dims=4, readout_vote=5, readout_restarts=2, max_iterations=8)
-    method, _, rows, final = run_in_process(cfg, data)
-    last = rows[-1]
-    assert last["readout"] == "umap" and last["merge_sample"] == 150 and 0.0 <= last["readout_agreement"] <= 1.0
-    assert {"dec_acc", "dec_nmi", "dec_ari", "acc", "nmi"} <= set(last), sorted(last)
-    assert final.final.col == "final" and final.artifacts["vote_sample"].shape == (150, 4)
-    assert final.artifacts["centres"].shape == (K, 4)  # argmax q stays available to the user
-    assert sum(last["size_histogram"]) == len(data[1]) and final.labels.max() < K
-    assert last["acc"] > 0.9, last  # four well-separated template classes
-    ids, labels = assign_in_process(method, final.model, final.artifacts, data)
-    assert np.array_equal(ids, final.ids) and np.array_equal(labels, final.labels)
-
-
 def test_the_q_readout_is_the_default_and_assign_still_uses_argmax_q():
     """Without the field a run delivers argmax q (the paper's DEC) and keeps no sample; assign agrees with it."""
     data = blobs()

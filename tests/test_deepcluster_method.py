@@ -199,31 +199,6 @@ def test_over_clustering_with_the_spectral_merge():
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
 
 
-@pytest.fixture
-def traffic(monkeypatch) -> tuple[list, list]:
-    """What a final readout moves: the size of each sample gathered to rank 0, and (function name, shape) of each
-    shard's result of `apply`."""
-    from raydc.engine.clustering import ClusteringService
-
-    gathered: list = []
-    returned: list = []
-    sample_features, apply = ClusteringService.sample_features, ClusteringService.apply
-
-    def recording_sample(self, *a, **kw):
-        out = sample_features(self, *a, **kw)
-        gathered.append(len(out[0]))
-        return out
-
-    def recording_apply(self, fn, *args):
-        out = apply(self, fn, *args)
-        returned.extend((fn.__name__, np.shape(r)) for r in out if r is not None)
-        return out
-
-    monkeypatch.setattr(ClusteringService, "sample_features", recording_sample)
-    monkeypatch.setattr(ClusteringService, "apply", recording_apply)
-    return gathered, returned
-
-
 def test_over_clustering_with_the_knn_merge_gathers_only_its_sample(traffic):
     """The k-NN readout's only per-point traffic to rank 0 is its sample; the shards send back k x k counts."""
     gathered, returned = traffic
@@ -246,24 +221,6 @@ def test_over_clustering_with_the_spectral_merge_groups_the_training_clusters(tr
     groups = final.artifacts["groups"].numpy()
     assert groups.shape == (9,) and set(groups.tolist()) == {0, 1, 2} and rows[-1]["final_k"] == 3
     assert rows[-1]["acc"] > 0.9, rows[-1]["acc"]
-
-
-def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traffic):
-    """The manifold readout gathers only its sample to rank 0; each shard sends back its k cluster sizes; the
-    sample and its clusters are the artifacts `raydc assign` votes with."""
-    gathered, returned = traffic
-    sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
-            "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4",
-            "deepcluster.final_umap_restarts=2")
-    _, _, rows, final = run(config(*sets))
-    last = rows[-1]
-    assert 0.0 <= last["readout_agreement"] <= 1.0  # two restarts: the kept one's agreement is recorded
-    assert gathered[0] == 60 and last["merge_sample"] == 60 and last["kmeans_backend"] == "umap+gmm", gathered
-    assert {shape for name, shape in returned if name == "shard_vote"} == {(3,)}, returned
-    assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)
-    assert final.labels.max() < 3 and last["final_k"] == 3 and sum(last["size_histogram"]) == N
-    assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
-    # (that a seed fixes the readout's result: tests/test_manifold_readout_core.py)
 
 
 def test_cosine_lr_per_round_and_the_step_floor(rounds):

@@ -1,4 +1,4 @@
-"""benchmarks.manifold_readout's RESULTS section (the readout itself: tests/test_manifold_readout_core.py)."""
+"""benchmarks.manifold_readout's RESULTS section (the readout itself: tests/test_umap_readout.py)."""
 from __future__ import annotations
 
 

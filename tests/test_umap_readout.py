@@ -1,10 +1,21 @@
-"""The manifold readout's pure parts (raydc.core.merge): the vote that places every image from a sample, and
-the UMAP + mixture clustering of the sample."""
+"""The manifold readout (UMAP + mixture on a sample, every image voted onto it): its pure parts in
+raydc.core.merge, then DeepCluster's `final_merge: umap` and DEC's `readout: umap` through the engine's own control
+flow in process (tests/inprocess.py).
+
+Every test that fits a UMAP lives in this one file: numba compiles UMAP's kernels once per process (most are not
+cached on disk), and `make test` gives a whole file to one xdist worker, so the suite pays that compile once."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from raydc.core.merge import manifold_clusters, vote_labels
+from tests.helpers import K, blobs
+from tests.inprocess import assign_in_process
+from tests.test_dec_method import run_in_process as run_dec, tiny_config as dec_config
+from tests.test_deepcluster_method import N, config as deepcluster_config, run as run_deepcluster
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
 
 def _blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -75,3 +86,44 @@ def test_one_restart_is_the_plain_readout_and_more_keep_one_of_theirs():
     kept, agreement = manifold_consensus(x, 4, restarts=3, dims=2, n_neighbors=10, seed=5)
     assert len(agreement) == 3
     assert any(np.array_equal(kept, manifold_clusters(x, 4, dims=2, n_neighbors=10, seed=5 + r)) for r in range(3))
+
+
+# ---- through the methods ---------------------------------------------------------------------------------
+def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traffic):
+    """The manifold readout gathers only its sample to rank 0; each shard sends back its k cluster sizes; the
+    sample and its clusters are the artifacts `raydc assign` votes with."""
+    gathered, returned = traffic
+    sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
+            "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4",
+            "deepcluster.final_umap_restarts=2")
+    _, _, rows, final = run_deepcluster(deepcluster_config(*sets))
+    last = rows[-1]
+    assert 0.0 <= last["readout_agreement"] <= 1.0  # two restarts: the kept one's agreement is recorded
+    assert gathered[0] == 60 and last["merge_sample"] == 60 and last["kmeans_backend"] == "umap+gmm", gathered
+    assert {shape for name, shape in returned if name == "shard_vote"} == {(3,)}, returned
+    assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)
+    assert final.labels.max() < 3 and last["final_k"] == 3 and sum(last["size_histogram"]) == N
+    assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
+    # (that a seed fixes the readout's result: the arcs test above)
+
+
+def test_decs_umap_readout_clusters_the_embedding_and_assign_places_images_by_the_same_vote(traffic):
+    """`dec.readout: umap`: the delivered clusters come from UMAP + mixture on a sample of z, with argmax q's
+    scores kept beside them; only the sample reaches rank 0; and putting the run's own images through
+    `place_new_images` (what `raydc assign` runs) gives each the cluster the run gave it."""
+    gathered, returned = traffic
+    data = blobs()
+    cfg = dec_config("unused", "unused", readout="umap", readout_sample=150, readout_neighbors=10, readout_dims=4,
+                     readout_vote=5, max_iterations=8, stability_sample=0)
+    method, _, rows, final = run_dec(cfg, data)
+    last = rows[-1]
+    # the readout's sample is the first gathered (then the engine's label-free scores draw theirs)
+    assert gathered[0] == 150 and {shape for name, shape in returned if name == "shard_vote"} == {(K,)}, returned
+    assert last["readout"] == "umap" and last["merge_sample"] == 150
+    assert {"dec_acc", "dec_nmi", "dec_ari", "acc", "nmi"} <= set(last), sorted(last)
+    assert final.final.col == "final" and final.artifacts["vote_sample"].shape == (150, 4)
+    assert final.artifacts["centres"].shape == (K, 4)  # argmax q stays available to the user
+    assert sum(last["size_histogram"]) == len(data[1]) and final.labels.max() < K
+    assert last["acc"] > 0.9, last  # four well-separated template classes
+    ids, labels = assign_in_process(method, final.model, final.artifacts, data)
+    assert np.array_equal(ids, final.ids) and np.array_equal(labels, final.labels)
