@@ -9,6 +9,16 @@ import pytest
 
 from tests.helpers import REPO  # noqa: F401  (one definition; test files import it from here)
 
+# The files that take longest under `make test`, collected first. xdist (`--dist loadfile`) hands whole files to its
+# workers in collection order, so a long file collected near the end runs alone while the other worker idles.
+SLOWEST_FIRST = ("test_multinode.py", "test_sweep.py", "test_object_storage.py", "test_umap_readout.py",
+                 "test_datasets_ray.py", "test_dac_method.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: the rest keep their order
+
 pytest_plugins = ["tests.s3server"]  # the S3-protocol server (moto) that object-storage tests talk to
 
 # Ray Train starts an actor per run that watches for spot-instance preemption notices; no node of a test cluster is
