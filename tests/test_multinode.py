@@ -11,17 +11,22 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.ray  # four raylets of its own on this host, and two node losses
+pytestmark = pytest.mark.ray  # four raylets of its own on this host per scenario; the node losses are `slow`
+
+
+def _scenario(part: str) -> dict:
+    """tests/multinode_scenario.py's `part`, on a cluster of its own in a fresh process; its RESULT line."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "tests.multinode_scenario", part], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert p.returncode == 0 and line, (p.stdout[-3000:], p.stderr[-3000:])
+    return json.loads(line[len("RESULT "):])
 
 
 def test_shards_spread_over_nodes_and_results_are_exact():
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-m", "tests.multinode_scenario"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=900)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert p.returncode == 0 and line, (p.stdout[-3000:], p.stderr[-3000:])
-    r = json.loads(line[len("RESULT "):])
+    r = _scenario("placement")
     # strict_spread with one `shard_slot` per worker node: one shard on each worker node, none on the head;
     # the coordinator where its resource is
     assert sorted(r["shard_nodes"]) == r["worker_nodes"]
@@ -43,6 +48,11 @@ def test_shards_spread_over_nodes_and_results_are_exact():
     assert r["sharded_equals_star"]
     assert r["sharded_bytes"]["coordinator_received"] == 20 * 8 + 3 * 8
     assert r["sharded_bytes"]["shard_received_max"] <= 2 * 7 * (16 * 8 + 8) + 20 * 16 * 4
+
+
+@pytest.mark.slow  # three k = 1,000 k-means on 90,000 points and a recovery timeout waited out: ~1 min
+def test_a_shards_node_lost_mid_kmeans_is_replaced_or_named_in_a_clear_error():
+    r = _scenario("node-loss")
     # a node lost in the middle of k-means, then replaced: the restarted shard reloads its saved rows on the new
     # node and the k-means resumes from the last centroids, ending exactly as the uninterrupted one
     assert r["recoveries"] >= 1, "the node was removed after the k-means ended: nothing was tested"
