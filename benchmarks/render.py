@@ -943,7 +943,7 @@ def _sec_dec_readout(doc: dict) -> str:
         if r.get("method") != "dec" or "ae_kmeans_acc" not in f:
             continue
         readout = f.get("readout", "q")
-        q_acc = f.get("dec_acc", f.get("acc")) if readout != "q" else f.get("acc")
+        q_acc = f.get("dec_acc", f.get("acc"))  # argmax q's, kept apart only when another readout delivered
         rows.append([r["label"], _f(f["ae_kmeans_acc"]), _f(q_acc),
                      "UMAP + mixture (dec.readout umap)" if readout == "umap" else "argmax q (the paper)",
                      _f(f.get("acc")), _f(f.get("nmi")), _f(r["wall_s_rounds"] / 60), r["commit"]])

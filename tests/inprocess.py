@@ -89,10 +89,7 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     loop restores with (model, method state, optimizers; the next round after it)."""
     import os
 
-    images, labels = data
-    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    if images.ndim == 3:
-        images = images[..., None]
+    images, labels, ids = _as_arrays(data, ids)
     if not os.path.isabs(cfg.run.dir):
         cfg.run.dir = tempfile.mkdtemp(prefix="raydc-inprocess-")
         atexit.register(shutil.rmtree, cfg.run.dir, ignore_errors=True)  # the tests read it before they end
@@ -125,9 +122,8 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     out: dict = {}
 
     def keep(final):
-        got_ids, _, cols = service.sample_features(len(ids), 0, (final.col, final.distance_col))
-        order = np.argsort(got_ids)
-        out.update(ids=got_ids[order], labels=cols[final.col][order], distances=cols[final.distance_col][order])
+        got_ids, (got, distances) = _read_by_id(service, len(ids), (final.col, final.distance_col))
+        out.update(ids=got_ids, labels=got, distances=distances)
 
     final, row = finish(method, rctx, model, state, r, keep)
     return method, state, rows + [row], Assigned(final, model=model, **out)
@@ -145,14 +141,24 @@ class Assigned:
 def assign_in_process(method, model, artifacts: dict, data, ids=None) -> tuple[np.ndarray, np.ndarray]:
     """`raydc assign`'s step in process: images put into a finished run's clustering by the method's
     `place_new_images`, over shards of their own. Returns (ids sorted, their clusters)."""
-    images, labels = data
-    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    if images.ndim == 3:
-        images = images[..., None]
+    images, labels, ids = _as_arrays(data, ids)
     service = InProcessService(ids, images, labels)
     rctx = RankZeroContext(method.cfg, method.manifest, "unused", lambda: service, lambda m: None)
     model.eval()
     final = method.place_new_images(rctx, model, artifacts)
-    got_ids, _, cols = service.sample_features(len(ids), 0, (final.col,))
+    got_ids, (got,) = _read_by_id(service, len(ids), (final.col,))
+    return got_ids, got
+
+
+def _as_arrays(data, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images N x H x W x C, labels, ids): a channel axis added to gray images, ids 0..N-1 unless given."""
+    images, labels = data
+    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    return (images[..., None] if images.ndim == 3 else images), labels, ids
+
+
+def _read_by_id(service, n: int, cols: tuple[str, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every row's id and `cols` as the shards hold them, sorted by id."""
+    got_ids, _, got = service.sample_features(n, 0, cols)
     order = np.argsort(got_ids)
-    return got_ids[order], cols[final.col][order]
+    return got_ids[order], [got[c][order] for c in cols]

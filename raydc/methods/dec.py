@@ -57,7 +57,8 @@ from raydc.methods.api import TRUE, RoundContext, TrainContext
 from raydc.core.rowblocks import RowBlocks
 from raydc.methods.base import (FinalClustering, Method, RoundPlan, check_backbone_arch, clustering_row, rank0_field,
                                 shard_argmax)
-from raydc.methods.readout import ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote
+from raydc.methods.readout import (ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote,
+                                   readout_options)
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
 
@@ -124,14 +125,15 @@ class DECConfig:
         for name in ("pretrain_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dec.{name}", f"must be >= 0, got {getattr(self, name)}")
-        for name in ("readout_sample", "readout_vote", "readout_restarts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"dec.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("readout_dims", "readout_neighbors"):
-            if getattr(self, name) < 2:
-                raise ConfigError(f"dec.{name}", f"must be >= 2, got {getattr(self, name)}")
+        self.manifold()  # the readout_* fields, each named if out of range
         if self.readout == "umap":
             check_umap_installed("dec.readout")
+
+    def manifold(self) -> ManifoldReadout:
+        """The umap readout's knobs, as raydc.methods.readout takes them."""
+        return readout_options("dec", self, {
+            "sample": "readout_sample", "dims": "readout_dims", "neighbors": "readout_neighbors",
+            "vote": "readout_vote", "restarts": "readout_restarts"}, metric=self.readout_metric)
 
 
 @dataclass
@@ -396,17 +398,12 @@ class DEC(Method):
         if not info.finite:
             raise NumericalError(self.epoch_of(state, round_idx), "features", "the final embedding z")
         seed = self.cfg.train.seed
-        out, readout_row, vote = manifold_readout(ctx, k, self._manifold_opts(), sample_seed=derive_seed(seed, 59),
+        out, readout_row, vote = manifold_readout(ctx, k, self.opts.manifold(), sample_seed=derive_seed(seed, 59),
                                                   fit_seed=derive_seed(seed, 61) % (1 << 31))
         final = FinalClustering(out.col, out.col + "_distance", {**final.artifacts, **vote})
         row.update(readout_row)
         row.update({"readout": "umap", "time_readout": time.perf_counter() - t, **clustering_row(ctx, out.col, k)})
         return final, row
-
-    def _manifold_opts(self) -> ManifoldReadout:
-        d = self.opts
-        return ManifoldReadout(sample=d.readout_sample, dims=d.readout_dims, neighbors=d.readout_neighbors,
-                               vote=d.readout_vote, restarts=d.readout_restarts, metric=d.readout_metric)
 
     def place_new_images(self, ctx: RoundContext, model: nn.Module, artifacts: dict):
         """A new image's cluster is argmax q under the final model, and its distance 1 - max q, as in the run; or,

@@ -51,7 +51,8 @@ from raydc.core.stream import Augment, to_model_input
 from raydc.errors import ConfigError, NumericalError
 from raydc.methods.api import ClusterOutcome, RoundContext, TrainContext
 from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field
-from raydc.methods.readout import ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote
+from raydc.methods.readout import (ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote,
+                                   readout_options)
 
 FEATURE_DIMS = {"alexnet": 4096, "vgg16": 4096}  # fixed penultimate widths; smallconvnet's is model.feature_dim
 
@@ -89,14 +90,18 @@ class DeepClusterConfig:
             raise ConfigError("deepcluster.temperature", f"must be > 0, got {self.temperature}")
         if self.final_k < 0 or self.final_k == 1:
             raise ConfigError("deepcluster.final_k", f"must be 0 (cluster.k) or >= 2, got {self.final_k}")
-        for name in ("final_neighbors", "final_sample", "final_restarts", "final_vote", "final_umap_restarts"):
+        for name in ("final_neighbors", "final_restarts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"deepcluster.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.final_umap_dims < 2 or self.final_umap_neighbors < 2:
-            raise ConfigError("deepcluster.final_umap_dims" if self.final_umap_dims < 2
-                              else "deepcluster.final_umap_neighbors", "must be >= 2")
+        self.manifold()  # final_sample, final_vote and the umap fields, each named if out of range
         if self.final_merge == "umap":
             check_umap_installed("deepcluster.final_merge")
+
+    def manifold(self) -> ManifoldReadout:
+        """The umap readout's knobs (cosine: the features are L2-normalised), as raydc.methods.readout takes them."""
+        return readout_options("deepcluster", self, {
+            "sample": "final_sample", "dims": "final_umap_dims", "neighbors": "final_umap_neighbors",
+            "vote": "final_vote", "restarts": "final_umap_restarts"}, metric="cosine")
 
 
 def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> nn.Module:
@@ -447,9 +452,7 @@ def _umap_final(ctx: RoundContext, o: DeepClusterConfig, seed: int, out: Cluster
     sample of at most `final_sample` images clustered on rank 0 by UMAP + Gaussian mixture, every image voted
     onto the sample's clusters on its shard. Returns the outcome, what the readout recorded, and the sample
     `raydc assign` votes with."""
-    opts = ManifoldReadout(sample=o.final_sample, dims=o.final_umap_dims, neighbors=o.final_umap_neighbors,
-                           vote=o.final_vote, restarts=o.final_umap_restarts, metric="cosine")
-    return manifold_readout(ctx, final_k, opts, sample_seed=derive_seed(seed, round_idx, 37),
+    return manifold_readout(ctx, final_k, o.manifold(), sample_seed=derive_seed(seed, round_idx, 37),
                             fit_seed=derive_seed(seed, round_idx, 41) % (1 << 31))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,17 @@ class ManifoldReadout:
     vote: int = 10           # nearest sample images whose clusters vote for each image
     restarts: int = 1        # UMAP + mixture seeds seed, seed + 1, ...; the most agreed partition is kept
     metric: str = "cosine"   # UMAP's metric in feature space
+
+
+def readout_options(section: str, opts: Any, names: dict[str, str], metric: str) -> ManifoldReadout:
+    """The readout's knobs from a method's config section (`names`: ManifoldReadout's field -> the section's),
+    checked: a value out of range raises ConfigError naming `section.field`."""
+    found = ManifoldReadout(metric=metric, **{field: getattr(opts, name) for field, name in names.items()})
+    for field, low in (("sample", 1), ("vote", 1), ("restarts", 1), ("dims", 2), ("neighbors", 2)):
+        value = getattr(found, field)
+        if value < low:
+            raise ConfigError(f"{section}.{names[field]}", f"must be >= {low}, got {value}")
+    return found
 
 
 def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample_seed: int, fit_seed: int,
