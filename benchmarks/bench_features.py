@@ -53,9 +53,9 @@ def plain_loop(spec, images: np.ndarray, batch_size: int) -> np.ndarray:
 
     from raydc.core.augment import resize_center, to_float
 
-    model = spec.build()
-    model.load_state_dict(spec.state)
-    model.eval()
+    from raydc.core.extractor import build_network
+
+    model = build_network(spec)  # the pools' network in the pools' memory format: the ratio is the pool's cost
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):

@@ -1,20 +1,34 @@
-"""float32 against bf16 autocast, per network of the core (issue #27): one SGD step and one feature pass.
+"""What one training step and one feature pass cost per network of the core, and the levers on it (issue #27).
 
 For DeepCluster's small convnet (Sobel + 3 conv stages + FC, 10-way head, cross-entropy), DEC's stacked
 autoencoder (784-500-500-2000-10, reconstruction loss) and DAC's all-convolutional MNIST net (pairwise loss on
 its label features), on random 28 x 28 inputs: images/s of a training step (forward, loss, backward, SGD with
 momentum) and of a feature pass (`no_grad` forward in eval mode: DeepCluster's `embed`, DEC's encoder, DAC's
-label features). bf16 is plain `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward; the loss is
-computed in float32 from the forward's output. Both precisions run in this process on the same weights and
-inputs, round robin, after an untimed warm-up: the ratio bf16 / float32 is what to read on a shared machine.
+label features), in these variants of the same weights and inputs, round robin after an untimed warm-up:
+
+- `fp32`: what raydc runs where `train.precision` resolves to fp32 (the baseline of every ratio);
+- `bf16`: `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward, the loss in float32. Timed only on
+  a CPU with bf16 instructions: elsewhere torch emulates bf16, many times slower, which says nothing about the
+  path raydc would take there (train.precision auto picks fp32 on such a CPU);
+- `channels_last` (the conv nets): the model and input in channels-last memory format, oneDNN's preferred one;
+- `compile`: `torch.compile` of the model (inductor, C++ kernels); its compile time is reported, not timed.
+
+FLOPs per image come from `torch.utils.flop_counter` on one float32 step; divided by the time they give the
+GFLOP/s a network reaches, beside the float32 GEMM ceiling measured in the same process (torch.mm, 2048^3): the
+share of the machine a step already uses, so what any kernel-level change could still win.
+
+Then what the shipped 70k presets ask of these rates: images trained and images passed forward over a whole
+run, from each preset's own fields (`workloads`), and the minutes that alone costs at the measured float32
+rates: the floor under those runs' time to quality on this machine.
 """
 from __future__ import annotations
 
 import copy
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
-from benchmarks.common import Context, ratio, summarize
+from benchmarks.common import REPO, Context, ratio, summarize
 
 NAME = "precision"
 NEEDS_RAY = False
@@ -23,11 +37,16 @@ CONFIGS = {
     "quick": {"batch": 32, "steps_per_sample": 1, "repeats": 2},
     "full": {"batch": 256, "steps_per_sample": 2, "repeats": 5},
 }
+# Each network at its presets' batch in full mode (DAC's pairs span 128 images), so the rates are the runs' rates.
+FULL_BATCH = {"deepcluster_smallconvnet": 256, "dec_autoencoder": 256, "dac_convnet": 128}
 NETS = {
     "deepcluster_smallconvnet": "raydc.core.models.small_convnet(1, sobel=True) + Linear(256, 10), cross-entropy",
     "dec_autoencoder": "raydc.core.autoencoder.StackedAutoencoder(784, [500, 500, 2000, 10]), reconstruction MSE",
     "dac_convnet": "raydc.core.dac.LabelFeatureNet(dac_convnet(1, 10, variant='mnist')), pairwise BCE loss",
 }
+CONV_NETS = {"deepcluster_smallconvnet", "dac_convnet"}
+VARIANTS = ("fp32", "bf16", "channels_last", "compile")
+N_70K = 70_000
 
 
 def _build(name: str):
@@ -75,50 +94,100 @@ def _build(name: str):
     raise ValueError(name)
 
 
-def _autocast(precision: str):
+def _autocast(variant: str):
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else nullcontext()
 
 
-def measure(name: str, batch: int, steps: int, repeats: int) -> dict:
+def gemm_gflops(repeats: int = 5, n: int = 2048) -> float:
+    """float32 torch.mm of two n x n matrices, median GFLOP/s: the ceiling a conv or linear layer is bounded by."""
     import torch
+
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / summarize(times)["median"] / 1e9
+
+
+def variants_here(name: str, bf16_flag: str | None) -> dict[str, str]:
+    """{variant: why it is not timed} for the variants left out on this machine and network."""
+    out = {}
+    if not bf16_flag:
+        out["bf16"] = "no bf16 instructions on this CPU: torch would emulate bf16"
+    if name not in CONV_NETS:
+        out["channels_last"] = "no convolutions"
+    return out
+
+
+def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | None) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     model, loss_fn, feat_fn, shape = _build(name)
-    models = {"fp32": model, "bf16": copy.deepcopy(model)}
-    opts = {p: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for p, m in models.items()}
     x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(2))
+    skipped = variants_here(name, bf16_flag)
+    models, inputs, callers, compile_s = {}, {}, {}, {}
+    for v in VARIANTS:
+        if v in skipped:
+            continue
+        m = copy.deepcopy(model)
+        xv = x
+        if v == "channels_last":
+            m = m.to(memory_format=torch.channels_last)
+            xv = x.contiguous(memory_format=torch.channels_last)
+        models[v], inputs[v] = m, xv
+        callers[v] = torch.compile(m) if v == "compile" else m
+    opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
 
-    def train(p: str) -> None:
-        m = models[p].train()
+    def train(v: str) -> None:
+        models[v].train()
         for _ in range(steps):
-            opts[p].zero_grad(set_to_none=True)
-            loss_fn(m, x, _autocast(p)).backward()
-            opts[p].step()
+            opts[v].zero_grad(set_to_none=True)
+            loss_fn(callers[v], inputs[v], _autocast(v)).backward()
+            opts[v].step()
 
-    def features(p: str) -> None:
-        m = models[p].eval()
-        with torch.no_grad(), _autocast(p):
+    def features(v: str) -> None:
+        models[v].eval()
+        with torch.no_grad(), _autocast(v):
             for _ in range(steps):
-                feat_fn(m, x)
+                feat_fn(callers[v], inputs[v]) if v != "compile" else callers[v](inputs[v])
 
-    out: dict = {}
+    flops = {}
+    with FlopCounterMode(display=False) as fc:
+        loss_fn(model.train(), x, nullcontext()).backward()
+    flops["train_step"] = fc.get_total_flops() / batch
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        feat_fn(model.eval(), x)
+    flops["feature_pass"] = fc.get_total_flops() / batch
+
+    out: dict = {"skipped": skipped, "flops_per_image": flops}
     for phase, fn in (("train_step", train), ("feature_pass", features)):
-        for p in models:  # warm-up: oneDNN builds its kernels for each shape and dtype once
-            fn(p)
-        samples: dict[str, list[float]] = {p: [] for p in models}
+        for v in models:  # warm-up: oneDNN builds its kernels for each shape once; inductor compiles here
+            t0 = time.perf_counter()
+            fn(v)
+            if v == "compile":
+                compile_s[phase] = time.perf_counter() - t0
+        samples: dict[str, list[float]] = {v: [] for v in models}
         for _ in range(repeats):
-            for p in models:
+            for v in models:
                 t0 = time.perf_counter()
-                fn(p)
-                samples[p].append(time.perf_counter() - t0)
+                fn(v)
+                samples[v].append(time.perf_counter() - t0)
         rows = {}
-        for p, s in samples.items():
+        for v, s in samples.items():
             summ = summarize(s)
-            ips = [batch * steps / v for v in s]
-            rows[p] = {"seconds": summ, "images_per_s": summarize(ips)}
-        out[phase] = {**rows, "bf16_speedup": ratio(rows["fp32"]["seconds"], rows["bf16"]["seconds"])}
-    # How far bf16 moves the features of the same weights (the networks after the steps above differ).
+            rows[v] = {"seconds": summ, "images_per_s": summarize([batch * steps / t for t in s]),
+                       "gflops": flops[phase] * batch * steps / summ["median"] / 1e9}
+        for v in rows:
+            rows[v]["speedup_vs_fp32"] = ratio(rows["fp32"]["seconds"], rows[v]["seconds"])
+        out[phase] = rows
+    out["compile_seconds"] = compile_s
+    # How far bf16 moves the features of the same weights (cheap, so measured even where bf16 is emulated).
     fresh, _, feat, _ = _build(name)
     fresh.eval()
     with torch.no_grad():
@@ -129,24 +198,66 @@ def measure(name: str, batch: int, steps: int, repeats: int) -> dict:
     return out
 
 
+def workloads(configs: Path = REPO / "jobs" / "configs") -> list[dict]:
+    """Images trained and images passed forward by a whole run of each shipped 70k preset, from its fields.
+
+    DeepCluster: a feature pass over all N images before each of its `epochs` rounds and one after the last, and
+    N x `reassign` images trained per round. DEC (the DEC-keras presets): the autoencoder's
+    `pretrain_epochs` + `finetune_epochs` passes over N (the greedy stage's layer pairs counted as whole passes:
+    an upper bound) before any DEC step; the DEC step itself is left out (it stops at `tol`, and costs minutes).
+    DAC (official_mnist schedule): each of `epochs` rounds computes the targets of every chunk once (a forward
+    pass over N) and trains `local_epochs` passes over N, and its diagnostic pass reads every image out each
+    `eval_every` rounds (plus round 0's)."""
+    from raydc.config import load_config
+
+    out = []
+    for name, net in (("mnist.yaml", "deepcluster_smallconvnet"), ("fmnist.yaml", "deepcluster_smallconvnet"),
+                      ("dec_mnist_keras.yaml", "dec_autoencoder"), ("dec_fmnist_keras.yaml", "dec_autoencoder"),
+                      ("dac_mnist.yaml", "dac_convnet"), ("dac_fmnist.yaml", "dac_convnet")):
+        cfg = load_config(configs / name)
+        n, rounds = N_70K, cfg.train.epochs
+        if cfg.method == "deepcluster":
+            train = rounds * round(n * cfg.train.reassign) if cfg.train.reassign else rounds * n
+            forward = (rounds + 1) * n
+            what = f"{rounds} rounds x {train // rounds:,} images trained; {rounds + 1} feature passes over N"
+        elif cfg.method == "dec":
+            d = cfg.dec
+            epochs = d.pretrain_epochs + d.finetune_epochs
+            train, forward = epochs * n, 0
+            what = f"{epochs} autoencoder epochs over N (the DEC step after it not counted)"
+        else:
+            d = cfg.dac
+            evals = rounds // max(1, d.eval_every) + 1 if d.eval_every else 1
+            train, forward = rounds * d.passes * n, rounds * n + evals * n
+            what = (f"{rounds} rounds x {d.passes} passes over N trained; targets once per round, "
+                    f"{evals} read-outs over N")
+        out.append({"config": name, "method": cfg.method, "net": net, "images": n, "train_images": train,
+                    "forward_images": forward, "what": what})
+    return out
+
+
 def run(ctx: Context) -> dict:
     import torch
 
     from raydc.core.kmeans import cpu_bf16_flag
 
     cfg = CONFIGS[ctx.mode]
+    flag = cpu_bf16_flag()
+    ceiling = gemm_gflops()
+    ctx.log(f"  float32 GEMM ceiling (torch.mm 2048^3): {ceiling:.0f} GFLOP/s; CPU bf16 instructions: {flag}")
     results = {}
     for name in NETS:
-        ctx.log(f"  {name}: batch {cfg['batch']}, {cfg['steps_per_sample']} step(s) per sample, "
+        batch = FULL_BATCH[name] if ctx.mode == "full" else cfg["batch"]
+        ctx.log(f"  {name}: batch {batch}, {cfg['steps_per_sample']} step(s) per sample, "
                 f"{cfg['repeats']} repeats (interleaved)")
-        r = measure(name, cfg["batch"], cfg["steps_per_sample"], cfg["repeats"])
-        results[name] = r
-        ctx.log("    " + "; ".join(f"{ph} fp32 {r[ph]['fp32']['images_per_s']['median']:.0f} img/s, "
-                                   f"bf16 {r[ph]['bf16']['images_per_s']['median']:.0f} img/s = "
-                                   f"{r[ph]['bf16_speedup']:.2f}x" for ph in ("train_step", "feature_pass"))
-                + f"; feature rel. error {r['feature_rel_error']:.1e}")
-    return {"config": {**cfg, "input": "torch.rand, 28 x 28 (DEC: 784 flat), same inputs and weights for both",
+        r = measure(name, batch, cfg["steps_per_sample"], cfg["repeats"], flag)
+        results[name] = {**r, "batch": batch}
+        for ph in ("train_step", "feature_pass"):
+            ctx.log(f"    {ph}: " + ", ".join(f"{v} {row['images_per_s']['median']:.0f} img/s "
+                                              f"({row['speedup_vs_fp32']:.2f}x)" for v, row in r[ph].items())
+                    + f"; fp32 {r[ph]['fp32']['gflops']:.0f} GFLOP/s")
+    return {"config": {**cfg, "input": "torch.rand, 28 x 28 (DEC: 784 flat), same inputs and weights for every variant",
                        "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward; loss in float32",
-                       "speedup": "median float32 seconds / median bf16 seconds (> 1: bf16 faster)",
-                       "cpu_bf16": cpu_bf16_flag(), "torch_threads": torch.get_num_threads()},
-            "nets": NETS, "results": results}
+                       "speedup": "median float32 seconds / median seconds of the variant (> 1: faster)",
+                       "cpu_bf16": flag, "torch_threads": torch.get_num_threads()},
+            "gemm_ceiling_gflops": ceiling, "nets": NETS, "results": results, "workloads": workloads()}

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from raydc.core.augment import resize_center, to_float
+from raydc.core.precision import in_memory_format
 from raydc.engine.clustering import ClusteringService, LocalShard, ShardStore
 from raydc.engine.feature_pass import FeaturePass
-from raydc.core.extractor import keep_mask, reduce_features
+from raydc.core.extractor import build_network, keep_mask, reduce_features
 from raydc.engine.contexts import RankZeroContext, WorkerContext
-from raydc.engine.loop import finish, run_rounds
+from raydc.engine.loop import finish, run_arithmetic, run_rounds
 from raydc.engine.round_checkpoint import (checkpoint_contents, load_round_checkpoint, restore_model_and_state,
                                           restore_optimizers, save_round_checkpoint)
 from raydc.core.stream import shuffled_batches
@@ -43,9 +44,7 @@ class InProcessPass(FeaturePass):
         self.rows = np.arange(len(ids), dtype=np.int64)
 
     def _run_pool(self, spec, shard_dir, manifest, f) -> list:
-        model = spec.build()
-        model.load_state_dict(spec.state)
-        model.eval()
+        model = build_network(spec)  # as the engine's pools lay it out
         r = spec.reduction
         blocks = []
         for sel in np.array_split(np.arange(len(self.ids)), PIECES):
@@ -102,12 +101,15 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
         state, start = restore_model_and_state(ckpt, model, type(state))
     else:
         method.load_initial_weights(model)  # model.weights: a new run only, as the engine's loop
+    precision, memory_format = run_arithmetic(cfg, ckpt, model, "cpu")
+    in_memory_format(model, memory_format)
     optimizers = method.optimizers(model, state)
     if ckpt is not None:
         restore_optimizers(ckpt, optimizers)
     wctx = FakeWorker(cfg, manifest, ids, images, optimizers, method.in_channels, method.input_size)
     service = InProcessService(ids, images, labels)
-    rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None)
+    rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None, precision=precision,
+                           memory_format=memory_format)
     rows: list[dict] = []
 
     def end_round(r: int, row: dict, state) -> None:
@@ -115,7 +117,8 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
         if checkpoints is not None:
             d = os.path.join(checkpoints, f"round-{r}")
             os.makedirs(d)
-            save_round_checkpoint(d, r, checkpoint_contents(r, model, state, optimizers))
+            save_round_checkpoint(d, r, checkpoint_contents(r, model, state, optimizers, precision=precision,
+                                                            memory_format=memory_format))
 
     r, state = run_rounds(method, model, state, start, wctx=wctx, rctx=rctx, broadcast=lambda plan: plan,
                           end_round=end_round, log=lambda m: None)

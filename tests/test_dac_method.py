@@ -148,6 +148,10 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
     for r in rows[:-1]:
         assert {"loss", "upper", "lower", "selected_pairs", "time_train", "time_features", "acc"} <= set(r)
     assert rows[-1]["acc"] > 0.6
+    # train.memory_format auto: the conv net trained and read out channels_last, and clustering.pt says so, so
+    # that `raydc assign` below lays the network out as the run's final pass did
+    assert {r["memory_format"] for r in rows} == {"channels_last"}
+    assert run.load_clustering()["memory_format"] == "channels_last"
     a = run.read_assignments()
     assert sorted(a["id"].tolist()) == list(range(K * PER_CLUSTER))
     for png in ("curves.png", "phases.png", "montage.png"):

@@ -1,5 +1,7 @@
 """Mixed precision: what `auto` resolves to, that autocast really lowers the network's matmuls while the pair
-similarities stay float32, and that the engine's SGD pass runs the method's loss under it."""
+similarities stay float32, and that the engine's SGD pass runs the method's loss under it; the weights' memory
+format: what `auto` picks, that the layout changes no result beyond float rounding, and that a resumed run or
+a pass over new images keeps the run's layout."""
 from __future__ import annotations
 
 import numpy as np
@@ -66,3 +68,51 @@ def test_the_engine_sgd_pass_runs_the_loss_under_the_workers_precision():
         stats = w.sgd_pass(batches, [opt], loss_of, epoch=0, phase="train", what="test")
         assert seen["dtypes"] == [dtype, dtype] and stats.steps == 2 and np.isfinite(stats.loss)
         assert not torch.equal(before, model.weight) and model.weight.dtype == torch.float32  # master weights
+
+
+def test_auto_lays_conv_nets_out_channels_last_and_leaves_an_mlp_alone():
+    from raydc.core.autoencoder import StackedAutoencoder
+    from raydc.core.models import small_convnet
+
+    torch.manual_seed(0)
+    conv, mlp = small_convnet(1, sobel=True), StackedAutoencoder(784, [32, 8], corruption=0.0, seed=0)
+    assert P.resolve_memory_format("auto", conv) == "channels_last"
+    assert P.resolve_memory_format("auto", mlp) == "contiguous"
+    assert P.resolve_memory_format("contiguous", conv) == "contiguous"
+    with pytest.raises(ValueError, match="memory format"):
+        P.resolve_memory_format("nhwc", conv)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        before = conv.eval().embed(x)
+        laid_out = P.in_memory_format(conv, "channels_last")
+        assert _channels_last(laid_out)
+        torch.testing.assert_close(laid_out.embed(x), before, rtol=1e-4, atol=1e-5)  # the same function
+
+
+def test_a_resumed_run_keeps_its_layout_and_a_pass_over_new_images_takes_the_runs():
+    from raydc.config import load_config
+    from raydc.core.extractor import ExtractorSpec, as_computed_by, build_network
+    from raydc.core.models import small_convnet
+    from raydc.engine.loop import run_arithmetic
+
+    cfg = load_config(None, ["data.shards=unused"])
+    net = small_convnet(1, sobel=True)
+    assert run_arithmetic(cfg, None, net, "cpu") == ("fp32", "channels_last")  # a new run resolves auto
+    assert run_arithmetic(cfg, {"precision": "fp32", "memory_format": "channels_last"}, net, "cpu")[1] == \
+        "channels_last"
+    # a checkpoint from before the layout was chosen was computed contiguous: its resume stays so
+    assert run_arithmetic(cfg, {"precision": "fp32"}, net, "cpu") == ("fp32", "contiguous")
+
+    spec = ExtractorSpec(build=lambda: small_convnet(1, sobel=True), state=net.state_dict())
+    assert _channels_last(build_network(spec))  # no layout named: auto
+    old_run = as_computed_by(spec, {"model": {}})  # clustering.pt of a run from before: contiguous, float32
+    assert (old_run.precision, old_run.memory_format) == ("fp32", "contiguous")
+    assert not _channels_last(build_network(old_run))
+    new_run = as_computed_by(spec, {"precision": "fp32", "memory_format": "channels_last"})
+    assert new_run.memory_format == "channels_last" and _channels_last(build_network(new_run))
+
+
+def _channels_last(model) -> bool:
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                 for p in weights)

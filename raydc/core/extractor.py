@@ -35,6 +35,7 @@ class ExtractorSpec:
     channels: int | None = None
     reduction: FeatureReduction | None = None
     precision: str | None = None   # the autocast dtype (raydc.core.precision); None: the run's
+    memory_format: str | None = None  # the weights' layout (raydc.core.precision); None: the run's, else auto
     # Rows that must reach `call` together, cut at multiples of this within each Parquet row group: a network
     # that normalises with its batch's statistics (DAC's readout) then sees the same batches on every pass,
     # whatever the pool's concurrency or batch size, so a resumed run and `raydc assign` give the same clusters.
@@ -42,6 +43,32 @@ class ExtractorSpec:
     # Set only while the spec travels through the clustering coordinator (raydc.engine.sealed_spec): the builder
     # and weights behind an object-store reference, `build` and `state` empty until a pool worker opens it.
     network: Any = None
+
+
+def run_arithmetic_of(saved: dict) -> tuple[str, str]:
+    """(precision, memory format) a finished run computed its features in, from its clustering.pt: a pass over
+    new images (`raydc assign`, `embed`, `evaluate --probe`) computes as the run's own final pass did. A run
+    from before they were recorded: float32, contiguous."""
+    return saved.get("precision") or "fp32", saved.get("memory_format") or "contiguous"
+
+
+def as_computed_by(spec: ExtractorSpec, saved: dict) -> ExtractorSpec:
+    """`spec` in the arithmetic of the run whose clustering.pt is `saved` (where the spec names none)."""
+    import dataclasses
+
+    precision, memory_format = run_arithmetic_of(saved)
+    return dataclasses.replace(spec, precision=spec.precision or precision,
+                               memory_format=spec.memory_format or memory_format)
+
+
+def build_network(spec: ExtractorSpec):
+    """The pass's module: built, loaded with the spec's weights, in its memory format, in eval mode. One place,
+    so every pool (and `raydc assign`, `embed`, `evaluate`) lays the network out as the run did."""
+    from raydc.core.precision import in_memory_format, resolve_memory_format
+
+    model = spec.build()
+    model.load_state_dict(spec.state)
+    return in_memory_format(model, resolve_memory_format(spec.memory_format or "auto", model)).eval()
 
 
 def keep_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -65,3 +65,27 @@ def full_precision(device_type: str):
     """Inside an autocast region, a block that runs in float32 (a similarity matrix compared with thresholds,
     a loss): `.float()` on the inputs is not enough, autocast would cast a matmul's inputs back down."""
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+
+
+def resolve_memory_format(requested: str, model: torch.nn.Module) -> str:
+    """The layout a network's 4-d weights live in: `auto` is channels_last for a network with 2-d convolutions,
+    where oneDNN (CPU) and cuDNN run their fastest kernels on NHWC (benchmarks/RESULTS.md, "What a step costs"),
+    and contiguous for the rest (an MLP has nothing to lay out). The weights' layout is enough: a convolution
+    whose weight is channels_last computes in it whatever the input's layout, so the inputs stay as they are.
+    Only the order of float additions changes, not what is computed."""
+    if requested not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {requested!r} (expected one of {', '.join(MEMORY_FORMATS)})")
+    if requested == "auto":
+        has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        return "channels_last" if has_conv else "contiguous"
+    return requested
+
+
+def in_memory_format(model: torch.nn.Module, memory_format: str) -> torch.nn.Module:
+    """`model` with its 4-d parameters and buffers in `memory_format` (resolved), in place."""
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    return model.to(memory_format=fmt)

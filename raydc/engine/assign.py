@@ -16,6 +16,7 @@ from raydc.config_loader import from_dict
 
 def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> str:
     from raydc import storage
+    from raydc.core.extractor import run_arithmetic_of
     from raydc.data.manifest import load_manifest
     from raydc.engine.clustering import ClusteringService, ShardPlacement
     from raydc.engine.contexts import RankZeroContext
@@ -36,10 +37,11 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> str:
     init_ray(cfg.ray, train_cpus=0)
     if not storage.is_uri(shard_dir):
         shard_dir = str(Path(shard_dir).resolve())
+    precision, memory_format = run_arithmetic_of(saved)
     ctx = RankZeroContext(cfg, manifest, shard_dir,
                           lambda: ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu,
                                                     placement=ShardPlacement.from_config(cfg.cluster)),
-                          print)
+                          print, precision=precision, memory_format=memory_format)
     if out:
         path = out if storage.is_uri(out) else str(Path(out).expanduser().resolve())
     else:

@@ -105,6 +105,7 @@ def embed_images(run_dir: str, shard_dir: str, out: str, *, reduced: bool = True
     from raydc.config import Config
     from raydc.config_loader import from_dict
     from raydc.data.manifest import load_manifest
+    from raydc.core.extractor import as_computed_by
     from raydc.engine.datasets import check_shard_footers
     from raydc.engine.persistent_pool import PersistentFeaturePool
     from raydc.engine.rundir import RunDir
@@ -125,7 +126,7 @@ def embed_images(run_dir: str, shard_dir: str, out: str, *, reduced: bool = True
     model = method.build_model()
     model.load_state_dict(saved["model"])
     model.eval()
-    spec = extraction(method, model, saved["artifacts"], cfg, manifest, reduced)
+    spec = as_computed_by(extraction(method, model, saved["artifacts"], cfg, manifest, reduced), saved)
     if not manifest.has_paths:
         log(f"note: the shards in {shard_dir} carry no source paths (an array source, or folder shards prepared "
             f"by an older raydc); the embeddings' `path` column is empty")

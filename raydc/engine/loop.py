@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from raydc.config import Config
 from raydc.config_loader import from_dict
-from raydc.core.precision import resolve_precision
+from raydc.core.precision import in_memory_format, resolve_memory_format, resolve_precision
 from raydc.core.seeding import derive_seed
 from raydc.engine.console import LineSink
 from raydc.engine.rundir import RunDir
@@ -65,7 +65,7 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
         row.update(method.train_round(wctx, model, plan, state, r))
         if rank == 0:
             row.update({"round": r, "epoch": method.epoch_of(state, r), "time_round": time.perf_counter() - t_round,
-                        **precision_fields(wctx.precision)})
+                        **precision_fields(wctx.precision, rctx.memory_format if rctx else None)})
             if rctx is not None:
                 row["memory"] = rctx.memory()
                 if clock := rctx.take_features_clock():
@@ -75,12 +75,26 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
     return r, state
 
 
-def precision_fields(precision: str) -> dict:
+def precision_fields(precision: str, memory_format: str | None = None) -> dict:
     """What every metrics row says about the arithmetic: the training precision and whether the CPU has bf16
-    instructions (what `auto` decided from), beside the faiss backend the clustering rows name."""
+    instructions (what `auto` decided from), the weights' memory format, beside the faiss backend the clustering
+    rows name."""
     from raydc.core.precision import cpu_bf16_supported
 
-    return {"precision": precision, "cpu_bf16": cpu_bf16_supported()}
+    row = {"precision": precision, "cpu_bf16": cpu_bf16_supported()}
+    if memory_format is not None:
+        row["memory_format"] = memory_format
+    return row
+
+
+def run_arithmetic(cfg: Config, ckpt: dict | None, model: nn.Module, device_type: str) -> tuple[str, str]:
+    """(precision, memory format) this run computes in. A resumed run keeps what its first start resolved
+    (`auto` on another machine could differ); a checkpoint written before the layout was chosen was computed
+    contiguous, and stays so."""
+    if ckpt is not None:
+        return (ckpt.get("precision") or resolve_precision(cfg.train.precision, device_type),
+                ckpt.get("memory_format") or "contiguous")
+    return resolve_precision(cfg.train.precision, device_type), resolve_memory_format(cfg.train.memory_format, model)
 
 
 def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int,
@@ -97,7 +111,8 @@ def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, 
         row["features_clock"] = clock
     rctx.release()
     row.update({"round": r, "epoch": method.epoch_of(state, r), "final": True,
-                "time_round": time.perf_counter() - t_final, **precision_fields(rctx.precision)})
+                "time_round": time.perf_counter() - t_final,
+                **precision_fields(rctx.precision, rctx.memory_format)})
     return final, row
 
 
@@ -167,20 +182,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         method.load_initial_weights(model)  # model.weights: a new run only (a resumed one has its checkpoint)
     if rank != 0:
         state = shared_view(state)
+    precision, memory_format = run_arithmetic(cfg, ckpt, model, device.type)
+    in_memory_format(model, memory_format)  # before DDP and the optimizers see the parameters
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizers = method.optimizers(WorkerContext.unwrap(model), state)
     if ckpt is not None:
         restore_optimizers(ckpt, optimizers)
 
     shard = ray.train.get_dataset_shard("train")
-    # A resumed run keeps the precision its first start resolved (`auto` on another machine could differ).
-    precision = (ckpt or {}).get("precision") or resolve_precision(cfg.train.precision, device.type)
     wctx = WorkerContext(cfg, manifest, shard, rank, world, device, optimizers, method.in_channels, _log,
                          method.input_size, precision=precision)
     rctx = None
     if rank == 0:
         rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log,
-                               precision=precision)
+                               precision=precision, memory_format=memory_format)
         if start:
             run.truncate_metrics(upto_round=start)
             _log(f"resuming from the checkpoint of round {start - 1}: round {start}")
@@ -197,7 +212,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         run.append_metrics(row)
         with tempfile.TemporaryDirectory(prefix="raydc-ckpt-") as tmp:
             save_round_checkpoint(tmp, r, checkpoint_contents(r, WorkerContext.unwrap(model), state, optimizers,
-                                                              config=loop_cfg["config"], precision=precision))
+                                                              config=loop_cfg["config"], precision=precision,
+                                                              memory_format=memory_format))
             # Ray Train persists it to <run.dir>/checkpoints before report returns: the round's commit point.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         _log(summary_line(row, method.summary_fields))
@@ -215,8 +231,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             warning = quality_regression(run.read_metrics(), value, key=key)
             if warning:
                 row["quality_warning"] = warning
-            run.save_clustering({"round": r, "model": WorkerContext.unwrap(model).state_dict(),
-                                 "artifacts": final.artifacts, "config": loop_cfg["config"]})
+            weights = {k: v.contiguous() for k, v in WorkerContext.unwrap(model).state_dict().items()}
+            run.save_clustering({"round": r, "model": weights, "artifacts": final.artifacts,
+                                 "config": loop_cfg["config"], "precision": precision,
+                                 "memory_format": memory_format})
             run.append_metrics(row)
             _log(summary_line(row, method.summary_fields))
             if warning:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from raydc.core.extractor import ExtractorSpec
+from raydc.core.extractor import ExtractorSpec, build_network
 from raydc.engine.ray_data_pool import features_of
 from raydc.engine.sealed_spec import open_spec
 
@@ -83,13 +83,12 @@ class FeatureWorker:
 
     def set_spec(self, spec_ref: list) -> bool:
         spec: ExtractorSpec = open_spec(ray.get(spec_ref[0]))
-        try:  # the same network as last pass: only the weights change
-            if self.model is None:
+        try:  # the same network in the same layout as last pass: only the weights change
+            if self.model is None or spec.memory_format != self.spec.memory_format:
                 raise RuntimeError("no model yet")
-            self.model.load_state_dict(spec.state)
+            self.model.load_state_dict(spec.state)  # copies into the weights, keeping their layout
         except RuntimeError:  # first pass, or another network (DEC's stages)
-            self.model = spec.build()
-            self.model.load_state_dict(spec.state)
+            self.model = build_network(spec)
         self.model.eval()
         self.fn = getattr(self.model, spec.call)
         self.spec = spec

@@ -108,6 +108,7 @@ def probe_runs(run_dir: str, probes: tuple[str, ...], train_split: str = "train"
     from raydc import storage
     from raydc.config import Config
     from raydc.config_loader import from_dict
+    from raydc.core.extractor import as_computed_by
     from raydc.data.manifest import load_manifest
     from raydc.engine.evaluate import open_run
     from raydc.engine.runtime import init_ray
@@ -123,7 +124,7 @@ def probe_runs(run_dir: str, probes: tuple[str, ...], train_split: str = "train"
     model = method.build_model()
     model.load_state_dict(saved["model"])
     model.eval()
-    spec = method.probe_extractor(model)
+    spec = as_computed_by(method.probe_extractor(model), saved)
     num_classes = 1 + max(max(int(c) for c in (m.label_counts or {0: 0})) for m in (train_m, test_m))
 
     init_ray(cfg.ray, train_cpus=0)

@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 
-from raydc.core.extractor import ExtractorSpec, keep_mask, reduce_features
+from raydc.core.extractor import ExtractorSpec, build_network, keep_mask, reduce_features
 
 
 class FeatureExtractor:
@@ -32,9 +32,7 @@ class FeatureExtractor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = spec.build()
-        self.model.load_state_dict(spec.state)
-        self.model.to(self.device).eval()
+        self.model = build_network(spec).to(self.device)
         self.fn = getattr(self.model, spec.call)
         self.spec = spec
         self.manifest = manifest
