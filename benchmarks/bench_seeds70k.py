@@ -35,6 +35,16 @@ SETTINGS = {
                                     "seeds": (31, 32, 33), "method": "DeepCluster",
                                     "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM, "
                                             "the most agreed of 5 restarts (final_umap_restarts 5)"},
+    # train.memory_format (issue #27): mnist.yaml at the new default (auto: channels_last for its convnet), and
+    # the old layout again in the same suite run, so the minutes compare within one session
+    "deepcluster_mnist70k_cl": {"config": "mnist.yaml", "sets": [], "seeds": (31, 32, 33, 34, 35),
+                                "method": "DeepCluster",
+                                "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml, "
+                                        "train.memory_format auto: channels_last)"},
+    "deepcluster_mnist70k_contiguous": {"config": "mnist.yaml", "sets": ["train.memory_format=contiguous"],
+                                        "seeds": (31, 32), "method": "DeepCluster",
+                                        "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM "
+                                                "(mnist.yaml, train.memory_format contiguous, the same session)"},
 }
 
 
