@@ -61,12 +61,22 @@ def _mean_std(values: list[float]) -> dict:
 
 def run_settings(ctx: Context, settings: dict, subdir: str) -> dict:
     """Each setting over its seeds (`"seeds"` in the setting, else SEEDS), missing runs trained under
-    `ctx.work / subdir`, finished ones read back."""
+    `ctx.work / subdir`, finished ones read back. With `ctx.settings` (`--settings`) only those run; every other
+    setting keeps the rows the result file already holds (their runs may live elsewhere by now)."""
+    from benchmarks.common import read_result
     from raydc.config import load_config
     from raydc.engine.trainer import run_training
 
+    unknown = [n for n in ctx.settings if n not in settings]
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for {subdir}; choose from {list(settings)}")
+    recorded = ((read_result(ctx.out, subdir) or {}).get("settings") or {}) if ctx.settings else {}
     out: dict = {"seeds": list(SEEDS), "settings": {}}
     for name, s in settings.items():
+        if ctx.settings and name not in ctx.settings:
+            if name in recorded:
+                out["settings"][name] = recorded[name]
+            continue
         per_seed = []
         for seed in s.get("seeds", SEEDS):
             run_dir = ctx.work / subdir / f"{name}-seed{seed}"

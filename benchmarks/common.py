@@ -211,6 +211,7 @@ class Context:
     ray_started_here: bool = False
     ray_start_attempts: int = 0
     notes: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # seeds benchmarks: only these settings (empty: all)
 
     @property
     def quick(self) -> bool:

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="where the quality benchmark reads the long runs (default <repo>/runs)")
     ap.add_argument("--run-quality", action="store_true",
                     help="(--full) launch the quality runs (runs/fmnist3, runs/mnist, ...) that are missing: hours")
+    ap.add_argument("--settings", action="append", default=[],
+                    help="(seeds, seeds70k) run only these settings (comma separated); the others keep the rows "
+                         "their result file already holds")
     ap.add_argument("--no-render", action="store_true", help="do not write RESULTS.md and plots")
     ap.add_argument("--verbose", action="store_true", help="show Ray's worker logs")
     return ap.parse_args(argv)
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}", file=sys.stderr)
         return 2
     ctx = Context(mode="quick" if args.quick else "full", verbose=args.verbose, run_quality=args.run_quality)
+    ctx.settings = [s.strip() for item in args.settings for s in item.split(",") if s.strip()]
     if args.work:
         ctx.work = args.work.resolve()
     if args.runs:

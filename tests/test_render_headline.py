@@ -63,3 +63,34 @@ def test_the_dec_readout_table_shows_the_start_argmax_q_and_what_was_delivered()
     assert rows == ["| DEC, paper readout | 0.908 | 0.95 | argmax q (the paper) | 0.95 | 0.89 | 10 | a |",
                     "| N2D | 0.882 | 0.881 | UMAP + mixture (dec.readout umap) | 0.972 | 0.928 | 1 | b |"]
     assert _sec_dec_readout({"runs": runs[2:]}) == ""
+
+
+def test_a_seeds_run_limited_to_some_settings_keeps_the_others_recorded_rows(tmp_path):
+    """`benchmarks.run --settings b`: only b is measured (here: read back from its finished run directory); a,
+    whose runs are gone, keeps the rows its result file held instead of being trained again."""
+    import json
+
+    import pytest
+
+    from benchmarks.bench_seeds import run_settings
+    from benchmarks.common import Context
+
+    ctx = Context(mode="full", out=tmp_path / "results", work=tmp_path / "work", settings=["b"])
+    ctx.out.mkdir()
+    recorded_a = {"method": "DeepCluster", "data": "a", "config": "mnist.yaml", "sets": [], "seeds": [31],
+                  "runs": [{"seed": 31, "acc": 0.5}], "summary": {}}
+    (ctx.out / "sx.json").write_text(json.dumps({"settings": {"a": recorded_a}}))
+    run_dir = ctx.work / "sx" / "b-seed31"
+    run_dir.mkdir(parents=True)
+    (run_dir / "clustering.pt").write_bytes(b"")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 0, "acc": 0.2, "time_round": 3.0}) + "\n"
+                                           + json.dumps({"round": 1, "final": True, "acc": 0.9, "nmi": 0.8,
+                                                         "time_round": 2.0}) + "\n")
+    settings = {name: {"config": "mnist.yaml", "sets": [], "seeds": (31,), "method": "DeepCluster", "data": name}
+                for name in ("a", "b")}
+    out = run_settings(ctx, settings, "sx")
+    assert out["settings"]["a"] == recorded_a
+    b = out["settings"]["b"]["runs"][0]
+    assert (b["acc"], b["first_acc"], b["seconds"]) == (0.9, 0.2, 5.0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        run_settings(Context(mode="full", out=ctx.out, work=ctx.work, settings=["c"]), settings, "sx")
