@@ -198,9 +198,14 @@ def _headlines(d: dict) -> list[str]:
         out.append("k-means vs sklearn per k (raydc faiss / raydc distributed): " + "; ".join(small) + ".")
     if "precision" in d:
         rr = d["precision"]["results"]
-        out.append("**bf16 autocast vs float32** (same process, interleaved; speed-up of a training step / a feature "
-                   "pass): " + "; ".join(f"{n}: {_x(r['train_step']['bf16_speedup'])} / "
-                                         f"{_x(r['feature_pass']['bf16_speedup'])}" for n, r in rr.items()) + ".")
+        out.append("**Per step, channels_last vs contiguous float32** (same process, interleaved; a training step / a "
+                   "feature pass): " + "; ".join(f"{n}: {_x(r['train_step']['channels_last']['speedup_vs_fp32'])} / "
+                                                 f"{_x(r['feature_pass']['channels_last']['speedup_vs_fp32'])}"
+                                                 for n, r in rr.items() if "channels_last" in r["train_step"])
+                   + "; bf16: " + ("; ".join(f"{n}: {_x(r['train_step']['bf16']['speedup_vs_fp32'])} / "
+                                             f"{_x(r['feature_pass']['bf16']['speedup_vs_fp32'])}"
+                                             for n, r in rr.items() if "bf16" in r["train_step"])
+                                   or "not timed (" + next(iter(rr.values()))["skipped"].get("bf16", "") + ")") + ".")
     if "features" in d:
         rr = d["features"]["results"]
         cal = d["features"].get("calibration") or {}
@@ -421,22 +426,73 @@ def _bf16_agreement(r: dict) -> str:
     return ("\n" + " ".join(out) + "\n") if out else ""
 
 
+def _step_default(r: dict, phase: str) -> str:
+    """The variant raydc runs by default for a network on this machine: channels_last for a conv net (train.memory_format
+    auto), else fp32 (precision fp32 is every shipped preset's)."""
+    return "channels_last" if "channels_last" in r[phase] else "fp32"
+
+
 def _sec_precision(doc: dict) -> str:
     c = doc["config"]
+    ceiling = doc.get("gemm_ceiling_gflops")
     rows = []
     for name, r in doc["results"].items():
         for phase in ("train_step", "feature_pass"):
             p = r[phase]
-            rows.append([f"`{name}`", phase.replace("_", " "),
-                         f"{_f(p['fp32']['images_per_s']['median'])} (IQR {_f(p['fp32']['images_per_s']['iqr'])})",
-                         f"{_f(p['bf16']['images_per_s']['median'])} (IQR {_f(p['bf16']['images_per_s']['iqr'])})",
-                         f"**{_x(p['bf16_speedup'])}**", _f(r["feature_rel_error"]) if phase == "feature_pass" else ""])
-    return (f"## Mixed precision: float32 vs bf16 autocast (issue #27)\n\nBatch {c['batch']}, {c['steps_per_sample']} "
-            f"step(s) per sample, {c['repeats']} repeats after a warm-up, both precisions interleaved in one process on "
-            f"the same weights and inputs; bf16 = {c['bf16']}. CPU bf16 instructions: {c['cpu_bf16']}; torch threads "
-            f"{c['torch_threads']}. Speed-up = {c['speedup']}.\n\n"
-            + _table(["network", "phase", "fp32 images/s", "bf16 images/s", "bf16 speed-up", "feature rel. error"], rows)
-            + "\n\nNetworks: " + "; ".join(f"`{k}` = {v}" for k, v in doc["nets"].items()) + ".\n")
+            fp = p["fp32"]
+
+            def cell(v: str) -> str:
+                if v not in p:
+                    return "—"
+                return f"{_f(p[v]['images_per_s']['median'])} (**{_x(p[v]['speedup_vs_fp32'])}**)"
+
+            rows.append([f"`{name}`", phase.replace("_", " "), r.get("batch", c["batch"]),
+                         _f(r["flops_per_image"][phase] / 1e6),
+                         f"{_f(fp['images_per_s']['median'])} (IQR {_f(fp['images_per_s']['iqr'])})",
+                         f"{_f(fp['gflops'])} ({_pct(fp['gflops'] / ceiling) if ceiling else '—'})",
+                         cell("channels_last"), cell("compile"), cell("bf16"),
+                         _f(r["compile_seconds"].get(phase)),
+                         _f(r["feature_rel_error"]) if phase == "feature_pass" else ""])
+    out = (f"## What a step costs: float32, channels_last, torch.compile, bf16 (issue #27)\n\n"
+           f"{c['steps_per_sample']} step(s) per sample, {c['repeats']} repeats after a warm-up, every variant "
+           f"interleaved in one process on the same weights and inputs; bf16 = {c['bf16']}. CPU bf16 instructions: "
+           f"{c['cpu_bf16']}; torch threads {c['torch_threads']}. Speed-up = {c['speedup']}. FLOPs per image from "
+           f"`torch.utils.flop_counter` (a training step: forward and backward); GFLOP/s against the float32 GEMM "
+           f"ceiling measured in the same process ({_f(ceiling)} GFLOP/s, torch.mm 2048^3). raydc's default per "
+           f"network: `train.memory_format: auto` (channels_last where there are convolutions), and float32 "
+           f"(`train.precision: fp32` in every shipped preset; `auto` picks bf16 only on CUDA and CPUs with bf16 "
+           f"instructions).\n\n"
+           + _table(["network", "phase", "batch", "MFLOP / image", "fp32 images/s", "fp32 GFLOP/s (of ceiling)",
+                     "channels_last images/s", "compile images/s", "bf16 images/s", "compile s",
+                     "bf16 feature rel. error"], rows)
+           + "\n\nNot timed (—): " + "; ".join(sorted({f"{v}: {why}" for r in doc["results"].values()
+                                                         for v, why in r["skipped"].items()}))
+           + ".\n\nNetworks: " + "; ".join(f"`{k}` = {v}" for k, v in doc["nets"].items()) + ".\n")
+    work = doc.get("workloads") or []
+    if work:
+        wrows = []
+        for w in work:
+            r = doc["results"][w["net"]]
+
+            def minutes(variant: str) -> float:
+                t = w["train_images"] / r["train_step"][variant]["images_per_s"]["median"]
+                f = w["forward_images"] / r["feature_pass"][variant]["images_per_s"]["median"] if w["forward_images"] \
+                    else 0.0
+                return (t + f) / 60
+
+            d_tr, d_fp = _step_default(r, "train_step"), _step_default(r, "feature_pass")
+            default = (w["train_images"] / r["train_step"][d_tr]["images_per_s"]["median"]
+                       + (w["forward_images"] / r["feature_pass"][d_fp]["images_per_s"]["median"]
+                          if w["forward_images"] else 0.0)) / 60
+            wrows.append([f"`{w['config']}`", w["method"], w["what"], f"{w['train_images']:,}",
+                          f"{w['forward_images']:,}", _f(minutes("fp32")), f"{_f(default)} ({d_tr})"])
+        out += ("\nWhat the shipped 70k presets ask of these rates: images through a training step and images "
+                "through a feature pass over a whole run (`workloads` in `bench_precision.py`, from each preset's "
+                "fields), and the minutes those alone take at the rates above, one process with all the cores: the floor "
+                "under the run's time to quality on this machine, before data loading, k-means, Ray and the readout.\n\n"
+                + _table(["config", "method", "what", "images trained", "images forward", "minutes at fp32 contiguous",
+                          "minutes at raydc's default"], wrows) + "\n")
+    return out
 
 
 def _search_paths(sp: dict) -> str:

@@ -94,3 +94,31 @@ def test_a_seeds_run_limited_to_some_settings_keeps_the_others_recorded_rows(tmp
     assert (b["acc"], b["first_acc"], b["seconds"]) == (0.9, 0.2, 5.0)
     with pytest.raises(ValueError, match="unknown setting"):
         run_settings(Context(mode="full", out=ctx.out, work=ctx.work, settings=["c"]), settings, "sx")
+
+
+def test_the_step_cost_section_prices_each_presets_workload_at_the_measured_rates():
+    """Minutes = images trained / training rate + images forward / feature rate, at fp32 contiguous and at the
+    default layout (channels_last where the network has it); untimed variants show a dash and say why."""
+    from benchmarks.render import _sec_precision
+
+    def phase(fp32, cl=None):
+        rows = {"fp32": {"images_per_s": {"median": fp32, "iqr": 1.0}, "gflops": 50.0, "speedup_vs_fp32": 1.0}}
+        if cl:
+            rows["channels_last"] = {"images_per_s": {"median": cl, "iqr": 1.0}, "gflops": 90.0,
+                                     "speedup_vs_fp32": cl / fp32}
+        return rows
+
+    doc = {"config": {"batch": 8, "steps_per_sample": 1, "repeats": 2, "bf16": "autocast", "cpu_bf16": None,
+                      "torch_threads": 2, "speedup": "ratio"},
+           "gemm_ceiling_gflops": 100.0, "nets": {"conv": "a conv net"},
+           "results": {"conv": {"batch": 8, "skipped": {"bf16": "no bf16 instructions"},
+                                "flops_per_image": {"train_step": 3e6, "feature_pass": 1e6},
+                                "train_step": phase(100.0, 200.0), "feature_pass": phase(600.0, 1200.0),
+                                "compile_seconds": {}, "feature_rel_error": 0.01}},
+           "workloads": [{"config": "x.yaml", "method": "deepcluster", "net": "conv", "images": 10,
+                          "train_images": 6000, "forward_images": 36000, "what": "w"}]}
+    text = _sec_precision(doc)
+    row = next(line for line in text.splitlines() if line.startswith("| `x.yaml`"))
+    # fp32: 6000/100 + 36000/600 = 120 s = 2 min; channels_last: 30 + 30 s = 1 min
+    assert row.endswith("| 2 | 1 (channels_last) |"), row
+    assert "bf16: no bf16 instructions" in text and "(**2.00×**)" in text
