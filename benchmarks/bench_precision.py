@@ -4,13 +4,17 @@ For DeepCluster's small convnet (Sobel + 3 conv stages + FC, 10-way head, cross-
 autoencoder (784-500-500-2000-10, reconstruction loss) and DAC's all-convolutional MNIST net (pairwise loss on
 its label features), on random 28 x 28 inputs: images/s of a training step (forward, loss, backward, SGD with
 momentum) and of a feature pass (`no_grad` forward in eval mode: DeepCluster's `embed`, DEC's encoder, DAC's
-label features), in these variants of the same weights and inputs, round robin after an untimed warm-up:
+label features), in these variants of the same weights and inputs, round robin after an untimed warm-up. The
+inputs come in the engine's layouts: a training batch (augmented) contiguous NCHW; a feature pass's images
+through `to_float`, whose permuted NHWC view already sends a convolution down its channels-last path whatever
+the weights' layout:
 
 - `fp32`: what raydc runs where `train.precision` resolves to fp32 (the baseline of every ratio);
 - `bf16`: `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward, the loss in float32. Timed only on
   a CPU with bf16 instructions: elsewhere torch emulates bf16, many times slower, which says nothing about the
   path raydc would take there (train.precision auto picks fp32 on such a CPU);
-- `channels_last` (the conv nets): the model and input in channels-last memory format, oneDNN's preferred one;
+- `channels_last` (the conv nets): the weights in channels-last memory format, oneDNN's preferred one, as
+  `train.memory_format: auto` lays them out;
 - `compile`: `torch.compile` of the model (inductor, C++ kernels); its compile time is reported, not timed.
 
 FLOPs per image come from `torch.utils.flop_counter` on one float32 step; divided by the time they give the
@@ -128,19 +132,28 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from raydc.core.augment import to_float
+
     model, loss_fn, feat_fn, shape = _build(name)
-    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    # The inputs in the layouts the engine feeds: an augmented training batch is contiguous NCHW (the affine and
+    # crop transforms write a new tensor); a feature pass takes `to_float` of the decoded uint8 NHWC images, a
+    # permuted view that torch already reads as channels_last (a convolution follows its input's layout).
+    x = torch.rand(batch, *shape, generator=gen)
+    if len(shape) == 3:
+        x_feat = to_float(torch.randint(0, 256, (batch, shape[1], shape[2], shape[0]), generator=gen,
+                                        dtype=torch.uint8).numpy())
+    else:
+        x_feat = x
     skipped = variants_here(name, bf16_flag)
-    models, inputs, callers, compile_s = {}, {}, {}, {}
+    models, callers, compile_s = {}, {}, {}
     for v in VARIANTS:
         if v in skipped:
             continue
         m = copy.deepcopy(model)
-        xv = x
-        if v == "channels_last":
+        if v == "channels_last":  # the weights only, as train.memory_format does
             m = m.to(memory_format=torch.channels_last)
-            xv = x.contiguous(memory_format=torch.channels_last)
-        models[v], inputs[v] = m, xv
+        models[v] = m
         callers[v] = torch.compile(m) if v == "compile" else m
     opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
 
@@ -148,21 +161,21 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
         models[v].train()
         for _ in range(steps):
             opts[v].zero_grad(set_to_none=True)
-            loss_fn(callers[v], inputs[v], _autocast(v)).backward()
+            loss_fn(callers[v], x, _autocast(v)).backward()
             opts[v].step()
 
     def features(v: str) -> None:
         models[v].eval()
         with torch.no_grad(), _autocast(v):
             for _ in range(steps):
-                feat_fn(callers[v], inputs[v]) if v != "compile" else callers[v](inputs[v])
+                feat_fn(callers[v], x_feat) if v != "compile" else callers[v](x_feat)
 
     flops = {}
     with FlopCounterMode(display=False) as fc:
         loss_fn(model.train(), x, nullcontext()).backward()
     flops["train_step"] = fc.get_total_flops() / batch
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        feat_fn(model.eval(), x)
+        feat_fn(model.eval(), x_feat)
     flops["feature_pass"] = fc.get_total_flops() / batch
 
     out: dict = {"skipped": skipped, "flops_per_image": flops}
@@ -191,9 +204,9 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
     fresh, _, feat, _ = _build(name)
     fresh.eval()
     with torch.no_grad():
-        a = feat(fresh, x).float()
+        a = feat(fresh, x_feat).float()
         with _autocast("bf16"):
-            b = feat(fresh, x).float()
+            b = feat(fresh, x_feat).float()
     out["feature_rel_error"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
     return out
 
@@ -256,7 +269,8 @@ def run(ctx: Context) -> dict:
             ctx.log(f"    {ph}: " + ", ".join(f"{v} {row['images_per_s']['median']:.0f} img/s "
                                               f"({row['speedup_vs_fp32']:.2f}x)" for v, row in r[ph].items())
                     + f"; fp32 {r[ph]['fp32']['gflops']:.0f} GFLOP/s")
-    return {"config": {**cfg, "input": "torch.rand, 28 x 28 (DEC: 784 flat), same inputs and weights for every variant",
+    return {"config": {**cfg, "input": "training: torch.rand, contiguous NCHW 28 x 28 (DEC: 784 flat); feature pass: to_float of "
+                                "uint8 NHWC (DEC: the same flat rows); same inputs and weights for every variant",
                        "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward; loss in float32",
                        "speedup": "median float32 seconds / median seconds of the variant (> 1: faster)",
                        "cpu_bf16": flag, "torch_threads": torch.get_num_threads()},
