@@ -456,7 +456,7 @@ def _sec_precision(doc: dict) -> str:
     out = (f"## What a step costs: float32, channels_last, torch.compile, bf16 (issue #27)\n\n"
            f"{c['steps_per_sample']} step(s) per sample, {c['repeats']} repeats after a warm-up, every variant "
            f"interleaved in one process on the same weights and inputs; bf16 = {c['bf16']}. CPU bf16 instructions: "
-           f"{c['cpu_bf16']}; torch threads {c['torch_threads']}. Inputs: {c['input']}. Speed-up = {c['speedup']}. "
+           f"{c['cpu_bf16']}; torch threads {c['torch_threads']}. Inputs: {c.get('input', '—')}. Speed-up = {c['speedup']}. "
            f"FLOPs per image from "
            f"`torch.utils.flop_counter` (a training step: forward and backward); GFLOP/s against the float32 GEMM "
            f"ceiling measured in the same process ({_f(ceiling)} GFLOP/s, torch.mm 2048^3). raydc's default per "
