@@ -14,7 +14,7 @@ from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
 NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
          "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen", "probes", "export_memory", "embed_memory", "dac_ab",
-         "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "baselines", "confusion"]
+         "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "readout_knn", "baselines", "confusion"]
 
 
 def _load(out: Path) -> dict[str, dict]:
@@ -857,6 +857,32 @@ def _sec_manifold_readout(doc: dict) -> str:
             + _table(["run", "shipped", "majority at k=100", *names, "commit"], rows) + "\n")
 
 
+def _sec_readout_knn(doc: dict) -> str:
+    import statistics
+
+    rows, by_data = [], {}
+    for r in doc["runs"]:
+        a, b = r["nndescent"], r["exact"]
+        rows.append([r["label"], _f(a["seconds"]), _f(b["seconds"]), f"**{_x(a['seconds'] / b['seconds'])}**",
+                     _f(a["acc"]), _f(b["acc"]), f"{b['acc'] - a['acc']:+.3f}"])
+        by_data.setdefault(r["label"].split(",")[0], []).append(r)
+    for data, rs in by_data.items():
+        if len(rs) > 1:
+            def ms(v: str) -> str:
+                xs = [x[v]["acc"] for x in rs]
+                return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f} (min {min(xs):.3f})"
+            rows.append([f"**{data}, {len(rs)} runs**", "", "", "", ms("nndescent"), ms("exact"), ""])
+    c = doc["config"]
+    return ("## The readout's neighbour graph: NN-descent or exact (issue #27)\n\n"
+            f"The same sample of {c['sample']:,} images of each run's final features, read out twice with every seed "
+            f"fixed: UMAP ({c['umap']}) on the neighbour graph of its own NN-descent (pynndescent), or on the exact "
+            "one `raydc.core.merge.exact_knn` computes with faiss (what `manifold_clusters` does since this "
+            f"measurement); then the mixture ({c['mixture']}) and the vote of each image's {c['vote']} nearest sample "
+            f"images. Seconds: {c['seconds']} (`benchmarks/readout_knn.py`). ACC only scores.\n\n"
+            + _table(["run", "NN-descent s", "exact s", "speed-up", "NN-descent ACC", "exact ACC", "change"], rows)
+            + "\n")
+
+
 def _sec_readout_restarts(doc: dict) -> str:
     """The umap readout over its own seeds on each run's fixed features, and which restart each label-free score
     would keep (ACC only scores)."""
@@ -1178,6 +1204,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_manifold_readout(d["manifold_readout"]))
     if "readout_restarts" in d:
         lines.append(_sec_readout_restarts(d["readout_restarts"]))
+    if "readout_knn" in d:
+        lines.append(_sec_readout_knn(d["readout_knn"]))
     if "confusion" in d:
         lines.append(_sec_confusion(d["confusion"]))
         lines.append(_sec_dec_readout(d["confusion"]))
