@@ -875,10 +875,11 @@ def _sec_readout_knn(doc: dict) -> str:
     c = doc["config"]
     return ("## The readout's neighbour graph: NN-descent or exact (issue #27)\n\n"
             f"The same sample of {c['sample']:,} images of each run's final features, read out twice with every seed "
-            f"fixed: UMAP ({c['umap']}) on the neighbour graph of its own NN-descent (pynndescent), or on the exact "
-            "one `raydc.core.merge.exact_knn` computes with faiss (what `manifold_clusters` does since this "
-            f"measurement); then the mixture ({c['mixture']}) and the vote of each image's {c['vote']} nearest sample "
-            f"images. Seconds: {c['seconds']} (`benchmarks/readout_knn.py`). ACC only scores.\n\n"
+            f"fixed: UMAP ({c['umap']}) on the neighbour graph of its own NN-descent (pynndescent: what raydc's "
+            "readout uses), or on the exact one computed with faiss and handed to UMAP as `precomputed_knn`; then "
+            f"the mixture ({c['mixture']}) and the vote of each image's {c['vote']} nearest sample "
+            f"images. Seconds: {c['seconds']} (`benchmarks/readout_knn.py`). ACC only scores. The exact graph is "
+            "not shipped: where its ACC falls on every run of a dataset, the seconds it saves are not worth it.\n\n"
             + _table(["run", "NN-descent s", "exact s", "speed-up", "NN-descent ACC", "exact ACC", "change"], rows)
             + "\n")
 

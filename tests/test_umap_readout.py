@@ -3,15 +3,13 @@ raydc.core.merge, then DeepCluster's `final_merge: umap` and DEC's `readout: uma
 flow in process (tests/inprocess.py).
 
 Every test that fits a UMAP lives in this one file: numba compiles UMAP's kernels once per process (most are not
-cached on disk), and `make test` gives a whole file to one xdist worker, so the suite pays that compile once. The
-readout hands UMAP an exact neighbour graph (`exact_knn`), so pynndescent's kernels, the largest part of that
-compile, are never built."""
+cached on disk), and `make test` gives a whole file to one xdist worker, so the suite pays that compile once."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from raydc.core.merge import exact_knn, manifold_clusters, vote_labels
+from raydc.core.merge import manifold_clusters, vote_labels
 from tests.helpers import K, blobs
 from tests.inprocess import assign_in_process
 from tests.test_dec_method import run_in_process as run_dec, tiny_config as dec_config
@@ -45,46 +43,6 @@ def test_a_tie_goes_to_the_nearer_neighbours():
     labels = np.array([1, 0, 1, 0])
     placed, distance = vote_labels(np.array([[0.1, 0.0]], np.float32), sample, labels, 2, n_neighbors=4)
     assert placed.tolist() == [1] and distance.tolist() == [0.5]
-
-
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_the_exact_neighbour_graph_is_umaps_format_with_each_row_first(metric):
-    """Against a brute-force numpy search: the same neighbours at the same distances (cosine: 1 - cos of the
-    normalised rows; euclidean: not squared), each row first at distance 0, even where a duplicate row ties it."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((60, 5)).astype(np.float32)
-    x[7] = x[3]  # a duplicate: faiss may return either first
-    idx, dist = exact_knn(x, 6, metric)
-    assert idx.shape == dist.shape == (60, 6) and idx.dtype == np.int64 and dist.dtype == np.float32
-    assert np.array_equal(idx[:, 0], np.arange(60)) and not dist[:, 0].any()
-    if metric == "cosine":
-        u = x / np.linalg.norm(x, axis=1, keepdims=True)
-        full = 1.0 - u @ u.T
-    else:
-        full = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
-    np.fill_diagonal(full, 0.0)
-    expect = np.sort(full, axis=1)[:, :6]
-    np.testing.assert_allclose(dist, np.maximum(expect, 0), atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1), dist, atol=1e-5)
-    assert 7 in idx[3] and 3 in idx[7]
-    with pytest.raises(ValueError, match="metric"):
-        exact_knn(x, 3, "manhattan")
-
-
-def test_the_readout_never_builds_pynndescents_index(monkeypatch):
-    """The neighbour graph comes from exact_knn; were UMAP left to build its own, this NNDescent would raise
-    (UMAP builds one from 4,096 rows on; below that it computes all pairwise distances)."""
-    import pynndescent
-
-    def refuse(*a, **k):
-        raise AssertionError("UMAP built its own NN-descent index")
-
-    monkeypatch.setattr(pynndescent.NNDescent, "__init__", refuse)  # the class umap.umap_ imported, too
-    x, truth = _blobs(4200)
-    got = manifold_clusters(x, 4, dims=3, n_neighbors=10, seed=0)
-    table = np.zeros((4, 4), int)
-    np.add.at(table, (truth, got), 1)
-    assert table.max(axis=1).sum() == 4200, table
 
 
 def test_arcs_that_come_close_near_the_pole_are_found_and_the_seed_fixes_the_result():

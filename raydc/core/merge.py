@@ -249,57 +249,15 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
     Why: the features of a trained network lie on curved, touching class manifolds; k-means cuts them with
     planes, and merging fine clusters can do no better than the fine clusters' purity. UMAP with min_dist 0
     packs each manifold into a compact blob the mixture separates (N2D: 0.979 on MNIST from an autoencoder)."""
-    import warnings
-
     import umap
     from sklearn.mixture import GaussianMixture
 
     sample = np.ascontiguousarray(sample, np.float32)
-    neighbors = min(n_neighbors, len(sample) - 1)
-    knn = exact_knn(sample, neighbors, metric)
-    with warnings.catch_warnings():  # no search index: raydc never calls UMAP's transform (new images are voted)
-        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
-        # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
-        z = umap.UMAP(n_components=dims, n_neighbors=neighbors, min_dist=0.0, metric=metric, random_state=seed,
-                      n_jobs=1, precomputed_knn=knn).fit_transform(sample)
+    # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
+    z = umap.UMAP(n_components=dims, n_neighbors=min(n_neighbors, len(sample) - 1), min_dist=0.0, metric=metric,
+                  random_state=seed, n_jobs=1).fit_transform(sample)
     mixture = GaussianMixture(k, covariance_type="full", n_init=n_init, random_state=seed).fit(z)
     return mixture.predict(z).astype(np.int64)
-
-
-def exact_knn(x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, distances), each len(x) x k, of every row's k nearest rows of `x` itself (the row first, at
-    distance 0), by exact faiss search, in UMAP's `precomputed_knn` form. `metric`: cosine (1 - cos) or
-    euclidean.
-
-    Why not UMAP's own NN-descent: pynndescent compiles its distance-specialised kernels with numba in every new
-    process, and the readout runs in a new process each run: most of a readout's time on a 20,000-image sample
-    went to that compile, where an exact search of the sample is a GEMM of a second or two. Exact neighbours also
-    leave nothing approximate in the readout beside UMAP's own seeded layout."""
-    from raydc.core.faiss_backend import import_faiss
-
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"unknown readout metric {metric!r} (expected 'cosine' or 'euclidean')")
-    faiss = import_faiss()
-    x = np.ascontiguousarray(x, np.float32)
-    if metric == "cosine":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.maximum(norms, 1e-12)
-        index = faiss.IndexFlatIP(x.shape[1])
-    else:
-        index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    dist, idx = index.search(x, k)
-    dist = np.maximum(1.0 - dist, 0.0) if metric == "cosine" else np.sqrt(np.maximum(dist, 0.0))
-    # each row's own index first (a duplicate row may have come first at the same distance)
-    rows = np.arange(len(x))
-    not_first = idx[:, 0] != rows
-    for r in np.flatnonzero(not_first):
-        where = np.flatnonzero(idx[r] == r)
-        j = int(where[0]) if len(where) else k - 1
-        idx[r, 1:j + 1], dist[r, 1:j + 1] = idx[r, :j].copy(), dist[r, :j].copy()
-        idx[r, 0] = r
-    dist[:, 0] = 0.0  # cosine's 1 - cos of a row with itself is a rounding error away from it
-    return idx.astype(np.int64), dist.astype(np.float32)
 
 
 def consensus_partition(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
