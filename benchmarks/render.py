@@ -475,18 +475,16 @@ def _sec_precision(doc: dict) -> str:
         for w in work:
             r = doc["results"][w["net"]]
 
-            def minutes(variant: str) -> float:
-                t = w["train_images"] / r["train_step"][variant]["images_per_s"]["median"]
-                f = w["forward_images"] / r["feature_pass"][variant]["images_per_s"]["median"] if w["forward_images"] \
-                    else 0.0
+            def minutes(train_variant: str, feature_variant: str) -> float:
+                t = w["train_images"] / r["train_step"][train_variant]["images_per_s"]["median"]
+                f = (w["forward_images"] / r["feature_pass"][feature_variant]["images_per_s"]["median"]
+                     if w["forward_images"] else 0.0)
                 return (t + f) / 60
 
             d_tr, d_fp = _step_default(r, "train_step"), _step_default(r, "feature_pass")
-            default = (w["train_images"] / r["train_step"][d_tr]["images_per_s"]["median"]
-                       + (w["forward_images"] / r["feature_pass"][d_fp]["images_per_s"]["median"]
-                          if w["forward_images"] else 0.0)) / 60
             wrows.append([f"`{w['config']}`", w["method"], w["what"], f"{w['train_images']:,}",
-                          f"{w['forward_images']:,}", _f(minutes("fp32")), f"{_f(default)} ({d_tr})"])
+                          f"{w['forward_images']:,}", _f(minutes("fp32", "fp32")),
+                          f"{_f(minutes(d_tr, d_fp))} ({d_tr})"])
         out += ("\nWhat the shipped 70k presets ask of these rates: images through a training step and images "
                 "through a feature pass over a whole run (`workloads` in `bench_precision.py`, from each preset's "
                 "fields), and the minutes those alone take at the rates above, one process with all the cores: the floor "

@@ -67,7 +67,6 @@ def full_precision(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
 
 
