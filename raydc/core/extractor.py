@@ -40,6 +40,9 @@ class ExtractorSpec:
     # that normalises with its batch's statistics (DAC's readout) then sees the same batches on every pass,
     # whatever the pool's concurrency or batch size, so a resumed run and `raydc assign` give the same clusters.
     batch_align: int = 1
+    # Fold each BatchNorm into the layer before it for the pass (raydc.core.bn_fold): only for a `call` that runs
+    # the network in eval mode with running statistics. A spec without it runs the module as built.
+    fold_batchnorm: bool = False
     # Set only while the spec travels through the clustering coordinator (raydc.engine.sealed_spec): the builder
     # and weights behind an object-store reference, `build` and `state` empty until a pool worker opens it.
     network: Any = None
@@ -53,22 +56,41 @@ def run_arithmetic_of(saved: dict) -> tuple[str, str]:
 
 
 def as_computed_by(spec: ExtractorSpec, saved: dict) -> ExtractorSpec:
-    """`spec` in the arithmetic of the run whose clustering.pt is `saved` (where the spec names none)."""
+    """`spec` in the arithmetic of the run whose clustering.pt is `saved` (where the spec names none); folded only
+    if that run's passes were (a run from before the fold: never)."""
     import dataclasses
 
     precision, memory_format = run_arithmetic_of(saved)
     return dataclasses.replace(spec, precision=spec.precision or precision,
-                               memory_format=spec.memory_format or memory_format)
+                               memory_format=spec.memory_format or memory_format,
+                               fold_batchnorm=spec.fold_batchnorm and bool(saved.get("fold_batchnorm", False)))
 
 
-def build_network(spec: ExtractorSpec):
-    """The pass's module: built, loaded with the spec's weights, in its memory format, in eval mode. One place,
-    so every pool (and `raydc assign`, `embed`, `evaluate`) lays the network out as the run did."""
+def load_network(spec: ExtractorSpec):
+    """The spec's module as trained: built, loaded with its weights, in its memory format, in eval mode. One
+    place, so every pool (and `raydc assign`, `embed`, `evaluate`) lays the network out as the run did."""
     from raydc.core.precision import in_memory_format, resolve_memory_format
 
     model = spec.build()
     model.load_state_dict(spec.state)
     return in_memory_format(model, resolve_memory_format(spec.memory_format or "auto", model)).eval()
+
+
+def inference_network(model, spec: ExtractorSpec):
+    """What the pass calls `spec.call` on: `model` (from `load_network`), or its BatchNorm-folded copy in the
+    same memory format when the spec asks for the fold."""
+    if not spec.fold_batchnorm:
+        return model
+    from raydc.core.bn_fold import fold_batchnorm
+    from raydc.core.precision import in_memory_format, resolve_memory_format
+
+    folded, _ = fold_batchnorm(model)
+    return in_memory_format(folded, resolve_memory_format(spec.memory_format or "auto", model))
+
+
+def build_network(spec: ExtractorSpec):
+    """The pass's module: `load_network`, then `inference_network`."""
+    return inference_network(load_network(spec), spec)
 
 
 def keep_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

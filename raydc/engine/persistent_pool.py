@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from raydc.core.extractor import ExtractorSpec, build_network
+from raydc.core.extractor import ExtractorSpec, inference_network, load_network
 from raydc.engine.ray_data_pool import features_of
 from raydc.engine.sealed_spec import open_spec
 
@@ -77,19 +77,21 @@ class FeatureWorker:
             torch.set_num_threads(threads)
         self.manifest = manifest
         self.spec: ExtractorSpec | None = None
-        self.model = None
+        self.trained = None  # the network as trained: each pass loads its weights into it
+        self.model = None    # what the pass runs: `trained`, or its BatchNorm-folded copy (ExtractorSpec)
         self._cached: tuple[tuple[str, int], object] | None = None  # the last row group read
         self.clock: Counter = Counter()  # this pass's seconds: read, decode, embed, busy (whole `run` calls)
 
     def set_spec(self, spec_ref: list) -> bool:
         spec: ExtractorSpec = open_spec(ray.get(spec_ref[0]))
         try:  # the same network in the same layout as last pass: only the weights change
-            if self.model is None or spec.memory_format != self.spec.memory_format:
+            if self.trained is None or spec.memory_format != self.spec.memory_format:
                 raise RuntimeError("no model yet")
-            self.model.load_state_dict(spec.state)  # copies into the weights, keeping their layout
+            self.trained.load_state_dict(spec.state)  # copies into the weights, keeping their layout
         except RuntimeError:  # first pass, or another network (DEC's stages)
-            self.model = build_network(spec)
-        self.model.eval()
+            self.trained = load_network(spec)
+        self.trained.eval()
+        self.model = inference_network(self.trained, spec)  # folded afresh from this pass's weights
         self.fn = getattr(self.model, spec.call)
         self.spec = spec
         self.clock = Counter()
