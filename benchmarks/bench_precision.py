@@ -15,7 +15,10 @@ matters less there):
   path raydc would take there (train.precision auto picks fp32 on such a CPU);
 - `channels_last` (the conv nets): the weights in channels-last memory format, oneDNN's preferred one, as
   `train.memory_format: auto` lays them out;
-- `compile`: `torch.compile` of the model (inductor, C++ kernels); its compile time is reported, not timed.
+- `compile`: `torch.compile` of the model (inductor, C++ kernels); its compile time is reported, not timed;
+- `folded` (feature pass only, DeepCluster's net): the channels_last weights with every BatchNorm folded into the
+  layer before it (`raydc.core.bn_fold`), what DeepCluster's feature passes run since the fold landed. Not DAC's:
+  its readout normalises by batch statistics (`dac.bn_readout: batch`), which a fold cannot express.
 
 FLOPs per image come from `torch.utils.flop_counter` on one float32 step; divided by the time they give the
 GFLOP/s a network reaches, beside the float32 GEMM ceiling measured in the same process (torch.mm, 2048^3): the
@@ -50,7 +53,8 @@ NETS = {
     "dac_convnet": "raydc.core.dac.LabelFeatureNet(dac_convnet(1, 10, variant='mnist')), pairwise BCE loss",
 }
 CONV_NETS = {"deepcluster_smallconvnet", "dac_convnet"}
-VARIANTS = ("fp32", "bf16", "channels_last", "compile")
+VARIANTS = ("fp32", "bf16", "channels_last", "compile", "folded")
+FOLDED_NETS = {"deepcluster_smallconvnet"}  # whose feature pass raydc folds (ExtractorSpec.fold_batchnorm)
 N_70K = 70_000
 
 
@@ -126,6 +130,8 @@ def variants_here(name: str, bf16_flag: str | None) -> dict[str, str]:
         out["bf16"] = "no bf16 instructions on this CPU: torch would emulate bf16"
     if name not in CONV_NETS:
         out["channels_last"] = "no convolutions"
+    if name not in FOLDED_NETS:
+        out["folded"] = "raydc does not fold this network's feature pass"
     return out
 
 
@@ -152,14 +158,18 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
         if v in skipped:
             continue
         m = copy.deepcopy(model)
-        if v == "channels_last":  # the weights only, as train.memory_format does
+        if v in ("channels_last", "folded"):  # the weights only, as train.memory_format does
             m = m.to(memory_format=torch.channels_last)
+        if v == "folded":  # an eval copy, as the feature pool runs it; trained weights stay those of the others
+            from raydc.core.bn_fold import fold_batchnorm
+
+            m = fold_batchnorm(model.eval())[0].to(memory_format=torch.channels_last)
         models[v] = m
         callers[v] = torch.compile(m) if v == "compile" else m
         # the feature function itself compiled (a compiled module's call is its forward, not `embed`/`encode`)
         feature_fns[v] = torch.compile(functools.partial(feat_fn, m)) if v == "compile" else \
             functools.partial(feat_fn, m)
-    opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
+    opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items() if v != "folded"}
 
     def train(v: str) -> None:
         models[v].train()
@@ -184,14 +194,15 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
 
     out: dict = {"skipped": skipped, "flops_per_image": flops}
     for phase, fn in (("train_step", train), ("feature_pass", features)):
-        for v in models:  # warm-up: oneDNN builds its kernels for each shape once; inductor compiles here
+        timed = [v for v in models if not (v == "folded" and phase == "train_step")]  # a fold is inference only
+        for v in timed:  # warm-up: oneDNN builds its kernels for each shape once; inductor compiles here
             t0 = time.perf_counter()
             fn(v)
             if v == "compile":
                 compile_s[phase] = time.perf_counter() - t0
-        samples: dict[str, list[float]] = {v: [] for v in models}
+        samples: dict[str, list[float]] = {v: [] for v in timed}
         for _ in range(repeats):
-            for v in models:
+            for v in timed:
                 t0 = time.perf_counter()
                 fn(v)
                 samples[v].append(time.perf_counter() - t0)
@@ -212,6 +223,11 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
         with _autocast("bf16"):
             b = feat(fresh, x_feat).float()
     out["feature_rel_error"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    if "folded" in models:  # how far the fold moves them: rounding only
+        with torch.no_grad():
+            f = feat_fn(models["folded"], x_feat)
+            ref = feat_fn(models["fp32"].eval(), x_feat)
+        out["folded_rel_error"] = float((f - ref).norm() / ref.norm().clamp_min(1e-12))
     return out
 
 

@@ -429,6 +429,8 @@ def _bf16_agreement(r: dict) -> str:
 def _step_default(r: dict, phase: str) -> str:
     """The variant raydc runs by default for a network on this machine: channels_last for a conv net (train.memory_format
     auto), else fp32 (precision fp32 is every shipped preset's)."""
+    if phase == "feature_pass" and "folded" in r[phase]:
+        return "folded"
     return "channels_last" if "channels_last" in r[phase] else "fp32"
 
 
@@ -450,22 +452,25 @@ def _sec_precision(doc: dict) -> str:
                          _f(r["flops_per_image"][phase] / 1e6),
                          f"{_f(fp['images_per_s']['median'])} (IQR {_f(fp['images_per_s']['iqr'])})",
                          f"{_f(fp['gflops'])} ({_pct(fp['gflops'] / ceiling) if ceiling else '—'})",
-                         cell("channels_last"), cell("compile"), cell("bf16"),
-                         _f(r["compile_seconds"].get(phase)),
-                         _f(r["feature_rel_error"]) if phase == "feature_pass" else ""])
-    out = (f"## What a step costs: float32, channels_last, torch.compile, bf16 (issue #27)\n\n"
+                         cell("channels_last"), cell("folded") if phase == "feature_pass" else "",
+                         cell("compile"), cell("bf16"), _f(r["compile_seconds"].get(phase)),
+                         _f(r["feature_rel_error"]) if phase == "feature_pass" else "",
+                         _f(r["folded_rel_error"]) if phase == "feature_pass" and "folded_rel_error" in r else ""])
+    out = (f"## What a step costs: float32, channels_last, BatchNorm folded, torch.compile, bf16 (issue #27)\n\n"
            f"{c['steps_per_sample']} step(s) per sample, {c['repeats']} repeats after a warm-up, every variant "
            f"interleaved in one process on the same weights and inputs; bf16 = {c['bf16']}. CPU bf16 instructions: "
            f"{c['cpu_bf16']}; torch threads {c['torch_threads']}. Inputs: {c.get('input', '—')}. Speed-up = {c['speedup']}. "
            f"FLOPs per image from "
            f"`torch.utils.flop_counter` (a training step: forward and backward); GFLOP/s against the float32 GEMM "
            f"ceiling measured in the same process ({_f(ceiling)} GFLOP/s, torch.mm 2048^3). raydc's default per "
-           f"network: `train.memory_format: auto` (channels_last where there are convolutions), and float32 "
+           f"network: `train.memory_format: auto` (channels_last where there are convolutions), DeepCluster's "
+           f"feature passes with each BatchNorm folded into the layer before it (`folded`, on channels_last "
+           f"weights; `raydc.core.bn_fold`), and float32 "
            f"(`train.precision: fp32` in every shipped preset; `auto` picks bf16 only on CUDA and CPUs with bf16 "
            f"instructions).\n\n"
            + _table(["network", "phase", "batch", "MFLOP / image", "fp32 images/s", "fp32 GFLOP/s (of ceiling)",
-                     "channels_last images/s", "compile images/s", "bf16 images/s", "compile s",
-                     "bf16 feature rel. error"], rows)
+                     "channels_last images/s", "folded images/s", "compile images/s", "bf16 images/s",
+                     "compile s", "bf16 feature rel. error", "folded feature rel. error"], rows)
            + "\n\nNot timed (—): " + "; ".join(sorted({f"{v}: {why}" for r in doc["results"].values()
                                                          for v, why in r["skipped"].items()}))
            + ".\n\nNetworks: " + "; ".join(f"`{k}` = {v}" for k, v in doc["nets"].items()) + ".\n")

@@ -260,6 +260,26 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
     return mixture.predict(z).astype(np.int64)
 
 
+def warm_up_manifold(*, dims: int = 10, n_neighbors: int = 20, metric: str = "cosine", seed: int = 0) -> float:
+    """Compile the JIT code a `manifold_clusters` fit runs (numba: NN-descent specialised to `metric`, the fuzzy
+    graph, the layout) on a few hundred random rows with NN-descent forced, and return the seconds it took.
+
+    Why: most of that code cannot be cached on disk, so every fresh process compiles it on its first fit: about a
+    minute of one core on a 2-core CPU (benchmarks/RESULTS.md), against the fit itself. A process that warms up
+    while the run trains fits as fast as a second fit would. Nothing of the result is kept: the compiled code is
+    the same whatever data it was compiled on, so the real fit computes exactly what it would have cold."""
+    import time
+
+    import umap
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((max(300, 4 * n_neighbors), 32)).astype(np.float32)
+    umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=0.0, metric=metric, random_state=seed, n_jobs=1,
+              force_approximation_algorithm=True, n_epochs=5).fit_transform(x)
+    return time.perf_counter() - t0
+
+
 def consensus_partition(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
     """(index of the partition that agrees most with the others, each partition's mean adjusted Rand index
     against the others). One partition: (0, [1.0]).

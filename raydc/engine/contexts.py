@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -175,6 +176,7 @@ class RankZeroContext:
         self._service = None
         self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
         self._features_clock: Counter = Counter()
+        self._fitter: Any = None  # the manifold readout's actor (raydc.engine.manifold_fitter), once asked for
 
     def _coordinator(self) -> Any:
         """The shard actors' proxy with all its calls (the engine's); methods see the `ShardService` part."""
@@ -252,6 +254,29 @@ class RankZeroContext:
         if self._service is not None:
             self._service.release()
 
+    def prepare_manifold(self, dims: int, n_neighbors: int, metric: str, *, warm_up: bool = True) -> None:
+        """Start the actor that will fit the manifold readout, compiling its JIT code meanwhile (`warm_up`).
+        Idempotent; without Ray (the in-process harness) nothing happens and the fit runs here."""
+        import ray
+
+        if self._fitter is None and ray.is_initialized():
+            from raydc.engine.manifold_fitter import start_fitter
+
+            self._fitter = start_fitter(dims, n_neighbors, metric, warm_up)
+
+    def manifold_consensus(self, sample: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, dict]:
+        """`raydc.core.merge.manifold_consensus(sample, k, **kwargs)` in the prepared actor (else here), and what
+        the row records of where it ran."""
+        import ray
+
+        if self._fitter is None:
+            from raydc.core.merge import manifold_consensus
+
+            labels, agreement = manifold_consensus(sample, k, **kwargs)
+            return labels, agreement, {}
+        labels, agreement, info = ray.get(self._fitter.fit.remote(sample, k, kwargs))
+        return labels, agreement, {key: v for key, v in info.items() if v is not None}
+
     def label_free_scores(self, final: FinalClustering) -> dict:
         """Silhouette and Calinski-Harabasz of the final clustering on a fixed sample (drawn from the run seed)
         of the features the shards still hold; {} when they hold none."""
@@ -294,6 +319,11 @@ class RankZeroContext:
                                         paths=sources or [])
 
     def shutdown(self) -> None:
+        if self._fitter is not None:
+            import ray
+
+            ray.kill(self._fitter)
+            self._fitter = None
         if self._service is not None:
             self._service.shutdown()
             self._service = None

@@ -58,7 +58,7 @@ from raydc.core.rowblocks import RowBlocks
 from raydc.methods.base import (FinalClustering, Method, RoundPlan, check_backbone_arch, clustering_row, rank0_field,
                                 shard_argmax)
 from raydc.methods.readout import (ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote,
-                                   readout_options)
+                                   prepare_manifold_readout, readout_options)
 
 ROUND_EPOCHS = 5   # at most this many autoencoder epochs per round (one checkpoint, one metrics row)
 
@@ -259,6 +259,8 @@ class DEC(Method):
 
     # ---- rank 0 ---------------------------------------------------------------------------------
     def plan(self, ctx: RoundContext, model: nn.Module, state: DECState, round_idx: int) -> tuple[RoundPlan, dict]:
+        if self.opts.readout == "umap":
+            prepare_manifold_readout(ctx, self.opts.manifold())
         stages = self.stages()
         while state.stage < len(stages) and state.stage_epoch >= stages[state.stage][2]:
             state.stage, state.stage_epoch = state.stage + 1, 0  # a finished (or emptied) stage

@@ -52,7 +52,7 @@ from raydc.errors import ConfigError, NumericalError
 from raydc.methods.api import ClusterOutcome, RoundContext, TrainContext
 from raydc.methods.base import FinalClustering, Method, RoundPlan, clustering_row, rank0_field
 from raydc.methods.readout import (ManifoldReadout, check_umap_installed, has_vote, manifold_readout, place_by_vote,
-                                   readout_options)
+                                   prepare_manifold_readout, readout_options)
 
 FEATURE_DIMS = {"alexnet": 4096, "vgg16": 4096}  # fixed penultimate widths; smallconvnet's is model.feature_dim
 
@@ -255,6 +255,8 @@ class DeepCluster(Method):
 
     def plan(self, ctx: RoundContext, model: nn.Module,
              state: DeepClusterState, round_idx: int) -> tuple[RoundPlan, dict]:
+        if self.opts.final_merge == "umap" and self.opts.final_k and self.opts.final_k != self.cfg.cluster.k:
+            prepare_manifold_readout(ctx, self.opts.manifold())
         previous = ctx.column_blocks(state.labels_path)  # held here, so its blocks outlive the new round's
         out, row, blocks = self.cluster(ctx, model, state, round_idx)
         targets = PseudoLabels(blocks, np.asarray(out.sizes), out.n)

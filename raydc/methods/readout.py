@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydc.core.merge import manifold_consensus, shard_vote
+from raydc.core.merge import shard_vote
 from raydc.errors import ConfigError
 from raydc.methods.api import ClusterOutcome, RoundContext
 from raydc.methods.base import FinalClustering
@@ -54,19 +54,26 @@ def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample
     _, sample_x, _ = ctx.service.sample_features(opts.sample, sample_seed)
     sample_x = np.ascontiguousarray(sample_x, np.float32)
     t = time.perf_counter()
-    sample_labels, agreement = manifold_consensus(sample_x, k, restarts=opts.restarts, dims=opts.dims,
-                                                  n_neighbors=opts.neighbors, seed=fit_seed, metric=opts.metric)
+    sample_labels, agreement, where = ctx.manifold_consensus(sample_x, k, restarts=opts.restarts, dims=opts.dims,
+                                                             n_neighbors=opts.neighbors, seed=fit_seed,
+                                                             metric=opts.metric)
     t_fit = time.perf_counter() - t
     sizes = np.sum(ctx.service.apply(shard_vote, col, sample_x, sample_labels, k, opts.vote), axis=0)
     centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
                           else np.zeros(sample_x.shape[1], np.float32) for c in range(k)])
     found = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
                            backend="umap+gmm", mode="sample", col=col)
-    row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit}
+    row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit, **where}
     if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
         row["readout_agreement"] = float(agreement.max())
     artifacts = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
     return found, row, artifacts
+
+
+def prepare_manifold_readout(ctx: RoundContext, opts: ManifoldReadout) -> None:
+    """Called from a method's round plans when its run will end in this readout: the fit's JIT code compiles
+    beside the training rounds instead of after them (RoundContext.prepare_manifold)."""
+    ctx.prepare_manifold(opts.dims, opts.neighbors, opts.metric)
 
 
 def check_umap_installed(field: str) -> None:
