@@ -163,7 +163,8 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
         if v == "folded":  # an eval copy, as the feature pool runs it; trained weights stay those of the others
             from raydc.core.bn_fold import fold_batchnorm
 
-            m = fold_batchnorm(model.eval())[0].to(memory_format=torch.channels_last)
+            unfolded = copy.deepcopy(model).eval()  # what the fold's features are compared with, below
+            m = fold_batchnorm(unfolded)[0].to(memory_format=torch.channels_last)
         models[v] = m
         callers[v] = torch.compile(m) if v == "compile" else m
         # the feature function itself compiled (a compiled module's call is its forward, not `embed`/`encode`)
@@ -226,7 +227,7 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
     if "folded" in models:  # how far the fold moves them: rounding only
         with torch.no_grad():
             f = feat_fn(models["folded"], x_feat)
-            ref = feat_fn(models["fp32"].eval(), x_feat)
+            ref = feat_fn(unfolded, x_feat)
         out["folded_rel_error"] = float((f - ref).norm() / ref.norm().clamp_min(1e-12))
     return out
 

@@ -39,6 +39,11 @@ def _f(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def ratio_of(base: dict, variant: dict) -> float:
+    """How many times faster `variant` ran than `base` (two rows of one interleaved run: median seconds)."""
+    return base["seconds"]["median"] / variant["seconds"]["median"]
+
+
 def _x(r) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
@@ -206,6 +211,12 @@ def _headlines(d: dict) -> list[str]:
                                              f"{_x(r['feature_pass']['bf16']['speedup_vs_fp32'])}"
                                              for n, r in rr.items() if "bf16" in r["train_step"])
                                    or "not timed (" + next(iter(rr.values()))["skipped"].get("bf16", "") + ")") + ".")
+        folded = [(n, r["feature_pass"]) for n, r in rr.items() if "folded" in r["feature_pass"]]
+        if folded:
+            out.append("**Feature pass with BatchNorm folded** (channels_last weights, `raydc.core.bn_fold`; vs "
+                       "contiguous float32 / vs channels_last unfolded, same run): " + "; ".join(
+                           f"{n}: {_x(p['folded']['speedup_vs_fp32'])} / "
+                           f"{_x(ratio_of(p['channels_last'], p['folded']))}" for n, p in folded) + ".")
     if "features" in d:
         rr = d["features"]["results"]
         cal = d["features"].get("calibration") or {}
