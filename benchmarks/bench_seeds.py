@@ -36,7 +36,8 @@ SETTINGS = {
                               "features.concurrency=1"],
                      "method": "DAC", "data": "MNIST test, 10,000 images, k=10, the shipped 20-round preset"},
 }
-KEYS = ("acc", "nmi", "ari", "nmi_prev", "acc_majority", "train_k_acc_majority", "ae_kmeans_acc")
+KEYS = ("acc", "nmi", "ari", "nmi_prev", "acc_majority", "train_k_acc_majority", "ae_kmeans_acc", "time_manifold_fit",
+        "manifold_warm_up_s")
 
 
 def final_rows(run_dir: Path) -> tuple[dict | None, dict | None, float, list]:
