@@ -166,7 +166,8 @@ def test_no_manifest_says_how_to_prepare(tmp_path):
 
 def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local, small_shards):
     """Both feature pools give every image's features once, equal to each other; the persistent one gives the
-    same block layout on every pass (what makes a resumed run cluster the same rows) and reuses its actors."""
+    same block layout on every pass (what makes a resumed run cluster the same rows), reuses its actors, and folds
+    BatchNorm from each pass's own weights where the spec asks."""
     import functools
 
     import ray
@@ -203,6 +204,7 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
         clock = pool.pass_clock()
         assert set(clock) <= {"read_s", "decode_s", "embed_s", "busy_s"} and clock["embed_s"] > 0
         assert clock["busy_s"] >= clock["decode_s"] + clock["embed_s"]
+        _check_the_pool_folds_each_passs_own_weights(pool, manifest, paths, images)
     finally:
         pool.shutdown()
     assert sorted(ids_p.tolist()) == list(range(len(images)))
@@ -213,53 +215,36 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
     np.testing.assert_allclose(f_rd[o_rd], f_p[o_p], rtol=1e-4, atol=1e-5)
 
 
-def test_persistent_pool_folds_each_passs_own_weights(ray_local, small_shards):
-    """A pass whose spec asks for the BatchNorm fold runs a folded network, refolded from every pass's weights:
-    a pool that folded once and then loaded new weights into its trained copy alone would give the first
-    weights' features on the second pass."""
+def _check_the_pool_folds_each_passs_own_weights(pool, manifest, paths, images) -> None:
+    """A pass whose spec asks for the BatchNorm fold runs a folded network, refolded from every pass's weights: a
+    pool that folded once and then loaded new weights into its trained copy alone would give the first weights'
+    features on the second pass."""
     import functools
 
     import ray
     import torch
 
-    from raydc.core.extractor import ExtractorSpec, build_network
     from raydc.core.augment import to_float
+    from raydc.core.extractor import ExtractorSpec
     from raydc.core.models import small_convnet
-    from raydc.data.manifest import load_manifest
-    from raydc.engine.persistent_pool import PersistentFeaturePool
 
-    shard_dir, images, _ = small_shards
-    manifest = load_manifest(shard_dir)
     build = functools.partial(small_convnet, 1, sobel=True)
-
-    def spec_with_seed(seed):
+    for seed in (0, 1):
         torch.manual_seed(seed)
         net = build()
         net.train()
         with torch.no_grad():  # running statistics away from (0, 1), so a stale fold shows
             net.embed(torch.randn(64, 1, 28, 28) * (1 + seed))
-        return ExtractorSpec(build=build, state=net.state_dict(), input_size=28, fold_batchnorm=True)
-
-    pool = PersistentFeaturePool(manifest, concurrency=1)
-    paths = manifest.shard_paths(shard_dir)
-    try:
-        for seed in (0, 1):
-            spec = spec_with_seed(seed)
-            blocks = ray.get(pool.extract(paths, spec, batch_size=64))
-            bn_layers = ray.get(pool.workers[0].__ray_call__.remote(
-                lambda w: sum(isinstance(m, torch.nn.BatchNorm2d) for m in w.model.modules())))
-            assert bn_layers == 0
-            ids = np.concatenate([b["id"] for b in blocks])
-            got = np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)]
-            unfolded = build()
-            unfolded.load_state_dict(spec.state)
-            with torch.no_grad():
-                want = unfolded.eval().embed(to_float(images[..., None])).numpy()
-                np.testing.assert_allclose(build_network(spec).embed(to_float(images[..., None])).numpy(), want,
-                                           rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    finally:
-        pool.shutdown()
+        spec = ExtractorSpec(build=build, state=net.state_dict(), input_size=28, fold_batchnorm=True)
+        blocks = ray.get(pool.extract(paths, spec, batch_size=64))
+        bn_layers = ray.get([w.__ray_call__.remote(
+            lambda w: sum(isinstance(m, torch.nn.BatchNorm2d) for m in w.model.modules())) for w in pool.workers])
+        assert bn_layers == [0] * len(pool.workers)
+        ids = np.concatenate([b["id"] for b in blocks])
+        got = np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)]
+        with torch.no_grad():
+            want = net.eval().embed(to_float(images[..., None])).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_shard_footers_give_the_size_the_cache_decision_uses(small_shards):

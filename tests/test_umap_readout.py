@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydc.core.merge import manifold_clusters, vote_labels
+from raydc.config import load_config
+from raydc.core.merge import manifold_clusters, manifold_consensus, vote_labels
+from raydc.engine.contexts import RankZeroContext
 from tests.helpers import K, blobs
 from tests.inprocess import assign_in_process
 from tests.test_dec_method import run_in_process as run_dec, tiny_config as dec_config
@@ -127,3 +129,85 @@ def test_decs_umap_readout_clusters_the_embedding_and_assign_places_images_by_th
     assert last["acc"] > 0.9, last  # four well-separated template classes
     ids, labels = assign_in_process(method, final.model, final.artifacts, data)
     assert np.array_equal(ids, final.ids) and np.array_equal(labels, final.labels)
+
+
+# ---- the fit in its own actor (raydc.engine.manifold_fitter), as the engine's rank 0 asks for it ------------------
+# One actor however often asked, gone at shutdown; the fit on rank 0 where none was asked for or the actor died; and
+# (slow: a fresh process compiles UMAP) the actor's clusters equal the in-process fit's, warmed up or not.
+def _fitter_sample(n: int = 150) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    centres = np.eye(4, 8, dtype=np.float32)
+    x = centres[rng.integers(0, 4, n)] + 0.05 * rng.standard_normal((n, 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _rank0_context() -> RankZeroContext:
+    cfg = load_config(None, ["data.shards=unused"])
+    return RankZeroContext(cfg, None, "unused", lambda: None, lambda m: None)
+
+
+FIT = {"restarts": 2, "dims": 2, "n_neighbors": 10, "seed": 5, "metric": "cosine"}
+
+
+def _fit_and_compare(ctx: RankZeroContext) -> dict:
+    x = _fitter_sample()
+    labels, agreement, where = ctx.manifold_consensus(x, 4, **FIT)
+    want, want_agreement = manifold_consensus(x, 4, **FIT)
+    assert np.array_equal(labels, want)
+    np.testing.assert_array_equal(agreement, want_agreement)
+    return where
+
+
+def test_every_round_asks_for_the_one_actor_and_it_goes_at_shutdown(ray_local):
+    import ray
+
+    ctx = _rank0_context()
+    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)
+    actor = ctx._fitter
+    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)  # every round asks: still the one actor
+    assert actor is not None and ctx._fitter is actor
+    assert ray.get(actor.__ray_call__.remote(lambda a: a.warm_up_s)) is None  # nothing compiled unasked
+    ctx.shutdown()
+    assert ctx._fitter is None
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.fit.remote(_fitter_sample(), 4, FIT))
+
+
+@pytest.mark.slow  # a fresh process compiles UMAP for its first fit
+def test_the_actors_fit_is_the_in_process_fit(ray_local):
+    ctx = _rank0_context()
+    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)
+    try:
+        assert _fit_and_compare(ctx) == {}  # no warm-up ran, so none is reported
+    finally:
+        ctx.shutdown()
+
+
+def test_a_dead_fitter_is_replaced_by_the_fit_on_rank_zero(ray_local):
+    import ray
+
+    lines: list[str] = []
+    ctx = _rank0_context()
+    ctx.log = lines.append
+    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)
+    ray.kill(ctx._fitter)  # its node lost, say: the readout still completes, here
+    assert _fit_and_compare(ctx) == {}
+    assert ctx._fitter is None and any("actor is gone" in line for line in lines)
+
+
+def test_a_context_never_prepared_fits_in_process():
+    """What the in-process harness and a run without Ray get (prepare_manifold starts nothing there)."""
+    ctx = _rank0_context()
+    assert ctx._fitter is None
+    assert _fit_and_compare(ctx) == {}
+
+
+@pytest.mark.slow  # the warm-up compiles UMAP's NN-descent in a fresh process: about a minute of one core
+def test_a_warmed_up_fitter_reports_its_warm_up_and_fits_the_same(ray_local):
+    ctx = _rank0_context()
+    ctx.prepare_manifold(2, 10, "cosine")
+    try:
+        where = _fit_and_compare(ctx)
+    finally:
+        ctx.shutdown()
+    assert where["manifold_warm_up_s"] > 0

@@ -265,17 +265,21 @@ class RankZeroContext:
             self._fitter = start_fitter(dims, n_neighbors, metric, warm_up)
 
     def manifold_consensus(self, sample: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, dict]:
-        """`raydc.core.merge.manifold_consensus(sample, k, **kwargs)` in the prepared actor (else here), and what
-        the row records of where it ran."""
+        """`raydc.core.merge.manifold_consensus(sample, k, **kwargs)` in the prepared actor (else here, also when the
+        actor died: its node gone, say), and what the row records of where it ran."""
         import ray
 
-        if self._fitter is None:
-            from raydc.core.merge import manifold_consensus
+        from raydc.core.merge import manifold_consensus
 
-            labels, agreement = manifold_consensus(sample, k, **kwargs)
-            return labels, agreement, {}
-        labels, agreement, info = ray.get(self._fitter.fit.remote(sample, k, kwargs))
-        return labels, agreement, {key: v for key, v in info.items() if v is not None}
+        if self._fitter is not None:
+            try:
+                labels, agreement, info = ray.get(self._fitter.fit.remote(sample, k, kwargs))
+                return labels, agreement, {key: v for key, v in info.items() if v is not None}
+            except ray.exceptions.RayActorError as e:
+                self.log(f"the manifold readout's actor is gone ({type(e).__name__}): fitting on rank 0 instead")
+                self._fitter = None
+        labels, agreement = manifold_consensus(sample, k, **kwargs)
+        return labels, agreement, {}
 
     def label_free_scores(self, final: FinalClustering) -> dict:
         """Silhouette and Calinski-Harabasz of the final clustering on a fixed sample (drawn from the run seed)
