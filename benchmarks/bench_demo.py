@@ -17,6 +17,10 @@ NEEDS_RAY = False  # started only when a run is missing
 SETTINGS = {
     "deepcluster_demo": {"config": "demo.yaml", "sets": [], "method": "DeepCluster",
                          "data": "MNIST test, 10,000 images, k = 100 joined to 10, 2 epochs (demo.yaml, make demo)"},
+    # the feature passes' BatchNorm folded (features.fold_batchnorm), same seeds, same session
+    "deepcluster_demo_bnfold": {"config": "demo.yaml", "sets": ["features.fold_batchnorm=true"], "method": "DeepCluster",
+                                "data": "MNIST test, 10,000 images, k = 100 joined to 10, 2 epochs (demo.yaml, "
+                                        "features.fold_batchnorm true)"},
 }
 
 

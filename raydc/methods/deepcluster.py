@@ -208,7 +208,7 @@ class DeepCluster(Method):
         return round_idx >= self.cfg.train.epochs
 
     def extractor(self, model: nn.Module) -> ExtractorSpec:
-        return self.extractor_of(model, "embed", fold_batchnorm=True)
+        return self.extractor_of(model, "embed", fold_batchnorm=self.cfg.features.fold_batchnorm)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
     def cluster(self, ctx: RoundContext, model: nn.Module, state: DeepClusterState, round_idx: int):
