@@ -17,7 +17,7 @@ matters less there):
   `train.memory_format: auto` lays them out;
 - `compile`: `torch.compile` of the model (inductor, C++ kernels); its compile time is reported, not timed;
 - `folded` (feature pass only, DeepCluster's net): the channels_last weights with every BatchNorm folded into the
-  layer before it (`raydc.core.bn_fold`), what DeepCluster's feature passes run since the fold landed. Not DAC's:
+  layer before it (`raydc.core.bn_fold`), what DeepCluster's feature passes run with `features.fold_batchnorm`. Not DAC's:
   its readout normalises by batch statistics (`dac.bn_readout: batch`), which a fold cannot express.
 
 FLOPs per image come from `torch.utils.flop_counter` on one float32 step; divided by the time they give the

@@ -2,7 +2,7 @@
 
 A feature pass runs the network in eval mode, where a BatchNorm is a fixed per-channel scale and shift: folded into
 the preceding layer's weights and bias it costs nothing, where as its own layer it is a full pass over the
-activations (a fifth of DeepCluster's small convnet's feature pass on a CPU, benchmarks/RESULTS.md). The fold
+activations (benchmarks/RESULTS.md, "What a step costs": the `folded` column). The fold
 changes the arithmetic by rounding only; the weights the run trains and checkpoints are never touched: the fold
 works on a copy.
 
