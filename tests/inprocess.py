@@ -18,7 +18,7 @@ from raydc.engine.clustering import ClusteringService, LocalShard, ShardStore
 from raydc.engine.feature_pass import FeaturePass
 from raydc.core.extractor import build_network, keep_mask, reduce_features
 from raydc.engine.contexts import RankZeroContext, WorkerContext
-from raydc.engine.loop import finish, run_arithmetic, run_folds_batchnorm, run_rounds
+from raydc.engine.loop import finish, run_arithmetic, run_rounds
 from raydc.engine.round_checkpoint import (checkpoint_contents, load_round_checkpoint, restore_model_and_state,
                                           restore_optimizers, save_round_checkpoint)
 from raydc.core.stream import shuffled_batches
@@ -102,7 +102,6 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     else:
         method.load_initial_weights(model)  # model.weights: a new run only, as the engine's loop
     precision, memory_format = run_arithmetic(cfg, ckpt, model, "cpu")
-    fold_bn = run_folds_batchnorm(ckpt)
     in_memory_format(model, memory_format)
     optimizers = method.optimizers(model, state)
     if ckpt is not None:
@@ -110,7 +109,7 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     wctx = FakeWorker(cfg, manifest, ids, images, optimizers, method.in_channels, method.input_size)
     service = InProcessService(ids, images, labels)
     rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None, precision=precision,
-                           memory_format=memory_format, fold_batchnorm=fold_bn)
+                           memory_format=memory_format)
     rows: list[dict] = []
 
     def end_round(r: int, row: dict, state) -> None:
@@ -119,8 +118,7 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
             d = os.path.join(checkpoints, f"round-{r}")
             os.makedirs(d)
             save_round_checkpoint(d, r, checkpoint_contents(r, model, state, optimizers, precision=precision,
-                                                            memory_format=memory_format,
-                                                            fold_batchnorm=fold_bn))
+                                                            memory_format=memory_format))
 
     r, state = run_rounds(method, model, state, start, wctx=wctx, rctx=rctx, broadcast=lambda plan: plan,
                           end_round=end_round, log=lambda m: None)

@@ -54,8 +54,12 @@ def test_only_a_batchnorm_right_after_a_conv_or_linear_with_running_statistics_i
                 torch.testing.assert_close(folded(x), seq(x))
 
 
-def test_a_pass_folds_only_when_its_spec_and_the_run_ask():
-    from raydc.core.extractor import ExtractorSpec, as_computed_by, build_network
+def test_a_pass_folds_only_when_its_spec_asks_and_the_spec_follows_the_runs_config():
+    from raydc.config import Config
+    from raydc.config_loader import from_dict, resumable_keys, to_dict
+    from raydc.core.extractor import ExtractorSpec, build_network
+    from raydc.methods.deepcluster import DeepCluster
+    from tests.test_deepcluster_method import config, manifest
 
     net = _trained_convnet(1)
     spec = ExtractorSpec(build=lambda: small_convnet(1, sobel=True), state=net.state_dict(), fold_batchnorm=True)
@@ -65,17 +69,16 @@ def test_a_pass_folds_only_when_its_spec_and_the_run_ask():
 
     assert not has_bn(build_network(spec))
     assert has_bn(build_network(ExtractorSpec(build=spec.build, state=spec.state)))  # not asked: as built
-    # a finished run's clustering.pt decides for `raydc assign` / `embed`: one from before the fold never folds
-    assert not as_computed_by(spec, {"model": {}}).fold_batchnorm
-    assert as_computed_by(spec, {"fold_batchnorm": True}).fold_batchnorm
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(8, 1, 28, 28)).astype(np.float32))
     with torch.no_grad():
         torch.testing.assert_close(build_network(spec).embed(x), net.embed(x), rtol=1e-4, atol=1e-4)
 
-
-def test_a_run_folds_from_its_start_and_a_resumed_older_run_does_not():
-    from raydc.engine.loop import run_folds_batchnorm
-
-    assert run_folds_batchnorm(None)
-    assert run_folds_batchnorm({"fold_batchnorm": True})
-    assert not run_folds_batchnorm({"precision": "fp32", "memory_format": "channels_last"})
+    # DeepCluster asks exactly when its run's config says so; a config saved before the field (a finished run's
+    # clustering.pt, read by `raydc assign` / `embed`) loads with it off, and a resume may not change it
+    method = DeepCluster(config("features.fold_batchnorm=true"), manifest())
+    assert method.extractor(method.build_model()).fold_batchnorm
+    assert not DeepCluster(config(), manifest()).extractor(method.build_model()).fold_batchnorm
+    saved = to_dict(config())
+    del saved["features"]["fold_batchnorm"]
+    assert not from_dict(Config, saved).features.fold_batchnorm
+    assert "features.fold_batchnorm" not in resumable_keys(Config)

@@ -41,7 +41,9 @@ class ExtractorSpec:
     # whatever the pool's concurrency or batch size, so a resumed run and `raydc assign` give the same clusters.
     batch_align: int = 1
     # Fold each BatchNorm into the layer before it for the pass (raydc.core.bn_fold): only for a `call` that runs
-    # the network in eval mode with running statistics. A spec without it runs the module as built.
+    # the network in eval mode with running statistics. A spec without it runs the module as built. The method sets
+    # it from its run's config (`features.fold_batchnorm`, not resumable), so a resumed run and `raydc assign` on a
+    # finished one compute as the run did, and a run from before the field never folds.
     fold_batchnorm: bool = False
     # Set only while the spec travels through the clustering coordinator (raydc.engine.sealed_spec): the builder
     # and weights behind an object-store reference, `build` and `state` empty until a pool worker opens it.
@@ -56,24 +58,28 @@ def run_arithmetic_of(saved: dict) -> tuple[str, str]:
 
 
 def as_computed_by(spec: ExtractorSpec, saved: dict) -> ExtractorSpec:
-    """`spec` in the arithmetic of the run whose clustering.pt is `saved` (where the spec names none); folded only
-    if that run's passes were (a run from before the fold: never)."""
+    """`spec` in the arithmetic of the run whose clustering.pt is `saved` (where the spec names none)."""
     import dataclasses
 
     precision, memory_format = run_arithmetic_of(saved)
     return dataclasses.replace(spec, precision=spec.precision or precision,
-                               memory_format=spec.memory_format or memory_format,
-                               fold_batchnorm=spec.fold_batchnorm and bool(saved.get("fold_batchnorm", False)))
+                               memory_format=spec.memory_format or memory_format)
 
 
 def load_network(spec: ExtractorSpec):
     """The spec's module as trained: built, loaded with its weights, in its memory format, in eval mode. One
     place, so every pool (and `raydc assign`, `embed`, `evaluate`) lays the network out as the run did."""
-    from raydc.core.precision import in_memory_format, resolve_memory_format
+    from raydc.core.precision import in_memory_format
 
     model = spec.build()
     model.load_state_dict(spec.state)
-    return in_memory_format(model, resolve_memory_format(spec.memory_format or "auto", model)).eval()
+    return in_memory_format(model, _layout(spec, model)).eval()
+
+
+def _layout(spec: ExtractorSpec, model) -> str:
+    from raydc.core.precision import resolve_memory_format
+
+    return resolve_memory_format(spec.memory_format or "auto", model)
 
 
 def inference_network(model, spec: ExtractorSpec):
@@ -82,10 +88,10 @@ def inference_network(model, spec: ExtractorSpec):
     if not spec.fold_batchnorm:
         return model
     from raydc.core.bn_fold import fold_batchnorm
-    from raydc.core.precision import in_memory_format, resolve_memory_format
+    from raydc.core.precision import in_memory_format
 
     folded, _ = fold_batchnorm(model)
-    return in_memory_format(folded, resolve_memory_format(spec.memory_format or "auto", model))
+    return in_memory_format(folded, _layout(spec, model))
 
 
 def build_network(spec: ExtractorSpec):

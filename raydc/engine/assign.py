@@ -41,8 +41,7 @@ def assign_images(run_dir: str, shard_dir: str, out: str | None = None) -> str:
     ctx = RankZeroContext(cfg, manifest, shard_dir,
                           lambda: ClusteringService(cfg.cluster.num_shards, cfg.cluster.num_gpus, cfg.cluster.use_gpu,
                                                     placement=ShardPlacement.from_config(cfg.cluster)),
-                          print, precision=precision, memory_format=memory_format,
-                          fold_batchnorm=bool(saved.get("fold_batchnorm", False)))
+                          print, precision=precision, memory_format=memory_format)
     if out:
         path = out if storage.is_uri(out) else str(Path(out).expanduser().resolve())
     else:

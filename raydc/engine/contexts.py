@@ -167,9 +167,8 @@ class RankZeroContext:
     shard actors (`service`), started on first use: a method that never asks pays nothing for them."""
 
     def __init__(self, cfg: Config, manifest, shard_dir: str, make_service: Callable[[], Any], log,
-                 precision: str = "fp32", memory_format: str | None = None, fold_batchnorm: bool = True):
+                 precision: str = "fp32", memory_format: str | None = None):
         self.cfg, self.manifest, self.shard_dir, self.log = cfg, manifest, shard_dir, log
-        self.fold_batchnorm = fold_batchnorm  # False: no pass folds (a run that began before the fold existed)
         self.precision = precision  # rank 0's resolved precision: the feature passes run in it too
         self.memory_format = memory_format  # the run's weights' layout (None: each pool resolves `auto`)
         self._make_service = make_service
@@ -195,8 +194,6 @@ class RankZeroContext:
             spec = dataclasses.replace(spec, precision=self.precision)
         if spec.memory_format is None and self.memory_format is not None:
             spec = dataclasses.replace(spec, memory_format=self.memory_format)
-        if spec.fold_batchnorm and not self.fold_batchnorm:
-            spec = dataclasses.replace(spec, fold_batchnorm=False)
         info = self._coordinator().extract(spec, self.shard_dir, self.manifest, self.cfg.features, **reduction)
         self._features_clock.update(info.clock)  # Counter.update adds
         return info

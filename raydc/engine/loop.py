@@ -97,12 +97,6 @@ def run_arithmetic(cfg: Config, ckpt: dict | None, model: nn.Module, device_type
     return resolve_precision(cfg.train.precision, device_type), resolve_memory_format(cfg.train.memory_format, model)
 
 
-def run_folds_batchnorm(ckpt: dict | None) -> bool:
-    """Whether this run's feature passes fold BatchNorm where a method's extractor asks (raydc.core.bn_fold): a
-    new run does; a run resumed from a checkpoint written before the fold existed keeps computing unfolded."""
-    return True if ckpt is None else bool(ckpt.get("fold_batchnorm", False))
-
-
 def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int,
            write: Callable[[FinalClustering], None] | None = None) -> tuple[FinalClustering, dict]:
     """Rank 0, after the last round: the method's final clustering, scored without labels, and its row;
@@ -189,7 +183,6 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if rank != 0:
         state = shared_view(state)
     precision, memory_format = run_arithmetic(cfg, ckpt, model, device.type)
-    fold_bn = run_folds_batchnorm(ckpt)
     in_memory_format(model, memory_format)  # before DDP and the optimizers see the parameters
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizers = method.optimizers(WorkerContext.unwrap(model), state)
@@ -202,7 +195,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     rctx = None
     if rank == 0:
         rctx = RankZeroContext(cfg, manifest, cfg.data.shards, lambda: make_coordinator(cfg), _log,
-                               precision=precision, memory_format=memory_format, fold_batchnorm=fold_bn)
+                               precision=precision, memory_format=memory_format)
         if start:
             run.truncate_metrics(upto_round=start)
             _log(f"resuming from the checkpoint of round {start - 1}: round {start}")
@@ -220,8 +213,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="raydc-ckpt-") as tmp:
             save_round_checkpoint(tmp, r, checkpoint_contents(r, WorkerContext.unwrap(model), state, optimizers,
                                                               config=loop_cfg["config"], precision=precision,
-                                                              memory_format=memory_format,
-                                                              fold_batchnorm=fold_bn))
+                                                              memory_format=memory_format))
             # Ray Train persists it to <run.dir>/checkpoints before report returns: the round's commit point.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         _log(summary_line(row, method.summary_fields))
@@ -242,7 +234,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             weights = {k: v.contiguous() for k, v in WorkerContext.unwrap(model).state_dict().items()}
             run.save_clustering({"round": r, "model": weights, "artifacts": final.artifacts,
                                  "config": loop_cfg["config"], "precision": precision,
-                                 "memory_format": memory_format, "fold_batchnorm": fold_bn})
+                                 "memory_format": memory_format})
             run.append_metrics(row)
             _log(summary_line(row, method.summary_fields))
             if warning:
