@@ -78,10 +78,11 @@ def run_rounds(method: Method, model: nn.Module, state: Any, start: int, *, wctx
 def precision_fields(precision: str, memory_format: str | None = None) -> dict:
     """What every metrics row says about the arithmetic: the training precision and whether the CPU has bf16
     instructions (what `auto` decided from), the weights' memory format, beside the faiss backend the clustering
-    rows name."""
+    rows name, and whether this process keeps its freed batches mapped (raydc/_malloc.py)."""
+    from raydc._malloc import retain_freed_memory
     from raydc.core.precision import cpu_bf16_supported
 
-    row = {"precision": precision, "cpu_bf16": cpu_bf16_supported()}
+    row = {"precision": precision, "cpu_bf16": cpu_bf16_supported(), "malloc": retain_freed_memory()}
     if memory_format is not None:
         row["memory_format"] = memory_format
     return row
