@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, RESULTS_DIR
 
-NAMES = ["kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
+NAMES = ["kmeans", "reduction", "precision", "allocator", "features", "train", "dac", "epoch", "pca", "quality", "ablations",
          "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen", "probes", "export_memory", "embed_memory", "dac_ab",
          "probe_table", "sweep_table", "manifold_readout", "readout_restarts", "readout_knn", "baselines", "confusion"]
 
@@ -217,6 +217,12 @@ def _headlines(d: dict) -> list[str]:
                        "contiguous float32 / vs channels_last unfolded, same run): " + "; ".join(
                            f"{n}: {_x(p['folded']['speedup_vs_fp32'])} / "
                            f"{_x(ratio_of(p['channels_last'], p['folded']))}" for n, p in folded) + ".")
+    if "allocator" in d:
+        rr = d["allocator"]["results"]
+        out.append("**Freed batches kept mapped** (`raydc/_malloc.py`, set by `import raydc`; vs glibc's defaults, "
+                   "each sample a fresh process, a training step / a feature pass): " + "; ".join(
+                       f"{n}: {_x(r['train_step']['retain']['speedup_vs_default'])} / "
+                       f"{_x(r['feature_pass']['retain']['speedup_vs_default'])}" for n, r in rr.items()) + ".")
     if "features" in d:
         rr = d["features"]["results"]
         cal = d["features"].get("calibration") or {}
@@ -508,6 +514,27 @@ def _sec_precision(doc: dict) -> str:
                 + _table(["config", "method", "what", "images trained", "images forward", "minutes at fp32 contiguous",
                           "minutes at raydc's default"], wrows) + "\n")
     return out
+
+
+def _sec_allocator(doc: dict) -> str:
+    c = doc["config"]
+    rows = []
+    for name, phases in doc["results"].items():
+        for phase, rr in phases.items():
+            rows.append([f"`{name}`", phase.replace("_", " "), c["batches"][phase]]
+                        + [f"{_f(rr[v]['images_per_s']['median'], 4)} ({_x(rr[v]['speedup_vs_default'])})"
+                           for v in ("default", "default_trained", "retain")])
+    return "\n".join([
+        "## Freed memory kept mapped", "",
+        f"glibc {c['glibc']}; each sample is its own process (`benchmarks/bench_allocator.py`), {c['steps']} batches "
+        f"after one warm-up, {c['repeats']} repeats interleaved, weights {c['memory_format']}, {c['threads']} "
+        "threads. `default`: glibc's own thresholds (`RAYDC_MALLOC=default`), the way every raydc process ran "
+        "before; `default, trained first`: the same after three SGD steps, which raise glibc's mmap threshold by "
+        "themselves (up to 32 MiB) and so made a pass faster in a process that had trained than in a feature-pool "
+        f"actor that never had; `retain`: what `import raydc` sets (mmap threshold {c['mmap_threshold'] >> 20} MiB, "
+        f"trim threshold {c['trim_threshold'] >> 20} MiB: a batch's activations reuse the last batch's pages instead "
+        "of faulting in fresh zeroed ones). Images/s, median, and the ratio to `default`.", "",
+        _table(["network", "phase", "batch", "default", "default, trained first", "retain"], rows), ""])
 
 
 def _search_paths(sp: dict) -> str:
@@ -1170,6 +1197,8 @@ def render(out: Path | str = RESULTS_DIR) -> Path:
         lines.append(_sec_reduction(d["reduction"]))
     if "precision" in d:
         lines.append(_sec_precision(d["precision"]))
+    if "allocator" in d:
+        lines.append(_sec_allocator(d["allocator"]))
     if "features" in d:
         plot_throughput({n: r["images_per_s"] for n, r in d["features"]["results"].items()},
                         "Feature extraction (higher is better)", out / "features.png")

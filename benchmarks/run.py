@@ -23,10 +23,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from benchmarks.common import RESULTS_DIR, Context, _clean, load_average, machine_info, write_result  # noqa: E402
 
 # Cheapest and Ray-free first; the Ray Train ones last.
-BENCHMARKS = ["quality", "pca", "kmeans", "reduction", "precision", "features", "train", "dac", "epoch", "ablations",
+BENCHMARKS = ["quality", "pca", "kmeans", "reduction", "precision", "allocator", "features", "train", "dac", "epoch", "ablations",
               "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen", "probes"]
 # not in the quick suite (make test runs it) unless named with --only
-FULL_ONLY = {"reduction", "precision", "dac", "ablations", "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen",
+FULL_ONLY = {"reduction", "precision", "allocator", "dac", "ablations", "seeds", "seeds70k", "demo", "readout", "scale", "scale_frozen",
              "probes"}
 
 
