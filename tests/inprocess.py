@@ -109,7 +109,7 @@ def run_method_in_process(method_cls, cfg, data, manifest, ids=None, *, checkpoi
     wctx = FakeWorker(cfg, manifest, ids, images, optimizers, method.in_channels, method.input_size)
     service = InProcessService(ids, images, labels)
     rctx = RankZeroContext(cfg, manifest, "unused", lambda: service, lambda m: None, precision=precision,
-                           memory_format=memory_format)
+                           memory_format=memory_format, manifold_actor=False)
     rows: list[dict] = []
 
     def end_round(r: int, row: dict, state) -> None:

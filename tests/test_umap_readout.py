@@ -6,6 +6,8 @@ Every test that fits a UMAP lives in this one file: numba compiles UMAP's kernel
 cached on disk), and `make test` gives a whole file to one xdist worker, so the suite pays that compile once."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,7 @@ def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traff
     assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)
     assert final.labels.max() < 3 and last["final_k"] == 3 and sum(last["size_histogram"]) == N
     assert last["acc"] > 0.9, last["acc"]  # three well-separated template classes
+    assert "manifold_warm_up_s" not in last  # the in-process harness fits here, Ray running or not
     # (that a seed fixes the readout's result: the arcs test above)
 
 
@@ -162,9 +165,9 @@ def test_every_round_asks_for_the_one_actor_and_it_goes_at_shutdown(ray_local):
     import ray
 
     ctx = _rank0_context()
-    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)
+    ctx.prepare_manifold(2, 10, "cosine", 150, warm_up=False)
     actor = ctx._fitter
-    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)  # every round asks: still the one actor
+    ctx.prepare_manifold(2, 10, "cosine", 150, warm_up=False)  # every round asks: still the one actor
     assert actor is not None and ctx._fitter is actor
     assert ray.get(actor.__ray_call__.remote(lambda a: a.warm_up_s)) is None  # nothing compiled unasked
     ctx.shutdown()
@@ -176,11 +179,26 @@ def test_every_round_asks_for_the_one_actor_and_it_goes_at_shutdown(ray_local):
 @pytest.mark.slow  # a fresh process compiles UMAP for its first fit
 def test_the_actors_fit_is_the_in_process_fit(ray_local):
     ctx = _rank0_context()
-    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)
+    ctx.prepare_manifold(2, 10, "cosine", 150, warm_up=False)
     try:
         assert _fit_and_compare(ctx) == {}  # no warm-up ran, so none is reported
     finally:
         ctx.shutdown()
+
+
+def test_the_warm_up_compiles_the_neighbour_search_the_fit_will_run(ray_local):
+    """UMAP searches a sample of 4096 rows or more with NN-descent and a smaller one by all distances: the actor
+    warms the one the fit will take, for the sample the run can draw (no more rows than its data has)."""
+    import ray
+
+    for count, sample, approximate in ((70_000, 20_000, True), (1_000, 20_000, False), (70_000, 4_000, False)):
+        ctx = _rank0_context()
+        ctx.manifest = SimpleNamespace(count=count)
+        ctx.prepare_manifold(2, 10, "cosine", sample, warm_up=False)
+        try:
+            assert ray.get(ctx._fitter.__ray_call__.remote(lambda a: a.approximate)) is approximate, (count, sample)
+        finally:
+            ctx.shutdown()
 
 
 def test_a_dead_fitter_is_replaced_by_the_fit_on_rank_zero(ray_local):
@@ -189,7 +207,7 @@ def test_a_dead_fitter_is_replaced_by_the_fit_on_rank_zero(ray_local):
     lines: list[str] = []
     ctx = _rank0_context()
     ctx.log = lines.append
-    ctx.prepare_manifold(2, 10, "cosine", warm_up=False)
+    ctx.prepare_manifold(2, 10, "cosine", 150, warm_up=False)
     ray.kill(ctx._fitter)  # its node lost, say: the readout still completes, here
     assert _fit_and_compare(ctx) == {}
     assert ctx._fitter is None and any("actor is gone" in line for line in lines)
@@ -202,10 +220,11 @@ def test_a_context_never_prepared_fits_in_process():
     assert _fit_and_compare(ctx) == {}
 
 
-@pytest.mark.slow  # the warm-up compiles UMAP's NN-descent in a fresh process: about a minute of one core
-def test_a_warmed_up_fitter_reports_its_warm_up_and_fits_the_same(ray_local):
+@pytest.mark.slow  # the warm-up compiles UMAP in a fresh process
+@pytest.mark.parametrize("rows", [150, 20_000])  # the fit's 150 rows in either case: what was warmed may differ
+def test_a_warmed_up_fitter_reports_its_warm_up_and_fits_the_same(ray_local, rows):
     ctx = _rank0_context()
-    ctx.prepare_manifold(2, 10, "cosine")
+    ctx.prepare_manifold(2, 10, "cosine", rows)
     try:
         where = _fit_and_compare(ctx)
     finally:

@@ -260,9 +260,22 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
     return mixture.predict(z).astype(np.int64)
 
 
-def warm_up_manifold(*, dims: int = 10, n_neighbors: int = 20, metric: str = "cosine", seed: int = 0) -> float:
-    """Compile the JIT code a `manifold_clusters` fit runs (numba: NN-descent specialised to `metric`, the fuzzy
-    graph, the layout) on a few hundred random rows with NN-descent forced, and return the seconds it took.
+# umap-learn computes all pairwise distances for fewer rows than this and searches with NN-descent from here on
+# (umap_.UMAP.fit): two different bodies of JIT code.
+UMAP_EXACT_BELOW = 4096
+
+
+def umap_approximates(rows: int) -> bool:
+    """Whether UMAP's fit on `rows` rows finds its neighbours with NN-descent (else by all distances)."""
+    return rows >= UMAP_EXACT_BELOW
+
+
+def warm_up_manifold(*, dims: int = 10, n_neighbors: int = 20, metric: str = "cosine", seed: int = 0,
+                     approximate: bool = True) -> float:
+    """Compile the JIT code a `manifold_clusters` fit runs (numba: the neighbour search specialised to `metric`,
+    the fuzzy graph, the layout) on a few hundred random rows, and return the seconds it took. `approximate`:
+    NN-descent forced, as UMAP searches a sample of UMAP_EXACT_BELOW rows or more; else the all-distances search
+    it takes below that (warming NN-descent there would compile code the fit never runs, and make it wait).
 
     Why: most of that code cannot be cached on disk, so every fresh process compiles it on its first fit: about a
     minute of one core on a 2-core CPU (benchmarks/RESULTS.md), against the fit itself. A process that warms up
@@ -276,7 +289,7 @@ def warm_up_manifold(*, dims: int = 10, n_neighbors: int = 20, metric: str = "co
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((max(300, 4 * n_neighbors), 32)).astype(np.float32)
     umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=0.0, metric=metric, random_state=seed, n_jobs=1,
-              force_approximation_algorithm=True, n_epochs=5).fit_transform(x)
+              force_approximation_algorithm=approximate, n_epochs=5).fit_transform(x)
     return time.perf_counter() - t0
 
 

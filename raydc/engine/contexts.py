@@ -167,7 +167,7 @@ class RankZeroContext:
     shard actors (`service`), started on first use: a method that never asks pays nothing for them."""
 
     def __init__(self, cfg: Config, manifest, shard_dir: str, make_service: Callable[[], Any], log,
-                 precision: str = "fp32", memory_format: str | None = None):
+                 precision: str = "fp32", memory_format: str | None = None, manifold_actor: bool = True):
         self.cfg, self.manifest, self.shard_dir, self.log = cfg, manifest, shard_dir, log
         self.precision = precision  # rank 0's resolved precision: the feature passes run in it too
         self.memory_format = memory_format  # the run's weights' layout (None: each pool resolves `auto`)
@@ -176,6 +176,9 @@ class RankZeroContext:
         self._published: dict = {}  # saved column dir -> its RowBlocks in the object store (the latest only)
         self._features_clock: Counter = Counter()
         self._fitter: Any = None  # the manifold readout's actor (raydc.engine.manifold_fitter), once asked for
+        # False: the fit always runs here (the in-process harness, which must not start actors even where another
+        # test has left Ray running)
+        self._manifold_actor = manifold_actor
 
     def _coordinator(self) -> Any:
         """The shard actors' proxy with all its calls (the engine's); methods see the `ShardService` part."""
@@ -251,15 +254,20 @@ class RankZeroContext:
         if self._service is not None:
             self._service.release()
 
-    def prepare_manifold(self, dims: int, n_neighbors: int, metric: str, *, warm_up: bool = True) -> None:
-        """Start the actor that will fit the manifold readout, compiling its JIT code meanwhile (`warm_up`).
-        Idempotent; without Ray (the in-process harness) nothing happens and the fit runs here."""
+    def prepare_manifold(self, dims: int, n_neighbors: int, metric: str, sample: int, *,
+                         warm_up: bool = True) -> None:
+        """Start the actor that will fit the manifold readout on at most `sample` rows, compiling its JIT code
+        meanwhile (`warm_up`): the code of the neighbour search UMAP will take for the sample it will get (no more
+        rows than the data has). Idempotent; without Ray, or in the in-process harness, nothing happens and the
+        fit runs here."""
         import ray
 
-        if self._fitter is None and ray.is_initialized():
+        if self._fitter is None and self._manifold_actor and ray.is_initialized():
+            from raydc.core.merge import umap_approximates
             from raydc.engine.manifold_fitter import start_fitter
 
-            self._fitter = start_fitter(dims, n_neighbors, metric, warm_up)
+            rows = min(sample, self.manifest.count) if getattr(self.manifest, "count", None) else sample
+            self._fitter = start_fitter(dims, n_neighbors, metric, warm_up, approximate=umap_approximates(rows))
 
     def manifold_consensus(self, sample: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, dict]:
         """`raydc.core.merge.manifold_consensus(sample, k, **kwargs)` in the prepared actor (else here, also when the

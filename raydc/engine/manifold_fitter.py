@@ -21,13 +21,14 @@ WARM_UP_NICENESS = 19
 
 
 class _Fitter:
-    def __init__(self, dims: int, n_neighbors: int, metric: str, warm_up: bool = True):
+    def __init__(self, dims: int, n_neighbors: int, metric: str, warm_up: bool = True, approximate: bool = True):
         self.warm_up_s: float | None = None
+        self.approximate = approximate  # NN-descent warmed (else the all-distances search)
         self._warm = threading.Thread(target=self._warm_up if warm_up else lambda *a: None,
-                                      args=(dims, n_neighbors, metric), daemon=True)
+                                      args=(dims, n_neighbors, metric, approximate), daemon=True)
         self._warm.start()
 
-    def _warm_up(self, dims: int, n_neighbors: int, metric: str) -> None:
+    def _warm_up(self, dims: int, n_neighbors: int, metric: str, approximate: bool) -> None:
         try:  # Linux sets niceness per thread: this one only, the fit keeps the actor's
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_UP_NICENESS)
         except (AttributeError, OSError):
@@ -35,7 +36,8 @@ class _Fitter:
         from raydc.core.merge import warm_up_manifold
 
         try:
-            self.warm_up_s = warm_up_manifold(dims=dims, n_neighbors=n_neighbors, metric=metric)
+            self.warm_up_s = warm_up_manifold(dims=dims, n_neighbors=n_neighbors, metric=metric,
+                                              approximate=approximate)
         except Exception:  # noqa: BLE001 - a failed warm-up only costs the fit its compile time; the fit reports
             self.warm_up_s = None
 
@@ -52,11 +54,13 @@ class _Fitter:
 ManifoldFitter = ray.remote(num_cpus=0)(_Fitter)
 
 
-def start_fitter(dims: int, n_neighbors: int, metric: str, warm_up: bool = True):
+def start_fitter(dims: int, n_neighbors: int, metric: str, warm_up: bool = True, approximate: bool = True):
     """A `ManifoldFitter` on this node (rank 0's: the sample it fits is already here); `warm_up=False` skips the
-    compilation ahead (tests)."""
+    compilation ahead (tests); `approximate`: whether the fit will search neighbours with NN-descent
+    (`raydc.core.merge.umap_approximates`), so the warm-up compiles the search the fit runs."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return ManifoldFitter.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(dims, n_neighbors, metric, warm_up)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(dims, n_neighbors, metric, warm_up,
+                                                                                    approximate)

@@ -73,7 +73,7 @@ def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample
 def prepare_manifold_readout(ctx: RoundContext, opts: ManifoldReadout) -> None:
     """Called from a method's round plans when its run will end in this readout: the fit's JIT code compiles
     beside the training rounds instead of after them (RoundContext.prepare_manifold)."""
-    ctx.prepare_manifold(opts.dims, opts.neighbors, opts.metric)
+    ctx.prepare_manifold(opts.dims, opts.neighbors, opts.metric, opts.sample)
 
 
 def check_umap_installed(field: str) -> None:
