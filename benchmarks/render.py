@@ -523,7 +523,8 @@ def _sec_allocator(doc: dict) -> str:
         for phase, rr in phases.items():
             rows.append([f"`{name}`", phase.replace("_", " "), c["batches"][phase]]
                         + [f"{_f(rr[v]['images_per_s']['median'], 4)} ({_x(rr[v]['speedup_vs_default'])})"
-                           for v in ("default", "default_trained", "retain")])
+                           for v in ("default", "default_trained", "retain")]
+                        + [_x(ratio_of(rr["default_trained"], rr["retain"]))])
     return "\n".join([
         "## Freed memory kept mapped", "",
         f"glibc {c['glibc']}; each sample is its own process (`benchmarks/bench_allocator.py`), {c['steps']} batches "
@@ -534,7 +535,8 @@ def _sec_allocator(doc: dict) -> str:
         f"actor that never had; `retain`: what `import raydc` sets (mmap threshold {c['mmap_threshold'] >> 20} MiB, "
         f"trim threshold {c['trim_threshold'] >> 20} MiB: a batch's activations reuse the last batch's pages instead "
         "of faulting in fresh zeroed ones). Images/s, median, and the ratio to `default`.", "",
-        _table(["network", "phase", "batch", "default", "default, trained first", "retain"], rows), ""])
+        _table(["network", "phase", "batch", "default", "default, trained first", "retain",
+                "retain vs trained first"], rows), ""])
 
 
 def _search_paths(sp: dict) -> str:
