@@ -10,8 +10,9 @@ once, at import, keeps them mapped: the process's resident size stays at its pea
 The measured effect is `benchmarks/bench_allocator.py`'s section of benchmarks/RESULTS.md.
 
 `raydc/__init__.py` calls it, so every process that imports raydc (the driver, Ray Train workers, pool and shard
-actors) gets it. A user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ wins (glibc already read them),
-and RAYDC_MALLOC=default leaves glibc's defaults alone. Other C libraries (musl, macOS, Windows) are left as they are.
+actors) gets it. A user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (or the same in GLIBC_TUNABLES)
+wins (glibc already read them), and RAYDC_MALLOC=default leaves glibc's defaults alone. Other C libraries (musl,
+macOS, Windows) are left as they are.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def retain_freed_memory(environ: dict | None = None) -> str:
     env = os.environ if environ is None else environ
     if env.get("RAYDC_MALLOC", "").strip().lower() == "default":
         return "default"
-    if env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_"):
+    if env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_") or any(
+            t in env.get("GLIBC_TUNABLES", "") for t in ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")):
         return "user"
     if _applied is not None:
         return _applied

@@ -32,7 +32,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(**env: str) -> int:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RAYDC_MALLOC"))}
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RAYDC_MALLOC", "GLIBC_TUNABLES"))}
     full.update(env, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", FAULTS], env=full, capture_output=True, text=True, check=True,
                          timeout=120)
@@ -50,6 +50,7 @@ def test_what_is_in_force(monkeypatch):
     assert malloc.retain_freed_memory({"RAYDC_MALLOC": "default"}) == "default"
     assert malloc.retain_freed_memory({"MALLOC_TRIM_THRESHOLD_": "1000000"}) == "user"
     assert malloc.retain_freed_memory({"MALLOC_MMAP_THRESHOLD_": "1000000"}) == "user"
+    assert malloc.retain_freed_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}) == "user"
     expected = "retain" if malloc.glibc_version() else "unsupported"
     assert malloc.retain_freed_memory({}) == expected
     monkeypatch.setattr(malloc.os, "confstr", lambda name: "musl 1.2")
