@@ -74,6 +74,11 @@ SETTINGS = {
                                      "method": "DeepCluster",
                                      "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml as "
                                              "shipped: channels_last, freed batches kept mapped)"},
+    # channels_last against contiguous weights on Fashion-MNIST, at the same code as the _retain row
+    "deepcluster_fmnist70k_contiguous": {"config": "fmnist.yaml", "sets": ["train.memory_format=contiguous"],
+                                         "seeds": (31, 32, 33), "method": "DeepCluster",
+                                         "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml, "
+                                                 "train.memory_format contiguous, the same session as _retain)"},
     # the 100 clusters' purity stops rising near 0.966 by round 4 at a constant lr: a cosine decay to a tenth
     "deepcluster_mnist70k_cosine": {"config": "mnist.yaml", "sets": ["train.lr_schedule=cosine", "train.lr_final=0.1"],
                                     "seeds": (31, 32, 33), "method": "DeepCluster",
