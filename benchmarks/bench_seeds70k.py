@@ -35,23 +35,23 @@ SETTINGS = {
                                     "seeds": (31, 32, 33), "method": "DeepCluster",
                                     "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM, "
                                             "the most agreed of 5 restarts (final_umap_restarts 5)"},
-    # train.memory_format (issue #27): mnist.yaml at the new default (auto: channels_last for its convnet), and
-    # the old layout again in the same suite run, so the minutes compare within one session
-    "deepcluster_mnist70k_cl": {"config": "mnist.yaml", "sets": [], "seeds": (31, 32, 33, 34, 35),
+    # train.memory_format (issue #27): mnist.yaml at channels_last (what auto picked on the CPU from fc5706a until
+    # contiguous weights became the CPU's default), and the old layout again in the same suite run
+    "deepcluster_mnist70k_cl": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last"], "seeds": (31, 32, 33, 34, 35),
                                 "method": "DeepCluster",
                                 "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml, "
-                                        "train.memory_format auto: channels_last)"},
+                                        "train.memory_format channels_last)"},
     "deepcluster_mnist70k_contiguous": {"config": "mnist.yaml", "sets": ["train.memory_format=contiguous"],
                                         "seeds": (31, 32), "method": "DeepCluster",
                                         "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM "
                                                 "(mnist.yaml, train.memory_format contiguous, the same session)"},
     # BatchNorm folded into the layer before it in every feature pass (raydc.core.bn_fold, features.fold_batchnorm:
     # off by default since make demo's seeds ended lower with it), both 70k configs at the same code
-    "deepcluster_mnist70k_bnfold": {"config": "mnist.yaml", "sets": ["features.fold_batchnorm=true"], "seeds": (31, 32, 33, 34, 35),
+    "deepcluster_mnist70k_bnfold": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last", "features.fold_batchnorm=true"], "seeds": (31, 32, 33, 34, 35),
                                     "method": "DeepCluster",
                                     "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml, "
                                             "channels_last, BatchNorm folded in the feature passes)"},
-    "deepcluster_fmnist70k_bnfold": {"config": "fmnist.yaml", "sets": ["features.fold_batchnorm=true"], "seeds": (31, 32, 33),
+    "deepcluster_fmnist70k_bnfold": {"config": "fmnist.yaml", "sets": ["train.memory_format=channels_last", "features.fold_batchnorm=true"], "seeds": (31, 32, 33),
                                      "method": "DeepCluster",
                                      "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml, "
                                              "channels_last, BatchNorm folded in the feature passes; another run "
@@ -59,31 +59,31 @@ SETTINGS = {
     # the readout's UMAP fit in an actor that compiled its code during the rounds (raydc.engine.manifold_fitter):
     # the same clusters as deepcluster_mnist70k_bnfold by construction; seeds 33 and 34, whose bnfold runs had the
     # machine to themselves, for the minutes
-    "deepcluster_mnist70k_fitter": {"config": "mnist.yaml", "sets": ["features.fold_batchnorm=true"], "seeds": (33, 34),
+    "deepcluster_mnist70k_fitter": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last", "features.fold_batchnorm=true"], "seeds": (33, 34),
                                     "method": "DeepCluster",
                                     "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml, "
                                             "channels_last, BatchNorm folded, UMAP compiled during the rounds)"},
-    # the shipped defaults at the code that keeps freed batches mapped (raydc/_malloc.py): channels_last, no fold,
-    # the readout's fit in its warmed actor; the time-to-quality rows of both 70k DeepCluster configs
-    "deepcluster_mnist70k_retain": {"config": "mnist.yaml", "sets": [], "seeds": (31, 32, 33, 34, 35),
+    # the code that keeps freed batches mapped (raydc/_malloc.py), channels_last (auto's choice on the CPU then), no
+    # fold, the readout's fit in its warmed actor
+    "deepcluster_mnist70k_retain": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last"], "seeds": (31, 32, 33, 34, 35),
                                     "method": "DeepCluster",
-                                    "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml "
-                                            "as shipped: channels_last, UMAP compiled during the rounds, freed "
-                                            "batches kept mapped)"},
-    "deepcluster_fmnist70k_retain": {"config": "fmnist.yaml", "sets": [], "seeds": (31, 32, 33),
-                                     "method": "DeepCluster",
-                                     "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml as "
-                                             "shipped: channels_last, freed batches kept mapped)"},
-    # channels_last against contiguous weights on Fashion-MNIST, at the same code as the _retain row
-    "deepcluster_fmnist70k_contiguous": {"config": "fmnist.yaml", "sets": ["train.memory_format=contiguous"],
-                                         "seeds": (31, 32, 33), "method": "DeepCluster",
-                                         "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml, "
-                                                 "train.memory_format contiguous, the same session as _retain)"},
-    # the 100 clusters' purity stops rising near 0.966 by round 4 at a constant lr: a cosine decay to a tenth
-    "deepcluster_mnist70k_cosine": {"config": "mnist.yaml", "sets": ["train.lr_schedule=cosine", "train.lr_final=0.1"],
-                                    "seeds": (31, 32, 33), "method": "DeepCluster",
                                     "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml, "
-                                            "lr cosine to a tenth)"},
+                                            "channels_last, UMAP compiled during the rounds, freed batches kept "
+                                            "mapped)"},
+    "deepcluster_fmnist70k_retain": {"config": "fmnist.yaml", "sets": ["train.memory_format=channels_last"], "seeds": (31, 32, 33),
+                                     "method": "DeepCluster",
+                                     "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml, "
+                                             "channels_last, freed batches kept mapped)"},
+    # contiguous weights against the _retain rows' channels_last, the same code and session otherwise: what auto
+    # picks on the CPU since (raydc.core.precision.resolve_memory_format); both 70k configs as shipped
+    "deepcluster_fmnist70k_contiguous": {"config": "fmnist.yaml", "sets": [], "seeds": (31, 32, 33),
+                                         "method": "DeepCluster",
+                                         "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml "
+                                                 "as shipped: contiguous weights, freed batches kept mapped)"},
+    "deepcluster_mnist70k_default": {"config": "mnist.yaml", "sets": [], "seeds": (31, 33), "method": "DeepCluster",
+                                     "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml "
+                                             "as shipped: contiguous weights, UMAP compiled during the rounds, freed "
+                                             "batches kept mapped)"},
 }
 
 

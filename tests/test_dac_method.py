@@ -131,6 +131,7 @@ def tiny_run(tmp_path_factory, ray_local):
     cfg = tiny_config(str(d / "shards"), str(d / "run"), augment=True, schedule="official_mnist", chunk_size=128,
                       local_epochs=2, readout_batch=32)
     cfg.train.epochs, cfg.train.num_workers, cfg.train.cpus_per_worker = 2, 2, 0.5
+    cfg.train.memory_format = "channels_last"  # not the CPU's default: assign below must follow the run's layout
     run = run_training(cfg, log=lambda *a: None)
     return cfg, run, d / "shards"
 
@@ -148,7 +149,7 @@ def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
     for r in rows[:-1]:
         assert {"loss", "upper", "lower", "selected_pairs", "time_train", "time_features", "acc"} <= set(r)
     assert rows[-1]["acc"] > 0.6
-    # train.memory_format auto: the conv net trained and read out channels_last, and clustering.pt says so, so
+    # train.memory_format channels_last: the conv net trained and read out in it, and clustering.pt says so, so
     # that `raydc assign` below lays the network out as the run's final pass did
     assert {r["memory_format"] for r in rows} == {"channels_last"}
     assert run.load_clustering()["memory_format"] == "channels_last"

@@ -70,14 +70,17 @@ def test_the_engine_sgd_pass_runs_the_loss_under_the_workers_precision():
         assert not torch.equal(before, model.weight) and model.weight.dtype == torch.float32  # master weights
 
 
-def test_auto_lays_conv_nets_out_channels_last_and_leaves_an_mlp_alone():
+def test_auto_lays_conv_nets_out_channels_last_on_cuda_only_and_leaves_an_mlp_alone():
     from raydc.core.autoencoder import StackedAutoencoder
     from raydc.core.models import small_convnet
 
     torch.manual_seed(0)
     conv, mlp = small_convnet(1, sobel=True), StackedAutoencoder(784, [32, 8], corruption=0.0, seed=0)
-    assert P.resolve_memory_format("auto", conv) == "channels_last"
-    assert P.resolve_memory_format("auto", mlp) == "contiguous"
+    assert P.resolve_memory_format("auto", conv, "cuda") == "channels_last"
+    assert P.resolve_memory_format("auto", conv, "cpu") == "contiguous"  # the CPU's NHWC gradients: less accurate
+    assert P.resolve_memory_format("auto", conv) == "contiguous"
+    assert P.resolve_memory_format("auto", mlp, "cuda") == "contiguous"
+    assert P.resolve_memory_format("channels_last", conv) == "channels_last"
     assert P.resolve_memory_format("contiguous", conv) == "contiguous"
     with pytest.raises(ValueError, match="memory format"):
         P.resolve_memory_format("nhwc", conv)
@@ -97,14 +100,16 @@ def test_a_resumed_run_keeps_its_layout_and_a_pass_over_new_images_takes_the_run
 
     cfg = load_config(None, ["data.shards=unused"])
     net = small_convnet(1, sobel=True)
-    assert run_arithmetic(cfg, None, net, "cpu") == ("fp32", "channels_last")  # a new run resolves auto
+    assert run_arithmetic(cfg, None, net, "cpu") == ("fp32", "contiguous")  # a new run resolves auto here
+    assert run_arithmetic(cfg, None, net, "cuda")[1] == "channels_last"
+    # a run begun channels_last (asked for, or auto before the CPU's default changed) resumes channels_last
     assert run_arithmetic(cfg, {"precision": "fp32", "memory_format": "channels_last"}, net, "cpu")[1] == \
         "channels_last"
     # a checkpoint from before the layout was chosen was computed contiguous: its resume stays so
     assert run_arithmetic(cfg, {"precision": "fp32"}, net, "cpu") == ("fp32", "contiguous")
 
     spec = ExtractorSpec(build=lambda: small_convnet(1, sobel=True), state=net.state_dict())
-    assert _channels_last(build_network(spec))  # no layout named: auto
+    assert _channels_last(build_network(spec)) == torch.cuda.is_available()  # no layout named: auto for here
     old_run = as_computed_by(spec, {"model": {}})  # clustering.pt of a run from before: contiguous, float32
     assert (old_run.precision, old_run.memory_format) == ("fp32", "contiguous")
     assert not _channels_last(build_network(old_run))

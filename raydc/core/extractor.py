@@ -77,9 +77,12 @@ def load_network(spec: ExtractorSpec):
 
 
 def _layout(spec: ExtractorSpec, model) -> str:
+    import torch
+
     from raydc.core.precision import resolve_memory_format
 
-    return resolve_memory_format(spec.memory_format or "auto", model)
+    # the run's resolved layout when it has one; else `auto` for where this pool computes
+    return resolve_memory_format(spec.memory_format or "auto", model, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def inference_network(model, spec: ExtractorSpec):

@@ -70,17 +70,22 @@ def full_precision(device_type: str):
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
 
 
-def resolve_memory_format(requested: str, model: torch.nn.Module) -> str:
-    """The layout a network's 4-d weights live in: `auto` is channels_last for a network with 2-d convolutions,
-    where oneDNN (CPU) and cuDNN run their fastest kernels on NHWC (benchmarks/RESULTS.md, "What a step costs"),
-    and contiguous for the rest (an MLP has nothing to lay out). The weights' layout is enough: a convolution
-    whose weight is channels_last computes in it whatever the input's layout, so the inputs stay as they are.
-    Only the order of float additions changes, not what is computed."""
+def resolve_memory_format(requested: str, model: torch.nn.Module, device_type: str = "cpu") -> str:
+    """The layout a network's 4-d weights live in: `auto` is channels_last for a network with 2-d convolutions on
+    CUDA (cuDNN's fast path), contiguous on the CPU and for the rest (an MLP has nothing to lay out). The weights'
+    layout is enough: a convolution whose weight is channels_last computes in it whatever the input's layout, so
+    the inputs stay as they are.
+
+    Why not channels_last on the CPU, where oneDNN's NHWC training step is faster (benchmarks/RESULTS.md, "What a
+    step costs"): its gradients are further from a float64 reference than the contiguous path's (bench_precision's
+    `grad_error`), and DeepCluster's 70k runs ended lower with it on every seed compared (MNIST five of five,
+    Fashion-MNIST three of three: RESULTS, the seeds70k rows `_cl`/`_retain` against `_contiguous`). Asked for
+    explicitly it is still used."""
     if requested not in MEMORY_FORMATS:
         raise ValueError(f"unknown memory format {requested!r} (expected one of {', '.join(MEMORY_FORMATS)})")
     if requested == "auto":
         has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-        return "channels_last" if has_conv else "contiguous"
+        return "channels_last" if has_conv and device_type == "cuda" else "contiguous"
     return requested
 
 

@@ -95,7 +95,8 @@ def run_arithmetic(cfg: Config, ckpt: dict | None, model: nn.Module, device_type
     if ckpt is not None:
         return (ckpt.get("precision") or resolve_precision(cfg.train.precision, device_type),
                 ckpt.get("memory_format") or "contiguous")
-    return resolve_precision(cfg.train.precision, device_type), resolve_memory_format(cfg.train.memory_format, model)
+    return (resolve_precision(cfg.train.precision, device_type),
+            resolve_memory_format(cfg.train.memory_format, model, device_type))
 
 
 def finish(method: Method, rctx: RankZeroContext, model: nn.Module, state: Any, r: int,
