@@ -232,6 +232,36 @@ def measure(name: str, batch: int, steps: int, repeats: int, bf16_flag: str | No
     return out
 
 
+def gradient_errors(name: str, batch: int) -> dict:
+    """How far one training step's gradients lie from a float64 step on the same weights and batch, per layout:
+    {layout: {"all": relative error of every gradient together, "worst": the worst parameter's, "worst_param": its
+    name}}. Why: on the CPU, oneDNN's channels_last convolution and BatchNorm backward are a different
+    computation, not only a different order of the same additions, and a less accurate gradient is a cost a
+    speed ratio does not show."""
+    import torch
+
+    model, loss_fn, _, shape = _build(name)
+    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(2))
+    model.train()
+
+    def grads(m, inp) -> dict[str, "torch.Tensor"]:
+        m.zero_grad(set_to_none=True)
+        loss_fn(m, inp, nullcontext()).backward()
+        return {n: p.grad.detach().double().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads(copy.deepcopy(model).double(), x.double())  # the loss itself still casts to float32 (.float())
+    out = {}
+    for layout, fmt in (("fp32", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        got = grads(copy.deepcopy(model).to(memory_format=fmt), x)
+        # a bias right before a BatchNorm has a zero gradient up to rounding: a relative error means nothing there
+        largest = max(float(g.norm()) for g in ref.values())
+        per = {n: float((got[n] - ref[n]).norm() / ref[n].norm()) for n in ref if float(ref[n].norm()) > 1e-6 * largest}
+        cat = torch.cat([(got[n] - ref[n]).flatten() for n in per]), torch.cat([ref[n].flatten() for n in per])
+        worst = max(per, key=per.get)
+        out[layout] = {"all": float(cat[0].norm() / cat[1].norm()), "worst": per[worst], "worst_param": worst}
+    return out
+
+
 def workloads(configs: Path = REPO / "jobs" / "configs") -> list[dict]:
     """Images trained and images passed forward by a whole run of each shipped 70k preset, from its fields.
 
@@ -285,6 +315,11 @@ def run(ctx: Context) -> dict:
         ctx.log(f"  {name}: batch {batch}, {cfg['steps_per_sample']} step(s) per sample, "
                 f"{cfg['repeats']} repeats (interleaved)")
         r = measure(name, batch, cfg["steps_per_sample"], cfg["repeats"], flag)
+        if name in CONV_NETS:
+            r["grad_error_vs_float64"] = gradient_errors(name, batch)
+            ctx.log("    gradient error vs float64: " + ", ".join(
+                f"{v} {e['all']:.2e} (worst {e['worst_param']} {e['worst']:.2e})"
+                for v, e in r["grad_error_vs_float64"].items()))
         results[name] = {**r, "batch": batch}
         for ph in ("train_step", "feature_pass"):
             ctx.log(f"    {ph}: " + ", ".join(f"{v} {row['images_per_s']['median']:.0f} img/s "

@@ -211,6 +211,12 @@ def _headlines(d: dict) -> list[str]:
                                              f"{_x(r['feature_pass']['bf16']['speedup_vs_fp32'])}"
                                              for n, r in rr.items() if "bf16" in r["train_step"])
                                    or "not timed (" + next(iter(rr.values()))["skipped"].get("bf16", "") + ")") + ".")
+        grad = [(n, r["grad_error_vs_float64"]) for n, r in rr.items() if "grad_error_vs_float64" in r]
+        if grad:
+            out.append("**Gradient error against float64, channels_last / contiguous** (one training step, same "
+                       "weights and batch; why `auto` is contiguous on the CPU): " + "; ".join(
+                           f"{n}: {_f(e['channels_last']['all'])} / {_f(e['fp32']['all'])} = "
+                           f"{_x(e['channels_last']['all'] / e['fp32']['all'])}" for n, e in grad) + ".")
         folded = [(n, r["feature_pass"]) for n, r in rr.items() if "folded" in r["feature_pass"]]
         if folded:
             out.append("**Feature pass with BatchNorm folded** (channels_last weights, `raydc.core.bn_fold`; vs "
@@ -443,14 +449,6 @@ def _bf16_agreement(r: dict) -> str:
     return ("\n" + " ".join(out) + "\n") if out else ""
 
 
-def _step_default(r: dict, phase: str) -> str:
-    """The variant raydc runs by default for a network on this machine: channels_last for a conv net (train.memory_format
-    auto), else fp32 (precision fp32 is every shipped preset's)."""
-    if phase == "feature_pass" and "folded" in r[phase]:
-        return "folded"
-    return "channels_last" if "channels_last" in r[phase] else "fp32"
-
-
 def _sec_precision(doc: dict) -> str:
     c = doc["config"]
     ceiling = doc.get("gemm_ceiling_gflops")
@@ -480,9 +478,9 @@ def _sec_precision(doc: dict) -> str:
            f"FLOPs per image from "
            f"`torch.utils.flop_counter` (a training step: forward and backward); GFLOP/s against the float32 GEMM "
            f"ceiling measured in the same process ({_f(ceiling)} GFLOP/s, torch.mm 2048^3). raydc's default per "
-           f"network: `train.memory_format: auto` (channels_last where there are convolutions), DeepCluster's "
-           f"feature passes with each BatchNorm folded into the layer before it (`folded`, on channels_last "
-           f"weights; `raydc.core.bn_fold`), and float32 "
+           f"network on a CPU: contiguous float32 (`train.memory_format: auto` is channels_last on CUDA only; "
+           f"`features.fold_batchnorm` is off: `folded` is DeepCluster's feature pass with each BatchNorm folded "
+           f"into the layer before it, on channels_last weights, `raydc.core.bn_fold`), "
            f"(`train.precision: fp32` in every shipped preset; `auto` picks bf16 only on CUDA and CPUs with bf16 "
            f"instructions).\n\n"
            + _table(["network", "phase", "batch", "MFLOP / image", "fp32 images/s", "fp32 GFLOP/s (of ceiling)",
@@ -491,6 +489,15 @@ def _sec_precision(doc: dict) -> str:
            + "\n\nNot timed (—): " + "; ".join(sorted({f"{v}: {why}" for r in doc["results"].values()
                                                          for v, why in r["skipped"].items()}))
            + ".\n\nNetworks: " + "; ".join(f"`{k}` = {v}" for k, v in doc["nets"].items()) + ".\n")
+    grad = {n: r["grad_error_vs_float64"] for n, r in doc["results"].items() if "grad_error_vs_float64" in r}
+    if grad:
+        out += ("\nOne training step's gradients against a float64 step on the same weights and batch (relative error "
+                "of all gradients together; the worst parameter in brackets). This is why `train.memory_format: "
+                "auto` is contiguous on the CPU: oneDNN's channels_last backward is faster and less accurate.\n\n"
+                + _table(["network", "contiguous float32", "channels_last", "channels_last / contiguous"],
+                         [[f"`{n}`"] + [f"{_f(e[v]['all'])} ({e[v]['worst_param']} {_f(e[v]['worst'])})"
+                                        for v in ("fp32", "channels_last")]
+                          + [_x(e["channels_last"]["all"] / e["fp32"]["all"])] for n, e in grad.items()]) + "\n")
     work = doc.get("workloads") or []
     if work:
         wrows = []
@@ -503,16 +510,17 @@ def _sec_precision(doc: dict) -> str:
                      if w["forward_images"] else 0.0)
                 return (t + f) / 60
 
-            d_tr, d_fp = _step_default(r, "train_step"), _step_default(r, "feature_pass")
+            cl = "channels_last" in r["train_step"] and "channels_last" in r["feature_pass"]
             wrows.append([f"`{w['config']}`", w["method"], w["what"], f"{w['train_images']:,}",
                           f"{w['forward_images']:,}", _f(minutes("fp32", "fp32")),
-                          f"{_f(minutes(d_tr, d_fp))} ({d_tr})"])
+                          _f(minutes("channels_last", "channels_last")) if cl else "—"])
         out += ("\nWhat the shipped 70k presets ask of these rates: images through a training step and images "
                 "through a feature pass over a whole run (`workloads` in `bench_precision.py`, from each preset's "
                 "fields), and the minutes those alone take at the rates above, one process with all the cores: the floor "
                 "under the run's time to quality on this machine, before data loading, k-means, Ray and the readout.\n\n"
-                + _table(["config", "method", "what", "images trained", "images forward", "minutes at fp32 contiguous",
-                          "minutes at raydc's default"], wrows) + "\n")
+                + _table(["config", "method", "what", "images trained", "images forward",
+                          "minutes at contiguous float32 (raydc's CPU default)", "minutes at channels_last"],
+                         wrows) + "\n")
     return out
 
 

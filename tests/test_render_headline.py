@@ -98,7 +98,7 @@ def test_a_seeds_run_limited_to_some_settings_keeps_the_others_recorded_rows(tmp
 
 def test_the_step_cost_section_prices_each_presets_workload_at_the_measured_rates():
     """Minutes = images trained / training rate + images forward / feature rate, at fp32 contiguous and at the
-    default layout (channels_last where the network has it); untimed variants show a dash and say why."""
+    channels_last (where the network has it); untimed variants show a dash and say why."""
     from benchmarks.render import _sec_precision
 
     def phase(fp32, cl=None):
@@ -120,5 +120,5 @@ def test_the_step_cost_section_prices_each_presets_workload_at_the_measured_rate
     text = _sec_precision(doc)
     row = next(line for line in text.splitlines() if line.startswith("| `x.yaml`"))
     # fp32: 6000/100 + 36000/600 = 120 s = 2 min; channels_last: 30 + 30 s = 1 min
-    assert row.endswith("| 2 | 1 (channels_last) |"), row
+    assert row.endswith("| 2 | 1 |"), row
     assert "bf16: no bf16 instructions" in text and "(**2.00×**)" in text
