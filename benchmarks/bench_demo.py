@@ -15,12 +15,19 @@ NAME = "demo"
 NEEDS_RAY = False  # started only when a run is missing
 
 SETTINGS = {
-    "deepcluster_demo": {"config": "demo.yaml", "sets": [], "method": "DeepCluster",
-                         "data": "MNIST test, 10,000 images, k = 100 joined to 10, 2 epochs (demo.yaml, make demo)"},
+    # make demo as shipped since train.memory_format auto became contiguous on the CPU
+    "deepcluster_demo_contiguous": {"config": "demo.yaml", "sets": [], "method": "DeepCluster",
+                                    "data": "MNIST test, 10,000 images, k = 100 joined to 10, 2 epochs (demo.yaml, "
+                                            "make demo: contiguous weights)"},
+    # make demo as it was shipped before: channels_last weights (auto's choice on the CPU then)
+    "deepcluster_demo": {"config": "demo.yaml", "sets": ["train.memory_format=channels_last"], "method": "DeepCluster",
+                         "data": "MNIST test, 10,000 images, k = 100 joined to 10, 2 epochs (demo.yaml, channels_last "
+                                 "weights)"},
     # the feature passes' BatchNorm folded (features.fold_batchnorm), same seeds, same session
-    "deepcluster_demo_bnfold": {"config": "demo.yaml", "sets": ["features.fold_batchnorm=true"], "method": "DeepCluster",
+    "deepcluster_demo_bnfold": {"config": "demo.yaml", "sets": ["train.memory_format=channels_last",
+                                                                "features.fold_batchnorm=true"], "method": "DeepCluster",
                                 "data": "MNIST test, 10,000 images, k = 100 joined to 10, 2 epochs (demo.yaml, "
-                                        "features.fold_batchnorm true)"},
+                                        "channels_last, features.fold_batchnorm true)"},
 }
 
 
