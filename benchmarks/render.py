@@ -214,7 +214,7 @@ def _headlines(d: dict) -> list[str]:
         grad = [(n, r["grad_error_vs_float64"]) for n, r in rr.items() if "grad_error_vs_float64" in r]
         if grad:
             out.append("**Gradient error against float64, channels_last / contiguous** (one training step, same "
-                       "weights and batch; why `auto` is contiguous on the CPU): " + "; ".join(
+                       "weights and batch): " + "; ".join(
                            f"{n}: {_f(e['channels_last']['all'])} / {_f(e['fp32']['all'])} = "
                            f"{_x(e['channels_last']['all'] / e['fp32']['all'])}" for n, e in grad) + ".")
         folded = [(n, r["feature_pass"]) for n, r in rr.items() if "folded" in r["feature_pass"]]
@@ -492,8 +492,10 @@ def _sec_precision(doc: dict) -> str:
     grad = {n: r["grad_error_vs_float64"] for n, r in doc["results"].items() if "grad_error_vs_float64" in r}
     if grad:
         out += ("\nOne training step's gradients against a float64 step on the same weights and batch (relative error "
-                "of all gradients together; the worst parameter in brackets). This is why `train.memory_format: "
-                "auto` is contiguous on the CPU: oneDNN's channels_last backward is faster and less accurate.\n\n"
+                "of all gradients together; the worst parameter in brackets): oneDNN's channels_last backward is a "
+                "different computation, not only another order of the same additions. It does not by itself explain "
+                "why DeepCluster's runs ended lower with channels_last (the reason `train.memory_format: auto` is "
+                "contiguous on the CPU): its error is larger for one network and smaller for another.\n\n"
                 + _table(["network", "contiguous float32", "channels_last", "channels_last / contiguous"],
                          [[f"`{n}`"] + [f"{_f(e[v]['all'])} ({e[v]['worst_param']} {_f(e[v]['worst'])})"
                                         for v in ("fp32", "channels_last")]

@@ -77,10 +77,11 @@ def resolve_memory_format(requested: str, model: torch.nn.Module, device_type: s
     the inputs stay as they are.
 
     Why not channels_last on the CPU, where oneDNN's NHWC training step is faster (benchmarks/RESULTS.md, "What a
-    step costs"): its gradients are further from a float64 reference than the contiguous path's (bench_precision's
-    `grad_error`), and DeepCluster's 70k runs ended lower with it on every seed compared (MNIST five of five,
-    Fashion-MNIST three of three: RESULTS, the seeds70k rows `_cl`/`_retain` against `_contiguous`). Asked for
-    explicitly it is still used."""
+    step costs"): DeepCluster's 70k runs ended lower with it on every seed compared, MNIST five of five and
+    Fashion-MNIST three of three (RESULTS, the seeds70k rows `_cl`/`_retain` against the contiguous ones). oneDNN's
+    NHWC kernels are a different computation, not only another order of the same additions, but how far one step's
+    gradients lie from float64 does not explain it alone (bench_precision's `grad_error_vs_float64`: closer for one
+    network, further for another). Asked for explicitly it is still used."""
     if requested not in MEMORY_FORMATS:
         raise ValueError(f"unknown memory format {requested!r} (expected one of {', '.join(MEMORY_FORMATS)})")
     if requested == "auto":
