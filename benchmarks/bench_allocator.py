@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 from benchmarks.common import REPO, Context, ratio, summarize
 
@@ -40,7 +41,6 @@ def _worker(name: str, phase: str, variant: str, batch: int, steps: int) -> dict
     x_feat = to_float(torch.randint(0, 256, (batch, shape[1], shape[2], shape[0]), generator=gen,
                                     dtype=torch.uint8).numpy()) if conv else x
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    from contextlib import nullcontext
 
     def train(n: int) -> None:
         model.train()
