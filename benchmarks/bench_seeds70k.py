@@ -84,6 +84,13 @@ SETTINGS = {
                                      "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml "
                                              "as shipped: contiguous weights, UMAP compiled during the rounds, freed "
                                              "batches kept mapped)"},
+    # the representation, for the crossbar-7 group (#30 item 1): screened on seeds that lose it, then all five
+    "deepcluster_mnist70k_cosine": {"config": "mnist.yaml", "sets": ["train.lr_schedule=cosine"],
+                                    "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
+                                    "data": "MNIST, all 70,000 images, mnist.yaml with a cosine lr over the 6 rounds"},
+    "deepcluster_mnist70k_8rounds": {"config": "mnist.yaml", "sets": ["train.epochs=8"],
+                                     "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
+                                     "data": "MNIST, all 70,000 images, mnist.yaml trained 8 rounds instead of 6"},
 }
 
 
