@@ -91,6 +91,13 @@ SETTINGS = {
     "deepcluster_mnist70k_8rounds": {"config": "mnist.yaml", "sets": ["train.epochs=8"],
                                      "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
                                      "data": "MNIST, all 70,000 images, mnist.yaml trained 8 rounds instead of 6"},
+    # without the Sobel front end: the network sees intensity (v2_nosobel led the 10k ablations)
+    "deepcluster_fmnist70k_nosobel": {"config": "fmnist.yaml", "sets": ["model.sobel=false"], "seeds": (31, 32, 33),
+                                      "method": "DeepCluster",
+                                      "data": "Fashion-MNIST, all 70,000 images, fmnist.yaml without the Sobel front end"},
+    "deepcluster_mnist70k_nosobel": {"config": "mnist.yaml", "sets": ["model.sobel=false"],
+                                     "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
+                                     "data": "MNIST, all 70,000 images, mnist.yaml without the Sobel front end"},
 }
 
 
