@@ -84,20 +84,21 @@ SETTINGS = {
                                      "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml "
                                              "as shipped: contiguous weights, UMAP compiled during the rounds, freed "
                                              "batches kept mapped)"},
-    # the representation, for the crossbar-7 group (#30 item 1): screened on seeds that lose it, then all five
-    "deepcluster_mnist70k_cosine": {"config": "mnist.yaml", "sets": ["train.lr_schedule=cosine"],
-                                    "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
-                                    "data": "MNIST, all 70,000 images, mnist.yaml with a cosine lr over the 6 rounds"},
-    "deepcluster_mnist70k_8rounds": {"config": "mnist.yaml", "sets": ["train.epochs=8"],
-                                     "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
-                                     "data": "MNIST, all 70,000 images, mnist.yaml trained 8 rounds instead of 6"},
-    # without the Sobel front end: the network sees intensity (v2_nosobel led the 10k ablations)
-    "deepcluster_fmnist70k_nosobel": {"config": "fmnist.yaml", "sets": ["model.sobel=false"], "seeds": (31, 32, 33),
+    # Screens for the representation (#30 items 1 and 2), each on one seed and stopped there: seed 32 is one of the
+    # four that lose the crossbar-7 group (0.967 as shipped), so a change that keeps it would show there first.
+    "deepcluster_mnist70k_cosine": {"config": "mnist.yaml", "sets": ["train.lr_schedule=cosine"], "seeds": (32,),
+                                    "method": "DeepCluster",
+                                    "data": "MNIST, all 70,000 images, mnist.yaml with a cosine lr over the 6 rounds "
+                                            "(a one-seed screen; a test suite shared the cores: minutes an upper bound)"},
+    "deepcluster_mnist70k_8rounds": {"config": "mnist.yaml", "sets": ["train.epochs=8"], "seeds": (32,),
+                                     "method": "DeepCluster",
+                                     "data": "MNIST, all 70,000 images, mnist.yaml trained 8 rounds instead of 6 "
+                                             "(a one-seed screen; a test suite shared the cores: minutes an upper bound)"},
+    # without the Sobel front end the network sees intensity (v2_nosobel led the 10k MNIST ablations)
+    "deepcluster_fmnist70k_nosobel": {"config": "fmnist.yaml", "sets": ["model.sobel=false"], "seeds": (31,),
                                       "method": "DeepCluster",
-                                      "data": "Fashion-MNIST, all 70,000 images, fmnist.yaml without the Sobel front end"},
-    "deepcluster_mnist70k_nosobel": {"config": "mnist.yaml", "sets": ["model.sobel=false"],
-                                     "seeds": (32, 34, 31, 33, 35), "method": "DeepCluster",
-                                     "data": "MNIST, all 70,000 images, mnist.yaml without the Sobel front end"},
+                                      "data": "Fashion-MNIST, all 70,000 images, fmnist.yaml without the Sobel front "
+                                              "end (a one-seed screen; minutes an upper bound, tests shared the cores)"},
 }
 
 
