@@ -37,9 +37,11 @@ lint: $(STAMP)
 
 # Two pytest-xdist workers, each with its own session Ray; whole files go to one worker, so module fixtures are
 # built once. One process leaves part of both cores idle between Ray's start-ups; two fill those gaps.
+# Every test's Ray workers and CLI runs are fresh Python processes: where the environment sets
+# PYTHONDONTWRITEBYTECODE, each of them would compile raydc's modules again (an empty value turns caching back on).
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=30 -n $(TEST_WORKERS) --dist loadfile tests
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -m "not slow" -q --timeout=600 --durations=30 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests

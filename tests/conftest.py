@@ -11,8 +11,8 @@ from tests.helpers import REPO  # noqa: F401  (one definition; test files import
 
 # The files that take longest under `make test`, collected first. xdist (`--dist loadfile`) hands whole files to its
 # workers in collection order, so a long file collected near the end runs alone while the other worker idles.
-SLOWEST_FIRST = ("test_multinode.py", "test_sweep.py", "test_object_storage.py", "test_umap_readout.py",
-                 "test_datasets_ray.py", "test_dac_method.py")
+SLOWEST_FIRST = ("test_object_storage.py", "test_datasets_ray.py", "test_multinode.py", "test_umap_readout.py",
+                 "test_clustering_service.py", "test_dac_chunks.py", "test_coordinator_imports.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -137,6 +137,9 @@ def tiny_run(tmp_path_factory, ray_local):
 
 
 @pytest.mark.ray
+# `make test-all`: a two-worker Ray Train run; the fast suite keeps DAC's DDP steps (tests/test_dac_chunks.py,
+# test_dac_core.py), its rounds in process (test_resume_in_process.py) and one Ray Train run (test_object_storage.py).
+@pytest.mark.slow
 def test_end_to_end_run_directory_and_assign(tiny_run, tmp_path):
     import pyarrow.parquet as pq
 

@@ -77,6 +77,22 @@ def test_reads_plan_no_footer_listing_and_leave_the_global_flag(ray_local, small
     assert ctx.use_datasource_v2 == before
 
 
+@pytest.mark.ray
+def test_a_read_runs_at_most_one_task_per_cpu_at_once(ray_local, small_shards):
+    """Read tasks ask a quarter CPU (so they run beside Train workers holding whole ones), but no more of them run
+    at once than the cluster has CPUs: uncapped, the 32 shards of the streaming test below started 16 worker
+    processes on a 4-CPU Ray, each paying the import of pyarrow and Ray Data, for reads that then queued on the
+    same two cores. The cap is Ray Data's task pool on the Read operator."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    op = read_shards(small_shards[0], columns=["id"])._logical_plan.dag
+    while op.input_dependencies:
+        op = op.input_dependencies[0]
+    assert type(op).__name__ == "Read" and op.ray_remote_args["num_cpus"] == 0.25
+    assert op.compute == TaskPoolStrategy(size=int(ray.cluster_resources()["CPU"]))
+
+
 def test_columns_and_data_iterator(ray_local, small_shards):
     shards, _, labels = small_shards
     ds = read_shards(shards, columns=["id", "label"])

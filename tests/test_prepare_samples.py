@@ -86,6 +86,23 @@ def test_samples_become_shards_keyed_by_their_key(ray_local, tmp_path, kind):
     assert load_manifest(tmp_path / "out").source == str(tmp_path / "src")
 
 
+def test_parquet_samples_are_read_without_footer_actors(ray_local, tmp_path):
+    """Ray 2.60's V2 Parquet reader plans a ListFiles op that starts 32 footer-reading actors per execution; the
+    samples are read by the V1 reader (a Read op) and the caller's DataContext flag is put back."""
+    from ray.data import DataContext
+
+    from raydc.data.sample_sources import open_samples
+
+    make_parquet(tmp_path / "src")
+    before = DataContext.get_current().use_datasource_v2
+    op, names = open_samples("parquet", str(tmp_path / "src")).dataset()._logical_plan.dag, []
+    while op is not None:
+        names.append(type(op).__name__)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert "ListFiles" not in names and any(n.startswith("Read") for n in names), names
+    assert DataContext.get_current().use_datasource_v2 == before
+
+
 def test_bad_sample_sources_name_the_fix(ray_local, tmp_path):
     from raydc.data.ray_prepare import prepare_samples
 

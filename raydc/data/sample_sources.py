@@ -48,8 +48,11 @@ class SampleLayout:
         fs, _ = storage.resolve(self.root)
         if self.name == "webdataset":
             return ray.data.read_webdataset(self.fs_root, filesystem=fs, decoder=None, file_extensions=["tar"])
-        return ray.data.read_parquet(self.fs_root, filesystem=fs, columns=[*self.image_columns, self.key_column],
-                                     file_extensions=["parquet"])
+        from raydc.data.parquet_reader import planned_once
+
+        with planned_once():
+            return ray.data.read_parquet(self.fs_root, filesystem=fs,
+                                         columns=[*self.image_columns, self.key_column], file_extensions=["parquet"])
 
 
 def open_samples(kind: str, root: str, image_column: str | None = None, key_column: str | None = None,

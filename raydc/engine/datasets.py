@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raydc.data.manifest import Manifest, load_manifest, verify_shards
+from raydc.data.parquet_reader import planned_once
 from raydc.errors import DataError
 
 COLUMNS = ("row", "id", "image", "label")
@@ -98,18 +99,13 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
         paths = [resolve(p)[1] for p in paths]
     else:
         paths = [str(Path(p).resolve()) for p in paths]
-    # Ray 2.60's default Parquet reader (datasource V2) starts 32 footer-reading actors on every execution, i.e.
-    # every epoch and every feature pass: seconds of process start-up per pass on a small node, for footers
-    # that `check_shard_footers` has already read. The V1 reader plans once, when the Dataset is built: it lists
-    # the files on the driver and reads a bounded sample of footers in tasks to size its blocks. The flag is read
-    # at that point, so it is set only around this call.
-    data_ctx = ray.data.DataContext.get_current()
-    use_v2, data_ctx.use_datasource_v2 = data_ctx.use_datasource_v2, False
-    try:
+    # A read task asks `read_cpus` (a quarter CPU) so that reads run beside Train workers holding whole CPUs, but
+    # at most one per CPU runs at once: uncapped, Ray runs four per CPU, and each is its own worker process that
+    # loads pyarrow and Ray Data (seconds of CPU apiece) for reads that then wait on the same cores.
+    max_tasks = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else None
+    with planned_once():  # the V1 reader: no footer-reading actors on every execution (raydc.data.parquet_reader)
         ds = ray.data.read_parquet(paths, num_cpus=read_cpus, shuffle=shuffle, partitioning=None,
-                                   filesystem=filesystem)
-    finally:
-        data_ctx.use_datasource_v2 = use_v2
+                                   filesystem=filesystem, concurrency=max_tasks)
     if block_bytes is not None:
         ds.context.target_max_block_size = block_bytes  # this dataset's own context copy, not the global one
     if columns is not None:
