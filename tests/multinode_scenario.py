@@ -90,17 +90,21 @@ def _blocks_stay_on_their_node(proxy, workers, ray) -> dict:
     on that node. Rows r of node j's blocks are j * 8000 + ..., so each shard's rows tell where they came from."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
-    def block(start: int, n: int):  # 2,000 x 16 float32 plus ids: above Ray's 100 KiB inline limit, in plasma
-        rows = np.arange(start, start + n, dtype=np.int64)
-        return {"row": rows, "id": rows, "feature": np.random.default_rng(start).random((n, 16), dtype=np.float32)}
+    # One task per node makes that node's four blocks (each 2,000 x 16 float32 plus ids: above Ray's 100 KiB inline
+    # limit, in plasma): a zero-CPU task per block would start a worker process per block.
+    @ray.remote(num_cpus=0, num_returns=4)
+    def blocks(first: int, n: int):
+        out = []
+        for start in range(first, first + 4 * n, n):
+            rows = np.arange(start, start + n, dtype=np.int64)
+            out.append({"row": rows, "id": rows,
+                        "feature": np.random.default_rng(start).random((n, 16), dtype=np.float32)})
+        return tuple(out)
 
     refs, node_of_row = [], {}
     for j, w in enumerate(workers):
-        for b in range(4):
-            start = j * 8000 + b * 2000
-            refs.append(block.options(scheduling_strategy=NodeAffinitySchedulingStrategy(w.node_id, soft=False))
-                        .remote(start, 2000))
+        refs.extend(blocks.options(scheduling_strategy=NodeAffinitySchedulingStrategy(w.node_id, soft=False))
+                    .remote(j * 8000, 2000))
         node_of_row[j] = w.node_id
     refs = refs[::2] + refs[1::2]  # interleaved, so round-robin would mix the nodes
     ray.wait(refs, num_returns=len(refs))

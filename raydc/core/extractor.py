@@ -76,13 +76,19 @@ def load_network(spec: ExtractorSpec):
     return in_memory_format(model, _layout(spec, model)).eval()
 
 
-def _layout(spec: ExtractorSpec, model) -> str:
+def pool_device() -> str:
+    """Where a feature pool's actor computes: its GPU when Ray gave it one. One rule for the device a pool moves
+    the network to and the layout `auto` resolves for, so the two never disagree."""
     import torch
 
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layout(spec: ExtractorSpec, model) -> str:
     from raydc.core.precision import resolve_memory_format
 
     # the run's resolved layout when it has one; else `auto` for where this pool computes
-    return resolve_memory_format(spec.memory_format or "auto", model, "cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_memory_format(spec.memory_format or "auto", model, pool_device())
 
 
 def inference_network(model, spec: ExtractorSpec):

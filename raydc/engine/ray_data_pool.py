@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 
-from raydc.core.extractor import ExtractorSpec, build_network, keep_mask, reduce_features
+from raydc.core.extractor import ExtractorSpec, build_network, keep_mask, pool_device, reduce_features
 
 
 class FeatureExtractor:
@@ -31,7 +31,7 @@ class FeatureExtractor:
         spec: ExtractorSpec = open_spec(ray.get(spec_ref[0]) if isinstance(spec_ref, list) else spec_ref)
         if threads > 0:
             torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(pool_device())
         self.model = build_network(spec).to(self.device)
         self.fn = getattr(self.model, spec.call)
         self.spec = spec
