@@ -112,6 +112,15 @@ def shard_rows(out):
 GROUPS, SIDE_GROUPS, PER_GROUP = 3, 16, 60
 
 
+def plan_operators(ds) -> list:
+    """A Ray Dataset's logical operators from its last to its source (its plan, not executed)."""
+    op, ops = ds._logical_plan.dag, []
+    while op is not None:
+        ops.append(op)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return ops
+
+
 def three_groups(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Three well-separated groups of 16x16 gray images (horizontal stripes, vertical stripes, a disc) plus
     pixel noise: distinct structures, so no two groups are closer than the third, whatever the network."""

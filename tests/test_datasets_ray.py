@@ -13,6 +13,7 @@ from raydc.data.sources import ArrayPart, ArraySource
 from raydc.data.decode import decode_batch
 from raydc.engine.datasets import read_shards
 from raydc.errors import DataError
+from tests.helpers import plan_operators
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +56,8 @@ def test_every_id_once_with_its_image(ray_local, small_shards, seed):
     assert np.array_equal(got["label"], labels[ids])
 
 
-@pytest.mark.ray
 def _operators(ds) -> list[str]:
-    op, names = ds._logical_plan.dag, []
-    while op is not None:
-        names.append(type(op).__name__)
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    return names
+    return [type(op).__name__ for op in plan_operators(ds)]
 
 
 @pytest.mark.ray
@@ -86,9 +82,7 @@ def test_a_read_runs_at_most_one_task_per_cpu_at_once(ray_local, small_shards):
     import ray
     from ray.data import TaskPoolStrategy
 
-    op = read_shards(small_shards[0], columns=["id"])._logical_plan.dag
-    while op.input_dependencies:
-        op = op.input_dependencies[0]
+    op = plan_operators(read_shards(small_shards[0], columns=["id"]))[-1]
     assert type(op).__name__ == "Read" and op.ray_remote_args["num_cpus"] == 0.25
     assert op.compute == TaskPoolStrategy(size=int(ray.cluster_resources()["CPU"]))
 

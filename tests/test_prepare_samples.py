@@ -19,7 +19,7 @@ from PIL import Image
 from raydc.data.manifest import load_manifest, verify_shards
 from raydc.errors import DataError
 from tests.conftest import REPO
-from tests.helpers import shard_rows
+from tests.helpers import plan_operators, shard_rows
 
 pytestmark = pytest.mark.ray
 
@@ -95,10 +95,7 @@ def test_parquet_samples_are_read_without_footer_actors(ray_local, tmp_path):
 
     make_parquet(tmp_path / "src")
     before = DataContext.get_current().use_datasource_v2
-    op, names = open_samples("parquet", str(tmp_path / "src")).dataset()._logical_plan.dag, []
-    while op is not None:
-        names.append(type(op).__name__)
-        op = op.input_dependencies[0] if op.input_dependencies else None
+    names = [type(op).__name__ for op in plan_operators(open_samples("parquet", str(tmp_path / "src")).dataset())]
     assert "ListFiles" not in names and any(n.startswith("Read") for n in names), names
     assert DataContext.get_current().use_datasource_v2 == before
 

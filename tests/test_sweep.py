@@ -159,7 +159,7 @@ def test_search_and_scheduler_reach_tune():
 @pytest.mark.parametrize("grid", [
     # One trial: Tune, the engine inside a trial, the console, trackers and the sweep's files (the scores'
     # directions and the choice among trials are the selection tests' above). `make test-all`: a whole engine run
-    # inside a Tune trial is ~100 CPU-seconds of process start-ups, a fifth of `make test` on 2 cores.
+    # inside a Tune trial starts some thirty processes, and on a small machine their start-ups dominate the suite.
     pytest.param([3], id="one-trial", marks=pytest.mark.slow),
     # The choice through Tune among three whole runs (~2 min on 2 cores): `make test-all`.
     pytest.param([2, 3, 5], id="three-trials", marks=pytest.mark.slow),
