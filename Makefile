@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip check
+	@# numba's on-disk cache of UMAP's kernels, filled once here rather than by the first fit of each checkout
+	$(BIN)/python -c "from raydc.core.merge import fill_manifold_cache as f; print(f'UMAP kernels cached in {f():.0f} s')"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -230,3 +230,26 @@ def test_a_warmed_up_fitter_reports_its_warm_up_and_fits_the_same(ray_local, row
     finally:
         ctx.shutdown()
     assert where["manifold_warm_up_s"] > 0
+
+
+@pytest.mark.slow  # fills a numba cache from nothing: a first fit's whole compile, four times
+def test_filling_the_cache_leaves_the_kernels_of_both_searches_on_disk(tmp_path):
+    """`make install`'s `fill_manifold_cache`: numba writes pynndescent's and umap's cacheable kernels (here to
+    NUMBA_CACHE_DIR) for the all-distances search and for NN-descent, so a later process loads rather than
+    compiles them. Warming one search alone leaves the other's kernels out."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    def cached(call: str, where) -> set[str]:
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(where), "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, "-c", f"import raydc.core.merge as m; m.{call}"], env=env, check=True,
+                       timeout=900)
+        return {p.name for p in where.rglob("*.nbi")}
+
+    both = cached("fill_manifold_cache()", tmp_path / "both")
+    exact = cached("warm_up_manifold(metric='euclidean', approximate=False)", tmp_path / "exact")
+    assert any("pynndescent" in str(p) for p in (tmp_path / "both").rglob("*.nbi"))
+    assert exact < both  # NN-descent's kernels (and cosine's) come only from the fill

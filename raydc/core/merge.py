@@ -293,6 +293,21 @@ def warm_up_manifold(*, dims: int = 10, n_neighbors: int = 20, metric: str = "co
     return time.perf_counter() - t0
 
 
+def fill_manifold_cache() -> float:
+    """Compile the part of UMAP's JIT code that numba can keep on disk (`cache=True`: pynndescent's and umap's
+    distance and graph kernels, in their package's __pycache__) for both neighbour searches and both metrics a
+    readout uses, and return the seconds it took. `make install` runs it, as pip compiles bytecode.
+
+    Why: a fresh environment's first fit compiles those kernels and writes them there; every later process,
+    a run's fitter actor or a test, then loads them instead: about half of a first fit's compile. The rest is
+    compiled per process whatever is done here (see `warm_up_manifold`)."""
+    seconds = 0.0
+    for approximate in (False, True):
+        for metric in ("euclidean", "cosine"):
+            seconds += warm_up_manifold(metric=metric, approximate=approximate)
+    return seconds
+
+
 def consensus_partition(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
     """(index of the partition that agrees most with the others, each partition's mean adjusted Rand index
     against the others). One partition: (0, [1.0]).
