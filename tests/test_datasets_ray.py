@@ -74,17 +74,29 @@ def test_reads_plan_no_footer_listing_and_leave_the_global_flag(ray_local, small
 
 
 @pytest.mark.ray
-def test_a_read_runs_at_most_one_task_per_cpu_at_once(ray_local, small_shards):
+def test_a_read_runs_at_most_one_task_per_cpu_at_once(ray_local, small_shards, tmp_path):
     """Read tasks ask a quarter CPU (so they run beside Train workers holding whole ones), but no more of them run
     at once than the cluster has CPUs: uncapped, the 32 shards of the streaming test below started 16 worker
     processes on a 4-CPU Ray, each paying the import of pyarrow and Ray Data, for reads that then queued on the
-    same two cores. The cap is Ray Data's task pool on the Read operator."""
+    same two cores. The cap is Ray Data's task pool on the Read operator; never above the shards' count, where Ray
+    Data would warn on the console that the cap cannot be reached."""
+    import warnings
+
     import ray
     from ray.data import TaskPoolStrategy
 
-    op = plan_operators(read_shards(small_shards[0], columns=["id"]))[-1]
+    shards = small_shards[0]
+    op = plan_operators(read_shards(shards, columns=["id"]))[-1]
     assert type(op).__name__ == "Read" and op.ray_remote_args["num_cpus"] == 0.25
     assert op.compute == TaskPoolStrategy(size=int(ray.cluster_resources()["CPU"]))
+    two = tmp_path / "two"  # fewer shards than CPUs
+    prepare("npz", two, root=shards.parent / "src.npz", rows_per_shard=600, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = read_shards(two, columns=["id"])
+        assert plan_operators(ds)[-1].compute == TaskPoolStrategy(size=2)
+        assert sum(len(b["id"]) for b in ds.iter_batches(batch_format="numpy")) == 1000
+    assert not [str(w.message) for w in caught if "concurrent tasks" in str(w.message)]
 
 
 def test_columns_and_data_iterator(ray_local, small_shards):

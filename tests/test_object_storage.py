@@ -84,7 +84,7 @@ def test_the_default_output_is_one_line_per_round_and_none_of_rays_chatter(run_o
     assert sum(line.startswith("epoch 0 |") for line in lines) == 1, out
     assert sum(line.startswith("final |") for line in lines) == 1, out
     for noise in ("RayTrainWorker pid=", "TrainController", "Reporting training result", "TrainingReport(",
-                  "Clustering ", "PYTHON worker processes have been started", "Progress bars disabled"):
+                  "Clustering ", "PYTHON worker processes have been started", "Progress bars disabled", "Warning:"):
         assert noise not in out, (noise, out)
 
 

@@ -101,8 +101,11 @@ def read_shards(shard_dir: str | os.PathLike, *, columns: Sequence[str] | None =
         paths = [str(Path(p).resolve()) for p in paths]
     # A read task asks `read_cpus` (a quarter CPU) so that reads run beside Train workers holding whole CPUs, but
     # at most one per CPU runs at once: uncapped, Ray runs four per CPU, and each is its own worker process that
-    # loads pyarrow and Ray Data (seconds of CPU apiece) for reads that then wait on the same cores.
-    max_tasks = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else None
+    # loads pyarrow and Ray Data (seconds of CPU apiece) for reads that then wait on the same cores. Nor more than
+    # there are shards (a read task per file): a cap above its task count makes Ray Data warn on the console.
+    max_tasks = None
+    if ray.is_initialized():
+        max_tasks = max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(paths)))
     with planned_once():  # the V1 reader: no footer-reading actors on every execution (raydc.data.parquet_reader)
         ds = ray.data.read_parquet(paths, num_cpus=read_cpus, shuffle=shuffle, partitioning=None,
                                    filesystem=filesystem, concurrency=max_tasks)
