@@ -186,7 +186,18 @@ def test_no_manifest_says_how_to_prepare(tmp_path):
         read_shards(tmp_path)
 
 
-def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local, small_shards):
+@pytest.fixture(scope="module")
+def pool_of_two(ray_local, small_shards):
+    """One persistent feature pool of two actors for the tests below: each pass sets its own spec, and an actor
+    start (torch's import, the network) is the most of what a pool test costs."""
+    from raydc.engine.persistent_pool import PersistentFeaturePool
+
+    pool = PersistentFeaturePool(load_manifest(small_shards[0]), concurrency=2)
+    yield pool
+    pool.shutdown()
+
+
+def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local, small_shards, pool_of_two):
     """Both feature pools give every image's features once, equal to each other; the persistent one gives the
     same block layout on every pass (what makes a resumed run cluster the same rows), reuses its actors, and folds
     BatchNorm from each pass's own weights where the spec asks."""
@@ -197,7 +208,7 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
 
     from raydc.core.models import small_convnet
     from raydc.data.manifest import load_manifest
-    from raydc.engine.persistent_pool import PersistentFeaturePool, plan_pieces
+    from raydc.engine.persistent_pool import plan_pieces
     from raydc.core.extractor import ExtractorSpec
     from raydc.engine.ray_data_pool import extract_features
 
@@ -216,19 +227,16 @@ def test_persistent_pool_matches_the_ray_data_pool_and_keeps_its_order(ray_local
                                            num_gpus=0.0, batch_size=128))
     paths = manifest.shard_paths(shard_dir)
     assert len(plan_pieces(paths, 8)) >= 8
-    pool = PersistentFeaturePool(manifest, concurrency=2)
-    try:
-        ids_p, f_p = gather(pool.extract(paths, spec, batch_size=128))
-        actors = [w._actor_id for w in pool.workers]
-        ids_p2, f_p2 = gather(pool.extract(paths, spec, batch_size=128))
-        assert [w._actor_id for w in pool.workers] == actors
-        # The second pass's profile only (set_spec restarts each actor's clock); the row groups stayed cached.
-        clock = pool.pass_clock()
-        assert set(clock) <= {"read_s", "decode_s", "embed_s", "busy_s"} and clock["embed_s"] > 0
-        assert clock["busy_s"] >= clock["decode_s"] + clock["embed_s"]
-        _check_the_pool_folds_each_passs_own_weights(pool, manifest, paths, images)
-    finally:
-        pool.shutdown()
+    pool = pool_of_two
+    ids_p, f_p = gather(pool.extract(paths, spec, batch_size=128))
+    actors = [w._actor_id for w in pool.workers]
+    ids_p2, f_p2 = gather(pool.extract(paths, spec, batch_size=128))
+    assert [w._actor_id for w in pool.workers] == actors
+    # The second pass's profile only (set_spec restarts each actor's clock); the row groups stayed cached.
+    clock = pool.pass_clock()
+    assert set(clock) <= {"read_s", "decode_s", "embed_s", "busy_s"} and clock["embed_s"] > 0
+    assert clock["busy_s"] >= clock["decode_s"] + clock["embed_s"]
+    _check_the_pool_folds_each_passs_own_weights(pool, manifest, paths, images)
     assert sorted(ids_p.tolist()) == list(range(len(images)))
     np.testing.assert_array_equal(ids_p, ids_p2)
     np.testing.assert_array_equal(f_p, f_p2)
@@ -306,7 +314,8 @@ def test_a_cached_dataset_streams_the_same_rows_in_the_same_order(ray_local, sma
 
 
 @pytest.mark.ray
-def test_batch_statistics_readout_is_the_same_whatever_the_pool_concurrency_and_batch(ray_local, small_shards):
+def test_batch_statistics_readout_is_the_same_whatever_the_pool_concurrency_and_batch(ray_local, small_shards,
+                                                                                     pool_of_two):
     """DAC's batch-statistics readout: each image is normalised with its fixed group of consecutive rows, so
     its label feature does not depend on how the pool cut the work. Without the alignment it does."""
     import dataclasses
@@ -335,19 +344,20 @@ def test_batch_statistics_readout_is_the_same_whatever_the_pool_concurrency_and_
 
     unaligned = dataclasses.replace(spec, batch_align=1)
 
-    def features(concurrency, batch_size):
-        """Both specs through one pool (a pool's actors start once per concurrency, not once per pass)."""
-        pool = PersistentFeaturePool(manifest, concurrency=concurrency)
+    def features(pool, batch_size):
+        """Both specs through one pool (a pool's actors start once, not once per pass)."""
         out = []
-        try:
-            for s in (spec, unaligned):
-                blocks = ray.get(pool.extract(paths, s, batch_size=batch_size))
-                ids = np.concatenate([b["id"] for b in blocks])
-                out.append(np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)])
-        finally:
-            pool.shutdown()
+        for s in (spec, unaligned):
+            blocks = ray.get(pool.extract(paths, s, batch_size=batch_size))
+            ids = np.concatenate([b["id"] for b in blocks])
+            out.append(np.concatenate([b["feature"] for b in blocks])[np.argsort(ids)])
         return out
 
-    (a, a_unaligned), (b, b_unaligned) = features(1, 100), features(2, 256)
+    one = PersistentFeaturePool(manifest, concurrency=1)
+    try:
+        a, a_unaligned = features(one, 100)
+    finally:
+        one.shutdown()
+    b, b_unaligned = features(pool_of_two, 256)
     np.testing.assert_allclose(a, b, atol=2e-4)  # the actors' thread counts differ: float sums, not groups
     assert np.abs(a_unaligned - b_unaligned).max() > 1e-2
