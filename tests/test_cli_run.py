@@ -73,3 +73,42 @@ def test_sigterm_mid_run_ends_cleanly_with_the_resume_hint(ray_local, mixed_fold
         assert noise not in out, (noise, out)
     assert (tmp_path / "run" / "checkpoints").is_dir()  # something to resume from
     assert not (tmp_path / ".run.lease").exists()  # given back on SIGTERM: a --resume need not wait
+
+
+def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypatch, capsys):
+    """What `ray stop` under a running `raydc train` made `fit()` raise (seen by hand: Ray Train's WorkerGroupError,
+    its rank 0 failing the health check with the actor unavailable): one line naming the lost actor and the
+    resume hint, exit 1, no traceback; --verbose keeps the traceback. An error raised by code inside a task (a
+    RayTaskError, here a ValueError in the worker) is a bug and keeps it too, however Ray Train wraps it."""
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    import raydc.cli as cli
+
+    unavailable = ActorUnavailableError("The actor is temporarily unavailable: RpcError: Connection reset", None)
+    lost = WorkerGroupError("[Rank 0 Error Snippet]: A worker health check failed.",
+                            {0: WorkerHealthCheckFailedError("A worker health check failed.", unavailable)})
+    in_task = RayTaskError("train_loop", "Traceback (most recent call last): ...", ValueError("bad"))
+    bug = WorkerGroupError("[Rank 0 Error Snippet]: ValueError", {0: in_task.as_instanceof_cause()})
+    raised: list[BaseException] = []
+
+    def dispatch(args):
+        raise raised[-1]
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    monkeypatch.setenv("RAYDC_VERBOSE", "")  # restored after the test: --verbose below sets it
+    argv = ["train", "--config", "jobs/configs/demo.yaml"]
+    for error in (unavailable, lost):
+        raised.append(error)
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Ray lost part of the run (ActorUnavailableError: The actor" in err, err
+        assert "resume with --resume" in err and "Traceback" not in err and len(err.splitlines()) == 2, err
+    for error in (in_task.as_instanceof_cause(), bug):
+        raised.append(error)
+        with pytest.raises(type(error)):
+            cli.main(argv)
+    raised.append(lost)
+    with pytest.raises(WorkerGroupError):
+        cli.main([*argv, "--verbose"])
