@@ -43,6 +43,8 @@ def _ray_lost(e: BaseException) -> BaseException | None:
 
     if isinstance(e, rex.RayTaskError):
         return None
+    if isinstance(e, rex.RayActorError) and getattr(e, "actor_init_failed", False):
+        return None  # its constructor raised: code, not Ray
     if isinstance(e, (rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError)):
         return e
     failures = getattr(e, "worker_failures", None)

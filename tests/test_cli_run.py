@@ -79,8 +79,9 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
     """What `ray stop` under a running `raydc train` made `fit()` raise (seen by hand: Ray Train's WorkerGroupError,
     its rank 0 failing the health check with the actor unavailable): one line naming the lost actor and the
     resume hint, exit 1, no traceback; --verbose keeps the traceback. An error raised by code inside a task (a
-    RayTaskError, here a ValueError in the worker) is a bug and keeps it too, however Ray Train wraps it."""
-    from ray.exceptions import ActorUnavailableError, RayTaskError
+    RayTaskError, here a ValueError in the worker, or an actor whose constructor raised) is a bug and keeps it too,
+    however Ray Train wraps it."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
@@ -105,7 +106,7 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
         err = capsys.readouterr().err
         assert "Ray lost part of the run (ActorUnavailableError: The actor" in err, err
         assert "resume with --resume" in err and "Traceback" not in err and len(err.splitlines()) == 2, err
-    for error in (in_task.as_instanceof_cause(), bug):
+    for error in (in_task.as_instanceof_cause(), bug, ActorDiedError(in_task)):  # the last: a constructor raised
         raised.append(error)
         with pytest.raises(type(error)):
             cli.main(argv)
