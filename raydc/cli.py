@@ -30,34 +30,6 @@ def _stop_message(command: str, how: str) -> str:
     return f"raydc: {how}" + ("; resume with --resume" if command == "train" else "")
 
 
-def _ray_lost(e: BaseException) -> BaseException | None:
-    """The Ray error inside `e` that says Ray lost part of itself (an actor's process or its node, an object's
-    owner), or None for anything else: above all an error raised by raydc's or the user's code inside a task (a
-    RayTaskError), which is a bug or bad input and keeps its traceback. Ray Train reports a lost worker as a
-    WorkerGroupError whose rank failed its health check with the actor unavailable, and a lost controller as a
-    ControllerError: both are unwrapped (by the attributes Ray Train's errors carry), and a WorkerGroupError
-    counts only if every rank in it was lost."""
-    if "ray" not in sys.modules:
-        return None
-    from ray import exceptions as rex
-
-    if isinstance(e, rex.RayTaskError):
-        return None
-    if isinstance(e, rex.RayActorError) and getattr(e, "actor_init_failed", False):
-        return None  # its constructor raised: code, not Ray
-    if isinstance(e, (rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError)):
-        return e
-    failures = getattr(e, "worker_failures", None)
-    if isinstance(failures, dict) and failures:
-        lost = [_ray_lost(f) for f in failures.values()]
-        return lost[0] if all(lost) else None
-    for cause in ("controller_failure", "health_check_failure"):
-        inner = getattr(e, cause, None)
-        if isinstance(inner, BaseException):
-            return _ray_lost(inner)
-    return None
-
-
 def _sigterm_handler(command: str):
     def on_sigterm(signum, frame):
         global _terminated
@@ -163,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_stop_message(args.command, "interrupted"), file=sys.stderr)
         return 130
     except Exception as e:
+        from raydc.engine.ray_errors import ray_lost
         from raydc.engine.runtime import verbose
 
-        lost = _ray_lost(e)
+        lost = ray_lost(e)
         if lost is None or verbose():
             raise
         what = " ".join(str(lost).split())[:300]

@@ -226,13 +226,11 @@ def _user_cause(e: BaseException, run_location: str = ".") -> BaseException | No
     the CLI prints one clear line rather than three stack traces. The same for a full disk or an unreachable
     store met by Ray Train's own writes under the run directory (a worker's checkpoint upload, the controller's
     state: a ControllerError)."""
+    from raydc.engine.ray_errors import train_failures
     from raydc.errors import NumericalError
     from raydc.storage import as_data_error
 
-    failures = list(getattr(e, "worker_failures", {}).values())
-    if getattr(e, "controller_failure", None) is not None:
-        failures.append(e.controller_failure)
-    for failure in failures:
+    for failure in train_failures(e):
         seen = failure
         while seen is not None:
             if isinstance(seen, (UserError, NumericalError)):
