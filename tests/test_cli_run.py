@@ -91,6 +91,9 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
     lost = WorkerGroupError("[Rank 0 Error Snippet]: A worker health check failed.",
                             {0: WorkerHealthCheckFailedError("A worker health check failed.", unavailable)})
     in_task = RayTaskError("train_loop", "Traceback (most recent call last): ...", ValueError("bad"))
+    # seen by hand with the raylet killed mid-run: rank 0's call to a shard actor raised inside its task
+    called_lost = WorkerGroupError("[Rank 0 Error Snippet]: ActorUnavailableError", {0: RayTaskError(
+        "train_loop", "Traceback (most recent call last): ...", unavailable).as_instanceof_cause()})
     bug = WorkerGroupError("[Rank 0 Error Snippet]: ValueError", {0: in_task.as_instanceof_cause()})
     raised: list[BaseException] = []
 
@@ -100,7 +103,7 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
     monkeypatch.setattr(cli, "_dispatch", dispatch)
     monkeypatch.setenv("RAYDC_VERBOSE", "")  # restored after the test: --verbose below sets it
     argv = ["train", "--config", "jobs/configs/demo.yaml"]
-    for error in (unavailable, lost):
+    for error in (unavailable, lost, called_lost):
         raised.append(error)
         assert cli.main(argv) == 1
         err = capsys.readouterr().err

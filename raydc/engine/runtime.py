@@ -17,14 +17,16 @@ One notice is not covered by `log_to_driver`: the raylet's "N PYTHON worker proc
 which is 6x the maximum expected startup concurrency". A run starts a dozen short-lived actors (Train's
 controller, its workers, the feature pool, Ray Data's coordinators), and on a 2-core machine that crosses the
 raylet's threshold every time. Ray publishes it to every driver on the error channel, whose listener prints
-regardless of `log_to_driver`. Quiet mode drops that one message (`_drop_worker_pool_notice`) and keeps every
-other raylet error (a task killed for memory, a dead node).
+regardless of `log_to_driver`. Quiet mode drops that one message (`_quiet_error_printer`) and keeps every
+other raylet error (a task killed for memory, a dead node): a dead raylet's report once and without the 20 lines of
+its log that Ray's agents attach to it, twice.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from typing import TYPE_CHECKING
@@ -39,6 +41,10 @@ VERBOSE_ENV = "RAYDC_VERBOSE"
 # interval and the run's end waited for another. A user's own setting wins; Train propagates it to its
 # controller and workers. Each poll is one small call per worker.
 HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+# Ray Train starts an actor per fit that polls the nodes' drain state for spot-instance preemption. A Ray that raydc
+# starts itself is this one machine, which nothing drains: the watcher is one more process to start per run. Off
+# there unless the user set it; a cluster that raydc joins keeps Ray Train's default.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def verbose() -> bool:
@@ -73,6 +79,16 @@ def local_cpus(cfg: RayConfig, train_cpus: float) -> int:
     return int((os.cpu_count() or 1) + max(0.0, train_cpus) + 0.999)
 
 
+def ray_train_env(*, started_here: bool) -> dict[str, str]:
+    """Ray Train settings raydc's runs want where the user set none (Train hands the driver's values to its
+    controller and workers): no doubled lines, a short poll interval, and, on a Ray that raydc starts itself, no
+    preemption watcher."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", HEALTH_CHECK_ENV: HEALTH_CHECK_INTERVAL_S}
+    if started_here:
+        env[PREEMPTION_WATCHER_ENV] = "0"
+    return env
+
+
 def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = None,
              include_dashboard: bool | None = None) -> None:
     """Start or join Ray. `quiet` (default: not `verbose()`) keeps the workers' and actors' output off this
@@ -83,10 +99,10 @@ def init_ray(cfg: RayConfig, *, train_cpus: float = 1.0, quiet: bool | None = No
     import ray
 
     quiet = not verbose() if quiet is None else quiet
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the doubled lines: see the module docstring
-    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    for name, value in ray_train_env(started_here=not ray.is_initialized() and not address).items():
+        os.environ.setdefault(name, value)  # a user's own setting wins
     if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
         # The dashboard brings the state API that Ray Train's placement-group cleaner and Tune's early stopping use.
         kwargs = dict(log_to_driver=not quiet, configure_logging=not quiet)
         if quiet:
@@ -123,13 +139,34 @@ def configure_data_context() -> None:
 
 
 WORKER_POOL_NOTICE = "PYTHON worker processes have been started"
+# Ray's dashboard and runtime-env agents each report a dead raylet with the tail of its log (20 lines of its INFO
+# logging). Quiet mode keeps what happened and drops the tail and the second copy: the CLI's own line that follows
+# says what was lost and how to resume.
+RAYLET_DIED = "Raylet is terminated."
+RAYLET_LOG_TAIL = re.compile(r"\s*Last \d+ lines of the Raylet logs:.*", re.S)
+RAYLET_LOG_HINT = " (its log: raylet.out in Ray's session logs, or --verbose)"
 
 
-def _drop_worker_pool_notice(print_to_stdstream):
-    """Wrap Ray's error-channel printer: the worker-pool size notice is dropped, every other line printed."""
+def _quiet_error_printer(print_to_stdstream):
+    """Wrap Ray's error-channel printer: the worker-pool size notice is dropped, a dead raylet's report printed once
+    without its log tail, every other line printed as it is."""
+    said: set[str] = set()
+
+    def shorter(line: str) -> str | None:
+        if WORKER_POOL_NOTICE in line:
+            return None
+        if RAYLET_DIED in line:
+            cut = RAYLET_LOG_TAIL.sub("", line).rstrip()
+            if cut in said:
+                return None
+            said.add(cut)
+            return cut + RAYLET_LOG_HINT if cut != line.rstrip() else cut
+        return line
+
     def printer(data, ignore_prefix: bool):
-        lines = [line for line in data.get("lines", [])
-                 if not (data.get("pid") == "raylet" and WORKER_POOL_NOTICE in line)]
+        lines = data.get("lines", [])
+        if data.get("pid") == "raylet":
+            lines = [short for short in map(shorter, lines) if short is not None]
         if lines:
             print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
     printer.raydc_original = print_to_stdstream
@@ -143,11 +180,11 @@ def _quiet_raylet_notices(on: bool) -> None:
 
     current = worker.print_to_stdstream
     original = getattr(current, "raydc_original", current)
-    worker.print_to_stdstream = _drop_worker_pool_notice(original) if on else original
+    worker.print_to_stdstream = _quiet_error_printer(original) if on else original
 
 
 _LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.progress")
-_ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH", HEALTH_CHECK_ENV)
+_ENV = (VERBOSE_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH", HEALTH_CHECK_ENV, PREEMPTION_WATCHER_ENV)
 
 
 @contextlib.contextmanager

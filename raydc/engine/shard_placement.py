@@ -35,16 +35,6 @@ class ShardRecovery:
     checkpoint_every: int = 5         # sharded Lloyd: centroids gathered to the coordinator every so many steps
 
 
-def _lost(e: BaseException) -> bool:
-    """A shard's process or node went away (or an object only it held): what a resumed k-means recovers from.
-    An exception raised by the code itself is not one of these and is never retried."""
-    from ray.exceptions import ActorUnavailableError, ObjectLostError, RayTaskError
-
-    cause = e.cause if isinstance(e, RayTaskError) else e
-    return isinstance(cause, (ObjectLostError, ActorUnavailableError)) or (
-        isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, RayTaskError))
-
-
 def _placement_group(num_shards: int, num_gpus: float, placement: ShardPlacement):
     """One bundle per shard; a clear error when the cluster cannot hold them (STRICT_SPREAD on too few nodes)."""
     from ray.util.placement_group import placement_group, remove_placement_group

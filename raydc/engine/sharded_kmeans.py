@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raydc.core import kmeans as km
-from raydc.engine.shard_placement import _lost
+from raydc.engine.ray_errors import shard_lost
 from raydc.engine.shard_set import ShardSet
 from raydc.methods.api import ClusterOutcome
 
@@ -152,8 +152,8 @@ class ShardedKMeans:
                 traffic = step(state, niter, checkpoint)
                 sizes = self.label_nearest(state.centroids, col)
                 break
-            except Exception as e:  # noqa: BLE001 - only losses (`_lost`) are resumed, the rest re-raised
-                if self.set.local or not _lost(e) or recoveries >= self.set.recovery.max_restarts:
+            except Exception as e:  # noqa: BLE001 - only losses (`shard_lost`) are resumed, the rest re-raised
+                if self.set.local or not shard_lost(e) or recoveries >= self.set.recovery.max_restarts:
                     raise
                 recoveries += 1
                 self.set.log(f"  k-means: a shard was lost at iteration {state.it + 1} ({type(e).__name__}); "
