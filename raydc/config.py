@@ -189,6 +189,9 @@ class TrainConfig:
     uniform_sampling: bool = True
     augment: Literal["crop", "affine"] = "crop"  # RandomResizedCrop (+ flip), or rotation/shift/zoom (digits)
     crop_scale_min: float = 0.08           # RandomResizedCrop scale lower bound
+    # Random erasing after the crop or affine: the probability that one rectangle (2-33 % of the image) of a
+    # training image is set to its background (raydc.core.augment.random_erase). 0: off.
+    erase: float = 0.0
     crop: bool = True
     hflip: bool = True
     num_workers: int = 1                   # Ray Train workers (DDP)
@@ -236,6 +239,8 @@ class TrainConfig:
             raise ConfigError("train.min_steps", f"must be >= 0, got {self.min_steps}")
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError("train.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
+        if not 0 <= self.erase <= 1:
+            raise ConfigError("train.erase", f"must be a probability in [0, 1], got {self.erase}")
         if self.num_workers < 1:
             raise ConfigError("train.num_workers", f"must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:

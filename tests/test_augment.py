@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from raydc.core.augment import random_resized_crop, resize_center, to_float
+from raydc.core.augment import random_erase, random_resized_crop, resize_center, to_float
 from raydc.core.stream import _repeat_index, shuffled_batches, to_model_input, Augment
 
 
@@ -39,6 +39,35 @@ def test_augmentation_depends_on_id_not_on_batch_position():
     assert torch.allclose(a[perm], b, atol=1e-6)
     c = to_model_input(ids, rep, imgs, seed=1, epoch=3, augment=aug, size=28)
     assert not torch.allclose(a, c)
+
+
+def test_random_erasing_sets_one_rectangle_of_the_drawn_area_to_the_background():
+    img = np.full((3, 28, 28, 1), 255, np.uint8)
+    img[:, 0, 0] = 0  # the background: one dark pixel in a corner the rectangles below do not reach
+    x = to_float(img)
+    # applied with the largest area, square, centred; not applied (u0 >= p); applied with the smallest area
+    u = np.array([[0.0, 1.0, 0.5, 0.5, 0.5], [0.7, 1.0, 0.5, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5, 0.5]])
+    out = random_erase(x, u, p=0.5)
+    erased = (out != x).squeeze(1)
+    assert abs(erased[0].float().mean().item() - 0.33) < 0.02 and abs(erased[2].float().mean().item() - 0.02) < 0.01
+    assert not erased[1].any()
+    assert torch.all(out[0][:, erased[0]] == x[0].min())  # filled with the image's own background
+    rows, cols = torch.nonzero(erased[0], as_tuple=True)  # one rectangle: its bounding box is all erased
+    assert erased[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+def test_erasing_is_drawn_per_image_id_and_off_by_default():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8)
+    ids, rep = np.arange(64) + 100, np.zeros(64, np.int64)
+    plain = to_model_input(ids, rep, imgs, seed=1, epoch=2, augment=Augment(28, kind="affine"), size=28)
+    aug = Augment(28, kind="affine", erase=0.5)
+    a = to_model_input(ids, rep, imgs, seed=1, epoch=2, augment=aug, size=28)
+    perm = rng.permutation(64)
+    b = to_model_input(ids[perm], rep[perm], imgs[perm], seed=1, epoch=2, augment=aug, size=28)
+    assert torch.equal(a[perm], b)  # the same image gets the same rectangle wherever it is streamed
+    changed = (a != plain).flatten(1).any(1)
+    assert 16 < int(changed.sum()) < 48  # about half the images, the rest as without erasing
 
 
 def test_repeat_index():

@@ -46,7 +46,7 @@ def test_wrong_type_is_named():
 @pytest.mark.parametrize("override,field", [("cluster.k=1", "cluster.k"), ("train.lr=-1", "train.lr"),
                                             ("cluster.pca_dim=512", "cluster.pca_dim"),
                                             ("train.momentum=1.5", "train.momentum"),
-                                            ("dec.tol=2", "dec.tol")])
+                                            ("dec.tol=2", "dec.tol"), ("train.erase=1.5", "train.erase")])
 def test_invalid_values_are_named(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, ["data.shards=/x", override])

@@ -97,6 +97,32 @@ def random_affine(x: torch.Tensor, uniforms: np.ndarray, *, rotation_deg: float 
     return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="border", align_corners=False)
 
 
+def random_erase(x: torch.Tensor, uniforms: np.ndarray, p: float, area: tuple[float, float] = (0.02, 0.33),
+                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020; torchvision's RandomErasing ranges): with probability `p`, one rectangle
+    of `area` fraction of the image and aspect (h / w) in `ratio` is filled with the image's own minimum, its
+    background. `uniforms` is (N, 5) in [0, 1): apply, area, log aspect, top, left.
+
+    Why the background rather than the mean: on digits and clothes the erased part then reads as a missing stroke
+    or a missing piece, not as a grey patch the network could learn to look for. A network that must place a
+    digit missing part of a stroke in the digit's cluster learns that a stroke (a 7's crossbar, say) does not make
+    another digit."""
+    n, _, hh, ww = x.shape
+    u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64)[:, :5], dtype=torch.float32)
+    s = area[0] + (area[1] - area[0]) * u[:, 1]
+    r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 2])
+    eh = torch.sqrt(s * r).clamp(max=1.0) * hh
+    ew = torch.sqrt(s / r).clamp(max=1.0) * ww
+    top = u[:, 3] * (hh - eh)
+    left = u[:, 4] * (ww - ew)
+    rows = torch.arange(hh, dtype=torch.float32).view(1, hh, 1) + 0.5
+    cols = torch.arange(ww, dtype=torch.float32).view(1, 1, ww) + 0.5
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & (u[:, 0] < p).view(n, 1, 1))
+    background = x.amin(dim=(1, 2, 3), keepdim=True)
+    return torch.where(inside.unsqueeze(1), background, x)
+
+
 def brightness_shift(x: torch.Tensor, uniforms: np.ndarray, amount: float) -> torch.Tensor:
     """Keras' `channel_shift_range` on grey images: each image plus one draw from [-amount, amount), clipped to
     the image's own range (its min and max before the shift). `uniforms` is (N,) in [0, 1)."""

@@ -13,11 +13,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from raydc.core.augment import random_affine, random_resized_crop, resize_center, to_float
+from raydc.core.augment import random_affine, random_erase, random_resized_crop, resize_center, to_float
 from raydc.core.sampler import hash_uniforms
 
 # Streams of uniforms drawn per (seed, epoch, id); distinct streams keep the draws independent.
-STREAM_REPEAT, STREAM_AUGMENT = 1, 2
+STREAM_REPEAT, STREAM_AUGMENT, STREAM_ERASE = 1, 2, 3
 
 RepeatFn = Callable[[dict, np.ndarray], np.ndarray]  # (row columns, uniforms) -> repeat count per row
 
@@ -29,6 +29,7 @@ class Augment:
     flip: bool = True
     scale_min: float = 0.08
     kind: str = "crop"   # "affine": rotation +-10 deg, shifts of 10 %, zoom 0.9-1.1 (DAC's digit settings)
+    erase: float = 0.0   # probability of random erasing after the crop or affine (raydc.core.augment.random_erase)
 
 
 @dataclass
@@ -124,7 +125,12 @@ def to_model_input(ids: np.ndarray, rep: np.ndarray, images: np.ndarray, *, seed
     keyed = ids.astype(np.int64) * 64 + np.minimum(rep, 63)
     u = np.stack([hash_uniforms(keyed, seed, epoch, STREAM_AUGMENT * 8 + j) for j in range(5)], axis=1)
     if augment.kind == "affine":
-        return random_affine(resize_center(x, augment.size), u, rotation_deg=10.0, shift=0.1, zoom=(0.9, 1.1),
-                             flip=augment.flip)
-    return random_resized_crop(x, u, augment.size, scale_min=augment.scale_min, flip=augment.flip,
-                               crop=augment.crop)
+        x = random_affine(resize_center(x, augment.size), u, rotation_deg=10.0, shift=0.1, zoom=(0.9, 1.1),
+                          flip=augment.flip)
+    else:
+        x = random_resized_crop(x, u, augment.size, scale_min=augment.scale_min, flip=augment.flip,
+                                crop=augment.crop)
+    if augment.erase > 0:
+        e = np.stack([hash_uniforms(keyed, seed, epoch, STREAM_ERASE * 8 + j) for j in range(5)], axis=1)
+        x = random_erase(x, e, augment.erase)
+    return x

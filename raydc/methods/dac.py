@@ -274,7 +274,7 @@ class DAC(Method):
     ignored_fields = ("cluster.pca_dim", "train.batch_size", "train.lr", "train.momentum", "train.weight_decay",
                       "train.head_lr", "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
-                      "train.hflip")
+                      "train.hflip", "train.erase")
     section, options = "dac", DACConfig
     # train.epochs 0: the untrained network's label features read out as clusters, the baseline the probe table
     # and a trained run's first round are compared with

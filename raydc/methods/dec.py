@@ -178,7 +178,7 @@ class DEC(Method):
     ignored_fields = ("train.batch_size", "train.lr", "train.momentum", "train.weight_decay", "train.head_lr",
                       "train.lr_schedule", "train.lr_final", "train.min_steps", "train.reassign",
                       "train.uniform_sampling", "train.augment", "train.crop", "train.crop_scale_min",
-                      "train.hflip")
+                      "train.hflip", "train.erase")
 
     # `model.arch: torchvision:<name>` / `timm:<name>`: the autoencoder clusters that frozen network's features
     # (DECNet's `front`) instead of pixels; any other `model.arch` is not read (DEC's net is `model.ae_dims`).

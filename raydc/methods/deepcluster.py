@@ -376,7 +376,7 @@ class DeepCluster(Method):
                 return poisson_repeats(np.zeros(len(r["id"]), np.int64), np.array([targets.n]), n_total, u)
 
         aug = Augment(self.input_size, crop=t.crop, flip=t.hflip, scale_min=t.crop_scale_min,
-                      kind=t.augment)
+                      kind=t.augment, erase=t.erase)
 
         def loss_of(b):
             x = to_model_input(b.ids, b.copy, b.images, seed=t.seed, epoch=round_idx, augment=aug,
