@@ -18,8 +18,8 @@ which is 6x the maximum expected startup concurrency". A run starts a dozen shor
 controller, its workers, the feature pool, Ray Data's coordinators), and on a 2-core machine that crosses the
 raylet's threshold every time. Ray publishes it to every driver on the error channel, whose listener prints
 regardless of `log_to_driver`. Quiet mode drops that one message (`_quiet_error_printer`) and keeps every
-other raylet error (a task killed for memory, a dead node): a dead raylet's report once and without the 20 lines of
-its log that Ray's agents attach to it, twice.
+other raylet error (a task killed for memory, a dead node). A dead raylet's report is printed once, though Ray's two
+agents each send it, and without the 20 lines of the raylet's log they attach.
 """
 from __future__ import annotations
 
