@@ -104,9 +104,9 @@ def random_erase(x: torch.Tensor, uniforms: np.ndarray, p: float, area: tuple[fl
     background. `uniforms` is (N, 5) in [0, 1): apply, area, log aspect, top, left.
 
     Why the background rather than the mean: on digits and clothes the erased part then reads as a missing stroke
-    or a missing piece, not as a grey patch the network could learn to look for. A network that must place a
-    digit missing part of a stroke in the digit's cluster learns that a stroke (a 7's crossbar, say) does not make
-    another digit."""
+    or a missing piece, not as a grey patch the network could learn to look for. The hope was a network that no
+    longer takes one stroke (a 7's crossbar) for another digit; on mnist.yaml it kept those 7s together in more
+    seeds but lost other groups instead (benchmarks/RESULTS.md), so no shipped config turns it on."""
     n, _, hh, ww = x.shape
     u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64)[:, :5], dtype=torch.float32)
     s = area[0] + (area[1] - area[0]) * u[:, 1]
