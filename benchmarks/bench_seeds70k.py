@@ -100,10 +100,10 @@ SETTINGS = {
                                    "method": "DeepCluster",
                                    "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml "
                                            "with random erasing, train.erase 0.5)"},
-    "deepcluster_fmnist70k_erase": {"config": "fmnist.yaml", "sets": ["train.erase=0.5"], "seeds": (31,),
+    "deepcluster_fmnist70k_erase": {"config": "fmnist.yaml", "sets": ["train.erase=0.5"], "seeds": (31, 32, 33),
                                     "method": "DeepCluster",
-                                    "data": "Fashion-MNIST, all 70,000 images, fmnist.yaml with random erasing "
-                                            "(train.erase 0.5; a one-seed screen)"},
+                                    "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml with "
+                                            "random erasing, train.erase 0.5)"},
     # without the Sobel front end the network sees intensity (v2_nosobel led the 10k MNIST ablations)
     "deepcluster_fmnist70k_nosobel": {"config": "fmnist.yaml", "sets": ["model.sobel=false"], "seeds": (31,),
                                       "method": "DeepCluster",
