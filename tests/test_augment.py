@@ -56,7 +56,7 @@ def test_random_erasing_sets_one_rectangle_of_the_drawn_area_to_the_background()
     assert erased[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
 
 
-def test_erasing_is_drawn_per_image_id_and_off_by_default():
+def test_erasing_is_drawn_per_image_id_and_spares_about_one_minus_p_of_the_images():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8)
     ids, rep = np.arange(64) + 100, np.zeros(64, np.int64)
