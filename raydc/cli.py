@@ -135,15 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         print(_stop_message(args.command, "interrupted"), file=sys.stderr)
         return 130
     except Exception as e:
-        from raydc.engine.ray_errors import ray_lost
+        from raydc.engine.ray_errors import killed_for_memory, ray_lost
         from raydc.engine.runtime import verbose
 
         lost = ray_lost(e)
         if lost is None or verbose():
             raise
         what = " ".join(str(lost).split())[:300]
-        print(_stop_message(args.command, f"Ray lost part of the run ({type(lost).__name__}: {what})"),
-              file=sys.stderr)
+        if killed_for_memory(lost):
+            print(f"raydc: Ray killed part of the run for lack of memory on a node ({type(lost).__name__}: {what})",
+                  file=sys.stderr)
+            print("raydc: give it more memory or smaller batches (train.batch_size, features.batch_size)"
+                  + (", and resume with --resume" if args.command == "train" else ""), file=sys.stderr)
+        else:
+            print(_stop_message(args.command, f"Ray lost part of the run ({type(lost).__name__}: {what})"),
+                  file=sys.stderr)
         print("raydc: --verbose shows Ray's traceback", file=sys.stderr)
         return 1
     finally:

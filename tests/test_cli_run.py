@@ -81,7 +81,7 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
     resume hint, exit 1, no traceback; --verbose keeps the traceback. An error raised by code inside a task (a
     RayTaskError, here a ValueError in the worker, or an actor whose constructor raised) is a bug and keeps it too,
     however Ray Train wraps it."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, RayTaskError
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
@@ -109,6 +109,15 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
         err = capsys.readouterr().err
         assert "Ray lost part of the run (ActorUnavailableError: The actor" in err, err
         assert "resume with --resume" in err and "Traceback" not in err and len(err.splitlines()) == 2, err
+    # Ray's memory monitor killed a task rank 0 waited on: say so, and what to change before resuming
+    oom = OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the node (IP: "
+                           "192.0.2.2) where the lease was running was 22.60GB / 23.54GB (0.96), which exceeds the "
+                           "memory usage threshold of 0.95.")
+    raised.append(WorkerGroupError("[Rank 0 Error Snippet]: OutOfMemoryError", {0: oom}))
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Ray killed part of the run for lack of memory on a node (OutOfMemoryError: Task was killed" in err, err
+    assert "train.batch_size" in err and "resume with --resume" in err and "Traceback" not in err, err
     for error in (in_task.as_instanceof_cause(), bug, ActorDiedError(in_task)):  # the last: a constructor raised
         raised.append(error)
         with pytest.raises(type(error)):

@@ -22,12 +22,12 @@ def train_failures(e: BaseException) -> list[BaseException]:
 
 def ray_lost(e: BaseException) -> BaseException | None:
     """The Ray error inside `e` that says Ray lost part of itself (an actor's process or its node, an object's
-    owner), or None for anything else: above all an error raised by raydc's or the user's code inside a task or
-    an actor's constructor, which is a bug or bad input and keeps its traceback. A task that failed because
-    something it called was lost (a Train worker calling a shard actor whose raylet died) raises a RayTaskError
-    whose cause is the loss: that counts. Ray Train reports a lost worker as a WorkerGroupError whose rank failed
-    its health check with the actor unavailable, and a lost controller as a ControllerError: both are unwrapped,
-    and count only if every failure inside was a loss."""
+    owner, a process its memory monitor killed), or None for anything else: above all an error raised by raydc's
+    or the user's code inside a task or an actor's constructor, which is a bug or bad input and keeps its
+    traceback. A task that failed because something it called was lost (a Train worker calling a shard actor
+    whose raylet died) raises a RayTaskError whose cause is the loss: that counts. Ray Train reports a lost worker
+    as a WorkerGroupError whose rank failed its health check with the actor unavailable, and a lost controller as
+    a ControllerError: both are unwrapped, and count only if every failure inside was a loss."""
     if "ray" not in sys.modules:
         return None
     from ray import exceptions as rex
@@ -37,7 +37,7 @@ def ray_lost(e: BaseException) -> BaseException | None:
     if isinstance(e, rex.RayTaskError):
         cause = getattr(e, "cause", None)
         return ray_lost(cause) if isinstance(cause, BaseException) and cause is not e else None
-    if isinstance(e, (rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError)):
+    if isinstance(e, (rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError, rex.OutOfMemoryError)):
         return e
     failures = train_failures(e)
     if failures:
@@ -45,6 +45,15 @@ def ray_lost(e: BaseException) -> BaseException | None:
         return lost[0] if all(lost) else None
     inner = getattr(e, "health_check_failure", None)  # a rank's failed health check, inside a WorkerGroupError
     return ray_lost(inner) if isinstance(inner, BaseException) else None
+
+
+def killed_for_memory(e: BaseException) -> bool:
+    """Whether Ray's memory monitor killed the process (a task's OutOfMemoryError, or an actor that died of it):
+    resuming on the same node with the same batches would meet the same limit."""
+    from ray import exceptions as rex
+
+    return isinstance(e, rex.OutOfMemoryError) or (
+        isinstance(e, rex.RayActorError) and "running low on memory" in str(e))
 
 
 def shard_lost(e: BaseException) -> bool:
