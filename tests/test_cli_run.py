@@ -110,13 +110,14 @@ def test_ray_losing_part_of_a_run_ends_in_one_line_with_the_resume_hint(monkeypa
         assert "Ray lost part of the run (ActorUnavailableError: The actor" in err, err
         assert "resume with --resume" in err and "Traceback" not in err and len(err.splitlines()) == 2, err
     # Ray's memory monitor killed a task rank 0 waited on: say so, and what to change before resuming
-    oom = OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the node (IP: "
-                           "192.0.2.2) where the lease was running was 22.60GB / 23.54GB (0.96), which exceeds the "
-                           "memory usage threshold of 0.95.")
+    oom = OutOfMemoryError(  # the message Ray 2.60 gave for an actor and for a task (seen by hand, threshold 0.2)
+        "1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 192.0.2.2, ID: "
+        "2d30) was 4.74GB used / 23.54GB limit (0.201369) OOM kill reason: Memory usage 5060481024B exceeded "
+        "threshold of 5055239168B (20.0% of 25276194816B limit)")
     raised.append(WorkerGroupError("[Rank 0 Error Snippet]: OutOfMemoryError", {0: oom}))
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "Ray killed part of the run for lack of memory on a node (OutOfMemoryError: Task was killed" in err, err
+    assert "Ray killed part of the run for lack of memory on a node (OutOfMemoryError: 1 worker(s) were" in err, err
     assert "train.batch_size" in err and "resume with --resume" in err and "Traceback" not in err, err
     for error in (in_task.as_instanceof_cause(), bug, ActorDiedError(in_task)):  # the last: a constructor raised
         raised.append(error)
