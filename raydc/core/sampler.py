@@ -144,3 +144,9 @@ def hash_uniforms(ids: np.ndarray, seed: int, epoch: int, stream: int = 0) -> np
     with np.errstate(over="ignore"):
         h = _splitmix64(z * _GOLDEN + np.uint64(_key(seed, epoch, stream)))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def hash_uniform_columns(ids: np.ndarray, seed: int, epoch: int, first_stream: int, n: int) -> np.ndarray:
+    """(len(ids), n) float64 uniforms: column j is `hash_uniforms` of stream first_stream + j, the draws one
+    augmentation takes per image (an angle, a shift, ...), each independent of the others."""
+    return np.stack([hash_uniforms(ids, seed, epoch, first_stream + j) for j in range(n)], axis=1)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from raydc.core.augment import random_affine, random_erase, random_resized_crop, resize_center, to_float
-from raydc.core.sampler import hash_uniforms
+from raydc.core.sampler import hash_uniform_columns, hash_uniforms
 
 # Streams of uniforms drawn per (seed, epoch, id); distinct streams keep the draws independent.
 STREAM_REPEAT, STREAM_AUGMENT, STREAM_ERASE = 1, 2, 3
@@ -123,7 +123,7 @@ def to_model_input(ids: np.ndarray, rep: np.ndarray, images: np.ndarray, *, seed
         return resize_center(x, size)
     # Each copy of a repeated image gets its own crop: mix the copy index into the id.
     keyed = ids.astype(np.int64) * 64 + np.minimum(rep, 63)
-    u = np.stack([hash_uniforms(keyed, seed, epoch, STREAM_AUGMENT * 8 + j) for j in range(5)], axis=1)
+    u = hash_uniform_columns(keyed, seed, epoch, STREAM_AUGMENT * 8, 5)
     if augment.kind == "affine":
         x = random_affine(resize_center(x, augment.size), u, rotation_deg=10.0, shift=0.1, zoom=(0.9, 1.1),
                           flip=augment.flip)
@@ -131,6 +131,5 @@ def to_model_input(ids: np.ndarray, rep: np.ndarray, images: np.ndarray, *, seed
         x = random_resized_crop(x, u, augment.size, scale_min=augment.scale_min, flip=augment.flip,
                                 crop=augment.crop)
     if augment.erase > 0:
-        e = np.stack([hash_uniforms(keyed, seed, epoch, STREAM_ERASE * 8 + j) for j in range(5)], axis=1)
-        x = random_erase(x, e, augment.erase)
+        x = random_erase(x, hash_uniform_columns(keyed, seed, epoch, STREAM_ERASE * 8, 5), augment.erase)
     return x

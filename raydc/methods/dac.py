@@ -75,7 +75,7 @@ from raydc.core.dac import (DAC_NET_MIN_SIZE, SCHEDULE_PRESETS, SINGLE_THRESHOLD
                             select_pairs, similarity_matrix)
 from raydc.core.precision import autocast, full_precision
 from raydc.core.models import build_convnet
-from raydc.core.sampler import hash_uniforms
+from raydc.core.sampler import hash_uniform_columns
 from raydc.core.seeding import derive_seed
 from raydc.core.extractor import ExtractorSpec
 from raydc.errors import ConfigError, NumericalError
@@ -405,8 +405,7 @@ class DAC(Method):
         keyed = ids.astype(np.int64) * 64 + np.minimum(rep, 63)
         stream = STREAM_DAC_AUGMENT + 8 * step
         draws = 7 if (d.zoom_per_axis or d.brightness) else 5  # the first five are the same either way
-        u = np.stack([hash_uniforms(keyed, self.cfg.train.seed, round_idx, stream + j) for j in range(draws)],
-                     axis=1)
+        u = hash_uniform_columns(keyed, self.cfg.train.seed, round_idx, stream, draws)
         x = random_affine(x, u, rotation_deg=d.rotation_deg, shift=d.shift, zoom=(d.zoom_min, d.zoom_max),
                           flip=d.hflip, mode=d.interpolation, zoom_per_axis=d.zoom_per_axis)
         return brightness_shift(x, u[:, 6], d.brightness) if d.brightness else x
