@@ -90,6 +90,35 @@ def test_one_restart_is_the_plain_readout_and_more_keep_one_of_theirs():
     kept, agreement = manifold_consensus(x, 4, restarts=3, dims=2, n_neighbors=10, seed=5)
     assert len(agreement) == 3
     assert any(np.array_equal(kept, manifold_clusters(x, 4, dims=2, n_neighbors=10, seed=5 + r)) for r in range(3))
+    combined, agreement = manifold_consensus(x, 4, restarts=3, dims=2, n_neighbors=10, seed=5, combine="consensus")
+    assert combined.shape == one.shape and set(combined.tolist()) == set(range(4)) and len(agreement) == 3
+    with pytest.raises(ValueError, match="combine"):
+        manifold_consensus(x, 4, restarts=2, combine="vote")
+
+
+def test_combined_restarts_recover_the_partition_each_restart_gets_partly_wrong():
+    """Four classes of 30 rows; each of five restarts gets a different third of one class wrong (into the next
+    class), and one also joins two classes. No restart is the truth, so keeping the most agreed one (`pick`)
+    keeps someone's errors; combining them returns the classes, since for every row most restarts are right."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from raydc.core.merge import combine_partitions, consensus_partition
+
+    truth = np.repeat(np.arange(4), 30)
+    parts = []
+    for r in range(5):
+        p = truth.copy()
+        cls, third = r % 4, r % 3
+        rows = np.flatnonzero(truth == cls)[10 * third:10 * third + 10]
+        p[rows] = (cls + 1) % 4
+        parts.append((p + r) % 4)  # each restart numbers its clusters its own way
+    parts[4][parts[4] == parts[4][truth == 3][0]] = parts[4][truth == 2][0]  # classes 2 and 3 joined
+    best, _ = consensus_partition(parts)
+    assert adjusted_rand_score(truth, parts[best]) < 0.9
+    combined = combine_partitions(parts, 4, seed=3)
+    assert adjusted_rand_score(truth, combined) == 1.0
+    assert np.array_equal(combine_partitions(parts, 4, seed=3), combined)  # a seed fixes it
+    assert np.array_equal(combine_partitions(parts[:1], 4), parts[0])
 
 
 # ---- through the methods ---------------------------------------------------------------------------------
@@ -99,10 +128,10 @@ def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traff
     gathered, returned = traffic
     sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
             "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4",
-            "deepcluster.final_umap_restarts=2")
+            "deepcluster.final_umap_restarts=2", "deepcluster.final_umap_combine=consensus")
     _, _, rows, final = run_deepcluster(deepcluster_config(*sets))
     last = rows[-1]
-    assert 0.0 <= last["readout_agreement"] <= 1.0  # two restarts: the kept one's agreement is recorded
+    assert 0.0 <= last["readout_agreement"] <= 1.0  # two restarts: their agreement with the combined one
     assert gathered[0] == 60 and last["merge_sample"] == 60 and last["kmeans_backend"] == "umap+gmm", gathered
     assert {shape for name, shape in returned if name == "shard_vote"} == {(3,)}, returned
     assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)

@@ -101,7 +101,9 @@ class DECConfig:
     readout_dims: int = resumable(10)        # umap: dimensions the mixture is fitted in (N2D: the number of clusters)
     readout_neighbors: int = resumable(20)   # umap: UMAP's n_neighbors (N2D: 20)
     readout_vote: int = resumable(10)        # umap: nearest sample images whose clusters vote for each image
-    readout_restarts: int = resumable(1)     # umap: UMAP + mixture seeds; the most agreed partition is kept
+    readout_restarts: int = resumable(1)     # umap: UMAP + mixture seeds, combined by readout_combine
+    # umap, restarts > 1: keep the most agreed restart ("pick") or cluster by all their memberships ("consensus")
+    readout_combine: Literal["pick", "consensus"] = resumable("pick")
     readout_metric: Literal["euclidean", "cosine"] = resumable("euclidean")  # umap: in z (N2D: euclidean)
 
     def validate(self) -> None:
@@ -133,7 +135,8 @@ class DECConfig:
         """The umap readout's knobs, as raydc.methods.readout takes them."""
         return readout_options("dec", self, {
             "sample": "readout_sample", "dims": "readout_dims", "neighbors": "readout_neighbors",
-            "vote": "readout_vote", "restarts": "readout_restarts"}, metric=self.readout_metric)
+            "vote": "readout_vote", "restarts": "readout_restarts", "combine": "readout_combine"},
+            metric=self.readout_metric)
 
 
 @dataclass

@@ -81,9 +81,12 @@ class DeepClusterConfig:
     final_umap_dims: int = resumable(10)   # umap: dimensions of the embedding the mixture is fitted in
     final_umap_neighbors: int = resumable(20)  # umap: UMAP's n_neighbors (its graph over the sample)
     final_vote: int = resumable(10)        # umap: sample neighbours whose clusters vote for each image
-    # umap: restarts of UMAP + mixture on the one sample (seeds seed, seed + 1, ...); the one that agrees most
-    # with the others (mean ARI) is kept, label-free (raydc.core.merge.manifold_consensus). Each costs a UMAP fit.
+    # umap: restarts of UMAP + mixture on the one sample (seeds seed, seed + 1, ...), each a UMAP fit, combined
+    # label-free (raydc.core.merge.manifold_consensus) by final_umap_combine: "pick" keeps the one that agrees most
+    # with the others (mean ARI); "consensus" clusters the sample by all their memberships at once
+    # (raydc.core.merge.combine_partitions)
     final_umap_restarts: int = resumable(1)
+    final_umap_combine: Literal["pick", "consensus"] = resumable("pick")
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -101,7 +104,8 @@ class DeepClusterConfig:
         """The umap readout's knobs (cosine: the features are L2-normalised), as raydc.methods.readout takes them."""
         return readout_options("deepcluster", self, {
             "sample": "final_sample", "dims": "final_umap_dims", "neighbors": "final_umap_neighbors",
-            "vote": "final_vote", "restarts": "final_umap_restarts"}, metric="cosine")
+            "vote": "final_vote", "restarts": "final_umap_restarts", "combine": "final_umap_combine"},
+            metric="cosine")
 
 
 def _build(cfg_model: dict, in_channels: int, k: int, cosine: bool = False) -> nn.Module:

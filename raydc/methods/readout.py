@@ -31,8 +31,9 @@ class ManifoldReadout:
     dims: int = 10           # UMAP dimensions the mixture is fitted in
     neighbors: int = 20      # UMAP's n_neighbors
     vote: int = 10           # nearest sample images whose clusters vote for each image
-    restarts: int = 1        # UMAP + mixture seeds seed, seed + 1, ...; the most agreed partition is kept
+    restarts: int = 1        # UMAP + mixture seeds seed, seed + 1, ...
     metric: str = "cosine"   # UMAP's metric in feature space
+    combine: str = "pick"    # restarts > 1: keep the most agreed ("pick") or combine them ("consensus")
 
 
 def readout_options(section: str, opts: Any, names: dict[str, str], metric: str) -> ManifoldReadout:
@@ -56,7 +57,7 @@ def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample
     t = time.perf_counter()
     sample_labels, agreement, where = ctx.manifold_consensus(sample_x, k, restarts=opts.restarts, dims=opts.dims,
                                                              n_neighbors=opts.neighbors, seed=fit_seed,
-                                                             metric=opts.metric)
+                                                             metric=opts.metric, combine=opts.combine)
     t_fit = time.perf_counter() - t
     sizes = np.sum(ctx.service.apply(shard_vote, col, sample_x, sample_labels, k, opts.vote), axis=0)
     centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
@@ -64,8 +65,9 @@ def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample
     found = ClusterOutcome(centroids=centroids.astype(np.float32), sizes=sizes, objective=[], n_split=0,
                            backend="umap+gmm", mode="sample", col=col)
     row = {"merge_sample": len(sample_x), "time_manifold_fit": t_fit, **where}
-    if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others
-        row["readout_agreement"] = float(agreement.max())
+    if len(agreement) > 1:  # how settled the readout was: the kept restart's mean ARI with the others, or the
+        # restarts' mean ARI with the partition combined from them
+        row["readout_agreement"] = float(agreement.mean() if opts.combine == "consensus" else agreement.max())
     artifacts = {"vote_sample": torch.from_numpy(sample_x), "vote_labels": torch.from_numpy(sample_labels)}
     return found, row, artifacts
 
