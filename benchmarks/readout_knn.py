@@ -4,8 +4,8 @@ For each finished 70k run (its final features written by `raydc embed`, as `mani
 one uniform sample of 20,000 images (numpy seed 0), the readout fitted on it with UMAP and mixture seed 0 (10
 dimensions, 20 neighbours, min_dist 0, cosine, full-covariance mixture with 5 initialisations), every image then
 placed by the vote of its 10 nearest sample images; once with the neighbour graph from UMAP's NN-descent
-(pynndescent, what raydc's readout uses) and once from `exact_knn` below (faiss flat search, distances per pair
-in float64), handed to UMAP as `precomputed_knn`. Each fit runs in a process of its own, as a run's readout does,
+(pynndescent, what raydc's readout uses) and once from `raydc.core.merge.exact_neighbors` (faiss flat search,
+distances per pair in float64), handed to UMAP as `precomputed_knn`. Each fit runs in a process of its own, as a run's readout does,
 so numba's compile counts: pynndescent compiles its distance-specialised kernels anew in every process. Seconds
 are the fit's (UMAP + mixture), not the vote's; labels only score.
 
@@ -28,44 +28,14 @@ from benchmarks.common import machine_info
 VARIANTS = ("nndescent", "exact")
 
 
-def exact_knn(x: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
-    """(indices, distances), each len(x) x k, of every row's k nearest rows of `x` itself (the row first, at
-    distance 0), in UMAP's `precomputed_knn` form: faiss ranks, the distances are recomputed per pair in float64
-    (cosine: 1 - cos; euclidean: not squared)."""
-    from raydc.core.faiss_backend import import_faiss
-
-    faiss = import_faiss()
-    x = np.ascontiguousarray(x, np.float32)
-    if metric == "cosine":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        index = faiss.IndexFlatIP(x.shape[1])
-    else:
-        index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    _, idx = index.search(x, k)
-    dist = np.empty(idx.shape, np.float64)
-    for a in range(0, len(x), 4096):
-        q, nb = x[a:a + 4096].astype(np.float64), x[idx[a:a + 4096]].astype(np.float64)
-        if metric == "cosine":
-            dist[a:a + 4096] = np.maximum(1.0 - np.einsum("nd,nkd->nk", q, nb), 0.0)
-        else:
-            dist[a:a + 4096] = np.sqrt(((nb - q[:, None, :]) ** 2).sum(-1))
-    rows = np.arange(len(x))
-    for r in np.flatnonzero(idx[:, 0] != rows):  # a duplicate row may have come first at the same distance
-        where = np.flatnonzero(idx[r] == r)
-        j = int(where[0]) if len(where) else k - 1
-        idx[r, 1:j + 1], dist[r, 1:j + 1] = idx[r, :j].copy(), dist[r, :j].copy()
-        idx[r, 0] = r
-    dist[:, 0] = 0.0
-    return idx.astype(np.int64), dist.astype(np.float32)
-
-
 def fit(features: Path, variant: str) -> dict:
     """One readout fit in this process: {seconds, labels of the sample, sample indices}."""
     import warnings
 
     import umap
     from sklearn.mixture import GaussianMixture
+
+    from raydc.core.merge import exact_neighbors
 
     x = np.load(features)
     rng = np.random.default_rng(0)
@@ -74,7 +44,7 @@ def fit(features: Path, variant: str) -> dict:
     t = time.perf_counter()
     kw = {}
     if variant == "exact":
-        kw["precomputed_knn"] = exact_knn(s, 20, "cosine")
+        kw["precomputed_knn"] = exact_neighbors(s, 20, "cosine")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         z = umap.UMAP(n_components=10, n_neighbors=20, min_dist=0.0, metric="cosine", random_state=0, n_jobs=1,

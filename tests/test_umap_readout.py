@@ -94,6 +94,49 @@ def test_one_restart_is_the_plain_readout_and_more_keep_one_of_theirs():
     assert combined.shape == one.shape and set(combined.tolist()) == set(range(4)) and len(agreement) == 3
     with pytest.raises(ValueError, match="combine"):
         manifold_consensus(x, 4, restarts=2, combine="vote")
+    exact, agreement = manifold_consensus(x, 4, restarts=2, dims=2, n_neighbors=10, seed=5, combine="consensus",
+                                          graph="exact")
+    assert exact.shape == one.shape and len(agreement) == 2
+    with pytest.raises(ValueError, match="graph"):
+        manifold_consensus(x, 4, restarts=1, graph="approximate")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_the_exact_graph_is_every_rows_nearest_rows_itself_first(metric):
+    from raydc.core.merge import exact_neighbors
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((120, 6)).astype(np.float32)
+    x[7] = x[3]  # a duplicate row: each of the two still comes first in its own list, the other next
+    idx, dist = exact_neighbors(x, 5, metric)
+    if metric == "cosine":
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        full = 1.0 - u.astype(np.float64) @ u.T.astype(np.float64)
+    else:
+        full = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
+    assert idx.shape == dist.shape == (120, 5) and np.array_equal(idx[:, 0], np.arange(120))
+    assert idx[3, 1] == 7 and idx[7, 1] == 3
+    assert np.allclose(dist, np.maximum(np.take_along_axis(full, idx, axis=1), 0.0) * (idx != np.arange(120)[:, None]),
+                       atol=1e-5)
+    want = np.sort(np.maximum(full, 0.0), axis=1)[:, :5]
+    assert np.allclose(np.sort(dist, axis=1), want, atol=1e-5)  # the 5 nearest, whatever the order of ties
+
+
+def test_umap_reads_the_sample_through_the_graph_it_is_given():
+    """Four blobs: UMAP on their exact graph finds them; the same rows given a graph of random neighbours do not
+    (so the graph handed over is the one UMAP used, not one it searched itself)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from raydc.core.merge import exact_neighbors
+
+    x, truth = _blobs(200)
+    graph = exact_neighbors(x, 11, "cosine")
+    found = manifold_clusters(x, 4, dims=2, n_neighbors=10, seed=5, neighbors=graph)
+    assert adjusted_rand_score(truth, found) > 0.95
+    rng = np.random.default_rng(0)
+    noise = np.concatenate([np.arange(200)[:, None], rng.integers(0, 200, (200, 10))], axis=1)
+    scrambled = manifold_clusters(x, 4, dims=2, n_neighbors=10, seed=5, neighbors=(noise, graph[1]))
+    assert adjusted_rand_score(truth, scrambled) < 0.5
 
 
 def test_combined_restarts_recover_the_partition_each_restart_gets_partly_wrong():
@@ -217,15 +260,18 @@ def test_the_actors_fit_is_the_in_process_fit(ray_local):
 
 def test_the_warm_up_compiles_the_neighbour_search_the_fit_will_run(ray_local):
     """UMAP searches a sample of 4096 rows or more with NN-descent and a smaller one by all distances: the actor
-    warms the one the fit will take, for the sample the run can draw (no more rows than its data has)."""
+    warms the one the fit will take, for the sample the run can draw (no more rows than its data has); none when
+    the graph is given (exact)."""
     import ray
 
-    for count, sample, approximate in ((70_000, 20_000, True), (1_000, 20_000, False), (70_000, 4_000, False)):
+    cases = ((70_000, 20_000, "nndescent", "nndescent"), (1_000, 20_000, "nndescent", "all"),
+             (70_000, 4_000, "nndescent", "all"), (70_000, 20_000, "exact", "exact"))
+    for count, sample, graph, search in cases:
         ctx = _rank0_context()
         ctx.manifest = SimpleNamespace(count=count)
-        ctx.prepare_manifold(2, 10, "cosine", sample, warm_up=False)
+        ctx.prepare_manifold(2, 10, "cosine", sample, warm_up=False, graph=graph)
         try:
-            assert ray.get(ctx._fitter.__ray_call__.remote(lambda a: a.approximate)) is approximate, (count, sample)
+            assert ray.get(ctx._fitter.__ray_call__.remote(lambda a: a.search)) == search, (count, sample, graph)
         finally:
             ctx.shutdown()
 
@@ -279,6 +325,6 @@ def test_filling_the_cache_leaves_the_kernels_of_both_searches_on_disk(tmp_path)
         return {p.name for p in where.rglob("*.nbi")}
 
     both = cached("fill_manifold_cache()", tmp_path / "both")
-    exact = cached("warm_up_manifold(metric='euclidean', approximate=False)", tmp_path / "exact")
+    exact = cached("warm_up_manifold(metric='euclidean', search='all')", tmp_path / "exact")
     assert any("pynndescent" in str(p) for p in (tmp_path / "both").rglob("*.nbi"))
     assert exact < both  # NN-descent's kernels (and cosine's) come only from the fill

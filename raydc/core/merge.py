@@ -241,23 +241,72 @@ def shard_group(view, col: str, out: str, groups: np.ndarray):
 
 # ---- the manifold readout (N2D, McConville et al. 2020): clusters found on a UMAP of a sample, the rest voted ----
 def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors: int = 20, seed: int = 0,
-                      n_init: int = 5, metric: str = "cosine") -> np.ndarray:
+                      n_init: int = 5, metric: str = "cosine",
+                      neighbors: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Cluster ids (len(sample),) of a sample: UMAP to `dims` dimensions (min_dist 0, `metric`: cosine for a
     network's normalised features, euclidean for an autoencoder's embedding as N2D), then a full-covariance
-    Gaussian mixture there. Only the sample is ever fitted, so the cost does not grow with N.
+    Gaussian mixture there. Only the sample is ever fitted, so the cost does not grow with N. `neighbors`: the
+    sample's own neighbour graph (`exact_neighbors`, at least `n_neighbors` per row), else UMAP searches it.
 
     Why: the features of a trained network lie on curved, touching class manifolds; k-means cuts them with
     planes, and merging fine clusters can do no better than the fine clusters' purity. UMAP with min_dist 0
     packs each manifold into a compact blob the mixture separates (N2D: 0.979 on MNIST from an autoencoder)."""
+    import warnings
+
     import umap
     from sklearn.mixture import GaussianMixture
 
     sample = np.ascontiguousarray(sample, np.float32)
-    # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
-    z = umap.UMAP(n_components=dims, n_neighbors=min(n_neighbors, len(sample) - 1), min_dist=0.0, metric=metric,
-                  random_state=seed, n_jobs=1).fit_transform(sample)
+    n_neighbors = min(n_neighbors, len(sample) - 1)
+    extra = {} if neighbors is None else {"precomputed_knn": (neighbors[0][:, :n_neighbors],
+                                                              neighbors[1][:, :n_neighbors])}
+    with warnings.catch_warnings():
+        # a precomputed graph comes without pynndescent's search index, which only UMAP.transform would use
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
+        z = umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=0.0, metric=metric, random_state=seed,
+                      n_jobs=1, **extra).fit_transform(sample)
     mixture = GaussianMixture(k, covariance_type="full", n_init=n_init, random_state=seed).fit(z)
     return mixture.predict(z).astype(np.int64)
+
+
+def exact_neighbors(x: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """(indices int64, distances float32), each len(x) x k: every row's k nearest rows of `x` itself, the row
+    first at distance 0, in UMAP's `precomputed_knn` form. faiss ranks them (a flat search: the sample is
+    bounded); the distances are recomputed per pair in float64 (cosine: 1 - cos; euclidean: not squared).
+
+    Why: UMAP's own NN-descent is approximate, and its JIT code is specialised to the metric and compiled anew in
+    every process, most of a fresh fit's time (`warm_up_manifold`); restarts on one sample each search again.
+    A flat search of the sample is exact, compiles nothing, and is done once for all restarts."""
+    from raydc.core.faiss_backend import import_faiss
+
+    faiss = import_faiss()
+    x = np.ascontiguousarray(x, np.float32)
+    k = min(k, len(x))
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        index = faiss.IndexFlatIP(x.shape[1])
+    elif metric == "euclidean":
+        index = faiss.IndexFlatL2(x.shape[1])
+    else:
+        raise ValueError(f"exact_neighbors: unknown metric {metric!r} (cosine or euclidean)")
+    index.add(x)
+    _, idx = index.search(x, k)
+    dist = np.empty(idx.shape, np.float64)
+    for a in range(0, len(x), 4096):
+        q, nb = x[a:a + 4096].astype(np.float64), x[idx[a:a + 4096]].astype(np.float64)
+        if metric == "cosine":
+            dist[a:a + 4096] = np.maximum(1.0 - np.einsum("nd,nkd->nk", q, nb), 0.0)
+        else:
+            dist[a:a + 4096] = np.sqrt(((nb - q[:, None, :]) ** 2).sum(-1))
+    rows = np.arange(len(x))
+    for r in np.flatnonzero(idx[:, 0] != rows):  # a duplicate row may have come first at the same distance
+        where = np.flatnonzero(idx[r] == r)
+        j = int(where[0]) if len(where) else k - 1
+        idx[r, 1:j + 1], dist[r, 1:j + 1] = idx[r, :j].copy(), dist[r, :j].copy()
+        idx[r, 0] = r
+    dist[:, 0] = 0.0
+    return idx.astype(np.int64), dist.astype(np.float32)
 
 
 # umap-learn computes all pairwise distances for fewer rows than this and searches with NN-descent from here on
@@ -265,31 +314,44 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
 UMAP_EXACT_BELOW = 4096
 
 
-def umap_approximates(rows: int) -> bool:
-    """Whether UMAP's fit on `rows` rows finds its neighbours with NN-descent (else by all distances)."""
-    return rows >= UMAP_EXACT_BELOW
+# How a readout's UMAP finds the sample's neighbours: "exact" (given to it, `exact_neighbors`), or its own search,
+# NN-descent ("nndescent") from UMAP_EXACT_BELOW rows on and all pairwise distances ("all") below.
+GRAPHS = ("nndescent", "exact")
+
+
+def umap_search(rows: int, graph: str = "nndescent") -> str:
+    """The neighbour search a fit on `rows` rows runs for the readout's `graph`: "exact", "nndescent" or "all"."""
+    if graph == "exact":
+        return "exact"
+    return "nndescent" if rows >= UMAP_EXACT_BELOW else "all"
 
 
 def warm_up_manifold(*, dims: int = 10, n_neighbors: int = 20, metric: str = "cosine", seed: int = 0,
-                     approximate: bool = True) -> float:
+                     search: str = "nndescent") -> float:
     """Compile the JIT code a `manifold_clusters` fit runs (numba: the neighbour search specialised to `metric`,
-    the fuzzy graph, the layout) on a few hundred random rows, and return the seconds it took. `approximate`:
-    NN-descent forced, as UMAP searches a sample of UMAP_EXACT_BELOW rows or more; else the all-distances search
-    it takes below that (warming NN-descent there would compile code the fit never runs, and make it wait).
+    the fuzzy graph, the layout) on a few hundred random rows, and return the seconds it took. `search`
+    (`umap_search`): the neighbour search the fit will run, NN-descent forced as UMAP searches a sample of
+    UMAP_EXACT_BELOW rows or more, all distances below that, or none ("exact": the graph is given). Warming
+    another would compile code the fit never runs, and make it wait.
 
     Why: most of that code cannot be cached on disk, so every fresh process compiles it on its first fit: about a
-    minute of one core on a 2-core CPU (benchmarks/RESULTS.md), against the fit itself. A process that warms up
-    while the run trains fits as fast as a second fit would. Nothing of the result is kept: the compiled code is
-    the same whatever data it was compiled on, so the real fit computes exactly what it would have cold."""
+    minute of one core on a 2-core CPU, nearly all of it NN-descent's (benchmarks/RESULTS.md), against the fit
+    itself. A process that warms up while the run trains fits as fast as a second fit would. Nothing of the
+    result is kept: the compiled code is the same whatever data it was compiled on, so the real fit computes
+    exactly what it would have cold."""
     import time
+    import warnings
 
     import umap
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((max(300, 4 * n_neighbors), 32)).astype(np.float32)
-    umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=0.0, metric=metric, random_state=seed, n_jobs=1,
-              force_approximation_algorithm=approximate, n_epochs=5).fit_transform(x)
+    extra = {"precomputed_knn": exact_neighbors(x, n_neighbors, metric)} if search == "exact" else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=0.0, metric=metric, random_state=seed,
+                  n_jobs=1, force_approximation_algorithm=search == "nndescent", n_epochs=5, **extra).fit_transform(x)
     return time.perf_counter() - t0
 
 
@@ -302,9 +364,9 @@ def fill_manifold_cache() -> float:
     a run's fitter actor or a test, then loads them instead: about half of a first fit's compile. The rest is
     compiled per process whatever is done here (see `warm_up_manifold`)."""
     seconds = 0.0
-    for approximate in (False, True):
+    for search in ("all", "nndescent"):
         for metric in ("euclidean", "cosine"):
-            seconds += warm_up_manifold(metric=metric, approximate=approximate)
+            seconds += warm_up_manifold(metric=metric, search=search)
     return seconds
 
 
@@ -351,16 +413,20 @@ COMBINE = ("pick", "consensus")
 
 
 def manifold_consensus(sample: np.ndarray, k: int, *, restarts: int, dims: int = 10, n_neighbors: int = 20,
-                       seed: int = 0, n_init: int = 5, metric: str = "cosine",
-                       combine: str = "pick") -> tuple[np.ndarray, np.ndarray]:
+                       seed: int = 0, n_init: int = 5, metric: str = "cosine", combine: str = "pick",
+                       graph: str = "nndescent") -> tuple[np.ndarray, np.ndarray]:
     """`manifold_clusters` with seeds seed, seed + 1, ... on the same sample, combined by `combine`: "pick" keeps
     the most agreed restart (`consensus_partition`), "consensus" combines them all (`combine_partitions`).
     Returns (the cluster ids, each restart's agreement: with the others for "pick", with the combined partition
-    for "consensus")."""
+    for "consensus"). `graph`: "exact" computes the sample's neighbour graph once (`exact_neighbors`) for every
+    restart, "nndescent" leaves each restart's UMAP to search its own."""
     if combine not in COMBINE:
         raise ValueError(f"unknown combine {combine!r} (expected one of {', '.join(COMBINE)})")
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown graph {graph!r} (expected one of {', '.join(GRAPHS)})")
+    neighbors = exact_neighbors(sample, n_neighbors + 1, metric) if graph == "exact" else None
     parts = [manifold_clusters(sample, k, dims=dims, n_neighbors=n_neighbors, seed=(seed + r) % (1 << 31),
-                               n_init=n_init, metric=metric) for r in range(restarts)]
+                               n_init=n_init, metric=metric, neighbors=neighbors) for r in range(restarts)]
     if combine == "consensus" and restarts > 1:
         from sklearn.metrics import adjusted_rand_score
 

@@ -255,19 +255,19 @@ class RankZeroContext:
             self._service.release()
 
     def prepare_manifold(self, dims: int, n_neighbors: int, metric: str, sample: int, *,
-                         warm_up: bool = True) -> None:
+                         warm_up: bool = True, graph: str = "nndescent") -> None:
         """Start the actor that will fit the manifold readout on at most `sample` rows, compiling its JIT code
         meanwhile (`warm_up`): the code of the neighbour search UMAP will take for the sample it will get (no more
-        rows than the data has). Idempotent; without Ray, or in the in-process harness, nothing happens and the
-        fit runs here."""
+        rows than the data has), none for an exact `graph`. Idempotent; without Ray, or in the in-process harness,
+        nothing happens and the fit runs here."""
         import ray
 
         if self._fitter is None and self._manifold_actor and ray.is_initialized():
-            from raydc.core.merge import umap_approximates
+            from raydc.core.merge import umap_search
             from raydc.engine.manifold_fitter import start_fitter
 
             rows = min(sample, self.manifest.count) if getattr(self.manifest, "count", None) else sample
-            self._fitter = start_fitter(dims, n_neighbors, metric, warm_up, approximate=umap_approximates(rows))
+            self._fitter = start_fitter(dims, n_neighbors, metric, warm_up, search=umap_search(rows, graph))
 
     def manifold_consensus(self, sample: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, dict]:
         """`raydc.core.merge.manifold_consensus(sample, k, **kwargs)` in the prepared actor (else here, also when the

@@ -21,14 +21,14 @@ WARM_UP_NICENESS = 19
 
 
 class _Fitter:
-    def __init__(self, dims: int, n_neighbors: int, metric: str, warm_up: bool = True, approximate: bool = True):
+    def __init__(self, dims: int, n_neighbors: int, metric: str, warm_up: bool = True, search: str = "nndescent"):
         self.warm_up_s: float | None = None
-        self.approximate = approximate  # NN-descent warmed (else the all-distances search)
+        self.search = search  # the neighbour search warmed (raydc.core.merge.umap_search)
         self._warm = threading.Thread(target=self._warm_up if warm_up else lambda *a: None,
-                                      args=(dims, n_neighbors, metric, approximate), daemon=True)
+                                      args=(dims, n_neighbors, metric, search), daemon=True)
         self._warm.start()
 
-    def _warm_up(self, dims: int, n_neighbors: int, metric: str, approximate: bool) -> None:
+    def _warm_up(self, dims: int, n_neighbors: int, metric: str, search: str) -> None:
         try:  # Linux sets niceness per thread: this one only, the fit keeps the actor's
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_UP_NICENESS)
         except (AttributeError, OSError):
@@ -36,8 +36,7 @@ class _Fitter:
         from raydc.core.merge import warm_up_manifold
 
         try:
-            self.warm_up_s = warm_up_manifold(dims=dims, n_neighbors=n_neighbors, metric=metric,
-                                              approximate=approximate)
+            self.warm_up_s = warm_up_manifold(dims=dims, n_neighbors=n_neighbors, metric=metric, search=search)
         except Exception:  # noqa: BLE001 - a failed warm-up only costs the fit its compile time; the fit reports
             self.warm_up_s = None
 
@@ -54,13 +53,13 @@ class _Fitter:
 ManifoldFitter = ray.remote(num_cpus=0)(_Fitter)
 
 
-def start_fitter(dims: int, n_neighbors: int, metric: str, warm_up: bool = True, approximate: bool = True):
+def start_fitter(dims: int, n_neighbors: int, metric: str, warm_up: bool = True, search: str = "nndescent"):
     """A `ManifoldFitter` on this node (rank 0's: the sample it fits is already here); `warm_up=False` skips the
-    compilation ahead (tests); `approximate`: whether the fit will search neighbours with NN-descent
-    (`raydc.core.merge.umap_approximates`), so the warm-up compiles the search the fit runs."""
+    compilation ahead (tests); `search`: the neighbour search the fit will run (`raydc.core.merge.umap_search`),
+    so the warm-up compiles that one."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return ManifoldFitter.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(dims, n_neighbors, metric, warm_up,
-                                                                                    approximate)
+                                                                                    search)

@@ -144,10 +144,11 @@ class RoundContext(Protocol):
     def release(self) -> None:
         """The feature pool's actors may go (a long training phase follows)."""
 
-    def prepare_manifold(self, dims: int, n_neighbors: int, metric: str, sample: int) -> None:
-        """The run will end in a manifold readout with these UMAP settings on a sample of at most `sample` rows:
-        the engine may get its fit ready (compile its JIT code) while training goes on. Idempotent: ask every
-        round."""
+    def prepare_manifold(self, dims: int, n_neighbors: int, metric: str, sample: int, *,
+                         graph: str = "nndescent") -> None:
+        """The run will end in a manifold readout with these UMAP settings on a sample of at most `sample` rows
+        (`graph`: how its neighbours are found): the engine may get its fit ready (compile its JIT code) while
+        training goes on. Idempotent: ask every round."""
 
     def manifold_consensus(self, sample: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, dict]:
         """`raydc.core.merge.manifold_consensus(sample, k, **kwargs)`, wherever the engine fits it, and what the

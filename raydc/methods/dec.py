@@ -104,6 +104,7 @@ class DECConfig:
     readout_restarts: int = resumable(1)     # umap: UMAP + mixture seeds, combined by readout_combine
     # umap, restarts > 1: keep the most agreed restart ("pick") or cluster by all their memberships ("consensus")
     readout_combine: Literal["pick", "consensus"] = resumable("pick")
+    readout_graph: Literal["nndescent", "exact"] = resumable("nndescent")  # umap: NN-descent, or faiss's exact graph
     readout_metric: Literal["euclidean", "cosine"] = resumable("euclidean")  # umap: in z (N2D: euclidean)
 
     def validate(self) -> None:
@@ -135,7 +136,8 @@ class DECConfig:
         """The umap readout's knobs, as raydc.methods.readout takes them."""
         return readout_options("dec", self, {
             "sample": "readout_sample", "dims": "readout_dims", "neighbors": "readout_neighbors",
-            "vote": "readout_vote", "restarts": "readout_restarts", "combine": "readout_combine"},
+            "vote": "readout_vote", "restarts": "readout_restarts", "combine": "readout_combine",
+            "graph": "readout_graph"},
             metric=self.readout_metric)
 
 

@@ -87,6 +87,9 @@ class DeepClusterConfig:
     # (raydc.core.merge.combine_partitions)
     final_umap_restarts: int = resumable(1)
     final_umap_combine: Literal["pick", "consensus"] = resumable("pick")
+    # umap: the sample's neighbour graph UMAP starts from: its own NN-descent in each restart (approximate; a
+    # minute of JIT compilation per process), or "exact": one flat faiss search of the sample for all restarts
+    final_umap_graph: Literal["nndescent", "exact"] = resumable("nndescent")
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -104,7 +107,8 @@ class DeepClusterConfig:
         """The umap readout's knobs (cosine: the features are L2-normalised), as raydc.methods.readout takes them."""
         return readout_options("deepcluster", self, {
             "sample": "final_sample", "dims": "final_umap_dims", "neighbors": "final_umap_neighbors",
-            "vote": "final_vote", "restarts": "final_umap_restarts", "combine": "final_umap_combine"},
+            "vote": "final_vote", "restarts": "final_umap_restarts", "combine": "final_umap_combine",
+            "graph": "final_umap_graph"},
             metric="cosine")
 
 

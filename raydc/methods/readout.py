@@ -34,6 +34,7 @@ class ManifoldReadout:
     restarts: int = 1        # UMAP + mixture seeds seed, seed + 1, ...
     metric: str = "cosine"   # UMAP's metric in feature space
     combine: str = "pick"    # restarts > 1: keep the most agreed ("pick") or combine them ("consensus")
+    graph: str = "nndescent"  # the sample's neighbours: UMAP's NN-descent per restart, or "exact" once (faiss)
 
 
 def readout_options(section: str, opts: Any, names: dict[str, str], metric: str) -> ManifoldReadout:
@@ -57,7 +58,8 @@ def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample
     t = time.perf_counter()
     sample_labels, agreement, where = ctx.manifold_consensus(sample_x, k, restarts=opts.restarts, dims=opts.dims,
                                                              n_neighbors=opts.neighbors, seed=fit_seed,
-                                                             metric=opts.metric, combine=opts.combine)
+                                                             metric=opts.metric, combine=opts.combine,
+                                                             graph=opts.graph)
     t_fit = time.perf_counter() - t
     sizes = np.sum(ctx.service.apply(shard_vote, col, sample_x, sample_labels, k, opts.vote), axis=0)
     centroids = np.stack([sample_x[sample_labels == c].mean(axis=0) if np.any(sample_labels == c)
@@ -75,7 +77,7 @@ def manifold_readout(ctx: RoundContext, k: int, opts: ManifoldReadout, *, sample
 def prepare_manifold_readout(ctx: RoundContext, opts: ManifoldReadout) -> None:
     """Called from a method's round plans when its run will end in this readout: the fit's JIT code compiles
     beside the training rounds instead of after them (RoundContext.prepare_manifold)."""
-    ctx.prepare_manifold(opts.dims, opts.neighbors, opts.metric, opts.sample)
+    ctx.prepare_manifold(opts.dims, opts.neighbors, opts.metric, opts.sample, graph=opts.graph)
 
 
 def check_umap_installed(field: str) -> None:
