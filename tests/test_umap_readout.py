@@ -184,6 +184,21 @@ def test_over_clustering_with_the_umap_readout_votes_from_its_sample_alone(traff
     # (that a seed fixes the readout's result: the arcs test above)
 
 
+def test_a_readout_over_several_samples_combines_them_on_the_first(traffic):
+    """final_umap_samples 2: two samples gathered one after the other, each fitted, the second's partition voted
+    onto the first; the first sample and the combined clusters are what `raydc assign` votes with."""
+    gathered, _ = traffic
+    sets = ("cluster.k=9", "deepcluster.final_k=3", "deepcluster.final_merge=umap", "deepcluster.final_sample=60",
+            "deepcluster.final_vote=5", "deepcluster.final_umap_neighbors=10", "deepcluster.final_umap_dims=4",
+            "deepcluster.final_umap_samples=2")
+    _, _, rows, final = run_deepcluster(deepcluster_config(*sets))
+    last = rows[-1]
+    assert gathered[:2] == [60, 60] and last["merge_sample"] == 60, gathered
+    assert 0.0 <= last["readout_sample_agreement"] <= 1.0 and "readout_agreement" not in last  # one fit per sample
+    assert final.artifacts["vote_sample"].shape == (60, 32) and final.artifacts["vote_labels"].shape == (60,)
+    assert last["acc"] > 0.9, last["acc"]
+
+
 def test_decs_umap_readout_clusters_the_embedding_and_assign_places_images_by_the_same_vote(traffic):
     """`dec.readout: umap`: the delivered clusters come from UMAP + mixture on a sample of z, with argmax q's
     scores kept beside them; only the sample reaches rank 0; and putting the run's own images through

@@ -105,6 +105,7 @@ class DECConfig:
     # umap, restarts > 1: keep the most agreed restart ("pick") or cluster by all their memberships ("consensus")
     readout_combine: Literal["pick", "consensus"] = resumable("pick")
     readout_graph: Literal["nndescent", "exact"] = resumable("nndescent")  # umap: NN-descent, or faiss's exact graph
+    readout_samples: int = resumable(1)      # umap: independent samples read out, combined on the first
     readout_metric: Literal["euclidean", "cosine"] = resumable("euclidean")  # umap: in z (N2D: euclidean)
 
     def validate(self) -> None:
@@ -137,7 +138,7 @@ class DECConfig:
         return readout_options("dec", self, {
             "sample": "readout_sample", "dims": "readout_dims", "neighbors": "readout_neighbors",
             "vote": "readout_vote", "restarts": "readout_restarts", "combine": "readout_combine",
-            "graph": "readout_graph"},
+            "graph": "readout_graph", "samples": "readout_samples"},
             metric=self.readout_metric)
 
 

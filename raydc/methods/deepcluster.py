@@ -90,6 +90,9 @@ class DeepClusterConfig:
     # umap: the sample's neighbour graph UMAP starts from: its own NN-descent in each restart (approximate; a
     # minute of JIT compilation per process), or "exact": one flat faiss search of the sample for all restarts
     final_umap_graph: Literal["nndescent", "exact"] = resumable("nndescent")
+    # umap: independent samples of final_sample images, each read out (final_umap_restarts fits) and carried onto
+    # the first by the vote; > 1 clusters the first by all their partitions at once (combine_partitions)
+    final_umap_samples: int = resumable(1)
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -108,7 +111,7 @@ class DeepClusterConfig:
         return readout_options("deepcluster", self, {
             "sample": "final_sample", "dims": "final_umap_dims", "neighbors": "final_umap_neighbors",
             "vote": "final_vote", "restarts": "final_umap_restarts", "combine": "final_umap_combine",
-            "graph": "final_umap_graph"},
+            "graph": "final_umap_graph", "samples": "final_umap_samples"},
             metric="cosine")
 
 
