@@ -19,8 +19,10 @@ SETTINGS = {
     "deepcluster_mnist70k": {"config": "mnist.yaml", "sets": [], "seeds": (31, 32, 33, 34, 35),
                              "method": "DeepCluster",
                              "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM (mnist.yaml)"},
-    "deepcluster_fmnist70k": {"config": "fmnist.yaml", "sets": [], "seeds": (31, 32, 33), "method": "DeepCluster",
-                              "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 (fmnist.yaml)"},
+    "deepcluster_fmnist70k": {"config": "fmnist.yaml", "sets": ["deepcluster.final_merge=knn"], "seeds": (31, 32, 33),
+                              "method": "DeepCluster",
+                              "data": "Fashion-MNIST, all 70,000 images, k = 100 joined to 10 along the k-NN graph "
+                                      "(final_merge knn: fmnist.yaml's readout before final_umap_samples)"},
     # the other readout of each: the same training, the final step read out the other way
     "deepcluster_mnist70k_knn": {"config": "mnist.yaml", "sets": ["deepcluster.final_merge=knn"],
                                  "seeds": (31, 32, 33, 34, 35), "method": "DeepCluster",
@@ -35,6 +37,40 @@ SETTINGS = {
                                     "seeds": (31, 32, 33), "method": "DeepCluster",
                                     "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM, "
                                             "the most agreed of 5 restarts (final_umap_restarts 5)"},
+    # the five restarts combined instead (deepcluster.final_umap_combine consensus: the sample clustered by all
+    # five partitions' memberships), each seed's finished fmnist.yaml run re-read with it
+    "deepcluster_fmnist70k_consensus": {"config": "fmnist.yaml",
+                                        "sets": ["deepcluster.final_merge=umap", "deepcluster.final_umap_restarts=5",
+                                                 "deepcluster.final_umap_combine=consensus"],
+                                        "seeds": (31, 32, 33), "method": "DeepCluster",
+                                        "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + "
+                                                "GMM, 5 restarts combined (final_umap_combine consensus)"},
+    # five independent samples instead, one fit each, their partitions combined on the first
+    # (deepcluster.final_umap_samples 5): which 20,000 images the sample holds moves this readout as much as the seed
+    "deepcluster_fmnist70k_samples5": {"config": "fmnist.yaml",
+                                       "sets": ["deepcluster.final_merge=umap", "deepcluster.final_umap_samples=5"],
+                                       "seeds": (31, 32, 33), "method": "DeepCluster",
+                                       "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + "
+                                               "GMM on 5 samples combined (final_umap_samples 5)"},
+    "deepcluster_fmnist70k_samples5_exact": {"config": "fmnist.yaml",
+                                             "sets": ["deepcluster.final_merge=umap", "deepcluster.final_umap_samples=5",
+                                                      "deepcluster.final_umap_graph=exact"],
+                                             "seeds": (31, 32, 33), "method": "DeepCluster",
+                                             "data": "Fashion-MNIST, all 70,000 images, k = 100 read out to 10 by UMAP "
+                                                     "+ GMM on 5 samples combined, each from its exact neighbour graph "
+                                                     "(fmnist.yaml as shipped: final_umap_samples 5, final_umap_graph "
+                                                     "exact)"},
+    # the exact neighbour graph (deepcluster.final_umap_graph exact: one faiss search of the sample, no NN-descent),
+    # each finished mnist.yaml run re-read with it
+    "deepcluster_mnist70k_exact": {"config": "mnist.yaml", "sets": ["deepcluster.final_umap_graph=exact"],
+                                   "seeds": (31, 33), "method": "DeepCluster",
+                                   "data": "MNIST, all 70,000 images, k = 100 read out to 10 by UMAP + GMM from the "
+                                           "sample's exact neighbour graph (mnist.yaml, final_umap_graph exact)"},
+    "deepcluster_mnist70k_cl_exact": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last",
+                                                                       "deepcluster.final_umap_graph=exact"],
+                                      "seeds": (31, 32, 33, 34, 35), "method": "DeepCluster",
+                                      "data": "MNIST, all 70,000 images, the channels_last runs (`_retain`) re-read "
+                                              "from the sample's exact neighbour graph (final_umap_graph exact)"},
     # train.memory_format (issue #27): mnist.yaml at channels_last (what auto picked on the CPU from fc5706a until
     # contiguous weights became the CPU's default), and the old layout again in the same suite run
     "deepcluster_mnist70k_cl": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last"], "seeds": (31, 32, 33, 34, 35),
