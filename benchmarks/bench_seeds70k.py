@@ -60,6 +60,10 @@ SETTINGS = {
                                                      "+ GMM on 5 samples combined, each from its exact neighbour graph "
                                                      "(fmnist.yaml as shipped: final_umap_samples 5, final_umap_graph "
                                                      "exact)"},
+    # fmnist.yaml as shipped in one fresh run (training and its readout together, not a re-read): its time to quality
+    "deepcluster_fmnist70k_fresh": {"config": "fmnist.yaml", "sets": [], "seeds": (31,), "method": "DeepCluster",
+                                    "data": "Fashion-MNIST, all 70,000 images, fmnist.yaml as shipped (5 samples "
+                                            "combined, exact graphs), one fresh run from the first round"},
     # the exact neighbour graph (deepcluster.final_umap_graph exact: one faiss search of the sample, no NN-descent),
     # each finished mnist.yaml run re-read with it
     "deepcluster_mnist70k_exact": {"config": "mnist.yaml", "sets": ["deepcluster.final_umap_graph=exact"],
