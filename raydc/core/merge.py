@@ -397,9 +397,10 @@ def combine_partitions(partitions: list[np.ndarray], k: int, seed: int = 0) -> n
     count as often as partitions agree on it, so the rows they keep together stay together, and a row they
     disagree on goes where most of them put it.
 
-    Why not keep the most agreed restart (`consensus_partition`): on Fashion-MNIST the restarts of UMAP + mixture
+    Why not keep the most agreed partition (`consensus_partition`): on Fashion-MNIST readouts of different samples
     disagree on where a garment class ends, each in its own way; the medoid is still one of them, with its own
-    errors, and which one it is changes with the seed. The combined partition keeps what they share."""
+    errors. The combined partition keeps what they share. (Across samples it lifted `fmnist.yaml`; across seeds on
+    one sample it did not: benchmarks/RESULTS.md, the 70,000-image configs over seeds.)"""
     from sklearn.cluster import KMeans
 
     if len(partitions) == 1:
