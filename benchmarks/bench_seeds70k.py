@@ -75,6 +75,13 @@ SETTINGS = {
                                       "seeds": (31, 32, 33, 34, 35), "method": "DeepCluster",
                                       "data": "MNIST, all 70,000 images, the channels_last runs (`_retain`) re-read "
                                               "from the sample's exact neighbour graph (final_umap_graph exact)"},
+    # mnist.yaml's two contiguous runs re-read the way fmnist.yaml now reads out (five samples, exact graphs)
+    "deepcluster_mnist70k_samples5_exact": {"config": "mnist.yaml",
+                                            "sets": ["deepcluster.final_umap_samples=5",
+                                                     "deepcluster.final_umap_graph=exact"],
+                                            "seeds": (31, 33), "method": "DeepCluster",
+                                            "data": "MNIST, all 70,000 images, mnist.yaml re-read over 5 samples "
+                                                    "combined, each from its exact neighbour graph"},
     # train.memory_format (issue #27): mnist.yaml at channels_last (what auto picked on the CPU from fc5706a until
     # contiguous weights became the CPU's default), and the old layout again in the same suite run
     "deepcluster_mnist70k_cl": {"config": "mnist.yaml", "sets": ["train.memory_format=channels_last"], "seeds": (31, 32, 33, 34, 35),
