@@ -158,10 +158,12 @@ def test_combined_restarts_recover_the_partition_each_restart_gets_partly_wrong(
     parts[4][parts[4] == parts[4][truth == 3][0]] = parts[4][truth == 2][0]  # classes 2 and 3 joined
     best, _ = consensus_partition(parts)
     assert adjusted_rand_score(truth, parts[best]) < 0.9
-    combined = combine_partitions(parts, 4, seed=3)
+    combined, agreement = combine_partitions(parts, 4, seed=3)
     assert adjusted_rand_score(truth, combined) == 1.0
-    assert np.array_equal(combine_partitions(parts, 4, seed=3), combined)  # a seed fixes it
-    assert np.array_equal(combine_partitions(parts[:1], 4), parts[0])
+    assert np.array_equal(combine_partitions(parts, 4, seed=3)[0], combined)  # a seed fixes it
+    assert np.allclose(agreement, [adjusted_rand_score(combined, p) for p in parts])
+    one, agreement = combine_partitions(parts[:1], 4)
+    assert np.array_equal(one, parts[0]) and list(agreement) == [1.0]
 
 
 # ---- through the methods ---------------------------------------------------------------------------------

@@ -390,24 +390,26 @@ def consensus_partition(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
     return int(np.argmax(agreement)), agreement
 
 
-def combine_partitions(partitions: list[np.ndarray], k: int, seed: int = 0) -> np.ndarray:
+def combine_partitions(partitions: list[np.ndarray], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One partition into k clusters of the rows that `partitions` (each a cluster id per row) all label: k-means
     on each row's memberships, one one-hot block per partition side by side (the consensus Topchy, Jain & Punch
     2005 derive from the partitions' quadratic mutual information with it). A row's memberships
     count as often as partitions agree on it, so the rows they keep together stay together, and a row they
-    disagree on goes where most of them put it.
+    disagree on goes where most of them put it. Returns (its cluster ids, each partition's adjusted Rand index
+    with it: how settled the combination was). One partition: (it, [1.0]).
 
     Why not keep the most agreed partition (`consensus_partition`): on Fashion-MNIST readouts of different samples
     disagree on where a garment class ends, each in its own way; the medoid is still one of them, with its own
     errors. The combined partition keeps what they share. (Across samples it lifted `fmnist.yaml`; across seeds on
     one sample it did not: benchmarks/RESULTS.md, the 70,000-image configs over seeds.)"""
     from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
 
     if len(partitions) == 1:
-        return np.asarray(partitions[0], np.int64)
+        return np.asarray(partitions[0], np.int64), np.ones(1)
     memberships = np.concatenate([np.eye(k, dtype=np.float32)[np.asarray(p, np.int64)] for p in partitions], axis=1)
-    found = KMeans(k, n_init=10, random_state=seed % (1 << 31)).fit_predict(memberships)
-    return found.astype(np.int64)
+    found = KMeans(k, n_init=10, random_state=seed % (1 << 31)).fit_predict(memberships).astype(np.int64)
+    return found, np.array([adjusted_rand_score(found, p) for p in partitions])
 
 
 COMBINE = ("pick", "consensus")
@@ -429,10 +431,7 @@ def manifold_consensus(sample: np.ndarray, k: int, *, restarts: int, dims: int =
     parts = [manifold_clusters(sample, k, dims=dims, n_neighbors=n_neighbors, seed=(seed + r) % (1 << 31),
                                n_init=n_init, metric=metric, neighbors=neighbors) for r in range(restarts)]
     if combine == "consensus" and restarts > 1:
-        from sklearn.metrics import adjusted_rand_score
-
-        combined = combine_partitions(parts, k, seed)
-        return combined, np.array([adjusted_rand_score(combined, p) for p in parts])
+        return combine_partitions(parts, k, seed)
     best, agreement = consensus_partition(parts)
     return parts[best], agreement
 
