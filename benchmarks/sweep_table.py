@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import machine_info
 
-SCORES = ("silhouette", "calinski_harabasz", "ae_kmeans_stability", "nmi_prev", "loss", "acc", "nmi", "ari")
+SCORES = ("silhouette", "calinski_harabasz", "ae_kmeans_stability", "ae_manifold_silhouette", "nmi_prev", "loss", "acc", "nmi", "ari")
 
 
 def _number(text: str | None) -> float | None:

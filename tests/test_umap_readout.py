@@ -208,11 +208,14 @@ def test_decs_umap_readout_clusters_the_embedding_and_assign_places_images_by_th
     gathered, returned = traffic
     data = blobs()
     cfg = dec_config("unused", "unused", readout="umap", readout_sample=150, readout_neighbors=10, readout_dims=4,
-                     readout_vote=5, max_iterations=8, stability_sample=0)
+                     readout_vote=5, max_iterations=8, stability_sample=0, manifold_score_sample=120)
     method, _, rows, final = run_dec(cfg, data)
     last = rows[-1]
-    # the readout's sample is the first gathered (then the engine's label-free scores draw theirs)
-    assert gathered[0] == 150 and {shape for name, shape in returned if name == "shard_vote"} == {(K,)}, returned
+    # the k-means start's sample for the label-free score of k, then the readout's (then the engine's label-free
+    # scores draw theirs)
+    assert gathered[:2] == [120, 150] and {shape for name, shape in returned if name == "shard_vote"} == {(K,)}, \
+        returned
+    assert 0.5 < last["ae_manifold_silhouette"] <= 1.0, last  # K separated blobs, scored at k = K
     assert last["readout"] == "umap" and last["merge_sample"] == 150
     assert {"dec_acc", "dec_nmi", "dec_ari", "acc", "nmi"} <= set(last), sorted(last)
     assert final.final.col == "final" and final.artifacts["vote_sample"].shape == (150, 4)

@@ -240,21 +240,14 @@ def shard_group(view, col: str, out: str, groups: np.ndarray):
 
 
 # ---- the manifold readout (N2D, McConville et al. 2020): clusters found on a UMAP of a sample, the rest voted ----
-def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors: int = 20, seed: int = 0,
-                      n_init: int = 5, metric: str = "cosine",
-                      neighbors: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Cluster ids (len(sample),) of a sample: UMAP to `dims` dimensions (min_dist 0, `metric`: cosine for a
-    network's normalised features, euclidean for an autoencoder's embedding as N2D), then a full-covariance
-    Gaussian mixture there. Only the sample is ever fitted, so the cost does not grow with N. `neighbors`: the
-    sample's own neighbour graph (`exact_neighbors`, at least `n_neighbors` per row), else UMAP searches it.
-
-    Why: the features of a trained network lie on curved, touching class manifolds; k-means cuts them with
-    planes, and merging fine clusters can do no better than the fine clusters' purity. UMAP with min_dist 0
-    packs each manifold into a compact blob the mixture separates (N2D: 0.979 on MNIST from an autoencoder)."""
+def manifold_embedding(sample: np.ndarray, *, dims: int = 10, n_neighbors: int = 20, seed: int = 0,
+                       metric: str = "cosine", neighbors: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """UMAP of a sample to `dims` dimensions with min_dist 0, (len(sample), dims) float32: each class manifold
+    packed into a compact blob. `neighbors`: the sample's own neighbour graph (`exact_neighbors`, at least
+    `n_neighbors` per row), else UMAP searches it. One thread, so the seed fixes the result."""
     import warnings
 
     import umap
-    from sklearn.mixture import GaussianMixture
 
     sample = np.ascontiguousarray(sample, np.float32)
     n_neighbors = min(n_neighbors, len(sample) - 1)
@@ -266,8 +259,30 @@ def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors
         # n_jobs=1: a seed fixes UMAP's result only on one thread (and then it warns unless told so)
         z = umap.UMAP(n_components=dims, n_neighbors=n_neighbors, min_dist=0.0, metric=metric, random_state=seed,
                       n_jobs=1, **extra).fit_transform(sample)
+    return np.asarray(z, np.float32)
+
+
+def mixture_clusters(z: np.ndarray, k: int, *, seed: int = 0, n_init: int = 5) -> np.ndarray:
+    """Cluster ids (len(z),) of a full-covariance Gaussian mixture with k components fitted on z."""
+    from sklearn.mixture import GaussianMixture
+
     mixture = GaussianMixture(k, covariance_type="full", n_init=n_init, random_state=seed).fit(z)
     return mixture.predict(z).astype(np.int64)
+
+
+def manifold_clusters(sample: np.ndarray, k: int, *, dims: int = 10, n_neighbors: int = 20, seed: int = 0,
+                      n_init: int = 5, metric: str = "cosine",
+                      neighbors: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Cluster ids (len(sample),) of a sample: UMAP to `dims` dimensions (min_dist 0, `metric`: cosine for a
+    network's normalised features, euclidean for an autoencoder's embedding as N2D), then a full-covariance
+    Gaussian mixture there. Only the sample is ever fitted, so the cost does not grow with N. `neighbors`: the
+    sample's own neighbour graph (`exact_neighbors`, at least `n_neighbors` per row), else UMAP searches it.
+
+    Why: the features of a trained network lie on curved, touching class manifolds; k-means cuts them with
+    planes, and merging fine clusters can do no better than the fine clusters' purity. UMAP with min_dist 0
+    packs each manifold into a compact blob the mixture separates (N2D: 0.979 on MNIST from an autoencoder)."""
+    z = manifold_embedding(sample, dims=dims, n_neighbors=n_neighbors, seed=seed, metric=metric, neighbors=neighbors)
+    return mixture_clusters(z, k, seed=seed, n_init=n_init)
 
 
 def exact_neighbors(x: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:

@@ -53,3 +53,29 @@ def kmeans_stability(x: np.ndarray, k: int, seed: int = 0, pairs: int = 3, fract
             labels.append(fit.predict(x))
         scores.append(M.ari(labels[0], labels[1]))
     return float(np.mean(scores))
+
+
+def manifold_silhouette(x: np.ndarray, k: int, seed: int = 0, *, dims: int = 10, n_neighbors: int = 20,
+                        metric: str = "euclidean", n_init: int = 3) -> float:
+    """How cleanly `x` falls into k groups along its manifolds: the silhouette, on a UMAP of `x` (min_dist 0, from
+    its exact neighbour graph), of a k-component Gaussian mixture fitted there (N2D's readout,
+    raydc.core.merge.manifold_clusters). A function of (x, k, seed).
+
+    Why not silhouette or k-means' stability on `x` itself: an autoencoder's embedding holds its classes as
+    curved, touching manifolds, and on it both scores favour the fewest, largest groups (on DEC's MNIST
+    autoencoders pretrained on 10,000 images, or briefly, both pick k = 5; benchmarks/RESULTS.md, "Sweeps").
+    UMAP packs each manifold into a separate blob: too few clusters then join blobs that lie apart, too many cut
+    a compact one, and either lowers the silhouette there. Euclidean for an autoencoder's embedding, as N2D."""
+    from sklearn.metrics import silhouette_score
+
+    from raydc.core.merge import exact_neighbors, manifold_embedding, mixture_clusters
+
+    x = np.ascontiguousarray(x, np.float32)
+    if not 2 <= k < len(x) or len(x) <= n_neighbors:
+        return float("nan")
+    graph = exact_neighbors(x, n_neighbors + 1, metric)
+    z = manifold_embedding(x, dims=dims, n_neighbors=n_neighbors, seed=seed, metric=metric, neighbors=graph)
+    labels = mixture_clusters(z, k, seed=seed, n_init=n_init)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(z, labels))

@@ -49,7 +49,7 @@ from raydc.core import metrics as M
 from raydc.core.dec import build_dec_net, kl_loss, shard_mass, shard_targets, should_stop
 from raydc.core.sampler import poisson_repeats
 from raydc.core.seeding import derive_seed
-from raydc.core.selection import kmeans_stability
+from raydc.core.selection import kmeans_stability, manifold_silhouette
 from raydc.core.extractor import ExtractorSpec
 from raydc.config_loader import resumable
 from raydc.errors import ConfigError, NumericalError
@@ -90,6 +90,11 @@ class DECConfig:
     # (raydc.core.selection.kmeans_stability; the final row's `ae_kmeans_stability`, a sweep's label-free
     # choice of k). 0: not measured.
     stability_sample: int = 5000
+    # Rows of the same embedding on which `ae_manifold_silhouette` is measured: the silhouette of a k-component
+    # mixture on a UMAP of them (raydc.core.selection.manifold_silhouette), a sweep's label-free choice of k that
+    # does not favour the fewest clusters as stability does on a weaker autoencoder. 0: not measured (it fits a
+    # UMAP: needs umap-learn).
+    manifold_score_sample: int = 0
     # The clustering a run delivers. "q": argmax of DEC's soft assignment (the paper). "umap": clusters found on a
     # UMAP of a sample of the final embedding z by a Gaussian mixture, every image voted onto them by its nearest
     # sample images (N2D, McConville et al. 2020; raydc.methods.readout); with `max_iterations: 0` that is N2D on
@@ -124,6 +129,9 @@ class DECConfig:
             raise ConfigError("dec.tol", f"must be in [0, 1), got {self.tol}")
         if self.stability_sample < 0:
             raise ConfigError("dec.stability_sample", f"must be >= 0 (0: not measured), got {self.stability_sample}")
+        if self.manifold_score_sample < 0:
+            raise ConfigError("dec.manifold_score_sample",
+                              f"must be >= 0 (0: not measured), got {self.manifold_score_sample}")
         if self.max_iterations < 0:
             raise ConfigError("dec.max_iterations", f"must be >= 0, got {self.max_iterations}")
         for name in ("pretrain_epochs", "finetune_epochs"):
@@ -132,6 +140,8 @@ class DECConfig:
         self.manifold()  # the readout_* fields, each named if out of range
         if self.readout == "umap":
             check_umap_installed("dec.readout")
+        if self.manifold_score_sample:
+            check_umap_installed("dec.manifold_score_sample")
 
     def manifold(self) -> ManifoldReadout:
         """The umap readout's knobs, as raydc.methods.readout takes them."""
@@ -318,6 +328,12 @@ class DEC(Method):
             _, z, _ = ctx.service.sample_features(self.opts.stability_sample, derive_seed(self.cfg.train.seed, 47))
             baseline["ae_kmeans_stability"] = kmeans_stability(z, cc.k, seed=derive_seed(self.cfg.train.seed, 53))
             row["time_stability"] = time.perf_counter() - t
+        if self.opts.manifold_score_sample:
+            t = time.perf_counter()
+            _, z, _ = ctx.service.sample_features(self.opts.manifold_score_sample, derive_seed(self.cfg.train.seed, 47))
+            baseline["ae_manifold_silhouette"] = manifold_silhouette(
+                z, cc.k, seed=derive_seed(self.cfg.train.seed, 67) % (1 << 31))
+            row["time_manifold_score"] = time.perf_counter() - t
         state.ae_kmeans = baseline
         state.init_largest_share = float(np.max(out.sizes) / max(out.n, 1))
         state.pred_path = ctx.save_column(out.col, "labels", round_idx)

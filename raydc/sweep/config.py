@@ -24,7 +24,8 @@ NOT_SWEEPABLE = ("run.dir", "ray.address", "ray.num_cpus")
 # Metrics in every method's final row that need no labels (what a label-free sweep may select on), with
 # the direction that is better. `kmeans_objective` falls with k whatever the data: never compare it across k.
 LABEL_FREE = {"silhouette": "max", "calinski_harabasz": "max", "nmi_prev": "max", "loss": "min",
-              "kmeans_objective": "min", "ae_kmeans_stability": "max"}  # the last: DEC only
+              "kmeans_objective": "min", "ae_kmeans_stability": "max",
+              "ae_manifold_silhouette": "max"}  # the last two: DEC only (the second with dec.manifold_score_sample)
 SUPERVISED = {"acc": "max", "nmi": "max", "ari": "max"}
 
 

@@ -4,7 +4,9 @@ The scores come from each run's final row (`"final": true` in metrics.jsonl): `s
 `calinski_harabasz` on a fixed sample of the final clustered features, `nmi_prev` (agreement with the previous
 round's assignment: stability), `loss`, and DEC's `ae_kmeans_stability` (how reproducible k-means at the trial's k
 is on the autoencoder's embedding before DEC sharpens it, raydc.core.selection.kmeans_stability: the score for
-choosing DEC's k, where silhouette on the sharpened embedding prefers the smallest k). A trial that did not
+choosing DEC's k, where silhouette on the sharpened embedding prefers the smallest k) and, where asked,
+`ae_manifold_silhouette` (the silhouette of a mixture's clusters on a UMAP of that embedding,
+raydc.core.selection.manifold_silhouette). A trial that did not
 finish, or whose score is missing or not finite, cannot win. Ties go to the earlier trial, so a rerun of the same
 sweep picks the same winner.
 """
@@ -58,7 +60,8 @@ def selection_label(select: SelectConfig) -> str:
     return f"{kind}: {select.metric} ({select.direction})"
 
 
-ONLY_WHEN_PRESENT = ("kmeans_objective", "ae_kmeans_stability")  # a column only where some trial reports it
+# a column only where some trial reports it
+ONLY_WHEN_PRESENT = ("kmeans_objective", "ae_kmeans_stability", "ae_manifold_silhouette")
 
 
 def metric_columns(records: list[TrialRecord], select: SelectConfig) -> list[str]:
