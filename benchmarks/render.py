@@ -971,7 +971,11 @@ def _sec_sweep_table(doc: dict) -> str:
     for s in doc["sweeps"]:
         metric = s["selection"].split(": ", 1)[-1].split(" ")[0]
         names = list(s["trials"][0]["params"]) if s["trials"] else []
+        # DEC's scores of k beside the one selected on, where the trials measured them
+        others = [m for m in ("ae_kmeans_stability", "ae_manifold_silhouette")
+                  if m != metric and any(m in t for t in s["trials"])]
         rows = [[*[str(t["params"][n]).removesuffix(".0") for n in names], _f(t.get(metric)),
+                 *[_f(t.get(m)) for m in others],
                  _f(t.get("silhouette")), _f(t.get("acc")), _f(t.get("nmi")), t["status"],
                  _f((t.get("wall_s") or 0) / 60), "**picked**" if t["trial_id"] == s["best"] else ""]
                 for t in s["trials"]]
@@ -983,7 +987,8 @@ def _sec_sweep_table(doc: dict) -> str:
                      + (f"; ACC would pick {acc_pick}" if acc_pick else "")
                      + (f"; Spearman(metric, ACC) over {lab.get('trials')} trials = {rho:+.2f}" if rho is not None
                         else "") + ".\n\n"
-                     + _table([*names, metric, "silhouette", "ACC", "NMI", "status", "min", ""], rows) + "\n")
+                     + _table([*names, metric, *others, "silhouette", "ACC", "NMI", "status", "min", ""], rows)
+                     + "\n")
     return "\n".join(parts)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from raydc.config import load_config
 from raydc.core.merge import manifold_clusters, manifold_consensus, vote_labels
+from raydc.core.selection import kmeans_stability
 from raydc.engine.contexts import RankZeroContext
 from tests.helpers import K, blobs
 from tests.inprocess import assign_in_process
@@ -224,6 +225,32 @@ def test_decs_umap_readout_clusters_the_embedding_and_assign_places_images_by_th
     assert last["acc"] > 0.9, last  # four well-separated template classes
     ids, labels = assign_in_process(method, final.model, final.artifacts, data)
     assert np.array_equal(ids, final.ids) and np.array_equal(labels, final.labels)
+
+
+# ---- choosing DEC's k by the silhouette on a UMAP (raydc.core.selection.manifold_silhouette); here, where this
+# worker has compiled UMAP already ------------------------------------------------------------------------------
+def _five_pairs(n: int = 900, seed: int = 0) -> np.ndarray:
+    """Ten tight clusters in five close pairs: the pairs lie far apart, the two halves of a pair less so."""
+    rng = np.random.default_rng(seed)
+    middle, offset = rng.normal(0, 3.0, (5, 10)), rng.normal(0, 0.5, (5, 10))
+    centres = np.concatenate([middle + offset, middle - offset])
+    return centres[rng.integers(0, 10, n)] + rng.normal(0, 0.3, (n, 10))
+
+
+def test_manifold_silhouette_ranks_the_planted_k_where_stability_and_silhouette_prefer_the_pairs():
+    """Joining each pair is as reproducible as separating it, so k-means' stability scores k = 5 as high as the
+    planted 10, and the silhouette of the same mixture on the points themselves prefers the five pairs; the
+    silhouette on the UMAP ranks 10 above 5 and 15 (and is a function of its seed)."""
+    from raydc.core.merge import mixture_clusters
+    from raydc.core.selection import label_free_scores, manifold_silhouette
+
+    x = _five_pairs()
+    assert kmeans_stability(x, 5, seed=0, pairs=2) >= kmeans_stability(x, 10, seed=0, pairs=2) - 1e-9
+    plain = {k: label_free_scores(x, mixture_clusters(x, k, n_init=3))["silhouette"] for k in (5, 10)}
+    assert plain[5] > plain[10], plain
+    s = {k: manifold_silhouette(x, k, seed=0) for k in (5, 10, 15)}
+    assert s[10] > s[5] + 0.2 and s[10] > s[15] + 0.2, s
+    assert manifold_silhouette(x, 10, seed=0) == s[10]
 
 
 # ---- the fit in its own actor (raydc.engine.manifold_fitter), as the engine's rank 0 asks for it ------------------
