@@ -62,8 +62,9 @@ def manifold_silhouette(x: np.ndarray, k: int, seed: int = 0, *, dims: int = 10,
     raydc.core.merge.manifold_clusters). A function of (x, k, seed).
 
     Why not silhouette or k-means' stability on `x` itself: an autoencoder's embedding holds its classes as
-    curved, touching manifolds, and on it both scores favour the fewest, largest groups (on DEC's MNIST
-    autoencoders pretrained on 10,000 images, or briefly, both pick k = 5; benchmarks/RESULTS.md, "Sweeps").
+    curved, touching manifolds, and on it both scores can favour the fewest, largest groups (stability picks
+    k = 5 on DEC's MNIST autoencoder pretrained on the 10,000 images it clusters, where this picks 10;
+    benchmarks/RESULTS.md, "Sweeps"). On an autoencoder trained only briefly this too picks 5.
     UMAP packs each manifold into a separate blob: too few clusters then join blobs that lie apart, too many cut
     a compact one, and either lowers the silhouette there. Euclidean for an autoencoder's embedding, as N2D."""
     from sklearn.metrics import silhouette_score

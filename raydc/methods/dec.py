@@ -91,9 +91,9 @@ class DECConfig:
     # choice of k). 0: not measured.
     stability_sample: int = 5000
     # Rows of the same embedding on which `ae_manifold_silhouette` is measured: the silhouette of a k-component
-    # mixture on a UMAP of them (raydc.core.selection.manifold_silhouette), a sweep's label-free choice of k that
-    # does not favour the fewest clusters as stability does on a weaker autoencoder. 0: not measured (it fits a
-    # UMAP: needs umap-learn).
+    # mixture on a UMAP of them (raydc.core.selection.manifold_silhouette), a sweep's label-free choice of k where
+    # stability prefers the fewest clusters (an autoencoder pretrained on fewer images). 0: not measured (it fits
+    # a UMAP: needs umap-learn).
     manifold_score_sample: int = 0
     # The clustering a run delivers. "q": argmax of DEC's soft assignment (the paper). "umap": clusters found on a
     # UMAP of a sample of the final embedding z by a Gaussian mixture, every image voted onto them by its nearest
