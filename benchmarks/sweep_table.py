@@ -18,7 +18,8 @@ from pathlib import Path
 
 from benchmarks.common import machine_info
 
-SCORES = ("silhouette", "calinski_harabasz", "ae_kmeans_stability", "ae_manifold_silhouette", "nmi_prev", "loss", "acc", "nmi", "ari")
+SCORES = ("silhouette", "calinski_harabasz", "ae_kmeans_stability", "ae_manifold_silhouette", "nmi_prev", "loss",
+          "acc", "nmi", "ari")
 
 
 def _number(text: str | None) -> float | None:

@@ -67,8 +67,6 @@ def manifold_silhouette(x: np.ndarray, k: int, seed: int = 0, *, dims: int = 10,
     benchmarks/RESULTS.md, "Sweeps"). On an autoencoder trained only briefly this too picks 5.
     UMAP packs each manifold into a separate blob: too few clusters then join blobs that lie apart, too many cut
     a compact one, and either lowers the silhouette there. Euclidean for an autoencoder's embedding, as N2D."""
-    from sklearn.metrics import silhouette_score
-
     from raydc.core.merge import exact_neighbors, manifold_embedding, mixture_clusters
 
     x = np.ascontiguousarray(x, np.float32)
@@ -76,7 +74,4 @@ def manifold_silhouette(x: np.ndarray, k: int, seed: int = 0, *, dims: int = 10,
         return float("nan")
     graph = exact_neighbors(x, n_neighbors + 1, metric)
     z = manifold_embedding(x, dims=dims, n_neighbors=n_neighbors, seed=seed, metric=metric, neighbors=graph)
-    labels = mixture_clusters(z, k, seed=seed, n_init=n_init)
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    return float(silhouette_score(z, labels))
+    return label_free_scores(z, mixture_clusters(z, k, seed=seed, n_init=n_init))["silhouette"]

@@ -321,18 +321,25 @@ class DEC(Method):
         if true is not None:
             scores = M.evaluate_counts(true)
             baseline.update({f"ae_kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")})
+        samples: dict[int, np.ndarray] = {}  # both scores of k draw from one seed: one gather where sizes agree
+
+        def embedding_sample(n: int) -> np.ndarray:
+            if n not in samples:
+                samples[n] = ctx.service.sample_features(n, derive_seed(self.cfg.train.seed, 47))[1]
+            return samples[n]
+
         if self.opts.stability_sample:
             # How reproducible k-means at this k is on the embedding before DEC sharpens it: what a sweep over k
             # can select on (silhouette on the final, sharpened embedding prefers the smallest k).
             t = time.perf_counter()
-            _, z, _ = ctx.service.sample_features(self.opts.stability_sample, derive_seed(self.cfg.train.seed, 47))
-            baseline["ae_kmeans_stability"] = kmeans_stability(z, cc.k, seed=derive_seed(self.cfg.train.seed, 53))
+            baseline["ae_kmeans_stability"] = kmeans_stability(embedding_sample(self.opts.stability_sample), cc.k,
+                                                               seed=derive_seed(self.cfg.train.seed, 53))
             row["time_stability"] = time.perf_counter() - t
         if self.opts.manifold_score_sample:
             t = time.perf_counter()
-            _, z, _ = ctx.service.sample_features(self.opts.manifold_score_sample, derive_seed(self.cfg.train.seed, 47))
             baseline["ae_manifold_silhouette"] = manifold_silhouette(
-                z, cc.k, seed=derive_seed(self.cfg.train.seed, 67) % (1 << 31))
+                embedding_sample(self.opts.manifold_score_sample), cc.k,
+                seed=derive_seed(self.cfg.train.seed, 67) % (1 << 31))
             row["time_manifold_score"] = time.perf_counter() - t
         state.ae_kmeans = baseline
         state.init_largest_share = float(np.max(out.sizes) / max(out.n, 1))
